@@ -1,0 +1,207 @@
+"""Exactness of the family view and of the structural edits, for every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from analysis.errors import MoescopeError
+from analysis.models import wrap_model
+from analysis.synthetic import tiny_model
+from conftest import FAMILIES
+
+TOL = 1e-5
+
+
+def hf_block_out(layer, x: torch.Tensor) -> torch.Tensor:
+    out = layer.block(x[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+def tokens(n=64, d=32, seed=0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def input_ids(seed=0) -> torch.Tensor:
+    return torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model.hf(input_ids=ids).logits
+
+
+def keep_set(model, layer) -> list[int]:
+    """A subset that every family accepts (DeepSeek: 3 of each routing group of 4)."""
+    return [0, 1, 3, 4, 6, 7] if model.family.name == "deepseek_v3" else [1, 2, 4, 5, 7]
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return wrap_model(tiny_model(request.param), source=f"tiny-{request.param}")
+
+
+@torch.no_grad()
+def test_route_and_expert_forward_reproduce_the_block(model):
+    for layer in model.layers.values():
+        x = tokens()
+        ref = hf_block_out(layer, x)
+        assert (layer.forward(x) - ref).abs().max() <= TOL
+        # the rule picks the same experts as the transformers router itself
+        hf_logits, _hf_w, hf_idx = layer.router(x)
+        r = layer.route(x)
+        assert torch.equal(r.topk_idx.sort(-1).values, hf_idx.sort(-1).values)
+        assert torch.allclose(r.logits.float(), hf_logits.float(), atol=TOL)
+        # routing varies between tokens (the tiny models are not degenerate)
+        assert len(torch.unique(r.topk_idx)) >= 4
+
+
+@torch.no_grad()
+def test_keep_all_is_identity(model):
+    ids = input_ids()
+    before = logits(model, ids)
+    for i, layer in model.layers.items():
+        model.keep(i, list(range(layer.num_experts)))
+    assert torch.equal(logits(model, ids), before)
+
+
+@torch.no_grad()
+def test_keep_subset_equals_restricted_router(model):
+    i = model.moe_layers[-1]
+    layer = model.layers[i]
+    kept = keep_set(model, i)
+    x = tokens(seed=1)
+    allowed = torch.zeros(layer.num_experts, dtype=torch.bool)
+    allowed[kept] = True
+    restricted = layer.forward(x, allowed=allowed)
+    orig_route = layer.route(x)
+    orig_block = hf_block_out(layer, x)
+    model.keep(i, kept)
+    assert layer.num_experts == len(kept)
+    pruned = hf_block_out(layer, x)
+    assert (pruned - restricted).abs().max() <= TOL
+    # independent of our routing code: where the renormalising router's original picks were all
+    # kept, the pruned transformers block gives the original transformers block's output
+    if layer.renormalize and model.family.routing == "softmax_topk" or model.family.routing == "topk_softmax":
+        unaffected = torch.isin(orig_route.topk_idx, torch.tensor(kept)).all(-1)
+        assert unaffected.sum() >= 3
+        assert (pruned[unaffected] - orig_block[unaffected]).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_merge_is_coefficient_weighted_sum(model):
+    i = model.moe_layers[0]
+    layer = model.layers[i]
+    names = layer.expert_param_names()
+    old = {n: getattr(layer.experts, n).clone() for n in names}
+    old_router = layer.router_weight.clone()
+    old_bias = layer.router_bias.clone() if layer.router_bias is not None else None
+    if model.family.name == "deepseek_v3":
+        groups, coeffs = [[0, 1], [2], [3], [4], [5, 6], [7]], [[0.7, 0.3], [1.0], [1.0], [1.0], [0.25, 0.75], [1.0]]
+    else:
+        groups, coeffs = [[0, 1], [2], [3, 4, 5], [6, 7]], [[0.7, 0.3], [1.0], [0.2, 0.3, 0.5], [0.5, 0.5]]
+    model.merge(i, groups, coeffs, merge_router=True)
+    for n in names:
+        new = getattr(layer.experts, n)
+        for j, (g, c) in enumerate(zip(groups, coeffs)):
+            expected = sum(w * old[n][e] for e, w in zip(g, c))
+            assert torch.allclose(new[j], expected, atol=1e-6), (n, j)
+    for j, (g, c) in enumerate(zip(groups, coeffs)):
+        assert torch.allclose(layer.router_weight[j], sum(w * old_router[e] for e, w in zip(g, c)), atol=1e-6)
+        if old_bias is not None:
+            assert torch.allclose(layer.router_bias[j], sum(w * old_bias[e] for e, w in zip(g, c)), atol=1e-6)
+    assert layer.num_experts == len(groups)
+
+
+@torch.no_grad()
+def test_merge_without_router_merging_takes_the_dominant_row(model):
+    i = model.moe_layers[0]
+    layer = model.layers[i]
+    old_router = layer.router_weight.clone()
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    model.merge(i, groups, [[0.2, 0.8], [0.9, 0.1], [0.5, 0.5], [0.4, 0.6]], merge_router=False)
+    for j, e in enumerate([1, 2, 4, 7]):
+        assert torch.equal(layer.router_weight[j], old_router[e])
+
+
+@torch.no_grad()
+def test_singleton_groups_with_coefficient_one_equal_keep(model):
+    i = model.moe_layers[0]
+    kept = keep_set(model, i)
+    twin = wrap_model(tiny_model(model.family.name), source="twin")
+    model.keep(i, kept)
+    twin.merge(i, [[e] for e in kept], [[1.0] for _ in kept])
+    ids = input_ids(1)
+    assert torch.equal(logits(model, ids), logits(twin, ids))
+
+
+def test_config_follows_edits_and_top_k_is_guarded(model):
+    for i in model.moe_layers:
+        model.keep(i, keep_set(model, i))
+    assert getattr(model.config, model.family.num_experts_key) == len(keep_set(model, 0))
+    layer = model.layers[model.moe_layers[0]]
+    assert layer.top_k <= layer.num_experts
+    with pytest.raises(MoescopeError, match="top-2"):
+        model.keep(model.moe_layers[0], [0])
+    assert layer.num_experts == len(keep_set(model, 0))  # a refused edit changes nothing
+
+
+@torch.no_grad()
+def test_save_reloads_with_identical_logits(model, tmp_path):
+    groups = [[0, 1], [2], [3], [4]] if model.family.name != "deepseek_v3" else [[0, 1], [2], [3, 4], [5]]
+    for i in model.moe_layers:
+        model.keep(i, keep_set(model, i))
+        model.merge(i, groups, None)  # uniform averages of pairs
+    ids = input_ids(2)
+    expected = logits(model, ids)
+    out = model.save(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    cfg_n = getattr(reloaded.config, model.family.num_experts_key)
+    assert cfg_n == model.layers[model.moe_layers[0]].num_experts
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    assert torch.equal(got, expected)
+
+
+def test_save_refuses_uneven_layers_and_nonempty_folder(model, tmp_path):
+    if len(model.moe_layers) < 2:
+        pytest.skip("needs two MoE layers")
+    first = model.moe_layers[0]
+    model.keep(first, keep_set(model, first))
+    with pytest.raises(MoescopeError, match="different expert counts"):
+        model.save(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.txt").write_text("keep me")
+    for i in model.moe_layers[1:]:
+        model.keep(i, keep_set(model, i))
+    with pytest.raises(MoescopeError, match="not empty"):
+        model.save(tmp_path / "b")
+    assert (tmp_path / "b" / "x.txt").read_text() == "keep me"
+
+
+def test_bad_groups_are_refused_before_any_change(model):
+    i = model.moe_layers[0]
+    before = model.layers[i].experts.gate_up_proj.clone()
+    for groups, match in [([[0, 1], [1, 2]], "more than one group"), ([[0], [99]], "not in 0..7"),
+                          ([], "non-empty"), ([[0], []], "non-empty")]:
+        with pytest.raises(MoescopeError, match=match):
+            model.merge(i, groups)
+    with pytest.raises(MoescopeError, match="same shape"):
+        model.merge(i, [[0, 1], [2, 3]], [[1.0], [0.5, 0.5]])
+    assert torch.equal(model.layers[i].experts.gate_up_proj, before)
+
+
+def test_deepseek_routing_groups_are_preserved():
+    model = wrap_model(tiny_model("deepseek_v3"))
+    i = model.moe_layers[0]
+    with pytest.raises(MoescopeError, match="routing group"):
+        model.keep(i, [0, 1, 2, 4, 5])  # 5 experts over 2 routing groups
+    with pytest.raises(MoescopeError, match="routing group"):
+        model.keep(i, [0, 1, 2, 4, 5, 6][::-1])  # groups listed out of routing-group order
+    with pytest.raises(MoescopeError, match="at least 2 per group"):
+        model.keep(i, [0, 4])
+    with pytest.raises(MoescopeError, match="routing group"):
+        model.merge(i, [[0, 4], [1], [2], [5]])  # a merge across routing groups
+    model.keep(i, [0, 2, 5, 7])
+    assert model.layers[i].num_experts == 4 and model.layers[i].router_params.n_group == 2
