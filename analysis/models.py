@@ -15,6 +15,7 @@ Shapes: T tokens, d hidden size, E routed experts, I expert intermediate size, k
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -257,7 +258,11 @@ class MoEModel:
 
     def bytes_by_dtype(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for t in list(self.hf.parameters()) + list(self.hf.buffers()):
+        persistent = [
+            b for m in self.hf.modules() for name, b in m._buffers.items()
+            if b is not None and name not in m._non_persistent_buffers_set
+        ]
+        for t in list(self.hf.parameters()) + persistent:
             key = str(t.dtype).removeprefix("torch.")
             out[key] = out.get(key, 0) + t.numel() * t.element_size()
         return out
@@ -492,15 +497,25 @@ def load_config(source: str, trust_remote_code: bool = False):
     """The model's config (no weights), with a one-line error when it cannot be had."""
     from transformers import AutoConfig
 
-    location, _ = resolve_source(source)
+    location, local = resolve_source(source)
+    remote_code_msg = (
+        f"'{source}' needs custom code from its repository; moescope does not run it unless you pass "
+        f"--trust-remote-code (supported without it: {', '.join(supported_model_types())})"
+    )
+    if local is not None and not trust_remote_code:
+        raw = json.loads((local / "config.json").read_text())
+        if "auto_map" in raw and raw.get("model_type") not in supported_model_types():
+            raise MoescopeError(remote_code_msg)
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except ValueError as err:  # unknown model_type / remote code refused
         msg = str(err).splitlines()[0]
-        if "trust_remote_code" in msg:
+        if "trust_remote_code" in str(err):
+            raise MoescopeError(remote_code_msg) from None
+        if "model_type" in str(err) or "Unrecognized model" in str(err):
             raise MoescopeError(
-                f"'{source}' needs custom code from its repository; moescope does not run it unless you pass "
-                f"--trust-remote-code (supported without it: {', '.join(supported_model_types())})"
+                f"unsupported architecture in '{source}': {msg[:200]}; moescope supports the MoE families "
+                f"{', '.join(supported_model_types())}"
             ) from None
         raise MoescopeError(f"cannot read the config of '{source}': {msg}") from None
     except OSError as err:
@@ -512,22 +527,30 @@ def load_config(source: str, trust_remote_code: bool = False):
 
 def load_moe(
     source: str = "demo",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = "float32",
     device: str | None = None,
     trust_remote_code: bool = False,
     load_tokenizer: bool = True,
+    weights: bool = True,
 ) -> MoEModel:
     """Load an MoE causal LM (``'demo'``, a local folder or a hub id) and wrap it.
 
     The architecture is checked from the config before any weight is read: unknown or non-MoE
-    architectures are refused with the list of supported families.
+    architectures are refused with the list of supported families. ``weights=False`` builds the
+    model on the meta device from the config alone (shapes, counts and bytes, no download of the
+    weights), in the checkpoint's dtype unless ``dtype`` is given.
     """
     from transformers import AutoModelForCausalLM
 
     location, local = resolve_source(source)
     config = load_config(source, trust_remote_code)
     family = family_for(config)
-    torch_dtype = _parse_dtype(dtype)
+    if not weights:
+        torch_dtype = _parse_dtype(dtype) if dtype is not None else (_config_dtype(config) or torch.float32)
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        return MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
+    torch_dtype = _parse_dtype(dtype or "float32")
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device == "auto":
         kwargs["device_map"] = "auto"
@@ -562,6 +585,13 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[dtype]
     except KeyError:
         raise MoescopeError(f"unknown dtype '{dtype}'; accepted: float32, bfloat16, float16") from None
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    return _DTYPES.get(str(value).removeprefix("torch.")) if value else None
 
 
 def wrap_model(hf_model: nn.Module, source: str = "<in-memory>", tokenizer=None) -> MoEModel:

@@ -1,0 +1,100 @@
+"""Loading models: sources, refusals with one clear line, and the info facts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from analysis.cli import main
+from analysis.errors import MoescopeError
+from analysis.models import load_moe
+from analysis.synthetic import save_tiny
+from conftest import FAMILIES
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_info_json_on_each_tiny_folder(family, tiny_dirs, capsys):
+    rc, out, err = run_cli(capsys, "info", tiny_dirs[family], "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    model = load_moe(tiny_dirs[family])
+    assert info["family"] == family
+    assert info["num_hidden_layers"] == model.num_hidden_layers
+    assert info["moe_layers"] == model.moe_layers
+    assert info["num_experts"] == {str(i): 8 for i in model.moe_layers}
+    assert info["top_k"] == 2
+    # parameter counts from the config alone equal those of the loaded weights
+    total = sum(p.numel() for p in model.hf.parameters())
+    experts = sum(p.numel() for layer in model.layers.values() for p in layer.experts.parameters())
+    assert info["params"]["total"] == total
+    assert info["params"]["experts"] == experts
+    assert info["params"]["active"] == total - experts + experts * 2 // 8
+    assert info["bytes"] == {"float32": sum(t.numel() * 4 for t in model.hf.state_dict().values())}
+    assert "trust-remote-code" not in err
+    has_shared = family in ("qwen2_moe", "deepseek_v3")
+    assert bool(info["shared_experts"]) == has_shared
+    rc, text, _ = run_cli(capsys, "info", tiny_dirs[family])
+    assert rc == 0 and "top-2" in text and family in text
+
+
+def test_qwen2_dense_layers_and_deepseek_dense_first_layers(tiny_dirs):
+    assert load_moe(tiny_dirs["qwen2_moe"]).moe_layers == [0, 2]  # mlp_only_layers=[1]
+    assert load_moe(tiny_dirs["deepseek_v3"]).moe_layers == [1, 2]  # first_k_dense_replace=1
+
+
+def test_unknown_architecture_is_refused_with_the_supported_list(tmp_path, capsys):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
+    rc, _, err = run_cli(capsys, "info", str(tmp_path / "llama"))
+    assert rc == 2
+    assert err.count("\n") == 1 and "unsupported architecture 'llama'" in err
+    for fam in FAMILIES:
+        assert fam in err
+
+
+def test_supported_family_without_moe_layers_is_refused(tmp_path):
+    save_tiny("qwen2_moe", tmp_path / "dense", mlp_only_layers=[0, 1, 2])
+    with pytest.raises(MoescopeError, match="no MoE layers"):
+        load_moe(str(tmp_path / "dense"))
+
+
+def test_missing_and_unreachable_sources(tmp_path, capsys):
+    for source, match in [
+        (str(tmp_path / "nope"), "not found"),
+        ("some-org/some-moe-model", "hub did not provide it"),
+    ]:
+        rc, _, err = run_cli(capsys, "info", source)
+        assert rc == 2 and match in err and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MoescopeError, match="without config.json"):
+        load_moe(str(tmp_path / "empty"))
+
+
+def test_remote_code_is_off_unless_asked(tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "my_custom_moe", "architectures": ["MyCustomMoE"],
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
+    }))
+    with pytest.raises(MoescopeError) as err:
+        load_moe(str(folder))
+    assert "--trust-remote-code" in str(err.value)
+
+
+def test_weights_are_loaded_in_the_requested_dtype(tiny_dirs):
+    model = load_moe(tiny_dirs["mixtral"], dtype="bfloat16")
+    assert next(model.hf.parameters()).dtype == torch.bfloat16
+    with pytest.raises(MoescopeError, match="unknown dtype"):
+        load_moe(tiny_dirs["mixtral"], dtype="float8")
