@@ -82,6 +82,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    """Start the Streamlit dashboard (bound to localhost unless --address says otherwise)."""
+    import os
+    from pathlib import Path
+
+    from analysis.models import REPO_ROOT
+
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    app = REPO_ROOT / "dashboard" / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
+           "--server.port", str(args.port), "--", "--model", model]
+    os.chdir(REPO_ROOT)  # so .streamlit/config.toml (theme, localhost binding) applies
+    os.execv(sys.executable, cmd)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moescope",
@@ -101,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--dtype", default=None, help="report bytes for this dtype (default: the checkpoint's)")
     p.set_defaults(func=cmd_info)
+
+    p = model_command("dashboard", "Open the dashboard in the browser (Streamlit).")
+    p.add_argument("--address", default="localhost", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""moescope's Streamlit dashboard: pages draw what :mod:`analysis` computes; they never compute."""
