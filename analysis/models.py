@@ -190,17 +190,24 @@ class MoELayer:
         shared = self.shared_forward(hidden)
         return out if shared is None else out + shared
 
-    def expert_weights(self, e: int) -> ExpertWeights:
-        """Expert ``e``'s weights in the standard orientation (views, not copies, where possible)."""
+    def expert_weights(self, e: int, tensors: dict[str, Tensor] | None = None) -> ExpertWeights:
+        """Expert ``e``'s weights in the standard orientation (views, not copies).
+
+        ``tensors`` maps fused parameter names to same-shaped tensors to read instead of the
+        parameters themselves (e.g. their gradients)."""
         ex = self.experts
+        t = tensors if tensors is not None else dict(ex.named_parameters(recurse=False))
         if self.spec.expert_layout == "gpt_oss":
-            gu, gub = ex.gate_up_proj[e], ex.gate_up_proj_bias[e]  # [d, 2I] interleaved
+            gu = t["gate_up_proj"][e]  # [d, 2I], gate and up interleaved
+            gub = t.get("gate_up_proj_bias")
             return ExpertWeights(
-                gate=gu[:, ::2].T, up=gu[:, 1::2].T, down=ex.down_proj[e].T,
-                gate_bias=gub[::2], up_bias=gub[1::2], down_bias=ex.down_proj_bias[e],
+                gate=gu[:, ::2].T, up=gu[:, 1::2].T, down=t["down_proj"][e].T,
+                gate_bias=gub[e, ::2] if gub is not None else None,
+                up_bias=gub[e, 1::2] if gub is not None else None,
+                down_bias=t["down_proj_bias"][e] if t.get("down_proj_bias") is not None else None,
             )
-        gate, up = ex.gate_up_proj[e].chunk(2, dim=0)
-        return ExpertWeights(gate=gate, up=up, down=ex.down_proj[e])
+        gate, up = t["gate_up_proj"][e].chunk(2, dim=0)
+        return ExpertWeights(gate=gate, up=up, down=t["down_proj"][e])
 
     def expert_param_names(self) -> list[str]:
         """Names of the fused per-expert parameters of this block's experts module."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from analysis.errors import MoescopeError
 from analysis.models import wrap_model
 from analysis.synthetic import tiny_model
-from conftest import FAMILIES
 
 TOL = 1e-5
 

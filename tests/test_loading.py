@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from analysis.cli import main
 from analysis.errors import MoescopeError
 from analysis.models import load_moe
 from analysis.synthetic import save_tiny
-from conftest import FAMILIES
 
 
 def run_cli(capsys, *argv):

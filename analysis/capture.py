@@ -1,0 +1,135 @@
+"""Run a model one decoder layer at a time over a token batch.
+
+The whole batch's hidden states move through layer ``l`` (in chunks of sequences), the MoE
+block's input of that layer is handed to the caller, and the outputs become layer ``l+1``'s input;
+only one layer's activations are alive at once. Nothing here knows a family's layer signature:
+the per-layer keyword arguments (attention masks per layer type, rotary embeddings, position
+ids) are recorded from the model's own forward with every decoder layer swapped for a recorder
+that returns its input unchanged, so no layer's attention or experts run during that pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from analysis.models import MoEModel, _attr_path
+
+
+class _Recorder(nn.Module):
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append(dict(kwargs))
+        return hidden_states
+
+
+def _decoder(model: MoEModel) -> nn.Module:
+    """The ``model.model`` part that owns ``embed_tokens``, ``layers`` and ``norm``."""
+    path = model.family.layers_path.rsplit(".", 1)[0]
+    return _attr_path(model.hf, path)
+
+
+@torch.no_grad()
+def record_layer_kwargs(model: MoEModel, input_ids: Tensor) -> tuple[Tensor, list[dict]]:
+    """Embeddings ``[B, L, d]`` of ``input_ids`` and the keyword arguments each decoder layer gets."""
+    decoder = _decoder(model)
+    real_layers = decoder.layers
+    sink: list[dict] = []
+    decoder.layers = nn.ModuleList([_Recorder(sink) for _ in real_layers])
+    try:
+        decoder(input_ids=input_ids, use_cache=False)
+    finally:
+        decoder.layers = real_layers
+    kwargs = [{k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")} for kw in sink]
+    return decoder.embed_tokens(input_ids), kwargs
+
+
+@dataclass
+class LayerStream:
+    """Hidden states of a token batch at the current layer, in chunks of sequences."""
+
+    model: MoEModel
+    input_ids: Tensor  # [N, L]
+    chunk_size: int = 8
+    hidden: list[Tensor] = field(default_factory=list)  # per chunk [B, L, d]
+    kwargs: list[list[dict]] = field(default_factory=list)  # per chunk, per layer
+    layer: int = 0  # index of the next layer to run
+
+    def __post_init__(self):
+        self.device = next(self.model.hf.parameters()).device
+        for start in range(0, self.input_ids.shape[0], self.chunk_size):
+            ids = self.input_ids[start : start + self.chunk_size].to(self.device)
+            h, kw = record_layer_kwargs(self.model, ids)
+            self.hidden.append(h)
+            self.kwargs.append(kw)
+
+    @property
+    def token_ids(self) -> Tensor:  # [T] in the order of the flattened hidden states
+        return self.input_ids.reshape(-1)
+
+    def clone(self) -> LayerStream:
+        """A copy that can run further layers without touching this stream's hidden states."""
+        other = LayerStream.__new__(LayerStream)
+        other.model, other.input_ids, other.chunk_size = self.model, self.input_ids, self.chunk_size
+        other.device, other.layer, other.kwargs = self.device, self.layer, self.kwargs
+        other.hidden = [h.clone() for h in self.hidden]
+        return other
+
+    @torch.no_grad()
+    def step(self, capture_moe_input: bool = True) -> Tensor | None:
+        """Run the next decoder layer on every chunk; return that layer's MoE-block input
+        ``[T, d]`` (concatenated over chunks) when it is an MoE layer and capture is asked."""
+        l = self.layer
+        layer = _attr_path(self.model.hf, self.model.family.layers_path)[l]
+        captured: list[Tensor] = []
+        handle = None
+        if capture_moe_input and l in self.model.layers:
+            block = self.model.layers[l].block
+
+            def grab(_module, args):
+                captured.append(args[0].reshape(-1, args[0].shape[-1]).detach())
+
+            handle = block.register_forward_pre_hook(grab)
+        try:
+            for c, h in enumerate(self.hidden):
+                out = layer(h, **self.kwargs[c][l])
+                self.hidden[c] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.layer += 1
+        return torch.cat(captured) if captured else None
+
+    def layers(self, capture_moe_input: bool = True) -> Iterator[tuple[int, Tensor | None]]:
+        """Run all remaining layers, yielding ``(layer index, MoE input or None)`` after each."""
+        n = len(_attr_path(self.model.hf, self.model.family.layers_path))
+        while self.layer < n:
+            l = self.layer
+            yield l, self.step(capture_moe_input)
+
+    @torch.no_grad()
+    def logits_per_chunk(self) -> Iterator[Tensor]:
+        """Final norm and LM head on the current hidden states (after the last layer)."""
+        decoder = _decoder(self.model)
+        head = self.model.hf.get_output_embeddings()
+        for h in self.hidden:
+            yield head(decoder.norm(h))
+
+
+def next_token_nll(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods (nats) over every predicted token, and their count."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:].to(logp.device)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return float(nll.sum()), int(nll.numel())
+
+
+def map_tokens(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int = 4096) -> Tensor:
+    """Apply ``fn`` to ``x [T, ...]`` in token chunks and concatenate."""
+    return torch.cat([fn(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
