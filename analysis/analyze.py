@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from analysis import metrics as M
+from analysis.capture import LayerStream
 from analysis.errors import MoescopeError, unknown_name
+from analysis.metrics import METRICS_VERSION
 
 METRIC_FAMILIES = ("similarity", "weights", "routing", "activations", "gradients")
 DEFAULT_METRICS = ("similarity", "weights", "routing", "activations")
@@ -228,3 +230,243 @@ def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: C
         for n, p in hf.named_parameters():
             p.requires_grad_(saved[n])
         hf.train(was_training)
+
+
+# ---------------------------------------------------------------- the cached run
+
+
+def _flatten(la: LayerAnalysis) -> dict[str, Tensor]:
+    out = {}
+    for group, d in (("sim", la.similarity), ("crit", la.criteria), ("routing", la.routing)):
+        for name, t in d.items():
+            out[f"L{la.layer}.{group}.{name}"] = t.detach().float().cpu().contiguous()
+    return out
+
+
+def run_analysis(
+    model,
+    batch,
+    params: AnalysisParams | None = None,
+    cache=None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AnalysisResult:
+    """Analyse every MoE layer of ``model`` on the calibration ``batch`` (a
+    :class:`analysis.data.TokenBatch`), served from ``cache`` when the same model, data,
+    parameters and metrics version were analysed before.
+
+    ``progress(stage, done, total)`` is called after each decoder layer (stage ``"layers"``) and
+    each gradient chunk (stage ``"gradients"``). Interrupting leaves the cache untouched.
+    """
+    from analysis.cache import Cache
+
+    params = params or AnalysisParams()
+    cache = cache or Cache()
+    parts = {
+        "model": model.fingerprint(),
+        "data": batch.fingerprint,
+        "params": params.key(),
+        "version": METRICS_VERSION,
+    }
+    label = f"{_slug(model.source)}-{_slug(batch.source)}-{batch.n_samples}x{batch.seq_len}"
+
+    def compute():
+        tensors: dict[str, Tensor] = {}
+        layers_meta = {}
+        stream = LayerStream(model, batch.input_ids, chunk_size=params.chunk_size)
+        n_layers = model.num_hidden_layers
+        token_ids = stream.token_ids
+        t_start = time.perf_counter()
+        for l, x in stream.layers():
+            if x is not None:
+                t0 = time.perf_counter()
+                la = analyze_layer(model.layers[l], x, token_ids, params)
+                la.timings["total"] = time.perf_counter() - t0
+                tensors.update(_flatten(la))
+                layers_meta[str(l)] = {
+                    "num_experts": la.num_experts, "top_k": la.top_k,
+                    "scalars": la.scalars, "timings": la.timings,
+                }
+                del x
+            if progress:
+                progress("layers", l + 1, n_layers)
+        stream_s = time.perf_counter() - t_start
+        grad_s = 0.0
+        if "gradients" in params.metrics:
+            t0 = time.perf_counter()
+            grads = gradient_criteria(
+                model, batch.input_ids, chunk_size=max(1, params.chunk_size // 2),
+                progress=(lambda d, t: progress("gradients", d, t)) if progress else None,
+            )
+            for l, crit in grads.items():
+                for name, t in crit.items():
+                    tensors[f"L{l}.crit.{name}"] = t.float().contiguous()
+            grad_s = time.perf_counter() - t0
+        meta = {
+            "model": parts["model"], "model_source": model.source, "family": model.family.name,
+            "data": batch.describe(), "data_source": batch.source,
+            "params": params.key(), "layers": layers_meta,
+            "timings": {"stream_s": stream_s, "gradients_s": grad_s},
+            "domains": batch.domain_counts(),
+        }
+        return {"tensors": tensors, "meta": meta}
+
+    entry = cache.get_or_compute("analysis", parts, compute, label=label)
+    return AnalysisResult(entry)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.split("/")[-1] if "/" in text and not text.startswith(("hf:", "file:")) else text)[:24]
+
+
+class AnalysisResult:
+    """Read access to a stored analysis: per-layer matrices, layer × expert maps, tidy tables."""
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.meta = entry.meta
+        self._t = entry.tensors()
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self.meta["layers"])
+
+    def num_experts(self, layer: int) -> int:
+        return int(self.meta["layers"][str(layer)]["num_experts"])
+
+    def scalars(self, layer: int) -> dict[str, float]:
+        return dict(self.meta["layers"][str(layer)]["scalars"])
+
+    def timings(self, layer: int) -> dict[str, float]:
+        return dict(self.meta["layers"][str(layer)]["timings"])
+
+    def similarity_names(self) -> list[str]:
+        return sorted({k.split(".", 2)[2] for k in self._t if ".sim." in k})
+
+    def criteria_names(self) -> list[str]:
+        return sorted({k.split(".", 2)[2] for k in self._t if ".crit." in k})
+
+    def similarity(self, layer: int, name: str) -> Tensor:
+        """``[E, E]`` similarity ``name`` of ``layer``."""
+        try:
+            return self._t[f"L{layer}.sim.{name}"]
+        except KeyError:
+            raise self._missing("similarity", name, layer, self.similarity_names()) from None
+
+    def routing(self, layer: int, name: str) -> Tensor:
+        try:
+            return self._t[f"L{layer}.routing.{name}"]
+        except KeyError:
+            names = sorted({k.split(".", 2)[2] for k in self._t if ".routing." in k})
+            raise self._missing("routing statistic", name, layer, names) from None
+
+    def criterion(self, layer: int, name: str) -> Tensor:
+        try:
+            return self._t[f"L{layer}.crit.{name}"]
+        except KeyError:
+            raise self._missing("criterion", name, layer, self.criteria_names()) from None
+
+    def layer_map(self, name: str, group: str = "crit") -> Tensor:
+        """``[layers, max E]`` map of a criterion (or routing vector), NaN where a layer has fewer experts."""
+        get = self.criterion if group == "crit" else self.routing
+        rows = [get(l, name) for l in self.layers]
+        width = max(r.numel() for r in rows)
+        out = torch.full((len(rows), width), float("nan"))
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r
+        return out
+
+    @staticmethod
+    def _missing(kind, name, layer, names) -> MoescopeError:
+        if name in names:
+            return MoescopeError(f"layer {layer} has no {kind} '{name}'")
+        return unknown_name(kind, name, names)
+
+    # ---- tidy tables -------------------------------------------------------------------------
+    def similarity_table(self):
+        import pandas as pd
+
+        rows = []
+        for l in self.layers:
+            for name in self.similarity_names():
+                S = self.similarity(l, name)
+                E = S.shape[0]
+                ii, jj = torch.meshgrid(torch.arange(E), torch.arange(E), indexing="ij")
+                rows.append(pd.DataFrame({"layer": l, "metric": name, "expert_i": ii.reshape(-1).numpy(),
+                                          "expert_j": jj.reshape(-1).numpy(), "value": S.reshape(-1).numpy()}))
+        return pd.concat(rows, ignore_index=True)
+
+    def criteria_table(self):
+        import pandas as pd
+
+        rows = []
+        for l in self.layers:
+            for name in self.criteria_names():
+                v = self.criterion(l, name)
+                rows.append(pd.DataFrame({"layer": l, "expert": range(v.numel()), "criterion": name,
+                                          "value": v.numpy()}))
+        return pd.concat(rows, ignore_index=True)
+
+    def routing_table(self):
+        import pandas as pd
+
+        rows = []
+        for l in self.layers:
+            E = self.num_experts(l)
+            s = self.scalars(l)
+            rows.append(pd.DataFrame({
+                "layer": l, "expert": range(E),
+                "usage": self.routing(l, "usage").numpy(),
+                "tokens_routed": self.routing(l, "usage_count").numpy().astype("int64"),
+                "vocab_coverage": self.routing(l, "vocab_coverage").numpy().astype("int64"),
+                "mean_router_logit": self.routing(l, "mean_logit").numpy(),
+                "layer_beta": s["beta"], "layer_balance_entropy": s["balance_entropy"],
+            }))
+        return pd.concat(rows, ignore_index=True)
+
+    def coactivation_table(self):
+        import pandas as pd
+
+        rows = []
+        for l in self.layers:
+            C = self.routing(l, "coactivation")
+            E = C.shape[0]
+            ii, jj = torch.meshgrid(torch.arange(E), torch.arange(E), indexing="ij")
+            rows.append(pd.DataFrame({"layer": l, "expert_i": ii.reshape(-1).numpy(),
+                                      "expert_j": jj.reshape(-1).numpy(),
+                                      "tokens": C.reshape(-1).numpy().astype("int64")}))
+        return pd.concat(rows, ignore_index=True)
+
+    def summary(self) -> dict:
+        """Per layer: the most similar expert pair (by linear CKA when computed) and the least-used expert."""
+        sims = self.similarity_names()
+        metric = "cka_linear" if "cka_linear" in sims else (sims[0] if sims else None)
+        out = {}
+        for l in self.layers:
+            row: dict = {"num_experts": self.num_experts(l), **self.scalars(l)}
+            if metric:
+                S = self.similarity(l, metric).clone().fill_diagonal_(float("-inf"))
+                flat = int(torch.argmax(S))
+                i, j = divmod(flat, S.shape[0])
+                row["most_similar_pair"] = {"experts": [min(i, j), max(i, j)], "metric": metric,
+                                            "value": float(S[i, j])}
+            usage = self.routing(l, "usage")
+            e = int(torch.argmin(usage))
+            row["least_used_expert"] = {"expert": e, "usage": float(usage[e])}
+            out[str(l)] = row
+        return out
+
+    def export(self, out_dir) -> dict[str, str]:
+        """Write ``similarity.csv``, ``criteria.csv``, ``routing.csv``, ``coactivation.csv``."""
+        from pathlib import Path
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, table in (("similarity", self.similarity_table()), ("criteria", self.criteria_table()),
+                            ("routing", self.routing_table()), ("coactivation", self.coactivation_table())):
+            p = out / f"{name}.csv"
+            table.to_csv(p, index=False)
+            paths[name] = str(p)
+        return paths

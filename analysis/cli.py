@@ -98,6 +98,108 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+class _Bars:
+    """tqdm bars keyed by stage, fed by the library's ``progress(stage, done, total)`` callback."""
+
+    def __init__(self, quiet: bool = False):
+        self.bars: dict = {}
+        self.quiet = quiet
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
+        bar.n = done
+        bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _tokenizer_for(model, tokenizer_arg: str | None):
+    if tokenizer_arg:
+        from transformers import AutoTokenizer
+
+        from analysis.models import demo_model_dir
+
+        location = str(demo_model_dir()) if tokenizer_arg == "demo" else tokenizer_arg
+        try:
+            return AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError) as err:
+            raise MoescopeError(f"cannot load a tokenizer from '{tokenizer_arg}': {str(err).splitlines()[0]}") from None
+    if model.tokenizer is None:
+        raise MoescopeError(
+            f"'{model.source}' has no tokenizer files; pass --tokenizer FOLDER (a folder or hub id with the same vocabulary)"
+        )
+    return model.tokenizer
+
+
+def cmd_analyze(args) -> int:
+    from analysis.analyze import AnalysisParams, run_analysis
+    from analysis.cache import Cache
+    from analysis.data import parse_source, sample_tokens
+    from analysis.models import load_moe
+
+    parse_source(args.calib)  # validate before loading anything heavy
+    params = AnalysisParams(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, seed=args.seed,
+    )
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    batch = sample_tokens(args.calib, _tokenizer_for(model, args.tokenizer), args.samples, args.seq_len,
+                          seed=args.seed, sampling=args.sampling, split="validation")
+    bars = _Bars(quiet=args.json)
+    try:
+        result = run_analysis(model, batch, params, cache=Cache(), progress=bars)
+    finally:
+        bars.close()
+    exported = result.export(args.export) if args.export else {}
+    summary = result.summary()
+    if args.json:
+        print(json.dumps({
+            "model": model.source, "model_fingerprint": result.meta["model"], "data": result.meta["data"],
+            "cache_entry": str(result.entry.path), "exported": exported,
+            "similarity": result.similarity_names(), "criteria": result.criteria_names(),
+            "elapsed_s": result.meta.get("elapsed_s"), "layers": summary,
+        }, indent=2))
+        return 0
+    print(f"{model.source}: {result.meta['data']}")
+    print(f"cache entry: {result.entry.path}")
+    for layer, row in summary.items():
+        pair = row.get("most_similar_pair")
+        least = row["least_used_expert"]
+        pair_txt = (f"most similar {pair['experts'][0]}–{pair['experts'][1]} ({pair['metric']} {pair['value']:.3f})"
+                    if pair else "")
+        print(f"layer {layer:>3}: {pair_txt}; least used {least['expert']} ({100 * least['usage']:.1f}% of tokens); "
+              f"β {row['beta']:.3f}; balance {row['balance_entropy']:.3f}")
+    for name, path in exported.items():
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from analysis.cache import Cache, format_entries
+
+    cache = Cache()
+    if args.cache_command == "ls":
+        entries = cache.entries(kind=args.kind, model=args.model)
+        if args.json:
+            print(json.dumps([{"kind": e.kind, "label": e.label, "key": e.key, "path": str(e.path),
+                               "created": e.created, "size": e.size, "model_source": e.model_source,
+                               "data": e.data} for e in entries], indent=2))
+        else:
+            print(format_entries(entries) if entries else f"no cache entries under {cache.root}")
+        return 0
+    n = cache.clear(kind=args.kind, model=args.model)
+    print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moescope",
@@ -117,6 +219,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--dtype", default=None, help="report bytes for this dtype (default: the checkpoint's)")
     p.set_defaults(func=cmd_info)
+
+    p = model_command("analyze", "Compute (or read from the cache) every similarity, routing statistic and criterion.")
+    p.add_argument("--calib", default="demo:all", help="calibration source: demo:DOMAIN | demo:all | file:PATH | "
+                   "hf:NAME[:CONFIG]:SPLIT[:FIELD] (default demo:all)")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", default="random", choices=["random", "first"])
+    p.add_argument("--metrics", default="similarity,weights,routing,activations",
+                   help="comma-separated metric families: similarity, weights, routing, activations, gradients")
+    p.add_argument("--similarity-tokens", type=int, default=8192, help="tokens used for output similarities")
+    p.add_argument("--augment", type=float, default=0.0, help="add this × T mixed-token rows (group-and-merge augmentation)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (accelerate device map)")
+    p.add_argument("--export", default=None, metavar="DIR", help="write similarity/criteria/routing/coactivation CSVs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("cache", help="List or clear cached results.", description="List or clear cached results.")
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    for action, help_ in (("ls", "list cache entries"), ("clear", "remove cache entries")):
+        c = csub.add_parser(action, help=help_)
+        c.add_argument("--model", default=None, help="only entries of this model source or fingerprint prefix")
+        c.add_argument("--kind", default=None, help="only entries of this kind (e.g. analysis)")
+        if action == "ls":
+            c.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cache)
 
     p = model_command("dashboard", "Open the dashboard in the browser (Streamlit).")
     p.add_argument("--address", default="localhost", help="address to bind (default: localhost only)")

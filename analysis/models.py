@@ -223,6 +223,7 @@ class MoEModel:
         self.source = source
         self.tokenizer = tokenizer
         self.source_dir = Path(source_dir) if source_dir else None
+        self._fingerprint: str | None = None
         decoder_layers = _attr_path(hf_model, family.layers_path)
         self.layers: dict[int, MoELayer] = {}
         for i, layer in enumerate(decoder_layers):
@@ -305,6 +306,30 @@ class MoEModel:
             "bytes": self.bytes_by_dtype(),
         }
 
+    def fingerprint(self) -> str:
+        """sha256 of the config and the weights: every tensor's name, shape and dtype, and its
+        bytes (all of them for tensors up to 4M elements, an evenly strided sample of 4M elements
+        of larger ones, so a 100 GB model is fingerprinted in seconds while any edit, finetune
+        or reload of other weights changes the hash). Cached until the next edit."""
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            cfg = self.config.to_dict()
+            for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+                cfg.pop(k, None)
+            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+            for name, t in self.hf.state_dict().items():
+                h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+                if t.device.type == "meta":
+                    continue
+                flat = t.detach().reshape(-1)
+                if flat.numel() > 4_000_000:
+                    flat = flat[:: flat.numel() // 4_000_000]
+                h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
     # ---- edits -------------------------------------------------------------------------------
     def keep(self, layer: int, experts: list[int]) -> None:
         """Keep only ``experts`` of ``layer`` (new expert j is old ``experts[j]``)."""
@@ -341,6 +366,7 @@ class MoEModel:
                     setattr(router, attr, nn.Parameter(new, requires_grad=old.requires_grad))
                 else:
                     setattr(router, attr, new)
+        self._fingerprint = None
         n = len(groups)
         for module in (view.block, view.router, view.experts):
             if hasattr(module, "num_experts"):
