@@ -263,6 +263,7 @@ def run_analysis(
     cache = cache or Cache()
     parts = {
         "model": model.fingerprint(),
+        "dtype": str(next(model.hf.parameters()).dtype),
         "data": batch.fingerprint,
         "params": params.key(),
         "version": METRICS_VERSION,
@@ -279,7 +280,8 @@ def run_analysis(
         for l, x in stream.layers():
             if x is not None:
                 t0 = time.perf_counter()
-                la = analyze_layer(model.layers[l], x, token_ids, params)
+                with model.materialized(model.layers[l].block):
+                    la = analyze_layer(model.layers[l], x, token_ids, params)
                 la.timings["total"] = time.perf_counter() - t0
                 tensors.update(_flatten(la))
                 layers_meta[str(l)] = {

@@ -150,7 +150,8 @@ def cmd_analyze(args) -> int:
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
         similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, seed=args.seed,
     )
-    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                     offload_dir=args.offload)
     batch = sample_tokens(args.calib, _tokenizer_for(model, args.tokenizer), args.samples, args.seq_len,
                           seed=args.seed, sampling=args.sampling, split="validation")
     bars = _Bars(quiet=args.json)
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (accelerate device map)")
+    p.add_argument("--offload", default=None, metavar="DIR",
+                   help="keep decoder layers on disk in DIR and load one at a time (models larger than memory)")
     p.add_argument("--export", default=None, metavar="DIR", help="write similarity/criteria/routing/coactivation CSVs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)

@@ -224,6 +224,7 @@ class MoEModel:
         self.tokenizer = tokenizer
         self.source_dir = Path(source_dir) if source_dir else None
         self._fingerprint: str | None = None
+        self.offloaded = False
         decoder_layers = _attr_path(hf_model, family.layers_path)
         self.layers: dict[int, MoELayer] = {}
         for i, layer in enumerate(decoder_layers):
@@ -375,7 +376,24 @@ class MoEModel:
             view.router.out_features = n
         self._sync_config()
 
+    def materialized(self, module: nn.Module):
+        """Context in which ``module``'s offloaded weights (if any) are loaded on its execution
+        device, so the view can read them directly; a no-op for a model held in memory."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        if self.offloaded:
+            from accelerate.utils import align_module_device
+
+            for sub in module.modules():
+                if hasattr(sub, "_hf_hook"):
+                    stack.enter_context(align_module_device(sub))
+        return stack
+
     def _layer(self, layer: int) -> MoELayer:
+        if self.offloaded:
+            raise MoescopeError("this model was loaded with its layers offloaded to disk and is read-only; "
+                                "load it without offloading to prune or merge")
         if layer not in self.layers:
             raise MoescopeError(f"layer {layer} is not an MoE layer; MoE layers are {self.moe_layers}")
         return self.layers[layer]
@@ -565,13 +583,16 @@ def load_moe(
     trust_remote_code: bool = False,
     load_tokenizer: bool = True,
     weights: bool = True,
+    offload_dir: str | Path | None = None,
 ) -> MoEModel:
     """Load an MoE causal LM (``'demo'``, a local folder or a hub id) and wrap it.
 
     The architecture is checked from the config before any weight is read: unknown or non-MoE
     architectures are refused with the list of supported families. ``weights=False`` builds the
     model on the meta device from the config alone (shapes, counts and bytes, no download of the
-    weights), in the checkpoint's dtype unless ``dtype`` is given.
+    weights), in the checkpoint's dtype unless ``dtype`` is given. ``offload_dir`` keeps the
+    decoder layers on disk there (accelerate), so a model larger than memory can be analysed
+    layer by layer; such a model is read-only (edits need the weights in memory).
     """
     from transformers import AutoModelForCausalLM
 
@@ -587,15 +608,58 @@ def load_moe(
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device == "auto":
         kwargs["device_map"] = "auto"
+    if offload_dir is not None:
+        # decoder layers stay on disk; accelerate loads one module's weights at a time
+        prefix = family.layers_path
+        home = device if device not in (None, "auto") else "cpu"
+        kwargs["device_map"] = {prefix: "disk", **{k: home for k in _non_layer_modules(config, family)}}
+        kwargs["offload_folder"] = str(offload_dir)
     try:
         hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as err:
         raise MoescopeError(f"cannot load the weights of '{source}': {str(err).splitlines()[0]}") from None
-    if device not in (None, "auto"):
+    if device not in (None, "auto") and offload_dir is None:
         hf = hf.to(device)
     hf.eval()
     tokenizer = _load_tokenizer(location, trust_remote_code) if load_tokenizer else None
-    return MoEModel(hf, family, source, tokenizer=tokenizer, source_dir=local)
+    model = MoEModel(hf, family, source, tokenizer=tokenizer, source_dir=local)
+    model.offloaded = offload_dir is not None
+    if local is not None:  # unedited weights: the files identify them (cheap, and offload-proof)
+        model._fingerprint = folder_fingerprint(local)
+    return model
+
+
+def _non_layer_modules(config, family: FamilySpec) -> list[str]:
+    """Top-level modules besides the decoder layers (embeddings, final norm, rotary, LM head)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    base = family.layers_path.rsplit(".", 1)[0]
+    names = [f"{base}.{n}" for n, _ in _attr_path(skeleton, base).named_children() if n != "layers"]
+    names += [n for n, _ in skeleton.named_children() if n != base.split(".")[0]]
+    return names
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 of a model folder's config and weight files: names, sizes and an evenly strided
+    sample of 4 MB of each weight file's bytes (all bytes of files up to 64 MB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}|{size}".encode())
+        with f.open("rb") as fh:
+            if size <= 64 * 2**20:
+                h.update(fh.read())
+                continue
+            step = size // 4096
+            for i in range(4096):
+                fh.seek(i * step)
+                h.update(fh.read(1024))
+    return h.hexdigest()
 
 
 def _load_tokenizer(location: str, trust_remote_code: bool):

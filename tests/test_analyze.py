@@ -104,3 +104,20 @@ def test_bad_parameters_are_refused_up_front():
         A.AnalysisParams(metrics=("similarty",))
     with pytest.raises(MoescopeError, match="augment_ratio"):
         A.AnalysisParams(augment_ratio=-1)
+
+
+def test_offloaded_layers_give_the_same_analysis_and_refuse_edits(tiny_dirs, tmp_path):
+    from analysis.models import load_moe
+
+    in_memory = load_moe(tiny_dirs["qwen2_moe"])
+    offloaded = load_moe(tiny_dirs["qwen2_moe"], offload_dir=tmp_path / "offload")
+    assert offloaded.layers[0].experts.gate_up_proj.device.type == "meta"
+    assert offloaded.fingerprint() == in_memory.fingerprint()
+    a = A.run_analysis(in_memory, batch(), PARAMS, cache=Cache(tmp_path / "c1"))
+    b = A.run_analysis(offloaded, batch(), PARAMS, cache=Cache(tmp_path / "c2"))
+    for name in a.similarity_names():
+        assert torch.allclose(a.similarity(2, name), b.similarity(2, name), atol=1e-6), name
+    for name in a.criteria_names():
+        assert torch.allclose(a.criterion(2, name), b.criterion(2, name), atol=1e-6, equal_nan=True), name
+    with pytest.raises(MoescopeError, match="read-only"):
+        offloaded.keep(0, [0, 1, 2])
