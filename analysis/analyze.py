@@ -23,7 +23,8 @@ from analysis.errors import MoescopeError, unknown_name
 from analysis.metrics import METRICS_VERSION
 
 METRIC_FAMILIES = ("similarity", "weights", "routing", "activations", "gradients")
-DEFAULT_METRICS = ("similarity", "weights", "routing", "activations")
+DEFAULT_METRICS = METRIC_FAMILIES
+FORWARD_METRICS = ("similarity", "weights", "routing", "activations")  # everything but the backward pass
 
 SIMILARITY_NAMES = ("cka_linear", "cka_rbf", "cosine", "mse")
 WEIGHT_SIMILARITY_NAMES = ("weight_cosine", "weight_mse", "surrogate_cosine", "surrogate_mse")
@@ -42,6 +43,8 @@ class AnalysisParams:
     seed: int = 0
 
     def __post_init__(self):
+        if "all" in self.metrics:
+            object.__setattr__(self, "metrics", METRIC_FAMILIES)
         for m in self.metrics:
             if m not in METRIC_FAMILIES:
                 raise unknown_name("metric family", m, METRIC_FAMILIES)

@@ -178,7 +178,7 @@ def cmd_analyze(args) -> int:
                     if pair else "")
         print(f"layer {layer:>3}: {pair_txt}; least used {least['expert']} ({100 * least['usage']:.1f}% of tokens); "
               f"β {row['beta']:.3f}; balance {row['balance_entropy']:.3f}")
-    for name, path in exported.items():
+    for path in exported.values():
         print(f"wrote {path}")
     return 0
 
@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampling", default="random", choices=["random", "first"])
-    p.add_argument("--metrics", default="similarity,weights,routing,activations",
-                   help="comma-separated metric families: similarity, weights, routing, activations, gradients")
+    p.add_argument("--metrics", default="all",
+                   help="comma-separated metric families: similarity, weights, routing, activations, gradients "
+                        "(the one that needs a backward pass), or all (default)")
     p.add_argument("--similarity-tokens", type=int, default=8192, help="tokens used for output similarities")
     p.add_argument("--augment", type=float, default=0.0, help="add this × T mixed-token rows (group-and-merge augmentation)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")

@@ -1,0 +1,73 @@
+"""Benchmark: peak memory of `moescope analyze` on a model larger than it may hold.
+
+    python benchmarks/analyze_memory.py [--layers 8 --hidden 1024 --intermediate 3584]
+
+Builds a random Mixtral-style model (float32, >= 2 GB of weights by default, vocabulary of the
+demo tokenizer), saves it, then runs `moescope analyze MODEL --offload DIR` in a child process
+(decoder layers stay on disk; one module's weights are loaded at a time) and prints the child's
+peak RSS as a ratio of the weights' size. Target: below 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def build(out: Path, layers: int, hidden: int, intermediate: int) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate,
+                        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(out)
+    return size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=3584)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic model folder")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="moescope-bench-mem-"))
+    try:
+        t0 = time.perf_counter()
+        size = build(root / "model", args.layers, args.hidden, args.intermediate)
+        print(f"synthetic Mixtral: {args.layers} layers, d={args.hidden}, I={args.intermediate}, 8 experts: "
+              f"{size / 2**30:.2f} GiB of float32 weights (built and saved in {time.perf_counter() - t0:.0f} s)")
+        env = {**os.environ, "MOESCOPE_CACHE": str(root / "cache")}
+        cmd = [sys.executable, "-m", "analysis.cli", "analyze", str(root / "model"), "--tokenizer", "demo",
+               "--offload", str(root / "offload"), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+               "--metrics", "similarity,weights,routing,activations", "--json"]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+        elapsed = time.perf_counter() - t0
+        if out.returncode:
+            sys.exit(f"analyze failed:\n{out.stderr[-3000:]}")
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+        layers = json.loads(out.stdout)["layers"]
+        print(f"analyze --offload: {len(layers)} MoE layers in {elapsed:.0f} s; peak RSS {peak / 2**30:.2f} GiB")
+        print(f"peak RSS / weights = {peak / size:.2f} (target < 0.5)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
