@@ -225,6 +225,7 @@ class MoEModel:
         self.source_dir = Path(source_dir) if source_dir else None
         self._fingerprint: str | None = None
         self.offloaded = False
+        self.plan = None  # the PruningPlan applied to this model, if any
         decoder_layers = _attr_path(hf_model, family.layers_path)
         self.layers: dict[int, MoELayer] = {}
         for i, layer in enumerate(decoder_layers):
@@ -375,6 +376,73 @@ class MoEModel:
         if isinstance(view.router, nn.Linear):
             view.router.out_features = n
         self._sync_config()
+
+    def temporary_edit(self, layer: int):
+        """Context in which ``layer`` may be edited (keep / merge); on exit its experts, router
+        rows, expert counts and config are restored exactly (the same tensor objects)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def _ctx():
+            view = self._layer(layer)
+            ex, router = view.experts, view.router
+            params = {n: getattr(ex, n) for n in view.expert_param_names()}
+            router_attrs = {a: getattr(router, a) for a in ("weight", self.family.router_bias_attr,
+                                                             self.family.score_bias_attr) if a}
+            counts = {m: m.num_experts for m in (view.block, router, ex) if hasattr(m, "num_experts")}
+            out_features = getattr(router, "out_features", None)
+            cfg_n = getattr(self.config, self.family.num_experts_key)
+            fingerprint = self._fingerprint
+            try:
+                yield view
+            finally:
+                for n, p in params.items():
+                    setattr(ex, n, p)
+                for a, t in router_attrs.items():
+                    setattr(router, a, t)
+                for m, n in counts.items():
+                    m.num_experts = n
+                if out_features is not None:
+                    router.out_features = out_features
+                setattr(self.config, self.family.num_experts_key, cfg_n)
+                self._fingerprint = fingerprint
+
+        return _ctx()
+
+    def restricted(self, layer: int, allowed: list[int]):
+        """Context in which ``layer``'s block routes only among ``allowed`` experts (the family's
+        rule with the others masked), with no structural change. For families where removing an
+        expert is structurally impossible (DeepSeek-V3 routing groups) this is how a drop is
+        evaluated; for the others it equals ``keep`` (tests prove it)."""
+        from contextlib import contextmanager
+
+        view = self._layer(layer)
+        mask = torch.zeros(view.num_experts, dtype=torch.bool)
+        mask[list(allowed)] = True
+
+        @contextmanager
+        def _ctx():
+            original = view.block.forward
+
+            def forward(hidden_states, *args, **kwargs):
+                out = view.forward(hidden_states.reshape(-1, hidden_states.shape[-1]), allowed=mask)
+                out = out.reshape(hidden_states.shape)
+                return (out, None) if self.family.block_returns_tuple else out
+
+            view.block.forward = forward
+            try:
+                yield view
+            finally:
+                view.block.forward = original
+
+        return _ctx()
+
+    def can_keep(self, layer: int, experts: list[int]) -> bool:
+        try:
+            validate_groups(self._layer(layer), [[e] for e in experts], None)
+            return True
+        except MoescopeError:
+            return False
 
     def materialized(self, module: nn.Module):
         """Context in which ``module``'s offloaded weights (if any) are loaded on its execution

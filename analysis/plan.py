@@ -1,0 +1,212 @@
+"""The PruningPlan: the JSON contract between choosing experts and editing the model.
+
+For each MoE layer it lists the output experts, each a group of original expert indices with
+merge coefficients (a kept expert is a group of one with coefficient 1), whether router rows are
+merged, and any dynamic-skipping thresholds. Every strategy, the dashboard's manual picker and the
+CLI produce one; :func:`analysis.prune.apply` consumes one; an export stores the one it came from.
+
+```json
+{"version": 1, "base_model": "demo",
+ "layers": {"0": {"groups": [[0], [1], [2, 5]], "coefficients": [[1.0], [1.0], [0.5, 0.5]], "merge_router": true},
+            "3": {"groups": [[0], [2], [4], [6]]}},
+ "skip_beta": {"0": 0.42},
+ "provenance": {"strategy": "enumerate", "params": {"keep": 4}, "data": "<fingerprint>"}}
+```
+Layer keys are decoder-layer indices; a layer not listed is left as it is; a group of one with
+no coefficients keeps that expert; new experts are numbered in the order of ``groups``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from analysis.errors import MoescopeError
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    groups: list[list[int]]
+    coefficients: list[list[float]] | None = None
+    merge_router: bool = True
+
+    @property
+    def num_out(self) -> int:
+        return len(self.groups)
+
+    def resolved_coefficients(self) -> list[list[float]]:
+        """Coefficients with the defaults filled in: 1 for a group of one, uniform otherwise."""
+        if self.coefficients is not None:
+            return self.coefficients
+        return [[1.0 / len(g)] * len(g) for g in self.groups]
+
+    def is_pure_keep(self) -> bool:
+        return all(len(g) == 1 for g in self.groups) and all(
+            c == [1.0] for c in (self.coefficients or [[1.0]] * len(self.groups))
+        )
+
+    def kept(self) -> list[int]:
+        return [e for g in self.groups for e in g]
+
+    def to_json(self) -> dict:
+        out: dict = {"groups": [list(g) for g in self.groups]}
+        if self.coefficients is not None and not self.is_pure_keep():
+            out["coefficients"] = [list(c) for c in self.coefficients]
+        if any(len(g) > 1 for g in self.groups):
+            out["merge_router"] = self.merge_router
+        return out
+
+
+@dataclass
+class PruningPlan:
+    base_model: str
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+    skip_beta: dict[int, float] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_keep(cls, base_model: str, keep: dict[int, list[int]], provenance: dict | None = None) -> PruningPlan:
+        """Keep exactly these experts per layer (others dropped), in ascending order."""
+        return cls(base_model, {int(l): LayerPlan([[int(e)] for e in sorted(ex)]) for l, ex in keep.items()},
+                   provenance=provenance or {})
+
+    @classmethod
+    def from_drop(cls, model, drop: dict[int, list[int]], provenance: dict | None = None) -> PruningPlan:
+        """Drop these experts per layer of ``model``; layers not named are left as they are."""
+        keep = {}
+        for l, dropped in drop.items():
+            if l not in model.layers:
+                raise MoescopeError(f"layer {l} is not an MoE layer; MoE layers are {model.moe_layers}")
+            bad = [e for e in dropped if not 0 <= int(e) < model.layers[l].num_experts]
+            if bad:
+                raise MoescopeError(f"layer {l}: expert(s) {bad} not in 0..{model.layers[l].num_experts - 1}")
+            keep[l] = [e for e in range(model.layers[l].num_experts) if e not in set(dropped)]
+        return cls.from_keep(model.source, keep, provenance)
+
+    # ---- JSON --------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "base_model": self.base_model,
+            "layers": {str(l): lp.to_json() for l, lp in sorted(self.layers.items())},
+            "skip_beta": {str(l): float(b) for l, b in sorted(self.skip_beta.items())},
+            "provenance": self.provenance,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.dumps() + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_json(cls, data, where: str = "plan") -> PruningPlan:
+        """Parse and structurally validate a plan (model-independent checks)."""
+        if not isinstance(data, dict):
+            raise MoescopeError(f"{where}: a plan is a JSON object with 'version', 'base_model' and 'layers'")
+        unknown = sorted(set(data) - {"version", "base_model", "layers", "skip_beta", "provenance"})
+        if unknown:
+            raise MoescopeError(f"{where}: unknown key(s) {unknown}; allowed: version, base_model, layers, "
+                                "skip_beta, provenance")
+        version = data.get("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise MoescopeError(f"{where}: plan version {version!r} is not supported (this moescope reads {PLAN_VERSION})")
+        layers_raw = data.get("layers")
+        if not isinstance(layers_raw, dict):
+            raise MoescopeError(f"{where}: 'layers' must be an object keyed by decoder-layer index")
+        layers = {}
+        for key, raw in layers_raw.items():
+            l = _layer_key(key, where)
+            if not isinstance(raw, dict) or "groups" not in raw:
+                raise MoescopeError(f"{where}: layer {key} must be an object with 'groups'")
+            extra = sorted(set(raw) - {"groups", "coefficients", "merge_router"})
+            if extra:
+                raise MoescopeError(f"{where}: layer {key} has unknown key(s) {extra}; allowed: groups, "
+                                    "coefficients, merge_router")
+            groups = raw["groups"]
+            if (not isinstance(groups, list) or not groups
+                    or not all(isinstance(g, list) and g and all(_is_int(e) for e in g) for g in groups)):
+                raise MoescopeError(f"{where}: layer {key}: 'groups' must be a non-empty list of non-empty "
+                                    f"lists of expert indices, got {json.dumps(groups)[:80]}")
+            coeffs = raw.get("coefficients")
+            if coeffs is not None:
+                if (not isinstance(coeffs, list) or len(coeffs) != len(groups)
+                        or any(not isinstance(c, list) or len(c) != len(g) for c, g in zip(coeffs, groups, strict=True))
+                        or any(not isinstance(w, int | float) or isinstance(w, bool) for c in coeffs for w in c)):
+                    raise MoescopeError(f"{where}: layer {key}: 'coefficients' must have the same shape as 'groups'")
+                coeffs = [[float(w) for w in c] for c in coeffs]
+            merge_router = raw.get("merge_router", True)
+            if not isinstance(merge_router, bool):
+                raise MoescopeError(f"{where}: layer {key}: 'merge_router' must be true or false")
+            layers[l] = LayerPlan([[int(e) for e in g] for g in groups], coeffs, merge_router)
+        skip = {}
+        for key, beta in (data.get("skip_beta") or {}).items():
+            if not isinstance(beta, int | float) or isinstance(beta, bool) or not 0 <= beta <= 1:
+                raise MoescopeError(f"{where}: skip_beta of layer {key} must be a number in [0, 1], got {beta!r}")
+            skip[_layer_key(key, where)] = float(beta)
+        base = data.get("base_model", "")
+        if not isinstance(base, str):
+            raise MoescopeError(f"{where}: 'base_model' must be a string")
+        prov = data.get("provenance") or {}
+        if not isinstance(prov, dict):
+            raise MoescopeError(f"{where}: 'provenance' must be an object")
+        return cls(base, layers, skip, prov, version)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PruningPlan:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MoescopeError(f"plan file '{path}' not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise MoescopeError(f"plan file '{path}' is not valid JSON ({err})") from None
+        return cls.from_json(data, where=str(path))
+
+    # ---- against a model ---------------------------------------------------------------------
+    def validate_for(self, model) -> None:
+        """Every check that needs the model, before anything is edited: layers exist and are MoE,
+        indices are in range, no expert is used twice, at least top-k experts remain, routing
+        groups of group-limited routers stay intact."""
+        from analysis.models import validate_groups
+
+        for l, lp in sorted(self.layers.items()):
+            if l not in model.layers:
+                raise MoescopeError(f"plan names layer {l}, which is not an MoE layer of '{model.source}' "
+                                    f"(MoE layers: {model.moe_layers})")
+            validate_groups(model.layers[l], lp.groups, lp.coefficients)
+        for l in self.skip_beta:
+            if l not in model.layers:
+                raise MoescopeError(f"skip_beta names layer {l}, which is not an MoE layer (MoE layers: {model.moe_layers})")
+
+    def experts_after(self, model) -> dict[int, int]:
+        return {l: (self.layers[l].num_out if l in self.layers else v.num_experts) for l, v in model.layers.items()}
+
+    def summary(self) -> str:
+        parts = [f"layer {l}: {lp.num_out} experts" + (" (merged)" if not lp.is_pure_keep() else "")
+                 for l, lp in sorted(self.layers.items())]
+        return "; ".join(parts) or "no layer changed"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _layer_key(key, where) -> int:
+    try:
+        l = int(key)
+    except (TypeError, ValueError):
+        raise MoescopeError(f"{where}: layer key {key!r} is not a decoder-layer index") from None
+    if l < 0:
+        raise MoescopeError(f"{where}: layer key {key!r} is negative")
+    return l

@@ -1,0 +1,237 @@
+"""How much each expert matters: the single-expert-drop perplexity grid and subset enumeration.
+
+Drop grid (layer × expert): the perplexity of the model with that one expert removed (its
+router row gone, the family's renormalisation applied). Computed the smart way: the layers are
+walked in order keeping the hidden states at layer l, and each cell of layer l runs only layers
+l..L from them, so the layers before l are never recomputed.
+
+Enumeration (Lu et al., "Not All Experts are Equal"): for a layer, the reconstruction loss
+``‖F'(x, C) − F(x)‖_F`` of keeping subset C, on cached inputs x of that layer. Every expert's
+output is computed once per token; each subset is scored by re-routing among C and re-weighting
+those outputs (shared experts cancel), accumulating over token chunks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from analysis.capture import LayerStream, next_token_nll
+from analysis.errors import MoescopeError
+from analysis.routing import ROUTING_RULES
+
+Progress = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------- perplexity and the drop grid
+
+
+def _stream_ppl(stream: LayerStream, capture: bool = False) -> float:
+    for _ in stream.layers(capture_moe_input=capture):
+        pass
+    total, count = 0.0, 0
+    for c, logits in enumerate(stream.logits_per_chunk()):
+        ids = stream.input_ids[c * stream.chunk_size : (c + 1) * stream.chunk_size]
+        s, n = next_token_nll(logits, ids)
+        total, count = total + s, count + n
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: Tensor, chunk_size: int = 8) -> float:
+    """``exp`` of the mean next-token loss over every predicted token of the windows ``[N, L]``."""
+    return _stream_ppl(LayerStream(model, input_ids, chunk_size=chunk_size))
+
+
+@dataclass
+class DropGrid:
+    baseline: float
+    layers: list[int]
+    ppl: list[list[float]]  # per MoE layer, per expert
+
+    def to_json(self) -> dict:
+        return {"baseline": self.baseline, "layers": self.layers, "ppl": self.ppl}
+
+    def delta(self) -> list[list[float]]:
+        return [[p - self.baseline for p in row] for row in self.ppl]
+
+
+@torch.no_grad()
+def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
+    """Single-expert-drop perplexity for every (MoE layer, expert), plus the unpruned baseline."""
+    stream = LayerStream(model, input_ids, chunk_size=chunk_size)
+    baseline = _stream_ppl(stream.clone())
+    cells = sum(v.num_experts for v in model.layers.values())
+    done = 0
+    grid: list[list[float]] = []
+    n_layers = model.num_hidden_layers
+    for l in range(n_layers):
+        if l in model.layers:
+            E = model.layers[l].num_experts
+            row = []
+            for e in range(E):
+                rest = [k for k in range(E) if k != e]
+                if model.can_keep(l, rest):
+                    with model.temporary_edit(l):
+                        model.keep(l, rest)
+                        row.append(_stream_ppl(stream.clone()))
+                else:  # e.g. DeepSeek-V3: 7 experts cannot fill equal routing groups; mask the router
+                    with model.restricted(l, rest):
+                        row.append(_stream_ppl(stream.clone()))
+                done += 1
+                if progress:
+                    progress("cells", done, cells)
+            grid.append(row)
+        stream.step(capture_moe_input=False)
+    return DropGrid(baseline=baseline, layers=model.moe_layers, ppl=grid)
+
+
+# ---------------------------------------------------------------- enumeration
+
+
+class SubsetScorer:
+    """Scores kept subsets of one layer by reconstruction loss on cached inputs ``x [T, d]``.
+
+    Per token chunk it computes the router logits, every expert's output ``Y [E, t, d]`` and the
+    original routed output ``F``; a subset C is scored by routing among C (the family's rule with
+    the others masked) and mixing the already computed outputs: no expert is re-run per subset.
+    Chunks are kept in memory up to ``max_bytes`` and recomputed per call beyond that.
+    """
+
+    def __init__(self, view, x: Tensor, chunk_tokens: int = 4096, max_bytes: int = 2 * 2**30):
+        self.view = view
+        self.x = x
+        self.chunk = chunk_tokens
+        self.rule = ROUTING_RULES[view.spec.routing]
+        self.params = view.router_params
+        E, T, d = view.num_experts, x.shape[0], x.shape[-1]
+        self.keep_in_memory = E * T * d * 4 <= max_bytes
+        self._chunks: list | None = None
+
+    def _compute_chunk(self, xc: Tensor):
+        view = self.view
+        logits = view.router_logits(xc)
+        Y = torch.stack([view.expert_forward(e, xc) for e in range(view.num_experts)]).float()  # [E, t, d]
+        F = self._mix(Y, *self.rule(logits, self.params, None))
+        return logits, Y, F
+
+    @staticmethod
+    def _mix(Y: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        t = torch.arange(Y.shape[1], device=Y.device)
+        out = torch.zeros_like(Y[0])
+        for k in range(idx.shape[1]):
+            out += w[:, k, None].float() * Y[idx[:, k], t]
+        return out
+
+    def _iter_chunks(self):
+        if self._chunks is not None:
+            yield from self._chunks
+            return
+        chunks = []
+        for i in range(0, self.x.shape[0], self.chunk):
+            c = self._compute_chunk(self.x[i : i + self.chunk])
+            if self.keep_in_memory:
+                chunks.append(c)
+            yield c
+        if self.keep_in_memory:
+            self._chunks = chunks
+
+    @torch.no_grad()
+    def losses(self, subsets: list[tuple[int, ...]]) -> Tensor:
+        """``‖F'(x, C) − F(x)‖_F`` for every subset C (float64, same order)."""
+        E = self.view.num_experts
+        masks = torch.zeros(len(subsets), E, dtype=torch.bool)
+        for s, C in enumerate(subsets):
+            masks[s, list(C)] = True
+        sq = torch.zeros(len(subsets), dtype=torch.float64)
+        for logits, Y, F in self._iter_chunks():
+            for s in range(len(subsets)):
+                idx, w = self.rule(logits, self.params, masks[s].to(logits.device))
+                sq[s] += (self._mix(Y, idx, w) - F).double().pow(2).sum().cpu()
+        return sq.sqrt()
+
+
+@dataclass
+class EnumerationResult:
+    layer: int
+    keep: list[int]  # the chosen subset (ascending)
+    loss: float
+    method: str  # exact | greedy | beam
+    candidates: list[tuple[list[int], float]]  # scored subsets, best first (exact: all of them)
+
+
+def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subsets: int = 5000,
+                    beam_width: int = 4, chunk_tokens: int = 4096) -> EnumerationResult:
+    """Choose ``keep`` experts of a layer minimising the reconstruction loss.
+
+    ``method``: ``exact`` scores all C(E, keep) subsets; ``greedy`` removes, one at a time, the
+    expert whose removal costs least; ``beam`` keeps the ``beam_width`` best subsets at each size;
+    ``auto`` is exact when C(E, keep) ≤ ``max_subsets``, otherwise beam.
+    """
+    E = view.num_experts
+    if not view.top_k <= keep <= E:
+        raise MoescopeError(f"layer {view.index}: keep must be between top-k ({view.top_k}) and {E}, got {keep}")
+    n_subsets = math.comb(E, keep)
+    if method == "auto":
+        method = "exact" if n_subsets <= max_subsets else "beam"
+    if method not in ("exact", "greedy", "beam"):
+        raise MoescopeError(f"unknown enumeration method '{method}'; accepted: auto, exact, greedy, beam")
+    scorer = SubsetScorer(view, x, chunk_tokens=chunk_tokens)
+    groups_ok = _routing_group_filter(view)
+    if method == "exact":
+        if n_subsets > max_subsets:
+            raise MoescopeError(f"layer {view.index}: C({E}, {keep}) = {n_subsets} subsets exceeds max_subsets "
+                                f"{max_subsets}; use method greedy or beam, or raise the limit")
+        subsets = [C for C in itertools.combinations(range(E), keep) if groups_ok(C)]
+        losses = scorer.losses(subsets)
+        order = torch.argsort(losses)
+        cands = [(list(subsets[i]), float(losses[i])) for i in order]
+        return EnumerationResult(view.index, cands[0][0], cands[0][1], "exact", cands)
+    width = 1 if method == "greedy" else beam_width
+    beam: list[tuple[int, ...]] = [tuple(range(E))]
+    scored: list[tuple[list[int], float]] = []
+    for size in range(E - 1, keep - 1, -1):
+        nxt = sorted({tuple(c for c in C if c != drop) for C in beam for drop in C})
+        nxt = [C for C in nxt if groups_ok(C) or size > keep]
+        if not nxt:
+            raise MoescopeError(f"layer {view.index}: no subset of {keep} experts keeps the routing groups "
+                                "balanced along this search; use method exact")
+        losses = scorer.losses(nxt)
+        order = torch.argsort(losses)[:width]
+        beam = [nxt[i] for i in order]
+        scored = [(list(nxt[i]), float(losses[i])) for i in order]
+    return EnumerationResult(view.index, scored[0][0], scored[0][1], method, scored)
+
+
+def _routing_group_filter(view) -> Callable[[tuple[int, ...]], bool]:
+    """For group-limited routers only subsets that keep every routing group the same size (≥ 2)."""
+    if view.spec.routing != "sigmoid_group_topk":
+        return lambda C: True
+    n_group = view.router_params.n_group
+    per = view.num_experts // n_group
+
+    def ok(C):
+        counts = [0] * n_group
+        for e in C:
+            counts[e // per] += 1
+        return len(set(counts)) == 1 and counts[0] >= 2
+
+    return ok
+
+
+def naive_subset_loss(model, layer: int, x: Tensor, keep: list[int]) -> float:
+    """Reference for tests and benchmarks: prune a copy of the block to ``keep`` and run it."""
+    view = model.layers[layer]
+    with torch.no_grad():
+        full = view.block(x[None])
+        full = full[0] if isinstance(full, tuple) else full
+        with model.temporary_edit(layer):
+            model.keep(layer, sorted(keep))
+            pruned = view.block(x[None])
+            pruned = pruned[0] if isinstance(pruned, tuple) else pruned
+    return float((pruned - full).double().pow(2).sum().sqrt())
