@@ -104,6 +104,8 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
             "coactivation": coact.float(),
             "vocab_coverage": M.vocabulary_coverage(idx, token_ids.cpu(), E).float(),
             "mean_logit": r.logits.float().mean(0).cpu(),
+            # cosine between experts' router-logit columns over the tokens (router-guided merging)
+            "logit_similarity": M.flat_cosine_matrix((r.logits.float() - r.logits.float().mean(0)).T.cpu()),
         }
         out.scalars = {
             "beta": M.skip_ratio_median(w),

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-METRICS_VERSION = 1
+METRICS_VERSION = 2
 
 # ---------------------------------------------------------------- similarity of expert outputs
 

@@ -156,14 +156,18 @@ class MoELayer:
         idx, weights = ROUTING_RULES[self.spec.routing](logits, self.router_params, allowed)
         return Routing(logits=logits, topk_idx=idx, topk_weights=weights)
 
-    def expert_forward(self, e: int, hidden: Tensor) -> Tensor:
-        """Expert ``e`` on ``hidden [T, d]`` with the router bypassed (weight 1): ``[T, d]``."""
+    def expert_forward(self, e: int, hidden: Tensor, tensors: dict[str, Tensor] | None = None) -> Tensor:
+        """Expert ``e`` on ``hidden [T, d]`` with the router bypassed (weight 1): ``[T, d]``.
+
+        ``tensors`` replaces the fused expert parameters by same-layout tensors (e.g. merged
+        candidates that carry gradients)."""
         ex = self.experts
+        t = tensors if tensors is not None else ex._parameters
         if self.spec.expert_layout == "gpt_oss":
-            gate_up = hidden @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
-            return ex._apply_gate(gate_up) @ ex.down_proj[e] + ex.down_proj_bias[e]
-        gate, up = nn.functional.linear(hidden, ex.gate_up_proj[e]).chunk(2, dim=-1)
-        return nn.functional.linear(ex.act_fn(gate) * up, ex.down_proj[e])
+            gate_up = hidden @ t["gate_up_proj"][e] + t["gate_up_proj_bias"][e]
+            return ex._apply_gate(gate_up) @ t["down_proj"][e] + t["down_proj_bias"][e]
+        gate, up = nn.functional.linear(hidden, t["gate_up_proj"][e]).chunk(2, dim=-1)
+        return nn.functional.linear(ex.act_fn(gate) * up, t["down_proj"][e])
 
     def shared_forward(self, hidden: Tensor) -> Tensor | None:
         """The shared expert(s)' contribution (gated where the family gates it), or None."""

@@ -1,0 +1,194 @@
+"""Group-and-merge (Zhang et al.) and router-guided merging: grouping experts by similarity and
+choosing the merge coefficients of each group.
+
+Grouping N experts into r groups: spectral clustering on the similarity as a precomputed
+affinity (scikit-learn), greedy merging of the most similar pair of groups (average linkage)
+until r remain, or average-linkage agglomerative clustering (scikit-learn). Merging a group:
+``max`` keeps its most-used expert, ``uniform`` averages, ``usage`` weights by usage frequency,
+``learned`` fits the coefficients by gradient descent so that the merged layer reproduces the
+original layer's output on calibration tokens (3:1 train / validation split; kept only when it
+beats the uniform start on the validation tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from analysis.errors import MoescopeError, unknown_name
+from analysis.routing import ROUTING_RULES, RouterParams
+
+GROUPINGS = ("spectral", "greedy", "agglomerative")
+MERGES = ("max", "uniform", "usage", "learned")
+
+
+def affinity(S: Tensor, kind: str) -> Tensor:
+    """A symmetric affinity in [0, 1] from a similarity or distance matrix.
+
+    CKA: clamped to [0, 1]; cosine: ``(1 + cos) / 2``; MSE (a distance): ``exp(−mse / median)``
+    with the median over off-diagonal entries."""
+    S = S.double()
+    if "mse" in kind:
+        off = S[~torch.eye(S.shape[0], dtype=torch.bool)]
+        scale = off.median().clamp_min(1e-30)
+        A = torch.exp(-S / scale)
+    elif "cosine" in kind or kind == "router_logits":
+        A = (1 + S) / 2
+    else:
+        A = S.clamp(0, 1)
+    A = (A + A.T) / 2
+    A.fill_diagonal_(1.0)
+    return A
+
+
+def group_experts(A: Tensor, r: int, method: str, seed: int = 0) -> list[list[int]]:
+    """Partition ``A``'s experts into ``r`` groups (each sorted; groups ordered by first member)."""
+    n = A.shape[0]
+    if not 1 <= r <= n:
+        raise MoescopeError(f"cannot form {r} groups from {n} experts")
+    if method not in GROUPINGS:
+        raise unknown_name("grouping", method, GROUPINGS)
+    if r == n:
+        return [[e] for e in range(n)]
+    if method == "greedy":
+        groups = [[e] for e in range(n)]
+        while len(groups) > r:
+            best, pair = -math.inf, (0, 1)
+            for i in range(len(groups)):
+                for j in range(i + 1, len(groups)):
+                    s = float(A[groups[i]][:, groups[j]].mean())
+                    if s > best:
+                        best, pair = s, (i, j)
+            i, j = pair
+            groups[i] = sorted(groups[i] + groups[j])
+            del groups[j]
+        return sorted(groups)
+    import numpy as np
+
+    if method == "spectral":
+        from sklearn.cluster import SpectralClustering
+
+        labels = SpectralClustering(n_clusters=r, affinity="precomputed", random_state=seed,
+                                    assign_labels="discretize").fit_predict(A.numpy())
+    else:
+        from sklearn.cluster import AgglomerativeClustering
+
+        labels = AgglomerativeClustering(n_clusters=r, metric="precomputed", linkage="average").fit_predict(
+            (1 - A).clamp_min(0).numpy())
+    groups = [sorted(np.flatnonzero(labels == k).tolist()) for k in np.unique(labels)]
+    groups = [g for g in groups if g]
+    if len(groups) != r:  # spectral clustering may leave a cluster empty on degenerate affinities
+        raise MoescopeError(f"{method} clustering produced {len(groups)} groups instead of {r}; try grouping=greedy")
+    return sorted(groups)
+
+
+def group_coefficients(groups: list[list[int]], method: str, usage: Tensor) -> list[list[float]]:
+    """Coefficients per group for ``max`` / ``uniform`` / ``usage`` (``learned`` starts from uniform)."""
+    if method not in MERGES:
+        raise unknown_name("merge", method, MERGES)
+    out = []
+    for g in groups:
+        u = torch.tensor([float(usage[e]) for e in g], dtype=torch.float64)
+        if method == "max":
+            best = max(range(len(g)), key=lambda i: (u[i], -g[i]))
+            out.append([1.0 if i == best else 0.0 for i in range(len(g))])
+        elif method == "usage" and float(u.sum()) > 0:
+            out.append((u / u.sum()).tolist())
+        else:
+            out.append([1.0 / len(g)] * len(g))
+    return out
+
+
+def router_guided_groups(usage: Tensor, logit_similarity: Tensor, r: int) -> list[list[int]]:
+    """Merge-then-compress grouping: the r most-used experts lead; every other expert joins the
+    leader whose router logits are most similar to its own (cosine over calibration tokens)."""
+    E = usage.numel()
+    leaders = sorted(sorted(range(E), key=lambda e: (-float(usage[e]), e))[:r])
+    groups = {lead: [lead] for lead in leaders}
+    for e in range(E):
+        if e in groups:
+            continue
+        lead = max(leaders, key=lambda k: (float(logit_similarity[e, k]), -k))
+        groups[lead].append(e)
+    # the leader first, so "max"-style readers see the dominant expert at position 0
+    return [[lead] + sorted(m for m in groups[lead] if m != lead) for lead in leaders]
+
+
+# ---------------------------------------------------------------- learned coefficients
+
+
+def _merged_tensors(view, groups, coeffs: list[Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for name in view.expert_param_names():
+        P = getattr(view.experts, name).detach().float()
+        out[name] = torch.stack([(c.reshape(-1, *[1] * (P.dim() - 1)) * P[g]).sum(0) for g, c in zip(groups, coeffs)])
+    return out
+
+
+def _merged_router(view, groups, coeffs: list[Tensor], merge_router: bool):
+    rows = {}
+    for attr in ("weight", view.spec.router_bias_attr, view.spec.score_bias_attr):
+        if not attr:
+            continue
+        R = getattr(view.router, attr).detach().float()
+        merged = []
+        for g, c in zip(groups, coeffs):
+            if merge_router:
+                merged.append((c.reshape(-1, *[1] * (R.dim() - 1)) * R[g]).sum(0))
+            else:
+                merged.append(R[g[int(torch.argmax(c.detach()))]])
+        rows[attr] = torch.stack(merged)
+    return rows
+
+
+def _layer_output(view, x: Tensor, tensors, rows) -> Tensor:
+    """The routed part of a (merged) layer on ``x`` with given expert tensors and router rows."""
+    logits = torch.nn.functional.linear(x.float(), rows["weight"], rows.get(view.spec.router_bias_attr))
+    base = view.router_params
+    params = RouterParams(**{**base.__dict__, "score_bias": rows.get(view.spec.score_bias_attr)})
+    idx, w = ROUTING_RULES[view.spec.routing](logits, params, None)
+    n = tensors[next(iter(tensors))].shape[0]
+    Y = torch.stack([view.expert_forward(e, x.float(), tensors) for e in range(n)])  # [E', T, d]
+    t = torch.arange(x.shape[0])
+    out = torch.zeros_like(Y[0])
+    for k in range(idx.shape[1]):
+        out = out + w[:, k, None].float() * Y[idx[:, k], t]
+    return out
+
+
+def learn_coefficients(view, x: Tensor, groups: list[list[int]], init: list[list[float]],
+                       merge_router: bool = True, steps: int = 100, lr: float = 0.02,
+                       seed: int = 0) -> tuple[list[list[float]], dict]:
+    """Fit each group's coefficients (free, so their sum also learns the scale λ) by Adam on
+    ``‖F_merged(x) − F(x)‖²`` over 3/4 of the tokens; return them if they beat ``init`` on the
+    held-out quarter, else ``init``; plus the train/validation losses."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    cut = max(1, (3 * x.shape[0]) // 4)
+    x_train, x_val = x[perm[:cut]].float(), x[perm[cut:]].float()
+    with torch.no_grad():
+        target_train = view.combine(x_train, view.route(x_train)).float()
+        target_val = view.combine(x_val, view.route(x_val)).float() if len(x_val) else None
+    coeffs = [torch.tensor(c, dtype=torch.float32, requires_grad=True) for c in init]
+    opt = torch.optim.Adam(coeffs, lr=lr)
+
+    def loss_on(xs, target):
+        out = _layer_output(view, xs, _merged_tensors(view, groups, coeffs), _merged_router(view, groups, coeffs, merge_router))
+        return (out - target).pow(2).mean()
+
+    with torch.no_grad():
+        start_val = float(loss_on(x_val, target_val)) if target_val is not None else math.nan
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_on(x_train, target_train)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end_val = float(loss_on(x_val, target_val)) if target_val is not None else math.nan
+        end_train = float(loss_on(x_train, target_train))
+    learned = [c.detach().tolist() for c in coeffs]
+    better = not (end_val > start_val)
+    info = {"val_loss_start": start_val, "val_loss_end": end_val, "train_loss_end": end_train, "kept": better}
+    return (learned if better else init), info
