@@ -201,6 +201,135 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_drop(text: str) -> dict[str, list[int]]:
+    """``"0:1,3;2:5"`` → {"0": [1, 3], "2": [5]}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        layer, _, experts = part.partition(":")
+        try:
+            out[str(int(layer))] = [int(e) for e in experts.split(",") if e.strip()]
+        except ValueError:
+            raise MoescopeError(f"--drop expects LAYER:E,E;LAYER:E (e.g. 0:1,3;2:5), got {text!r}") from None
+    return out
+
+
+def _strategy_params(args) -> dict:
+    params = {}
+    for item in args.param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoescopeError(f"--param expects KEY=VALUE, got {item!r}")
+        params[key.replace("-", "_")] = _parse_value(value)
+    for name in ("keep", "budget", "criterion", "order", "mode", "method", "representation", "similarity",
+                 "grouping", "merge", "seed"):
+        value = getattr(args, name, None)
+        if value is not None:
+            params[name] = value
+    if args.no_merge_router:
+        params["merge_router"] = False
+    if args.drop:
+        params["drop"] = _parse_drop(args.drop)
+    if args.groups:
+        params["groups"] = _parse_value(args.groups)
+    return params
+
+
+def _calib_batch(args, model, split="validation"):
+    from analysis.data import sample_tokens
+
+    return sample_tokens(args.calib if split == "validation" else args.eval, _tokenizer_for(model, args.tokenizer),
+                         args.samples, args.seq_len, seed=args.seed or 0, sampling=args.sampling, split=split)
+
+
+def cmd_plan(args) -> int:
+    from analysis.cache import Cache
+    from analysis.data import parse_source
+    from analysis.models import load_moe
+    from analysis.strategies import STRATEGIES, StrategyContext, make_plan
+
+    if args.strategy not in STRATEGIES:
+        from analysis.errors import unknown_name
+
+        raise unknown_name("strategy", args.strategy, STRATEGIES)
+    params = _strategy_params(args)
+    parse_source(args.calib)
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    batch = None if args.strategy == "manual" else _calib_batch(args, model)
+    bars = _Bars(quiet=args.json)
+    try:
+        plan = make_plan(args.strategy, StrategyContext(model, batch, Cache(), progress=bars), params)
+    finally:
+        bars.close()
+    path = plan.save(args.output)
+    if args.json:
+        print(json.dumps({"plan": str(path), **plan.to_json()}, indent=2))
+    else:
+        print(f"{args.strategy}: {plan.summary()}")
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from pathlib import Path
+
+    from analysis.models import load_moe, prepare_output_dir
+    from analysis.plan import PruningPlan
+    from analysis.prune import apply
+
+    out = Path(args.output)
+    plan = PruningPlan.load(args.plan)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:  # refuse before loading anything
+        raise MoescopeError(f"output folder '{out}' is not empty; choose an empty folder or pass --overwrite")
+    model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    before = model.parameter_counts()
+    apply(model, plan)
+    prepare_output_dir(out, args.overwrite)
+    model.save(out, overwrite=True)
+    plan.save(out / "plan.json")
+    after = model.parameter_counts()
+    result = {"output": str(out), "experts": {str(k): v for k, v in model.num_experts().items()},
+              "params_before": before, "params_after": after}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"pruned {model.source}: {plan.summary()}")
+        print(f"parameters {before['total']:,} -> {after['total']:,} "
+              f"({100 * (1 - after['total'] / before['total']):.1f}% fewer); wrote {out}")
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from analysis.cache import Cache
+    from analysis.data import parse_source
+    from analysis.models import load_moe
+    from analysis.sensitivity import cached_drop_grid
+
+    parse_source(args.eval)
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    batch = _calib_batch(args, model, split="test")
+    bars = _Bars(quiet=args.json)
+    try:
+        grid = cached_drop_grid(model, batch, Cache(), progress=bars)
+    finally:
+        bars.close()
+    if args.json:
+        print(json.dumps({**grid.to_json(), "data": batch.describe()}, indent=2))
+        return 0
+    print(f"{model.source}: {batch.describe()}; baseline perplexity {grid.baseline:.3f}")
+    E = max(len(r) for r in grid.ppl)
+    print("layer " + "".join(f"{e:>9}" for e in range(E)) + "   (perplexity change when that expert is dropped)")
+    for l, row in zip(grid.layers, grid.ppl):
+        print(f"{l:>5} " + "".join(f"{p - grid.baseline:>+9.3f}" for p in row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moescope",
@@ -241,6 +370,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, metavar="DIR", help="write similarity/criteria/routing/coactivation CSVs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
+
+    def data_args(p, flag: str, default: str, samples: int, seq_len: int) -> None:
+        p.add_argument(flag, default=default, help=f"data source (default {default}): demo:DOMAIN | demo:all | "
+                       "file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
+        p.add_argument("--samples", type=int, default=samples)
+        p.add_argument("--seq-len", type=int, default=seq_len)
+        p.add_argument("--sampling", default="random", choices=["random", "first"])
+        p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")
+        p.add_argument("--dtype", default="float32")
+        p.add_argument("--device", default=None)
+        p.add_argument("--json", action="store_true")
+
+    p = model_command("grid", "Single-expert-drop perplexity grid (layer × expert), cached.")
+    data_args(p, "--eval", "demo:all", 16, 256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_grid)
+
+    p = model_command("plan", "Choose experts to drop or merge with a strategy; write a PruningPlan JSON.")
+    p.add_argument("--strategy", required=True, help="random, frequency, criterion, enumerate, merge, router-guided, manual")
+    data_args(p, "--calib", "demo:all", 32, 256)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
+    target.add_argument("--budget", type=int, help="experts to keep in all MoE layers together")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--criterion", help="MC-Suite criterion (EAN, EUF, …, REAP) for --strategy criterion")
+    p.add_argument("--order", choices=["min", "max"], help="drop the experts with the min or max criterion")
+    p.add_argument("--mode", help="one-shot | iterative (criterion); layer-wise | progressive (enumerate)")
+    p.add_argument("--method", help="enumeration search: auto | exact | greedy | beam")
+    p.add_argument("--representation", help="merge: outputs | weights | surrogate")
+    p.add_argument("--similarity", help="merge: cka_linear | cka_rbf | cosine | mse")
+    p.add_argument("--grouping", help="merge: spectral | greedy | agglomerative")
+    p.add_argument("--merge", help="merge: max | uniform | usage | learned")
+    p.add_argument("--no-merge-router", action="store_true", help="merge: keep the dominant expert's router row")
+    p.add_argument("--drop", help="manual: LAYER:E,E;LAYER:E")
+    p.add_argument("--groups", help='manual: JSON {"0": [[0, 5], [1], ...]}')
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other strategy parameter")
+    p.add_argument("-o", "--output", required=True, help="where to write plan.json")
+    p.set_defaults(func=cmd_plan)
+
+    p = model_command("prune", "Apply a PruningPlan and write a model folder that from_pretrained loads.")
+    p.add_argument("--plan", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("cache", help="List or clear cached results.", description="List or clear cached results.")
     csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")

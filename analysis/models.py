@@ -230,6 +230,8 @@ class MoEModel:
         self._fingerprint: str | None = None
         self.offloaded = False
         self.plan = None  # the PruningPlan applied to this model, if any
+        self.skip_beta: dict[int, float] = {}  # dynamic-skipping thresholds installed (analysis.skipping)
+        self.skip_counter = None
         decoder_layers = _attr_path(hf_model, family.layers_path)
         self.layers: dict[int, MoELayer] = {}
         for i, layer in enumerate(decoder_layers):
@@ -489,6 +491,10 @@ class MoEModel:
                 "keep the same number of experts in every MoE layer to export"
             )
         prepare_output_dir(out, overwrite)
+        if self.skip_beta:
+            self.config.moescope_skip_beta = {str(k): v for k, v in self.skip_beta.items()}
+        elif hasattr(self.config, "moescope_skip_beta"):
+            del self.config.moescope_skip_beta
         self.hf.save_pretrained(out)
         self._save_tokenizer(out)
         return out
@@ -698,6 +704,11 @@ def load_moe(
     model.offloaded = offload_dir is not None
     if local is not None:  # unedited weights: the files identify them (cheap, and offload-proof)
         model._fingerprint = folder_fingerprint(local)
+    betas = getattr(config, "moescope_skip_beta", None)
+    if betas:  # the folder carries dynamic-skipping thresholds: route with them
+        from analysis import skipping
+
+        skipping.install(model, {int(k): float(v) for k, v in betas.items()})
     return model
 
 

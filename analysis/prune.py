@@ -13,5 +13,95 @@ def apply(model: MoEModel, plan: PruningPlan) -> MoEModel:
     plan.validate_for(model)
     for l, lp in sorted(plan.layers.items()):
         model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router)
+    if plan.skip_beta:
+        from analysis import skipping
+
+        skipping.install(model, plan.skip_beta)
     model.plan = plan
     return model
+
+
+def finetune(model: MoEModel, input_ids, tokens: int, lr: float = 1e-4, batch_rows: int = 4,
+             weight_decay: float = 0.0, progress=None) -> dict:
+    """Task-agnostic next-token finetune of the routers and routed experts (everything else
+    frozen) for about ``tokens`` training tokens cycled from ``input_ids [N, L]``: AdamW with a
+    cosine schedule over the steps. Returns the first and last batch losses."""
+    import math
+
+    import torch
+
+    hf = model.hf
+    trainable = []
+    for view in model.layers.values():
+        trainable += list(view.experts.parameters()) + list(view.router.parameters())
+    saved = {n: p.requires_grad for n, p in hf.named_parameters()}
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    rows, length = input_ids.shape
+    steps = max(1, math.ceil(tokens / (batch_rows * length)))
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses = []
+    hf.train()
+    try:
+        for step in range(steps):
+            idx = [(step * batch_rows + i) % rows for i in range(batch_rows)]
+            ids = input_ids[idx].to(next(hf.parameters()).device)
+            loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            if progress:
+                progress("finetune", step + 1, steps)
+    finally:
+        hf.eval()
+        for n, p in hf.named_parameters():
+            p.requires_grad_(saved[n])
+            p.grad = None
+    model._fingerprint = None
+    return {"steps": steps, "tokens": steps * batch_rows * length, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def lottery(model: MoEModel, calib, keep: int, criterion: str = "REAP", order: str = "min",
+            start_tokens: int = 8192, lr: float = 1e-4, cache=None, analysis_params=None, progress=None):
+    """Lottery subnetwork (Jaiswal et al.): rounds of estimate → drop one expert per layer (one per
+    routing group for group-limited routers) → budget finetune, the finetune token budget doubling
+    every round from ``start_tokens``. Edits ``model`` in place (its weights are finetuned, so the
+    result is the model itself; the returned plan records which original experts survived)."""
+    from analysis.strategies import (
+        StrategyContext,
+        _check_criterion,
+        _criterion_scores,
+        _metrics_for,
+        _routing_groups,
+        _top_layer,
+        keep_counts,
+    )
+
+    name, order, _ = _check_criterion({"criterion": criterion, "order": order})
+    counts = keep_counts(model, {"keep": keep})
+    ctx = StrategyContext(model, calib, cache, analysis_params)
+    alive = {l: list(range(v.num_experts)) for l, v in model.layers.items()}
+    rounds = max((len(alive[l]) - counts[l]) // len(_routing_groups(model.layers[l])) for l in alive)
+    log = []
+    for r in range(rounds):
+        scores = _criterion_scores(ctx.analysis(metrics=_metrics_for(name)), name, order)
+        for l, view in model.layers.items():
+            if len(alive[l]) <= counts[l]:
+                continue
+            local = _top_layer(view, scores[l], len(alive[l]) - len(_routing_groups(view)))
+            model.keep(l, local)
+            alive[l] = [alive[l][e] for e in local]
+        info = finetune(model, calib.input_ids, start_tokens * 2**r, lr=lr,
+                        progress=(lambda s, d, t, r=r: progress(f"round {r + 1}/{rounds}", d, t)) if progress else None)
+        log.append(info)
+    plan = PruningPlan.from_keep(model.source, alive, provenance={
+        "strategy": f"lottery:{order}-{name}", "params": {"keep": keep, "start_tokens": start_tokens, "lr": lr},
+        "data": calib.fingerprint, "finetuned": True, "rounds": log})
+    model.plan = plan
+    return model, plan

@@ -235,3 +235,25 @@ def naive_subset_loss(model, layer: int, x: Tensor, keep: list[int]) -> float:
             pruned = view.block(x[None])
             pruned = pruned[0] if isinstance(pruned, tuple) else pruned
     return float((pruned - full).double().pow(2).sum().sqrt())
+
+
+GRID_VERSION = 1
+
+
+def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
+    """:func:`drop_grid` on an evaluation ``batch`` (a TokenBatch), stored in the cache."""
+    from analysis.cache import Cache
+
+    cache = cache or Cache()
+    parts = {"model": model.fingerprint(), "dtype": str(next(model.hf.parameters()).dtype),
+             "data": batch.fingerprint, "version": GRID_VERSION}
+
+    def compute():
+        g = drop_grid(model, batch.input_ids, chunk_size=chunk_size, progress=progress)
+        return {"meta": {**g.to_json(), "model": parts["model"], "model_source": model.source,
+                         "data": batch.describe()}}
+
+    entry = cache.get_or_compute("dropgrid", parts, compute, label=f"{model.source.split('/')[-1]}-{batch.source}")
+    m = entry.meta
+    return DropGrid(baseline=float(m["baseline"]), layers=[int(x) for x in m["layers"]],
+                    ppl=[[float(v) for v in row] for row in m["ppl"]])

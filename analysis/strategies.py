@@ -404,6 +404,18 @@ def strategy_manual(ctx, params):
     raise MoescopeError("manual needs drop ({layer: [experts]}) or groups ({layer: [[experts], ...]})")
 
 
+# ---------------------------------------------------------------- dynamic skipping
+
+
+def strategy_skip(ctx, params):
+    """Dynamic skipping only: β per layer calibrated as the median w₂/w₁ (no expert removed)."""
+    from analysis.skipping import calibrate
+
+    plan = PruningPlan(ctx.model.source, {}, provenance=_provenance(ctx, "skip", params))
+    plan.skip_beta = calibrate(ctx.analysis(metrics=("routing",)))
+    return plan
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -415,6 +427,7 @@ STRATEGIES: dict[str, Callable] = {
     "merge": strategy_merge,
     "router-guided": strategy_router_guided,
     "manual": strategy_manual,
+    "skip": strategy_skip,
 }
 
 
@@ -424,7 +437,14 @@ def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
         fn = STRATEGIES[name]
     except KeyError:
         raise unknown_name("strategy", name, STRATEGIES) from None
-    plan = fn(ctx, dict(params))
+    params = dict(params)
+    with_skip = bool(params.pop("with_skip", False))
+    plan = fn(ctx, params)
+    if with_skip and not plan.skip_beta:  # prune and also skip dynamically (β from the original routing)
+        from analysis.skipping import calibrate
+
+        plan.skip_beta = calibrate(ctx.analysis(metrics=("routing",)))
+        plan.provenance["with_skip"] = True
     plan.validate_for(ctx.model)
     return plan
 

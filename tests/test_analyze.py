@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import FAMILIES
 
 import analysis.analyze as A
 from analysis.cache import Cache
@@ -12,7 +13,6 @@ from analysis.data import TokenBatch
 from analysis.errors import MoescopeError
 from analysis.models import wrap_model
 from analysis.synthetic import tiny_model
-from conftest import FAMILIES
 
 PARAMS = A.AnalysisParams(similarity_tokens=128, rbf_batch_tokens=64, rbf_batches=2, chunk_size=4)
 

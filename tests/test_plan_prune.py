@@ -67,10 +67,13 @@ def test_apply_matches_direct_edits_and_refuses_atomically():
     apply(model, PruningPlan.from_json(DESIGN_EXAMPLE))
     twin.merge(0, [[0], [1], [2, 5], [3], [4, 6]], [[1.0], [1.0], [0.5, 0.5], [1.0], [0.7, 0.3]])
     twin.keep(1, [0, 2, 4, 6])
+    from analysis import skipping
+
+    skipping.install(twin, {0: 0.42})  # the plan's skip_beta
     ids = torch.randint(3, 256, (2, 16))
     with torch.no_grad():
         assert torch.equal(model.hf(input_ids=ids).logits, twin.hf(input_ids=ids).logits)
-    assert model.plan is not None and model.num_experts() == {0: 5, 1: 4}
+    assert model.plan is not None and model.num_experts() == {0: 5, 1: 4} and model.skip_beta == {0: 0.42}
 
     fresh = wrap_model(tiny_model("mixtral"))
     before = fresh.layers[0].experts.gate_up_proj.clone()
@@ -90,3 +93,26 @@ def test_from_drop_keeps_the_rest():
     assert plan.experts_after(model) == {0: 6, 1: 8}
     with pytest.raises(MoescopeError, match="not in 0..7"):
         PruningPlan.from_drop(model, {0: [9]})
+
+
+def test_lottery_rounds_prune_and_finetune():
+    from analysis.analyze import AnalysisParams
+    from analysis.data import TokenBatch
+    from analysis.prune import lottery
+
+    model = wrap_model(tiny_model("mixtral"), source="tiny")
+    ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    batch = TokenBatch(input_ids=ids, domains=("s",) * 4, source="s", fingerprint="s")
+    original = model.layers[0].experts.gate_up_proj.detach().clone()
+    import tempfile
+
+    from analysis.cache import Cache
+
+    _, plan = lottery(model, batch, keep=6, criterion="EUF", start_tokens=128, lr=1e-3,
+                      cache=Cache(tempfile.mkdtemp()), analysis_params=AnalysisParams(metrics=("routing",)))
+    assert model.num_experts() == {0: 6, 1: 6} and plan.provenance["finetuned"]
+    rounds = plan.provenance["rounds"]
+    assert [r["tokens"] for r in rounds] == [128, 256]  # the budget doubles every round
+    kept = plan.layers[0].kept()
+    # the surviving experts were finetuned, not just sliced
+    assert not torch.equal(model.layers[0].experts.gate_up_proj.detach(), original[kept])
