@@ -106,6 +106,28 @@ class LayerStream:
         self.layer += 1
         return torch.cat(captured) if captured else None
 
+    @torch.no_grad()
+    def step_split(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Run the next decoder layer (an MoE layer) and return, per chunk, its MoE block input
+        ``[B, L, d]`` and the residual stream the block's output is added to (the layer output
+        minus the block output), so the block alone can be re-run with other experts:
+        ``layer output = residual + block(input)``."""
+        l = self.layer
+        block = self.model.layers[l].block
+        seen: list[tuple[Tensor, Tensor]] = []
+
+        def grab(_module, args, out):
+            seen.append((args[0].detach(), (out[0] if isinstance(out, tuple) else out).detach()))
+
+        handle = block.register_forward_hook(grab)
+        try:
+            self.step(capture_moe_input=False)
+        finally:
+            handle.remove()
+        inputs = [x for x, _ in seen]
+        residuals = [h - y.reshape(h.shape) for h, (_, y) in zip(self.hidden, seen)]
+        return inputs, residuals
+
     def layers(self, capture_moe_input: bool = True) -> Iterator[tuple[int, Tensor | None]]:
         """Run all remaining layers, yielding ``(layer index, MoE input or None)`` after each."""
         n = len(_attr_path(self.model.hf, self.model.family.layers_path))

@@ -13,6 +13,7 @@ those outputs (shared experts cancel), accumulating over token chunks.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable
@@ -61,6 +62,19 @@ class DropGrid:
         return [[p - self.baseline for p in row] for row in self.ppl]
 
 
+@contextlib.contextmanager
+def only_experts(model, layer: int, rest: list[int]):
+    """Temporarily keep only ``rest`` in ``layer``: a structural keep where the family allows it,
+    else (e.g. DeepSeek-V3: 7 experts cannot fill equal routing groups) a masked router."""
+    if model.can_keep(layer, rest):
+        with model.temporary_edit(layer):
+            model.keep(layer, rest)
+            yield
+    else:
+        with model.restricted(layer, rest):
+            yield
+
+
 @torch.no_grad()
 def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
     """Single-expert-drop perplexity for every (MoE layer, expert), plus the unpruned baseline."""
@@ -71,23 +85,25 @@ def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress 
     grid: list[list[float]] = []
     n_layers = model.num_hidden_layers
     for l in range(n_layers):
-        if l in model.layers:
-            E = model.layers[l].num_experts
-            row = []
-            for e in range(E):
-                rest = [k for k in range(E) if k != e]
-                if model.can_keep(l, rest):
-                    with model.temporary_edit(l):
-                        model.keep(l, rest)
-                        row.append(_stream_ppl(stream.clone()))
-                else:  # e.g. DeepSeek-V3: 7 experts cannot fill equal routing groups; mask the router
-                    with model.restricted(l, rest):
-                        row.append(_stream_ppl(stream.clone()))
-                done += 1
-                if progress:
-                    progress("cells", done, cells)
-            grid.append(row)
-        stream.step(capture_moe_input=False)
+        if l not in model.layers:
+            stream.step(capture_moe_input=False)
+            continue
+        view = model.layers[l]
+        E = view.num_experts
+        # run layer l once; each cell then re-runs only its MoE block (attention is unchanged)
+        inputs, residuals = stream.step_split()
+        row = []
+        for e in range(E):
+            with only_experts(model, l, [k for k in range(E) if k != e]):
+                cell = stream.clone()
+                for c, (x, res) in enumerate(zip(inputs, residuals)):
+                    y = view.block(x)
+                    cell.hidden[c] = res + (y[0] if isinstance(y, tuple) else y).reshape(res.shape)
+                row.append(_stream_ppl(cell))
+            done += 1
+            if progress:
+                progress("cells", done, cells)
+        grid.append(row)
     return DropGrid(baseline=baseline, layers=model.moe_layers, ppl=grid)
 
 
