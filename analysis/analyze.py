@@ -265,6 +265,9 @@ def run_analysis(
     from analysis.cache import Cache
 
     params = params or AnalysisParams()
+    if "gradients" in params.metrics and getattr(model, "offloaded", False):
+        raise MoescopeError("gradient criteria (EGS/EGE/EGO/EGN) need a backward pass through the whole model, "
+                            "which an offloaded model cannot do; drop 'gradients' from the metrics or load it in memory")
     cache = cache or Cache()
     parts = {
         "model": model.fingerprint(),

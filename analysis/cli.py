@@ -146,8 +146,15 @@ def cmd_analyze(args) -> int:
     from analysis.models import load_moe
 
     parse_source(args.calib)  # validate before loading anything heavy
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    if args.offload and metrics == ("all",):
+        from analysis.analyze import FORWARD_METRICS
+
+        metrics = FORWARD_METRICS
+        print("moescope: note: --offload analyses everything but the gradient criteria (they need the whole "
+              "model in memory)", file=sys.stderr)
     params = AnalysisParams(
-        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        metrics=metrics,
         similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, seed=args.seed,
     )
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,

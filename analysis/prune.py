@@ -55,7 +55,7 @@ def finetune(model: MoEModel, input_ids, tokens: int, lr: float = 1e-4, batch_ro
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress:
                 progress("finetune", step + 1, steps)
     finally:

@@ -113,8 +113,11 @@ def test_offloaded_layers_give_the_same_analysis_and_refuse_edits(tiny_dirs, tmp
     offloaded = load_moe(tiny_dirs["qwen2_moe"], offload_dir=tmp_path / "offload")
     assert offloaded.layers[0].experts.gate_up_proj.device.type == "meta"
     assert offloaded.fingerprint() == in_memory.fingerprint()
-    a = A.run_analysis(in_memory, batch(), PARAMS, cache=Cache(tmp_path / "c1"))
-    b = A.run_analysis(offloaded, batch(), PARAMS, cache=Cache(tmp_path / "c2"))
+    with pytest.raises(MoescopeError, match="backward pass"):
+        A.run_analysis(offloaded, batch(), PARAMS, cache=Cache(tmp_path / "c0"))
+    forward_only = A.AnalysisParams(**{**PARAMS.key(), "metrics": A.FORWARD_METRICS})
+    a = A.run_analysis(in_memory, batch(), forward_only, cache=Cache(tmp_path / "c1"))
+    b = A.run_analysis(offloaded, batch(), forward_only, cache=Cache(tmp_path / "c2"))
     for name in a.similarity_names():
         assert torch.allclose(a.similarity(2, name), b.similarity(2, name), atol=1e-6), name
     for name in a.criteria_names():
