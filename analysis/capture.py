@@ -146,9 +146,10 @@ class LayerStream:
 
 def next_token_nll(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods (nats) over every predicted token, and their count."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    target = input_ids[:, 1:].to(logp.device)
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    pred = logits[:, :-1].float()
+    target = input_ids[:, 1:].to(pred.device)
+    # −log softmax(z)[y] = logsumexp(z) − z[y], without materialising the log-softmax
+    nll = torch.logsumexp(pred, dim=-1) - pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return float(nll.sum()), int(nll.numel())
 
 

@@ -75,31 +75,94 @@ def only_experts(model, layer: int, rest: list[int]):
             yield
 
 
+def _token_nll(stream: LayerStream, where: Tensor | None = None) -> Tensor:
+    """Run the stream's remaining layers; next-token NLL of every predicted token ``[N, L-1]``,
+    or, with ``where [N, L-1]`` (bool), only of those predictions (a flat vector, in row-major
+    order): the LM head and the vocabulary log-sum-exp run only on those positions."""
+    from analysis.capture import _decoder
+
+    for _ in stream.layers(capture_moe_input=False):
+        pass
+    norm = _decoder(stream.model).norm
+    head = stream.model.hf.get_output_embeddings()
+    out = []
+    for c, h in enumerate(stream.hidden):
+        ids = stream.input_ids[c * stream.chunk_size : (c + 1) * stream.chunk_size].to(h.device)
+        h, target = h[:, :-1], ids[:, 1:]
+        if where is not None:
+            sel = where[c * stream.chunk_size : (c + 1) * stream.chunk_size].to(h.device)
+            h, target = h[sel], target[sel]
+        pred = head(norm(h)).float()
+        nll = torch.logsumexp(pred, -1) - pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        out.append(nll.double().cpu().reshape(-1) if where is not None else nll.double().cpu())
+    return torch.cat(out)
+
+
+def _routing_changed(a, b, rtol: float = 1e-6) -> Tensor:
+    """``[T]`` bool: tokens whose chosen experts or mixing weights differ between two routings."""
+    ia, order_a = a.topk_idx.sort(-1)
+    ib, order_b = b.topk_idx.sort(-1)
+    wa = a.topk_weights.float().gather(-1, order_a)
+    wb = b.topk_weights.float().gather(-1, order_b)
+    same = (ia == ib).all(-1) & ((wa - wb).abs() <= rtol * wa.abs().clamp_min(1e-30)).all(-1)
+    return ~same
+
+
 @torch.no_grad()
 def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
-    """Single-expert-drop perplexity for every (MoE layer, expert), plus the unpruned baseline."""
+    """Single-expert-drop perplexity for every (MoE layer, expert), plus the unpruned baseline.
+
+    Work is reused three ways, all exact: the layers before l run once for the whole row of
+    cells; layer l's attention runs once and each cell re-runs only its MoE block; and a cell
+    recomputes only the sequences in which removing the expert changes some token's routing
+    (experts or weights; with a renormalising top-k router these are the tokens that selected
+    it, with an unrenormalised softmax every token): with causal attention the other sequences
+    cannot change, and every token before a sequence's first affected position keeps its
+    baseline loss.
+    """
     stream = LayerStream(model, input_ids, chunk_size=chunk_size)
-    baseline = _stream_ppl(stream.clone())
+    base_nll = _token_nll(stream.clone())  # [N, L-1]
+    base_total, count = float(base_nll.sum()), base_nll.numel()
+    baseline = math.exp(base_total / count)
     cells = sum(v.num_experts for v in model.layers.values())
     done = 0
     grid: list[list[float]] = []
-    n_layers = model.num_hidden_layers
-    for l in range(n_layers):
+    N, L = input_ids.shape
+    positions = torch.arange(L - 1)
+    for l in range(model.num_hidden_layers):
         if l not in model.layers:
             stream.step(capture_moe_input=False)
             continue
         view = model.layers[l]
         E = view.num_experts
-        # run layer l once; each cell then re-runs only its MoE block (attention is unchanged)
-        inputs, residuals = stream.step_split()
+        inputs, residuals = stream.step_split()  # layer l once; cells re-run only its MoE block
+        X, R = torch.cat(inputs), torch.cat(residuals)  # [N, L, d]
+        flat = X.reshape(-1, X.shape[-1])
+        full = view.route(flat)
         row = []
         for e in range(E):
-            with only_experts(model, l, [k for k in range(E) if k != e]):
-                cell = stream.clone()
-                for c, (x, res) in enumerate(zip(inputs, residuals)):
-                    y = view.block(x)
-                    cell.hidden[c] = res + (y[0] if isinstance(y, tuple) else y).reshape(res.shape)
-                row.append(_stream_ppl(cell))
+            allowed = torch.ones(E, dtype=torch.bool)
+            allowed[e] = False
+            hit = _routing_changed(full, view.route(flat, allowed=allowed)).reshape(N, L).cpu()
+            rows = hit.any(-1).nonzero().squeeze(-1)
+            if rows.numel() == 0:  # no token's routing depends on e: dropping it changes nothing
+                row.append(baseline)
+            else:
+                first = hit[rows].float().argmax(-1)  # first affected position per sequence
+                sub = LayerStream(model, input_ids[rows], chunk_size=chunk_size)
+                with only_experts(model, l, [k for k in range(E) if k != e]):
+                    for c in range(len(sub.hidden)):
+                        idx = rows[c * chunk_size : (c + 1) * chunk_size].to(X.device)
+                        y = view.block(X[idx])
+                        sub.hidden[c] = R[idx] + (y[0] if isinstance(y, tuple) else y).reshape(R[idx].shape)
+                    sub.layer = l + 1
+                    if l == model.num_hidden_layers - 1:  # no attention after: only re-routed tokens change
+                        changed = hit[rows][:, :-1]
+                    else:  # causal attention: everything from a sequence's first affected token on
+                        changed = positions[None, :] >= first[:, None]
+                    nll = _token_nll(sub, where=changed)
+                total = base_total - float(base_nll[rows][changed].sum()) + float(nll.sum())
+                row.append(math.exp(total / count))
             done += 1
             if progress:
                 progress("cells", done, cells)

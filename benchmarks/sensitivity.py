@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from analysis.capture import LayerStream
+    from analysis.capture import LayerStream, next_token_nll
     from analysis.data import sample_tokens
     from analysis.models import load_moe, wrap_model
     from analysis.sensitivity import drop_grid, enumerate_layer, naive_subset_loss
@@ -64,14 +64,12 @@ def main() -> None:
     grid = drop_grid(model, ids)
     t_grid = time.perf_counter() - t0
 
-    def full_ppl(hf) -> float:
+    def full_ppl(hf) -> float:  # a full evaluation, with the same loss arithmetic as the library
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, ids.shape[0], 8):
-                chunk = ids[i : i + 8]
-                logp = torch.log_softmax(hf(input_ids=chunk).logits[:, :-1].float(), -1)
-                nll = -logp.gather(-1, chunk[:, 1:, None])
-                total, count = total + float(nll.sum()), count + nll.numel()
+                s, n = next_token_nll(hf(input_ids=ids[i : i + 8]).logits, ids[i : i + 8])
+                total, count = total + s, count + n
         return math.exp(total / count)
 
     t0 = time.perf_counter()
