@@ -279,7 +279,10 @@ def model_card(log: dict, ev: dict, out: Path) -> str:
         f"{tr['warmup_steps']} warm-up steps then cosine decay to {tr['min_lr_ratio']} x lr over "
         f"{tr['planned_steps']} planned steps, gradient clipping {tr['grad_clip']}, seed {tr['seed']}.",
         f"* Load-balancing loss: `router_aux_loss_coef = {cfg['router_aux_loss_coef']}` "
-        "(`output_router_logits=True` during training; disabled in the saved config).",
+        "(`output_router_logits=True` during training; disabled in the saved config); "
+        + ("transformers' built-in Switch loss, whose routing statistics are pooled over all layers."
+           if tr.get("balance", "pooled") == "pooled" else
+           "the same Switch loss computed separately for every layer and averaged (`--balance per-layer`)."),
         f"* Final train LM loss {tr['final_train_loss']:.3f} (mean of last steps), validation loss "
         f"{tr['final_val_loss']:.3f} (mean over domains, fixed validation windows).",
         f"* Stop reason: {tr['stop_reason']}.",
@@ -511,6 +514,17 @@ def train(args):
         x = sampler.batch(args.batch_size).to(device)
         outp = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
         loss = outp.loss
+        if args.balance == "per-layer":
+            # MixtralForCausalLM pools the routing statistics of all layers before computing the
+            # Switch loss, so one layer's imbalance can be hidden by another's; balance each layer.
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            per_layer = torch.stack([
+                load_balancing_loss_func((rl,), model.config.num_local_experts, model.config.num_experts_per_tok)
+                for rl in outp.router_logits
+            ]).mean()
+            loss = loss - coef * outp.aux_loss + coef * per_layer
+            outp.aux_loss = per_layer
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
@@ -594,7 +608,7 @@ def train(args):
             "seq_len": args.seq_len, "tokens": step * args.batch_size * args.seq_len,
             "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "betas": [args.beta1, args.beta2],
             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "seed": args.seed,
-            "minutes_budget": args.minutes, "train_seconds": round(train_seconds, 1),
+            "balance": args.balance, "minutes_budget": args.minutes, "train_seconds": round(train_seconds, 1),
             "sec_per_step": round(train_seconds / max(1, step), 3),
             "final_train_loss": sum(h["lm_loss"] for h in last) / len(last),
             "final_aux_loss": sum(h["aux_loss"] for h in last) / len(last),
@@ -681,6 +695,9 @@ def main(argv=None):
     ap.add_argument("--beta2", type=float, default=0.95)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--aux-coef", type=float, default=0.02, help="router_aux_loss_coef")
+    ap.add_argument("--balance", choices=["pooled", "per-layer"], default="pooled",
+                    help="load-balancing loss: transformers' built-in one (statistics pooled over layers) "
+                         "or the same loss computed per layer and averaged")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
