@@ -161,14 +161,14 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
 
     if "weights" in want:
         with _timed(tm, "weights"):
-            V = M.weight_vectors(view).cpu()
+            G, n_weights = M.weight_gram(view)
             S = M.surrogate_weights(view).reshape(E, -1).cpu()
-            out.similarity["weight_cosine"] = M.flat_cosine_matrix(V)
-            out.similarity["weight_mse"] = M.flat_mse_matrix(V)
+            out.similarity["weight_cosine"] = M.gram_cosine(G)
+            out.similarity["weight_mse"] = M.gram_mse(G, n_weights)
             out.similarity["surrogate_cosine"] = M.flat_cosine_matrix(S)
             out.similarity["surrogate_mse"] = M.flat_mse_matrix(S)
             out.criteria["EWS"] = M.mean_offdiag(out.similarity["weight_cosine"])
-            out.criteria["EWN"] = V.norm(dim=1)
+            out.criteria["EWN"] = G.diagonal().sqrt().float()
             wsr = []
             for e in range(E):
                 ew = view.expert_weights(e)

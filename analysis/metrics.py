@@ -104,13 +104,29 @@ def flat_mse_matrix(V: Tensor) -> Tensor:
     return ((sq[:, None] + sq[None, :] - 2 * G) / V.shape[1]).clamp_min(0)
 
 
-def weight_vectors(layer) -> Tensor:
-    """``[E, 3·I·d]``: concat(W_gate, W_up, W_down) of each expert, vectorised."""
-    rows = []
-    for e in range(layer.num_experts):
-        w = layer.expert_weights(e)
-        rows.append(torch.cat([w.gate.reshape(-1), w.up.reshape(-1), w.down.reshape(-1)]).float())
-    return torch.stack(rows)
+def weight_gram(layer) -> tuple[Tensor, int]:
+    """Gram matrix ``G [E, E]`` of the vectorised expert weights concat(W_gate, W_up, W_down),
+    and their length P, accumulated tensor by tensor over the fused parameters (no copy of the
+    layer's weights is made; the layout, transposed or interleaved, does not change the Gram)."""
+    E = layer.num_experts
+    G = torch.zeros(E, E, dtype=torch.float64)
+    n = 0
+    for name in ("gate_up_proj", "down_proj"):
+        P = getattr(layer.experts, name).detach().reshape(E, -1)
+        P = P if P.dtype == torch.float32 else P.float()
+        G += (P @ P.T).double().cpu()
+        n += P.shape[1]
+    return G, n
+
+
+def gram_cosine(G: Tensor) -> Tensor:
+    norms = G.diagonal().clamp_min(1e-30).sqrt()
+    return (G / torch.outer(norms, norms)).float()
+
+
+def gram_mse(G: Tensor, n: int) -> Tensor:
+    sq = G.diagonal()
+    return ((sq[:, None] + sq[None, :] - 2 * G) / n).clamp_min(0).float()
 
 
 def surrogate_weights(layer) -> Tensor:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,14 +57,36 @@ def main() -> None:
                "--offload", str(root / "offload"), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--metrics", "similarity,weights,routing,activations", "--json"]
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=Path(__file__).parents[1])
+        peaks = {"RssAnon": 0, "RssFile": 0}
+        done = threading.Event()
+
+        def sample() -> None:  # the kernel keeps only the total's high-water mark; sample the parts
+            while not done.is_set():
+                try:
+                    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                        key, _, value = line.partition(":")
+                        if key in peaks:
+                            peaks[key] = max(peaks[key], int(value.split()[0]) * 1024)
+                except OSError:
+                    pass
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stdout, stderr = proc.communicate()
+        done.set()
         elapsed = time.perf_counter() - t0
-        if out.returncode:
-            sys.exit(f"analyze failed:\n{out.stderr[-3000:]}")
+        if proc.returncode:
+            sys.exit(f"analyze failed:\n{stderr[-3000:]}")
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
-        layers = json.loads(out.stdout)["layers"]
-        print(f"analyze --offload: {len(layers)} MoE layers in {elapsed:.0f} s; peak RSS {peak / 2**30:.2f} GiB")
-        print(f"peak RSS / weights = {peak / size:.2f} (target < 0.5)")
+        layers = json.loads(stdout)["layers"]
+        print(f"analyze --offload: {len(layers)} MoE layers in {elapsed:.0f} s")
+        print(f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f} x the weights (target < 0.5)")
+        print(f"  of which at most {peaks['RssFile'] / 2**30:.2f} GiB file-backed (page cache of the memory-mapped "
+              f"weight files, reclaimable) and at most {peaks['RssAnon'] / 2**30:.2f} GiB anonymous "
+              f"= {peaks['RssAnon'] / size:.2f} x the weights")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -123,3 +123,18 @@ def test_a_duplicated_expert_is_found_by_every_similarity():
     r = layer.route(x)
     assert a.routing["usage_count"].sum().item() == r.topk_idx.numel()
     assert a.criteria["EUF"].sum().item() == pytest.approx(2.0)
+
+
+def test_weight_gram_equals_the_vectorised_weights():
+    from analysis.models import wrap_model as wrap
+
+    for family in ("mixtral", "gpt_oss"):
+        layer = wrap(tiny_model(family)).layers[0]
+        V = torch.stack([torch.cat([w.gate.reshape(-1), w.up.reshape(-1), w.down.reshape(-1)]).detach()
+                         for w in (layer.expert_weights(e) for e in range(8))]).double()
+        G, n = M.weight_gram(layer)
+        # GPT-OSS experts also have biases; the weights part is what the Gram covers
+        assert n == V.shape[1]
+        assert torch.allclose(G, V @ V.T, atol=1e-6 * float(G.diagonal().max()))
+        assert torch.allclose(M.gram_cosine(G), M.flat_cosine_matrix(V.float()), atol=1e-5)
+        assert torch.allclose(M.gram_mse(G, n), M.flat_mse_matrix(V.float()), atol=1e-6)
