@@ -290,6 +290,10 @@ def run_analysis(
                 t0 = time.perf_counter()
                 with model.materialized(model.layers[l].block):
                     la = analyze_layer(model.layers[l], x, token_ids, params)
+                if model.offloaded:
+                    from analysis.models import release_mapped_weights
+
+                    release_mapped_weights()
                 la.timings["total"] = time.perf_counter() - t0
                 tensors.update(_flatten(la))
                 layers_meta[str(l)] = {

@@ -104,6 +104,10 @@ class LayerStream:
             if handle is not None:
                 handle.remove()
         self.layer += 1
+        if getattr(self.model, "offloaded", False):
+            from analysis.models import release_mapped_weights
+
+            release_mapped_weights()  # the layer's weights were read through memory maps
         return torch.cat(captured) if captured else None
 
     @torch.no_grad()

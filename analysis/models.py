@@ -692,16 +692,24 @@ def load_moe(
         home = device if device not in (None, "auto") else "cpu"
         kwargs["device_map"] = {prefix: "disk", **{k: home for k in _non_layer_modules(config, family)}}
         kwargs["offload_folder"] = str(offload_dir)
+    releaser = _PeriodicRelease() if offload_dir is not None else None
     try:
+        if releaser:
+            releaser.start()  # keep the checkpoint's memory-mapped pages from piling up while loading
         hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as err:
         raise MoescopeError(f"cannot load the weights of '{source}': {str(err).splitlines()[0]}") from None
+    finally:
+        if releaser:
+            releaser.stop()
     if device not in (None, "auto") and offload_dir is None:
         hf = hf.to(device)
     hf.eval()
     tokenizer = _load_tokenizer(location, trust_remote_code) if load_tokenizer else None
     model = MoEModel(hf, family, source, tokenizer=tokenizer, source_dir=local)
     model.offloaded = offload_dir is not None
+    if model.offloaded:
+        release_mapped_weights()
     if local is not None:  # unedited weights: the files identify them (cheap, and offload-proof)
         model._fingerprint = folder_fingerprint(local)
     betas = getattr(config, "moescope_skip_beta", None)
@@ -710,6 +718,67 @@ def load_moe(
 
         skipping.install(model, {int(k): float(v) for k, v in betas.items()})
     return model
+
+
+def release_mapped_weights() -> int:
+    """Drop this process's resident pages of memory-mapped ``*.safetensors`` files (Linux).
+
+    accelerate reads offloaded weights through memory maps of the checkpoint that stay open;
+    every page it touched would otherwise stay counted in the process's RSS. For a mapping with
+    no privately modified page (``Anonymous: 0 kB`` in smaps), ``madvise(MADV_DONTNEED)`` only
+    unmaps the pages from this process and a later read faults them back in from the page cache
+    or the file, so nothing is lost; a mapping with modified pages is left alone. Returns the
+    bytes advised."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        smaps = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    regions, current = [], None
+    for line in smaps:
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            current = None
+            if len(head) >= 6 and head[5].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                current = [start, end, None]
+                regions.append(current)
+        elif current is not None and line.startswith("Anonymous:"):
+            current[2] = int(line.split()[1])
+    total = 0
+    for start, end, anonymous in regions:
+        if anonymous == 0 and libc.madvise(start, end - start, 4) == 0:  # MADV_DONTNEED
+            total += end - start
+    return total
+
+
+class _PeriodicRelease:
+    """A daemon thread calling :func:`release_mapped_weights` every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.25):
+        import threading
+
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            release_mapped_weights()
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        release_mapped_weights()
 
 
 def _non_layer_modules(config, family: FamilySpec) -> list[str]:
