@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from analysis import metrics as M
-from analysis.capture import LayerStream
+from analysis.capture import LayerStream, token_nll
 from analysis.errors import MoescopeError, unknown_name
 from analysis.metrics import METRICS_VERSION
 
@@ -205,9 +205,7 @@ def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: C
         total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
         for c in range(n_chunks):
             ids = input_ids[c * chunk_size : (c + 1) * chunk_size].to(device)
-            logits = hf(input_ids=ids, use_cache=False).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), -1)
-            nll = -logp.gather(-1, ids[:, 1:, None]).sum()
+            nll = token_nll(hf(input_ids=ids, use_cache=False).logits, ids).sum()
             (nll / total_tokens).backward()
             if progress:
                 progress(c + 1, n_chunks)

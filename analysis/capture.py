@@ -10,7 +10,7 @@ that returns its input unchanged, so no layer's attention or experts run during 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -148,15 +148,19 @@ class LayerStream:
             yield head(decoder.norm(h))
 
 
+def nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Negative log-likelihood (nats) of ``targets [...]`` under ``logits [..., V]``:
+    ``logsumexp(z) − z[y]`` in float32 (the log-softmax itself is never materialised)."""
+    z = logits.float()
+    return torch.logsumexp(z, dim=-1) - z.gather(-1, targets.to(z.device).unsqueeze(-1)).squeeze(-1)
+
+
+def token_nll(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Next-token NLL of every predicted token of ``input_ids [B, L]``: ``[B, L-1]``."""
+    return nll(logits[:, :-1], input_ids[:, 1:])
+
+
 def next_token_nll(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods (nats) over every predicted token, and their count."""
-    pred = logits[:, :-1].float()
-    target = input_ids[:, 1:].to(pred.device)
-    # −log softmax(z)[y] = logsumexp(z) − z[y], without materialising the log-softmax
-    nll = torch.logsumexp(pred, dim=-1) - pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    """Sum of next-token negative log-likelihoods over every predicted token, and their count."""
+    nll = token_nll(logits, input_ids)
     return float(nll.sum()), int(nll.numel())
-
-
-def map_tokens(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int = 4096) -> Tensor:
-    """Apply ``fn`` to ``x [T, ...]`` in token chunks and concatenate."""
-    return torch.cat([fn(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])

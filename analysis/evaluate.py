@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from analysis.capture import next_token_nll
+from analysis.capture import token_nll
 
 
 @torch.no_grad()
@@ -27,9 +27,7 @@ def perplexity_by_domain(model, source: str = "demo:all", seq_len: int = 256, ma
     n = batch.input_ids.shape[0]
     for i in range(0, n, batch_size):
         ids = batch.input_ids[i : i + batch_size].to(device)
-        logits = model.hf(input_ids=ids).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, L-1]
+        nll = token_nll(model.hf(input_ids=ids).logits, ids)  # [b, L-1]
         for row, domain in enumerate(batch.domains[i : i + batch_size]):
             acc = sums.setdefault(domain, [0.0, 0])
             acc[0] += float(nll[row].sum())
@@ -43,5 +41,3 @@ def perplexity_by_domain(model, source: str = "demo:all", seq_len: int = 256, ma
         out["all"] = math.exp(total / count)
     return out
 
-
-__all__ = ["perplexity_by_domain", "next_token_nll"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from analysis.capture import LayerStream, next_token_nll
+from analysis.capture import LayerStream, next_token_nll, nll, token_nll
 from analysis.errors import MoescopeError
 from analysis.routing import ROUTING_RULES
 
@@ -88,13 +88,12 @@ def _token_nll(stream: LayerStream, where: Tensor | None = None) -> Tensor:
     out = []
     for c, h in enumerate(stream.hidden):
         ids = stream.input_ids[c * stream.chunk_size : (c + 1) * stream.chunk_size].to(h.device)
-        h, target = h[:, :-1], ids[:, 1:]
-        if where is not None:
-            sel = where[c * stream.chunk_size : (c + 1) * stream.chunk_size].to(h.device)
-            h, target = h[sel], target[sel]
-        pred = head(norm(h)).float()
-        nll = torch.logsumexp(pred, -1) - pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        out.append(nll.double().cpu().reshape(-1) if where is not None else nll.double().cpu())
+        if where is None:
+            out.append(token_nll(head(norm(h)), ids).double().cpu())
+            continue
+        sel = where[c * stream.chunk_size : (c + 1) * stream.chunk_size].to(h.device)
+        # only the selected predictions: the hidden state at position t predicts token t + 1
+        out.append(nll(head(norm(h[:, :-1][sel])), ids[:, 1:][sel]).double().cpu())
     return torch.cat(out)
 
 
