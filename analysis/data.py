@@ -65,7 +65,7 @@ from torch import Tensor
 from analysis.errors import MoescopeError, unknown_name
 from analysis.models import REPO_ROOT
 
-DATA_VERSION = 1  # bump when the stream / window rules change (it is part of every fingerprint)
+DATA_VERSION = 2  # bump when the stream / window rules change (it is part of every fingerprint)
 DEMO_CORPUS_ENV = "MOESCOPE_DEMO_CORPUS"
 SPLITS = ("validation", "test")
 SAMPLINGS = ("random", "first")
@@ -480,6 +480,12 @@ def _local_streams(src: DataSource, tokenizer, split: str, tok_fp: str) -> tuple
         return _STREAM_CACHE[key], content
     streams = {}
     for domain in sorted(texts):
+        if src.kind == "demo":
+            # the corpus file tokenized as a whole, exactly as the demo model was trained on it
+            # (every document followed by "\n<|endoftext|>\n")
+            text = _read_text(demo_corpus_dir() / domain / f"{split}.txt", src.spec)
+            streams[domain] = torch.tensor(_encode(tokenizer, [text])[0], dtype=torch.long)
+            continue
         docs = texts[domain]
         ids = chain.from_iterable(
             _encode(tokenizer, docs[i : i + TOKENIZE_BATCH]) for i in range(0, len(docs), TOKENIZE_BATCH)

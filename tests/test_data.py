@@ -265,19 +265,28 @@ def test_hf_missing_field_lists_fields(fake_hub, tok):
 
 
 # ---- streams and windows ---------------------------------------------------------------------
-def test_stream_joins_documents_with_eos(corpus, tok):
+def test_demo_streams_are_the_corpus_files_tokenized_whole(corpus, tok):
+    """demo: sources are the corpus files exactly as the demo model was trained on them."""
     streams = token_streams("demo:all", tok)
     assert sorted(streams) == ["alpha", "beta", "gamma"]
+    for domain in streams:
+        text = (corpus / domain / "validation.txt").read_text(encoding="utf-8")
+        assert torch.equal(streams[domain], torch.tensor(tok(text, add_special_tokens=False).input_ids))
+
+
+def test_file_streams_join_documents_with_eos(corpus, tok):
     for domain, n in (("alpha", 6), ("beta", 5), ("gamma", 4)):
-        expected = _stream(tok, _docs(domain, n))
-        assert torch.equal(streams[domain], expected)
-        assert int((streams[domain] == tok.eos_token_id).sum()) == n - 1
+        spec = f"file:{corpus / domain / 'validation.txt'}"
+        stream = token_streams(spec, tok)[spec]
+        assert torch.equal(stream, _stream(tok, _docs(domain, n)))
+        assert int((stream == tok.eos_token_id).sum()) == n - 1
 
 
 def test_bos_separates_documents_when_there_is_no_eos(corpus):
     no_eos = make_tokenizer()
     no_eos.eos_token = None
-    stream = token_streams("demo:gamma", no_eos)["gamma"]
+    spec = f"file:{corpus / 'gamma' / 'validation.txt'}"
+    stream = token_streams(spec, no_eos)[spec]
     assert int((stream == no_eos.bos_token_id).sum()) == 3
 
 
@@ -326,7 +335,8 @@ def test_fingerprint_follows_content_tokenizer_and_shape(corpus, tok):
     path.write_text(path.read_text().replace("document 5", "document five"))
     assert base.fingerprint != sample_tokens("demo:alpha", tok, 3, 8).fingerprint
     assert torch.equal(
-        token_streams("demo:alpha", tok)["alpha"], _stream(tok, load_texts("demo:alpha")["alpha"])
+        token_streams("demo:alpha", tok)["alpha"],
+        torch.tensor(tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids),
     )
 
 

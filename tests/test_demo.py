@@ -103,3 +103,17 @@ def test_analyze_demo_cli_then_cached(tmp_path, monkeypatch, capsys):
     assert again["cache_entry"] == first["cache_entry"]
     assert main(["cache", "ls", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
+
+
+def test_demo_streams_are_the_corpus_files_as_trained_and_match_the_card(demo):
+    from analysis.data import demo_corpus_dir, token_streams
+    from analysis.evaluate import perplexity_by_domain
+
+    tok = demo.tokenizer
+    for domain, stream in token_streams("demo:all", tok, split="test").items():
+        text = (demo_corpus_dir() / domain / "test.txt").read_text(encoding="utf-8")
+        assert torch.equal(stream, torch.tensor(tok(text, add_special_tokens=False).input_ids)), domain
+    card = json.loads((demo.source_dir / "training_log.json").read_text())["test"]["ppl"]
+    ppl = perplexity_by_domain(demo, "demo:all", max_tokens=None)
+    for domain, want in card.items():  # the model card's numbers, from the training script's own code
+        assert ppl[domain] == pytest.approx(want, rel=0.01), domain
