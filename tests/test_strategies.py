@@ -117,3 +117,22 @@ def test_bad_strategy_parameters_are_refused(name, params, match, tmp_path):
 def test_registry_lists_every_strategy():
     assert set(STRATEGIES) == {"random", "frequency", "criterion", "enumerate", "merge", "router-guided", "manual",
                                "skip"}
+
+
+@pytest.mark.parametrize("name, params", ALL + [("skip", {}), ("manual", {"drop": {"0": [1, 4]}})],
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALL + [("skip", {}), ("manual", {})])])
+def test_every_strategy_on_the_demo_model(name, params, demo_dir, tmp_path):
+    from analysis.data import sample_tokens
+    from analysis.models import load_moe
+
+    model = load_moe("demo")
+    calib = sample_tokens("demo:all", model.tokenizer, 6, 64, seed=0)
+    ctx = StrategyContext(model, calib, Cache(tmp_path / "cache"), FAST)
+    plan = make_plan(name, ctx, params)
+    pruned = apply(load_moe("demo"), plan)
+    if name == "skip":
+        assert set(plan.skip_beta) == {0, 1, 2, 3} and all(0 < b <= 1 for b in plan.skip_beta.values())
+    elif name == "manual":
+        assert pruned.num_experts() == {0: 6, 1: 8, 2: 8, 3: 8}
+    else:
+        assert pruned.num_experts() == {l: 4 for l in range(4)}
