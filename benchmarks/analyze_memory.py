@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,11 +44,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model folder")
+    ap.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build_only:
+        print(build(Path(args.build_only), args.layers, args.hidden, args.intermediate))
+        return
     root = Path(tempfile.mkdtemp(prefix="moescope-bench-mem-"))
     try:
         t0 = time.perf_counter()
-        size = build(root / "model", args.layers, args.hidden, args.intermediate)
+        # built in a child process: a parent holding the model would make every later fork start
+        # with gigabytes resident, and the child's peak RSS would count them
+        built = subprocess.run([sys.executable, __file__, "--build-only", str(root / "model"), "--layers",
+                                str(args.layers), "--hidden", str(args.hidden), "--intermediate",
+                                str(args.intermediate)], capture_output=True, text=True, check=True)
+        size = int(built.stdout.strip().splitlines()[-1])
         print(f"synthetic Mixtral: {args.layers} layers, d={args.hidden}, I={args.intermediate}, 8 experts: "
               f"{size / 2**30:.2f} GiB of float32 weights (built and saved in {time.perf_counter() - t0:.0f} s)")
         env = {**os.environ, "MOESCOPE_CACHE": str(root / "cache")}
@@ -57,7 +65,8 @@ def main() -> None:
                "--offload", str(root / "offload"), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--metrics", "similarity,weights,routing,activations", "--json"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        out_file, err_file = open(root / "stdout", "w+"), open(root / "stderr", "w+")
+        proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, text=True, env=env,
                                 cwd=Path(__file__).parents[1])
         peaks = {"RssAnon": 0, "RssFile": 0}
         done = threading.Event()
@@ -75,12 +84,16 @@ def main() -> None:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        stdout, stderr = proc.communicate()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
+        proc.returncode = os.waitstatus_to_exitcode(status)
         done.set()
         elapsed = time.perf_counter() - t0
+        out_file.seek(0)
+        err_file.seek(0)
+        stdout, stderr = out_file.read(), err_file.read()
         if proc.returncode:
             sys.exit(f"analyze failed:\n{stderr[-3000:]}")
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+        peak = usage.ru_maxrss * 1024  # Linux: KiB
         layers = json.loads(stdout)["layers"]
         print(f"analyze --offload: {len(layers)} MoE layers in {elapsed:.0f} s")
         print(f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f} x the weights (target < 0.5)")
