@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from analysis.capture import LayerStream, next_token_nll, nll, token_nll
+from analysis.capture import LayerStream, nll, token_nll
 from analysis.errors import MoescopeError
 from analysis.routing import ROUTING_RULES
 
@@ -32,15 +32,8 @@ Progress = Callable[[str, int, int], None]
 # ---------------------------------------------------------------- perplexity and the drop grid
 
 
-def _stream_ppl(stream: LayerStream, capture: bool = False) -> float:
-    for _ in stream.layers(capture_moe_input=capture):
-        pass
-    total, count = 0.0, 0
-    for c, logits in enumerate(stream.logits_per_chunk()):
-        ids = stream.input_ids[c * stream.chunk_size : (c + 1) * stream.chunk_size]
-        s, n = next_token_nll(logits, ids)
-        total, count = total + s, count + n
-    return math.exp(total / count)
+def _stream_ppl(stream: LayerStream) -> float:
+    return math.exp(float(_token_nll(stream).mean()))
 
 
 @torch.no_grad()
