@@ -139,13 +139,15 @@ class LayerStream:
             l = self.layer
             yield l, self.step(capture_moe_input)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final norm and LM head on hidden states taken after the last layer."""
+        return self.model.hf.get_output_embeddings()(_decoder(self.model).norm(hidden))
+
     @torch.no_grad()
     def logits_per_chunk(self) -> Iterator[Tensor]:
-        """Final norm and LM head on the current hidden states (after the last layer)."""
-        decoder = _decoder(self.model)
-        head = self.model.hf.get_output_embeddings()
+        """Logits of every chunk's current hidden states (after the last layer)."""
         for h in self.hidden:
-            yield head(decoder.norm(h))
+            yield self.logits(h)
 
 
 def nll(logits: Tensor, targets: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from analysis.errors import MoescopeError, unknown_name
-from analysis.routing import ROUTING_RULES, RouterParams
+from analysis.routing import ROUTING_RULES, RouterParams, mix
 
 GROUPINGS = ("spectral", "greedy", "agglomerative")
 MERGES = ("max", "uniform", "usage", "learned")
@@ -151,11 +151,7 @@ def _layer_output(view, x: Tensor, tensors, rows) -> Tensor:
     idx, w = ROUTING_RULES[view.spec.routing](logits, params, None)
     n = tensors[next(iter(tensors))].shape[0]
     Y = torch.stack([view.expert_forward(e, x.float(), tensors) for e in range(n)])  # [E', T, d]
-    t = torch.arange(x.shape[0])
-    out = torch.zeros_like(Y[0])
-    for k in range(idx.shape[1]):
-        out = out + w[:, k, None].float() * Y[idx[:, k], t]
-    return out
+    return mix(Y, idx, w)
 
 
 def learn_coefficients(view, x: Tensor, groups: list[list[int]], init: list[list[float]],

@@ -83,6 +83,16 @@ def sparsemixer_top2(logits: Tensor, p: RouterParams, allowed: Tensor | None = N
     return idx, weights
 
 
+def mix(Y: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> Tensor:
+    """Mix precomputed expert outputs ``Y [E, T, d]`` by a routing: ``Σ_k w[t, k] · Y[idx[t, k], t]``
+    (out of place, so it also carries gradients through the weights or ``Y``)."""
+    t = torch.arange(Y.shape[1], device=Y.device)
+    out = torch.zeros_like(Y[0])
+    for k in range(topk_idx.shape[1]):
+        out = out + topk_weights[:, k, None].float() * Y[topk_idx[:, k], t]
+    return out
+
+
 ROUTING_RULES: dict[str, Callable[[Tensor, RouterParams, Tensor | None], tuple[Tensor, Tensor]]] = {
     "softmax_topk": softmax_topk,
     "sigmoid_group_topk": sigmoid_group_topk,

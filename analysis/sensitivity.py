@@ -24,7 +24,7 @@ from torch import Tensor
 
 from analysis.capture import LayerStream, nll, token_nll
 from analysis.errors import MoescopeError
-from analysis.routing import ROUTING_RULES
+from analysis.routing import ROUTING_RULES, mix
 
 Progress = Callable[[str, int, int], None]
 
@@ -72,21 +72,17 @@ def _token_nll(stream: LayerStream, where: Tensor | None = None) -> Tensor:
     """Run the stream's remaining layers; next-token NLL of every predicted token ``[N, L-1]``,
     or, with ``where [N, L-1]`` (bool), only of those predictions (a flat vector, in row-major
     order): the LM head and the vocabulary log-sum-exp run only on those positions."""
-    from analysis.capture import _decoder
-
     for _ in stream.layers(capture_moe_input=False):
         pass
-    norm = _decoder(stream.model).norm
-    head = stream.model.hf.get_output_embeddings()
     out = []
     for c, h in enumerate(stream.hidden):
         ids = stream.input_ids[c * stream.chunk_size : (c + 1) * stream.chunk_size].to(h.device)
         if where is None:
-            out.append(token_nll(head(norm(h)), ids).double().cpu())
+            out.append(token_nll(stream.logits(h), ids).double().cpu())
             continue
         sel = where[c * stream.chunk_size : (c + 1) * stream.chunk_size].to(h.device)
         # only the selected predictions: the hidden state at position t predicts token t + 1
-        out.append(nll(head(norm(h[:, :-1][sel])), ids[:, 1:][sel]).double().cpu())
+        out.append(nll(stream.logits(h[:, :-1][sel]), ids[:, 1:][sel]).double().cpu())
     return torch.cat(out)
 
 
@@ -188,16 +184,8 @@ class SubsetScorer:
         view = self.view
         logits = view.router_logits(xc)
         Y = torch.stack([view.expert_forward(e, xc) for e in range(view.num_experts)]).float()  # [E, t, d]
-        F = self._mix(Y, *self.rule(logits, self.params, None))
+        F = mix(Y, *self.rule(logits, self.params, None))
         return logits, Y, F
-
-    @staticmethod
-    def _mix(Y: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-        t = torch.arange(Y.shape[1], device=Y.device)
-        out = torch.zeros_like(Y[0])
-        for k in range(idx.shape[1]):
-            out += w[:, k, None].float() * Y[idx[:, k], t]
-        return out
 
     def _iter_chunks(self):
         if self._chunks is not None:
@@ -223,7 +211,7 @@ class SubsetScorer:
         for logits, Y, F in self._iter_chunks():
             for s in range(len(subsets)):
                 idx, w = self.rule(logits, self.params, masks[s].to(logits.device))
-                sq[s] += (self._mix(Y, idx, w) - F).double().pow(2).sum().cpu()
+                sq[s] += (mix(Y, idx, w) - F).double().pow(2).sum().cpu()
         return sq.sqrt()
 
 
