@@ -283,32 +283,171 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_prune(args) -> int:
-    from pathlib import Path
+def _eval_spec(args, default_ppl: list[str] | None):
+    from analysis.evaluate import EfficiencyParams, EvalSpec
 
-    from analysis.models import load_moe, prepare_output_dir
+    ppl = args.ppl if args.ppl is not None else (default_ppl if not args.tasks else [])
+    spec = EvalSpec(
+        ppl=list(ppl or []), samples=args.samples, seq_len=args.seq_len, sampling=args.sampling, seed=args.seed,
+        stride=args.stride, tasks=list(args.tasks or []), limit=args.limit, num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size, efficiency=not args.no_efficiency,
+        efficiency_params=EfficiencyParams(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                           repeats=args.repeats),
+        skip_calib=None if args.skip_calib == "none" else args.skip_calib,
+    )
+    spec.validate()
+    return spec
+
+
+def _evaluating(args) -> bool:
+    return args.ppl is not None or bool(args.tasks)
+
+
+def _experiment_json(exp) -> dict:
+    return {"experiment": exp.id, "label": exp.label, "model": exp.model,
+            "ppl": exp.result["ppl"], "ppl_domains": exp.result["ppl_domains"], "tasks": exp.result["tasks"],
+            "reference": {"ppl": exp.reference["ppl"], "tasks": exp.reference["tasks"]},
+            "efficiency": exp.efficiency, "structure": exp.structure, "timings": exp.timings}
+
+
+def _print_quality(exp) -> None:
+    for src, value in exp.result["ppl"].items():
+        ref = exp.reference["ppl"][src]
+        change = f" (original {ref:.3f}, {100 * (value / ref - 1):+.1f}%)" if exp.plan else ""
+        print(f"perplexity {src}: {value:.3f}{change}")
+        domains = {d: v for d, v in exp.result["ppl_domains"][src].items() if d != "all"}
+        if len(domains) > 1:
+            print("    " + ", ".join(f"{d} {v:.2f}" for d, v in domains.items()))
+    for task, metrics in exp.result["tasks"].items():
+        shown = {k: v for k, v in metrics.items() if not k.endswith("_stderr") and k != "samples"}
+        print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    for variant, eff in exp.efficiency.items():
+        if variant == "pruned" and not exp.plan:
+            continue
+        plain, skip = eff["plain"], eff.get("skip")
+        line = (f"{variant}: {plain['params_total']:,} params ({plain['params_active']:,} active), "
+                f"{_bytes(plain['weight_bytes'])} weights, peak {_bytes(plain['peak_memory_bytes'] or 0)}, "
+                f"prefill {plain['prefill_tokens_per_s']:.0f} tok/s, generate {plain['generate_tokens_per_s']:.1f} tok/s")
+        if skip:
+            line += f"; with skipping {skip['generate_tokens_per_s']:.1f} tok/s ({100 * skip['skipped_fraction']:.1f}% calls skipped)"
+        print(line)
+
+
+def cmd_eval(args) -> int:
+    from analysis.cache import Cache
+    from analysis.experiments import run_experiment
+
+    spec = _eval_spec(args, ["demo:all"])
+    bars = _Bars(quiet=args.json)
+    try:
+        exp = run_experiment(args.model, None, spec, cache=Cache(), progress=bars, dtype=args.dtype,
+                             device=args.device, trust_remote_code=args.trust_remote_code)
+    finally:
+        bars.close()
+    if args.json:
+        print(json.dumps(_experiment_json(exp), indent=2))
+        return 0
+    print(f"{exp.model}: experiment {exp.id}")
+    _print_quality(exp)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from analysis.cache import Cache
+    from analysis.experiments import run_experiment
+    from analysis.export import check_target, export
+    from analysis.models import load_moe
     from analysis.plan import PruningPlan
     from analysis.prune import apply
 
-    out = Path(args.output)
+    out = check_target(args.output, args.overwrite)  # refuse before loading anything
     plan = PruningPlan.load(args.plan)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:  # refuse before loading anything
-        raise MoescopeError(f"output folder '{out}' is not empty; choose an empty folder or pass --overwrite")
+    spec = _eval_spec(args, None) if _evaluating(args) else None
     model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     before = model.parameter_counts()
-    apply(model, plan)
-    prepare_output_dir(out, args.overwrite)
-    model.save(out, overwrite=True)
-    plan.save(out / "plan.json")
+    exp = None
+    if spec is not None:
+        bars = _Bars(quiet=args.json)
+        try:
+            exp = run_experiment(args.model, plan, spec, cache=Cache(), progress=bars, model=model, dtype=args.dtype)
+        finally:
+            bars.close()
+    else:
+        apply(model, plan)
+    export(model, out, experiment=exp, overwrite=args.overwrite)
     after = model.parameter_counts()
     result = {"output": str(out), "experts": {str(k): v for k, v in model.num_experts().items()},
               "params_before": before, "params_after": after}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({**result, **(_experiment_json(exp) if exp else {})}, indent=2))
     else:
         print(f"pruned {model.source}: {plan.summary()}")
         print(f"parameters {before['total']:,} -> {after['total']:,} "
               f"({100 * (1 - after['total'] / before['total']):.1f}% fewer); wrote {out}")
+        if exp:
+            print(f"experiment {exp.id}")
+            _print_quality(exp)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from analysis.cache import Cache
+    from analysis.export import export_experiment
+
+    out = export_experiment(args.experiment, args.output, overwrite=args.overwrite, cache=Cache(), dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    files = sorted(p.name for p in out.iterdir())
+    if args.json:
+        print(json.dumps({"output": str(out), "files": files}, indent=2))
+    else:
+        print(f"wrote {out}: {', '.join(files)}")
+    return 0
+
+
+def cmd_experiments(args) -> int:
+    from analysis import experiments as X
+    from analysis.cache import Cache
+
+    cache = Cache()
+    if args.experiments_command == "ls":
+        exps = X.list_experiments(cache, model=args.model)
+        if args.json:
+            print(json.dumps([{"id": e.id, "label": e.label, "model": e.model, "created": e.created,
+                               "ppl": e.result.get("ppl", {})} for e in exps], indent=2))
+        elif not exps:
+            print(f"no experiments in {cache.root}")
+        else:
+            for e in exps:
+                print(e.summary_line())
+        return 0
+    if args.experiments_command == "show":
+        exp = X.load(args.id, cache)
+        if args.json:
+            print(json.dumps(exp.to_json(), indent=2))
+        else:
+            print(f"experiment {exp.id} ({exp.created}): {exp.label} on {exp.model}")
+            if exp.plan:
+                from analysis.plan import PruningPlan
+
+                print(f"plan: {PruningPlan.from_json(exp.plan).summary()}")
+            _print_quality(exp)
+            print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in exp.timings.items()))
+        return 0
+    table = X.compare([X.load(i, cache) for i in args.ids])
+    if args.csv:
+        if args.csv == "-":
+            print(table.to_csv(index=False), end="")
+        else:
+            table.to_csv(args.csv, index=False)
+            print(f"wrote {args.csv}")
+        return 0
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
+        print(table.set_index("experiment").T.to_string())
     return 0
 
 
@@ -416,13 +555,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write plan.json")
     p.set_defaults(func=cmd_plan)
 
-    p = model_command("prune", "Apply a PruningPlan and write a model folder that from_pretrained loads.")
+    def eval_args(p) -> None:
+        g = p.add_argument_group("evaluation")
+        g.add_argument("--ppl", nargs="*", default=None, metavar="SRC",
+                       help="perplexity sources: demo:DOMAIN | demo:all | file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
+        g.add_argument("--samples", type=int, default=96, help="perplexity windows in all (default 96)")
+        g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+        g.add_argument("--sampling", default="first", choices=["first", "random"],
+                       help="first: consecutive windows from each domain's start (default); random: seeded offsets")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--stride", type=int, default=None, help="slide windows by this many tokens (default: no overlap)")
+        g.add_argument("--tasks", nargs="*", default=[], metavar="TASK",
+                       help="lm-eval tasks (local: moescope_demo_continuation, moescope_demo_ppl, "
+                            "moescope_demo_ppl_DOMAIN; hub tasks such as arc_easy need the network)")
+        g.add_argument("--limit", type=float, default=None, help="lm-eval samples per task (a fraction if < 1)")
+        g.add_argument("--num-fewshot", type=int, default=None)
+        g.add_argument("--batch-size", type=int, default=8)
+        g.add_argument("--no-efficiency", action="store_true", help="skip the memory and tokens/s measurement")
+        g.add_argument("--prompt-tokens", type=int, default=128, help="efficiency: prompt length (default 128)")
+        g.add_argument("--new-tokens", type=int, default=32, help="efficiency: generated tokens (default 32)")
+        g.add_argument("--repeats", type=int, default=5, help="efficiency: timed repeats, median (default 5)")
+        g.add_argument("--skip-calib", default="demo:all",
+                       help="calibration source for the dynamic-skipping β of the efficiency run, or none")
+
+    p = model_command("prune", "Apply a PruningPlan, optionally evaluate it (an experiment), and export the folder.")
     p.add_argument("--plan", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true")
+    eval_args(p)
     p.set_defaults(func=cmd_prune)
+
+    p = model_command("eval", "Evaluate a model or exported folder: perplexity, lm-eval tasks, memory and speed.")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    eval_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="Write an experiment's pruned model folder with its model card.",
+                       description="Write an experiment's pruned model folder (weights, tokenizer, config, "
+                                   "plan.json, experiment.json, README model card).")
+    p.add_argument("experiment", metavar="ID", help="experiment id (or a unique prefix); see `moescope experiments ls`")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("experiments", help="List, show and compare experiments.",
+                       description="List, show and compare stored experiments.")
+    esub = p.add_subparsers(dest="experiments_command", required=True, metavar="ACTION")
+    c = esub.add_parser("ls", help="list experiments")
+    c.add_argument("--model", default=None)
+    c.add_argument("--json", action="store_true")
+    c = esub.add_parser("show", help="one experiment in full")
+    c.add_argument("id")
+    c.add_argument("--json", action="store_true")
+    c = esub.add_parser("compare", help="experiments side by side, the original as reference")
+    c.add_argument("ids", nargs="+", metavar="ID")
+    c.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH", help="CSV to PATH (or stdout)")
+    c.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_experiments)
 
     p = sub.add_parser("cache", help="List or clear cached results.", description="List or clear cached results.")
     csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")

@@ -1,0 +1,342 @@
+"""Experiments: one record per prune-and-evaluate run, stored under the cache, compared side by side.
+
+An :class:`Experiment` holds its id, the base model and its fingerprint, the plan (with its
+provenance), the evaluation spec, the original model's quality on that spec (``reference``) and
+the pruned model's (``result``), efficiency of both (with and without dynamic skipping),
+structure, timings, software versions and a timestamp. It is stored as a cache entry of kind
+``experiment`` (``meta.json`` plus tidy Parquet tables; finetuned weights, if any, as
+safetensors), so it is written atomically and listed with ``moescope cache ls`` as well.
+
+:func:`run_experiment` is the one path the CLI (``moescope prune … --ppl``, ``moescope eval``),
+the dashboard's background jobs and scripts share.
+"""
+
+from __future__ import annotations
+
+import platform
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from analysis.errors import MoescopeError
+from analysis.evaluate import EvalSpec, evaluate_quality, isolated_efficiency
+
+KIND = "experiment"
+Progress = Callable[[str, int, int], None]
+
+
+def new_id() -> str:
+    """``YYYYmmdd-HHMMSS-xxxx`` (UTC time, 4 random hex digits): sortable and short to type."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def software_versions() -> dict[str, str]:
+    import lm_eval
+    import torch
+    import transformers
+
+    from analysis import __version__
+
+    return {"moescope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "lm_eval": getattr(lm_eval, "__version__", "?"), "python": platform.python_version()}
+
+
+@dataclass
+class Experiment:
+    id: str
+    created: str
+    label: str  # e.g. "enumerate keep=4", or "original" for an evaluation without a plan
+    model: str  # base model source
+    model_fingerprint: str
+    pruned_fingerprint: str | None
+    plan: dict | None  # PruningPlan JSON (with provenance)
+    eval: dict  # EvalSpec JSON
+    reference: dict  # quality of the original model: {"ppl", "ppl_domains", "tasks", ...}
+    result: dict  # quality of the pruned model (the reference itself without a plan)
+    efficiency: dict = field(default_factory=dict)  # {"original"|"pruned": {"plain": …, "skip": …|None}}
+    structure: dict = field(default_factory=dict)  # experts per layer and parameter counts, before / after
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    finetuned: bool = False  # the pruned weights were trained (stored with the record)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Experiment:
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    # ---- tidy views --------------------------------------------------------------------------
+    def quality_rows(self) -> list[dict]:
+        """One row per (variant, kind, source/task, domain/metric, value)."""
+        rows = []
+        for variant, q in (("original", self.reference), ("pruned", self.result)):
+            for src, domains in q.get("ppl_domains", {}).items():
+                for domain, value in domains.items():
+                    rows.append({"variant": variant, "kind": "ppl", "name": src, "detail": domain, "value": value})
+            for task, metrics in q.get("tasks", {}).items():
+                for metric, value in metrics.items():
+                    rows.append({"variant": variant, "kind": "task", "name": task, "detail": metric, "value": value})
+        return rows
+
+    def summary_line(self) -> str:
+        ppl = ", ".join(f"{s} {self.reference['ppl'][s]:.2f}→{v:.2f}" for s, v in self.result.get("ppl", {}).items())
+        return f"{self.id}  {self.label}  {self.model}  {ppl}"
+
+
+def _label(plan) -> str:
+    if plan is None:
+        return "original"
+    prov = plan.provenance or {}
+    name = prov.get("strategy", "plan")
+    params = prov.get("params") or {}
+    short = " ".join(f"{k}={v}" for k, v in params.items() if isinstance(v, int | float | str) and k != "seed")
+    return f"{name} {short}".strip()
+
+
+def _structure(model) -> dict:
+    return {"experts": {str(k): v for k, v in model.num_experts().items()}, "params": model.parameter_counts(),
+            "weight_bytes": sum(model.bytes_by_dtype().values())}
+
+
+def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | None:
+    """β per layer for the "with skipping" efficiency variant: the model's own, else calibrated on
+    the spec's calibration source (a routing-only analysis, cached)."""
+    if model.skip_beta:
+        return dict(model.skip_beta)
+    if not spec.skip_calib:
+        return None
+    from analysis import skipping
+    from analysis.analyze import AnalysisParams, run_analysis
+    from analysis.data import sample_tokens
+
+    batch = sample_tokens(spec.skip_calib, model.tokenizer, spec.skip_calib_samples, spec.seq_len, seed=spec.seed,
+                          split="validation")
+    res = run_analysis(model, batch, AnalysisParams(metrics=("routing",)), cache=cache,
+                       progress=(lambda s, d, t: progress("skip calibration", d, t)) if progress else None)
+    return skipping.calibrate(res)
+
+
+def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
+                   model=None, label: str | None = None, dtype: str | None = None, device: str | None = None,
+                   trust_remote_code: bool = False) -> Experiment:
+    """Load ``source``, evaluate it, apply ``plan`` (a :class:`PruningPlan` or None), evaluate the
+    result, measure efficiency of both, and store the experiment. ``model`` may be given already
+    loaded (and, for a finetuned lottery result, already edited: then ``plan`` must be its
+    ``model.plan`` and only the pruned side is evaluated against a freshly loaded original).
+
+    Nothing is stored unless every step finished, so an interrupted run leaves no record."""
+    from analysis.cache import Cache
+    from analysis.models import load_moe
+    from analysis.prune import apply
+
+    spec = spec or EvalSpec()
+    spec.validate()
+    cache = cache or Cache()
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def step(name: str):
+        if progress:
+            progress(name, 0, 1)
+        return time.perf_counter()
+
+    finetuned = bool(plan is not None and (plan.provenance or {}).get("finetuned"))
+    t0 = step("load")
+    original = load_moe(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if (
+        model is None or finetuned) else model
+    if plan is not None and not finetuned:
+        plan.validate_for(original)  # refuse a bad plan before any evaluation
+    timings["load_s"] = time.perf_counter() - t0
+    before = _structure(original)
+    base_fp = original.fingerprint()
+
+    t0 = step("evaluate original")
+    reference = evaluate_quality(original, spec, cache=cache, progress=progress)
+    timings["evaluate_original_s"] = time.perf_counter() - t0
+    betas_original = _skip_betas(original, spec, cache, progress) if spec.efficiency else None
+
+    if plan is None:
+        pruned, result = original, reference
+    else:
+        t0 = step("prune")
+        pruned = model if finetuned else apply(original, plan)
+        timings["prune_s"] = time.perf_counter() - t0
+        t0 = step("evaluate pruned")
+        result = evaluate_quality(pruned, spec, cache=cache, progress=progress)
+        timings["evaluate_pruned_s"] = time.perf_counter() - t0
+
+    efficiency = {}
+    if spec.efficiency:
+        t0 = step("efficiency")
+        p = spec.efficiency_params
+        betas_pruned = _skip_betas(pruned, spec, cache, progress) if plan is not None else betas_original
+        plan_json = plan.to_json() if plan is not None else None
+        efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device)
+        if plan is None:
+            efficiency["pruned"] = efficiency["original"]
+        elif finetuned:
+            from analysis import skipping
+            from analysis.evaluate import efficiency as measure
+
+            skipping.remove(pruned)
+            efficiency["pruned"] = {"plain": measure(pruned, p), "skip": None}
+            if betas_pruned:
+                counter = skipping.install(pruned, betas_pruned)
+                efficiency["pruned"]["skip"] = {**measure(pruned, p), "skipped_fraction": counter.fraction}
+                skipping.remove(pruned)
+        else:
+            efficiency["pruned"] = isolated_efficiency(source, plan_json, p, betas_pruned, dtype, device)
+        timings["efficiency_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+
+    exp = Experiment(
+        id=new_id(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        label=label or _label(plan), model=source, model_fingerprint=base_fp,
+        pruned_fingerprint=pruned.fingerprint() if plan is not None else None,
+        plan=plan.to_json() if plan is not None else None, eval=spec.to_json(), reference=reference, result=result,
+        efficiency=efficiency, structure={"before": before, "after": _structure(pruned)}, timings=timings,
+        versions=software_versions(), finetuned=finetuned,
+    )
+    tensors = _trained_tensors(pruned) if finetuned else None
+    save(exp, cache, tensors=tensors)
+    return exp
+
+
+def _trained_tensors(model) -> dict:
+    """The routed experts' and routers' weights of a finetuned model (what finetuning changed)."""
+    out = {}
+    for l, view in model.layers.items():
+        for prefix, module in (("experts", view.experts), ("router", view.router)):
+            for name, t in module.state_dict().items():
+                out[f"L{l}.{prefix}.{name}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_trained_tensors(model, exp: Experiment, cache=None) -> None:
+    """Put a finetuned experiment's stored weights into ``model`` (already pruned by its plan)."""
+    tensors = _entry(exp.id, cache).tensors()
+    for l, view in model.layers.items():
+        for prefix, module in (("experts", view.experts), ("router", view.router)):
+            state = {name: tensors[f"L{l}.{prefix}.{name}"] for name in module.state_dict()}
+            module.load_state_dict(state)
+    model._fingerprint = None
+
+
+# ---- store -----------------------------------------------------------------------------------
+def save(exp: Experiment, cache=None, tensors: dict | None = None):
+    import pandas as pd
+
+    from analysis.cache import Cache
+
+    cache = cache or Cache()
+    rows = exp.quality_rows()
+    tables = {"quality": pd.DataFrame(rows, columns=["variant", "kind", "name", "detail", "value"])}
+    meta = {"experiment": exp.to_json(), "model_source": exp.model, "model": exp.model_fingerprint,
+            "data": ", ".join(exp.eval.get("ppl", [])) or None}
+    return cache.put(KIND, {"id": exp.id}, tensors=tensors or None, tables=tables, meta=meta,
+                     label=f"{exp.id} {exp.label}")
+
+
+def list_experiments(cache=None, model: str | None = None) -> list[Experiment]:
+    """Every stored experiment, oldest first (``model``: a source or fingerprint prefix)."""
+    from analysis.cache import Cache
+
+    cache = cache or Cache()
+    out = []
+    for info in cache.entries(KIND, model=model):
+        entry = cache.get_by_key(KIND, info.key)
+        if entry is not None and "experiment" in entry.meta:
+            out.append(Experiment.from_json(entry.meta["experiment"]))
+    return out
+
+
+def _entry(ident: str, cache=None):
+    from analysis.cache import Cache, cache_key
+
+    cache = cache or Cache()
+    entry = cache.get_by_key(KIND, cache_key(KIND, {"id": ident}))
+    if entry is not None:
+        return entry
+    matches = [i for i in cache.entries(KIND) if (i.label or "").split(" ")[0].startswith(ident)] if ident else []
+    ids = sorted({(i.label or "").split(" ")[0] for i in matches})
+    if len(ids) == 1:
+        entry = cache.get_by_key(KIND, matches[0].key)
+        if entry is not None:
+            return entry
+    if len(ids) > 1:
+        raise MoescopeError(f"experiment id '{ident}' is ambiguous: it starts {', '.join(ids)}")
+    known = [(i.label or "").split(" ")[0] for i in cache.entries(KIND)]
+    hint = f"; stored: {', '.join(known[-5:])}" + (" …" if len(known) > 5 else "") if known else \
+        "; none stored yet (run `moescope prune … --ppl …` or `moescope eval`)"
+    raise MoescopeError(f"no experiment '{ident}' in the cache at {cache.root}{hint}")
+
+
+def load(ident: str, cache=None) -> Experiment:
+    """The experiment with this id (or a unique prefix of it)."""
+    return Experiment.from_json(_entry(ident, cache).meta["experiment"])
+
+
+# ---- comparison ------------------------------------------------------------------------------
+def _ratio(a, b):
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+
+def compare(experiments: list[Experiment]):
+    """One table, a row per experiment plus the original as the reference row (one per distinct
+    base model and evaluation), columns: quality per source/task with the change against that
+    original, parameter, weight-byte and peak-memory ratios, prefill and generation speed ratios
+    (plain and with dynamic skipping)."""
+    import pandas as pd
+
+    if not experiments:
+        raise MoescopeError("nothing to compare: give at least one experiment id")
+    rows = []
+    seen_refs = set()
+    for exp in experiments:
+        ref_key = (exp.model_fingerprint, repr(sorted(exp.eval.items())))
+        eff = exp.efficiency or {}
+        ref_eff = (eff.get("original") or {}).get("plain") or {}
+        if ref_key not in seen_refs:
+            seen_refs.add(ref_key)
+            rows.append(_row("original", exp.model, exp.structure.get("before", {}), exp.reference, exp.reference,
+                             eff.get("original") or {}, ref_eff, exp.structure.get("before", {})))
+        rows.append(_row(exp.id, exp.label, exp.structure.get("after", {}), exp.result, exp.reference,
+                         eff.get("pruned") or {}, ref_eff, exp.structure.get("before", {})))
+    return pd.DataFrame(rows)
+
+
+def _row(ident, label, structure, quality, reference, eff, ref_eff, ref_structure) -> dict:
+    row = {"experiment": ident, "label": label}
+    experts = structure.get("experts") or {}
+    if experts:
+        counts = sorted(set(experts.values()))
+        row["experts/layer"] = "/".join(map(str, counts)) if len(counts) > 1 else counts[0]
+    params = (structure.get("params") or {}).get("total")
+    row["params"] = params
+    row["params ratio"] = _ratio(params, (ref_structure.get("params") or {}).get("total"))
+    for src, value in quality.get("ppl", {}).items():
+        row[f"ppl {src}"] = value
+        row[f"Δ% ppl {src}"] = 100 * (value / reference["ppl"][src] - 1) if src in reference.get("ppl", {}) else None
+    for task, metrics in quality.get("tasks", {}).items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or metric == "samples":
+                continue
+            row[f"{task} {metric}"] = value
+            ref = reference.get("tasks", {}).get(task, {}).get(metric)
+            row[f"Δ {task} {metric}"] = value - ref if isinstance(ref, int | float) else None
+    plain, skip = eff.get("plain") or {}, eff.get("skip") or {}
+    if plain:
+        row["weight bytes ratio"] = _ratio(plain.get("weight_bytes"), ref_eff.get("weight_bytes"))
+        row["peak memory ratio"] = _ratio(plain.get("peak_memory_bytes"), ref_eff.get("peak_memory_bytes"))
+        row["prefill speed ratio"] = _ratio(plain.get("prefill_tokens_per_s"), ref_eff.get("prefill_tokens_per_s"))
+        row["generate speed ratio"] = _ratio(plain.get("generate_tokens_per_s"), ref_eff.get("generate_tokens_per_s"))
+        row["generate tok/s"] = plain.get("generate_tokens_per_s")
+    if skip:
+        row["generate speed ratio (skip)"] = _ratio(skip.get("generate_tokens_per_s"),
+                                                    ref_eff.get("generate_tokens_per_s"))
+        row["skipped fraction"] = skip.get("skipped_fraction")
+    return row

@@ -1,0 +1,182 @@
+"""Export a pruned model as a folder that plain ``transformers`` and lm-eval load.
+
+The folder holds the weights in the hub layout (``save_pretrained``, safetensors), the config
+with the new expert counts (and ``moescope_skip_beta`` when dynamic skipping was part of the
+plan), the tokenizer, ``plan.json`` (the plan with its provenance), ``experiment.json`` (the
+evaluation record, when there is one) and a model card ``README.md``: base model, method and
+parameters, experts kept per layer, parameter and memory reduction, evaluation against the
+original. A non-empty target folder is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from analysis.errors import MoescopeError
+
+
+def check_target(out_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty folder (before any expensive work) unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MoescopeError(f"output path '{out}' exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MoescopeError(f"output folder '{out}' is not empty; choose an empty folder or pass --overwrite")
+    return out
+
+
+def export(model, out_dir: str | Path, experiment=None, overwrite: bool = False) -> Path:
+    """Write ``model`` (already pruned; its plan is ``model.plan``) to ``out_dir``."""
+    out = check_target(out_dir, overwrite)
+    model.save(out, overwrite=True)
+    plan = getattr(model, "plan", None)
+    if plan is not None:
+        plan.save(out / "plan.json")
+    if experiment is not None:
+        (out / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
+    return out
+
+
+def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
+                      dtype: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
+    the record) and export it."""
+    from analysis import experiments
+    from analysis.models import load_moe
+    from analysis.plan import PruningPlan
+    from analysis.prune import apply
+
+    exp = experiments.load(ident, cache)
+    check_target(out_dir, overwrite)
+    if exp.plan is None:
+        raise MoescopeError(f"experiment {exp.id} evaluated '{exp.model}' without a plan; there is nothing "
+                            "pruned to export (the original model is its own folder)")
+    plan = PruningPlan.from_json(exp.plan)
+    model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if model.fingerprint() != exp.model_fingerprint:
+        raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
+                            f"{model.fingerprint()[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
+    apply(model, plan)
+    if exp.finetuned:
+        experiments.load_trained_tensors(model, exp, cache)
+    return export(model, out_dir, experiment=exp, overwrite=overwrite)
+
+
+# ---- model card ------------------------------------------------------------------------------
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return "–" if x is None else str(x)
+
+
+def _pct(after, before) -> str:
+    if not isinstance(after, int | float) or not isinstance(before, int | float) or not before:
+        return "–"
+    return f"{100 * (after / before - 1):+.1f}%"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def model_card(model, plan, experiment=None) -> str:
+    """The README of an exported folder (Markdown with hub front matter)."""
+    base = plan.base_model if plan is not None else model.source
+    prov = (plan.provenance if plan is not None else None) or {}
+    hub_base = base if "/" in base and not Path(base).exists() else None
+    front = ["---", "library_name: transformers", "tags:", "- moe", "- expert-pruning", "- moescope"]
+    if hub_base:
+        front.append(f"base_model: {hub_base}")
+    front.append("---")
+    out = ["\n".join(front), "", f"# {model.family.name} MoE pruned with moescope", ""]
+    out.append(f"Base model: `{base}`" + (f" (fingerprint `{experiment.model_fingerprint[:16]}`)" if experiment else ""))
+    out += ["", "## Method", ""]
+    if plan is None:
+        out.append("No plan: the model as loaded.")
+    else:
+        out.append(f"Strategy: **{prov.get('strategy', 'unknown')}**")
+        params = prov.get("params") or {}
+        if params:
+            out += ["", "Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in sorted(params.items())]
+        if prov.get("data"):
+            out += ["", f"Calibration data fingerprint: `{str(prov['data'])[:16]}`"]
+        if prov.get("finetuned"):
+            out += ["", "The kept experts and routers were finetuned (lottery subnetwork rounds)."]
+        if plan.skip_beta:
+            betas = ", ".join(f"layer {l}: {b:.3f}" for l, b in sorted(plan.skip_beta.items()))
+            out += ["", f"Dynamic skipping thresholds β ({betas}) are stored as `config.moescope_skip_beta`; "
+                    "plain transformers ignores them, `moescope` applies them when it loads this folder."]
+        out += ["", "## Experts kept per layer", "",
+                "New experts are numbered in this order; a group of several original experts is merged with "
+                "the coefficients shown.", ""]
+        rows = []
+        before = (experiment.structure.get("before", {}).get("experts", {}) if experiment else {})
+        for l, lp in sorted(plan.layers.items()):
+            groups = []
+            for g, c in zip(lp.groups, lp.resolved_coefficients()):
+                groups.append(str(g[0]) if len(g) == 1 else "(" + " + ".join(f"{w:.2g}·{e}" for e, w in zip(g, c)) + ")")
+            rows.append([str(l), _fmt(before.get(str(l))), str(lp.num_out), ", ".join(groups)])
+        out.append(_table(["layer", "experts before", "after", "kept / merged (original indices)"], rows))
+        out += ["", "Layers not listed are unchanged."]
+    if experiment is not None:
+        out += ["", "## Size", ""]
+        b, a = experiment.structure.get("before", {}), experiment.structure.get("after", {})
+        rows = [[name, _fmt(b.get("params", {}).get(key)), _fmt(a.get("params", {}).get(key)),
+                 _pct(a.get("params", {}).get(key), b.get("params", {}).get(key))]
+                for name, key in (("parameters", "total"), ("active parameters per token", "active"),
+                                  ("routed-expert parameters", "experts"))]
+        rows.append(["weight bytes", _fmt(b.get("weight_bytes")), _fmt(a.get("weight_bytes")),
+                     _pct(a.get("weight_bytes"), b.get("weight_bytes"))])
+        eff = experiment.efficiency or {}
+        o, p = (eff.get("original") or {}).get("plain") or {}, (eff.get("pruned") or {}).get("plain") or {}
+        if o and p:
+            rows += [["peak memory while generating", _fmt(o.get("peak_memory_bytes")), _fmt(p.get("peak_memory_bytes")),
+                      _pct(p.get("peak_memory_bytes"), o.get("peak_memory_bytes"))],
+                     ["prefill tokens/s", _fmt(o.get("prefill_tokens_per_s")), _fmt(p.get("prefill_tokens_per_s")),
+                      _pct(p.get("prefill_tokens_per_s"), o.get("prefill_tokens_per_s"))],
+                     ["generation tokens/s", _fmt(o.get("generate_tokens_per_s")), _fmt(p.get("generate_tokens_per_s")),
+                      _pct(p.get("generate_tokens_per_s"), o.get("generate_tokens_per_s"))]]
+        out.append(_table(["", "original", "pruned", "change"], rows))
+        if o:
+            out += ["", f"Speed and memory: {o.get('device')}, {o.get('threads')} threads, "
+                    f"{o.get('params', {}).get('prompt_tokens')}-token prompts, "
+                    f"{o.get('params', {}).get('new_tokens')} new tokens, median of {o.get('params', {}).get('repeats')}; "
+                    f"memory is the {o.get('peak_memory_kind')}."]
+        out += ["", "## Evaluation", "", _quality_table(experiment)]
+        spec = experiment.eval
+        out += ["", f"Perplexity: exp of the mean next-token loss over {spec.get('samples')} windows of "
+                f"{spec.get('seq_len')} tokens ({spec.get('sampling')} sampling, test split). "
+                f"Tasks: lm-eval {experiment.versions.get('lm_eval')}, "
+                f"{spec.get('num_fewshot') or 0}-shot, limit {spec.get('limit') or 'none'}. "
+                f"Experiment `{experiment.id}`, {experiment.created}."]
+    out += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(\"PATH\")", "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
+            "```", "", "```bash", "lm_eval --model hf --model_args pretrained=PATH --tasks TASKS", "```", ""]
+    return "\n".join(out)
+
+
+def _quality_table(exp) -> str:
+    rows = []
+    for src, value in exp.result.get("ppl", {}).items():
+        ref = exp.reference.get("ppl", {}).get(src)
+        rows.append([f"perplexity {src}", _fmt(ref), _fmt(value), _pct(value, ref)])
+        domains = exp.result.get("ppl_domains", {}).get(src, {})
+        if len(domains) > 1:
+            for d, v in domains.items():
+                if d != "all":
+                    r = exp.reference.get("ppl_domains", {}).get(src, {}).get(d)
+                    rows.append([f"  perplexity {d}", _fmt(r), _fmt(v), _pct(v, r)])
+    for task, metrics in exp.result.get("tasks", {}).items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or metric == "samples":
+                continue
+            ref = exp.reference.get("tasks", {}).get(task, {}).get(metric)
+            delta = f"{value - ref:+.4f}" if isinstance(ref, int | float) else "–"
+            rows.append([f"{task} {metric}", _fmt(ref), _fmt(value), delta])
+    return _table(["metric", "original", "pruned", "change"], rows) if rows else "(no evaluation)"

@@ -1,0 +1,139 @@
+"""Perplexity, lm-eval tasks and efficiency against their definitions, on the demo model."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from analysis import evaluate as E
+from analysis.cache import Cache
+from analysis.errors import MoescopeError
+from analysis.models import load_moe
+
+
+@pytest.fixture(scope="module")
+def demo(demo_available):
+    if not demo_available:
+        pytest.fail("the demo model is missing")
+    return load_moe("demo")
+
+
+def _hf_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Per-row mean next-token loss as transformers computes it (labels = inputs)."""
+    with torch.no_grad():
+        return torch.stack([model.hf(input_ids=row[None], labels=row[None]).loss for row in ids])
+
+
+def test_perplexity_is_exp_of_the_mean_next_token_loss(demo):
+    res = E.perplexity(demo, "demo:all", samples=12, seq_len=64)
+    windows = E.perplexity_windows("demo:all", demo.tokenizer, samples=12, seq_len=64)
+    losses = _hf_loss(demo, windows.input_ids)
+    assert res["value"] == pytest.approx(math.exp(float(losses.mean())), rel=1e-5)
+    for domain in set(windows.domains):
+        rows = [i for i, d in enumerate(windows.domains) if d == domain]
+        assert res["ppl"][domain] == pytest.approx(math.exp(float(losses[rows].mean())), rel=1e-5)
+    assert res["tokens"] == {d: 2 * 63 for d in sorted(set(windows.domains))}
+
+
+def test_sliding_windows_score_every_token_once_with_context(demo):
+    L, S, k = 64, 16, 4
+    res = E.perplexity(demo, "demo:spanish", samples=k, seq_len=L, stride=S)
+    assert res["tokens"] == {"spanish": (L - 1) + (k - 1) * S}
+    # by hand: each later window predicts only its last S tokens
+    from analysis.data import token_streams
+
+    stream = token_streams("demo:spanish", demo.tokenizer, split="test")["spanish"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(k):
+            ids = stream[i * S : i * S + L][None]
+            logp = torch.log_softmax(demo.hf(input_ids=ids).logits[0, :-1].double(), -1)
+            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
+            scored = nll if i == 0 else nll[L - S - 1 :]
+            total += float(scored.sum())
+            count += scored.numel()
+    assert res["value"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    # stride = seq_len is the plain non-overlapping case
+    assert E.perplexity(demo, "demo:spanish", samples=2, seq_len=L, stride=L)["value"] == pytest.approx(
+        E.perplexity(demo, "demo:spanish", samples=2, seq_len=L)["value"])
+
+
+def test_perplexity_is_cached_by_model_and_windows(demo, tmp_path):
+    cache = Cache(tmp_path / "c")
+    a = E.perplexity(demo, "demo:python", samples=2, seq_len=64, cache=cache)
+    assert len(cache.entries("perplexity")) == 1
+    b = E.perplexity(demo, "demo:python", samples=2, seq_len=64, cache=cache)
+    assert a["ppl"] == b["ppl"] and len(cache.entries("perplexity")) == 1
+    E.perplexity(demo, "demo:python", samples=2, seq_len=32, cache=cache)
+    assert len(cache.entries("perplexity")) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"stride": 100}, "must not exceed seq_len"),
+    ({"stride": 16, "sampling": "random"}, "use --sampling first"),
+    ({"samples": 0}, "positive integer"),
+])
+def test_bad_perplexity_settings_are_one_line(demo, kwargs, match):
+    with pytest.raises(MoescopeError, match=match):
+        E.perplexity(demo, "demo:python", **{"samples": 2, "seq_len": 64, **kwargs})
+
+
+def _loglikelihood(model, context: str, continuation: str) -> tuple[float, bool]:
+    """Sum of log-probabilities of ``continuation`` after ``context`` and whether it is the greedy
+    choice, tokenised as lm-eval's HFLM does (the whole string, split at the context's length)."""
+    tok = model.tokenizer
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    ids = torch.tensor([(ctx + cont)[-512:]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.hf(input_ids=ids).logits[0].double(), -1)
+    n = len(cont)
+    pred = logp[-n - 1 : -1]
+    target = ids[0, -n:]
+    return float(pred.gather(-1, target[:, None]).sum()), bool((pred.argmax(-1) == target).all())
+
+
+def test_local_multiple_choice_accuracy_matches_a_hand_computation(demo):
+    sys.path.insert(0, str(E.LOCAL_TASKS_DIR))
+    try:
+        import demo_tasks
+    finally:
+        sys.path.remove(str(E.LOCAL_TASKS_DIR))
+    items = demo_tasks.continuation_items()
+    from analysis.data import demo_domains
+
+    assert len(items) > 500 and {i["domain"] for i in items} == set(demo_domains())
+    assert all(len(i["choices"]) == 4 and len(set(i["choices"])) == 4 for i in items)
+    n = 12
+    res = E.run_tasks(demo, ["moescope_demo_continuation"], limit=n)["moescope_demo_continuation"]
+    by_hand = []
+    for item in items[:n]:
+        ctx, choices = item["context"], item["choices"]
+        # lm-eval moves the context's trailing whitespace onto the continuation
+        stripped = ctx.rstrip()
+        scores = [_loglikelihood(demo, stripped, ctx[len(stripped):] + c)[0] for c in choices]
+        by_hand.append(max(range(4), key=scores.__getitem__) == item["label"])
+    assert res["samples"] == n
+    assert res["acc"] == pytest.approx(sum(by_hand) / n)
+
+
+def test_local_perplexity_task_and_unknown_task(demo):
+    res = E.run_tasks(demo, ["moescope_demo_ppl_spanish"], limit=5)["moescope_demo_ppl_spanish"]
+    assert res["byte_perplexity"] > 1 and res["bits_per_byte"] == pytest.approx(math.log2(res["byte_perplexity"]))
+    with pytest.raises(MoescopeError, match="unknown lm-eval task.*moescope_demo_continuation"):
+        E.run_tasks(demo, ["no_such_task"])
+
+
+def test_efficiency_reports_size_and_speed(demo):
+    eff = E.efficiency(demo, E.EfficiencyParams(prompt_tokens=32, new_tokens=4, repeats=1, warmup=1))
+    counts = demo.parameter_counts()
+    assert eff["params_total"] == counts["total"] == 4_396_160 and eff["params_active"] == counts["active"]
+    assert eff["weight_bytes"] == 4 * counts["total"]
+    assert eff["prefill_tokens_per_s"] > 0 and eff["generate_tokens_per_s"] > 0
+    assert eff["peak_memory_bytes"] >= eff["memory_before_generate_bytes"] > 0
+    with pytest.raises(MoescopeError, match="new_tokens must be at least 2"):
+        E.EfficiencyParams(new_tokens=1)

@@ -1,0 +1,167 @@
+"""Experiments (run, store, compare), export with a model card, and the eval/export CLI, on the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from analysis import experiments as X
+from analysis.cache import Cache
+from analysis.cli import main
+from analysis.errors import MoescopeError
+from analysis.evaluate import EfficiencyParams, EvalSpec
+from analysis.export import export, export_experiment
+from analysis.models import load_moe
+from analysis.plan import PruningPlan
+
+SPEC = dict(ppl=["demo:python", "demo:all"], samples=6, seq_len=64, efficiency=False)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+
+
+def drop_plan(drop: dict[int, list[int]], name: str = "manual") -> PruningPlan:
+    keep = {l: [e for e in range(8) if e not in drop.get(l, [])] for l in range(4)}
+    return PruningPlan.from_keep("demo", keep, provenance={"strategy": name, "params": {"drop": str(drop)}})
+
+
+def test_a_plan_that_keeps_everything_changes_nothing(demo_dir):
+    exp = X.run_experiment("demo", drop_plan({}), EvalSpec(**SPEC))
+    assert exp.result["ppl"] == exp.reference["ppl"]
+    assert exp.structure["before"] == exp.structure["after"]
+
+
+def test_experiment_round_trip_and_comparison(demo_dir):
+    cache = Cache()
+    a = X.run_experiment("demo", drop_plan({0: [0, 1], 2: [3]}, "A"), EvalSpec(**SPEC), cache=cache)
+    b = X.run_experiment("demo", drop_plan({1: [4]}, "B"), EvalSpec(**SPEC), cache=cache)
+    assert a.id != b.id
+    assert a.reference["ppl_domains"] == b.reference["ppl_domains"]  # the original: same numbers (cached)
+    assert [e.id for e in X.list_experiments(cache)] == [a.id, b.id]
+    again = X.load(a.id, cache)
+    assert again == a
+    if a.id[:-1] != b.id[:-1]:  # a unique prefix finds it
+        assert X.load(a.id[:-1], cache).id == a.id
+    assert a.structure["after"]["experts"] == {"0": 6, "1": 8, "2": 7, "3": 8}
+    assert a.plan["provenance"]["strategy"] == "A" and a.versions["torch"] == torch.__version__
+    table = X.compare([a, b])
+    assert list(table["experiment"]) == ["original", a.id, b.id]
+    ref = a.reference["ppl"]["demo:all"]
+    assert table.loc[0, "ppl demo:all"] == ref and table.loc[0, "Δ% ppl demo:all"] == 0
+    assert table.loc[1, "Δ% ppl demo:all"] == pytest.approx(100 * (a.result["ppl"]["demo:all"] / ref - 1))
+    assert table.loc[1, "params ratio"] == pytest.approx(a.structure["after"]["params"]["total"]
+                                                         / a.structure["before"]["params"]["total"])
+    with pytest.raises(MoescopeError, match="no experiment 'nope'"):
+        X.load("nope", cache)
+
+
+def test_a_bad_plan_is_refused_before_any_evaluation(demo_dir):
+    plan = drop_plan({0: list(range(7))})  # keeps 1 < top-2
+    with pytest.raises(MoescopeError, match="routes every token to top-2"):
+        X.run_experiment("demo", plan, EvalSpec(**SPEC))
+    assert X.list_experiments() == []
+
+
+def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_path):
+    plan = drop_plan({0: [5, 6], 1: [0, 7], 2: [1, 2], 3: [3, 4]}, "manual")
+    model = load_moe("demo")
+    exp = X.run_experiment("demo", plan, EvalSpec(**SPEC), model=model)  # prunes `model` in place
+    out = export(model, tmp_path / "out", experiment=exp)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "plan.json", "experiment.json", "README.md"} <= names
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 4096, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, model.hf(input_ids=ids).logits)
+    assert hf.config.num_local_experts == 6
+    card = (out / "README.md").read_text()
+    assert "| 0 | 8 | 6 | 0, 1, 2, 3, 4, 7 |" in card
+    assert f"| perplexity demo:all | {exp.reference['ppl']['demo:all']:.4g} | {exp.result['ppl']['demo:all']:.4g} |" in card
+    assert json.loads((out / "experiment.json").read_text())["id"] == exp.id
+    # rebuilt from the record alone: the same weights
+    again = export_experiment(exp.id, tmp_path / "again")
+    hf2 = AutoModelForCausalLM.from_pretrained(again)
+    for (n, p), (_, q) in zip(hf.state_dict().items(), hf2.state_dict().items()):
+        assert torch.equal(p, q), n
+    with pytest.raises(MoescopeError, match="not empty"):
+        export_experiment(exp.id, tmp_path / "again")
+
+
+def test_efficiency_of_original_and_pruned_with_and_without_skipping(demo_dir):
+    spec = EvalSpec(ppl=["demo:python"], samples=2, seq_len=64, efficiency=True, skip_calib="demo:all",
+                    skip_calib_samples=4, efficiency_params=EfficiencyParams(prompt_tokens=32, new_tokens=4, repeats=1))
+    exp = X.run_experiment("demo", drop_plan({l: [0, 1] for l in range(4)}), spec)
+    o, p = exp.efficiency["original"], exp.efficiency["pruned"]
+    assert o["plain"]["params_total"] == 4_396_160
+    assert p["plain"]["params_total"] == exp.structure["after"]["params"]["total"] < 4_396_160
+    assert p["plain"]["weight_bytes"] == 4 * p["plain"]["params_total"]
+    for variant in (o, p):
+        assert variant["skip"]["skip_beta"] and 0 < variant["skip"]["skipped_fraction"] < 1
+        assert variant["plain"]["generate_tokens_per_s"] > 0 and variant["plain"]["peak_memory_bytes"] > 0
+    row = X.compare([exp]).iloc[1]
+    # 2 of 8 experts (3 × 128 × 256 weights each) and their router rows (128) gone in 4 layers
+    assert p["plain"]["params_total"] == 4_396_160 - 4 * 2 * (3 * 128 * 256 + 128) == 3_608_704
+    assert row["weight bytes ratio"] == pytest.approx(3_608_704 / 4_396_160)
+
+
+def run(capsys, *argv):
+    capsys.readouterr()
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_eval_json_runs_offline_on_local_tasks(capsys, demo_dir):
+    rc, out, err = run(capsys, "eval", "demo", "--ppl", "demo:all", "--tasks", "moescope_demo_continuation",
+                       "--limit", "8", "--samples", "6", "--seq-len", "64", "--no-efficiency", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert set(res["ppl"]) == {"demo:all"} and res["ppl"]["demo:all"] > 1
+    assert 0 <= res["tasks"]["moescope_demo_continuation"]["acc"] <= 1
+    rc, out, _ = run(capsys, "experiments", "ls", "--json")
+    assert [e["id"] for e in json.loads(out)] == [res["experiment"]]
+
+
+def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_dir, tmp_path):
+    ids = []
+    for strategy in ("frequency", "enumerate"):
+        plan = tmp_path / f"{strategy}.json"
+        rc, _, err = run(capsys, "plan", "demo", "--strategy", strategy, "--keep", "6", "--samples", "4",
+                         "--seq-len", "64", "-o", str(plan))
+        assert rc == 0, err
+        rc, out, err = run(capsys, "prune", "demo", "--plan", str(plan), "-o", str(tmp_path / strategy),
+                           "--ppl", "demo:all", "--tasks", "moescope_demo_continuation", "--limit", "8",
+                           "--samples", "6", "--seq-len", "64", "--no-efficiency", "--json")
+        assert rc == 0, err
+        ids.append(json.loads(out)["experiment"])
+    rc, out, err = run(capsys, "experiments", "compare", *ids, "--csv")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1].startswith("original,demo,") and lines[2].startswith(ids[0]) and lines[3].startswith(ids[1])
+    assert "Δ moescope_demo_continuation acc" in lines[0]
+    # export of an experiment refuses a non-empty folder, then writes with --overwrite
+    rc, _, err = run(capsys, "export", ids[1], "-o", str(tmp_path / "enumerate"))
+    assert rc == 2 and "not empty" in err
+    rc, _, err = run(capsys, "export", ids[1], "-o", str(tmp_path / "enumerate"), "--overwrite")
+    assert rc == 0, err
+    # lm-eval's own CLI on the exported folder gives the accuracy recorded in-memory
+    lm_eval = shutil.which("lm_eval") or os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    from analysis.evaluate import LOCAL_TASKS_DIR
+
+    proc = subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={tmp_path / 'enumerate'},dtype=float32",
+                           "--tasks", "moescope_demo_continuation", "--include_path", str(LOCAL_TASKS_DIR),
+                           "--device", "cpu", "--limit", "8", "--batch_size", "8", "--output_path", str(tmp_path / "lm")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result_file = next((tmp_path / "lm").rglob("results_*.json"))
+    acc = json.loads(result_file.read_text())["results"]["moescope_demo_continuation"]["acc,none"]
+    assert acc == pytest.approx(X.load(ids[1]).result["tasks"]["moescope_demo_continuation"]["acc"])
