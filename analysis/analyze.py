@@ -246,6 +246,26 @@ def _flatten(la: LayerAnalysis) -> dict[str, Tensor]:
     return out
 
 
+def analysis_parts(model, batch, params: AnalysisParams) -> dict:
+    """Everything an analysis depends on: its cache key parts."""
+    return {
+        "model": model.fingerprint(),
+        "dtype": str(next(model.hf.parameters()).dtype),
+        "data": batch.fingerprint,
+        "params": params.key(),
+        "version": METRICS_VERSION,
+    }
+
+
+def lookup_analysis(model, batch, params: AnalysisParams | None = None, cache=None) -> AnalysisResult | None:
+    """The stored analysis :func:`run_analysis` would return, or None when it has not been computed
+    (never computes: a dashboard can ask on every page view)."""
+    from analysis.cache import Cache
+
+    entry = (cache or Cache()).get("analysis", analysis_parts(model, batch, params or AnalysisParams()))
+    return AnalysisResult(entry) if entry is not None else None
+
+
 def run_analysis(
     model,
     batch,
@@ -267,13 +287,7 @@ def run_analysis(
         raise MoescopeError("gradient criteria (EGS/EGE/EGO/EGN) need a backward pass through the whole model, "
                             "which an offloaded model cannot do; drop 'gradients' from the metrics or load it in memory")
     cache = cache or Cache()
-    parts = {
-        "model": model.fingerprint(),
-        "dtype": str(next(model.hf.parameters()).dtype),
-        "data": batch.fingerprint,
-        "params": params.key(),
-        "version": METRICS_VERSION,
-    }
+    parts = analysis_parts(model, batch, params)
     label = f"{_slug(model.source)}-{_slug(batch.source)}-{batch.n_samples}x{batch.seq_len}"
 
     def compute():

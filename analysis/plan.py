@@ -134,6 +134,8 @@ class PruningPlan:
                 raise MoescopeError(f"{where}: layer {key} has unknown key(s) {extra}; allowed: groups, "
                                     "coefficients, merge_router")
             groups = raw["groups"]
+            if groups == []:
+                raise MoescopeError(f"{where}: layer {key} keeps no experts; every MoE layer keeps at least top-k")
             if (not isinstance(groups, list) or not groups
                     or not all(isinstance(g, list) and g and all(_is_int(e) for e in g) for g in groups)):
                 raise MoescopeError(f"{where}: layer {key}: 'groups' must be a non-empty list of non-empty "
@@ -196,6 +198,61 @@ class PruningPlan:
         parts = [f"layer {l}: {lp.num_out} experts" + (" (merged)" if not lp.is_pure_keep() else "")
                  for l, lp in sorted(self.layers.items())]
         return "; ".join(parts) or "no layer changed"
+
+
+def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=()) -> PruningPlan:
+    """A copy of ``plan`` in which ``layer`` (of ``num_experts`` experts) drops the experts in
+    ``drop`` and merges each group in ``merge`` into one output expert, keeping every other expert.
+
+    This is how a person edits a plan by hand: overlapping merge groups are joined (selecting the
+    pairs 2–5 and 5–7 merges 2, 5 and 7); output experts are numbered by their smallest member; a
+    group that was already in the layer keeps its coefficients, a new one is averaged uniformly;
+    a layer left with every expert kept alone is removed from the plan. The copy is not validated
+    against a model (:meth:`PruningPlan.validate_for` does that, e.g. too few experts left).
+    """
+    drop = sorted({int(e) for e in drop})
+    for e in [*drop, *(x for g in merge for x in g)]:
+        if not 0 <= int(e) < num_experts:
+            raise MoescopeError(f"layer {layer}: expert {e} is not in 0..{num_experts - 1}")
+    parent = list(range(num_experts))
+
+    def find(e: int) -> int:
+        while parent[e] != e:
+            parent[e] = parent[parent[e]]
+            e = parent[e]
+        return e
+
+    for g in merge:
+        g = [int(e) for e in g]
+        for e in g[1:]:
+            parent[find(e)] = find(g[0])
+    both = sorted({e for g in merge for e in g} & set(drop))
+    if both:
+        raise MoescopeError(f"layer {layer}: expert(s) {both} cannot be both dropped and merged")
+    members: dict[int, list[int]] = {}
+    for e in range(num_experts):
+        if e not in drop:
+            members.setdefault(find(e), []).append(e)
+    groups = sorted(members.values(), key=lambda g: g[0])
+    old = plan.layers.get(int(layer))
+    old_coeffs = {}
+    if old is not None and old.coefficients is not None:
+        old_coeffs = {tuple(g): c for g, c in zip(old.groups, old.coefficients)}
+    layers = dict(plan.layers)
+    if not drop and all(len(g) == 1 for g in groups):
+        layers.pop(int(layer), None)
+    else:
+        coeffs = None
+        if any(tuple(g) in old_coeffs for g in groups):
+            coeffs = [list(old_coeffs.get(tuple(g), [1.0 / len(g)] * len(g))) for g in groups]
+        layers[int(layer)] = LayerPlan(groups, coeffs, old.merge_router if old is not None else True)
+    provenance = {"strategy": "manual"}
+    previous = plan.provenance.get("strategy")
+    if previous and previous != "manual":
+        provenance["edited_from"] = previous
+    elif plan.provenance.get("edited_from"):
+        provenance["edited_from"] = plan.provenance["edited_from"]
+    return PruningPlan(plan.base_model, layers, dict(plan.skip_beta), provenance, plan.version)
 
 
 def _is_int(x) -> bool:

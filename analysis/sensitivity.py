@@ -304,8 +304,7 @@ def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Pr
     from analysis.cache import Cache
 
     cache = cache or Cache()
-    parts = {"model": model.fingerprint(), "dtype": str(next(model.hf.parameters()).dtype),
-             "data": batch.fingerprint, "version": GRID_VERSION}
+    parts = _grid_parts(model, batch)
 
     def compute():
         g = drop_grid(model, batch.input_ids, chunk_size=chunk_size, progress=progress)
@@ -313,6 +312,22 @@ def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Pr
                          "data": batch.describe()}}
 
     entry = cache.get_or_compute("dropgrid", parts, compute, label=f"{model.source.split('/')[-1]}-{batch.source}")
-    m = entry.meta
+    return _grid_from_meta(entry.meta)
+
+
+def lookup_drop_grid(model, batch, cache=None) -> DropGrid | None:
+    """The stored grid :func:`cached_drop_grid` would return, or None (never computes)."""
+    from analysis.cache import Cache
+
+    entry = (cache or Cache()).get("dropgrid", _grid_parts(model, batch))
+    return _grid_from_meta(entry.meta) if entry is not None else None
+
+
+def _grid_parts(model, batch) -> dict:
+    return {"model": model.fingerprint(), "dtype": str(next(model.hf.parameters()).dtype),
+            "data": batch.fingerprint, "version": GRID_VERSION}
+
+
+def _grid_from_meta(m: dict) -> DropGrid:
     return DropGrid(baseline=float(m["baseline"]), layers=[int(x) for x in m["layers"]],
                     ppl=[[float(v) for v in row] for row in m["ppl"]])

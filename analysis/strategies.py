@@ -281,7 +281,9 @@ REPRESENTATIONS = {
 }
 
 
-def _similarity_name(representation: str, similarity: str) -> str:
+def similarity_name(representation: str, similarity: str) -> str:
+    """The stored similarity matrix of a representation (outputs | weights | surrogate) and a
+    similarity (cka_linear | cka_rbf | cosine | mse), e.g. ``weights`` + ``cosine`` → ``weight_cosine``."""
     if representation not in REPRESENTATIONS:
         raise unknown_name("representation", representation, REPRESENTATIONS)
     allowed = REPRESENTATIONS[representation]
@@ -342,7 +344,7 @@ def strategy_merge(ctx, params):
 
     representation = str(params.get("representation", "outputs"))
     similarity = str(params.get("similarity", "cka_linear"))
-    sim_name = _similarity_name(representation, similarity)
+    sim_name = similarity_name(representation, similarity)
     grouping = str(params.get("grouping", "spectral"))
     if grouping not in GROUPINGS:
         raise unknown_name("grouping", grouping, GROUPINGS)
