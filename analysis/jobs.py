@@ -1,0 +1,212 @@
+"""Background prune-and-evaluate jobs: they outlive the page (or shell) that started them.
+
+:func:`start` writes the job's spec under ``<cache root>/.jobs/<id>/`` and launches
+``python -m analysis.jobs <folder>`` in its own session. The child runs
+:func:`analysis.experiments.run_experiment` and reports through ``status.json`` (replaced
+atomically on every progress step): ``state`` (``running`` / ``done`` / ``failed`` /
+``cancelled``), the current stage with ``done`` / ``total``, and at the end the experiment id or
+a one-line error. :func:`cancel` sends SIGTERM to the child's process group; the child stops at
+the next Python instruction, and since the experiment is stored only when every step finished,
+a cancelled job leaves no partial record. A child that died without reporting (killed, machine
+restarted) is shown as ``failed`` by :func:`status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from analysis.errors import MoescopeError
+
+FINAL = ("done", "failed", "cancelled")
+
+
+def jobs_root(cache=None) -> Path:
+    from analysis.cache import Cache
+
+    root = (cache or Cache()).root / ".jobs"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class JobStatus:
+    id: str
+    state: str
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    label: str = ""
+    model: str = ""
+    created: str = ""
+    updated: float = 0.0
+    experiment: str | None = None
+    error: str | None = None
+    pid: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state not in FINAL
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def start(model: str, plan: dict | None, spec: dict, label: str | None = None, cache=None) -> str:
+    """Launch a job pruning ``model`` by ``plan`` (PruningPlan JSON, validated here first) and
+    evaluating it by ``spec`` (EvalSpec JSON); returns its id."""
+    from analysis.evaluate import EvalSpec
+    from analysis.plan import PruningPlan
+
+    if plan is not None:
+        PruningPlan.from_json(plan)
+    EvalSpec.from_json(spec).validate()
+    job_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    folder = jobs_root(cache) / job_id
+    folder.mkdir()
+    cache_root = str(folder.parent.parent)
+    _write_json(folder / "spec.json", {"model": model, "plan": plan, "eval": spec, "label": label,
+                                       "cache": cache_root})
+    _write_json(folder / "status.json", {"state": "starting", "label": label or "", "model": model,
+                                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                         "updated": time.time()})
+    with open(folder / "log.txt", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "analysis.jobs", str(folder)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                cwd=str(Path(__file__).resolve().parents[1]))
+    (folder / "pid").write_text(str(proc.pid))
+    return job_id
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (finished, not yet reaped by the parent that started it) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def status(job_id: str, cache=None) -> JobStatus:
+    folder = jobs_root(cache) / job_id
+    try:
+        data = json.loads((folder / "status.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MoescopeError(f"no job '{job_id}' under {folder.parent}") from None
+    pid_file = folder / "pid"
+    pid = int(pid_file.read_text()) if pid_file.is_file() else None
+    st = JobStatus(id=job_id, pid=pid, **{k: v for k, v in data.items() if k in JobStatus.__dataclass_fields__})
+    if st.running and pid is not None and not _alive(pid):
+        time.sleep(0.2)  # it may have written its final status just now
+        data = json.loads((folder / "status.json").read_text(encoding="utf-8"))
+        st = JobStatus(id=job_id, pid=pid, **{k: v for k, v in data.items() if k in JobStatus.__dataclass_fields__})
+        if st.running:
+            st.state, st.error = "failed", "the job's process ended without reporting (killed?); see its log.txt"
+    return st
+
+
+def list_jobs(cache=None) -> list[JobStatus]:
+    """Every job, newest first."""
+    root = jobs_root(cache)
+    out = []
+    for folder in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
+        try:
+            out.append(status(folder.name, cache))
+        except (MoescopeError, ValueError, OSError):
+            continue
+    return out
+
+
+def cancel(job_id: str, cache=None) -> bool:
+    """Ask a running job to stop; True if a signal was sent."""
+    st = status(job_id, cache)
+    if not st.running or not st.pid:
+        return False
+    try:
+        os.killpg(st.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait(job_id: str, timeout: float = 600.0, cache=None) -> JobStatus:
+    """Block until the job ends (for scripts and tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(job_id, cache)
+        if not st.running or time.monotonic() > deadline:
+            return st
+        time.sleep(0.25)
+
+
+def _run(folder: Path) -> int:
+    """The child: run the experiment, reporting into ``status.json``."""
+    from analysis.cache import Cache
+    from analysis.evaluate import EvalSpec
+    from analysis.experiments import run_experiment
+    from analysis.plan import PruningPlan
+
+    spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
+    base = json.loads((folder / "status.json").read_text(encoding="utf-8"))
+
+    def report(**fields) -> None:
+        base.update(fields, updated=time.time())
+        _write_json(folder / "status.json", base)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    last = [0.0]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] > 0.2 or done == total:
+            last[0] = now
+            report(state="running", stage=stage, done=done, total=total)
+
+    report(state="running", stage="load", done=0, total=1)
+    try:
+        plan = PruningPlan.from_json(spec["plan"]) if spec["plan"] is not None else None
+        exp = run_experiment(spec["model"], plan, EvalSpec.from_json(spec["eval"]), cache=Cache(spec["cache"]),
+                             progress=progress, label=spec.get("label") or None)
+    except KeyboardInterrupt:
+        report(state="cancelled", stage="cancelled")
+        return 130
+    except MoescopeError as err:
+        report(state="failed", error=str(err))
+        return 2
+    except Exception as err:  # noqa: BLE001 - the page shows one line; the traceback is in log.txt
+        import traceback
+
+        traceback.print_exc()
+        report(state="failed", error=f"{type(err).__name__}: {err} (traceback in {folder / 'log.txt'})")
+        return 1
+    report(state="done", stage="done", done=1, total=1, experiment=exp.id, label=exp.label)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run(Path(sys.argv[1])))

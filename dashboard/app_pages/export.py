@@ -1,0 +1,49 @@
+"""Export: write an experiment's pruned model folder with its model card; download the plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.errors import MoescopeError
+from dashboard import runs
+
+st.header("Export")
+experiments = [e for e in runs.experiment_list() if e.plan]
+if not experiments:
+    st.info("No pruned experiment yet: run a plan on the Run page first.")
+    st.stop()
+labels = {e.id: f"{e.id} · {e.label} · {e.model}" for e in experiments}
+ident = st.selectbox("Experiment", list(labels)[::-1], format_func=labels.get, key="export_id")
+exp = next(e for e in experiments if e.id == ident)
+after = exp.structure.get("after", {})
+before = exp.structure.get("before", {})
+c = st.columns(3)
+c[0].metric("Experts per layer", ", ".join(f"{v}" for v in after.get("experts", {}).values()))
+c[1].metric("Parameters", f"{after.get('params', {}).get('total', 0) / 1e6:.2f}M",
+            f"{100 * (after['params']['total'] / before['params']['total'] - 1):+.1f}%" if before else None,
+            delta_color="inverse")
+ppl = exp.result.get("ppl", {})
+if ppl:
+    src, value = next(iter(ppl.items()))
+    c[2].metric(f"Perplexity {src}", f"{value:.2f}", f"{100 * (value / exp.reference['ppl'][src] - 1):+.1f}%",
+                delta_color="inverse")
+
+plan_text = runs.plan_json(ident)
+st.download_button("Download plan JSON", plan_text, file_name=f"plan-{ident}.json", mime="application/json")
+
+out = st.text_input("Output folder", value=str(Path.cwd() / "exports" / ident), key="export_dir")
+overwrite = st.checkbox("Overwrite a non-empty folder", value=False, key="export_overwrite")
+if st.button("Export", type="primary", key="export_go"):
+    with st.status("Exporting…", expanded=False) as status:
+        try:
+            files = runs.export_experiment(ident, out, overwrite)
+        except MoescopeError as err:
+            status.update(label="Export refused", state="error")
+            st.error(str(err))
+        else:
+            status.update(label="Exported", state="complete")
+            st.success(f"Wrote {out}: {', '.join(files)}")
+            with st.expander("Model card (README.md)"):
+                st.markdown((Path(out) / "README.md").read_text(encoding="utf-8"))

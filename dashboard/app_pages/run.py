@@ -1,0 +1,82 @@
+"""Run: prune + evaluate the current plan as a background job; progress, cancel, results."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.errors import MoescopeError
+from analysis.plan import PruningPlan
+from dashboard import runs
+
+st.header("Run")
+model = st.session_state.get("model", "demo")
+plan = st.session_state.get("plan")
+if plan:
+    try:
+        summary = PruningPlan.from_json(plan).summary()
+    except MoescopeError as err:
+        st.error(str(err))
+        st.stop()
+    strategy = (plan.get("provenance") or {}).get("strategy", "manual")
+    st.markdown(f"Plan **{strategy}** on `{model}`: {summary}")
+else:
+    st.info("No plan yet: build one on the Plan page. Running now evaluates the original model alone.")
+
+local = runs.local_tasks()
+with st.form("run_form"):
+    c1, c2, c3 = st.columns(3)
+    ppl = c1.text_input("Perplexity sources (comma-separated)", value=st.session_state.get("eval_source", "demo:all"),
+                        key="run_ppl", help="demo:DOMAIN | demo:all | file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
+    samples = c2.number_input("Windows", min_value=1, value=48, step=8, key="run_samples")
+    seq_len = c3.number_input("Tokens per window", min_value=8, value=256, step=64, key="run_seq_len")
+    c1, c2, c3 = st.columns(3)
+    tasks = c1.multiselect("lm-eval tasks (offline)", local, default=["moescope_demo_continuation"], key="run_tasks")
+    other = c2.text_input("Other lm-eval tasks (need the network)", value="", key="run_other_tasks",
+                          help="e.g. arc_easy, boolq, hellaswag")
+    limit = c3.number_input("Samples per task (0: all)", min_value=0, value=100, step=50, key="run_limit")
+    efficiency = st.checkbox("Measure memory and tokens/s (original and pruned, with and without skipping)",
+                             value=True, key="run_efficiency")
+    label = st.text_input("Label (optional)", value="", key="run_label")
+    submitted = st.form_submit_button("Run prune + evaluate", type="primary")
+
+if submitted:
+    try:
+        spec = runs.eval_spec([s.strip() for s in ppl.split(",") if s.strip()], int(samples), int(seq_len),
+                              list(tasks) + [t.strip() for t in other.split(",") if t.strip()],
+                              float(limit) or None, bool(efficiency), seed=int(st.session_state.get("seed", 0)))
+        job = runs.start_job(model, plan, spec, label or None)
+    except MoescopeError as err:
+        st.error(str(err))
+    else:
+        st.session_state["run_last_job"] = job
+        st.toast(f"Started job {job}")
+
+
+def _jobs_panel() -> None:
+    jobs = runs.job_list()
+    if not jobs:
+        st.caption("No jobs yet.")
+        return
+    for job in jobs:
+        with st.container(border=True):
+            c1, c2 = st.columns([5, 1])
+            title = f"**{job.label or 'job'}** on `{job.model}` · {job.id}"
+            if job.state == "done":
+                c1.markdown(f"{title} · done → experiment `{job.experiment}` (see Compare)")
+            elif job.state in ("failed", "cancelled"):
+                c1.markdown(f"{title} · {job.state}")
+                if job.error:
+                    c1.error(job.error.splitlines()[0])
+            else:
+                c1.markdown(title)
+                c1.progress(job.fraction, text=f"{job.stage}: {job.done} / {job.total}" if job.total else job.state)
+                if c2.button("Cancel", key=f"cancel-{job.id}"):
+                    runs.cancel_job(job.id)
+                    st.rerun()
+
+
+st.subheader("Jobs")
+st.caption("Jobs run in their own process: this page (or the whole browser) can be closed; the result lands in the "
+           "experiments store.")
+_running = any(j.running for j in runs.job_list())
+st.fragment(_jobs_panel, run_every=1.0 if _running else None)()

@@ -1,0 +1,120 @@
+"""Background jobs and the Run / Compare / Export pages, driven through AppTest on the demo model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from transformers import AutoModelForCausalLM
+
+from analysis import experiments as X
+from analysis import jobs
+from analysis.evaluate import EvalSpec
+from analysis.plan import PruningPlan
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+SMALL = EvalSpec(ppl=["demo:python"], samples=4, seq_len=64, efficiency=False).to_json()
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+
+
+def drop_plan(drop: dict[int, list[int]]) -> dict:
+    keep = {l: [e for e in range(8) if e not in drop.get(l, [])] for l in range(4)}
+    return PruningPlan.from_keep("demo", keep, provenance={"strategy": "manual", "params": {}}).to_json()
+
+
+def test_a_job_runs_in_its_own_process_and_stores_its_experiment(demo_dir):
+    job = jobs.start("demo", drop_plan({0: [1]}), SMALL, label="drop L0E1")
+    st = jobs.wait(job, timeout=300)
+    assert st.state == "done", st.error
+    exp = X.load(st.experiment)
+    assert exp.label == "drop L0E1" and exp.structure["after"]["experts"]["0"] == 7
+    assert exp.result["ppl"]["demo:python"] != exp.reference["ppl"]["demo:python"]
+
+
+def test_a_cancelled_job_leaves_no_experiment(demo_dir):
+    slow = EvalSpec(ppl=["demo:all"], samples=480, seq_len=256, efficiency=False).to_json()
+    job = jobs.start("demo", drop_plan({1: [2]}), slow)
+    deadline = time.monotonic() + 120
+    while jobs.status(job).stage not in ("perplexity", "evaluate original") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert jobs.cancel(job)
+    st = jobs.wait(job, timeout=60)
+    assert st.state == "cancelled" and not st.running
+    assert X.list_experiments() == []
+
+
+def test_a_bad_plan_is_refused_when_the_job_is_asked_for(demo_dir):
+    from analysis.errors import MoescopeError
+
+    with pytest.raises(MoescopeError, match="unknown sampling|data source|demo domain"):
+        jobs.start("demo", None, {**SMALL, "ppl": ["demo:klingon"]})
+
+
+def _page(name: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.switch_page(f"app_pages/{name}.py")
+    return at
+
+
+def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
+    # Run: a manual plan in the session, small settings, one click
+    at = _page("run")
+    at.session_state["plan"] = drop_plan({l: [l] for l in range(4)})
+    at.run()
+    assert not at.exception
+    assert any("Plan **manual**" in m.value for m in at.markdown)
+    at.text_input(key="run_ppl").set_value("demo:python, demo:spanish")
+    at.number_input(key="run_samples").set_value(4)
+    at.number_input(key="run_seq_len").set_value(64)
+    at.multiselect(key="run_tasks").set_value(["moescope_demo_continuation"])
+    at.number_input(key="run_limit").set_value(6)
+    at.checkbox(key="run_efficiency").set_value(False)
+    at.text_input(key="run_label").set_value("page run")
+    at.button[0].click()  # the form's submit button
+    at.run()
+    assert not at.exception
+    job = at.session_state["run_last_job"]
+    st = jobs.wait(job, timeout=300)
+    assert st.state == "done", st.error
+    at.run()
+    assert any(f"experiment `{st.experiment}`" in m.value for m in at.markdown)
+
+    # Compare: the original as reference row, the run beside it
+    at = _page("compare")
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["experiment"]) == ["original", st.experiment]
+    exp = X.load(st.experiment)
+    assert table.loc[1, "ppl demo:spanish"] == pytest.approx(exp.result["ppl"]["demo:spanish"])
+    assert table.loc[1, "experts/layer"] == 7
+
+    # Export: writes a loadable folder; a second export into it is refused in one line
+    out = tmp_path / "exported"
+    at = _page("export")
+    at.run()
+    assert not at.exception
+    at.text_input(key="export_dir").set_value(str(out))
+    at.button(key="export_go").click().run()
+    assert not at.exception and at.success and "README.md" in at.success[0].value
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert hf.config.num_local_experts == 7
+    at.button(key="export_go").click().run()
+    assert at.error and "not empty" in at.error[0].value
+
+
+def test_different_expert_counts_cannot_be_exported_and_say_why(demo_dir, tmp_path):
+    job = jobs.start("demo", drop_plan({0: [0, 1], 3: [7]}), SMALL)
+    assert jobs.wait(job, timeout=300).state == "done"
+    at = _page("export")
+    at.run()
+    at.text_input(key="export_dir").set_value(str(tmp_path / "x"))
+    at.button(key="export_go").click().run()
+    assert not at.exception
+    assert at.error and "layers keep different expert counts" in at.error[0].value
