@@ -1,7 +1,7 @@
 """Entry point: ``streamlit run dashboard/app.py`` (or ``moescope dashboard``).
 
-Shared sidebar widgets and session-state defaults live here; each page is a script in
-``dashboard/app_pages/``.
+Shared session-state defaults and the sidebar live here; each page is a script in
+``dashboard/app_pages/`` (pages whose file is not there yet are left out of the navigation).
 """
 
 from __future__ import annotations
@@ -14,14 +14,57 @@ import streamlit as st
 
 PAGES = Path(__file__).parent / "app_pages"
 
+# (section, file, title, icon); the first page is the default
+NAVIGATION = [
+    ("Analyse", "model.py", "Model & data", ":material/memory:"),
+    ("Analyse", "similarity.py", "Similarity", ":material/grid_on:"),
+    ("Analyse", "routing.py", "Routing", ":material/alt_route:"),
+    ("Analyse", "expert_maps.py", "Expert maps", ":material/map:"),
+    ("Analyse", "drop_grid.py", "Drop grid", ":material/target:"),
+    ("Prune", "plan.py", "Plan", ":material/content_cut:"),
+    ("Prune", "run.py", "Run", ":material/play_arrow:"),
+    ("Prune", "compare.py", "Compare", ":material/compare_arrows:"),
+    ("Prune", "export.py", "Export", ":material/output:"),
+]
+
+# shared settings (session-state keys read by every page); page-specific keys carry a prefix
+DEFAULTS = {
+    "model": "demo",
+    "calib_source": "demo:all",
+    "calib_samples": 64,
+    "calib_seq_len": 256,
+    "seed": 0,
+    "eval_source": "demo:all",
+    "grid_samples": 16,
+    "grid_seq_len": 256,
+    "plan": None,  # the current PruningPlan as its JSON dict (PruningPlan.to_json())
+}
+
 st.set_page_config(page_title="moescope", page_icon="🔬", layout="wide")
 _cli = argparse.ArgumentParser(add_help=False)
-_cli.add_argument("--model", default="demo")
+_cli.add_argument("--model", default=DEFAULTS["model"])
 st.session_state.setdefault("model", _cli.parse_known_args(sys.argv[1:])[0].model)
+for _key, _value in DEFAULTS.items():
+    st.session_state.setdefault(_key, _value)
+
+sections: dict[str, list] = {}
+for section, file, title, icon in NAVIGATION:
+    if (PAGES / file).is_file():
+        sections.setdefault(section, []).append(
+            st.Page(str(PAGES / file), title=title, icon=icon, default=file == NAVIGATION[0][1]))
+pg = st.navigation(sections)
 
 with st.sidebar:
     st.title("moescope")
-    st.text_input("Model", key="model", help="'demo', a local model folder, or a hub id")
+    st.caption(f"Model **{st.session_state['model']}**  \n"
+               f"Calibration `{st.session_state['calib_source']}` · {st.session_state['calib_samples']}×"
+               f"{st.session_state['calib_seq_len']} tokens · seed {st.session_state['seed']}  \n"
+               f"Evaluation `{st.session_state['eval_source']}`")
+    plan = st.session_state.get("plan")
+    if plan:
+        changed = ", ".join(f"L{l}→{len(lp['groups'])}" for l, lp in plan.get("layers", {}).items()) or "no layer changed"
+        st.caption(f"Plan ({plan.get('provenance', {}).get('strategy', 'manual')}): {changed}")
+    else:
+        st.caption("No plan yet (build one on the Plan page)")
 
-pg = st.navigation([st.Page(str(PAGES / "model.py"), title="Model", icon="🧩", default=True)])
 pg.run()

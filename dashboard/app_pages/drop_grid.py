@@ -1,0 +1,56 @@
+"""Drop grid: the perplexity of the model with one expert removed, for every layer and expert
+(Δ against the unpruned model), computed on demand on the evaluation data and cached."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard import backend, charts
+from dashboard.ui import guarded, persistent, run_with_progress, settings
+
+st.header("Drop grid")
+c1, c2, c3 = st.columns([2, 1, 1])
+with c1:
+    persistent(st.text_input, "Evaluation source", "eval_source", help="its test split is used")
+with c2:
+    persistent(st.number_input, "Sequences", "grid_samples", min_value=1, step=4)
+with c3:
+    persistent(st.number_input, "Tokens per sequence", "grid_seq_len", min_value=8, step=64)
+s = settings()
+
+data = guarded(backend.grid_delta, s)
+if data is None:
+    batch = guarded(backend.describe_batch, s, "eval")
+    info = guarded(backend.model_info, s.model)
+    cells = sum(info["num_experts"].values())
+    st.info(f"Not computed for {batch} yet: {cells} cells, each the perplexity with one expert removed "
+            "(every cell re-runs only the layers from its own on). Cached once computed; `moescope grid` shares it.")
+    if st.button("Compute the drop grid", type="primary", key="grid_compute"):
+        run_with_progress("Computing the drop grid…", backend.compute_grid, s, "Drop grid done")
+        st.rerun()
+    st.stop()
+
+layers, delta = data["layers"], data["delta"]
+st.caption(data["data"])
+c1, c2, c3 = st.columns(3)
+c1.metric("Baseline perplexity", f"{data['baseline']:.3f}")
+worst = np.unravel_index(np.nanargmax(delta), delta.shape)
+best = np.unravel_index(np.nanargmin(delta), delta.shape)
+c2.metric("Most needed expert", f"layer {layers[worst[0]]} · expert {worst[1]}", f"{delta[worst]:+.3f} perplexity",
+          delta_color="inverse")
+c3.metric("Least needed expert", f"layer {layers[best[0]]} · expert {best[1]}", f"{delta[best]:+.3f} perplexity",
+          delta_color="inverse")
+# the colour saturates at the 95th percentile of |Δ| so one critical expert does not wash out the rest
+bound = float(np.nanpercentile(np.abs(delta), 95)) or float(np.nanmax(np.abs(delta))) or 1.0
+fig = charts.layer_expert_heatmap(delta, layers, "Δ perplexity", colorscale=charts.DIVERGING, zmid=0.0, fmt="+.4f",
+                                  customdata=data["ppl"], custom_label="perplexity",
+                                  title="Perplexity change when one expert is dropped (colour capped at the 95th percentile)")
+fig.update_traces(zmin=-bound, zmax=bound, selector=dict(type="heatmap"))
+st.plotly_chart(fig, key="grid_heatmap")
+rows = [{"layer": l, "least needed": int(np.nanargmin(delta[i])), "its Δ": float(np.nanmin(delta[i])),
+         "most needed": int(np.nanargmax(delta[i])), "its Δ ": float(np.nanmax(delta[i])),
+         "mean Δ": float(np.nanmean(delta[i]))} for i, l in enumerate(layers)]
+st.dataframe(pd.DataFrame(rows), hide_index=True,
+             column_config={c: st.column_config.NumberColumn(format="%+.4f") for c in ("its Δ", "its Δ ", "mean Δ")})

@@ -1,0 +1,250 @@
+"""Plan: choose experts to drop or merge — by a strategy or by hand — validated live against the
+model, saved and loaded as PruningPlan JSON. The current valid plan is ``st.session_state["plan"]``
+(its JSON dict) for the Run, Compare and Export pages."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import streamlit as st
+
+from dashboard import backend, charts
+from dashboard.backend import MoescopeError, PruningPlan
+from dashboard.ui import guarded, layer_select, plan_layer_state, run_with_progress, settings
+
+st.header("Plan")
+s = settings()
+LAYERS = guarded(backend.model_layers, s)  # layer -> (experts, top-k)
+layer_ids = sorted(LAYERS)
+analysed = guarded(backend.find_analysis, s) is not None
+
+
+# ---------------------------------------------------------------- the draft and the current plan
+
+
+def _draft() -> PruningPlan:
+    """The plan being edited. It follows ``plan`` when another page (or a test) set that; it may be
+    invalid while being edited (the current plan then stays the last valid one)."""
+    draft = st.session_state.get("plan_draft")
+    current = st.session_state.get("plan")
+    if draft is None or current != st.session_state.get("plan_committed"):
+        try:
+            draft = PruningPlan.from_json(current, where="current plan") if current else backend.empty_plan(s)
+        except MoescopeError as err:
+            st.session_state["plan_edit_error"] = str(err)
+            draft = backend.empty_plan(s)
+        st.session_state["plan_draft"] = draft
+        st.session_state["plan_committed"] = current
+    return draft
+
+
+def _problem(plan: PruningPlan) -> str | None:
+    """Why ``plan`` cannot be applied to the model (one line), or None."""
+    try:
+        backend.validate_plan(settings(), plan)
+    except MoescopeError as err:
+        return str(err)
+    return None
+
+
+def commit(plan: PruningPlan) -> None:
+    """Make ``plan`` the draft; when it passes the model's checks it becomes the current plan
+    (``st.session_state["plan"]``, None for a plan that changes nothing)."""
+    st.session_state["plan_draft"] = plan
+    if _problem(plan) is None:
+        st.session_state["plan"] = plan.to_json() if (plan.layers or plan.skip_beta) else None
+        st.session_state["plan_committed"] = st.session_state["plan"]
+
+
+def edit(layer: int, drop, merge) -> None:
+    try:
+        commit(backend.edit_plan_layer(_draft(), layer, LAYERS[layer][0], drop, merge))
+    except MoescopeError as err:  # a refused edit (e.g. an expert both dropped and merged)
+        st.session_state["plan_edit_error"] = str(err)
+
+
+draft = _draft()
+problem = _problem(draft)  # validated live, on every run
+
+# ---------------------------------------------------------------- status and save
+
+status, actions = st.columns([3, 1], gap="medium")
+with status:
+    refused = st.session_state.pop("plan_edit_error", None)
+    if refused:
+        st.error(refused)
+    if problem:
+        st.error(problem)
+        if st.session_state.get("plan"):
+            st.caption("The Run page keeps the last valid plan until this is fixed.")
+    elif draft.layers or draft.skip_beta:
+        after = draft.experts_after(backend.load_model(s.model))
+        before = sum(n for n, _ in LAYERS.values())
+        st.success(f"Valid plan ({draft.provenance.get('strategy', 'manual')}): {sum(after.values())} of {before} "
+                   f"routed experts remain" + (f"; dynamic skipping in {len(draft.skip_beta)} layers" if draft.skip_beta
+                                                else ""))
+    else:
+        st.info("No change planned yet: pick a strategy, or drop and merge experts by hand.")
+    if draft.layers:
+        st.dataframe(backend.plan_table(draft, LAYERS), hide_index=True)
+with actions:
+    current = st.session_state.get("plan")
+    st.download_button("Download plan JSON", json.dumps(current or {}, indent=2) + "\n", file_name="plan.json",
+                       mime="application/json", disabled=not current, key="plan_download", width="stretch")
+    upload = st.file_uploader("Load plan JSON", type=["json"], key="plan_upload")
+    if upload is not None and st.session_state.get("plan_uploaded") != upload.file_id:
+        st.session_state["plan_uploaded"] = upload.file_id
+        try:
+            commit(backend.parse_plan(s, upload.getvalue(), where=upload.name))
+        except MoescopeError as err:
+            st.session_state["plan_edit_error"] = str(err)
+        st.rerun()
+    if st.button("Clear the plan", key="plan_clear", width="stretch", disabled=not (draft.layers or draft.skip_beta)):
+        commit(backend.empty_plan(s))
+        st.rerun()
+
+st.divider()
+mode = st.radio("Build", ["Strategy", "By hand"], horizontal=True, key="plan_mode", label_visibility="collapsed")
+
+# ---------------------------------------------------------------- by a strategy
+
+if mode == "Strategy":
+    names = [n for n in backend.STRATEGIES if n != "manual"]
+
+    def _doc(n: str) -> str:
+        return (inspect.getdoc(backend.STRATEGIES[n]) or "").split("\n\n")[0].replace("\n", " ")
+
+    name = st.selectbox("Strategy", names, key="plan_strategy")
+    st.caption(_doc(name) or name)
+    params: dict = {}
+    top_k = max(k for _, k in LAYERS.values())
+    fewest = min(n for n, _ in LAYERS.values())
+    c1, c2, c3 = st.columns(3)
+    if name != "skip":
+        budget_ok = name in ("random", "frequency", "criterion")
+        target = c1.radio("Target", ["keep", "budget"] if budget_ok else ["keep"], horizontal=True, key="plan_target",
+                          format_func={"keep": "experts per layer", "budget": "experts in all layers"}.get)
+        if target == "keep":
+            params["keep"] = int(c1.number_input("Keep per layer", top_k, fewest, max(top_k, fewest - 2),
+                                                 key="plan_keep"))
+        else:
+            total = sum(n for n, _ in LAYERS.values())
+            params["budget"] = int(c1.number_input("Keep in all", top_k * len(LAYERS), total,
+                                                   max(top_k * len(LAYERS), total - 2 * len(LAYERS)), key="plan_budget"))
+    if name == "random":
+        params["seed"] = int(c2.number_input("Seed", 0, None, 0, key="plan_seed"))
+    elif name == "criterion":
+        params["criterion"] = c2.selectbox("Criterion", list(backend.CRITERIA), key="plan_criterion",
+                                           index=list(backend.CRITERIA).index("EAN"))
+        params["order"] = c2.radio("Drop the", ["min", "max"], horizontal=True, key="plan_order")
+        params["mode"] = c3.radio("Mode", ["one-shot", "iterative"], key="plan_crit_mode")
+    elif name == "enumerate":
+        params["mode"] = c2.radio("Mode", ["layer-wise", "progressive"], key="plan_enum_mode")
+        params["method"] = c3.selectbox("Search", backend.ENUMERATION_METHODS, key="plan_method")
+    elif name in ("merge", "router-guided"):
+        if name == "merge":
+            params["representation"] = c2.selectbox("Representation", list(backend.REPRESENTATIONS), key="plan_repr")
+            params["similarity"] = c2.selectbox("Similarity", backend.REPRESENTATIONS[params["representation"]],
+                                                key="plan_sim")
+            params["grouping"] = c3.selectbox("Grouping", backend.GROUPINGS, key="plan_grouping")
+        params["merge"] = c3.selectbox("Merge", backend.MERGES, key="plan_merge",
+                                       index=backend.MERGES.index("uniform" if name == "merge" else "usage"))
+        params["merge_router"] = c2.checkbox("Merge router rows too", True, key="plan_merge_router")
+    if name != "skip" and st.checkbox("Also skip dynamically (β calibrated per layer)", key="plan_with_skip"):
+        params["with_skip"] = True
+    if st.button("Make the plan", type="primary", key="plan_make"):
+        plan = run_with_progress(f"Running {name}…", lambda s_, p: backend.run_strategy(s_, name, params, p), s,
+                                 f"{name} plan ready")
+        commit(plan)
+        st.rerun()
+    st.stop()
+
+# ---------------------------------------------------------------- by hand
+
+
+def _on_drop(layer: int, key: str) -> None:
+    merged, _ = plan_layer_state(_draft(), layer, LAYERS[layer][0])
+    edit(layer, st.session_state[key], merged)
+
+
+def _on_merge(layer: int) -> None:
+    merged, dropped = plan_layer_state(_draft(), layer, LAYERS[layer][0])
+    pick = st.session_state.get(f"plan_pick_{layer}") or []
+    if len(pick) < 2:
+        st.session_state["plan_edit_error"] = "pick at least two experts to merge into one"
+        return
+    edit(layer, dropped, merged + [pick])
+    st.session_state[f"plan_pick_{layer}"] = []
+
+
+def _on_split(layer: int, group: list[int]) -> None:
+    merged, dropped = plan_layer_state(_draft(), layer, LAYERS[layer][0])
+    edit(layer, dropped, [g for g in merged if g != group])
+
+
+left, right = st.columns([2, 3], gap="large")
+with left:
+    layer = layer_select(layer_ids, "plan_layer")
+    E, k = LAYERS[layer]
+    merged, dropped = plan_layer_state(draft, layer, E)
+    st.caption(f"{E} experts, top-{k}: keep at least {k} output experts.")
+    key = f"plan_drop_{layer}"
+    st.session_state[key] = dropped
+    st.multiselect("Drop", list(range(E)), key=key, on_change=_on_drop, args=(layer, key),
+                   placeholder="experts to remove")
+    st.multiselect("Merge into one expert", [e for e in range(E) if e not in dropped], key=f"plan_pick_{layer}",
+                   placeholder="two or more experts")
+    st.button("Merge them", key=f"plan_merge_btn_{layer}", on_click=_on_merge, args=(layer,))
+    for i, g in enumerate(merged):
+        st.button(f"Split {'+'.join(map(str, g))}", key=f"plan_split_{layer}_{i}", on_click=_on_split, args=(layer, g))
+    with st.expander("Drops in every layer"):
+        for l in layer_ids:
+            kk = f"plan_dropall_{l}"
+            st.session_state[kk] = plan_layer_state(draft, l, LAYERS[l][0])[1]
+            st.multiselect(f"layer {l}", list(range(LAYERS[l][0])), key=kk, on_change=_on_drop, args=(l, kk))
+
+with right:
+    if not analysed:
+        st.info("Run the analysis (Model & data page) to pick experts on the similarity and usage maps.")
+        st.stop()
+    ov = backend.analysis_overview(s)
+    sims = [n for n in ("cka_linear", "cka_rbf", "cosine", "mse", "weight_cosine", "surrogate_cosine")
+            if n in ov["similarities"]]
+    metric = st.selectbox("Similarity", sims, key="plan_metric")
+    n_pick = st.session_state.setdefault("plan_pick_round", 0)
+    event = st.plotly_chart(
+        charts.pair_picker(backend.similarity_matrices(s, metric)[layer], metric,
+                           distance=backend.is_distance(metric), groups=merged, dropped=dropped),
+        key=f"plan_pairs_{layer}_{metric}_{n_pick}", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    pairs = charts.selected_cells(event)
+    st.caption("Click or box-select cells to merge those pairs (overlapping pairs form one group). "
+               + (f"Selected: {', '.join(f'{i}–{j}' for i, j in pairs)}" if pairs else ""))
+    if pairs and st.button("Merge the selected pairs", key="plan_merge_pairs", type="primary"):
+        edit(layer, dropped, merged + [list(p) for p in pairs])
+        st.session_state["plan_pick_round"] = n_pick + 1
+        st.rerun()
+
+st.subheader("Every layer")
+usage = backend.layer_map(s, "usage", "routing")
+state = {}
+for l in layer_ids:
+    m, d = plan_layer_state(draft, l, LAYERS[l][0])
+    state.update({(l, e): "dropped" for e in d})
+    state.update({(l, e): "merged" for g in m for e in g})
+event = st.plotly_chart(charts.cell_picker(usage, ov["layers"], "usage", state=state),
+                        key=f"plan_cells_{st.session_state['plan_pick_round']}", on_select="rerun",
+                        selection_mode=("points", "box", "lasso"))
+cells = charts.selected_cells(event)
+st.caption("Colour: fraction of tokens routed to the expert. Select cells to drop them (or keep them again). "
+           + (f"Selected: {', '.join(f'L{l}·{e}' for l, e in cells)}" if cells else ""))
+if cells:
+    c1, c2, _ = st.columns([1, 1, 3])
+    for label, drop, col in (("Drop the selected", True, c1), ("Keep the selected", False, c2)):
+        if col.button(label, key=f"plan_cells_{'drop' if drop else 'keep'}"):
+            try:
+                commit(backend.set_drops(_draft(), cells, LAYERS, drop=drop))
+            except MoescopeError as err:
+                st.session_state["plan_edit_error"] = str(err)
+            st.session_state["plan_pick_round"] += 1
+            st.rerun()

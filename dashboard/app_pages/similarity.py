@@ -1,0 +1,64 @@
+"""Similarity: expert × expert heatmaps per layer, data-centric (expert outputs on the same
+calibration tokens) or model-centric (weights, surrogate weights), one layer large or all layers
+on one colour scale, with the current plan's grouping overlaid."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import backend, charts
+from dashboard.ui import current_plan, layer_select, plan_layer_state, require_analysis, settings
+
+REPRESENTATION_LABELS = {
+    "outputs": "Data-centric: expert outputs",
+    "weights": "Model-centric: weights concat(W_gate, W_up, W_down)",
+    "surrogate": "Model-centric: surrogate W_down·(W_gate ⊙ W_up)",
+}
+METRIC_LABELS = {"cka_linear": "CKA (linear)", "cka_rbf": "CKA (RBF)", "cosine": "cosine", "mse": "MSE"}
+
+st.header("Similarity")
+s = settings()
+ov = require_analysis(s)
+
+c1, c2, c3 = st.columns([3, 2, 2])
+representation = c1.radio("Representation", list(backend.REPRESENTATIONS), format_func=REPRESENTATION_LABELS.get,
+                          key="sim_representation")
+choices = backend.REPRESENTATIONS[representation]
+if st.session_state.get("sim_metric") not in choices:
+    st.session_state["sim_metric"] = choices[0]
+metric = c2.selectbox("Similarity", choices, format_func=METRIC_LABELS.get, key="sim_metric")
+view = c3.radio("View", ["One layer", "All layers"], key="sim_view", horizontal=True)
+
+name = backend.similarity_name(representation, metric)
+if name not in ov["similarities"]:
+    st.error(f"this analysis has no '{name}' similarity (it has: {', '.join(ov['similarities'])})")
+    st.stop()
+distance = backend.is_distance(name)
+mats = backend.similarity_matrices(s, name)
+st.caption(("Smaller = more alike (a distance); the colour scale is reversed so alike looks the same. "
+            if distance else "Larger = more alike. ")
+           + "The colour range spans the off-diagonal entries (an expert with itself is left out).")
+
+if view == "All layers":
+    st.plotly_chart(charts.similarity_small_multiples(mats, name, distance=distance), key="sim_multiples")
+    st.stop()
+
+left, right = st.columns([3, 1], gap="medium")
+with right:
+    layer = layer_select(ov["layers"], "sim_layer")
+    plan = current_plan()
+    groups, dropped = plan_layer_state(plan, layer, ov["num_experts"][layer])
+    overlay = st.checkbox("Overlay the current plan", value=plan is not None, key="sim_overlay",
+                          disabled=plan is None, help="merged groups outlined, dropped experts crossed")
+    if plan is not None and overlay:
+        st.caption(f"Layer {layer}: " + ("; ".join(
+            [f"merge {'+'.join(map(str, g))}" for g in groups] + ([f"drop {', '.join(map(str, dropped))}"] if dropped else []))
+            or "unchanged by the plan"))
+    st.markdown("**Most alike pairs**")
+    st.dataframe(backend.similar_pairs(s, name, layer), hide_index=True,
+                 column_config={name: st.column_config.NumberColumn(format="%.4f")})
+with left:
+    fig = charts.similarity_heatmap(mats[layer], name, distance=distance,
+                                    groups=groups if overlay else None, dropped=dropped if overlay else None,
+                                    title=f"layer {layer} · {name}")
+    st.plotly_chart(fig, key="sim_heatmap")

@@ -1,0 +1,228 @@
+"""Chart builders: plain functions from arrays to plotly figures (no Streamlit, testable alone)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+SIMILAR = "Viridis"  # bright = alike
+DIVERGING = "RdBu_r"  # red = above zero
+GROUP_COLOURS = ("#e8590c", "#d6336c", "#0ca678", "#1c7ed6", "#f59f00", "#7048e8", "#66a80f", "#c2255c")
+FONT = dict(family="sans-serif", size=12)
+
+
+def _layout(fig: go.Figure, title: str | None, height: int) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)) if title else None, height=height,
+                      margin=dict(l=10, r=10, t=40 if title else 10, b=10), font=FONT,
+                      plot_bgcolor="white", paper_bgcolor="white")
+    return fig
+
+
+def offdiag_range(mats) -> tuple[float, float]:
+    """Colour range over the off-diagonal finite entries of square matrices (the diagonal, an
+    expert with itself, would otherwise wash the scale out)."""
+    vals = []
+    for M in mats:
+        M = np.asarray(M, dtype=float)
+        v = M[~np.eye(M.shape[0], dtype=bool)]
+        vals.append(v[np.isfinite(v)])
+    v = np.concatenate(vals) if vals else np.array([])
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+
+def similarity_heatmap(S, metric: str, *, distance: bool = False, zrange=None, groups=None, dropped=None,
+                       title: str | None = None, height: int = 520) -> go.Figure:
+    """Expert × expert matrix of one layer; ``groups`` (lists of experts merged together) are
+    outlined cell by cell and ``dropped`` experts crossed on the diagonal."""
+    S = np.asarray(S, dtype=float)
+    E = S.shape[0]
+    lo, hi = zrange or offdiag_range([S])
+    fig = go.Figure(go.Heatmap(
+        z=S, x=list(range(E)), y=list(range(E)), zmin=lo, zmax=hi,
+        colorscale=SIMILAR, reversescale=distance, colorbar=dict(title=metric, thickness=12),
+        hovertemplate=f"experts %{{y}} and %{{x}}<br>{metric} %{{z:.4f}}<extra></extra>",
+    ))
+    for k, g in enumerate(g for g in (groups or []) if len(g) > 1):
+        xs = [j for i in g for j in g]
+        ys = [i for i in g for _ in g]
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name=f"merged {'+'.join(map(str, g))}",
+            marker=dict(symbol="square-open", size=max(6, 360 / E), line=dict(width=3),
+                        color=GROUP_COLOURS[k % len(GROUP_COLOURS)]),
+            hovertemplate=f"merged group {'+'.join(map(str, g))}<extra></extra>",
+        ))
+    if dropped:
+        fig.add_trace(go.Scatter(
+            x=list(dropped), y=list(dropped), mode="markers", name="dropped",
+            marker=dict(symbol="x-thin-open", size=max(6, 300 / E), color="#c92a2a", line=dict(width=3, color="#c92a2a")),
+            hovertemplate="expert %{x} dropped<extra></extra>",
+        ))
+    fig.update_xaxes(title="expert", dtick=1 if E <= 32 else None, showgrid=False, constrain="domain")
+    fig.update_yaxes(title="expert", dtick=1 if E <= 32 else None, autorange="reversed", showgrid=False,
+                     scaleanchor="x", constrain="domain")
+    fig.update_layout(legend=dict(orientation="h", y=-0.12))
+    return _layout(fig, title, height)
+
+
+def similarity_small_multiples(mats: dict, metric: str, *, distance: bool = False, cols: int = 4,
+                               zrange=None) -> go.Figure:
+    """One small heatmap per layer on one shared colour scale."""
+    layers = list(mats)
+    cols = max(1, min(cols, len(layers)))
+    rows = math.ceil(len(layers) / cols)
+    lo, hi = zrange or offdiag_range(mats.values())
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {l}" for l in layers],
+                        horizontal_spacing=0.04, vertical_spacing=0.08 if rows > 1 else 0.0)
+    for n, l in enumerate(layers):
+        S = np.asarray(mats[l], dtype=float)
+        E = S.shape[0]
+        fig.add_trace(go.Heatmap(
+            z=S, x=list(range(E)), y=list(range(E)), coloraxis="coloraxis",
+            hovertemplate=f"layer {l}: experts %{{y}} and %{{x}}<br>{metric} %{{z:.4f}}<extra></extra>",
+        ), row=n // cols + 1, col=n % cols + 1)
+    fig.update_yaxes(autorange="reversed", showticklabels=False, showgrid=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False)
+    fig.update_layout(coloraxis=dict(colorscale=SIMILAR, reversescale=distance, cmin=lo, cmax=hi,
+                                     colorbar=dict(title=metric, thickness=12)))
+    return _layout(fig, None, 260 * rows + 40)
+
+
+def layer_expert_heatmap(M, layers, name: str, *, colorscale=SIMILAR, reverse: bool = False, zmid=None,
+                         fmt: str = ".4f", customdata=None, custom_label: str | None = None,
+                         marks=None, mark_label: str = "", title: str | None = None) -> go.Figure:
+    """Layer × expert map (NaN cells: the layer has fewer experts); ``marks`` = (layer, expert)
+    cells to point out (e.g. the first expert a criterion would drop)."""
+    M = np.asarray(M, dtype=float)
+    y = [f"layer {l}" for l in layers]
+    hover = f"%{{y}}, expert %{{x}}<br>{name} %{{z:{fmt}}}"
+    if customdata is not None:
+        hover += f"<br>{custom_label} %{{customdata}}"
+    fig = go.Figure(go.Heatmap(
+        z=M, x=list(range(M.shape[1])), y=y, colorscale=colorscale, reversescale=reverse, zmid=zmid,
+        customdata=customdata, colorbar=dict(title=name, thickness=12), hovertemplate=hover + "<extra></extra>",
+    ))
+    if marks:
+        fig.add_trace(go.Scatter(
+            x=[e for _, e in marks], y=[f"layer {l}" for l, _ in marks], mode="markers", name=mark_label,
+            marker=dict(symbol="circle-open", size=16, color="#e8590c", line=dict(width=3, color="#e8590c")),
+            hovertemplate=f"%{{y}}, expert %{{x}}: {mark_label}<extra></extra>",
+        ))
+        fig.update_layout(legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(title="expert", dtick=1 if M.shape[1] <= 64 else None, showgrid=False)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    return _layout(fig, title, min(900, 120 + 34 * len(layers)))
+
+
+def expert_bars(values, name: str, *, reference: float | None = None, reference_label: str = "",
+                fmt: str = ".3f", title: str | None = None) -> go.Figure:
+    v = np.asarray(values, dtype=float)
+    fig = go.Figure(go.Bar(x=list(range(v.size)), y=v, marker_color="#3b5bdb",
+                           hovertemplate=f"expert %{{x}}: {name} %{{y:{fmt}}}<extra></extra>"))
+    if reference is not None:
+        fig.add_hline(y=reference, line_dash="dash", line_color="#868e96", annotation_text=reference_label)
+    fig.update_xaxes(title="expert", dtick=1 if v.size <= 64 else None)
+    fig.update_yaxes(title=name, gridcolor="#e9ecef")
+    return _layout(fig, title, 300)
+
+
+def layer_bars(layers, series: dict[str, list[float]], *, yaxis: str, fmt: str = ".3f",
+               title: str | None = None, yrange=None) -> go.Figure:
+    """Grouped bars per layer, one series per entry of ``series``."""
+    x = [f"layer {l}" for l in layers]
+    fig = go.Figure([go.Bar(x=x, y=list(v), name=k, hovertemplate=f"%{{x}}: {k} %{{y:{fmt}}}<extra></extra>")
+                     for k, v in series.items()])
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.2))
+    fig.update_yaxes(title=yaxis, gridcolor="#e9ecef", range=yrange)
+    return _layout(fig, title, 320)
+
+
+def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: int | None = None) -> go.Figure:
+    """Layer × expert cells as square markers that can be clicked or box/lasso-selected
+    (plotly heatmaps cannot be selected); ``state[(layer, expert)]`` = "dropped" | "merged"
+    draws a symbol on the cell. Every point carries ``customdata = [layer, expert]``."""
+    M = np.asarray(M, dtype=float)
+    xs, ys, zs, cd = [], [], [], []
+    for i, l in enumerate(layers):
+        for e in range(M.shape[1]):
+            if np.isfinite(M[i, e]):
+                xs.append(e)
+                ys.append(i)
+                zs.append(M[i, e])
+                cd.append([int(l), int(e)])
+    height = height or min(900, 140 + 40 * len(layers))
+    size = max(6, min(34, (height - 120) / max(len(layers), 1) * 0.85))
+    fig = go.Figure(go.Scatter(
+        x=xs, y=ys, mode="markers", customdata=cd, name=name,
+        marker=dict(symbol="square", size=size, color=zs, colorscale=SIMILAR,
+                    colorbar=dict(title=name, thickness=12)),
+        hovertemplate=f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{name} %{{marker.color:{fmt}}}<extra></extra>",
+    ))
+    for what, symbol, colour in (("dropped", "x-thin-open", "#c92a2a"), ("merged", "circle-open", "#212529")):
+        cells = [(l, e) for (l, e), v in (state or {}).items() if v == what and l in layers]
+        if cells:
+            fig.add_trace(go.Scatter(
+                x=[e for _, e in cells], y=[list(layers).index(l) for l, _ in cells], mode="markers", name=what,
+                marker=dict(symbol=symbol, size=size * 0.7, color=colour, line=dict(width=3, color=colour)),
+                hoverinfo="skip",
+            ))
+    fig.update_xaxes(title="expert", dtick=1 if M.shape[1] <= 64 else None, showgrid=False, zeroline=False)
+    fig.update_yaxes(tickvals=list(range(len(layers))), ticktext=[f"layer {l}" for l in layers],
+                     autorange="reversed", showgrid=False, zeroline=False)
+    fig.update_layout(dragmode="select", legend=dict(orientation="h", y=-0.2), clickmode="event+select")
+    return _layout(fig, None, height)
+
+
+def pair_picker(S, metric: str, *, distance: bool = False, groups=None, dropped=None, height: int = 460) -> go.Figure:
+    """One layer's expert × expert matrix as selectable square markers (``customdata = [i, j]``);
+    selecting cells asks to merge those pairs. Merged groups are outlined, dropped experts crossed."""
+    S = np.asarray(S, dtype=float)
+    E = S.shape[0]
+    lo, hi = offdiag_range([S])
+    ii, jj = np.meshgrid(np.arange(E), np.arange(E), indexing="ij")
+    off = ii != jj
+    size = max(5, min(40, (height - 100) / E * 0.9))
+    fig = go.Figure(go.Scatter(
+        x=jj[off], y=ii[off], mode="markers", customdata=np.stack([ii[off], jj[off]], -1), name=metric,
+        marker=dict(symbol="square", size=size, color=S[off], cmin=lo, cmax=hi, colorscale=SIMILAR,
+                    reversescale=distance, colorbar=dict(title=metric, thickness=12)),
+        hovertemplate=f"experts %{{y}} and %{{x}}<br>{metric} %{{marker.color:.4f}}<extra></extra>",
+    ))
+    for k, g in enumerate(g for g in (groups or []) if len(g) > 1):
+        fig.add_trace(go.Scatter(
+            x=[j for i in g for j in g if i != j], y=[i for i in g for j in g if i != j], mode="markers",
+            name=f"merged {'+'.join(map(str, g))}", hoverinfo="skip",
+            marker=dict(symbol="square-open", size=size, line=dict(width=3),
+                        color=GROUP_COLOURS[k % len(GROUP_COLOURS)]),
+        ))
+    if dropped:
+        fig.add_trace(go.Scatter(x=list(dropped), y=list(dropped), mode="markers", name="dropped", hoverinfo="skip",
+                                 marker=dict(symbol="x-thin-open", size=size, color="#c92a2a",
+                                             line=dict(width=3, color="#c92a2a"))))
+    fig.update_xaxes(title="expert", dtick=1 if E <= 32 else None, range=[-0.5, E - 0.5], showgrid=False, zeroline=False)
+    fig.update_yaxes(title="expert", dtick=1 if E <= 32 else None, range=[E - 0.5, -0.5], showgrid=False,
+                     zeroline=False, scaleanchor="x")
+    fig.update_layout(dragmode="select", legend=dict(orientation="h", y=-0.15), clickmode="event+select")
+    return _layout(fig, None, height)
+
+
+def selected_cells(event) -> list[tuple[int, int]]:
+    """The ``customdata`` pairs of the points selected on a picker (a Streamlit plotly event, its
+    ``selection`` dict, or None), first trace only, without duplicates, in selection order."""
+    if not event:
+        return []
+    selection = event.get("selection", event) if hasattr(event, "get") else None
+    out = []
+    for p in (selection or {}).get("points", []) or []:
+        cd = p.get("customdata")
+        if p.get("curve_number", 0) != 0 or cd is None or len(cd) < 2:
+            continue
+        cell = (int(cd[0]), int(cd[1]))
+        if cell not in out:
+            out.append(cell)
+    return out

@@ -1,0 +1,115 @@
+"""Small Streamlit helpers shared by the pages: settings, one-line errors, progress, pickers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import streamlit as st
+
+from dashboard import backend
+from dashboard.backend import MoescopeError, PruningPlan, Settings
+
+STAGES = {"layers": "decoder layers", "gradients": "gradient chunks", "trace": "routing trace",
+          "cells": "drop-grid cells", "rounds": "rounds"}
+
+
+def settings() -> Settings:
+    return Settings.from_state(st.session_state)
+
+
+def fail(err: Exception) -> None:
+    """Show a user mistake as one line and stop the page."""
+    st.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    st.stop()
+
+
+def guarded(fn: Callable, *args, **kwargs):
+    """``fn(*args)``, or its :class:`MoescopeError` as one line (page stopped)."""
+    try:
+        return fn(*args, **kwargs)
+    except MoescopeError as err:
+        fail(err)
+
+
+class Progress:
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage inside ``st.status``."""
+
+    def __init__(self, label: str):
+        self.status = st.status(label, expanded=True)
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = self.status.progress(0.0)
+        bar.progress(min(1.0, done / max(total, 1)), text=f"{STAGES.get(stage, stage)}: {done} / {total}")
+
+    def done(self, label: str) -> None:
+        self.status.update(label=label, state="complete", expanded=False)
+
+    def failed(self, label: str) -> None:
+        self.status.update(label=label, state="error", expanded=False)
+
+
+def run_with_progress(label: str, fn: Callable, s: Settings, done_label: str):
+    """Run ``fn(s, progress)`` inside a status box; a :class:`MoescopeError` becomes one line."""
+    progress = Progress(label)
+    try:
+        out = fn(s, progress)
+    except MoescopeError as err:
+        progress.failed("Failed")
+        fail(err)
+    progress.done(done_label)
+    return out
+
+
+def require_analysis(s: Settings):
+    """The stored analysis, or (when there is none) a button that computes it; stops the page
+    until there is one."""
+    res = guarded(backend.find_analysis, s)
+    if res is not None:
+        return backend.analysis_overview(s)
+    st.info(f"No analysis of **{s.model}** on {s.calib_samples}×{s.calib_seq_len} tokens of `{s.calib_source}` "
+            "yet. It is computed once and cached (the CLI's `moescope analyze` shares it).")
+    if st.button("Run the analysis", type="primary", key="run_analysis"):
+        run_with_progress("Analysing…", backend.compute_analysis, s, "Analysis done")
+        st.rerun()
+    st.stop()
+
+
+def layer_select(layers: list[int], key: str, label: str = "Layer") -> int:
+    """A layer picker that remembers its choice across pages (``key`` stays in session state)."""
+    if st.session_state.get(key) not in layers:
+        st.session_state[key] = layers[0]
+    return st.selectbox(label, layers, key=key, format_func=lambda l: f"layer {l}")
+
+
+def current_plan() -> PruningPlan | None:
+    data = st.session_state.get("plan")
+    if not data:
+        return None
+    try:
+        return PruningPlan.from_json(data, where="current plan")
+    except MoescopeError:
+        return None
+
+
+def plan_layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> tuple[list[list[int]], list[int]]:
+    """(merged groups, dropped experts) of ``layer`` in ``plan``."""
+    if plan is None or layer not in plan.layers:
+        return [], []
+    groups = plan.layers[layer].groups
+    kept = {e for g in groups for e in g}
+    return [list(g) for g in groups if len(g) > 1], [e for e in range(num_experts) if e not in kept]
+
+
+def persistent(widget: Callable, label: str, key: str, **kwargs):
+    """A widget bound to the session-state ``key`` that survives page switches (Streamlit forgets
+    the state of widgets that are not drawn, so the widget gets its own key and copies back)."""
+    wkey = f"_w_{key}"
+    st.session_state[wkey] = st.session_state[key]
+
+    def copy_back():
+        st.session_state[key] = st.session_state[wkey]
+
+    return widget(label, key=wkey, on_change=copy_back, **kwargs)
