@@ -1,0 +1,115 @@
+"""Benchmark: how long each dashboard page takes to render on the demo model with a warm cache.
+
+    python benchmarks/dashboard_render.py [--samples 64 --seq-len 256 --grid-samples 16 --grid-seq-len 256 --repeat 5]
+
+Fills a throw-away cache with what the pages read (the analysis, the routing trace and the drop
+grid, computed by the library the way ``moescope analyze`` / ``moescope grid`` do; the defaults
+are the dashboard's own defaults), then renders each page through Streamlit's AppTest:
+
+* ``first``: the first render of that page in this process (Streamlit's in-memory caches cold, so
+  it reads the stored results from disk; the first page also loads the model),
+* ``warm``: the median of ``--repeat`` renders, each in a fresh session (a person opening the app
+  again, or another browser tab), with Streamlit's caches warm.
+
+The time is the server-side script run only (not the browser drawing the plotly figures). Torch
+runs on one thread: AppTest polls the page's thread every millisecond from the main thread, which
+makes multi-threaded torch crawl (the real server has no such poller), and one thread is also
+steady when other processes share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "dashboard" / "app.py")
+
+# (label, page file, extra session state)
+PAGES = [
+    ("Model & data", "model.py", {}),
+    ("Similarity (one layer)", "similarity.py", {}),
+    ("Similarity (all layers)", "similarity.py", {"sim_view": "All layers"}),
+    ("Routing (usage)", "routing.py", {}),
+    ("Routing (tokens)", "routing.py", {"route_view": "Tokens"}),
+    ("Routing (skipping)", "routing.py", {"route_view": "Skipping"}),
+    ("Expert maps (+ grid ρ)", "expert_maps.py", {}),
+    ("Drop grid", "drop_grid.py", {}),
+    ("Plan (strategy)", "plan.py", {}),
+    ("Plan (by hand)", "plan.py", {"plan_mode": "By hand"}),
+]
+
+
+def render(settings: dict, page: str, extra: dict) -> float:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=300)
+    for k, v in settings.items():
+        at.session_state[k] = v
+    if page != "model.py":
+        at.run()  # open the app (the Model & data page), then go to the page
+        at.switch_page(f"app_pages/{page}")
+    for k, v in extra.items():
+        at.session_state[k] = v
+    t0 = time.perf_counter()
+    at.run()
+    elapsed = time.perf_counter() - t0
+    if at.exception or at.error:
+        raise SystemExit(f"{page}: {[e.value for e in at.exception] or [e.value for e in at.error]}")
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--grid-samples", type=int, default=16)
+    ap.add_argument("--grid-seq-len", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    cache_dir = tempfile.mkdtemp(prefix="moescope-bench-dashboard-")
+    os.environ["MOESCOPE_CACHE"] = cache_dir
+    sys.path.insert(0, str(REPO))
+
+    from analysis.analyze import AnalysisParams, run_analysis
+    from analysis.cache import Cache
+    from analysis.data import sample_tokens
+    from analysis.explore import routing_trace
+    from analysis.models import load_moe
+    from analysis.sensitivity import cached_drop_grid
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    model = load_moe("demo")
+    calib = sample_tokens("demo:all", model.tokenizer, args.samples, args.seq_len, seed=0, split="validation")
+    evalb = sample_tokens("demo:all", model.tokenizer, args.grid_samples, args.grid_seq_len, seed=0, split="test")
+    run_analysis(model, calib, AnalysisParams(), cache=Cache(cache_dir))
+    routing_trace(model, calib, cache=Cache(cache_dir))
+    cached_drop_grid(model, evalb, Cache(cache_dir))
+    warmup = time.perf_counter() - t0
+    del model
+
+    settings = {"calib_samples": args.samples, "calib_seq_len": args.seq_len,
+                "grid_samples": args.grid_samples, "grid_seq_len": args.grid_seq_len}
+    print(f"demo model; calibration {calib.describe()}; drop grid on {evalb.describe()}")
+    print(f"cache filled in {warmup:.1f} s (analysis, routing trace, drop grid); {args.repeat} warm renders per page")
+    print(f"{'page':<26}{'first':>9}{'warm (median)':>16}{'warm (max)':>13}")
+    rows = []
+    for label, page, extra in PAGES:
+        first = render(settings, page, extra)
+        warm = [render(settings, page, extra) for _ in range(args.repeat)]
+        rows.append((label, first, statistics.median(warm), max(warm)))
+        print(f"{label:<26}{first:>8.3f}s{statistics.median(warm):>15.3f}s{max(warm):>12.3f}s", flush=True)
+    worst = max(r[2] for r in rows)
+    print(f"slowest warm page: {worst:.3f} s ({'under' if worst < 1 else 'OVER'} the 1 s target)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The real dashboard server in headless Chromium: every analysis page of the demo model loads
+without an exception or error, driven the way a person would (set small calibration sizes, run
+the analysis, compute the drop grid, build a plan); screenshots go to
+``test-artifacts/screenshots/``.
+
+Uses Debian's ``/usr/bin/chromium`` through Playwright's ``executable_path`` (no browser download).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "test-artifacts" / "screenshots"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (Debian package 'chromium')"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``streamlit run dashboard/app.py`` on a free port with an empty throw-away cache."""
+    cache = tmp_path_factory.mktemp("browser-cache")
+    # one torch thread: Chromium and the server share the cores, and two OpenMP threads that must
+    # meet at every barrier slow down many times over when another process holds a core
+    env = {**os.environ, "MOESCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("browser-log") / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"), "--server.port", str(port),
+         "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--", "--model", "demo"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().decode().strip() == "ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"streamlit did not come up: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+def _settle(page, timeout: float = 90.0) -> None:
+    """Wait until the script run has finished (Streamlit's running indicator stays hidden)."""
+    page.wait_for_selector('[data-testid="stMain"]', timeout=timeout * 1000)
+    deadline, quiet_since = time.time() + timeout, None
+    while time.time() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0 and \
+            page.locator('[data-testid="stStatusWidget"]').first.is_visible()
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.time()
+        elif time.time() - quiet_since > 0.5:
+            return
+        page.wait_for_timeout(150)
+    raise AssertionError("the page kept running")
+
+
+def _check(page, name: str, expect: str) -> None:
+    t0 = time.time()
+    page.get_by_text(expect, exact=False).first.wait_for(timeout=60_000)
+    _settle(page)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    assert page.locator('[data-testid="stException"]').count() == 0, f"{name}: exception shown"
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert "Traceback" not in text and "Error:" not in text, f"{name}: {text[:500]}"
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    assert errors.count() == 0, f"{name}: {errors.first.inner_text()}"
+    print(f"{name}: {time.time() - t0:.1f}s")
+
+
+def _number(page, label: str, value: int) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    _settle(page)
+
+
+def _go(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
+    _settle(page)
+
+
+def test_every_analysis_page_loads_in_chromium(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.goto(server)
+    page.get_by_text("Structure").first.wait_for(timeout=90_000)
+    _settle(page)
+    _number(page, "Calibration samples", 8)
+    _number(page, "Tokens per sample", 128)
+    _check(page, "1-model-not-analysed", "Not analysed with these settings yet")
+    page.get_by_role("button", name="Run the analysis").click()
+    _check(page, "1-model", "Cached analysis: 4 MoE layers")
+    assert "mixtral" in page.locator('[data-testid="stMain"]').inner_text()
+
+    _go(page, "Similarity")
+    _check(page, "2-similarity", "Most alike pairs")
+    assert page.locator(".js-plotly-plot").count() == 1
+
+    _go(page, "Routing")
+    _check(page, "3-routing-usage", "Balance (entropy / log E)")
+    page.get_by_text("Tokens", exact=True).click()
+    _settle(page)
+    _check(page, "3-routing-tokens", "Most frequent tokens")
+
+    _go(page, "Expert maps")
+    _check(page, "4-expert-maps", "Agreement with the drop grid")
+
+    _go(page, "Drop grid")
+    _number(page, "Sequences", 2)
+    _number(page, "Tokens per sequence", 64)
+    page.get_by_role("button", name="Compute the drop grid").click()
+    _check(page, "5-drop-grid", "Baseline perplexity")
+
+    _go(page, "Expert maps")
+    _check(page, "4-expert-maps-vs-grid", "Mean Spearman ρ")
+
+    _go(page, "Plan")
+    _check(page, "6-plan-strategy", "Make the plan")
+    page.get_by_role("button", name="Make the plan").click()
+    _check(page, "6-plan-strategy-made", "Valid plan (random)")
+    page.get_by_text("By hand", exact=True).click()
+    _settle(page)
+    _check(page, "6-plan-by-hand", "Every layer")
+
+    _go(page, "Similarity")
+    _check(page, "2-similarity-with-plan", "Overlay the current plan")
+    page.close()
