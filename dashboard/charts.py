@@ -158,7 +158,7 @@ def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: i
     height = height or min(900, 140 + 40 * len(layers))
     size = max(6, min(34, (height - 120) / max(len(layers), 1) * 0.85))
     fig = go.Figure(go.Scatter(
-        x=xs, y=ys, mode="markers", customdata=cd, name=name,
+        x=xs, y=ys, mode="markers", customdata=cd, name=name, showlegend=False,
         marker=dict(symbol="square", size=size, color=zs, colorscale=SIMILAR,
                     colorbar=dict(title=name, thickness=12)),
         hovertemplate=f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{name} %{{marker.color:{fmt}}}<extra></extra>",
@@ -189,6 +189,7 @@ def pair_picker(S, metric: str, *, distance: bool = False, groups=None, dropped=
     size = max(5, min(40, (height - 100) / E * 0.9))
     fig = go.Figure(go.Scatter(
         x=jj[off], y=ii[off], mode="markers", customdata=np.stack([ii[off], jj[off]], -1), name=metric,
+        showlegend=False,
         marker=dict(symbol="square", size=size, color=S[off], cmin=lo, cmax=hi, colorscale=SIMILAR,
                     reversescale=distance, colorbar=dict(title=metric, thickness=12)),
         hovertemplate=f"experts %{{y}} and %{{x}}<br>{metric} %{{marker.color:.4f}}<extra></extra>",
@@ -204,9 +205,10 @@ def pair_picker(S, metric: str, *, distance: bool = False, groups=None, dropped=
         fig.add_trace(go.Scatter(x=list(dropped), y=list(dropped), mode="markers", name="dropped", hoverinfo="skip",
                                  marker=dict(symbol="x-thin-open", size=size, color="#c92a2a",
                                              line=dict(width=3, color="#c92a2a"))))
-    fig.update_xaxes(title="expert", dtick=1 if E <= 32 else None, range=[-0.5, E - 0.5], showgrid=False, zeroline=False)
+    fig.update_xaxes(title="expert", dtick=1 if E <= 32 else None, range=[-0.5, E - 0.5], showgrid=False, zeroline=False,
+                     constrain="domain")
     fig.update_yaxes(title="expert", dtick=1 if E <= 32 else None, range=[E - 0.5, -0.5], showgrid=False,
-                     zeroline=False, scaleanchor="x")
+                     zeroline=False, scaleanchor="x", constrain="domain")
     fig.update_layout(dragmode="select", legend=dict(orientation="h", y=-0.15), clickmode="event+select")
     return _layout(fig, None, height)
 
