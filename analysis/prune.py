@@ -77,29 +77,22 @@ def lottery(model: MoEModel, calib, keep: int, criterion: str = "REAP", order: s
         StrategyContext,
         _check_criterion,
         _criterion_scores,
+        _iterative,
         _metrics_for,
-        _routing_groups,
-        _top_layer,
         keep_counts,
     )
 
     name, order, _ = _check_criterion({"criterion": criterion, "order": order})
     counts = keep_counts(model, {"keep": keep})
     ctx = StrategyContext(model, calib, cache, analysis_params)
-    alive = {l: list(range(v.num_experts)) for l, v in model.layers.items()}
-    rounds = max((len(alive[l]) - counts[l]) // len(_routing_groups(model.layers[l])) for l in alive)
     log = []
-    for r in range(rounds):
-        scores = _criterion_scores(ctx.analysis(metrics=_metrics_for(name)), name, order)
-        for l, view in model.layers.items():
-            if len(alive[l]) <= counts[l]:
-                continue
-            local = _top_layer(view, scores[l], len(alive[l]) - len(_routing_groups(view)))
-            model.keep(l, local)
-            alive[l] = [alive[l][e] for e in local]
-        info = finetune(model, calib.input_ids, start_tokens * 2**r, lr=lr,
-                        progress=(lambda s, d, t, r=r: progress(f"round {r + 1}/{rounds}", d, t)) if progress else None)
-        log.append(info)
+
+    def tune(r: int, rounds: int) -> None:
+        log.append(finetune(model, calib.input_ids, start_tokens * 2**r, lr=lr, progress=(
+            lambda s, d, t: progress(f"round {r + 1}/{rounds}", d, t)) if progress else None))
+
+    alive = _iterative(ctx, counts, lambda res: _criterion_scores(res, name, order), _metrics_for(name),
+                       after_round=tune, restore=False)
     plan = PruningPlan.from_keep(model.source, alive, provenance={
         "strategy": f"lottery:{order}-{name}", "params": {"keep": keep, "start_tokens": start_tokens, "lr": lr},
         "data": calib.fingerprint, "finetuned": True, "rounds": log})

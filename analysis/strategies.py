@@ -212,15 +212,19 @@ def strategy_criterion(ctx, params):
                  f"criterion:{order}-{name}", params)
 
 
-def _iterative(ctx, counts: dict[int, int], score_fn, metrics) -> dict[int, list[int]]:
-    """Drop one expert per layer per round (the lowest keep-score), re-analysing the temporarily
-    pruned model each round; returns the surviving original indices."""
+def _iterative(ctx, counts: dict[int, int], score_fn, metrics, after_round=None,
+               restore: bool = True) -> dict[int, list[int]]:
+    """Drop one expert per layer (one per routing group) per round, the lowest keep-score,
+    re-analysing the pruned model each round; returns the surviving original indices.
+    ``after_round(r, rounds)`` runs after each round's drops (the lottery finetunes there);
+    ``restore=False`` leaves the model edited instead of restoring it afterwards."""
     model = ctx.model
     alive = {l: list(range(v.num_experts)) for l, v in model.layers.items()}
     rounds = max((len(alive[l]) - counts[l]) // len(_routing_groups(model.layers[l])) for l in alive)
     with contextlib.ExitStack() as stack:
-        for l in model.layers:
-            stack.enter_context(model.temporary_edit(l))
+        if restore:
+            for l in model.layers:
+                stack.enter_context(model.temporary_edit(l))
         for r in range(rounds):
             scores = score_fn(ctx.analysis(metrics=metrics))
             for l in model.layers:
@@ -232,6 +236,8 @@ def _iterative(ctx, counts: dict[int, int], score_fn, metrics) -> dict[int, list
                 keep_local = _top_layer(view, s, len(s) - n_groups)  # one fewer in every routing group
                 model.keep(l, keep_local)
                 alive[l] = [alive[l][e] for e in keep_local]
+            if after_round is not None:
+                after_round(r, rounds)
             ctx.report("rounds", r + 1, rounds)
     return {l: sorted(a) for l, a in alive.items()}
 
