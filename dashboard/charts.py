@@ -174,7 +174,7 @@ def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: i
     fig.update_xaxes(title="expert", dtick=1 if M.shape[1] <= 64 else None, showgrid=False, zeroline=False)
     fig.update_yaxes(tickvals=list(range(len(layers))), ticktext=[f"layer {l}" for l in layers],
                      autorange="reversed", showgrid=False, zeroline=False)
-    fig.update_layout(dragmode="select", legend=dict(orientation="h", y=-0.2), clickmode="event+select")
+    fig.update_layout(legend=dict(orientation="h", y=-0.2))  # Streamlit sets dragmode / clickmode for selections
     return _layout(fig, None, height)
 
 
@@ -209,7 +209,7 @@ def pair_picker(S, metric: str, *, distance: bool = False, groups=None, dropped=
                      constrain="domain")
     fig.update_yaxes(title="expert", dtick=1 if E <= 32 else None, range=[E - 0.5, -0.5], showgrid=False,
                      zeroline=False, scaleanchor="x", constrain="domain")
-    fig.update_layout(dragmode="select", legend=dict(orientation="h", y=-0.15), clickmode="event+select")
+    fig.update_layout(legend=dict(orientation="h", y=-0.15))  # Streamlit sets dragmode / clickmode for selections
     return _layout(fig, None, height)
 
 
@@ -222,7 +222,9 @@ def selected_cells(event) -> list[tuple[int, int]]:
     out = []
     for p in (selection or {}).get("points", []) or []:
         cd = p.get("customdata")
-        if p.get("curve_number", 0) != 0 or cd is None or len(cd) < 2:
+        if isinstance(cd, dict):  # a typed-array customdata row arrives as {"0": i, "1": j}
+            cd = [cd.get("0", cd.get(0)), cd.get("1", cd.get(1))]
+        if p.get("curve_number", 0) != 0 or cd is None or len(cd) < 2 or None in cd[:2]:
             continue
         cell = (int(cd[0]), int(cd[1]))
         if cell not in out:

@@ -1,6 +1,7 @@
 """The real dashboard server in headless Chromium: every analysis page of the demo model loads
 without an exception or error, driven the way a person would (set small calibration sizes, run
-the analysis, compute the drop grid, build a plan); screenshots go to
+the analysis, compute the drop grid, make a plan by strategy and by clicking heatmap cells);
+screenshots go to
 ``test-artifacts/screenshots/``.
 
 Uses Debian's ``/usr/bin/chromium`` through Playwright's ``executable_path`` (no browser download).
@@ -100,10 +101,16 @@ def _settle(page, timeout: float = 90.0) -> None:
     raise AssertionError("the page kept running")
 
 
-def _check(page, name: str, expect: str) -> None:
+def _check(page, name: str, expect: str, charts: int = 0) -> None:
+    """Wait for ``expect`` and ``charts`` drawn plotly charts (plotly.js loads lazily), save a
+    screenshot, and fail on any exception or error shown."""
     t0 = time.time()
     page.get_by_text(expect, exact=False).first.wait_for(timeout=60_000)
     _settle(page)
+    deadline = time.time() + 30
+    while page.locator(".js-plotly-plot").count() < charts and time.time() < deadline:
+        page.wait_for_timeout(100)
+    assert page.locator(".js-plotly-plot").count() >= charts, f"{name}: charts not drawn"
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
     assert page.locator('[data-testid="stException"]').count() == 0, f"{name}: exception shown"
@@ -118,6 +125,16 @@ def _number(page, label: str, value: int) -> None:
     box = page.get_by_label(label, exact=True)
     box.fill(str(value))
     box.press("Enter")
+    _settle(page)
+
+
+def _click_point(page, chart: int, point: int) -> None:
+    """Click one marker of the ``chart``-th plotly chart on the page (a point selection)."""
+    marker = page.locator(".js-plotly-plot").nth(chart).locator(".scatterlayer .trace").first.locator("path.point")
+    box = marker.nth(point).bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.up()
     _settle(page)
 
 
@@ -139,35 +156,48 @@ def test_every_analysis_page_loads_in_chromium(server, browser):
     assert "mixtral" in page.locator('[data-testid="stMain"]').inner_text()
 
     _go(page, "Similarity")
-    _check(page, "2-similarity", "Most alike pairs")
-    assert page.locator(".js-plotly-plot").count() == 1
+    _check(page, "2-similarity", "Most alike pairs", charts=1)
 
     _go(page, "Routing")
-    _check(page, "3-routing-usage", "Balance (entropy / log E)")
+    _check(page, "3-routing-usage", "Balance (entropy / log E)", charts=2)
     page.get_by_text("Tokens", exact=True).click()
     _settle(page)
     _check(page, "3-routing-tokens", "Most frequent tokens")
 
     _go(page, "Expert maps")
-    _check(page, "4-expert-maps", "Agreement with the drop grid")
+    _check(page, "4-expert-maps", "Agreement with the drop grid", charts=1)
 
     _go(page, "Drop grid")
     _number(page, "Sequences", 2)
     _number(page, "Tokens per sequence", 64)
     page.get_by_role("button", name="Compute the drop grid").click()
-    _check(page, "5-drop-grid", "Baseline perplexity")
+    _check(page, "5-drop-grid", "Baseline perplexity", charts=1)
 
     _go(page, "Expert maps")
-    _check(page, "4-expert-maps-vs-grid", "Mean Spearman ρ")
+    _check(page, "4-expert-maps-vs-grid", "Mean Spearman ρ", charts=2)
 
     _go(page, "Plan")
     _check(page, "6-plan-strategy", "Make the plan")
     page.get_by_role("button", name="Make the plan").click()
     _check(page, "6-plan-strategy-made", "Valid plan (random)")
-    page.get_by_text("By hand", exact=True).click()
+    page.get_by_role("button", name="Clear the plan").click()
     _settle(page)
-    _check(page, "6-plan-by-hand", "Every layer")
+    page.get_by_text("By hand", exact=True).click()
+    _check(page, "6-plan-by-hand-start", "Every layer", charts=2)
+    # merge by clicking the similarity cell of experts 2 and 5 (a real plotly selection event)
+    pairs = [(i, j) for i in range(8) for j in range(8) if i != j]  # the picker's point order
+    _click_point(page, 0, pairs.index((2, 5)))
+    page.get_by_text("Selected: 2–5").first.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Merge the selected pairs").click()
+    _check(page, "6-plan-by-hand", "Valid plan (manual): 31 of 32", charts=2)
+    # drop by clicking layer 1, expert 0 on the every-layer map (points are layer-major)
+    _click_point(page, 1, 8 * 1 + 0)
+    page.get_by_text("Selected: L1·0").first.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Drop the selected").click()
+    _check(page, "6-plan-by-hand-dropped", "Valid plan (manual): 30 of 32", charts=2)
+    sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
+    assert "Plan (manual): L0→7, L1→7" in sidebar, sidebar  # layer 0 merged 2+5, layer 1 dropped 0
 
     _go(page, "Similarity")
-    _check(page, "2-similarity-with-plan", "Overlay the current plan")
+    _check(page, "2-similarity-with-plan", "Overlay the current plan", charts=1)
     page.close()

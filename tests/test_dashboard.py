@@ -401,8 +401,9 @@ def test_plan_upload_good_bad_and_malformed(analysed):
 def test_selected_cells_read_plotly_selection_events():
     event = {"selection": {"points": [
         {"curve_number": 0, "customdata": [2, 5]}, {"curve_number": 0, "customdata": [2, 5]},
-        {"curve_number": 1, "customdata": [0, 1]}, {"curve_number": 0, "customdata": [3, 4]}]}}
-    assert charts.selected_cells(event) == [(2, 5), (3, 4)]
+        {"curve_number": 1, "customdata": [0, 1]}, {"curve_number": 0, "customdata": [3, 4]},
+        {"curve_number": 0, "customdata": {"0": 6, "1": 1}}]}}  # as the browser sends typed-array rows
+    assert charts.selected_cells(event) == [(2, 5), (3, 4), (6, 1)]
     assert charts.selected_cells(None) == [] and charts.selected_cells({"selection": {"points": []}}) == []
     fig = charts.pair_picker(np.eye(4), "cka_linear", groups=[[1, 3]], dropped=[0])
     cells = {tuple(c) for c in np.asarray(fig.data[0].customdata).tolist()}

@@ -218,7 +218,8 @@ with right:
                            distance=backend.is_distance(metric), groups=merged, dropped=dropped),
         key=f"plan_pairs_{layer}_{metric}_{n_pick}", on_select="rerun", selection_mode=("points", "box", "lasso"))
     pairs = charts.selected_cells(event)
-    st.caption("Click or box-select cells to merge those pairs (overlapping pairs form one group). "
+    st.caption("Click cells (or box-select them from the chart toolbar) to merge those pairs; overlapping pairs form "
+               "one group. "
                + (f"Selected: {', '.join(f'{i}–{j}' for i, j in pairs)}" if pairs else ""))
     if pairs and st.button("Merge the selected pairs", key="plan_merge_pairs", type="primary"):
         edit(layer, dropped, merged + [list(p) for p in pairs])
@@ -236,7 +237,8 @@ event = st.plotly_chart(charts.cell_picker(usage, ov["layers"], "usage", state=s
                         key=f"plan_cells_{st.session_state['plan_pick_round']}", on_select="rerun",
                         selection_mode=("points", "box", "lasso"))
 cells = charts.selected_cells(event)
-st.caption("Colour: fraction of tokens routed to the expert. Select cells to drop them (or keep them again). "
+st.caption("Colour: fraction of tokens routed to the expert. Click or box-select cells to drop them (or keep "
+           "them again). "
            + (f"Selected: {', '.join(f'L{l}·{e}' for l, e in cells)}" if cells else ""))
 if cells:
     c1, c2, _ = st.columns([1, 1, 3])
