@@ -89,7 +89,8 @@ def cmd_dashboard(args) -> int:
 
     from analysis.models import REPO_ROOT
 
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    # "demo" names the shipped model even where a demo/ folder sits in the working directory
+    model = str(Path(args.model).resolve()) if args.model != "demo" and Path(args.model).exists() else args.model
     app = REPO_ROOT / "dashboard" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--", "--model", model]

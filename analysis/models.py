@@ -817,6 +817,9 @@ def folder_fingerprint(folder: Path) -> str:
 def _load_tokenizer(location: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    folder = Path(location)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None  # transformers 5 would hand back an empty tokenizer instead of failing
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):

@@ -98,3 +98,24 @@ def test_weights_are_loaded_in_the_requested_dtype(tiny_dirs):
     assert next(model.hf.parameters()).dtype == torch.bfloat16
     with pytest.raises(MoescopeError, match="unknown dtype"):
         load_moe(tiny_dirs["mixtral"], dtype="float8")
+
+
+def test_a_folder_without_tokenizer_files_has_no_tokenizer(tiny_dirs, capsys, tmp_path, monkeypatch):
+    model = load_moe(tiny_dirs["mixtral"])
+    assert model.tokenizer is None
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+    rc = main(["analyze", tiny_dirs["mixtral"], "--samples", "2", "--seq-len", "16"])
+    assert rc == 2 and "has no tokenizer files; pass --tokenizer" in capsys.readouterr().err
+
+
+def test_dashboard_command_keeps_demo_even_beside_a_demo_folder(monkeypatch, tmp_path):
+    import os
+
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(os, "execv", lambda exe, cmd: seen.setdefault("cmd", cmd))
+    main(["dashboard", "demo"])
+    cmd = seen["cmd"]
+    assert cmd[-2:] == ["--model", "demo"]
+    assert cmd[cmd.index("--server.address") + 1] == "localhost"
