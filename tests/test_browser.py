@@ -1,6 +1,7 @@
 """The real dashboard server in headless Chromium: every analysis page of the demo model loads
 without an exception or error, driven the way a person would (set small calibration sizes, run
-the analysis, compute the drop grid, make a plan by strategy and by clicking heatmap cells);
+the analysis, compute the drop grid, make a plan by strategy and by clicking heatmap cells, run
+it as a background job, see it in Compare and on Export);
 screenshots go to
 ``test-artifacts/screenshots/``.
 
@@ -143,7 +144,7 @@ def _go(page, title: str) -> None:
     _settle(page)
 
 
-def test_every_analysis_page_loads_in_chromium(server, browser):
+def test_every_page_loads_in_chromium(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
     page.goto(server)
     page.get_by_text("Structure").first.wait_for(timeout=90_000)
@@ -200,4 +201,25 @@ def test_every_analysis_page_loads_in_chromium(server, browser):
 
     _go(page, "Similarity")
     _check(page, "2-similarity-with-plan", "Overlay the current plan", charts=1)
+
+    # Run the hand-made plan as a background job, then see it in Compare and on Export
+    _go(page, "Run")
+    _check(page, "7-run", "Plan **manual**".replace("**", ""))
+    for label, value in (("Windows", 4), ("Tokens per window", 64), ("Samples per task (0: all)", 6)):
+        box = page.get_by_label(label, exact=True)
+        box.fill(str(value))
+        box.press("Tab")  # Enter would submit the form before every field is set
+    page.get_by_text("Measure memory and tokens/s", exact=False).click()
+    page.get_by_role("button", name="Run prune + evaluate").click()
+    page.get_by_text("done → experiment", exact=False).first.wait_for(timeout=240_000)
+    _check(page, "7-run-done", "done → experiment")
+
+    _go(page, "Compare")
+    _check(page, "8-compare", "Download CSV", charts=2)
+    # the scatter labels each point: the original (its model, "demo") and the run ("manual …")
+    labels = page.locator(".js-plotly-plot").first.locator("text").all_text_contents()
+    assert "demo" in labels and any(t.startswith("manual") for t in labels), labels
+
+    _go(page, "Export")
+    _check(page, "9-export", "Download plan JSON")
     page.close()
