@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from analysis import metrics as M
+from analysis.cache import StoredResult
 from analysis.capture import LayerStream, token_nll
 from analysis.errors import MoescopeError, unknown_name
 from analysis.metrics import METRICS_VERSION
@@ -346,17 +347,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.split("/")[-1] if "/" in text and not text.startswith(("hf:", "file:")) else text)[:24]
 
 
-class AnalysisResult:
+class AnalysisResult(StoredResult):
     """Read access to a stored analysis: per-layer matrices, layer × expert maps, tidy tables."""
-
-    def __init__(self, entry):
-        self.entry = entry
-        self.meta = entry.meta
-        self._t = entry.tensors()
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(int(k) for k in self.meta["layers"])
 
     def num_experts(self, layer: int) -> int:
         return int(self.meta["layers"][str(layer)]["num_experts"])

@@ -360,6 +360,20 @@ def _unpack_result(result: Any) -> tuple[dict | None, dict | None, dict | None]:
     )
 
 
+class StoredResult:
+    """Base of read views over one entry whose ``meta["layers"]`` is keyed by layer index
+    (:class:`analysis.analyze.AnalysisResult`, :class:`analysis.explore.RoutingTrace`)."""
+
+    def __init__(self, entry: Entry):
+        self.entry = entry
+        self.meta = entry.meta
+        self._t = entry.tensors()
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self.meta["layers"])
+
+
 # ---- the store -------------------------------------------------------------------------------
 class Cache:
     """The on-disk store under ``root`` (default :func:`default_cache_root`).

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from analysis.cache import StoredResult
 from analysis.errors import MoescopeError
 
 TRACE_VERSION = 1
@@ -23,17 +24,8 @@ TRACE_VERSION = 1
 Progress = Callable[[str, int, int], None]
 
 
-class RoutingTrace:
+class RoutingTrace(StoredResult):
     """Read access to a stored routing trace."""
-
-    def __init__(self, entry):
-        self.entry = entry
-        self.meta = entry.meta
-        self._t = entry.tensors()
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(int(k) for k in self.meta["layers"])
 
     @property
     def input_ids(self) -> Tensor:  # [N, L]

@@ -17,13 +17,10 @@ from analysis.errors import MoescopeError
 
 
 def check_target(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty folder (before any expensive work) unless ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MoescopeError(f"output path '{out}' exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MoescopeError(f"output folder '{out}' is not empty; choose an empty folder or pass --overwrite")
-    return out
+    """Refuse a file or a non-empty folder (before any expensive work) unless ``overwrite``."""
+    from analysis.models import check_output_dir
+
+    return check_output_dir(out_dir, overwrite)
 
 
 def export(model, out_dir: str | Path, experiment=None, overwrite: bool = False) -> Path:
