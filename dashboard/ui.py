@@ -63,18 +63,34 @@ def run_with_progress(label: str, fn: Callable, s: Settings, done_label: str):
     return out
 
 
-def require_analysis(s: Settings):
-    """The stored analysis, or (when there is none) a button that computes it; stops the page
-    until there is one."""
-    res = guarded(backend.find_analysis, s)
-    if res is not None:
-        return backend.analysis_overview(s)
-    st.info(f"No analysis of **{s.model}** on {s.calib_samples}×{s.calib_seq_len} tokens of `{s.calib_source}` "
-            "yet. It is computed once and cached (the CLI's `moescope analyze` shares it).")
-    if st.button("Run the analysis", type="primary", key="run_analysis"):
-        run_with_progress("Analysing…", backend.compute_analysis, s, "Analysis done")
+def require_stored(find: Callable, compute: Callable, s: Settings, message: str, button: str, key: str,
+                   busy: str, done: str):
+    """``find(s)``'s stored result, or (when there is none) ``message`` and a ``button`` that runs
+    ``compute(s, progress)`` with a progress display; stops the page until there is one."""
+    found = guarded(find, s)
+    if found is not None:
+        return found
+    st.info(message)
+    if st.button(button, type="primary", key=key):
+        run_with_progress(busy, compute, s, done)
         st.rerun()
     st.stop()
+
+
+def require_analysis(s: Settings):
+    """The stored analysis's overview, or a button that computes the analysis (page stopped)."""
+    require_stored(backend.find_analysis, backend.compute_analysis, s,
+                   f"No analysis of **{s.model}** on {s.calib_samples}×{s.calib_seq_len} tokens of "
+                   f"`{s.calib_source}` yet. It is computed once and cached (the CLI's `moescope analyze` shares it).",
+                   "Run the analysis", "run_analysis", "Analysing…", "Analysis done")
+    return backend.analysis_overview(s)
+
+
+def require_trace(s: Settings, needed_for: str):
+    """The stored routing trace, or a button that traces the routing (page stopped)."""
+    return require_stored(backend.find_trace, backend.compute_trace, s,
+                          f"{needed_for} need the routing of every calibration token (one forward pass, cached).",
+                          "Trace the routing", "route_trace", "Tracing…", "Routing traced")
 
 
 def layer_select(layers: list[int], key: str, label: str = "Layer") -> int:

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import backend, charts
-from dashboard.ui import guarded, persistent, run_with_progress, settings
+from dashboard.ui import guarded, persistent, require_stored, settings
 
 st.header("Drop grid")
 c1, c2, c3 = st.columns([2, 1, 1])
@@ -23,14 +23,12 @@ s = settings()
 data = guarded(backend.grid_delta, s)
 if data is None:
     batch = guarded(backend.describe_batch, s, "eval")
-    info = guarded(backend.model_info, s.model)
-    cells = sum(info["num_experts"].values())
-    st.info(f"Not computed for {batch} yet: {cells} cells, each the perplexity with one expert removed "
-            "(every cell re-runs only the layers from its own on). Cached once computed; `moescope grid` shares it.")
-    if st.button("Compute the drop grid", type="primary", key="grid_compute"):
-        run_with_progress("Computing the drop grid…", backend.compute_grid, s, "Drop grid done")
-        st.rerun()
-    st.stop()
+    cells = sum(guarded(backend.model_info, s.model)["num_experts"].values())
+    data = require_stored(
+        backend.grid_delta, backend.compute_grid, s,
+        f"Not computed for {batch} yet: {cells} cells, each the perplexity with one expert removed (every cell "
+        "re-runs only the layers from its own on). Cached once computed; `moescope grid` shares it.",
+        "Compute the drop grid", "grid_compute", "Computing the drop grid…", "Drop grid done")
 
 layers, delta = data["layers"], data["delta"]
 st.caption(data["data"])

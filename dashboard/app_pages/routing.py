@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import backend, charts
-from dashboard.ui import guarded, layer_select, require_analysis, run_with_progress, settings
+from dashboard.ui import layer_select, require_analysis, require_trace, settings
 
 VIEWS = ["Usage", "Co-activation", "Vocabulary", "Tokens", "Skipping"]
 
@@ -50,13 +50,7 @@ elif view == "Vocabulary":
                                                 title="Vocabulary coverage"), key="route_vocab")
 
 elif view == "Tokens":
-    trace = guarded(backend.find_trace, s)
-    if trace is None:
-        st.info("Token examples need the routing of every calibration token (one forward pass, cached).")
-        if st.button("Trace the routing", type="primary", key="route_trace"):
-            run_with_progress("Tracing…", backend.compute_trace, s, "Routing traced")
-            st.rerun()
-        st.stop()
+    require_trace(s, "Token examples")
     c1, c2 = st.columns(2)
     with c1:
         layer = layer_select(layers, "route_layer")
@@ -74,13 +68,7 @@ elif view == "Tokens":
                  column_config={"share": st.column_config.ProgressColumn(format="%.2f", min_value=0.0, max_value=1.0)})
 
 else:  # Skipping
-    trace = guarded(backend.find_trace, s)
-    if trace is None:
-        st.info("Skip ratios need the routing of every calibration token (one forward pass, cached).")
-        if st.button("Trace the routing", type="primary", key="route_trace"):
-            run_with_progress("Tracing…", backend.compute_trace, s, "Routing traced")
-            st.rerun()
-        st.stop()
+    require_trace(s, "Skip ratios")
     st.caption("Dynamic skipping (Lu et al.): a token drops its lower-weighted experts when their weight is at most "
                "β × the weight it keeps (top-2: w₂ ≤ β·w₁). β per layer is calibrated as the median w₂/w₁.")
     same = st.checkbox("One β for every layer", key="route_same_beta")
