@@ -34,6 +34,12 @@ LOCAL_TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 Progress = Callable[[str, int, int], None]
 
 
+def _skip_key(model) -> dict[str, float]:
+    """The model's dynamic-skipping thresholds as JSON (part of every cache key and record:
+    skipping changes outputs, the fingerprint covers only config and weights)."""
+    return {str(k): v for k, v in sorted(model.skip_beta.items())}
+
+
 # ---- perplexity ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Windows:
@@ -128,7 +134,7 @@ def perplexity(model, source: str = "demo:all", samples: int = 96, seq_len: int 
     if cache is None:
         out = compute()["meta"]
     else:
-        parts = {"model": model.fingerprint(), "skip_beta": {str(k): v for k, v in sorted(model.skip_beta.items())},
+        parts = {"model": model.fingerprint(), "skip_beta": _skip_key(model),
                  "windows": windows.fingerprint, "version": EVAL_VERSION}
         entry = cache.get_or_compute("perplexity", parts, compute, label=f"{model.source}-{windows.source}")
         out = {"ppl": entry.meta["ppl"], "tokens": entry.meta["tokens"]}
@@ -246,7 +252,7 @@ def cached_tasks(model, tasks: list[str], num_fewshot=None, limit=None, batch_si
         return run_tasks(model, tasks, num_fewshot, limit, batch_size, seed)
     import lm_eval
 
-    parts = {"model": model.fingerprint(), "skip_beta": {str(k): v for k, v in sorted(model.skip_beta.items())},
+    parts = {"model": model.fingerprint(), "skip_beta": _skip_key(model),
              "tasks": sorted(tasks), "num_fewshot": num_fewshot, "limit": limit, "seed": seed,
              "lm_eval": getattr(lm_eval, "__version__", "?"), "local_tasks": _local_tasks_hash(), "version": EVAL_VERSION}
     entry = cache.get_or_compute(
@@ -371,7 +377,7 @@ def efficiency(model, params: EfficiencyParams | None = None, prompts: torch.Ten
         "prefill_tokens_per_s": batch * length / t_pre,
         "generate_tokens_per_s": batch * (p.new_tokens - 1) / max(t_gen - t_pre, 1e-9),
         "prefill_s": t_pre, "generate_s": t_gen,
-        "skip_beta": {str(k): v for k, v in sorted(model.skip_beta.items())},
+        "skip_beta": _skip_key(model),
         "device": str(device), "threads": torch.get_num_threads(), "params": asdict(p),
     }
 
@@ -404,7 +410,6 @@ def isolated_efficiency(source: str, plan: dict | None, params: EfficiencyParams
 def _efficiency_child(spec_path: str) -> dict:
     import json
 
-    from analysis import skipping
     from analysis.models import load_moe
     from analysis.plan import PruningPlan
     from analysis.prune import apply
@@ -416,13 +421,27 @@ def _efficiency_child(spec_path: str) -> dict:
     if plan is not None:
         apply(model, plan)
     betas = spec.get("skip_beta") or (plan.skip_beta if plan else None)
-    prompts = efficiency_prompts(model.tokenizer, params)
-    skipping.remove(model)
-    out = {"plain": efficiency(model, params, prompts), "skip": None}
-    if betas:
-        counter = skipping.install(model, {int(k): float(v) for k, v in betas.items()})
-        out["skip"] = efficiency(model, params, prompts)
-        out["skip"]["skipped_fraction"] = counter.fraction
+    return efficiency_with_skipping(model, params, betas)
+
+
+def efficiency_with_skipping(model, params: EfficiencyParams, betas: dict | None,
+                             prompts: torch.Tensor | None = None) -> dict:
+    """``{"plain": efficiency without dynamic skipping, "skip": with skipping at ``betas`` (and
+    the fraction of expert calls skipped) or None}``; the model's own skipping is restored after."""
+    from analysis import skipping
+
+    own = dict(model.skip_beta)
+    prompts = prompts if prompts is not None else efficiency_prompts(model.tokenizer, params)
+    try:
+        skipping.remove(model)
+        out = {"plain": efficiency(model, params, prompts), "skip": None}
+        if betas:
+            counter = skipping.install(model, {int(k): float(v) for k, v in betas.items()})
+            out["skip"] = {**efficiency(model, params, prompts), "skipped_fraction": counter.fraction}
+    finally:
+        skipping.remove(model)
+        if own:
+            skipping.install(model, own)
     return out
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from analysis.errors import MoescopeError
-from analysis.evaluate import EvalSpec, evaluate_quality, isolated_efficiency
+from analysis.evaluate import EvalSpec, efficiency_with_skipping, evaluate_quality, isolated_efficiency
 
 KIND = "experiment"
 Progress = Callable[[str, int, int], None]
@@ -178,16 +178,8 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
         efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device)
         if plan is None:
             efficiency["pruned"] = efficiency["original"]
-        elif finetuned:
-            from analysis import skipping
-            from analysis.evaluate import efficiency as measure
-
-            skipping.remove(pruned)
-            efficiency["pruned"] = {"plain": measure(pruned, p), "skip": None}
-            if betas_pruned:
-                counter = skipping.install(pruned, betas_pruned)
-                efficiency["pruned"]["skip"] = {**measure(pruned, p), "skipped_fraction": counter.fraction}
-                skipping.remove(pruned)
+        elif finetuned:  # its weights exist only here: measured in this process
+            efficiency["pruned"] = efficiency_with_skipping(pruned, p, betas_pruned)
         else:
             efficiency["pruned"] = isolated_efficiency(source, plan_json, p, betas_pruned, dtype, device)
         timings["efficiency_s"] = time.perf_counter() - t0
@@ -254,6 +246,11 @@ def list_experiments(cache=None, model: str | None = None) -> list[Experiment]:
     return out
 
 
+def _id_of(info) -> str:
+    """An experiment entry's id: the first word of its label (``"<id> <strategy label>"``)."""
+    return (info.label or "").split(" ")[0]
+
+
 def _entry(ident: str, cache=None):
     from analysis.cache import Cache, cache_key
 
@@ -261,15 +258,16 @@ def _entry(ident: str, cache=None):
     entry = cache.get_by_key(KIND, cache_key(KIND, {"id": ident}))
     if entry is not None:
         return entry
-    matches = [i for i in cache.entries(KIND) if (i.label or "").split(" ")[0].startswith(ident)] if ident else []
-    ids = sorted({(i.label or "").split(" ")[0] for i in matches})
+    stored = cache.entries(KIND)
+    matches = [i for i in stored if _id_of(i).startswith(ident)] if ident else []
+    ids = sorted({_id_of(i) for i in matches})
     if len(ids) == 1:
         entry = cache.get_by_key(KIND, matches[0].key)
         if entry is not None:
             return entry
     if len(ids) > 1:
         raise MoescopeError(f"experiment id '{ident}' is ambiguous: it starts {', '.join(ids)}")
-    known = [(i.label or "").split(" ")[0] for i in cache.entries(KIND)]
+    known = [_id_of(i) for i in stored]
     hint = f"; stored: {', '.join(known[-5:])}" + (" …" if len(known) > 5 else "") if known else \
         "; none stored yet (run `moescope prune … --ppl …` or `moescope eval`)"
     raise MoescopeError(f"no experiment '{ident}' in the cache at {cache.root}{hint}")

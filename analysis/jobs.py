@@ -111,17 +111,20 @@ def _alive(pid: int | None) -> bool:
 
 def status(job_id: str, cache=None) -> JobStatus:
     folder = jobs_root(cache) / job_id
-    try:
-        data = json.loads((folder / "status.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MoescopeError(f"no job '{job_id}' under {folder.parent}") from None
     pid_file = folder / "pid"
     pid = int(pid_file.read_text()) if pid_file.is_file() else None
-    st = JobStatus(id=job_id, pid=pid, **{k: v for k, v in data.items() if k in JobStatus.__dataclass_fields__})
+
+    def read() -> JobStatus:
+        try:
+            data = json.loads((folder / "status.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MoescopeError(f"no job '{job_id}' under {folder.parent}") from None
+        return JobStatus(id=job_id, pid=pid, **{k: v for k, v in data.items() if k in JobStatus.__dataclass_fields__})
+
+    st = read()
     if st.running and pid is not None and not _alive(pid):
         time.sleep(0.2)  # it may have written its final status just now
-        data = json.loads((folder / "status.json").read_text(encoding="utf-8"))
-        st = JobStatus(id=job_id, pid=pid, **{k: v for k, v in data.items() if k in JobStatus.__dataclass_fields__})
+        st = read()
         if st.running:
             st.state, st.error = "failed", "the job's process ended without reporting (killed?); see its log.txt"
     return st
