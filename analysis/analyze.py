@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from analysis import metrics as M
-from analysis.cache import StoredResult
-from analysis.capture import LayerStream, token_nll
-from analysis.errors import MoescopeError, unknown_name
-from analysis.metrics import METRICS_VERSION
+from moescope.analysis import metrics as M
+from moescope.analysis.cache import StoredResult
+from moescope.analysis.capture import LayerStream, token_nll
+from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.metrics import METRICS_VERSION
 
 METRIC_FAMILIES = ("similarity", "weights", "routing", "activations", "gradients")
 DEFAULT_METRICS = METRIC_FAMILIES
@@ -125,7 +125,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
             xs = x[sel.to(x.device)]
             if params.augment_ratio > 0:
-                from analysis.data import mix_token_embeddings
+                from moescope.analysis.data import mix_token_embeddings
 
                 xs = mix_token_embeddings(xs, params.augment_ratio, seed=params.seed + view.index)
             Y = torch.stack([view.expert_forward(e, xs).float() for e in range(E)]).cpu()  # [E, n, d]
@@ -261,7 +261,7 @@ def analysis_parts(model, batch, params: AnalysisParams) -> dict:
 def lookup_analysis(model, batch, params: AnalysisParams | None = None, cache=None) -> AnalysisResult | None:
     """The stored analysis :func:`run_analysis` would return, or None when it has not been computed
     (never computes: a dashboard can ask on every page view)."""
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     entry = (cache or Cache()).get("analysis", analysis_parts(model, batch, params or AnalysisParams()))
     return AnalysisResult(entry) if entry is not None else None
@@ -281,7 +281,7 @@ def run_analysis(
     ``progress(stage, done, total)`` is called after each decoder layer (stage ``"layers"``) and
     each gradient chunk (stage ``"gradients"``). Interrupting leaves the cache untouched.
     """
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     params = params or AnalysisParams()
     if "gradients" in params.metrics and getattr(model, "offloaded", False):
@@ -304,7 +304,7 @@ def run_analysis(
                 with model.materialized(model.layers[l].block):
                     la = analyze_layer(model.layers[l], x, token_ids, params)
                 if model.offloaded:
-                    from analysis.models import release_mapped_weights
+                    from moescope.analysis.models import release_mapped_weights
 
                     release_mapped_weights()
                 la.timings["total"] = time.perf_counter() - t0

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.errors import MoescopeError, unknown_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -148,7 +148,7 @@ def default_cache_root() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    from analysis.models import REPO_ROOT
+    from moescope.analysis.models import REPO_ROOT
 
     return REPO_ROOT / "cache"
 
@@ -598,7 +598,7 @@ class Cache:
 
     @staticmethod
     def _build_meta(kind, key, parts, meta, label, elapsed) -> dict:
-        from analysis import __version__
+        from moescope.analysis import __version__
 
         user = _plain(dict(meta or {}), "meta")
         clash = sorted(set(user) & set(RESERVED_META))

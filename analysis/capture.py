@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from analysis.models import MoEModel, _attr_path
+from moescope.analysis.models import MoEModel, _attr_path
 
 
 class _Recorder(nn.Module):
@@ -105,7 +105,7 @@ class LayerStream:
                 handle.remove()
         self.layer += 1
         if getattr(self.model, "offloaded", False):
-            from analysis.models import release_mapped_weights
+            from moescope.analysis.models import release_mapped_weights
 
             release_mapped_weights()  # the layer's weights were read through memory maps
         return torch.cat(captured) if captured else None

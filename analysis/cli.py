@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from analysis.errors import MoescopeError
+from moescope.analysis.errors import MoescopeError
 
 
 def _human(n: float) -> str:
@@ -74,7 +74,7 @@ def format_info(info: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from analysis.models import load_moe
+    from moescope.analysis.models import load_moe
 
     model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, weights=False)
     info = model.info()
@@ -87,7 +87,7 @@ def cmd_dashboard(args) -> int:
     import os
     from pathlib import Path
 
-    from analysis.models import REPO_ROOT
+    from moescope.analysis.models import REPO_ROOT
 
     # "demo" names the shipped model even where a demo/ folder sits in the working directory
     model = str(Path(args.model).resolve()) if args.model != "demo" and Path(args.model).exists() else args.model
@@ -126,7 +126,7 @@ def _tokenizer_for(model, tokenizer_arg: str | None):
     if tokenizer_arg:
         from transformers import AutoTokenizer
 
-        from analysis.models import demo_model_dir
+        from moescope.analysis.models import demo_model_dir
 
         location = str(demo_model_dir()) if tokenizer_arg == "demo" else tokenizer_arg
         try:
@@ -141,15 +141,15 @@ def _tokenizer_for(model, tokenizer_arg: str | None):
 
 
 def cmd_analyze(args) -> int:
-    from analysis.analyze import AnalysisParams, run_analysis
-    from analysis.cache import Cache
-    from analysis.data import parse_source, sample_tokens
-    from analysis.models import load_moe
+    from moescope.analysis.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import parse_source, sample_tokens
+    from moescope.analysis.models import load_moe
 
     parse_source(args.calib)  # validate before loading anything heavy
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.offload and metrics == ("all",):
-        from analysis.analyze import FORWARD_METRICS
+        from moescope.analysis.analyze import FORWARD_METRICS
 
         metrics = FORWARD_METRICS
         print("moescope: note: --offload analyses everything but the gradient criteria (they need the whole "
@@ -192,7 +192,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from analysis.cache import Cache, format_entries
+    from moescope.analysis.cache import Cache, format_entries
 
     cache = Cache()
     if args.cache_command == "ls":
@@ -250,20 +250,20 @@ def _strategy_params(args) -> dict:
 
 
 def _calib_batch(args, model, split="validation"):
-    from analysis.data import sample_tokens
+    from moescope.analysis.data import sample_tokens
 
     return sample_tokens(args.calib if split == "validation" else args.eval, _tokenizer_for(model, args.tokenizer),
                          args.samples, args.seq_len, seed=args.seed or 0, sampling=args.sampling, split=split)
 
 
 def cmd_plan(args) -> int:
-    from analysis.cache import Cache
-    from analysis.data import parse_source
-    from analysis.models import load_moe
-    from analysis.strategies import STRATEGIES, StrategyContext, make_plan
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import parse_source
+    from moescope.analysis.models import load_moe
+    from moescope.analysis.strategies import STRATEGIES, StrategyContext, make_plan
 
     if args.strategy not in STRATEGIES:
-        from analysis.errors import unknown_name
+        from moescope.analysis.errors import unknown_name
 
         raise unknown_name("strategy", args.strategy, STRATEGIES)
     params = _strategy_params(args)
@@ -285,7 +285,7 @@ def cmd_plan(args) -> int:
 
 
 def _eval_spec(args, default_ppl: list[str] | None):
-    from analysis.evaluate import EfficiencyParams, EvalSpec
+    from moescope.analysis.evaluate import EfficiencyParams, EvalSpec
 
     ppl = args.ppl if args.ppl is not None else (default_ppl if not args.tasks else [])
     spec = EvalSpec(
@@ -335,8 +335,8 @@ def _print_quality(exp) -> None:
 
 
 def cmd_eval(args) -> int:
-    from analysis.cache import Cache
-    from analysis.experiments import run_experiment
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.experiments import run_experiment
 
     spec = _eval_spec(args, ["demo:all"])
     bars = _Bars(quiet=args.json)
@@ -354,12 +354,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from analysis.cache import Cache
-    from analysis.experiments import run_experiment
-    from analysis.export import check_target, export
-    from analysis.models import load_moe
-    from analysis.plan import PruningPlan
-    from analysis.prune import apply
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.experiments import run_experiment
+    from moescope.analysis.export import check_target, export
+    from moescope.analysis.models import load_moe
+    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.prune import apply
 
     out = check_target(args.output, args.overwrite)  # refuse before loading anything
     plan = PruningPlan.load(args.plan)
@@ -392,8 +392,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from analysis.cache import Cache
-    from analysis.export import export_experiment
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.export import export_experiment
 
     out = export_experiment(args.experiment, args.output, overwrite=args.overwrite, cache=Cache(), dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code)
@@ -406,8 +406,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_experiments(args) -> int:
-    from analysis import experiments as X
-    from analysis.cache import Cache
+    from moescope.analysis import experiments as X
+    from moescope.analysis.cache import Cache
 
     cache = Cache()
     if args.experiments_command == "ls":
@@ -428,7 +428,7 @@ def cmd_experiments(args) -> int:
         else:
             print(f"experiment {exp.id} ({exp.created}): {exp.label} on {exp.model}")
             if exp.plan:
-                from analysis.plan import PruningPlan
+                from moescope.analysis.plan import PruningPlan
 
                 print(f"plan: {PruningPlan.from_json(exp.plan).summary()}")
             _print_quality(exp)
@@ -453,10 +453,10 @@ def cmd_experiments(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from analysis.cache import Cache
-    from analysis.data import parse_source
-    from analysis.models import load_moe
-    from analysis.sensitivity import cached_drop_grid
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import parse_source
+    from moescope.analysis.models import load_moe
+    from moescope.analysis.sensitivity import cached_drop_grid
 
     parse_source(args.eval)
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)

@@ -62,8 +62,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analysis.errors import MoescopeError, unknown_name
-from analysis.models import REPO_ROOT
+from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.models import REPO_ROOT
 
 DATA_VERSION = 2  # bump when the stream / window rules change (it is part of every fingerprint)
 DEMO_CORPUS_ENV = "MOESCOPE_DEMO_CORPUS"

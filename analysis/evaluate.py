@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.capture import token_nll
-from analysis.errors import MoescopeError
+from moescope.analysis.capture import token_nll
+from moescope.analysis.errors import MoescopeError
 
 EVAL_VERSION = 1
 LOCAL_TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
@@ -67,7 +67,7 @@ def perplexity_windows(source: str, tokenizer, samples: int = 96, seq_len: int =
     each domain, ``random`` seeded offsets). With ``stride`` < ``seq_len`` (``first`` only) the
     windows start every ``stride`` tokens and each one after the first scores only its last
     ``stride`` targets."""
-    from analysis.data import _check_positive, sample_tokens, token_streams
+    from moescope.analysis.data import _check_positive, sample_tokens, token_streams
 
     length = _check_positive("seq_len", seq_len)
     if stride is None or stride == length:
@@ -78,7 +78,7 @@ def perplexity_windows(source: str, tokenizer, samples: int = 96, seq_len: int =
         raise MoescopeError(f"stride ({stride}) must not exceed seq_len ({length}); windows would skip tokens")
     if sampling != "first":
         raise MoescopeError("sliding windows (stride < seq_len) read each domain from its start; use --sampling first")
-    from analysis.data import _not_enough, _shares, parse_source
+    from moescope.analysis.data import _not_enough, _shares, parse_source
 
     src = parse_source(source)
     streams = token_streams(src, tokenizer, split=split)
@@ -146,7 +146,7 @@ def perplexity_by_domain(model, source: str = "demo:all", seq_len: int = 256, ma
                          tokenizer=None, batch_size: int = 8, progress: Progress | None = None) -> dict[str, float]:
     """``{domain: perplexity, "all": pooled}`` over the first ``max_tokens`` test tokens of every
     domain in consecutive non-overlapping windows (the strategy benchmark's fixed budget)."""
-    from analysis.data import eval_windows
+    from moescope.analysis.data import eval_windows
 
     batch = eval_windows(source, tokenizer or model.tokenizer, seq_len, max_tokens=max_tokens)
     windows = Windows(batch.input_ids, (1,) * batch.n_samples, batch.domains, batch.source, batch.describe())
@@ -233,7 +233,7 @@ def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: in
 
 def _local_tasks_hash() -> str:
     """sha256 of the local task definitions and the demo test split they read."""
-    from analysis.data import demo_corpus_dir
+    from moescope.analysis.data import demo_corpus_dir
 
     h = hashlib.sha256()
     files = sorted(LOCAL_TASKS_DIR.glob("*.yaml")) + [LOCAL_TASKS_DIR / "demo_tasks.py"]
@@ -312,7 +312,7 @@ class EfficiencyParams:
 
 def efficiency_prompts(tokenizer, params: EfficiencyParams) -> torch.Tensor:
     """The same prompts for every model: the first ``batch_size`` test windows of the source."""
-    from analysis.data import sample_tokens
+    from moescope.analysis.data import sample_tokens
 
     return sample_tokens(params.source, tokenizer, params.batch_size, params.prompt_tokens, sampling="first",
                          split="test").input_ids
@@ -398,7 +398,7 @@ def isolated_efficiency(source: str, plan: dict | None, params: EfficiencyParams
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
-        proc = subprocess.run([sys.executable, "-m", "analysis.evaluate", f.name], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "moescope.analysis.evaluate", f.name], capture_output=True, text=True)
     finally:
         Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:
@@ -410,9 +410,9 @@ def isolated_efficiency(source: str, plan: dict | None, params: EfficiencyParams
 def _efficiency_child(spec_path: str) -> dict:
     import json
 
-    from analysis.models import load_moe
-    from analysis.plan import PruningPlan
-    from analysis.prune import apply
+    from moescope.analysis.models import load_moe
+    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.prune import apply
 
     spec = json.loads(Path(spec_path).read_text())
     params = EfficiencyParams(**spec["params"])
@@ -428,7 +428,7 @@ def efficiency_with_skipping(model, params: EfficiencyParams, betas: dict | None
                              prompts: torch.Tensor | None = None) -> dict:
     """``{"plain": efficiency without dynamic skipping, "skip": with skipping at ``betas`` (and
     the fraction of expert calls skipped) or None}``; the model's own skipping is restored after."""
-    from analysis import skipping
+    from moescope.analysis import skipping
 
     own = dict(model.skip_beta)
     prompts = prompts if prompts is not None else efficiency_prompts(model.tokenizer, params)
@@ -475,7 +475,7 @@ class EvalSpec:
         return asdict(self)
 
     def validate(self) -> None:
-        from analysis.data import parse_source
+        from moescope.analysis.data import parse_source
 
         for src in self.ppl:
             parse_source(src)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from analysis.errors import MoescopeError
-from analysis.evaluate import EvalSpec, efficiency_with_skipping, evaluate_quality, isolated_efficiency
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.evaluate import EvalSpec, efficiency_with_skipping, evaluate_quality, isolated_efficiency
 
 KIND = "experiment"
 Progress = Callable[[str, int, int], None]
@@ -37,7 +37,7 @@ def software_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from analysis import __version__
+    from moescope.analysis import __version__
 
     return {"moescope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "lm_eval": getattr(lm_eval, "__version__", "?"), "python": platform.python_version()}
@@ -109,9 +109,9 @@ def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | No
         return dict(model.skip_beta)
     if not spec.skip_calib:
         return None
-    from analysis import skipping
-    from analysis.analyze import AnalysisParams, run_analysis
-    from analysis.data import sample_tokens
+    from moescope.analysis import skipping
+    from moescope.analysis.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.data import sample_tokens
 
     batch = sample_tokens(spec.skip_calib, model.tokenizer, spec.skip_calib_samples, spec.seq_len, seed=spec.seed,
                           split="validation")
@@ -129,9 +129,9 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
     ``model.plan`` and only the pruned side is evaluated against a freshly loaded original).
 
     Nothing is stored unless every step finished, so an interrupted run leaves no record."""
-    from analysis.cache import Cache
-    from analysis.models import load_moe
-    from analysis.prune import apply
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.models import load_moe
+    from moescope.analysis.prune import apply
 
     spec = spec or EvalSpec()
     spec.validate()
@@ -222,7 +222,7 @@ def load_trained_tensors(model, exp: Experiment, cache=None) -> None:
 def save(exp: Experiment, cache=None, tensors: dict | None = None):
     import pandas as pd
 
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     cache = cache or Cache()
     rows = exp.quality_rows()
@@ -235,7 +235,7 @@ def save(exp: Experiment, cache=None, tensors: dict | None = None):
 
 def list_experiments(cache=None, model: str | None = None) -> list[Experiment]:
     """Every stored experiment, oldest first (``model``: a source or fingerprint prefix)."""
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     cache = cache or Cache()
     out = []
@@ -252,7 +252,7 @@ def _id_of(info) -> str:
 
 
 def _entry(ident: str, cache=None):
-    from analysis.cache import Cache, cache_key
+    from moescope.analysis.cache import Cache, cache_key
 
     cache = cache or Cache()
     entry = cache.get_by_key(KIND, cache_key(KIND, {"id": ident}))

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from analysis.errors import MoescopeError
+from moescope.analysis.errors import MoescopeError
 
 
 def check_target(out_dir: str | Path, overwrite: bool) -> Path:
     """Refuse a file or a non-empty folder (before any expensive work) unless ``overwrite``."""
-    from analysis.models import check_output_dir
+    from moescope.analysis.models import check_output_dir
 
     return check_output_dir(out_dir, overwrite)
 
@@ -40,10 +40,10 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
                       dtype: str | None = None, trust_remote_code: bool = False) -> Path:
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it."""
-    from analysis import experiments
-    from analysis.models import load_moe
-    from analysis.plan import PruningPlan
-    from analysis.prune import apply
+    from moescope.analysis import experiments
+    from moescope.analysis.models import load_moe
+    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.prune import apply
 
     exp = experiments.load(ident, cache)
     check_target(out_dir, overwrite)

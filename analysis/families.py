@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.errors import MoescopeError, unknown_name
 
 
 @dataclass(frozen=True)

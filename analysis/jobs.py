@@ -1,7 +1,7 @@
 """Background prune-and-evaluate jobs: they outlive the page (or shell) that started them.
 
 :func:`start` writes the job's spec under ``<cache root>/.jobs/<id>/`` and launches
-``python -m analysis.jobs <folder>`` in its own session. The child runs
+``python -m moescope.analysis.jobs <folder>`` in its own session. The child runs
 :func:`analysis.experiments.run_experiment` and reports through ``status.json`` (replaced
 atomically on every progress step): ``state`` (``running`` / ``done`` / ``failed`` /
 ``cancelled``), the current stage with ``done`` / ``total``, and at the end the experiment id or
@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from analysis.errors import MoescopeError
+from moescope.analysis.errors import MoescopeError
 
 FINAL = ("done", "failed", "cancelled")
 
 
 def jobs_root(cache=None) -> Path:
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     root = (cache or Cache()).root / ".jobs"
     root.mkdir(parents=True, exist_ok=True)
@@ -70,8 +70,8 @@ def _write_json(path: Path, data: dict) -> None:
 def start(model: str, plan: dict | None, spec: dict, label: str | None = None, cache=None) -> str:
     """Launch a job pruning ``model`` by ``plan`` (PruningPlan JSON, validated here first) and
     evaluating it by ``spec`` (EvalSpec JSON); returns its id."""
-    from analysis.evaluate import EvalSpec
-    from analysis.plan import PruningPlan
+    from moescope.analysis.evaluate import EvalSpec
+    from moescope.analysis.plan import PruningPlan
 
     if plan is not None:
         PruningPlan.from_json(plan)
@@ -86,7 +86,7 @@ def start(model: str, plan: dict | None, spec: dict, label: str | None = None, c
                                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                          "updated": time.time()})
     with open(folder / "log.txt", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "analysis.jobs", str(folder)], stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "moescope.analysis.jobs", str(folder)], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 cwd=str(Path(__file__).resolve().parents[1]))
     (folder / "pid").write_text(str(proc.pid))
@@ -166,10 +166,10 @@ def wait(job_id: str, timeout: float = 600.0, cache=None) -> JobStatus:
 
 def _run(folder: Path) -> int:
     """The child: run the experiment, reporting into ``status.json``."""
-    from analysis.cache import Cache
-    from analysis.evaluate import EvalSpec
-    from analysis.experiments import run_experiment
-    from analysis.plan import PruningPlan
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.evaluate import EvalSpec
+    from moescope.analysis.experiments import run_experiment
+    from moescope.analysis.plan import PruningPlan
 
     spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
     base = json.loads((folder / "status.json").read_text(encoding="utf-8"))

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from analysis.errors import MoescopeError, unknown_name
-from analysis.routing import ROUTING_RULES, RouterParams, mix
+from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.routing import ROUTING_RULES, RouterParams, mix
 
 GROUPINGS = ("spectral", "greedy", "agglomerative")
 MERGES = ("max", "uniform", "usage", "learned")

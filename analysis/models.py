@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from analysis.errors import MoescopeError
-from analysis.families import FamilySpec, family_for, supported_model_types
-from analysis.routing import ROUTING_RULES, RouterParams
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.families import FamilySpec, family_for, supported_model_types
+from moescope.analysis.routing import ROUTING_RULES, RouterParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "demo" / "model"
@@ -722,7 +722,7 @@ def load_moe(
         model._fingerprint = folder_fingerprint(local)
     betas = getattr(config, "moescope_skip_beta", None)
     if betas:  # the folder carries dynamic-skipping thresholds: route with them
-        from analysis import skipping
+        from moescope.analysis import skipping
 
         skipping.install(model, {int(k): float(v) for k, v in betas.items()})
     return model

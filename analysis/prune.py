@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from analysis.models import MoEModel
-from analysis.plan import PruningPlan
+from moescope.analysis.models import MoEModel
+from moescope.analysis.plan import PruningPlan
 
 
 def apply(model: MoEModel, plan: PruningPlan) -> MoEModel:
@@ -14,7 +14,7 @@ def apply(model: MoEModel, plan: PruningPlan) -> MoEModel:
     for l, lp in sorted(plan.layers.items()):
         model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router)
     if plan.skip_beta:
-        from analysis import skipping
+        from moescope.analysis import skipping
 
         skipping.install(model, plan.skip_beta)
     model.plan = plan
@@ -73,7 +73,7 @@ def lottery(model: MoEModel, calib, keep: int, criterion: str = "REAP", order: s
     routing group for group-limited routers) → budget finetune, the finetune token budget doubling
     every round from ``start_tokens``. Edits ``model`` in place (its weights are finetuned, so the
     result is the model itself; the returned plan records which original experts survived)."""
-    from analysis.strategies import (
+    from moescope.analysis.strategies import (
         StrategyContext,
         _check_criterion,
         _criterion_scores,

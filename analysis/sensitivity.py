@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from analysis.capture import LayerStream, nll, token_nll
-from analysis.errors import MoescopeError
-from analysis.routing import ROUTING_RULES, mix
+from moescope.analysis.capture import LayerStream, nll, token_nll
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.routing import ROUTING_RULES, mix
 
 Progress = Callable[[str, int, int], None]
 
@@ -301,7 +301,7 @@ GRID_VERSION = 1
 
 def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
     """:func:`drop_grid` on an evaluation ``batch`` (a TokenBatch), stored in the cache."""
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     cache = cache or Cache()
     parts = _grid_parts(model, batch)
@@ -317,7 +317,7 @@ def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Pr
 
 def lookup_drop_grid(model, batch, cache=None) -> DropGrid | None:
     """The stored grid :func:`cached_drop_grid` would return, or None (never computes)."""
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     entry = (cache or Cache()).get("dropgrid", _grid_parts(model, batch))
     return _grid_from_meta(entry.meta) if entry is not None else None

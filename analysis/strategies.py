@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.analyze import AnalysisParams, run_analysis
-from analysis.capture import LayerStream
-from analysis.errors import MoescopeError, unknown_name
-from analysis.metrics import CRITERIA
-from analysis.plan import LayerPlan, PruningPlan
-from analysis.sensitivity import enumerate_layer
+from moescope.analysis.analyze import AnalysisParams, run_analysis
+from moescope.analysis.capture import LayerStream
+from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.metrics import CRITERIA
+from moescope.analysis.plan import LayerPlan, PruningPlan
+from moescope.analysis.sensitivity import enumerate_layer
 
 Progress = Callable[[str, int, int], None]
 
@@ -300,7 +300,7 @@ def similarity_name(representation: str, similarity: str) -> str:
 
 
 def _merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], res) -> PruningPlan:
-    from analysis.merging import group_coefficients, learn_coefficients
+    from moescope.analysis.merging import group_coefficients, learn_coefficients
 
     merge = str(params.get("merge", "uniform"))
     merge_router = bool(params.get("merge_router", True))
@@ -346,7 +346,7 @@ def _per_routing_group(view, A, r, fn) -> list[list[int]]:
 
 def strategy_merge(ctx, params):
     """Group-and-merge: representation × similarity × grouping × merge × router merging."""
-    from analysis.merging import GROUPINGS, MERGES, affinity, group_experts
+    from moescope.analysis.merging import GROUPINGS, MERGES, affinity, group_experts
 
     representation = str(params.get("representation", "outputs"))
     similarity = str(params.get("similarity", "cka_linear"))
@@ -376,7 +376,7 @@ def strategy_merge(ctx, params):
 def strategy_router_guided(ctx, params):
     """Merge-then-compress style: the most-used experts lead their groups and every other expert
     joins the leader with the most similar router logits; usage-weighted merge by default."""
-    from analysis.merging import router_guided_groups
+    from moescope.analysis.merging import router_guided_groups
 
     if params.get("budget") is not None:
         raise MoescopeError("router-guided merging needs a uniform target: give keep, not budget")
@@ -417,7 +417,7 @@ def strategy_manual(ctx, params):
 
 def strategy_skip(ctx, params):
     """Dynamic skipping only: β per layer calibrated as the median w₂/w₁ (no expert removed)."""
-    from analysis.skipping import calibrate
+    from moescope.analysis.skipping import calibrate
 
     plan = PruningPlan(ctx.model.source, {}, provenance=_provenance(ctx, "skip", params))
     plan.skip_beta = calibrate(ctx.analysis(metrics=("routing",)))
@@ -449,7 +449,7 @@ def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
     with_skip = bool(params.pop("with_skip", False))
     plan = fn(ctx, params)
     if with_skip and not plan.skip_beta:  # prune and also skip dynamically (β from the original routing)
-        from analysis.skipping import calibrate
+        from moescope.analysis.skipping import calibrate
 
         plan.skip_beta = calibrate(ctx.analysis(metrics=("routing",)))
         plan.provenance["with_skip"] = True

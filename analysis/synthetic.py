@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.errors import unknown_name
+from moescope.analysis.errors import unknown_name
 
 _COMMON = dict(
     vocab_size=256,

@@ -31,10 +31,10 @@ def main() -> None:
     cache_dir = tempfile.mkdtemp(prefix="moescope-bench-cache-")
     os.environ["MOESCOPE_CACHE"] = cache_dir
 
-    from analysis.analyze import FORWARD_METRICS, AnalysisParams, run_analysis
-    from analysis.cache import Cache
-    from analysis.data import sample_tokens
-    from analysis.models import load_moe
+    from moescope.analysis.analyze import FORWARD_METRICS, AnalysisParams, run_analysis
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.models import load_moe
 
     model = load_moe("demo")
     batch = sample_tokens("demo:all", model.tokenizer, args.samples, args.seq_len, seed=0)
@@ -67,7 +67,7 @@ def main() -> None:
     assert again.entry.path == res.entry.path
     print(f"cached re-run in-process: {cached * 1000:.1f} ms  -> {first / cached:.0f}x faster than the first")
 
-    cmd = [sys.executable, "-m", "analysis.cli", "analyze", "demo", "--calib", "demo:all", "--samples",
+    cmd = [sys.executable, "-m", "moescope.analysis.cli", "analyze", "demo", "--calib", "demo:all", "--samples",
            str(args.samples), "--seq-len", str(args.seq_len), "--metrics", ",".join(FORWARD_METRICS), "--json"]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])

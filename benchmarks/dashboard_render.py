@@ -78,12 +78,12 @@ def main() -> None:
     os.environ["MOESCOPE_CACHE"] = cache_dir
     sys.path.insert(0, str(REPO))
 
-    from analysis.analyze import AnalysisParams, run_analysis
-    from analysis.cache import Cache
-    from analysis.data import sample_tokens
-    from analysis.explore import routing_trace
-    from analysis.models import load_moe
-    from analysis.sensitivity import cached_drop_grid
+    from moescope.analysis.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.explore import routing_trace
+    from moescope.analysis.models import load_moe
+    from moescope.analysis.sensitivity import cached_drop_grid
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

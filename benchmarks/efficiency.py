@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from analysis.evaluate import EfficiencyParams, isolated_efficiency
-from analysis.models import load_moe
+from moescope.analysis.evaluate import EfficiencyParams, isolated_efficiency
+from moescope.analysis.models import load_moe
 
 
 def main() -> None:
@@ -25,11 +25,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
 
-    from analysis import skipping
-    from analysis.analyze import AnalysisParams, run_analysis
-    from analysis.cache import Cache
-    from analysis.data import sample_tokens
-    from analysis.strategies import StrategyContext, make_plan
+    from moescope.analysis import skipping
+    from moescope.analysis.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.strategies import StrategyContext, make_plan
 
     model = load_moe("demo")
     batch = sample_tokens("demo:all", model.tokenizer, 32, 256, split="validation")

@@ -39,13 +39,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from analysis.analyze import AnalysisParams
-    from analysis.cache import Cache
-    from analysis.data import sample_tokens
-    from analysis.evaluate import perplexity_by_domain
-    from analysis.models import load_moe, wrap_model
-    from analysis.prune import apply
-    from analysis.strategies import StrategyContext, make_plan
+    from moescope.analysis.analyze import AnalysisParams
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.evaluate import perplexity_by_domain
+    from moescope.analysis.models import load_moe, wrap_model
+    from moescope.analysis.prune import apply
+    from moescope.analysis.strategies import StrategyContext, make_plan
 
     base = load_moe("demo")
     calib = sample_tokens("demo:all", base.tokenizer, args.calib_samples, 256, seed=0)

@@ -17,16 +17,16 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.analyze import (
+from moescope.analysis.analyze import (
     SIMILARITY_NAMES,
     WEIGHT_SIMILARITY_NAMES,
     AnalysisParams,
     lookup_analysis,
     run_analysis,
 )
-from analysis.cache import Cache, default_cache_root
-from analysis.errors import MoescopeError
-from analysis.explore import (
+from moescope.analysis.cache import Cache, default_cache_root
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.explore import (
     criterion_grid_correlation,
     drop_ranks,
     is_distance,
@@ -37,13 +37,13 @@ from analysis.explore import (
     top_pairs,
     top_tokens,
 )
-from analysis.merging import GROUPINGS, MERGES
-from analysis.metrics import CRITERIA
-from analysis.models import load_moe
-from analysis.plan import PruningPlan, edit_layer
-from analysis.sensitivity import cached_drop_grid, lookup_drop_grid
-from analysis.skipping import calibrate
-from analysis.strategies import REPRESENTATIONS, STRATEGIES, StrategyContext, make_plan, similarity_name
+from moescope.analysis.merging import GROUPINGS, MERGES
+from moescope.analysis.metrics import CRITERIA
+from moescope.analysis.models import load_moe
+from moescope.analysis.plan import PruningPlan, edit_layer
+from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
+from moescope.analysis.skipping import calibrate
+from moescope.analysis.strategies import REPRESENTATIONS, STRATEGIES, StrategyContext, make_plan, similarity_name
 
 __all__ = ["CRITERIA", "GROUPINGS", "MERGES", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES",
            "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan", "is_distance", "similarity_name"]
@@ -95,7 +95,7 @@ def load_model(source: str):
 
 @st.cache_resource(show_spinner="Sampling tokens…", max_entries=16)
 def token_batch(model: str, source: str, samples: int, seq_len: int, seed: int, split: str):
-    from analysis.data import sample_tokens
+    from moescope.analysis.data import sample_tokens
 
     m = load_model(model)
     if m.tokenizer is None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import experiments as X
-from analysis import jobs
-from analysis.cache import Cache
-from analysis.evaluate import EfficiencyParams, EvalSpec, local_task_names
+from moescope.analysis import experiments as X
+from moescope.analysis import jobs
+from moescope.analysis.cache import Cache
+from moescope.analysis.evaluate import EfficiencyParams, EvalSpec, local_task_names
 
 
 def cache() -> Cache:
@@ -72,7 +72,7 @@ def domain_table(ids: list[str]) -> pd.DataFrame:
 
 
 def export_experiment(ident: str, out_dir: str, overwrite: bool) -> list[str]:
-    from analysis.export import export_experiment as export
+    from moescope.analysis.export import export_experiment as export
 
     out = export(ident, out_dir, overwrite=overwrite, cache=cache())
     return sorted(p.name for p in out.iterdir())

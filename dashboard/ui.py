@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from dashboard import backend
-from dashboard.backend import MoescopeError, PruningPlan, Settings
+from moescope.dashboard import backend
+from moescope.dashboard.backend import MoescopeError, PruningPlan, Settings
 
 STAGES = {"layers": "decoder layers", "gradients": "gradient chunks", "trace": "routing trace",
           "cells": "drop-grid cells", "rounds": "rounds"}

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-import analysis.cache as cache_mod
-from analysis.cache import (
+import moescope.analysis.cache as cache_mod
+from moescope.analysis.cache import (
     Cache,
     CacheWarning,
     Result,
@@ -28,8 +28,8 @@ from analysis.cache import (
     format_entries,
     label_slug,
 )
-from analysis.errors import MoescopeError
-from analysis.models import REPO_ROOT
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import REPO_ROOT
 
 PARTS = {
     "model": "f00dcafe" * 8,
@@ -486,7 +486,7 @@ WORKER = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     root, counter, started = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     parts = json.loads(sys.argv[4])

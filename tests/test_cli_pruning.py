@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from analysis.cli import main
-from analysis.plan import PruningPlan
+from moescope.analysis.cli import main
+from moescope.analysis.plan import PruningPlan
 
 
 def run(capsys, *argv):

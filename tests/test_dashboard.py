@@ -22,13 +22,13 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from analysis.analyze import AnalysisParams, run_analysis
-from analysis.cache import ENV_VAR, Cache
-from analysis.data import sample_tokens
-from analysis.explore import routing_trace, skip_ratios
-from analysis.models import load_moe
-from analysis.sensitivity import cached_drop_grid
-from dashboard import charts
+from moescope.analysis.analyze import AnalysisParams, run_analysis
+from moescope.analysis.cache import ENV_VAR, Cache
+from moescope.analysis.data import sample_tokens
+from moescope.analysis.explore import routing_trace, skip_ratios
+from moescope.analysis.models import load_moe
+from moescope.analysis.sensitivity import cached_drop_grid
+from moescope.dashboard import charts
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 SMALL = {"calib_samples": 8, "calib_seq_len": 128, "grid_samples": 4, "grid_seq_len": 64}
@@ -300,7 +300,7 @@ def test_expert_maps_criterion_orientation_and_drop_grid_agreement(analysed, dem
     batch = sample_tokens("demo:all", demo_model.tokenizer, 2, 32, seed=0, split="test")
     grid = cached_drop_grid(demo_model, batch, Cache(cache_dir))
     at.run()
-    from analysis.explore import criterion_grid_correlation
+    from moescope.analysis.explore import criterion_grid_correlation
 
     rho = criterion_grid_correlation(res, grid, "EAN")
     metric = {m.label: m.value for m in at.metric}["Mean Spearman ρ"]
@@ -419,8 +419,8 @@ def test_navigation_lists_every_page_file_that_exists():
 
 
 def test_analysis_never_imports_streamlit():
-    code = ("import importlib, pkgutil, sys, analysis\n"
-            "for m in pkgutil.iter_modules(analysis.__path__): importlib.import_module('analysis.' + m.name)\n"
+    code = ("import importlib, pkgutil, sys, moescope.analysis as A\n"
+            "for m in pkgutil.iter_modules(A.__path__): importlib.import_module('moescope.analysis.' + m.name)\n"
             "assert 'streamlit' not in sys.modules, 'analysis imported streamlit'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]

@@ -9,10 +9,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
-from analysis import experiments as X
-from analysis import jobs
-from analysis.evaluate import EvalSpec
-from analysis.plan import PruningPlan
+from moescope.analysis import experiments as X
+from moescope.analysis import jobs
+from moescope.analysis.evaluate import EvalSpec
+from moescope.analysis.plan import PruningPlan
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 SMALL = EvalSpec(ppl=["demo:python"], samples=4, seq_len=64, efficiency=False).to_json()
@@ -50,7 +50,7 @@ def test_a_cancelled_job_leaves_no_experiment(demo_dir):
 
 
 def test_a_bad_plan_is_refused_when_the_job_is_asked_for(demo_dir):
-    from analysis.errors import MoescopeError
+    from moescope.analysis.errors import MoescopeError
 
     with pytest.raises(MoescopeError, match="unknown sampling|data source|demo domain"):
         jobs.start("demo", None, {**SMALL, "ppl": ["demo:klingon"]})

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from analysis import data
-from analysis.data import (
+from moescope.analysis import data
+from moescope.analysis.data import (
     eval_windows,
     load_texts,
     mix_token_embeddings,
@@ -17,8 +17,8 @@ from analysis.data import (
     token_streams,
     tokenizer_fingerprint,
 )
-from analysis.errors import MoescopeError
-from analysis.models import demo_model_dir
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import demo_model_dir
 
 EOT = "<|endoftext|>"
 SAMPLE_TEXT = [

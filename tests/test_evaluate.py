@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from analysis import evaluate as E
-from analysis.cache import Cache
-from analysis.errors import MoescopeError
-from analysis.models import load_moe
+from moescope.analysis import evaluate as E
+from moescope.analysis.cache import Cache
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import load_moe
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_sliding_windows_score_every_token_once_with_context(demo):
     res = E.perplexity(demo, "demo:spanish", samples=k, seq_len=L, stride=S)
     assert res["tokens"] == {"spanish": (L - 1) + (k - 1) * S}
     # by hand: each later window predicts only its last S tokens
-    from analysis.data import token_streams
+    from moescope.analysis.data import token_streams
 
     stream = token_streams("demo:spanish", demo.tokenizer, split="test")["spanish"]
     total, count = 0.0, 0
@@ -104,7 +104,7 @@ def test_local_multiple_choice_accuracy_matches_a_hand_computation(demo):
     finally:
         sys.path.remove(str(E.LOCAL_TASKS_DIR))
     items = demo_tasks.continuation_items()
-    from analysis.data import demo_domains
+    from moescope.analysis.data import demo_domains
 
     assert len(items) > 500 and {i["domain"] for i in items} == set(demo_domains())
     assert all(len(i["choices"]) == 4 and len(set(i["choices"])) == 4 for i in items)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from analysis.analyze import AnalysisParams, lookup_analysis, run_analysis
-from analysis.cache import Cache
-from analysis.data import sample_tokens
-from analysis.errors import MoescopeError
-from analysis.explore import (
+from moescope.analysis.analyze import AnalysisParams, lookup_analysis, run_analysis
+from moescope.analysis.cache import Cache
+from moescope.analysis.data import sample_tokens
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.explore import (
     criterion_grid_correlation,
     drop_ranks,
     lookup_routing_trace,
@@ -21,11 +21,11 @@ from analysis.explore import (
     top_pairs,
     top_tokens,
 )
-from analysis.models import load_moe, wrap_model
-from analysis.plan import LayerPlan, PruningPlan, edit_layer
-from analysis.sensitivity import DropGrid, cached_drop_grid, lookup_drop_grid
-from analysis.strategies import StrategyContext, make_plan
-from analysis.synthetic import tiny_model
+from moescope.analysis.models import load_moe, wrap_model
+from moescope.analysis.plan import LayerPlan, PruningPlan, edit_layer
+from moescope.analysis.sensitivity import DropGrid, cached_drop_grid, lookup_drop_grid
+from moescope.analysis.strategies import StrategyContext, make_plan
+from moescope.analysis.synthetic import tiny_model
 
 
 @pytest.fixture(scope="module")

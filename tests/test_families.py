@@ -7,9 +7,9 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from analysis.errors import MoescopeError
-from analysis.models import wrap_model
-from analysis.synthetic import tiny_model
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import wrap_model
+from moescope.analysis.synthetic import tiny_model
 
 TOL = 1e-5
 

@@ -9,10 +9,10 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from analysis.cli import main
-from analysis.errors import MoescopeError
-from analysis.models import load_moe
-from analysis.synthetic import save_tiny
+from moescope.analysis.cli import main
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import load_moe
+from moescope.analysis.synthetic import save_tiny
 
 
 def run_cli(capsys, *argv):

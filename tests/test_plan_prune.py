@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from analysis.errors import MoescopeError
-from analysis.models import wrap_model
-from analysis.plan import PruningPlan
-from analysis.prune import apply
-from analysis.synthetic import tiny_model
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import wrap_model
+from moescope.analysis.plan import PruningPlan
+from moescope.analysis.prune import apply
+from moescope.analysis.synthetic import tiny_model
 
 DESIGN_EXAMPLE = {
     "version": 1,
@@ -67,7 +67,7 @@ def test_apply_matches_direct_edits_and_refuses_atomically():
     apply(model, PruningPlan.from_json(DESIGN_EXAMPLE))
     twin.merge(0, [[0], [1], [2, 5], [3], [4, 6]], [[1.0], [1.0], [0.5, 0.5], [1.0], [0.7, 0.3]])
     twin.keep(1, [0, 2, 4, 6])
-    from analysis import skipping
+    from moescope.analysis import skipping
 
     skipping.install(twin, {0: 0.42})  # the plan's skip_beta
     ids = torch.randint(3, 256, (2, 16))
@@ -96,9 +96,9 @@ def test_from_drop_keeps_the_rest():
 
 
 def test_lottery_rounds_prune_and_finetune():
-    from analysis.analyze import AnalysisParams
-    from analysis.data import TokenBatch
-    from analysis.prune import lottery
+    from moescope.analysis.analyze import AnalysisParams
+    from moescope.analysis.data import TokenBatch
+    from moescope.analysis.prune import lottery
 
     model = wrap_model(tiny_model("mixtral"), source="tiny")
     ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -106,7 +106,7 @@ def test_lottery_rounds_prune_and_finetune():
     original = model.layers[0].experts.gate_up_proj.detach().clone()
     import tempfile
 
-    from analysis.cache import Cache
+    from moescope.analysis.cache import Cache
 
     _, plan = lottery(model, batch, keep=6, criterion="EUF", start_tokens=128, lr=1e-3,
                       cache=Cache(tempfile.mkdtemp()), analysis_params=AnalysisParams(metrics=("routing",)))

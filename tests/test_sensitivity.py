@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from analysis.capture import LayerStream
-from analysis.errors import MoescopeError
-from analysis.models import wrap_model
-from analysis.sensitivity import SubsetScorer, drop_grid, enumerate_layer, naive_subset_loss, perplexity
-from analysis.synthetic import tiny_model
+from moescope.analysis.capture import LayerStream
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import wrap_model
+from moescope.analysis.sensitivity import SubsetScorer, drop_grid, enumerate_layer, naive_subset_loss, perplexity
+from moescope.analysis.synthetic import tiny_model
 
 IDS = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(0))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis import skipping
-from analysis.models import load_moe, wrap_model
-from analysis.synthetic import tiny_model
+from moescope.analysis import skipping
+from moescope.analysis.models import load_moe, wrap_model
+from moescope.analysis.synthetic import tiny_model
 
 
 def test_skip_rule_by_hand():

@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from analysis.analyze import AnalysisParams
-from analysis.cache import Cache
-from analysis.data import TokenBatch
-from analysis.errors import MoescopeError
-from analysis.models import wrap_model
-from analysis.prune import apply
-from analysis.strategies import STRATEGIES, StrategyContext, make_plan
-from analysis.synthetic import tiny_model
+from moescope.analysis.analyze import AnalysisParams
+from moescope.analysis.cache import Cache
+from moescope.analysis.data import TokenBatch
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.models import wrap_model
+from moescope.analysis.prune import apply
+from moescope.analysis.strategies import STRATEGIES, StrategyContext, make_plan
+from moescope.analysis.synthetic import tiny_model
 
 FAST = AnalysisParams(similarity_tokens=128, rbf_batch_tokens=48, rbf_batches=1, chunk_size=4)
 IDS = torch.randint(3, 256, (6, 32), generator=torch.Generator().manual_seed(0))
@@ -122,8 +122,8 @@ def test_registry_lists_every_strategy():
 @pytest.mark.parametrize("name, params", ALL + [("skip", {}), ("manual", {"drop": {"0": [1, 4]}})],
                          ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALL + [("skip", {}), ("manual", {})])])
 def test_every_strategy_on_the_demo_model(name, params, demo_dir, tmp_path):
-    from analysis.data import sample_tokens
-    from analysis.models import load_moe
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.models import load_moe
 
     model = load_moe("demo")
     calib = sample_tokens("demo:all", model.tokenizer, 6, 64, seed=0)

@@ -31,7 +31,7 @@ def _datasets():
 
 def load_ppl(domain: str, **_: object):
     """``DatasetDict(test=[{"text": document}, ...])`` for one demo domain."""
-    from analysis.data import load_texts
+    from moescope.analysis.data import load_texts
 
     docs = load_texts(f"demo:{domain}", split="test")[domain]
     return _datasets().DatasetDict({"test": _datasets().Dataset.from_dict({"text": docs})})
@@ -75,7 +75,7 @@ def _passages(doc: str) -> list[tuple[str, str]]:
 
 def continuation_items(max_per_domain: int = MAX_ITEMS_PER_DOMAIN, seed: int = SEED) -> list[dict]:
     """The multiple-choice items, deterministic for a given corpus and seed."""
-    from analysis.data import demo_domains, load_texts
+    from moescope.analysis.data import demo_domains, load_texts
 
     rng = random.Random(seed)
     by_domain = {}

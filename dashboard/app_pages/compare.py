@@ -5,8 +5,8 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from analysis.errors import MoescopeError
-from dashboard import runs
+from moescope.analysis.errors import MoescopeError
+from moescope.dashboard import runs
 
 st.header("Compare")
 experiments = runs.experiment_list()

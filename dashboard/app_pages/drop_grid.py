@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import backend, charts
-from dashboard.ui import guarded, persistent, require_stored, settings
+from moescope.dashboard import backend, charts
+from moescope.dashboard.ui import guarded, persistent, require_stored, settings
 
 st.header("Drop grid")
 c1, c2, c3 = st.columns([2, 1, 1])

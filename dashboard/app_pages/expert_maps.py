@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboard import backend, charts
-from dashboard.ui import require_analysis, settings
+from moescope.dashboard import backend, charts
+from moescope.dashboard.ui import require_analysis, settings
 
 st.header("Expert maps")
 s = settings()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis.errors import MoescopeError
-from dashboard import runs
+from moescope.analysis.errors import MoescopeError
+from moescope.dashboard import runs
 
 st.header("Export")
 experiments = [e for e in runs.experiment_list() if e.plan]

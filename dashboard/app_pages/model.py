@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import backend
-from dashboard.ui import guarded, persistent, run_with_progress, settings
+from moescope.dashboard import backend
+from moescope.dashboard.ui import guarded, persistent, run_with_progress, settings
 
 st.header("Model & data")
 

@@ -9,9 +9,9 @@ import json
 
 import streamlit as st
 
-from dashboard import backend, charts
-from dashboard.backend import MoescopeError, PruningPlan
-from dashboard.ui import guarded, layer_select, plan_layer_state, run_with_progress, settings
+from moescope.dashboard import backend, charts
+from moescope.dashboard.backend import MoescopeError, PruningPlan
+from moescope.dashboard.ui import guarded, layer_select, plan_layer_state, run_with_progress, settings
 
 st.header("Plan")
 s = settings()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboard import backend, charts
-from dashboard.ui import layer_select, require_analysis, require_trace, settings
+from moescope.dashboard import backend, charts
+from moescope.dashboard.ui import layer_select, require_analysis, require_trace, settings
 
 VIEWS = ["Usage", "Co-activation", "Vocabulary", "Tokens", "Skipping"]
 

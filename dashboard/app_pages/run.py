@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.errors import MoescopeError
-from analysis.plan import PruningPlan
-from dashboard import runs
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.plan import PruningPlan
+from moescope.dashboard import runs
 
 st.header("Run")
 model = st.session_state.get("model", "demo")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import backend, charts
-from dashboard.ui import current_plan, layer_select, plan_layer_state, require_analysis, settings
+from moescope.dashboard import backend, charts
+from moescope.dashboard.ui import current_plan, layer_select, plan_layer_state, require_analysis, settings
 
 REPRESENTATION_LABELS = {
     "outputs": "Data-centric: expert outputs",
