@@ -75,6 +75,13 @@ def install(model, betas: dict[int, float]) -> SkipCounter:
 
         router.forward = forward
         router._moescope_skip = original
+        experts = view.experts
+        if sentinel_ok and hasattr(experts, "_is_expert_parallel"):
+            # transformers' grouped_mm / batched_mm experts (the default) leave the output rows of an
+            # out-of-range index unwritten (garbage × weight 0 can be NaN) unless told, by this flag,
+            # that such indices are sentinels to mask; the eager loop skips them either way
+            experts._moescope_skip_ep = experts._is_expert_parallel
+            experts._is_expert_parallel = True
     model.skip_beta = {int(k): float(v) for k, v in betas.items()}
     model.skip_counter = counter
     return counter
@@ -86,6 +93,9 @@ def remove(model) -> None:
         if original is not None:
             view.router.forward = original
             del view.router._moescope_skip
+        if hasattr(view.experts, "_moescope_skip_ep"):
+            view.experts._is_expert_parallel = view.experts._moescope_skip_ep
+            del view.experts._moescope_skip_ep
     model.skip_beta = {}
 
 
