@@ -17,6 +17,11 @@ Readers verify the manifest (presence and sizes always; sha256 eagerly for files
 :class:`CacheWarning` and treated as a miss. :meth:`Cache.get_or_compute` holds an ``fcntl.flock``
 per key, so two processes (or threads) never compute the same entry twice.
 
+Each :class:`Cache` object counts what it did (:class:`CacheStats`, ``cache.stats``): per kind, the
+lookups served by a stored entry (``hits``), the lookups that found none (``misses``), the
+``compute()`` calls :meth:`Cache.get_or_compute` ran (``computed``) and the entries it wrote
+(``stored``), so a caller (or a test) can see that a cached call computed nothing.
+
 ``torch``, ``safetensors`` and ``pandas`` are imported only when tensors or tables are touched:
 listing the cache stays cheap.
 """
@@ -32,9 +37,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -374,16 +381,71 @@ class StoredResult:
         return sorted(int(k) for k in self.meta["layers"])
 
 
+class CacheStats:
+    """What one :class:`Cache` object did since it was opened (or :meth:`reset`), per kind, in this
+    process: ``hits`` (a lookup — :meth:`Cache.get`, :meth:`Cache.get_by_key` or
+    :meth:`Cache.get_or_compute` — answered by a stored entry, also one another process had just
+    written), ``misses`` (a lookup that found none), ``computed`` (``compute()`` calls run by
+    :meth:`Cache.get_or_compute`) and ``stored`` (entries this object wrote).
+
+    ``stats.computed()`` counts every kind, ``stats.computed("analysis")`` one kind.
+    """
+
+    EVENTS = ("hits", "misses", "computed", "stored")
+
+    def __init__(self):
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    def _add(self, event: str, kind: str) -> None:
+        with self._lock:
+            self._counts[(event, kind)] += 1
+
+    def count(self, event: str, kind: str | None = None) -> int:
+        """How many ``event`` (one of :attr:`EVENTS`) happened, for ``kind`` or for every kind."""
+        if event not in self.EVENTS:
+            raise unknown_name("cache event", event, self.EVENTS)
+        with self._lock:
+            return sum(n for (e, k), n in self._counts.items() if e == event and (kind is None or k == kind))
+
+    def hits(self, kind: str | None = None) -> int:
+        return self.count("hits", kind)
+
+    def misses(self, kind: str | None = None) -> int:
+        return self.count("misses", kind)
+
+    def computed(self, kind: str | None = None) -> int:
+        return self.count("computed", kind)
+
+    def stored(self, kind: str | None = None) -> int:
+        return self.count("stored", kind)
+
+    def by_kind(self) -> dict[str, dict[str, int]]:
+        """``{kind: {"hits": n, "misses": n, "computed": n, "stored": n}}`` for every kind seen."""
+        with self._lock:
+            kinds = sorted({k for _e, k in self._counts})
+            return {k: {e: self._counts[(e, k)] for e in self.EVENTS} for k in kinds}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    def __repr__(self) -> str:
+        return f"CacheStats({self.by_kind()})"
+
+
 # ---- the store -------------------------------------------------------------------------------
 class Cache:
     """The on-disk store under ``root`` (default :func:`default_cache_root`).
 
     Opening it creates the folder and sweeps temporary folders older than an hour that crashed
-    writers left in ``<root>/.tmp/``.
+    writers left in ``<root>/.tmp/``. ``stats`` counts this object's hits, misses, computations and
+    writes (:class:`CacheStats`).
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        self.stats = CacheStats()
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -444,7 +506,9 @@ class Cache:
         """Like :meth:`get` for a known key (e.g. :attr:`EntryInfo.key`)."""
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise MoescopeError(f"invalid cache key {key!r}: expected 64 lowercase hex characters")
-        return self._lookup(_check_kind(kind), key, locked=False)
+        entry = self._lookup(_check_kind(kind), key, locked=False)
+        self.stats._add("hits" if entry is not None else "misses", kind)
+        return entry
 
     def _candidates(self, kind: str, key: str) -> list[Path]:
         folder = self.root / kind
@@ -594,6 +658,7 @@ class Cache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self.stats._add("stored", kind)
         return Entry(self, dest, full_meta, files, unverified=set())
 
     @staticmethod
@@ -658,11 +723,15 @@ class Cache:
         key = cache_key(kind, parts)
         entry = self._lookup(kind, key, locked=False)
         if entry is not None:
+            self.stats._add("hits", kind)
             return entry
         with self.lock(kind, key):
             entry = self._lookup(kind, key, locked=True)
-            if entry is not None:
+            if entry is not None:  # another process computed it while we waited
+                self.stats._add("hits", kind)
                 return entry
+            self.stats._add("misses", kind)
+            self.stats._add("computed", kind)
             start = time.perf_counter()
             tensors, tables, meta = _unpack_result(compute())
             elapsed = time.perf_counter() - start

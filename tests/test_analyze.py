@@ -44,11 +44,13 @@ def test_every_family_gets_every_metric(family, cache):
 def test_second_run_is_served_from_the_cache(cache, monkeypatch):
     model = wrap_model(tiny_model("mixtral"), source="tiny")
     first = A.run_analysis(model, batch(), PARAMS, cache=cache)
+    assert cache.stats.computed("analysis") == 1
     calls = []
     monkeypatch.setattr(A, "analyze_layer", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(A, "gradient_criteria", lambda *a, **k: calls.append(2))
     again = A.run_analysis(model, batch(), PARAMS, cache=cache)
     assert calls == [] and again.entry.path == first.entry.path
-    assert torch.equal(again.similarity(0, "cka_linear"), first.similarity(0, "cka_linear"))
+    assert cache.stats.computed("analysis") == 1 and cache.stats.hits("analysis") == 1
 
 
 def test_changed_model_data_or_params_are_new_entries(cache):
@@ -60,6 +62,7 @@ def test_changed_model_data_or_params_are_new_entries(cache):
     pruned = A.run_analysis(model, batch(), PARAMS, cache=cache)
     paths.add(pruned.entry.path)
     assert len(paths) == 4 and pruned.num_experts(0) == 6
+    assert cache.stats.computed("analysis") == 4 and cache.stats.hits("analysis") == 0
 
 
 def test_an_interrupted_run_leaves_no_entry(cache):

@@ -288,13 +288,49 @@ def test_second_put_of_same_key_does_not_duplicate(cache):
 def test_get_or_compute_computes_once(cache):
     compute = Counter(3.0)
     a = cache.get_or_compute("similarity", PARTS, compute, label="demo")
+    assert cache.stats.by_kind() == {"similarity": {"hits": 0, "misses": 1, "computed": 1, "stored": 1}}
     b = cache.get_or_compute("similarity", PARTS, compute, label="demo")
     assert compute.calls == 1
+    assert cache.stats.by_kind() == {"similarity": {"hits": 1, "misses": 1, "computed": 1, "stored": 1}}
     assert a.path == b.path
     assert torch.equal(b.tensors()["x"], torch.full((3, 2), 3.0))
     assert b.meta["note"] == "computed" and b.meta["elapsed_s"] >= 0
     cache.get_or_compute("similarity", {**PARTS, "version": 2}, compute)
-    assert compute.calls == 2
+    assert compute.calls == 2 == cache.stats.computed("similarity") == cache.stats.computed()
+
+
+def test_stats_count_hits_misses_computations_and_writes_per_kind(cache):
+    stats = cache.stats
+    assert cache.get("similarity", PARTS) is None
+    cache.put("similarity", PARTS, tensors={"x": torch.ones(2)})
+    cache.put("similarity", PARTS, tensors={"x": torch.ones(2)})  # already stored: nothing written
+    assert cache.get("similarity", PARTS) is not None
+    assert cache.get_by_key("similarity", cache_key("similarity", PARTS)) is not None
+    cache.get_or_compute("criteria", PARTS, Counter())
+    cache.get_or_compute("criteria", PARTS, Counter())
+    assert stats.by_kind() == {
+        "criteria": {"hits": 1, "misses": 1, "computed": 1, "stored": 1},
+        "similarity": {"hits": 2, "misses": 1, "computed": 0, "stored": 1},
+    }
+    assert (stats.hits(), stats.misses(), stats.computed(), stats.stored()) == (3, 2, 1, 2)
+    assert stats.count("hits", "nothing") == 0
+    with pytest.raises(MoescopeError, match="Did you mean 'hits'"):
+        stats.count("hit")
+    # a fresh object over the same folder starts at zero and only sees its own hits
+    other = Cache(cache.root)
+    other.get_or_compute("criteria", PARTS, Counter())
+    assert other.stats.by_kind() == {"criteria": {"hits": 1, "misses": 0, "computed": 0, "stored": 0}}
+    stats.reset()
+    assert stats.by_kind() == {} and stats.computed() == 0
+
+
+def test_a_failed_compute_is_counted_but_stores_nothing(cache):
+    def boom():
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute("similarity", PARTS, boom)
+    assert cache.stats.by_kind() == {"similarity": {"hits": 0, "misses": 1, "computed": 1, "stored": 0}}
 
 
 def test_compute_may_return_dict_namedtuple_or_dataclass(cache):
@@ -371,7 +407,7 @@ def test_damaged_entry_is_detected_warned_and_recomputed(cache, name):
         again = cache.get_or_compute("similarity", PARTS, compute, label="dmg")
     assert reason in str(record[0].message)
     assert len(str(record[0].message).splitlines()) == 1
-    assert compute.calls == 2
+    assert compute.calls == 2 == cache.stats.computed("similarity")
     assert torch.equal(again.tensors()["x"], torch.full((3, 2), 2.0))
     pd.testing.assert_frame_equal(again.table("t"), pd.DataFrame({"v": [2.0, 4.0]}))
 
@@ -535,9 +571,10 @@ def test_two_threads_compute_once(cache):
         return {"tensors": {"x": torch.ones(2)}}
 
     results = [None, None]
+    caches = [Cache(cache.root), Cache(cache.root)]
 
     def run(i):
-        results[i] = Cache(cache.root).get_or_compute("slow", PARTS, compute)
+        results[i] = caches[i].get_or_compute("slow", PARTS, compute)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -546,6 +583,8 @@ def test_two_threads_compute_once(cache):
         t.join(timeout=60)
     assert len(calls) == 1
     assert results[0].path == results[1].path
+    # one computed and stored it; the other waited on the lock and was served the entry
+    assert sorted((c.stats.computed("slow"), c.stats.hits("slow")) for c in caches) == [(0, 1), (1, 0)]
 
 
 # ---- index -----------------------------------------------------------------------------------

@@ -314,7 +314,9 @@ def test_drop_grid_is_computed_on_demand_then_cached(demo_model, cache_dir):
     at.button(key="grid_compute").click().run()
     assert not at.exception and not errors(at)
     batch = sample_tokens("demo:all", demo_model.tokenizer, 2, 48, seed=0, split="test")
-    grid = cached_drop_grid(demo_model, batch, Cache(cache_dir))  # served from the cache the page filled
+    cache = Cache(cache_dir)
+    grid = cached_drop_grid(demo_model, batch, cache)
+    assert cache.stats.computed() == 0 and cache.stats.hits("dropgrid") == 1  # served from what the page filled
     assert np.allclose(array(figures(at)[0]["data"][0]["z"]), np.array(grid.delta()))
     assert {m.label: m.value for m in at.metric}["Baseline perplexity"] == f"{grid.baseline:.3f}"
     table = at.dataframe[0].value

@@ -67,6 +67,7 @@ def test_perplexity_is_cached_by_model_and_windows(demo, tmp_path):
     assert len(cache.entries("perplexity")) == 1
     b = E.perplexity(demo, "demo:python", samples=2, seq_len=64, cache=cache)
     assert a["ppl"] == b["ppl"] and len(cache.entries("perplexity")) == 1
+    assert cache.stats.computed("perplexity") == 1 and cache.stats.hits("perplexity") == 1  # b computed nothing
     E.perplexity(demo, "demo:python", samples=2, seq_len=32, cache=cache)
     assert len(cache.entries("perplexity")) == 2
 
