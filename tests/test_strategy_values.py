@@ -472,6 +472,7 @@ def test_skip_beta_is_the_median_second_to_first_weight_of_the_table(table_model
     assert kept(both) == [0, 2, 4, 7] and both.skip_beta[0] == pytest.approx(lower_median, rel=1e-5)
 
 
+@pytest.mark.slow  # four rounds of (no-op) finetuning
 def test_lottery_without_learning_equals_iterative_dropping(table_model, tmp_path):
     """With lr 0 the finetunes change nothing, so the lottery's rounds are the iterative EUF drops."""
     from moescope.analysis.prune import lottery
