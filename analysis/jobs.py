@@ -73,8 +73,10 @@ def start(model: str, plan: dict | None, spec: dict, label: str | None = None, c
     from moescope.analysis.evaluate import EvalSpec
     from moescope.analysis.plan import PruningPlan
 
-    if plan is not None:
-        PruningPlan.from_json(plan)
+    if plan is not None:  # against the model's shapes (built on the meta device, no weights read)
+        from moescope.analysis.models import load_moe
+
+        PruningPlan.from_json(plan).validate_for(load_moe(model, weights=False, load_tokenizer=False))
     EvalSpec.from_json(spec).validate()
     job_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     folder = jobs_root(cache) / job_id

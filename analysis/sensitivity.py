@@ -242,6 +242,7 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
         raise MoescopeError(f"unknown enumeration method '{method}'; accepted: auto, exact, greedy, beam")
     scorer = SubsetScorer(view, x, chunk_tokens=chunk_tokens)
     groups_ok = _routing_group_filter(view)
+    reachable = _routing_group_filter(view, keep)
     if method == "exact":
         if n_subsets > max_subsets:
             raise MoescopeError(f"layer {view.index}: C({E}, {keep}) = {n_subsets} subsets exceeds max_subsets "
@@ -256,7 +257,8 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
     scored: list[tuple[list[int], float]] = []
     for size in range(E - 1, keep - 1, -1):
         nxt = sorted({tuple(c for c in C if c != drop) for C in beam for drop in C})
-        nxt = [C for C in nxt if groups_ok(C) or size > keep]
+        # group-limited routers: never leave a routing group with fewer than its final share
+        nxt = [C for C in nxt if (groups_ok(C) if size == keep else reachable(C))]
         if not nxt:
             raise MoescopeError(f"layer {view.index}: no subset of {keep} experts keeps the routing groups "
                                 "balanced along this search; use method exact")
@@ -267,8 +269,10 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
     return EnumerationResult(view.index, scored[0][0], scored[0][1], method, scored)
 
 
-def _routing_group_filter(view) -> Callable[[tuple[int, ...]], bool]:
-    """For group-limited routers only subsets that keep every routing group the same size (≥ 2)."""
+def _routing_group_filter(view, keep: int | None = None) -> Callable[[tuple[int, ...]], bool]:
+    """For group-limited routers only subsets that keep every routing group the same size (≥ 2);
+    with ``keep``, subsets from which such a subset of ``keep`` experts can still be reached
+    (every routing group keeps at least ``keep / n_group``)."""
     if view.spec.routing != "sigmoid_group_topk":
         return lambda C: True
     n_group = view.router_params.n_group
@@ -278,6 +282,8 @@ def _routing_group_filter(view) -> Callable[[tuple[int, ...]], bool]:
         counts = [0] * n_group
         for e in C:
             counts[e // per] += 1
+        if keep is not None:
+            return min(counts) >= max(2, keep // n_group)
         return len(set(counts)) == 1 and counts[0] >= 2
 
     return ok

@@ -52,8 +52,14 @@ def test_a_cancelled_job_leaves_no_experiment(demo_dir):
 def test_a_bad_plan_is_refused_when_the_job_is_asked_for(demo_dir):
     from moescope.analysis.errors import MoescopeError
 
+    one_left = PruningPlan.from_keep("demo", {0: [3]}, provenance={"strategy": "manual"}).to_json()
+    with pytest.raises(MoescopeError, match="keep at least 2 experts"):  # the demo routes to top-2
+        jobs.start("demo", one_left, SMALL)
+    with pytest.raises(MoescopeError, match="not an MoE layer"):
+        jobs.start("demo", PruningPlan.from_keep("demo", {9: [0, 1]}).to_json(), SMALL)
     with pytest.raises(MoescopeError, match="unknown sampling|data source|demo domain"):
         jobs.start("demo", None, {**SMALL, "ppl": ["demo:klingon"]})
+    assert not any(jobs.jobs_root().iterdir())  # nothing was launched
 
 
 def _page(name: str) -> AppTest:
