@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -165,10 +163,10 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     assert rc == 0, err
     # lm-eval's own CLI on the exported folder gives the accuracy and perplexities recorded in-memory
     # (those are checked by hand in test_evaluate.py / test_lm_eval_values.py)
-    lm_eval = shutil.which("lm_eval") or os.path.join(os.path.dirname(sys.executable), "lm_eval")
     from moescope.analysis.evaluate import LOCAL_TASKS_DIR
 
-    proc = subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={tmp_path / 'enumerate'},dtype=float32",
+    # `python -m lm_eval` (the `lm_eval` script is missing where lm-eval comes from another venv's path)
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'enumerate'},dtype=float32",
                            "--tasks", ",".join(TASKS), "--include_path", str(LOCAL_TASKS_DIR),
                            "--device", "cpu", "--limit", "8", "--batch_size", "8", "--output_path", str(tmp_path / "lm")],
                           capture_output=True, text=True, timeout=600)
