@@ -83,6 +83,7 @@ def test_bad_perplexity_settings_are_one_line(demo, kwargs, match):
         E.perplexity(demo, "demo:python", **{"samples": 2, "seq_len": 64, **kwargs})
 
 
+@pytest.mark.slow
 def test_local_multiple_choice_accuracy_matches_a_hand_computation(demo):
     items = continuation_items()
     from moescope.analysis.data import demo_domains
@@ -99,6 +100,7 @@ def test_local_multiple_choice_accuracy_matches_a_hand_computation(demo):
     assert res["acc"] == pytest.approx(want["acc"]) and res["acc_norm"] == pytest.approx(want["acc_norm"])
 
 
+@pytest.mark.slow
 def test_unknown_task_names_the_local_ones(demo):
     with pytest.raises(MoescopeError, match="unknown lm-eval task.*moescope_demo_continuation"):
         E.run_tasks(demo, ["no_such_task"])

@@ -96,6 +96,7 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
         export_experiment(exp.id, tmp_path / "again")
 
 
+@pytest.mark.slow
 def test_efficiency_of_original_and_pruned_with_and_without_skipping(demo_dir):
     spec = EvalSpec(ppl=["demo:python"], samples=2, seq_len=64, efficiency=True, skip_calib="demo:all",
                     skip_calib_samples=4, efficiency_params=EfficiencyParams(prompt_tokens=32, new_tokens=4, repeats=1))
@@ -139,6 +140,7 @@ def test_eval_json_runs_offline_on_local_tasks(capsys, demo_dir):
 TASKS = ("moescope_demo_continuation", "moescope_demo_ppl_docs")
 
 
+@pytest.mark.slow
 def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_dir, tmp_path):
     ids = []
     for strategy in ("frequency", "enumerate"):
