@@ -6,11 +6,14 @@ screenshots go to
 ``test-artifacts/screenshots/``.
 
 Uses Debian's ``/usr/bin/chromium`` through Playwright's ``executable_path`` (no browser download).
+Without it the test is skipped with the reason in pytest's summary, except under ``CI=true``,
+where it fails: a CI run must not pass without having driven the browser.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,14 +23,30 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("MOESCOPE_CHROMIUM", "/usr/bin/chromium"))
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test-artifacts" / "screenshots"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (Debian package 'chromium')"),
-]
+
+def _missing() -> str | None:
+    """What the browser test lacks, as one line saying how to install it; None when it can run."""
+    if not CHROMIUM.exists():
+        return f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "no Playwright: pip install -e '.[dev]' (it drives Debian's chromium, no browser download)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium_present():
+    """Skip with the reason when Chromium or Playwright is missing, fail under CI=true."""
+    why = _missing()
+    if why and os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"CI=true and the browser test cannot run: {why}", pytrace=False)
+    if why:
+        pytest.skip(why)
 
 
 def _free_port() -> int:
@@ -37,7 +56,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(chromium_present, tmp_path_factory):
     """``streamlit run dashboard/app.py`` on a free port with an empty throw-away cache."""
     cache = tmp_path_factory.mktemp("browser-cache")
     # one torch thread: Chromium and the server share the cores, and two OpenMP threads that must
@@ -74,7 +93,7 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(chromium_present):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -144,6 +163,24 @@ def _go(page, title: str) -> None:
     _settle(page)
 
 
+def test_missing_chromium_fails_under_ci_and_is_a_visible_skip_elsewhere(tmp_path):
+    """The browser test in a child pytest, pointed at a Chromium that is not there."""
+    test = f"{Path(__file__).resolve()}::test_every_page_loads_in_chromium"
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["MOESCOPE_CHROMIUM"] = str(tmp_path / "no-chromium")
+    argv = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", test]
+    why = f"no Chromium at {tmp_path / 'no-chromium'}: install Debian's package (apt-get install -y chromium)"
+    ci = subprocess.run(argv, env={**env, "CI": "true"}, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ci.returncode == 1, ci.stdout
+    assert f"CI=true and the browser test cannot run: {why}" in ci.stdout
+    assert "Traceback" not in ci.stdout and "1 error" in ci.stdout
+    local = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stdout
+    assert re.search(rf"^SKIPPED \[1\] tests/test_browser.py:\d+: {re.escape(why)}$", local.stdout, re.M), local.stdout
+    assert "1 skipped" in local.stdout
+
+
+@pytest.mark.slow
 def test_every_page_loads_in_chromium(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
     page.goto(server)

@@ -28,6 +28,7 @@ def drop_plan(drop: dict[int, list[int]]) -> dict:
     return PruningPlan.from_keep("demo", keep, provenance={"strategy": "manual", "params": {}}).to_json()
 
 
+@pytest.mark.slow
 def test_a_job_runs_in_its_own_process_and_stores_its_experiment(demo_dir):
     job = jobs.start("demo", drop_plan({0: [1]}), SMALL, label="drop L0E1")
     st = jobs.wait(job, timeout=300)
@@ -37,6 +38,7 @@ def test_a_job_runs_in_its_own_process_and_stores_its_experiment(demo_dir):
     assert exp.result["ppl"]["demo:python"] != exp.reference["ppl"]["demo:python"]
 
 
+@pytest.mark.slow
 def test_a_cancelled_job_leaves_no_experiment(demo_dir):
     slow = EvalSpec(ppl=["demo:all"], samples=480, seq_len=256, efficiency=False).to_json()
     job = jobs.start("demo", drop_plan({1: [2]}), slow)
@@ -68,6 +70,7 @@ def _page(name: str) -> AppTest:
     return at
 
 
+@pytest.mark.slow
 def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     # Run: a manual plan in the session, small settings, one click
     at = _page("run")
@@ -115,6 +118,7 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     assert at.error and "not empty" in at.error[0].value
 
 
+@pytest.mark.slow
 def test_different_expert_counts_cannot_be_exported_and_say_why(demo_dir, tmp_path):
     job = jobs.start("demo", drop_plan({0: [0, 1], 3: [7]}), SMALL)
     assert jobs.wait(job, timeout=300).state == "done"

@@ -105,6 +105,7 @@ def test_analyze_demo_cli_then_cached(tmp_path, monkeypatch, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 1
 
 
+@pytest.mark.slow
 def test_demo_streams_are_the_corpus_files_as_trained_and_match_the_card(demo):
     from moescope.analysis.data import demo_corpus_dir, token_streams
     from moescope.analysis.evaluate import perplexity_by_domain

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 
+from by_hand_eval import continuation_items, multiple_choice_metrics
+
 from moescope.analysis import evaluate as E
 from moescope.analysis.cache import Cache
+from moescope.analysis.data import load_texts
 from moescope.analysis.errors import MoescopeError
 from moescope.analysis.models import load_moe
 
@@ -82,49 +84,25 @@ def test_bad_perplexity_settings_are_one_line(demo, kwargs, match):
         E.perplexity(demo, "demo:python", **{"samples": 2, "seq_len": 64, **kwargs})
 
 
-def _loglikelihood(model, context: str, continuation: str) -> tuple[float, bool]:
-    """Sum of log-probabilities of ``continuation`` after ``context`` and whether it is the greedy
-    choice, tokenised as lm-eval's HFLM does (the whole string, split at the context's length)."""
-    tok = model.tokenizer
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
-    ids = torch.tensor([(ctx + cont)[-512:]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model.hf(input_ids=ids).logits[0].double(), -1)
-    n = len(cont)
-    pred = logp[-n - 1 : -1]
-    target = ids[0, -n:]
-    return float(pred.gather(-1, target[:, None]).sum()), bool((pred.argmax(-1) == target).all())
-
-
+@pytest.mark.slow
 def test_local_multiple_choice_accuracy_matches_a_hand_computation(demo):
-    sys.path.insert(0, str(E.LOCAL_TASKS_DIR))
-    try:
-        import demo_tasks
-    finally:
-        sys.path.remove(str(E.LOCAL_TASKS_DIR))
-    items = demo_tasks.continuation_items()
+    items = continuation_items()
     from moescope.analysis.data import demo_domains
 
     assert len(items) > 500 and {i["domain"] for i in items} == set(demo_domains())
     assert all(len(i["choices"]) == 4 and len(set(i["choices"])) == 4 for i in items)
+    # the label is the choice that follows the context in a test document
+    text = {d: "\n".join(docs) for d, docs in load_texts("demo:all", split="test").items()}
+    assert all(i["context"] + i["choices"][i["label"]] in text[i["domain"]] for i in items)
     n = 12
     res = E.run_tasks(demo, ["moescope_demo_continuation"], limit=n)["moescope_demo_continuation"]
-    by_hand = []
-    for item in items[:n]:
-        ctx, choices = item["context"], item["choices"]
-        # lm-eval moves the context's trailing whitespace onto the continuation
-        stripped = ctx.rstrip()
-        scores = [_loglikelihood(demo, stripped, ctx[len(stripped):] + c)[0] for c in choices]
-        by_hand.append(max(range(4), key=scores.__getitem__) == item["label"])
+    want = multiple_choice_metrics(demo.hf, demo.tokenizer, items[:n])
     assert res["samples"] == n
-    assert res["acc"] == pytest.approx(sum(by_hand) / n)
+    assert res["acc"] == pytest.approx(want["acc"]) and res["acc_norm"] == pytest.approx(want["acc_norm"])
 
 
-def test_local_perplexity_task_and_unknown_task(demo):
-    res = E.run_tasks(demo, ["moescope_demo_ppl_spanish"], limit=5)["moescope_demo_ppl_spanish"]
-    assert res["byte_perplexity"] > 1 and res["bits_per_byte"] == pytest.approx(math.log2(res["byte_perplexity"]))
+@pytest.mark.slow
+def test_unknown_task_names_the_local_ones(demo):
     with pytest.raises(MoescopeError, match="unknown lm-eval task.*moescope_demo_continuation"):
         E.run_tasks(demo, ["no_such_task"])
 
@@ -134,7 +112,11 @@ def test_efficiency_reports_size_and_speed(demo):
     counts = demo.parameter_counts()
     assert eff["params_total"] == counts["total"] == 4_396_160 and eff["params_active"] == counts["active"]
     assert eff["weight_bytes"] == 4 * counts["total"]
-    assert eff["prefill_tokens_per_s"] > 0 and eff["generate_tokens_per_s"] > 0
-    assert eff["peak_memory_bytes"] >= eff["memory_before_generate_bytes"] > 0
+    # tokens/s as documented: 1 × 32 prompt tokens per prefill, the 3 tokens after the first per decode
+    assert eff["prefill_tokens_per_s"] == pytest.approx(32 / eff["prefill_s"])
+    assert eff["generate_tokens_per_s"] == pytest.approx(3 / (eff["generate_s"] - eff["prefill_s"]))
+    assert eff["generate_s"] > eff["prefill_s"] > 0
+    # the process holds the weights while it generates
+    assert eff["peak_memory_bytes"] >= eff["memory_before_generate_bytes"] > eff["weight_bytes"]
     with pytest.raises(MoescopeError, match="new_tokens must be at least 2"):
         E.EfficiencyParams(new_tokens=1)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -12,11 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from by_hand_eval import continuation_items, multiple_choice_metrics
+
 from moescope.analysis import experiments as X
 from moescope.analysis.cache import Cache
 from moescope.analysis.cli import main
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.evaluate import EfficiencyParams, EvalSpec
+from moescope.analysis.evaluate import EfficiencyParams, EvalSpec, perplexity
 from moescope.analysis.export import export, export_experiment
 from moescope.analysis.models import load_moe
 from moescope.analysis.plan import PruningPlan
@@ -96,6 +96,7 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
         export_experiment(exp.id, tmp_path / "again")
 
 
+@pytest.mark.slow
 def test_efficiency_of_original_and_pruned_with_and_without_skipping(demo_dir):
     spec = EvalSpec(ppl=["demo:python"], samples=2, seq_len=64, efficiency=True, skip_calib="demo:all",
                     skip_calib_samples=4, efficiency_params=EfficiencyParams(prompt_tokens=32, new_tokens=4, repeats=1))
@@ -125,12 +126,21 @@ def test_eval_json_runs_offline_on_local_tasks(capsys, demo_dir):
                        "--limit", "8", "--samples", "6", "--seq-len", "64", "--no-efficiency", "--json")
     assert rc == 0, err
     res = json.loads(out)
-    assert set(res["ppl"]) == {"demo:all"} and res["ppl"]["demo:all"] > 1
-    assert 0 <= res["tasks"]["moescope_demo_continuation"]["acc"] <= 1
+    demo = load_moe("demo")
+    assert set(res["ppl"]) == {"demo:all"}
+    assert res["ppl"]["demo:all"] == pytest.approx(perplexity(demo, "demo:all", samples=6, seq_len=64)["value"])
+    want = multiple_choice_metrics(demo.hf, demo.tokenizer, continuation_items()[:8])
+    for metric in ("acc", "acc_norm"):
+        assert res["tasks"]["moescope_demo_continuation"][metric] == pytest.approx(want[metric])
     rc, out, _ = run(capsys, "experiments", "ls", "--json")
     assert [e["id"] for e in json.loads(out)] == [res["experiment"]]
 
 
+# a document of the docs domain is 3825 tokens: the rolling windows past 512 positions count too
+TASKS = ("moescope_demo_continuation", "moescope_demo_ppl_docs")
+
+
+@pytest.mark.slow
 def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_dir, tmp_path):
     ids = []
     for strategy in ("frequency", "enumerate"):
@@ -139,7 +149,7 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
                          "--seq-len", "64", "-o", str(plan))
         assert rc == 0, err
         rc, out, err = run(capsys, "prune", "demo", "--plan", str(plan), "-o", str(tmp_path / strategy),
-                           "--ppl", "demo:all", "--tasks", "moescope_demo_continuation", "--limit", "8",
+                           "--ppl", "demo:all", "--tasks", *TASKS, "--limit", "8",
                            "--samples", "6", "--seq-len", "64", "--no-efficiency", "--json")
         assert rc == 0, err
         ids.append(json.loads(out)["experiment"])
@@ -153,15 +163,20 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     assert rc == 2 and "not empty" in err
     rc, _, err = run(capsys, "export", ids[1], "-o", str(tmp_path / "enumerate"), "--overwrite")
     assert rc == 0, err
-    # lm-eval's own CLI on the exported folder gives the accuracy recorded in-memory
-    lm_eval = shutil.which("lm_eval") or os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    # lm-eval's own CLI on the exported folder gives the accuracy and perplexities recorded in-memory
+    # (those are checked by hand in test_evaluate.py / test_lm_eval_values.py)
     from moescope.analysis.evaluate import LOCAL_TASKS_DIR
 
-    proc = subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={tmp_path / 'enumerate'},dtype=float32",
-                           "--tasks", "moescope_demo_continuation", "--include_path", str(LOCAL_TASKS_DIR),
+    # `python -m lm_eval` (the `lm_eval` script is missing where lm-eval comes from another venv's path)
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'enumerate'},dtype=float32",
+                           "--tasks", ",".join(TASKS), "--include_path", str(LOCAL_TASKS_DIR),
                            "--device", "cpu", "--limit", "8", "--batch_size", "8", "--output_path", str(tmp_path / "lm")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result_file = next((tmp_path / "lm").rglob("results_*.json"))
-    acc = json.loads(result_file.read_text())["results"]["moescope_demo_continuation"]["acc,none"]
-    assert acc == pytest.approx(X.load(ids[1]).result["tasks"]["moescope_demo_continuation"]["acc"])
+    cli = json.loads(result_file.read_text())["results"]
+    recorded = X.load(ids[1]).result["tasks"]
+    for task, metrics in (("moescope_demo_continuation", ("acc", "acc_norm")),
+                          ("moescope_demo_ppl_docs", ("word_perplexity", "byte_perplexity", "bits_per_byte"))):
+        for metric in metrics:
+            assert cli[task][f"{metric},none"] == pytest.approx(recorded[task][metric], rel=1e-5), (task, metric)
