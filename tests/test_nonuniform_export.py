@@ -198,3 +198,28 @@ def test_bad_per_layer_config_is_one_line(exported, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MoescopeError, match="re-export"):
         load_moe(str(bad))
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_scores_the_export_as_moescope_scores_the_pruned_model(demo_dir, tmp_path):
+    """``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` on a demo export
+    with 7/8/6/8 experts gives the perplexity moescope's in-process lm-eval run gives the pruned model."""
+    from moescope.analysis.evaluate import LOCAL_TASKS_DIR, run_tasks
+
+    model = load_moe("demo")
+    apply(model, PruningPlan.from_drop(model, {0: [3], 2: [1, 5]}))
+    assert len(set(model.num_experts().values())) > 1
+    task, limit = "moescope_demo_ppl_python", 1
+    expected = run_tasks(model, [task], limit=limit, batch_size=1)[task]
+    folder = export(model, tmp_path / "demo_uneven")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+         f"pretrained={folder},trust_remote_code=True,dtype=float32", "--tasks", task, "--include_path",
+         str(LOCAL_TASKS_DIR), "--limit", str(limit), "--batch_size", "1", "--output_path", str(tmp_path / "res")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "res").rglob("results*.json")).read_text())["results"][task]
+    assert results["word_perplexity,none"] == pytest.approx(expected["word_perplexity"], rel=1e-5)
+    assert results["bits_per_byte,none"] == pytest.approx(expected["bits_per_byte"], rel=1e-5)
