@@ -8,7 +8,9 @@ experts, the family's routing rule ``route(hidden) -> (logits, topk_idx, topk_we
 
 Edits (:meth:`MoEModel.keep`, :meth:`MoEModel.merge`) rewrite the fused tensors and router rows
 in place and update the config, so the edited model is still a plain transformers model that
-``save`` writes in the hub layout and ``AutoModelForCausalLM.from_pretrained`` reloads.
+``save`` writes in the hub layout and ``AutoModelForCausalLM.from_pretrained`` reloads (layers left
+with different expert counts are saved in moescope's per-layer format, :mod:`analysis.nonuniform`,
+which ``load_moe`` reads as is and plain transformers with ``trust_remote_code=True``).
 
 Shapes: T tokens, d hidden size, E routed experts, I expert intermediate size, k top-k.
 """
