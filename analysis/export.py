@@ -6,6 +6,11 @@ plan), the tokenizer, ``plan.json`` (the plan with its provenance), ``experiment
 evaluation record, when there is one) and a model card ``README.md``: base model, method and
 parameters, experts kept per layer, parameter and memory reduction, evaluation against the
 original. A non-empty target folder is refused unless ``overwrite``.
+
+A model whose MoE layers keep different expert counts is exported at its real per-layer sizes
+with ``modeling_moescope.py`` registered in ``auto_map`` (:mod:`analysis.nonuniform`): plain
+``transformers`` and lm-eval load it with ``trust_remote_code=True``, which the model card says
+with the counts per layer; uniform models export to the plain family class.
 """
 
 from __future__ import annotations
@@ -152,10 +157,35 @@ def model_card(model, plan, experiment=None) -> str:
                 f"Tasks: lm-eval {experiment.versions.get('lm_eval')}, "
                 f"{spec.get('num_fewshot') or 0}-shot, limit {spec.get('limit') or 'none'}. "
                 f"Experiment `{experiment.id}`, {experiment.created}."]
-    out += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "model = AutoModelForCausalLM.from_pretrained(\"PATH\")", "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
-            "```", "", "```bash", "lm_eval --model hf --model_args pretrained=PATH --tasks TASKS", "```", ""]
+    out += _use_section(model)
     return "\n".join(out)
+
+
+def _use_section(model) -> list[str]:
+    """How to load the folder; for per-layer expert counts, why ``trust_remote_code=True`` is needed."""
+    from moescope.analysis.nonuniform import MODULE_FILE, base_class_name, class_name, is_uniform
+
+    counts = model.num_experts()
+    uniform = is_uniform(counts)
+    trust, trust_arg = ("", "") if uniform else (", trust_remote_code=True", ",trust_remote_code=True")
+    out = []
+    if not uniform:
+        key, base = model.family.num_experts_key, base_class_name(model.hf)
+        out += ["", "## Loading needs `trust_remote_code=True`", "",
+                f"The MoE layers of this model keep different numbers of experts. A standard {model.family.name} "
+                f"config holds one expert count (`{key}`) for every layer, so `{base}` alone cannot build it. "
+                f"The folder ships `{MODULE_FILE}`, a small module (it imports only `torch` and `transformers`) "
+                f"whose `{class_name(base)}` builds `{base}` and then cuts each MoE layer to its own count, "
+                "listed in `config.moescope_num_experts_per_layer`; the weights are stored at their real sizes, "
+                "without padding. `config.auto_map` registers it, so `transformers` runs it only when you pass "
+                "`trust_remote_code=True` (without it, loading fails on the tensor shapes). `moescope` loads this "
+                "folder without the flag, as it knows its own format.", "",
+                _table(["layer", "experts"], [[str(i), n] for i, n in sorted(counts.items())])]
+    out += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"model = AutoModelForCausalLM.from_pretrained(\"PATH\"{trust})",
+            "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
+            "```", "", "```bash", f"lm_eval --model hf --model_args pretrained=PATH{trust_arg} --tasks TASKS", "```", ""]
+    return out
 
 
 def _quality_table(exp) -> str:

@@ -8,7 +8,9 @@ experts, the family's routing rule ``route(hidden) -> (logits, topk_idx, topk_we
 
 Edits (:meth:`MoEModel.keep`, :meth:`MoEModel.merge`) rewrite the fused tensors and router rows
 in place and update the config, so the edited model is still a plain transformers model that
-``save`` writes in the hub layout and ``AutoModelForCausalLM.from_pretrained`` reloads.
+``save`` writes in the hub layout and ``AutoModelForCausalLM.from_pretrained`` reloads (layers left
+with different expert counts are saved in moescope's per-layer format, :mod:`analysis.nonuniform`,
+which ``load_moe`` reads as is and plain transformers with ``trust_remote_code=True``).
 
 Shapes: T tokens, d hidden size, E routed experts, I expert intermediate size, k top-k.
 """
@@ -479,23 +481,20 @@ class MoEModel:
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write a folder that plain ``AutoModelForCausalLM.from_pretrained`` loads (hub layout,
-        safetensors) plus the tokenizer when the model has one."""
+        """Write a folder that ``AutoModelForCausalLM.from_pretrained`` loads (hub layout,
+        safetensors) plus the tokenizer when the model has one. Layers keeping different expert
+        counts are saved at their real sizes with moescope's per-layer format
+        (:mod:`analysis.nonuniform`): loading needs ``trust_remote_code=True`` outside moescope."""
+        from moescope.analysis import nonuniform
+
         out = Path(out_dir)
-        counts = self.num_experts()
-        if len(set(counts.values())) > 1:
-            raise MoescopeError(
-                "cannot save as a standard transformers folder: layers keep different expert counts "
-                f"({', '.join(f'layer {i}: {n}' for i, n in counts.items())}) but a "
-                f"{self.family.name} config holds one '{self.family.num_experts_key}'; "
-                "keep the same number of experts in every MoE layer to export"
-            )
         prepare_output_dir(out, overwrite)
         if self.skip_beta:
             self.config.moescope_skip_beta = {str(k): v for k, v in self.skip_beta.items()}
         elif hasattr(self.config, "moescope_skip_beta"):
             del self.config.moescope_skip_beta
         self.hf.save_pretrained(out)
+        nonuniform.finish_config(self, out)
         self._save_tokenizer(out)
         return out
 
@@ -682,13 +681,19 @@ def load_moe(
     """
     from transformers import AutoModelForCausalLM
 
+    from moescope.analysis import nonuniform
+
     location, local = resolve_source(source)
     config = load_config(source, trust_remote_code)
     family = family_for(config)
+    per_layer_class = nonuniform.model_class(config)  # moescope's own export with per-layer counts
     if not weights:
         torch_dtype = _parse_dtype(dtype) if dtype is not None else (_config_dtype(config) or torch.float32)
         with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            if per_layer_class is not None:
+                hf = per_layer_class._from_config(config, dtype=torch_dtype)
+            else:
+                hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         return MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
     torch_dtype = _parse_dtype(dtype or "float32")
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
@@ -704,7 +709,10 @@ def load_moe(
     try:
         if releaser:
             releaser.start()  # keep the checkpoint's memory-mapped pages from piling up while loading
-        hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if per_layer_class is not None:
+            hf = per_layer_class.from_pretrained(location, config=config, **kwargs)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as err:
         raise MoescopeError(f"cannot load the weights of '{source}': {str(err).splitlines()[0]}") from None
     finally:

@@ -119,12 +119,21 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_different_expert_counts_cannot_be_exported_and_say_why(demo_dir, tmp_path):
+def test_different_expert_counts_export_with_the_loading_note_and_refusals_show_expanded(demo_dir, tmp_path):
+    from moescope.analysis.models import load_moe
+
     job = jobs.start("demo", drop_plan({0: [0, 1], 3: [7]}), SMALL)
     assert jobs.wait(job, timeout=300).state == "done"
+    out = tmp_path / "x"
     at = _page("export")
     at.run()
-    at.text_input(key="export_dir").set_value(str(tmp_path / "x"))
+    at.text_input(key="export_dir").set_value(str(out))
     at.button(key="export_go").click().run()
-    assert not at.exception
-    assert at.error and "layers keep different expert counts" in at.error[0].value
+    assert not at.exception and not at.error
+    assert at.success and "modeling_moescope.py" in at.success[0].value
+    assert at.info and "trust_remote_code=True" in at.info[0].value
+    assert load_moe(str(out)).num_experts() == {0: 6, 1: 8, 2: 8, 3: 7}  # moescope needs no flag
+    # a refusal is shown in full, not inside the collapsed status box
+    at.button(key="export_go").click().run()
+    assert at.error and "not empty" in at.error[0].value
+    assert all(not box.error for box in [*at.status, *at.expander]), "the refusal sits inside a collapsible box"

@@ -36,14 +36,22 @@ st.download_button("Download plan JSON", plan_text, file_name=f"plan-{ident}.jso
 out = st.text_input("Output folder", value=str(Path.cwd() / "exports" / ident), key="export_dir")
 overwrite = st.checkbox("Overwrite a non-empty folder", value=False, key="export_overwrite")
 if st.button("Export", type="primary", key="export_go"):
+    refusal, files = None, []
     with st.status("Exporting…", expanded=False) as status:
         try:
             files = runs.export_experiment(ident, out, overwrite)
         except MoescopeError as err:
+            refusal = str(err)
             status.update(label="Export refused", state="error")
-            st.error(str(err))
         else:
             status.update(label="Exported", state="complete")
-            st.success(f"Wrote {out}: {', '.join(files)}")
-            with st.expander("Model card (README.md)"):
-                st.markdown((Path(out) / "README.md").read_text(encoding="utf-8"))
+    if refusal is not None:  # the reason in full view, never inside the collapsed status box
+        st.error(refusal)
+    else:
+        st.success(f"Wrote {out}: {', '.join(files)}")
+        if "modeling_moescope.py" in files:
+            st.info("The layers keep different expert counts, so the folder carries `modeling_moescope.py`: "
+                    "load it with `AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)` "
+                    "(lm-eval: `--model_args pretrained=PATH,trust_remote_code=True`); moescope loads it as is.")
+        with st.expander("Model card (README.md)"):
+            st.markdown((Path(out) / "README.md").read_text(encoding="utf-8"))

@@ -1,0 +1,84 @@
+"""Modelling code for a moescope export whose MoE layers keep different numbers of experts.
+
+A transformers config holds one routed-expert count for the whole model, so a folder whose
+layers keep 7, 6, 7, 6 experts cannot be built by the family's own class alone. This module
+(copied verbatim into such a folder as ``modeling_moescope.py`` and registered in the config's
+``auto_map``) subclasses the family's ``…ForCausalLM`` and, once the parent has built every
+layer at the config's count (the largest of the layers), cuts each MoE layer down to its own
+count: the router's rows (and router / score-correction biases), the fused expert tensors and
+the modules' ``num_experts`` / ``out_features``. ``from_pretrained`` then loads the real
+per-layer tensors into the cut shapes. The facts it needs are in the config, written by the
+exporter:
+
+* ``moescope_num_experts_per_layer``: ``{"<decoder layer>": count}`` for every MoE layer;
+* ``moescope_moe_layout``: ``base_class`` (the family's class in ``transformers``),
+  ``layers_path``, ``mlp_attr``, ``router_attr``, ``experts_attr``, ``router_tensors`` and
+  ``expert_tensors`` (names of the per-expert tensors, first dimension = expert).
+
+It imports only ``torch`` and ``transformers`` (never moescope), so loading needs nothing but
+``trust_remote_code=True``. moescope uses this same module to load its exports without that flag.
+"""
+
+from __future__ import annotations
+
+import transformers
+from torch import nn
+
+_CLASSES: dict[str, type] = {}
+
+
+def _attr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _cut(module: nn.Module, name: str, n: int, where: str) -> None:
+    """Keep the first ``n`` rows of ``module.<name>`` (a parameter or a buffer, persistence kept)."""
+    old = getattr(module, name)
+    if old.shape[0] < n:
+        raise ValueError(f"{where}: '{name}' has {old.shape[0]} experts, the config asks for {n}")
+    new = old.detach()[:n].clone()
+    if name in module._parameters:
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, new)  # an existing buffer stays a buffer with its persistence
+
+
+def resize_moe_layers(model: nn.Module, config) -> None:
+    """Cut each MoE layer of ``model`` to its count in ``config.moescope_num_experts_per_layer``."""
+    counts = getattr(config, "moescope_num_experts_per_layer", None) or {}
+    layout = config.moescope_moe_layout
+    layers = _attr_path(model, layout["layers_path"])
+    for key, n in counts.items():
+        n = int(n)
+        where = f"layer {key}"
+        block = getattr(layers[int(key)], layout["mlp_attr"])
+        router = getattr(block, layout["router_attr"])
+        experts = getattr(block, layout["experts_attr"])
+        for name in layout["expert_tensors"]:
+            _cut(experts, name, n, where)
+        for name in layout["router_tensors"]:
+            _cut(router, name, n, where)
+        for module in (block, router, experts):
+            if hasattr(module, "num_experts"):
+                module.num_experts = n
+        if isinstance(router, nn.Linear):
+            router.out_features = n
+
+
+def moescope_class(base_name: str) -> type:
+    """``Moescope<base_name>``: the family's causal-LM class with per-layer expert counts."""
+    if base_name not in _CLASSES:
+        base = getattr(transformers, base_name)
+
+        class MoescopeForCausalLM(base):
+            def __init__(self, config, *args, **kwargs):
+                super().__init__(config, *args, **kwargs)
+                resize_moe_layers(self, config)
+
+        MoescopeForCausalLM.__name__ = MoescopeForCausalLM.__qualname__ = f"Moescope{base_name}"
+        MoescopeForCausalLM.__doc__ = (f"{base_name} whose MoE layers keep the expert counts listed in "
+                                       "config.moescope_num_experts_per_layer.")
+        _CLASSES[base_name] = MoescopeForCausalLM
+    return _CLASSES[base_name]

@@ -1,0 +1,112 @@
+"""moescope's folder format for models whose MoE layers keep different numbers of experts.
+
+Writing (:func:`finish_config`, called by ``MoEModel.save`` after ``save_pretrained``): a
+non-uniform model's ``config.json`` gets the count of every MoE layer, the layout facts the
+remote module needs (attribute names from the :class:`FamilySpec`), ``auto_map`` pointing at
+``modeling_moescope.Moescope<Family>ForCausalLM`` and the module itself, copied from
+:mod:`analysis.modeling_moescope`; the family's count key holds the largest layer's count. A
+uniform model's config is the plain family one (no moescope keys, no ``auto_map`` entry).
+
+Reading (:func:`model_class`): moescope recognises its own format and builds the same class from
+its own copy of the module, so ``load_moe`` needs no ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moescope.analysis import modeling_moescope
+from moescope.analysis.errors import MoescopeError
+
+COUNTS_KEY = "moescope_num_experts_per_layer"
+LAYOUT_KEY = "moescope_moe_layout"
+MODULE_NAME = "modeling_moescope"
+MODULE_FILE = f"{MODULE_NAME}.py"
+
+
+def is_uniform(counts: dict[int, int]) -> bool:
+    return len(set(counts.values())) <= 1
+
+
+def base_class_name(hf_model) -> str:
+    """The family's own ``transformers`` class of ``hf_model`` (skipping moescope's subclass)."""
+    for cls in type(hf_model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    raise MoescopeError(f"{type(hf_model).__name__} is not a transformers class; moescope can export "
+                        "per-layer expert counts only for models built from a transformers family class")
+
+
+def layout(model) -> dict:
+    """The attribute names ``modeling_moescope.resize_moe_layers`` needs (from the FamilySpec)."""
+    spec = model.family
+    first = model.layers[model.moe_layers[0]]
+    return {
+        "base_class": base_class_name(model.hf),
+        "layers_path": spec.layers_path,
+        "mlp_attr": spec.mlp_attr,
+        "router_attr": spec.router_attr,
+        "experts_attr": spec.experts_attr,
+        "router_tensors": [a for a in ("weight", spec.router_bias_attr, spec.score_bias_attr) if a],
+        "expert_tensors": first.expert_param_names(),
+    }
+
+
+def class_name(base: str) -> str:
+    return f"Moescope{base}"
+
+
+def finish_config(model, out: Path) -> None:
+    """Rewrite ``out/config.json`` (just written by ``save_pretrained``) for the model's counts;
+    for a non-uniform model also write ``modeling_moescope.py``."""
+    path = out / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    counts = model.num_experts()
+    base = base_class_name(model.hf)
+    auto_map = {k: v for k, v in (cfg.get("auto_map") or {}).items()
+                if not (k == "AutoModelForCausalLM" and str(v).startswith(f"{MODULE_NAME}."))}
+    cfg.pop(COUNTS_KEY, None)
+    cfg.pop(LAYOUT_KEY, None)
+    cfg.pop("auto_map", None)
+    cfg["architectures"] = [base]
+    if not is_uniform(counts):
+        cls = class_name(base)
+        cfg[model.family.num_experts_key] = max(counts.values())
+        cfg[COUNTS_KEY] = {str(i): n for i, n in sorted(counts.items())}
+        cfg[LAYOUT_KEY] = layout(model)
+        auto_map["AutoModelForCausalLM"] = f"{MODULE_NAME}.{cls}"
+        cfg["architectures"] = [cls]
+        (out / MODULE_FILE).write_text(module_source(base), encoding="utf-8")
+    if auto_map:
+        cfg["auto_map"] = auto_map
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def module_source(base: str) -> str:
+    """The remote-code module for ``base``: the template verbatim plus the class the config names."""
+    template = Path(modeling_moescope.__file__).read_text(encoding="utf-8")
+    return (template.rstrip() + "\n\n\n# The class this folder's config.json names in auto_map.\n"
+            f"{class_name(base)} = moescope_class({base!r})\n")
+
+
+def per_layer_counts(config) -> dict[int, int] | None:
+    """The per-layer counts of a moescope export's config, or None for a plain config."""
+    counts = getattr(config, COUNTS_KEY, None)
+    if not counts:
+        return None
+    return {int(k): int(v) for k, v in counts.items()}
+
+
+def model_class(config) -> type | None:
+    """The class that builds a moescope per-layer-count folder (None for a plain config)."""
+    if per_layer_counts(config) is None:
+        return None
+    lay = getattr(config, LAYOUT_KEY, None) or {}
+    import transformers
+
+    base = lay.get("base_class")
+    if not base or not hasattr(transformers, base):
+        raise MoescopeError(f"the config lists per-layer expert counts ({COUNTS_KEY}) but its {LAYOUT_KEY} names "
+                            f"no transformers class (base_class={base!r}); re-export the folder with moescope")
+    return modeling_moescope.moescope_class(base)
