@@ -125,7 +125,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
             xs = x[sel.to(x.device)]
             if params.augment_ratio > 0:
-                from moescope.analysis.data import mix_token_embeddings
+                from moescope.analysis.augment import mix_token_embeddings
 
                 xs = mix_token_embeddings(xs, params.augment_ratio, seed=params.seed + view.index)
             Y = torch.stack([view.expert_forward(e, xs).float() for e in range(E)]).cpu()  # [E, n, d]
@@ -304,7 +304,7 @@ def run_analysis(
                 with model.materialized(model.layers[l].block):
                     la = analyze_layer(model.layers[l], x, token_ids, params)
                 if model.offloaded:
-                    from moescope.analysis.models import release_mapped_weights
+                    from moescope.analysis.model import release_mapped_weights
 
                     release_mapped_weights()
                 la.timings["total"] = time.perf_counter() - t0

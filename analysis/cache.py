@@ -148,7 +148,7 @@ def default_cache_root() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    from moescope.analysis.models import REPO_ROOT
+    from moescope.analysis.paths import REPO_ROOT
 
     return REPO_ROOT / "cache"
 

@@ -74,7 +74,7 @@ def format_info(info: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
 
     model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, weights=False)
     info = model.info()
@@ -87,7 +87,7 @@ def cmd_dashboard(args) -> int:
     import os
     from pathlib import Path
 
-    from moescope.analysis.models import REPO_ROOT
+    from moescope.analysis.paths import REPO_ROOT
 
     # "demo" names the shipped model even where a demo/ folder sits in the working directory
     model = str(Path(args.model).resolve()) if args.model != "demo" and Path(args.model).exists() else args.model
@@ -126,7 +126,7 @@ def _tokenizer_for(model, tokenizer_arg: str | None):
     if tokenizer_arg:
         from transformers import AutoTokenizer
 
-        from moescope.analysis.models import demo_model_dir
+        from moescope.analysis.paths import demo_model_dir
 
         location = str(demo_model_dir()) if tokenizer_arg == "demo" else tokenizer_arg
         try:
@@ -144,7 +144,7 @@ def cmd_analyze(args) -> int:
     from moescope.analysis.analyze import AnalysisParams, run_analysis
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import parse_source, sample_tokens
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
 
     parse_source(args.calib)  # validate before loading anything heavy
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -259,7 +259,7 @@ def _calib_batch(args, model, split="validation"):
 def cmd_plan(args) -> int:
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import parse_source
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
     from moescope.analysis.strategies import STRATEGIES, StrategyContext, make_plan
 
     if args.strategy not in STRATEGIES:
@@ -285,7 +285,7 @@ def cmd_plan(args) -> int:
 
 
 def _eval_spec(args, default_ppl: list[str] | None):
-    from moescope.analysis.evaluate import EfficiencyParams, EvalSpec
+    from moescope.analysis.evaluation import EfficiencyParams, EvalSpec
 
     ppl = args.ppl if args.ppl is not None else (default_ppl if not args.tasks else [])
     spec = EvalSpec(
@@ -357,7 +357,7 @@ def cmd_prune(args) -> int:
     from moescope.analysis.cache import Cache
     from moescope.analysis.experiments import run_experiment
     from moescope.analysis.export import check_target, export
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
     from moescope.analysis.plan import PruningPlan
     from moescope.analysis.prune import apply
 
@@ -455,7 +455,7 @@ def cmd_experiments(args) -> int:
 def cmd_grid(args) -> int:
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import parse_source
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
     from moescope.analysis.sensitivity import cached_drop_grid
 
     parse_source(args.eval)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.evaluate import EvalSpec, efficiency_with_skipping, evaluate_quality, isolated_efficiency
+from moescope.analysis.evaluation import EvalSpec, efficiency_with_skipping, evaluate_quality, isolated_efficiency
 
 KIND = "experiment"
 Progress = Callable[[str, int, int], None]
@@ -130,7 +130,7 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
 
     Nothing is stored unless every step finished, so an interrupted run leaves no record."""
     from moescope.analysis.cache import Cache
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
     from moescope.analysis.prune import apply
 
     spec = spec or EvalSpec()
@@ -215,7 +215,7 @@ def load_trained_tensors(model, exp: Experiment, cache=None) -> None:
         for prefix, module in (("experts", view.experts), ("router", view.router)):
             state = {name: tensors[f"L{l}.{prefix}.{name}"] for name in module.state_dict()}
             module.load_state_dict(state)
-    model._fingerprint = None
+    model.weights_changed()
 
 
 # ---- store -----------------------------------------------------------------------------------

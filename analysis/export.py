@@ -18,7 +18,7 @@ from moescope.analysis.errors import MoescopeError
 
 def check_target(out_dir: str | Path, overwrite: bool) -> Path:
     """Refuse a file or a non-empty folder (before any expensive work) unless ``overwrite``."""
-    from moescope.analysis.models import check_output_dir
+    from moescope.analysis.model import check_output_dir
 
     return check_output_dir(out_dir, overwrite)
 
@@ -41,7 +41,7 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it."""
     from moescope.analysis import experiments
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
     from moescope.analysis.plan import PruningPlan
     from moescope.analysis.prune import apply
 

@@ -70,7 +70,7 @@ def _write_json(path: Path, data: dict) -> None:
 def start(model: str, plan: dict | None, spec: dict, label: str | None = None, cache=None) -> str:
     """Launch a job pruning ``model`` by ``plan`` (PruningPlan JSON, validated here first) and
     evaluating it by ``spec`` (EvalSpec JSON); returns its id."""
-    from moescope.analysis.evaluate import EvalSpec
+    from moescope.analysis.evaluation import EvalSpec
     from moescope.analysis.plan import PruningPlan
 
     if plan is not None:
@@ -167,7 +167,7 @@ def wait(job_id: str, timeout: float = 600.0, cache=None) -> JobStatus:
 def _run(folder: Path) -> int:
     """The child: run the experiment, reporting into ``status.json``."""
     from moescope.analysis.cache import Cache
-    from moescope.analysis.evaluate import EvalSpec
+    from moescope.analysis.evaluation import EvalSpec
     from moescope.analysis.experiments import run_experiment
     from moescope.analysis.plan import PruningPlan
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moescope.analysis.models import MoEModel
+from moescope.analysis.model import MoEModel
 from moescope.analysis.plan import PruningPlan
 
 
@@ -63,7 +63,7 @@ def finetune(model: MoEModel, input_ids, tokens: int, lr: float = 1e-4, batch_ro
         for n, p in hf.named_parameters():
             p.requires_grad_(saved[n])
             p.grad = None
-    model._fingerprint = None
+    model.weights_changed()
     return {"steps": steps, "tokens": steps * batch_rows * length, "loss_first": losses[0], "loss_last": losses[-1]}
 
 

@@ -39,7 +39,7 @@ from moescope.analysis.explore import (
 )
 from moescope.analysis.merging import GROUPINGS, MERGES
 from moescope.analysis.metrics import CRITERIA
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 from moescope.analysis.plan import PruningPlan, edit_layer
 from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.skipping import calibrate

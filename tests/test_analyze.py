@@ -11,7 +11,7 @@ import moescope.analysis.analyze as A
 from moescope.analysis.cache import Cache
 from moescope.analysis.data import TokenBatch
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.synthetic import tiny_model
 
 PARAMS = A.AnalysisParams(similarity_tokens=128, rbf_batch_tokens=64, rbf_batches=2, chunk_size=4)
@@ -107,7 +107,7 @@ def test_bad_parameters_are_refused_up_front():
 
 
 def test_offloaded_layers_give_the_same_analysis_and_refuse_edits(tiny_dirs, tmp_path):
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
 
     in_memory = load_moe(tiny_dirs["qwen2_moe"])
     offloaded = load_moe(tiny_dirs["qwen2_moe"], offload_dir=tmp_path / "offload")

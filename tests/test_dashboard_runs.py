@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from moescope.analysis import experiments as X
 from moescope.analysis import jobs
-from moescope.analysis.evaluate import EvalSpec
+from moescope.analysis.evaluation import EvalSpec
 from moescope.analysis.plan import PruningPlan
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")

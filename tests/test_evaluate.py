@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from moescope.analysis import evaluate as E
+from moescope.analysis import evaluation as E
 from moescope.analysis.cache import Cache
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 
 
 @pytest.fixture(scope="module")

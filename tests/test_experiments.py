@@ -16,9 +16,9 @@ from moescope.analysis import experiments as X
 from moescope.analysis.cache import Cache
 from moescope.analysis.cli import main
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.evaluate import EfficiencyParams, EvalSpec
+from moescope.analysis.evaluation import EfficiencyParams, EvalSpec
 from moescope.analysis.export import export, export_experiment
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 from moescope.analysis.plan import PruningPlan
 
 SPEC = dict(ppl=["demo:python", "demo:all"], samples=6, seq_len=64, efficiency=False)
@@ -155,7 +155,7 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     assert rc == 0, err
     # lm-eval's own CLI on the exported folder gives the accuracy recorded in-memory
     lm_eval = shutil.which("lm_eval") or os.path.join(os.path.dirname(sys.executable), "lm_eval")
-    from moescope.analysis.evaluate import LOCAL_TASKS_DIR
+    from moescope.analysis.evaluation import LOCAL_TASKS_DIR
 
     proc = subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={tmp_path / 'enumerate'},dtype=float32",
                            "--tasks", "moescope_demo_continuation", "--include_path", str(LOCAL_TASKS_DIR),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.plan import PruningPlan
 from moescope.analysis.prune import apply
 from moescope.analysis.synthetic import tiny_model
