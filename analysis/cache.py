@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.units import format_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -747,14 +748,6 @@ class Cache:
 
 
 # ---- display ---------------------------------------------------------------------------------
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
 def _short(text: str | None, width: int) -> str:
     text = text or "-"
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -774,7 +767,7 @@ def format_entries(entries: list[EntryInfo]) -> str:
             e.kind,
             _short(e.label, 40),
             e.created[:19].replace("T", " "),
-            _bytes(e.size),
+            format_bytes(e.size),
             _short(model, 40),
             _short(e.data, 30),
             e.key[:12],
@@ -787,5 +780,5 @@ def format_entries(entries: list[EntryInfo]) -> str:
 
     lines = [line(r) for r in [header, *rows]]
     total = sum(e.size for e in entries)
-    lines.append(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {_bytes(total)}")
+    lines.append(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {format_bytes(total)}")
     return "\n".join(lines)

@@ -11,22 +11,7 @@ import json
 import sys
 
 from moescope.analysis.errors import MoescopeError
-
-
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "B", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}P"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.1f} PiB"
+from moescope.analysis.units import format_bytes, format_count
 
 
 def _ranges(xs: list[int]) -> str:
@@ -53,7 +38,7 @@ def format_info(info: dict) -> str:
     p = info["params"]
     shared = (
         ", ".join(
-            f"layer {s['layer']}: {_human(s['params'])} params{' (sigmoid-gated)' if s['gated'] else ''}"
+            f"layer {s['layer']}: {format_count(s['params'])} params{' (sigmoid-gated)' if s['gated'] else ''}"
             for s in info["shared_experts"]
         )
         or "none"
@@ -66,9 +51,9 @@ def format_info(info: dict) -> str:
         f"routing          {info['routing']}"
         + (f" ({info['routing_groups']} routing groups)" if info.get("routing_groups") else ""),
         f"shared experts   {shared}",
-        f"parameters       total {_human(p['total'])} · routed experts {_human(p['experts'])} "
-        f"({100 * p['experts'] / p['total']:.1f}%) · active per token {_human(p['active'])}",
-        "weights          " + ", ".join(f"{k} {_bytes(v)}" for k, v in info["bytes"].items()),
+        f"parameters       total {format_count(p['total'])} · routed experts {format_count(p['experts'])} "
+        f"({100 * p['experts'] / p['total']:.1f}%) · active per token {format_count(p['active'])}",
+        "weights          " + ", ".join(f"{k} {format_bytes(v)}" for k, v in info["bytes"].items()),
     ]
     return "\n".join(lines)
 
@@ -216,37 +201,43 @@ def _parse_value(text: str):
         return text
 
 
-def _parse_drop(text: str) -> dict[str, list[int]]:
-    """``"0:1,3;2:5"`` → {"0": [1, 3], "2": [5]}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        layer, _, experts = part.partition(":")
-        try:
-            out[str(int(layer))] = [int(e) for e in experts.split(",") if e.strip()]
-        except ValueError:
-            raise MoescopeError(f"--drop expects LAYER:E,E;LAYER:E (e.g. 0:1,3;2:5), got {text!r}") from None
-    return out
+def _strategy_params(args, strategy) -> dict:
+    """The parameters given for ``strategy``: its flags (generated from the registry) and
+    ``--param KEY=VALUE``; a flag of another strategy is refused naming this one's parameters."""
+    from moescope.analysis.errors import unknown_name
 
-
-def _strategy_params(args) -> dict:
+    declared = {p.name: p for p in strategy.all_params()}
     params = {}
+    for name in _strategy_flag_names():
+        if name in vars(args):
+            if name not in declared:
+                raise unknown_name(f"parameter of strategy '{strategy.name}' (--{name.replace('_', '-')})", name,
+                                   declared)
+            value = getattr(args, name)
+            parse = declared[name].parse
+            params[name] = parse(value) if parse is not None and isinstance(value, str) else value
+    if "seed" in declared and args.seed is not None:
+        params["seed"] = args.seed
     for item in args.param or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise MoescopeError(f"--param expects KEY=VALUE, got {item!r}")
-        params[key.replace("-", "_")] = _parse_value(value)
-    for name in ("keep", "budget", "criterion", "order", "mode", "method", "representation", "similarity",
-                 "grouping", "merge", "seed"):
-        value = getattr(args, name, None)
-        if value is not None:
-            params[name] = value
-    if args.no_merge_router:
-        params["merge_router"] = False
-    if args.drop:
-        params["drop"] = _parse_drop(args.drop)
-    if args.groups:
-        params["groups"] = _parse_value(args.groups)
+        key = key.replace("-", "_")
+        p = declared.get(key)
+        params[key] = p.parse(value) if p is not None and p.parse is not None else _parse_value(value)
     return params
+
+
+def _strategy_flag_names() -> dict:
+    """Every strategy parameter across the registry (name → Param), for the generated flags."""
+    from moescope.analysis.strategies import STRATEGIES
+
+    out = {}
+    for strategy in STRATEGIES.values():
+        for p in strategy.all_params():
+            if p.name != "seed":  # --seed is the calibration seed, passed on to strategies that take one
+                out.setdefault(p.name, p)
+    return out
 
 
 def _calib_batch(args, model, split="validation"):
@@ -260,19 +251,20 @@ def cmd_plan(args) -> int:
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import parse_source
     from moescope.analysis.model import load_moe
-    from moescope.analysis.strategies import STRATEGIES, StrategyContext, make_plan
+    from moescope.analysis.strategies import StrategyContext, get_strategy, make_plan, validate_request
 
-    if args.strategy not in STRATEGIES:
-        from moescope.analysis.errors import unknown_name
-
-        raise unknown_name("strategy", args.strategy, STRATEGIES)
-    params = _strategy_params(args)
-    parse_source(args.calib)
+    strategy = get_strategy(args.strategy)
+    params = _strategy_params(args, strategy)
+    if strategy.needs_data:
+        parse_source(args.calib)
+    # everything about the request is checked against the config before any weights are read
+    skeleton = load_moe(args.model, dtype=None, weights=False, trust_remote_code=args.trust_remote_code)
+    validate_request(strategy.name, params, skeleton)
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    batch = None if args.strategy == "manual" else _calib_batch(args, model)
+    batch = _calib_batch(args, model) if strategy.needs_data or strategy.name != "manual" else None
     bars = _Bars(quiet=args.json)
     try:
-        plan = make_plan(args.strategy, StrategyContext(model, batch, Cache(), progress=bars), params)
+        plan = make_plan(strategy.name, StrategyContext(model, batch, Cache(), progress=bars), params)
     finally:
         bars.close()
     path = plan.save(args.output)
@@ -281,6 +273,25 @@ def cmd_plan(args) -> int:
     else:
         print(f"{args.strategy}: {plan.summary()}")
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_strategies(args) -> int:
+    """Every registered strategy with its parameters (from the one declaration)."""
+    from moescope.analysis.strategies import STRATEGIES
+
+    described = [s.describe() for s in STRATEGIES.values()]
+    if args.json:
+        print(json.dumps(described, indent=2, default=str))
+        return 0
+    for d in described:
+        traits = ", ".join(t for t, on in (("needs calibration data", d["needs_data"]), ("merges", d["merges"]),
+                                           ("global budget", d["budget"])) if on)
+        print(f"{d['name']}: {d['help']}" + (f" [{traits}]" if traits else ""))
+        for p in d["params"]:
+            choices = f" {{{', '.join(map(str, p['choices']))}}}" if p["choices"] else ""
+            default = f" (default {p['default']})" if p["default"] is not None else ""
+            print(f"    --{p['name'].replace('_', '-')} {p['type']}{choices}{default}: {p['help']}")
     return 0
 
 
@@ -327,7 +338,7 @@ def _print_quality(exp) -> None:
             continue
         plain, skip = eff["plain"], eff.get("skip")
         line = (f"{variant}: {plain['params_total']:,} params ({plain['params_active']:,} active), "
-                f"{_bytes(plain['weight_bytes'])} weights, peak {_bytes(plain['peak_memory_bytes'] or 0)}, "
+                f"{format_bytes(plain['weight_bytes'])} weights, peak {format_bytes(plain['peak_memory_bytes'] or 0)}, "
                 f"prefill {plain['prefill_tokens_per_s']:.0f} tok/s, generate {plain['generate_tokens_per_s']:.1f} tok/s")
         if skip:
             line += f"; with skipping {skip['generate_tokens_per_s']:.1f} tok/s ({100 * skip['skipped_fraction']:.1f}% calls skipped)"
@@ -354,28 +365,33 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    """Load config → check plan and output folder once → load weights → apply → evaluate (if
+    asked) → export with the plan passed explicitly."""
     from moescope.analysis.cache import Cache
-    from moescope.analysis.experiments import run_experiment
-    from moescope.analysis.export import check_target, export
-    from moescope.analysis.model import load_moe
+    from moescope.analysis.experiments import prune_and_evaluate
+    from moescope.analysis.export import check_exportable, export
+    from moescope.analysis.model import check_output_dir, load_moe
     from moescope.analysis.plan import PruningPlan
-    from moescope.analysis.prune import apply
+    from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
 
-    out = check_target(args.output, args.overwrite)  # refuse before loading anything
+    out = check_output_dir(args.output, args.overwrite)
     plan = PruningPlan.load(args.plan)
     spec = _eval_spec(args, None) if _evaluating(args) else None
+    check_exportable(args.model, plan, args.trust_remote_code)
+    cache = Cache()
+    weights = finetuned_weights(plan, cache) if is_finetuned(plan) else None
     model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     before = model.parameter_counts()
     exp = None
     if spec is not None:
         bars = _Bars(quiet=args.json)
         try:
-            exp = run_experiment(args.model, plan, spec, cache=Cache(), progress=bars, model=model, dtype=args.dtype)
+            exp = prune_and_evaluate(model, plan, spec, cache=cache, progress=bars, dtype=args.dtype)
         finally:
             bars.close()
     else:
-        apply(model, plan)
-    export(model, out, experiment=exp, overwrite=args.overwrite)
+        apply(model, plan, weights=weights)
+    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite)
     after = model.parameter_counts()
     result = {"output": str(out), "experts": {str(k): v for k, v in model.num_experts().items()},
               "params_before": before, "params_after": after}
@@ -535,26 +551,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grid)
 
     p = model_command("plan", "Choose experts to drop or merge with a strategy; write a PruningPlan JSON.")
-    p.add_argument("--strategy", required=True, help="random, frequency, criterion, enumerate, merge, router-guided, manual")
+    p.add_argument("--strategy", required=True, help="a registered strategy (see `moescope strategies`)")
     data_args(p, "--calib", "demo:all", 32, 256)
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
-    target.add_argument("--budget", type=int, help="experts to keep in all MoE layers together")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--criterion", help="MC-Suite criterion (EAN, EUF, …, REAP) for --strategy criterion")
-    p.add_argument("--order", choices=["min", "max"], help="drop the experts with the min or max criterion")
-    p.add_argument("--mode", help="one-shot | iterative (criterion); layer-wise | progressive (enumerate)")
-    p.add_argument("--method", help="enumeration search: auto | exact | greedy | beam")
-    p.add_argument("--representation", help="merge: outputs | weights | surrogate")
-    p.add_argument("--similarity", help="merge: cka_linear | cka_rbf | cosine | mse")
-    p.add_argument("--grouping", help="merge: spectral | greedy | agglomerative")
-    p.add_argument("--merge", help="merge: max | uniform | usage | learned")
-    p.add_argument("--no-merge-router", action="store_true", help="merge: keep the dominant expert's router row")
-    p.add_argument("--drop", help="manual: LAYER:E,E;LAYER:E")
-    p.add_argument("--groups", help='manual: JSON {"0": [[0, 5], [1], ...]}')
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other strategy parameter")
+    p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (and the strategy's seed)")
+    for name, param in _strategy_flag_names().items():  # one flag per declared strategy parameter
+        flag = "--" + name.replace("_", "-")
+        if param.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=param.help)
+        else:
+            kind = param.type if param.type in (int, float) else str
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=name.upper(), help=param.help)
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any strategy parameter as JSON or text")
     p.add_argument("-o", "--output", required=True, help="where to write plan.json")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("strategies", help="List every strategy and its parameters.",
+                       description="List every registered strategy with its parameters, types, defaults and choices.")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_strategies)
 
     def eval_args(p) -> None:
         g = p.add_argument_group("evaluation")

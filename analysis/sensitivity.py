@@ -224,6 +224,9 @@ class EnumerationResult:
     candidates: list[tuple[list[int], float]]  # scored subsets, best first (exact: all of them)
 
 
+ENUMERATION_METHODS = ("auto", "exact", "greedy", "beam")
+
+
 def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subsets: int = 5000,
                     beam_width: int = 4, chunk_tokens: int = 4096) -> EnumerationResult:
     """Choose ``keep`` experts of a layer minimising the reconstruction loss.

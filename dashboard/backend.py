@@ -37,18 +37,16 @@ from moescope.analysis.explore import (
     top_pairs,
     top_tokens,
 )
-from moescope.analysis.merging import GROUPINGS, MERGES
-from moescope.analysis.metrics import CRITERIA
+from moescope.analysis.criteria import CRITERIA
 from moescope.analysis.model import load_moe
 from moescope.analysis.plan import PruningPlan, edit_layer
 from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.skipping import calibrate
-from moescope.analysis.strategies import REPRESENTATIONS, STRATEGIES, StrategyContext, make_plan, similarity_name
+from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strategy, make_plan
+from moescope.analysis.strategies.merge import REPRESENTATIONS, similarity_name
 
-__all__ = ["CRITERIA", "GROUPINGS", "MERGES", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES",
-           "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan", "is_distance", "similarity_name"]
-
-ENUMERATION_METHODS = ("auto", "exact", "greedy", "beam")
+__all__ = ["CRITERIA", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
+           "is_distance", "similarity_name"]
 
 
 @dataclass(frozen=True)
@@ -368,17 +366,15 @@ def empty_plan(s: Settings) -> PruningPlan:
     return PruningPlan(s.model, {}, provenance={"strategy": "manual"})
 
 
-# strategy modes that edit the model temporarily: they get their own copy of the shared model
-_EDITING = {("criterion", "mode", "iterative"), ("enumerate", "mode", "progressive")}
-
-
 def run_strategy(s: Settings, name: str, params: dict, progress=None) -> PruningPlan:
     """``moescope plan --strategy NAME`` on the calibration batch of these settings (reusing the
-    stored analyses)."""
+    stored analyses). A strategy that edits the model while it runs gets its own copy of the
+    shared model."""
+    strategy = get_strategy(name)
     model = load_model(s.model)
-    if any(name == n and params.get(k) == v for n, k, v in _EDITING):
+    if strategy.edits_model(params):
         model = copy.deepcopy(model)
-    batch = None if name == "manual" else calib_batch(s)
+    batch = calib_batch(s) if strategy.needs_data else None
     return make_plan(name, StrategyContext(model, batch, s.cache(), progress=progress), params)
 
 

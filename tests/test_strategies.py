@@ -116,7 +116,7 @@ def test_bad_strategy_parameters_are_refused(name, params, match, tmp_path):
 
 def test_registry_lists_every_strategy():
     assert set(STRATEGIES) == {"random", "frequency", "criterion", "enumerate", "merge", "router-guided", "manual",
-                               "skip"}
+                               "skip", "lottery"}
 
 
 @pytest.mark.parametrize("name, params", ALL + [("skip", {}), ("manual", {"drop": {"0": [1, 4]}})],

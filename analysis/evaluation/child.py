@@ -19,8 +19,10 @@ def measure(spec_path: str) -> dict:
     params = EfficiencyParams(**spec["params"])
     model = load_moe(spec["source"], dtype=spec.get("dtype"), device=spec.get("device"))
     plan = PruningPlan.from_json(spec["plan"]) if spec.get("plan") else None
-    if plan is not None:
-        apply(model, plan)
+    if plan is not None:  # a finetuned plan's weights come from the cache it was made in
+        from moescope.analysis.cache import Cache
+
+        apply(model, plan, Cache(spec["cache_root"]) if spec.get("cache_root") else None)
     betas = spec.get("skip_beta") or (plan.skip_beta if plan else None)
     return efficiency_with_skipping(model, params, betas)
 

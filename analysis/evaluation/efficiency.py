@@ -128,7 +128,7 @@ def efficiency(model, params: EfficiencyParams | None = None, prompts: torch.Ten
 
 
 def isolated_efficiency(source: str, plan: dict | None, params: EfficiencyParams, skip_beta: dict | None = None,
-                        dtype: str | None = None, device: str | None = None) -> dict:
+                        dtype: str | None = None, device: str | None = None, cache_root: str | None = None) -> dict:
     """:func:`efficiency` of ``source`` with ``plan`` applied, measured in a fresh Python process,
     so that peak memory is that model's alone (not whatever this process loaded before) and
     timings do not depend on what ran earlier. Returns ``{"plain": …, "skip": … or None}``: the
@@ -139,7 +139,7 @@ def isolated_efficiency(source: str, plan: dict | None, params: EfficiencyParams
     import tempfile
 
     spec = {"source": source, "plan": plan, "params": asdict(params), "skip_beta": skip_beta,
-            "dtype": dtype, "device": device}
+            "dtype": dtype, "device": device, "cache_root": cache_root}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:

@@ -216,7 +216,6 @@ class MoEModel:
         self.source_dir = Path(source_dir) if source_dir else None
         self._fingerprint: str | None = None
         self.offloaded = False
-        self.plan = None  # the PruningPlan applied to this model, if any
         self.skip_beta: dict[int, float] = {}  # dynamic-skipping thresholds installed (analysis.skipping)
         self.skip_counter = None
         decoder_layers = attr_path(hf_model, family.layers_path)
