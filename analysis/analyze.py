@@ -226,10 +226,9 @@ def analysis_parts(model, batch, params: AnalysisParams) -> dict:
 def lookup_analysis(model, batch, params: AnalysisParams | None = None, cache=None) -> AnalysisResult | None:
     """The stored analysis :func:`run_analysis` would return, or None when it has not been computed
     (never computes: a dashboard can ask on every page view)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.cache import lookup
 
-    entry = (cache or Cache()).get("analysis", analysis_parts(model, batch, params or AnalysisParams()))
-    return AnalysisResult(entry) if entry is not None else None
+    return lookup("analysis", analysis_parts(model, batch, params or AnalysisParams()), AnalysisResult, cache)
 
 
 def run_analysis(

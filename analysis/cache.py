@@ -375,6 +375,13 @@ class StoredResult:
         return sorted(int(k) for k in self.meta["layers"])
 
 
+def lookup(kind: str, parts: dict, wrap: Callable[[Entry], Any], cache: Cache | None = None):
+    """``wrap(entry)`` of the stored result of ``kind`` with ``parts``, or None when it has not been
+    computed (never computes, so a dashboard can ask on every page view)."""
+    entry = (cache or Cache()).get(kind, parts)
+    return wrap(entry) if entry is not None else None
+
+
 # ---- the store -------------------------------------------------------------------------------
 class Cache:
     """The on-disk store under ``root`` (default :func:`default_cache_root`).

@@ -320,10 +320,9 @@ def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Pr
 
 def lookup_drop_grid(model, batch, cache=None) -> DropGrid | None:
     """The stored grid :func:`cached_drop_grid` would return, or None (never computes)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.cache import lookup
 
-    entry = (cache or Cache()).get("dropgrid", _grid_parts(model, batch))
-    return _grid_from_meta(entry.meta) if entry is not None else None
+    return lookup("dropgrid", _grid_parts(model, batch), lambda entry: _grid_from_meta(entry.meta), cache)
 
 
 def _grid_parts(model, batch) -> dict:

@@ -64,6 +64,11 @@ class Settings:
     cache_root: str = ""
 
     @classmethod
+    def defaults(cls) -> dict:
+        """The settings' session-state keys and their defaults (the entry point sets them)."""
+        return {f: getattr(cls, f) for f in cls.__dataclass_fields__ if f != "cache_root"}
+
+    @classmethod
     def from_state(cls, state) -> Settings:
         names = [f for f in cls.__dataclass_fields__ if f != "cache_root"]
         values = {n: state[n] for n in names if n in state}
@@ -123,20 +128,42 @@ class _Missing(Exception):
     """Not computed yet (raised so that st.cache_resource keeps only hits)."""
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _stored_analysis(s: Settings):
-    res = lookup_analysis(load_model(s.model), calib_batch(s), AnalysisParams(), s.cache())
-    if res is None:
+# what each stored result is looked up by (the CLI's call with the same settings computes it)
+_LOOKUPS = {
+    "analysis": lambda s: lookup_analysis(load_model(s.model), calib_batch(s), AnalysisParams(), s.cache()),
+    "trace": lambda s: lookup_routing_trace(load_model(s.model), calib_batch(s), s.cache()),
+    "grid": lambda s: lookup_drop_grid(load_model(s.model), eval_batch(s), s.cache()),
+}
+
+
+@st.cache_resource(show_spinner=False, max_entries=24)
+def _stored(what: str, s: Settings):
+    found = _LOOKUPS[what](s)
+    if found is None:
         raise _Missing
-    return res
+    return found
+
+
+def _find(what: str, s: Settings):
+    try:
+        return _stored(what, s)
+    except _Missing:
+        return None
 
 
 def find_analysis(s: Settings):
     """The stored analysis for these settings, or None."""
-    try:
-        return _stored_analysis(s)
-    except _Missing:
-        return None
+    return _find("analysis", s)
+
+
+def find_trace(s: Settings):
+    """The stored routing trace for these settings, or None."""
+    return _find("trace", s)
+
+
+def find_grid(s: Settings):
+    """The stored drop grid for these settings, or None."""
+    return _find("grid", s)
 
 
 def compute_analysis(s: Settings, progress=None):
@@ -147,38 +174,8 @@ def compute_analysis(s: Settings, progress=None):
     return res
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _stored_trace(s: Settings):
-    trace = lookup_routing_trace(load_model(s.model), calib_batch(s), s.cache())
-    if trace is None:
-        raise _Missing
-    return trace
-
-
-def find_trace(s: Settings):
-    try:
-        return _stored_trace(s)
-    except _Missing:
-        return None
-
-
 def compute_trace(s: Settings, progress=None):
     return routing_trace(load_model(s.model), calib_batch(s), cache=s.cache(), progress=progress)
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _stored_grid(s: Settings):
-    grid = lookup_drop_grid(load_model(s.model), eval_batch(s), s.cache())
-    if grid is None:
-        raise _Missing
-    return grid
-
-
-def find_grid(s: Settings):
-    try:
-        return _stored_grid(s)
-    except _Missing:
-        return None
 
 
 def compute_grid(s: Settings, progress=None):
@@ -317,7 +314,7 @@ def grid_delta(s: Settings) -> dict | None:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _grid_delta(s: Settings) -> dict:
-    grid = _stored_grid(s)
+    grid = _stored("grid", s)
     return {"baseline": grid.baseline, "layers": grid.layers, "delta": np.array(grid.delta()),
             "ppl": np.array(grid.ppl), "data": describe_batch(s, "eval")}
 
@@ -329,7 +326,7 @@ def grid_correlation(s: Settings, criterion: str) -> dict[int, float] | None:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _grid_correlation(s: Settings, criterion: str) -> dict[int, float]:
-    return criterion_grid_correlation(_analysis(s), _stored_grid(s), criterion)
+    return criterion_grid_correlation(_analysis(s), _stored("grid", s), criterion)
 
 
 # ---------------------------------------------------------------- plans

@@ -74,8 +74,8 @@ def test_a_bad_plan_is_refused_before_any_evaluation(demo_dir):
 def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_path):
     plan = drop_plan({0: [5, 6], 1: [0, 7], 2: [1, 2], 3: [3, 4]}, "manual")
     model = load_moe("demo")
-    exp = X.run_experiment("demo", plan, EvalSpec(**SPEC), model=model)  # prunes `model` in place
-    out = export(model, tmp_path / "out", experiment=exp)
+    exp = X.prune_and_evaluate(model, plan, EvalSpec(**SPEC))  # prunes `model` in place, as its name says
+    out = export(model, tmp_path / "out", plan=plan, experiment=exp)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "plan.json", "experiment.json", "README.md"} <= names
     hf = AutoModelForCausalLM.from_pretrained(out)
