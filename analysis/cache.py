@@ -18,7 +18,8 @@ Readers verify the manifest (presence and sizes always; sha256 eagerly for files
 per key, so two processes (or threads) never compute the same entry twice.
 
 ``torch``, ``safetensors`` and ``pandas`` are imported only when tensors or tables are touched:
-listing the cache stays cheap.
+listing the cache stays cheap. The store, its entries and their listing are one job, kept in one
+file past ~450 lines.
 """
 
 from __future__ import annotations

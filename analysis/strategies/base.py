@@ -110,14 +110,14 @@ class Strategy:
                 raise unknown_name(f"parameter of strategy '{self.name}'", key, declared)
             given[key] = declared[key].coerce(value, self.name) if value is not None else None
         full = {p.name: p.default for p in declared.values()} | {k: v for k, v in given.items() if v is not None}
+        if self.check is not None:  # cross-parameter checks first: their messages say more
+            self.check(full, model)
         for p in declared.values():
             allowed = p.allowed(full)
             if allowed is not None and full.get(p.name) is not None and full[p.name] not in allowed:
                 raise _bad_choice(self.name, p, full[p.name], allowed)
         if self.target:
             keep_counts(model, full)
-        if self.check is not None:
-            self.check(full, model)
         return {k: v for k, v in given.items() if v is not None}, full
 
     def describe(self) -> dict:
