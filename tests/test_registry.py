@@ -124,3 +124,24 @@ def test_a_new_strategy_file_reaches_the_plan_page(toy_strategy, demo_dir, tmp_p
     model = load_moe("demo")
     norms = model.layers[0].router_weight.double().norm(dim=1)
     assert sorted(torch.argsort(norms)[:5].tolist()) == smallest_router_norms(5)[0]
+
+
+def test_every_registered_strategy_gets_its_declared_widgets(demo_dir, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from moescope.analysis.cache import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "cache"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("app_pages/plan.py").run()
+    for name, strategy in STRATEGIES.items():
+        if strategy.manual:
+            assert name not in at.selectbox(key="plan_strategy").options
+            continue
+        at.selectbox(key="plan_strategy").select(name).run()
+        assert not at.exception, (name, [e.value for e in at.exception])
+        keys = {w.key for kind in ("selectbox", "checkbox", "number_input") for w in at.get(kind)}
+        declared = {f"plan_{name}_{p.name}" for p in strategy.params if p.type is not dict}
+        assert declared <= keys, (name, declared - keys)
+        assert ("plan_keep" in keys) == strategy.target

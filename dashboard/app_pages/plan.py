@@ -148,8 +148,8 @@ if mode == "Strategy":
             value = int(col.number_input(label, min_value=int(param.minimum) if param.minimum is not None else None,
                                          value=int(param.default), key=key, help=param.help))
         elif param.type is float:
-            value = float(col.number_input(label, min_value=param.minimum, value=float(param.default), key=key,
-                                           help=param.help, format="%g"))
+            value = float(col.number_input(label, min_value=float(param.minimum) if param.minimum is not None else None,
+                                           value=float(param.default), key=key, help=param.help, format="%g"))
         else:
             continue  # free-form parameters are given by hand or on the command line
         if value is not None and value != param.default:
