@@ -185,7 +185,7 @@ def cmd_plan(args) -> int:
     skeleton = load_moe(args.model, dtype=None, weights=False, trust_remote_code=args.trust_remote_code)
     validate_request(strategy.name, params, skeleton)
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    batch = calib_batch(args, model) if strategy.needs_data or strategy.name != "manual" else None
+    batch = calib_batch(args, model) if strategy.needs_data else None
     bars = ProgressBars(quiet=args.json)
     try:
         plan = make_plan(strategy.name, StrategyContext(model, batch, Cache(), progress=bars), params)
