@@ -20,6 +20,7 @@ from torch import Tensor
 from moescope.analysis import metrics as M
 from moescope.analysis.cache import StoredResult
 from moescope.analysis.capture import LayerStream, token_nll
+from moescope.analysis.criteria import CRITERIA, GradientStats, LayerStats
 from moescope.analysis.errors import MoescopeError, unknown_name
 from moescope.analysis.metrics import METRICS_VERSION
 
@@ -87,10 +88,12 @@ def _timed(timings: dict, name: str):
 
 @torch.no_grad()
 def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) -> LayerAnalysis:
-    """All metrics of one MoE layer from its block input ``x [T, d]`` and the token ids ``[T]``."""
+    """All metrics of one MoE layer from its block input ``x [T, d]`` and the token ids ``[T]``:
+    routing statistics, similarities, and every criterion of :data:`~moescope.analysis.criteria.CRITERIA`
+    whose metric family is asked for (gradient criteria come from :func:`gradient_criteria`)."""
     E, T = view.num_experts, x.shape[0]
     out = LayerAnalysis(layer=view.index, num_experts=E, top_k=view.top_k)
-    want = set(params.metrics)
+    want = {"routing", *params.metrics}
     tm = out.timings
     g = torch.Generator().manual_seed(params.seed + view.index)
 
@@ -113,19 +116,15 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
             "balance_entropy": M.load_balance_entropy(counts),
             "tokens": float(T),
         }
-        distinct = torch.unique(token_ids).numel()
-        out.criteria["EUF"] = (counts / T).float()
-        out.criteria["ECC"] = ((coact.sum(1) - coact.diagonal()) / T).float()
-        out.criteria["EVC"] = (out.routing["vocab_coverage"] / max(distinct, 1)).float()
-        out.criteria["RWN"] = view.router_weight.float().norm(dim=1).cpu()
 
+    Y = None
     if "similarity" in want or "activations" in want:
         with _timed(tm, "expert_outputs"):
             n = min(T, params.similarity_tokens)
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
             xs = x[sel.to(x.device)]
             if params.augment_ratio > 0:
-                from moescope.analysis.data import mix_token_embeddings
+                from moescope.analysis.augment import mix_token_embeddings
 
                 xs = mix_token_embeddings(xs, params.augment_ratio, seed=params.seed + view.index)
             Y = torch.stack([view.expert_forward(e, xs).float() for e in range(E)]).cpu()  # [E, n, d]
@@ -140,41 +139,19 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
                 Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches, seed=params.seed
             )
 
-    if "activations" in want:
-        with _timed(tm, "activations"):
-            out.criteria["EAS"] = M.mean_offdiag(M.output_cosine_matrix(Y))
-            eae, eao, ean, reap, ets = (torch.full((E,), float("nan")) for _ in range(5))
-            for e in range(E):
-                hit = (r.topk_idx == e)
-                tok = hit.any(-1)
-                if int(tok.sum()) == 0:
-                    continue
-                xe = x[tok]
-                ye = view.expert_forward(e, xe).float()
-                we = (r.topk_weights.float() * hit).sum(-1)[tok]
-                norms = ye.norm(dim=-1)
-                ean[e] = norms.mean()
-                reap[e] = (we * norms).mean()
-                eae[e] = M.gaussian_entropy(ye)
-                eao[e] = M.outlier_fraction(ye)
-                ets[e] = M.mean_pairwise_cosine(xe)
-            out.criteria.update(EAE=eae, EAO=eao, EAN=ean, REAP=reap, ETS=ets)
-
+    stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"], Y)
     if "weights" in want:
         with _timed(tm, "weights"):
-            G, n_weights = M.weight_gram(view)
+            G, n_weights = stats.weight_gram
             S = M.surrogate_weights(view).reshape(E, -1).cpu()
             out.similarity["weight_cosine"] = M.gram_cosine(G)
             out.similarity["weight_mse"] = M.gram_mse(G, n_weights)
             out.similarity["surrogate_cosine"] = M.flat_cosine_matrix(S)
             out.similarity["surrogate_mse"] = M.flat_mse_matrix(S)
-            out.criteria["EWS"] = M.mean_offdiag(out.similarity["weight_cosine"])
-            out.criteria["EWN"] = G.diagonal().sqrt().float()
-            wsr = []
-            for e in range(E):
-                ew = view.expert_weights(e)
-                wsr.append(sum(M.stable_rank(t) for t in (ew.gate, ew.up, ew.down)) / 3)
-            out.criteria["WSR"] = torch.tensor(wsr, dtype=torch.float32)
+    for c in CRITERIA.values():
+        if c.family in want and c.family != "gradients":
+            with _timed(tm, c.family):
+                out.criteria[c.name] = c.compute(stats)
     return out
 
 
@@ -210,23 +187,11 @@ def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: C
             (nll / total_tokens).backward()
             if progress:
                 progress(c + 1, n_chunks)
+        gradient = [c for c in CRITERIA.values() if c.family == "gradients"]
         result = {}
         for i, layer in model.layers.items():
-            grads = {n: getattr(layer.experts, n).grad for n in ("gate_up_proj", "down_proj")}
-            vecs, ege, ego = [], [], []
-            for e in range(layer.num_experts):
-                gw = layer.expert_weights(e, grads)
-                v = torch.cat([gw.gate.reshape(-1), gw.up.reshape(-1), gw.down.reshape(-1)]).float().cpu()
-                vecs.append(v)
-                ege.append(M.gaussian_entropy(gw.down.float().T.cpu()))  # rows: I samples, cols: d dims
-                ego.append(M.outlier_fraction(v[:, None]))
-            V = torch.stack(vecs)
-            result[i] = {
-                "EGS": M.mean_offdiag(M.flat_cosine_matrix(V)),
-                "EGE": torch.tensor(ege, dtype=torch.float32),
-                "EGO": torch.tensor(ego, dtype=torch.float32),
-                "EGN": V.norm(dim=1),
-            }
+            stats = GradientStats(layer, {n: getattr(layer.experts, n).grad for n in ("gate_up_proj", "down_proj")})
+            result[i] = {c.name: c.compute(stats) for c in gradient}
         return result
     finally:
         for p in expert_params:
@@ -261,10 +226,9 @@ def analysis_parts(model, batch, params: AnalysisParams) -> dict:
 def lookup_analysis(model, batch, params: AnalysisParams | None = None, cache=None) -> AnalysisResult | None:
     """The stored analysis :func:`run_analysis` would return, or None when it has not been computed
     (never computes: a dashboard can ask on every page view)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.cache import lookup
 
-    entry = (cache or Cache()).get("analysis", analysis_parts(model, batch, params or AnalysisParams()))
-    return AnalysisResult(entry) if entry is not None else None
+    return lookup("analysis", analysis_parts(model, batch, params or AnalysisParams()), AnalysisResult, cache)
 
 
 def run_analysis(
@@ -304,7 +268,7 @@ def run_analysis(
                 with model.materialized(model.layers[l].block):
                     la = analyze_layer(model.layers[l], x, token_ids, params)
                 if model.offloaded:
-                    from moescope.analysis.models import release_mapped_weights
+                    from moescope.analysis.model import release_mapped_weights
 
                     release_mapped_weights()
                 la.timings["total"] = time.perf_counter() - t0

@@ -23,7 +23,8 @@ lookups served by a stored entry (``hits``), the lookups that found none (``miss
 (``stored``), so a caller (or a test) can see that a cached call computed nothing.
 
 ``torch``, ``safetensors`` and ``pandas`` are imported only when tensors or tables are touched:
-listing the cache stays cheap.
+listing the cache stays cheap. The store, its entries and their listing are one job, kept in one
+file past ~450 lines.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.units import format_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -155,7 +157,7 @@ def default_cache_root() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    from moescope.analysis.models import REPO_ROOT
+    from moescope.analysis.paths import REPO_ROOT
 
     return REPO_ROOT / "cache"
 
@@ -432,6 +434,13 @@ class CacheStats:
 
     def __repr__(self) -> str:
         return f"CacheStats({self.by_kind()})"
+
+
+def lookup(kind: str, parts: dict, wrap: Callable[[Entry], Any], cache: Cache | None = None):
+    """``wrap(entry)`` of the stored result of ``kind`` with ``parts``, or None when it has not been
+    computed (never computes, so a dashboard can ask on every page view)."""
+    entry = (cache or Cache()).get(kind, parts)
+    return wrap(entry) if entry is not None else None
 
 
 # ---- the store -------------------------------------------------------------------------------
@@ -816,14 +825,6 @@ class Cache:
 
 
 # ---- display ---------------------------------------------------------------------------------
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
 def _short(text: str | None, width: int) -> str:
     text = text or "-"
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -843,7 +844,7 @@ def format_entries(entries: list[EntryInfo]) -> str:
             e.kind,
             _short(e.label, 40),
             e.created[:19].replace("T", " "),
-            _bytes(e.size),
+            format_bytes(e.size),
             _short(model, 40),
             _short(e.data, 30),
             e.key[:12],
@@ -856,5 +857,5 @@ def format_entries(entries: list[EntryInfo]) -> str:
 
     lines = [line(r) for r in [header, *rows]]
     total = sum(e.size for e in entries)
-    lines.append(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {_bytes(total)}")
+    lines.append(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {format_bytes(total)}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moescope.analysis.models import MoEModel, _attr_path
+from moescope.analysis.model.view import MoEModel, attr_path
 
 
 class _Recorder(nn.Module):
@@ -32,7 +32,7 @@ class _Recorder(nn.Module):
 def _decoder(model: MoEModel) -> nn.Module:
     """The ``model.model`` part that owns ``embed_tokens``, ``layers`` and ``norm``."""
     path = model.family.layers_path.rsplit(".", 1)[0]
-    return _attr_path(model.hf, path)
+    return attr_path(model.hf, path)
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ class LayerStream:
         """Run the next decoder layer on every chunk; return that layer's MoE-block input
         ``[T, d]`` (concatenated over chunks) when it is an MoE layer and capture is asked."""
         l = self.layer
-        layer = _attr_path(self.model.hf, self.model.family.layers_path)[l]
+        layer = attr_path(self.model.hf, self.model.family.layers_path)[l]
         captured: list[Tensor] = []
         handle = None
         if capture_moe_input and l in self.model.layers:
@@ -105,7 +105,7 @@ class LayerStream:
                 handle.remove()
         self.layer += 1
         if getattr(self.model, "offloaded", False):
-            from moescope.analysis.models import release_mapped_weights
+            from moescope.analysis.model import release_mapped_weights
 
             release_mapped_weights()  # the layer's weights were read through memory maps
         return torch.cat(captured) if captured else None
@@ -134,7 +134,7 @@ class LayerStream:
 
     def layers(self, capture_moe_input: bool = True) -> Iterator[tuple[int, Tensor | None]]:
         """Run all remaining layers, yielding ``(layer index, MoE input or None)`` after each."""
-        n = len(_attr_path(self.model.hf, self.model.family.layers_path))
+        n = len(attr_path(self.model.hf, self.model.family.layers_path))
         while self.layer < n:
             l = self.layer
             yield l, self.step(capture_moe_input)

@@ -7,8 +7,8 @@ structure, timings, software versions and a timestamp. It is stored as a cache e
 ``experiment`` (``meta.json`` plus tidy Parquet tables; finetuned weights, if any, as
 safetensors), so it is written atomically and listed with ``moescope cache ls`` as well.
 
-:func:`run_experiment` is the one path the CLI (``moescope prune … --ppl``, ``moescope eval``),
-the dashboard's background jobs and scripts share.
+:func:`run_experiment` (load, then :func:`prune_and_evaluate`) is the one path the CLI
+(``moescope prune … --ppl``, ``moescope eval``), the dashboard's background jobs and scripts share.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.evaluate import EvalSpec, efficiency_with_skipping, evaluate_quality, isolated_efficiency
+from moescope.analysis.evaluation import EvalSpec, evaluate_quality, isolated_efficiency
 
 KIND = "experiment"
 Progress = Callable[[str, int, int], None]
@@ -121,22 +121,39 @@ def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | No
 
 
 def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
-                   model=None, label: str | None = None, dtype: str | None = None, device: str | None = None,
+                   label: str | None = None, dtype: str | None = None, device: str | None = None,
                    trust_remote_code: bool = False) -> Experiment:
-    """Load ``source``, evaluate it, apply ``plan`` (a :class:`PruningPlan` or None), evaluate the
-    result, measure efficiency of both, and store the experiment. ``model`` may be given already
-    loaded (and, for a finetuned lottery result, already edited: then ``plan`` must be its
-    ``model.plan`` and only the pruned side is evaluated against a freshly loaded original).
+    """Load ``source``, check ``plan`` (a :class:`PruningPlan` or None) against it, then
+    :func:`prune_and_evaluate` the loaded model. Nothing is stored unless every step finished, so
+    an interrupted run leaves no record."""
+    from moescope.analysis.model import load_moe
 
-    Nothing is stored unless every step finished, so an interrupted run leaves no record."""
+    spec = spec or EvalSpec()
+    spec.validate()
+    t0 = time.perf_counter()
+    if progress:
+        progress("load", 0, 1)
+    model = load_moe(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if plan is not None:
+        plan.validate_for(model)  # refuse a bad plan before any evaluation
+    return prune_and_evaluate(model, plan, spec, cache=cache, progress=progress, label=label, dtype=dtype,
+                              device=device, load_s=time.perf_counter() - t0)
+
+
+def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
+                       label: str | None = None, dtype: str | None = None, device: str | None = None,
+                       load_s: float = 0.0) -> Experiment:
+    """Evaluate ``model`` (the original, as loaded from ``model.source``), prune it in place by
+    ``plan``, evaluate the result, measure efficiency of both (each in a fresh process), and store
+    the experiment. ``model`` is left pruned (the caller may export it)."""
     from moescope.analysis.cache import Cache
-    from moescope.analysis.models import load_moe
-    from moescope.analysis.prune import apply
+    from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
 
     spec = spec or EvalSpec()
     spec.validate()
     cache = cache or Cache()
-    timings: dict[str, float] = {}
+    source = model.source
+    timings: dict[str, float] = {"load_s": load_s}
     t_all = time.perf_counter()
 
     def step(name: str):
@@ -144,78 +161,55 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
             progress(name, 0, 1)
         return time.perf_counter()
 
-    finetuned = bool(plan is not None and (plan.provenance or {}).get("finetuned"))
-    t0 = step("load")
-    original = load_moe(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if (
-        model is None or finetuned) else model
-    if plan is not None and not finetuned:
-        plan.validate_for(original)  # refuse a bad plan before any evaluation
-    timings["load_s"] = time.perf_counter() - t0
-    before = _structure(original)
-    base_fp = original.fingerprint()
+    finetuned = is_finetuned(plan)
+    trained = finetuned_weights(plan, cache) if finetuned else None  # found before any evaluation
+    before = _structure(model)
+    base_fp = model.fingerprint()
 
     t0 = step("evaluate original")
-    reference = evaluate_quality(original, spec, cache=cache, progress=progress)
+    reference = evaluate_quality(model, spec, cache=cache, progress=progress)
     timings["evaluate_original_s"] = time.perf_counter() - t0
-    betas_original = _skip_betas(original, spec, cache, progress) if spec.efficiency else None
+    betas_original = _skip_betas(model, spec, cache, progress) if spec.efficiency else None
 
     if plan is None:
-        pruned, result = original, reference
+        result = reference
     else:
         t0 = step("prune")
-        pruned = model if finetuned else apply(original, plan)
+        apply(model, plan, weights=trained)
         timings["prune_s"] = time.perf_counter() - t0
         t0 = step("evaluate pruned")
-        result = evaluate_quality(pruned, spec, cache=cache, progress=progress)
+        result = evaluate_quality(model, spec, cache=cache, progress=progress)
         timings["evaluate_pruned_s"] = time.perf_counter() - t0
 
     efficiency = {}
     if spec.efficiency:
         t0 = step("efficiency")
         p = spec.efficiency_params
-        betas_pruned = _skip_betas(pruned, spec, cache, progress) if plan is not None else betas_original
-        plan_json = plan.to_json() if plan is not None else None
+        betas_pruned = _skip_betas(model, spec, cache, progress) if plan is not None else betas_original
         efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device)
         if plan is None:
             efficiency["pruned"] = efficiency["original"]
-        elif finetuned:  # its weights exist only here: measured in this process
-            efficiency["pruned"] = efficiency_with_skipping(pruned, p, betas_pruned)
         else:
-            efficiency["pruned"] = isolated_efficiency(source, plan_json, p, betas_pruned, dtype, device)
+            efficiency["pruned"] = isolated_efficiency(source, plan.to_json(), p, betas_pruned, dtype, device,
+                                                       cache_root=str(cache.root))
         timings["efficiency_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_all
+    timings["total_s"] = time.perf_counter() - t_all + load_s
 
     exp = Experiment(
         id=new_id(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         label=label or _label(plan), model=source, model_fingerprint=base_fp,
-        pruned_fingerprint=pruned.fingerprint() if plan is not None else None,
+        pruned_fingerprint=model.fingerprint() if plan is not None else None,
         plan=plan.to_json() if plan is not None else None, eval=spec.to_json(), reference=reference, result=result,
-        efficiency=efficiency, structure={"before": before, "after": _structure(pruned)}, timings=timings,
+        efficiency=efficiency, structure={"before": before, "after": _structure(model)}, timings=timings,
         versions=software_versions(), finetuned=finetuned,
     )
-    tensors = _trained_tensors(pruned) if finetuned else None
-    save(exp, cache, tensors=tensors)
+    save(exp, cache, tensors=trained)
     return exp
 
 
-def _trained_tensors(model) -> dict:
-    """The routed experts' and routers' weights of a finetuned model (what finetuning changed)."""
-    out = {}
-    for l, view in model.layers.items():
-        for prefix, module in (("experts", view.experts), ("router", view.router)):
-            for name, t in module.state_dict().items():
-                out[f"L{l}.{prefix}.{name}"] = t.detach().cpu().contiguous()
-    return out
-
-
-def load_trained_tensors(model, exp: Experiment, cache=None) -> None:
-    """Put a finetuned experiment's stored weights into ``model`` (already pruned by its plan)."""
-    tensors = _entry(exp.id, cache).tensors()
-    for l, view in model.layers.items():
-        for prefix, module in (("experts", view.experts), ("router", view.router)):
-            state = {name: tensors[f"L{l}.{prefix}.{name}"] for name in module.state_dict()}
-            module.load_state_dict(state)
-    model._fingerprint = None
+def trained_tensors_of(exp: Experiment, cache=None) -> dict:
+    """A finetuned experiment's stored routers and experts (see :func:`moescope.analysis.prune.apply`)."""
+    return _entry(exp.id, cache).tensors()
 
 
 # ---- store -----------------------------------------------------------------------------------

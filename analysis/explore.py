@@ -84,10 +84,9 @@ def routing_trace(model, batch, cache=None, chunk_size: int = 8, progress: Progr
 
 def lookup_routing_trace(model, batch, cache=None) -> RoutingTrace | None:
     """The stored trace :func:`routing_trace` would return, or None (never computes)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.cache import lookup
 
-    entry = (cache or Cache()).get("routing", _trace_parts(model, batch))
-    return RoutingTrace(entry) if entry is not None else None
+    return lookup("routing", _trace_parts(model, batch), RoutingTrace, cache)
 
 
 # ---------------------------------------------------------------- tokens an expert receives
@@ -225,11 +224,11 @@ def criterion_grid_correlation(result, grid, criterion: str) -> dict[int, float]
 def drop_ranks(result, criterion: str, order: str) -> Tensor:
     """``[layers, max E]`` order in which dropping by ``order`` (min | max) of ``criterion`` removes
     each expert of each layer (0 = first; an expert without a value goes first; NaN pads)."""
-    from moescope.analysis.strategies import _criterion_scores
+    from moescope.analysis.strategies.criterion import criterion_scores
 
     if order not in ("min", "max"):
         raise MoescopeError(f"order must be min or max, got {order!r}")
-    scores = _criterion_scores(result, criterion, order)
+    scores = criterion_scores(result, criterion, order)
     width = max(s.numel() for s in scores.values())
     out = torch.full((len(result.layers), width), float("nan"))
     for i, l in enumerate(result.layers):

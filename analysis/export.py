@@ -19,20 +19,14 @@ import json
 from pathlib import Path
 
 from moescope.analysis.errors import MoescopeError
+from moescope.analysis.model import check_output_dir
 
 
-def check_target(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse a file or a non-empty folder (before any expensive work) unless ``overwrite``."""
-    from moescope.analysis.models import check_output_dir
-
-    return check_output_dir(out_dir, overwrite)
-
-
-def export(model, out_dir: str | Path, experiment=None, overwrite: bool = False) -> Path:
-    """Write ``model`` (already pruned; its plan is ``model.plan``) to ``out_dir``."""
-    out = check_target(out_dir, overwrite)
+def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False) -> Path:
+    """Write ``model`` (already pruned by ``plan``, or None for the model as loaded) to ``out_dir``
+    with ``plan.json``, ``experiment.json`` (when given) and the model card."""
+    out = check_output_dir(out_dir, overwrite)
     model.save(out, overwrite=True)
-    plan = getattr(model, "plan", None)
     if plan is not None:
         plan.save(out / "plan.json")
     if experiment is not None:
@@ -44,26 +38,36 @@ def export(model, out_dir: str | Path, experiment=None, overwrite: bool = False)
 def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
                       dtype: str | None = None, trust_remote_code: bool = False) -> Path:
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
-    the record) and export it."""
+    the record) and export it. The experiment and the output folder are checked before any
+    weights are read."""
     from moescope.analysis import experiments
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
     from moescope.analysis.plan import PruningPlan
     from moescope.analysis.prune import apply
 
     exp = experiments.load(ident, cache)
-    check_target(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     if exp.plan is None:
         raise MoescopeError(f"experiment {exp.id} evaluated '{exp.model}' without a plan; there is nothing "
                             "pruned to export (the original model is its own folder)")
     plan = PruningPlan.from_json(exp.plan)
+    check_exportable(exp.model, plan, trust_remote_code)
+    weights = experiments.trained_tensors_of(exp, cache) if exp.finetuned else None
     model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code)
     if model.fingerprint() != exp.model_fingerprint:
         raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
                             f"{model.fingerprint()[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
-    apply(model, plan)
-    if exp.finetuned:
-        experiments.load_trained_tensors(model, exp, cache)
-    return export(model, out_dir, experiment=exp, overwrite=overwrite)
+    apply(model, plan, weights=weights)
+    return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite)
+
+
+def check_exportable(source: str, plan, trust_remote_code: bool = False) -> None:
+    """Refuse, from the config alone (no weights read), a plan that does not fit ``source`` (a plan
+    whose layers keep different counts exports in the per-layer format, :mod:`analysis.nonuniform`)."""
+    from moescope.analysis.model import load_moe
+
+    skeleton = load_moe(source, dtype=None, weights=False, trust_remote_code=trust_remote_code)
+    plan.validate_for(skeleton)
 
 
 # ---- model card ------------------------------------------------------------------------------

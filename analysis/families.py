@@ -5,7 +5,7 @@ In transformers 5 every family we support has the same shape:
 and differs in a handful of facts: the config key of the routed-expert count, where the router
 lives, the routing rule, router / score-correction biases, shared experts and GPT-OSS's transposed,
 interleaved, biased experts. One :class:`FamilySpec` per family records those facts; the generic
-view in :mod:`analysis.models` reads them. Module paths were checked against tiny models built
+view in :mod:`analysis.model` reads them. Module paths were checked against tiny models built
 from each family's config class (see ``tests/test_families.py``).
 """
 

@@ -70,11 +70,11 @@ def _write_json(path: Path, data: dict) -> None:
 def start(model: str, plan: dict | None, spec: dict, label: str | None = None, cache=None) -> str:
     """Launch a job pruning ``model`` by ``plan`` (PruningPlan JSON, validated here first) and
     evaluating it by ``spec`` (EvalSpec JSON); returns its id."""
-    from moescope.analysis.evaluate import EvalSpec
+    from moescope.analysis.evaluation import EvalSpec
     from moescope.analysis.plan import PruningPlan
 
     if plan is not None:  # against the model's shapes (built on the meta device, no weights read)
-        from moescope.analysis.models import load_moe
+        from moescope.analysis.model import load_moe
 
         PruningPlan.from_json(plan).validate_for(load_moe(model, weights=False, load_tokenizer=False))
     EvalSpec.from_json(spec).validate()
@@ -169,7 +169,7 @@ def wait(job_id: str, timeout: float = 600.0, cache=None) -> JobStatus:
 def _run(folder: Path) -> int:
     """The child: run the experiment, reporting into ``status.json``."""
     from moescope.analysis.cache import Cache
-    from moescope.analysis.evaluate import EvalSpec
+    from moescope.analysis.evaluation import EvalSpec
     from moescope.analysis.experiments import run_experiment
     from moescope.analysis.plan import PruningPlan
 

@@ -219,24 +219,3 @@ def stable_rank(W: Tensor) -> float:
     s = torch.linalg.svdvals(W.double())
     return float((s**2).sum() / (s[0] ** 2).clamp_min(1e-30))
 
-
-CRITERIA = {
-    "EWS": "expert weight similarity: mean cosine of its vectorised weights with the layer's other experts",
-    "RWN": "router weight norm: ‖router row‖₂",
-    "WSR": "weight stable rank: mean over W_gate, W_up, W_down of Σσ²/σ₁²",
-    "EWN": "expert weight norm: ‖concat(W_gate, W_up, W_down)‖_F",
-    "EUF": "usage frequency: fraction of calibration tokens routed to it",
-    "ECC": "co-activation: tokens routed to it together with another expert, per token",
-    "EVC": "vocabulary coverage: distinct token ids routed to it / distinct token ids in the batch",
-    "ETS": "input token similarity: mean pairwise cosine of the hidden states routed to it",
-    "EAS": "activation similarity: mean output cosine with the layer's other experts (same tokens)",
-    "EAE": "activation entropy: Σ_j log σ_j of its outputs over hidden dimensions, on its routed tokens",
-    "EAO": "activation outliers: fraction of its output entries outside μ ± 3σ, on its routed tokens",
-    "EAN": "activation norm: mean ‖output‖₂ on its routed tokens",
-    "EGS": "gradient similarity: mean cosine of its weight gradient with the other experts'",
-    "EGE": "gradient entropy: Σ_j log σ_j of its W_down gradient over hidden dimensions",
-    "EGO": "gradient outliers: fraction of its gradient entries outside μ ± 3σ",
-    "EGN": "gradient norm: ‖∇ concat(W_gate, W_up, W_down)‖_F of the next-token loss",
-    "REAP": "router-weighted activation: mean over routed tokens of gate weight × ‖output‖₂",
-}
-GRADIENT_CRITERIA = ("EGS", "EGE", "EGO", "EGN")

@@ -180,7 +180,7 @@ class PruningPlan:
         """Every check that needs the model, before anything is edited: layers exist and are MoE,
         indices are in range, no expert is used twice, at least top-k experts remain, routing
         groups of group-limited routers stay intact."""
-        from moescope.analysis.models import validate_groups
+        from moescope.analysis.model import validate_groups
 
         for l, lp in sorted(self.layers.items()):
             if l not in model.layers:

@@ -224,6 +224,9 @@ class EnumerationResult:
     candidates: list[tuple[list[int], float]]  # scored subsets, best first (exact: all of them)
 
 
+ENUMERATION_METHODS = ("auto", "exact", "greedy", "beam")
+
+
 def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subsets: int = 5000,
                     beam_width: int = 4, chunk_tokens: int = 4096) -> EnumerationResult:
     """Choose ``keep`` experts of a layer minimising the reconstruction loss.
@@ -323,10 +326,9 @@ def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Pr
 
 def lookup_drop_grid(model, batch, cache=None) -> DropGrid | None:
     """The stored grid :func:`cached_drop_grid` would return, or None (never computes)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.cache import lookup
 
-    entry = (cache or Cache()).get("dropgrid", _grid_parts(model, batch))
-    return _grid_from_meta(entry.meta) if entry is not None else None
+    return lookup("dropgrid", _grid_parts(model, batch), lambda entry: _grid_from_meta(entry.meta), cache)
 
 
 def _grid_parts(model, batch) -> dict:

@@ -9,7 +9,7 @@ computed). β per layer is calibrated as the median of ``w₂ / w₁`` over cali
 
 The thresholds travel with a saved model as ``config.moescope_skip_beta`` ({layer: β}); plain
 ``from_pretrained`` ignores that field (the model then routes as usual), and
-:func:`analysis.models.load_moe` installs the routing patch when it finds it.
+:func:`analysis.model.load_moe` installs the routing patch when it finds it.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def main() -> None:
     from moescope.analysis.analyze import FORWARD_METRICS, AnalysisParams, run_analysis
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import sample_tokens
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
 
     model = load_moe("demo")
     batch = sample_tokens("demo:all", model.tokenizer, args.samples, args.seq_len, seed=0)

@@ -82,7 +82,7 @@ def main() -> None:
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import sample_tokens
     from moescope.analysis.explore import routing_trace
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
     from moescope.analysis.sensitivity import cached_drop_grid
 
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Size and speed of the demo model before and after pruning, with and without dynamic skipping.
 
-Each measurement runs in a fresh process (analysis.evaluate.isolated_efficiency); the original
+Each measurement runs in a fresh process (analysis.evaluation.isolated_efficiency); the original
 and the pruned model alternate for ``--rounds`` rounds so that drifts in machine load hit both,
 and the table prints the median of the rounds and the pruned/original ratios.
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from moescope.analysis.evaluate import EfficiencyParams, isolated_efficiency
-from moescope.analysis.models import load_moe
+from moescope.analysis.evaluation import EfficiencyParams, isolated_efficiency
+from moescope.analysis.model import load_moe
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def main() -> None:
 
     from moescope.analysis.capture import LayerStream, next_token_nll
     from moescope.analysis.data import sample_tokens
-    from moescope.analysis.models import load_moe, wrap_model
+    from moescope.analysis.model import load_moe, wrap_model
     from moescope.analysis.sensitivity import drop_grid, enumerate_layer, naive_subset_loss
 
     model = load_moe("demo")

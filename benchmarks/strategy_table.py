@@ -42,8 +42,8 @@ def main() -> None:
     from moescope.analysis.analyze import AnalysisParams
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import sample_tokens
-    from moescope.analysis.evaluate import perplexity_by_domain
-    from moescope.analysis.models import load_moe, wrap_model
+    from moescope.analysis.evaluation import perplexity_by_domain
+    from moescope.analysis.model import load_moe, wrap_model
     from moescope.analysis.prune import apply
     from moescope.analysis.strategies import StrategyContext, make_plan
 

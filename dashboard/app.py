@@ -12,6 +12,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from moescope.dashboard.backend import Settings
+
 PAGES = Path(__file__).parent / "app_pages"
 
 # (section, file, title, icon); the first page is the default
@@ -27,18 +29,9 @@ NAVIGATION = [
     ("Prune", "export.py", "Export", ":material/output:"),
 ]
 
-# shared settings (session-state keys read by every page); page-specific keys carry a prefix
-DEFAULTS = {
-    "model": "demo",
-    "calib_source": "demo:all",
-    "calib_samples": 64,
-    "calib_seq_len": 256,
-    "seed": 0,
-    "eval_source": "demo:all",
-    "grid_samples": 16,
-    "grid_seq_len": 256,
-    "plan": None,  # the current PruningPlan as its JSON dict (PruningPlan.to_json())
-}
+# shared settings (session-state keys read by every page), with the defaults backend.Settings declares;
+# page-specific keys carry a prefix
+DEFAULTS = {**Settings.defaults(), "plan": None}  # plan: the current PruningPlan as its JSON dict
 
 st.set_page_config(page_title="moescope", page_icon="🔬", layout="wide")
 _cli = argparse.ArgumentParser(add_help=False)

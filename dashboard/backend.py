@@ -37,18 +37,16 @@ from moescope.analysis.explore import (
     top_pairs,
     top_tokens,
 )
-from moescope.analysis.merging import GROUPINGS, MERGES
-from moescope.analysis.metrics import CRITERIA
-from moescope.analysis.models import load_moe
+from moescope.analysis.criteria import CRITERIA
+from moescope.analysis.model import load_moe
 from moescope.analysis.plan import PruningPlan, edit_layer
 from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.skipping import calibrate
-from moescope.analysis.strategies import REPRESENTATIONS, STRATEGIES, StrategyContext, make_plan, similarity_name
+from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strategy, make_plan
+from moescope.analysis.strategies.merge import REPRESENTATIONS, similarity_name
 
-__all__ = ["CRITERIA", "GROUPINGS", "MERGES", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES",
-           "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan", "is_distance", "similarity_name"]
-
-ENUMERATION_METHODS = ("auto", "exact", "greedy", "beam")
+__all__ = ["CRITERIA", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
+           "is_distance", "similarity_name"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,11 @@ class Settings:
     grid_samples: int = 16
     grid_seq_len: int = 256
     cache_root: str = ""
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The settings' session-state keys and their defaults (the entry point sets them)."""
+        return {f: getattr(cls, f) for f in cls.__dataclass_fields__ if f != "cache_root"}
 
     @classmethod
     def from_state(cls, state) -> Settings:
@@ -125,20 +128,42 @@ class _Missing(Exception):
     """Not computed yet (raised so that st.cache_resource keeps only hits)."""
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _stored_analysis(s: Settings):
-    res = lookup_analysis(load_model(s.model), calib_batch(s), AnalysisParams(), s.cache())
-    if res is None:
+# what each stored result is looked up by (the CLI's call with the same settings computes it)
+_LOOKUPS = {
+    "analysis": lambda s: lookup_analysis(load_model(s.model), calib_batch(s), AnalysisParams(), s.cache()),
+    "trace": lambda s: lookup_routing_trace(load_model(s.model), calib_batch(s), s.cache()),
+    "grid": lambda s: lookup_drop_grid(load_model(s.model), eval_batch(s), s.cache()),
+}
+
+
+@st.cache_resource(show_spinner=False, max_entries=24)
+def _stored(what: str, s: Settings):
+    found = _LOOKUPS[what](s)
+    if found is None:
         raise _Missing
-    return res
+    return found
+
+
+def _find(what: str, s: Settings):
+    try:
+        return _stored(what, s)
+    except _Missing:
+        return None
 
 
 def find_analysis(s: Settings):
     """The stored analysis for these settings, or None."""
-    try:
-        return _stored_analysis(s)
-    except _Missing:
-        return None
+    return _find("analysis", s)
+
+
+def find_trace(s: Settings):
+    """The stored routing trace for these settings, or None."""
+    return _find("trace", s)
+
+
+def find_grid(s: Settings):
+    """The stored drop grid for these settings, or None."""
+    return _find("grid", s)
 
 
 def compute_analysis(s: Settings, progress=None):
@@ -149,38 +174,8 @@ def compute_analysis(s: Settings, progress=None):
     return res
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _stored_trace(s: Settings):
-    trace = lookup_routing_trace(load_model(s.model), calib_batch(s), s.cache())
-    if trace is None:
-        raise _Missing
-    return trace
-
-
-def find_trace(s: Settings):
-    try:
-        return _stored_trace(s)
-    except _Missing:
-        return None
-
-
 def compute_trace(s: Settings, progress=None):
     return routing_trace(load_model(s.model), calib_batch(s), cache=s.cache(), progress=progress)
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _stored_grid(s: Settings):
-    grid = lookup_drop_grid(load_model(s.model), eval_batch(s), s.cache())
-    if grid is None:
-        raise _Missing
-    return grid
-
-
-def find_grid(s: Settings):
-    try:
-        return _stored_grid(s)
-    except _Missing:
-        return None
 
 
 def compute_grid(s: Settings, progress=None):
@@ -319,7 +314,7 @@ def grid_delta(s: Settings) -> dict | None:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _grid_delta(s: Settings) -> dict:
-    grid = _stored_grid(s)
+    grid = _stored("grid", s)
     return {"baseline": grid.baseline, "layers": grid.layers, "delta": np.array(grid.delta()),
             "ppl": np.array(grid.ppl), "data": describe_batch(s, "eval")}
 
@@ -331,7 +326,7 @@ def grid_correlation(s: Settings, criterion: str) -> dict[int, float] | None:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _grid_correlation(s: Settings, criterion: str) -> dict[int, float]:
-    return criterion_grid_correlation(_analysis(s), _stored_grid(s), criterion)
+    return criterion_grid_correlation(_analysis(s), _stored("grid", s), criterion)
 
 
 # ---------------------------------------------------------------- plans
@@ -368,17 +363,15 @@ def empty_plan(s: Settings) -> PruningPlan:
     return PruningPlan(s.model, {}, provenance={"strategy": "manual"})
 
 
-# strategy modes that edit the model temporarily: they get their own copy of the shared model
-_EDITING = {("criterion", "mode", "iterative"), ("enumerate", "mode", "progressive")}
-
-
 def run_strategy(s: Settings, name: str, params: dict, progress=None) -> PruningPlan:
     """``moescope plan --strategy NAME`` on the calibration batch of these settings (reusing the
-    stored analyses)."""
+    stored analyses). A strategy that edits the model while it runs gets its own copy of the
+    shared model."""
+    strategy = get_strategy(name)
     model = load_model(s.model)
-    if any(name == n and params.get(k) == v for n, k, v in _EDITING):
+    if strategy.edits_model(params):
         model = copy.deepcopy(model)
-    batch = None if name == "manual" else calib_batch(s)
+    batch = calib_batch(s) if strategy.needs_data else None
     return make_plan(name, StrategyContext(model, batch, s.cache(), progress=progress), params)
 
 

@@ -9,7 +9,7 @@ import streamlit as st
 from moescope.analysis import experiments as X
 from moescope.analysis import jobs
 from moescope.analysis.cache import Cache
-from moescope.analysis.evaluate import EfficiencyParams, EvalSpec, local_task_names
+from moescope.analysis.evaluation import EfficiencyParams, EvalSpec, local_task_names
 
 
 def cache() -> Cache:

@@ -87,7 +87,7 @@ def continuation_items() -> list[dict]:
     """The multiple-choice items of ``moescope_demo_continuation`` (its data, from the task file)."""
     import sys
 
-    from moescope.analysis.evaluate import LOCAL_TASKS_DIR
+    from moescope.analysis.evaluation import LOCAL_TASKS_DIR
 
     sys.path.insert(0, str(LOCAL_TASKS_DIR))
     try:

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from moescope.analysis.models import demo_model_dir  # noqa: E402
+from moescope.analysis.paths import demo_model_dir  # noqa: E402
 from moescope.analysis.synthetic import TINY_CONFIGS, save_tiny  # noqa: E402
 
 FAMILIES = sorted(TINY_CONFIGS)

@@ -9,9 +9,10 @@ from conftest import FAMILIES
 
 import moescope.analysis.analyze as A
 from moescope.analysis.cache import Cache
+from moescope.analysis.criteria import CRITERIA
 from moescope.analysis.data import TokenBatch
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.synthetic import tiny_model
 
 PARAMS = A.AnalysisParams(similarity_tokens=128, rbf_batch_tokens=64, rbf_batches=2, chunk_size=4)
@@ -34,7 +35,7 @@ def test_every_family_gets_every_metric(family, cache):
     res = A.run_analysis(model, batch(), params, cache=cache)
     assert res.layers == model.moe_layers
     assert set(res.similarity_names()) == set(A.SIMILARITY_NAMES) | set(A.WEIGHT_SIMILARITY_NAMES)
-    assert set(res.criteria_names()) == set(A.M.CRITERIA)  # all sixteen plus REAP
+    assert set(res.criteria_names()) == set(CRITERIA)  # all sixteen plus REAP
     for l in res.layers:
         assert res.similarity(l, "cka_linear").diagonal().sub(1).abs().max() < 1e-5
         assert res.routing(l, "usage").sum().item() == pytest.approx(model.layers[l].top_k)
@@ -110,7 +111,7 @@ def test_bad_parameters_are_refused_up_front():
 
 
 def test_offloaded_layers_give_the_same_analysis_and_refuse_edits(tiny_dirs, tmp_path):
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
 
     in_memory = load_moe(tiny_dirs["qwen2_moe"])
     offloaded = load_moe(tiny_dirs["qwen2_moe"], offload_dir=tmp_path / "offload")

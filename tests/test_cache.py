@@ -29,7 +29,7 @@ from moescope.analysis.cache import (
     label_slug,
 )
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import REPO_ROOT
+from moescope.analysis.paths import REPO_ROOT
 
 PARTS = {
     "model": "f00dcafe" * 8,

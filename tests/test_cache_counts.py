@@ -12,12 +12,13 @@ from transformers import AutoTokenizer
 import moescope.analysis.analyze as A
 import moescope.analysis.capture as capture
 import moescope.analysis.sensitivity as S
-from moescope.analysis import evaluate as E
+from moescope.analysis import evaluation as E
 from moescope.analysis.analyze import AnalysisParams, lookup_analysis, run_analysis
 from moescope.analysis.cache import Cache
 from moescope.analysis.data import TokenBatch
 from moescope.analysis.explore import lookup_routing_trace, routing_trace
-from moescope.analysis.models import demo_model_dir, wrap_model
+from moescope.analysis.model import wrap_model
+from moescope.analysis.paths import demo_model_dir
 from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.synthetic import tiny_model
 

@@ -26,7 +26,7 @@ from moescope.analysis.analyze import AnalysisParams, run_analysis
 from moescope.analysis.cache import ENV_VAR, Cache
 from moescope.analysis.data import sample_tokens
 from moescope.analysis.explore import routing_trace, skip_ratios
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 from moescope.analysis.sensitivity import cached_drop_grid
 from moescope.dashboard import charts
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from moescope.analysis import experiments as X
 from moescope.analysis import jobs
-from moescope.analysis.evaluate import EvalSpec
+from moescope.analysis.evaluation import EvalSpec
 from moescope.analysis.plan import PruningPlan
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -120,7 +120,7 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
 
 @pytest.mark.slow
 def test_different_expert_counts_export_with_the_loading_note_and_refusals_show_expanded(demo_dir, tmp_path):
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
 
     job = jobs.start("demo", drop_plan({0: [0, 1], 3: [7]}), SMALL)
     assert jobs.wait(job, timeout=300).state == "done"

@@ -11,14 +11,14 @@ from moescope.analysis import data
 from moescope.analysis.data import (
     eval_windows,
     load_texts,
-    mix_token_embeddings,
     parse_source,
     sample_tokens,
     token_streams,
     tokenizer_fingerprint,
 )
+from moescope.analysis.augment import mix_token_embeddings
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import demo_model_dir
+from moescope.analysis.paths import REPO_ROOT, demo_model_dir
 
 EOT = "<|endoftext|>"
 SAMPLE_TEXT = [
@@ -110,7 +110,7 @@ def test_demo_files_without_markers_split_on_blank_lines(corpus):
 
 
 def test_shipped_corpus_matches_its_manifest():
-    root = data.REPO_ROOT / "demo" / "corpus"
+    root = REPO_ROOT / "demo" / "corpus"
     if not (root / "manifest.json").is_file():
         pytest.skip("the demo corpus is not built")
     manifest = json.loads((root / "manifest.json").read_text())

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moescope.analysis.cli import main
 from moescope.analysis.data import demo_domains, load_texts, sample_tokens
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_analyze_demo_cli_then_cached(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_demo_streams_are_the_corpus_files_as_trained_and_match_the_card(demo):
     from moescope.analysis.data import demo_corpus_dir, token_streams
-    from moescope.analysis.evaluate import perplexity_by_domain
+    from moescope.analysis.evaluation import perplexity_by_domain
 
     tok = demo.tokenizer
     for domain, stream in token_streams("demo:all", tok, split="test").items():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.sensitivity import enumerate_layer
 from moescope.analysis.synthetic import tiny_model
 

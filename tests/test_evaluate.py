@@ -9,11 +9,11 @@ import torch
 
 from by_hand_eval import continuation_items, multiple_choice_metrics
 
-from moescope.analysis import evaluate as E
+from moescope.analysis import evaluation as E
 from moescope.analysis.cache import Cache
 from moescope.analysis.data import load_texts
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 
 
 @pytest.fixture(scope="module")

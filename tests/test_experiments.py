@@ -16,9 +16,9 @@ from moescope.analysis import experiments as X
 from moescope.analysis.cache import Cache
 from moescope.analysis.cli import main
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.evaluate import EfficiencyParams, EvalSpec, perplexity
+from moescope.analysis.evaluation import EfficiencyParams, EvalSpec, perplexity
 from moescope.analysis.export import export, export_experiment
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 from moescope.analysis.plan import PruningPlan
 
 SPEC = dict(ppl=["demo:python", "demo:all"], samples=6, seq_len=64, efficiency=False)
@@ -74,8 +74,8 @@ def test_a_bad_plan_is_refused_before_any_evaluation(demo_dir):
 def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_path):
     plan = drop_plan({0: [5, 6], 1: [0, 7], 2: [1, 2], 3: [3, 4]}, "manual")
     model = load_moe("demo")
-    exp = X.run_experiment("demo", plan, EvalSpec(**SPEC), model=model)  # prunes `model` in place
-    out = export(model, tmp_path / "out", experiment=exp)
+    exp = X.prune_and_evaluate(model, plan, EvalSpec(**SPEC))  # prunes `model` in place, as its name says
+    out = export(model, tmp_path / "out", plan=plan, experiment=exp)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "plan.json", "experiment.json", "README.md"} <= names
     hf = AutoModelForCausalLM.from_pretrained(out)
@@ -165,7 +165,7 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     assert rc == 0, err
     # lm-eval's own CLI on the exported folder gives the accuracy and perplexities recorded in-memory
     # (those are checked by hand in test_evaluate.py / test_lm_eval_values.py)
-    from moescope.analysis.evaluate import LOCAL_TASKS_DIR
+    from moescope.analysis.evaluation import LOCAL_TASKS_DIR
 
     # `python -m lm_eval` (the `lm_eval` script is missing where lm-eval comes from another venv's path)
     proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'enumerate'},dtype=float32",

@@ -21,7 +21,7 @@ from moescope.analysis.explore import (
     top_pairs,
     top_tokens,
 )
-from moescope.analysis.models import load_moe, wrap_model
+from moescope.analysis.model import load_moe, wrap_model
 from moescope.analysis.plan import LayerPlan, PruningPlan, edit_layer
 from moescope.analysis.sensitivity import DropGrid, cached_drop_grid, lookup_drop_grid
 from moescope.analysis.strategies import StrategyContext, make_plan

@@ -8,7 +8,7 @@ from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.synthetic import tiny_model
 
 TOL = 1e-5

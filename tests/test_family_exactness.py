@@ -22,7 +22,7 @@ from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from moescope.analysis import skipping
-from moescope.analysis.models import load_moe, wrap_model
+from moescope.analysis.model import load_moe, wrap_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CASES = [(f, d) for f in FAMILIES for d in DTYPES]

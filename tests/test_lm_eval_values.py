@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from by_hand_eval import perplexity_metrics, words
 
-from moescope.analysis import evaluate as E
+from moescope.analysis import evaluation as E
 from moescope.analysis.data import load_texts
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from moescope.analysis.cli import main
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import load_moe
+from moescope.analysis.model import load_moe
 from moescope.analysis.synthetic import save_tiny
 
 

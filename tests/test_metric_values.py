@@ -23,7 +23,7 @@ from moescope.analysis import metrics as M
 from moescope.analysis.analyze import AnalysisParams, AnalysisResult, analyze_layer, gradient_criteria
 from moescope.analysis.cache import Cache
 from moescope.analysis.explore import RoutingTrace, criterion_grid_correlation, skip_ratios, spearman, top_pairs
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.sensitivity import DropGrid
 from moescope.analysis.synthetic import tiny_model
 

@@ -11,7 +11,7 @@ from conftest import FAMILIES
 from moescope.analysis import metrics as M
 from moescope.analysis.analyze import AnalysisParams, analyze_layer
 from moescope.analysis.capture import LayerStream
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.synthetic import tiny_model
 
 
@@ -126,7 +126,7 @@ def test_a_duplicated_expert_is_found_by_every_similarity():
 
 
 def test_weight_gram_equals_the_vectorised_weights():
-    from moescope.analysis.models import wrap_model as wrap
+    from moescope.analysis.model import wrap_model as wrap
 
     for family in ("mixtral", "gpt_oss"):
         layer = wrap(tiny_model(family)).layers[0]

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from moescope.analysis.errors import MoescopeError
 from moescope.analysis.export import export
-from moescope.analysis.models import load_moe, wrap_model
+from moescope.analysis.model import load_moe, wrap_model
 from moescope.analysis.plan import LayerPlan, PruningPlan
 from moescope.analysis.prune import apply
 from moescope.analysis.synthetic import TINY_CONFIGS, tiny_model
@@ -204,7 +204,7 @@ def test_bad_per_layer_config_is_one_line(exported, tmp_path):
 def test_lm_eval_cli_scores_the_export_as_moescope_scores_the_pruned_model(demo_dir, tmp_path):
     """``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` on a demo export
     with 7/8/6/8 experts gives the perplexity moescope's in-process lm-eval run gives the pruned model."""
-    from moescope.analysis.evaluate import LOCAL_TASKS_DIR, run_tasks
+    from moescope.analysis.evaluation import LOCAL_TASKS_DIR, run_tasks
 
     model = load_moe("demo")
     apply(model, PruningPlan.from_drop(model, {0: [3], 2: [1, 5]}))

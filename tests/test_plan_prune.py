@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.plan import PruningPlan
 from moescope.analysis.prune import apply
 from moescope.analysis.synthetic import tiny_model
@@ -73,7 +73,7 @@ def test_apply_matches_direct_edits_and_refuses_atomically():
     ids = torch.randint(3, 256, (2, 16))
     with torch.no_grad():
         assert torch.equal(model.hf(input_ids=ids).logits, twin.hf(input_ids=ids).logits)
-    assert model.plan is not None and model.num_experts() == {0: 5, 1: 4} and model.skip_beta == {0: 0.42}
+    assert model.num_experts() == {0: 5, 1: 4} and model.skip_beta == {0: 0.42}
 
     fresh = wrap_model(tiny_model("mixtral"))
     before = fresh.layers[0].experts.gate_up_proj.clone()
@@ -95,24 +95,35 @@ def test_from_drop_keeps_the_rest():
         PruningPlan.from_drop(model, {0: [9]})
 
 
-def test_lottery_rounds_prune_and_finetune():
+def test_lottery_rounds_prune_and_finetune(tmp_path):
+    """The lottery strategy leaves the model it is given alone; its plan names the finetuned weights,
+    which apply() puts into a fresh model of the same structure."""
     from moescope.analysis.analyze import AnalysisParams
+    from moescope.analysis.cache import Cache
     from moescope.analysis.data import TokenBatch
-    from moescope.analysis.prune import lottery
+    from moescope.analysis.strategies import StrategyContext, make_plan
 
     model = wrap_model(tiny_model("mixtral"), source="tiny")
     ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     batch = TokenBatch(input_ids=ids, domains=("s",) * 4, source="s", fingerprint="s")
     original = model.layers[0].experts.gate_up_proj.detach().clone()
-    import tempfile
-
-    from moescope.analysis.cache import Cache
-
-    _, plan = lottery(model, batch, keep=6, criterion="EUF", start_tokens=128, lr=1e-3,
-                      cache=Cache(tempfile.mkdtemp()), analysis_params=AnalysisParams(metrics=("routing",)))
-    assert model.num_experts() == {0: 6, 1: 6} and plan.provenance["finetuned"]
-    rounds = plan.provenance["rounds"]
-    assert [r["tokens"] for r in rounds] == [128, 256]  # the budget doubles every round
+    before = model.fingerprint()
+    cache = Cache(tmp_path / "cache")
+    ctx = StrategyContext(model, batch, cache, AnalysisParams(metrics=("routing",)))
+    plan = make_plan("lottery", ctx, {"keep": 6, "criterion": "EUF", "start_tokens": 128, "lr": 1e-3})
+    assert model.fingerprint() == before and model.num_experts() == {0: 8, 1: 8}  # the caller's model is untouched
+    assert plan.provenance["finetuned"] and plan.provenance["strategy"] == "lottery:min-EUF"
+    assert [r["tokens"] for r in plan.provenance["rounds"]] == [128, 256]  # the budget doubles every round
+    pruned = apply(wrap_model(tiny_model("mixtral"), source="tiny"), plan, cache)
+    assert pruned.num_experts() == {0: 6, 1: 6}
     kept = plan.layers[0].kept()
     # the surviving experts were finetuned, not just sliced
-    assert not torch.equal(model.layers[0].experts.gate_up_proj.detach(), original[kept])
+    assert not torch.equal(pruned.layers[0].experts.gate_up_proj.detach(), original[kept])
+    # the weights are the plan's: without them the plan is refused before any edit
+    fresh = wrap_model(tiny_model("mixtral"), source="tiny")
+    with pytest.raises(MoescopeError, match="finetuned weights"):
+        apply(fresh, plan, Cache(tmp_path / "other"))
+    assert fresh.num_experts() == {0: 8, 1: 8}
+    # the same request is served from the cache: the same plan
+    assert make_plan("lottery", ctx, {"keep": 6, "criterion": "EUF", "start_tokens": 128,
+                                      "lr": 1e-3}).to_json()["layers"] == plan.to_json()["layers"]

@@ -11,7 +11,7 @@ import torch
 
 from moescope.analysis.capture import LayerStream
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.sensitivity import SubsetScorer, drop_grid, enumerate_layer, naive_subset_loss, perplexity
 from moescope.analysis.synthetic import tiny_model
 

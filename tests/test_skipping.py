@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moescope.analysis import skipping
-from moescope.analysis.models import load_moe, wrap_model
+from moescope.analysis.model import load_moe, wrap_model
 from moescope.analysis.synthetic import tiny_model
 
 

@@ -10,7 +10,7 @@ from moescope.analysis.analyze import AnalysisParams
 from moescope.analysis.cache import Cache
 from moescope.analysis.data import TokenBatch
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.prune import apply
 from moescope.analysis.strategies import STRATEGIES, StrategyContext, make_plan
 from moescope.analysis.synthetic import tiny_model
@@ -116,14 +116,14 @@ def test_bad_strategy_parameters_are_refused(name, params, match, tmp_path):
 
 def test_registry_lists_every_strategy():
     assert set(STRATEGIES) == {"random", "frequency", "criterion", "enumerate", "merge", "router-guided", "manual",
-                               "skip"}
+                               "skip", "lottery"}
 
 
 @pytest.mark.parametrize("name, params", ALL + [("skip", {}), ("manual", {"drop": {"0": [1, 4]}})],
                          ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALL + [("skip", {}), ("manual", {})])])
 def test_every_strategy_on_the_demo_model(name, params, demo_dir, tmp_path):
     from moescope.analysis.data import sample_tokens
-    from moescope.analysis.models import load_moe
+    from moescope.analysis.model import load_moe
 
     model = load_moe("demo")
     calib = sample_tokens("demo:all", model.tokenizer, 6, 64, seed=0)

@@ -20,7 +20,7 @@ import torch
 from moescope.analysis.analyze import AnalysisParams
 from moescope.analysis.cache import Cache
 from moescope.analysis.data import TokenBatch
-from moescope.analysis.models import wrap_model
+from moescope.analysis.model import wrap_model
 from moescope.analysis.prune import apply
 from moescope.analysis.strategies import StrategyContext, make_plan
 from moescope.analysis.synthetic import tiny_model

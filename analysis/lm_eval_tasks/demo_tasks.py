@@ -1,7 +1,7 @@
 """Datasets and scoring for moescope's offline lm-eval tasks over the demo corpus test split.
 
 lm-eval imports this file by path (``!function demo_tasks.…`` in the YAML next to it), so it
-only needs :mod:`analysis.data` to be importable (``pip install -e .``). Every task reads the
+only needs :mod:`moescope.analysis.data` to be importable (``pip install -e .``). Every task reads the
 committed ``demo/corpus/<domain>/test.txt`` files; nothing is downloaded.
 
 * ``moescope_demo_ppl_<domain>`` — rolling log-likelihood over each test document (as lm-eval's

@@ -17,14 +17,15 @@ layers = ov["layers"]
 names = [c for c in backend.CRITERIA if c in ov["criteria"]]
 c1, c2, c3 = st.columns([3, 2, 2])
 criterion = c1.selectbox("Criterion", names, key="map_criterion",
-                         format_func=lambda c: f"{c} — {backend.CRITERIA[c].split(':')[0]}")
+                         format_func=lambda c: f"{c} — {backend.CRITERIA[c].description.split(':')[0]}")
 order = c2.radio("Drop the experts with the", ["min", "max"], horizontal=True, key="map_order",
                  format_func=lambda o: f"{o}imum")
 max_e = max(ov["num_experts"].values())
 min_k = min(ov["top_k"].values())
 first = c3.number_input("Mark per layer the first", 1, max(1, max_e - min_k), 1, key="map_first",
                         help="experts that dropping by this criterion and orientation removes first")
-st.caption(f"**{criterion}**: {backend.CRITERIA[criterion]}")
+st.caption(f"**{criterion}**: {backend.CRITERIA[criterion].description} (dropped by default: the "
+           f"{backend.CRITERIA[criterion].drop})")
 
 values = backend.layer_map(s, criterion)
 ranks = backend.criterion_drop_ranks(s, criterion, order)

@@ -4,7 +4,6 @@ model, saved and loaded as PruningPlan JSON. The current valid plan is ``st.sess
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import streamlit as st
@@ -110,21 +109,17 @@ mode = st.radio("Build", ["Strategy", "By hand"], horizontal=True, key="plan_mod
 # ---------------------------------------------------------------- by a strategy
 
 if mode == "Strategy":
-    names = [n for n in backend.STRATEGIES if n != "manual"]
-
-    def _doc(n: str) -> str:
-        return (inspect.getdoc(backend.STRATEGIES[n]) or "").split("\n\n")[0].replace("\n", " ")
-
+    names = [n for n, strat in backend.STRATEGIES.items() if not strat.manual]
     name = st.selectbox("Strategy", names, key="plan_strategy")
-    st.caption(_doc(name) or name)
+    strategy = backend.STRATEGIES[name]
+    st.caption(strategy.help)
     params: dict = {}
     top_k = max(k for _, k in LAYERS.values())
     fewest = min(n for n, _ in LAYERS.values())
     c1, c2, c3 = st.columns(3)
-    if name != "skip":
-        budget_ok = name in ("random", "frequency", "criterion")
-        target = c1.radio("Target", ["keep", "budget"] if budget_ok else ["keep"], horizontal=True, key="plan_target",
-                          format_func={"keep": "experts per layer", "budget": "experts in all layers"}.get)
+    if strategy.target:
+        target = c1.radio("Target", ["keep", "budget"] if strategy.budget else ["keep"], horizontal=True,
+                          key="plan_target", format_func={"keep": "experts per layer", "budget": "experts in all layers"}.get)
         if target == "keep":
             params["keep"] = int(c1.number_input("Keep per layer", top_k, fewest, max(top_k, fewest - 2),
                                                  key="plan_keep"))
@@ -132,26 +127,34 @@ if mode == "Strategy":
             total = sum(n for n, _ in LAYERS.values())
             params["budget"] = int(c1.number_input("Keep in all", top_k * len(LAYERS), total,
                                                    max(top_k * len(LAYERS), total - 2 * len(LAYERS)), key="plan_budget"))
-    if name == "random":
-        params["seed"] = int(c2.number_input("Seed", 0, None, 0, key="plan_seed"))
-    elif name == "criterion":
-        params["criterion"] = c2.selectbox("Criterion", list(backend.CRITERIA), key="plan_criterion",
-                                           index=list(backend.CRITERIA).index("EAN"))
-        params["order"] = c2.radio("Drop the", ["min", "max"], horizontal=True, key="plan_order")
-        params["mode"] = c3.radio("Mode", ["one-shot", "iterative"], key="plan_crit_mode")
-    elif name == "enumerate":
-        params["mode"] = c2.radio("Mode", ["layer-wise", "progressive"], key="plan_enum_mode")
-        params["method"] = c3.selectbox("Search", backend.ENUMERATION_METHODS, key="plan_method")
-    elif name in ("merge", "router-guided"):
-        if name == "merge":
-            params["representation"] = c2.selectbox("Representation", list(backend.REPRESENTATIONS), key="plan_repr")
-            params["similarity"] = c2.selectbox("Similarity", backend.REPRESENTATIONS[params["representation"]],
-                                                key="plan_sim")
-            params["grouping"] = c3.selectbox("Grouping", backend.GROUPINGS, key="plan_grouping")
-        params["merge"] = c3.selectbox("Merge", backend.MERGES, key="plan_merge",
-                                       index=backend.MERGES.index("uniform" if name == "merge" else "usage"))
-        params["merge_router"] = c2.checkbox("Merge router rows too", True, key="plan_merge_router")
-    if name != "skip" and st.checkbox("Also skip dynamically (β calibrated per layer)", key="plan_with_skip"):
+    # one widget per declared parameter (the declaration is the only place they are listed)
+    columns = [c2, c3]
+    for i, param in enumerate(strategy.params):
+        col, key, label = columns[i % 2], f"plan_{name}_{param.name}", (param.label or param.name).replace("_", " ")
+        label = label[:1].upper() + label[1:]
+        choices = param.allowed(params)
+        if param.name == "criterion":  # the criteria the registry declares, with their descriptions
+            choices = tuple(backend.CRITERIA)
+            value = col.selectbox(label, choices, index=choices.index(param.default), key=key, help=param.help,
+                                  format_func=lambda c: f"{c} — {backend.CRITERIA[c].description.split(':')[0]}")
+        elif choices is not None:
+            options = list(choices) if param.default is not None else ["default", *choices]
+            default = options.index(param.default) if param.default in options else 0
+            value = col.selectbox(label, options, index=default, key=key, help=param.help)
+            value = None if value == "default" else value
+        elif param.type is bool:
+            value = col.checkbox(label, bool(param.default), key=key, help=param.help)
+        elif param.type is int:
+            value = int(col.number_input(label, min_value=int(param.minimum) if param.minimum is not None else None,
+                                         value=int(param.default), key=key, help=param.help))
+        elif param.type is float:
+            value = float(col.number_input(label, min_value=float(param.minimum) if param.minimum is not None else None,
+                                           value=float(param.default), key=key, help=param.help, format="%g"))
+        else:
+            continue  # free-form parameters are given by hand or on the command line
+        if value is not None and value != param.default:
+            params[param.name] = value
+    if strategy.with_skip and st.checkbox("Also skip dynamically (β calibrated per layer)", key="plan_with_skip"):
         params["with_skip"] = True
     if st.button("Make the plan", type="primary", key="plan_make"):
         plan = run_with_progress(f"Running {name}…", lambda s_, p: backend.run_strategy(s_, name, params, p), s,

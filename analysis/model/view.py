@@ -1,16 +1,20 @@
 """One view over every supported MoE family, and exact structural edits.
 
-``load_moe(source)`` returns an :class:`MoEModel`: the transformers model plus, for each MoE
-decoder layer ``l``, a :class:`MoELayer` giving the router (weight, bias, score-correction bias),
-the routed experts as per-expert weights over transformers 5's fused tensors, the shared
-experts, the family's routing rule ``route(hidden) -> (logits, topk_idx, topk_weights)`` and
-``expert_forward(e, hidden)`` (one expert on any tokens, router bypassed).
+An :class:`MoEModel` is the transformers model plus, for each MoE decoder layer ``l``, a
+:class:`MoELayer` giving the router (weight, bias, score-correction bias), the routed experts as
+per-expert weights over transformers 5's fused tensors, the shared experts, the family's routing
+rule ``route(hidden) -> (logits, topk_idx, topk_weights)`` and ``expert_forward(e, hidden)`` (one
+expert on any tokens, router bypassed). Loading lives in :mod:`.loading`, the group checks and row
+arithmetic of the edits in :mod:`.edits`, output folders in :mod:`.save`.
 
 Edits (:meth:`MoEModel.keep`, :meth:`MoEModel.merge`) rewrite the fused tensors and router rows
 in place and update the config, so the edited model is still a plain transformers model that
 ``save`` writes in the hub layout and ``AutoModelForCausalLM.from_pretrained`` reloads (layers left
 with different expert counts are saved in moescope's per-layer format, :mod:`analysis.nonuniform`,
-which ``load_moe`` reads as is and plain transformers with ``trust_remote_code=True``).
+which ``load_moe`` reads as is and plain transformers with ``trust_remote_code=True``). Every
+method that changes the model says so in its name (keep, merge, temporary_edit, restricted).
+
+The view and the edit methods that must keep its invariants are one job, hence the file's length.
 
 Shapes: T tokens, d hidden size, E routed experts, I expert intermediate size, k top-k.
 """
@@ -18,7 +22,6 @@ Shapes: T tokens, d hidden size, E routed experts, I expert intermediate size, k
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,27 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.families import FamilySpec, family_for, supported_model_types
+from moescope.analysis.families import FamilySpec
+from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
+from moescope.analysis.model.save import TOKENIZER_FILES, prepare_output_dir
 from moescope.analysis.routing import ROUTING_RULES, RouterParams
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL_DIR = REPO_ROOT / "demo" / "model"
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-
-
-def demo_model_dir() -> Path:
-    """The shipped demo model folder (``MOESCOPE_DEMO_DIR`` overrides it)."""
-    return Path(os.environ.get("MOESCOPE_DEMO_DIR", DEMO_MODEL_DIR))
-
 
 @dataclass
 class Routing:
@@ -70,7 +56,8 @@ class ExpertWeights:
     down_bias: Tensor | None = None  # [d]
 
 
-def _attr_path(obj, path: str):
+def attr_path(obj, path: str):
+    """``getattr`` along a dotted ``path`` (``"model.layers"``)."""
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
@@ -231,10 +218,9 @@ class MoEModel:
         self.source_dir = Path(source_dir) if source_dir else None
         self._fingerprint: str | None = None
         self.offloaded = False
-        self.plan = None  # the PruningPlan applied to this model, if any
         self.skip_beta: dict[int, float] = {}  # dynamic-skipping thresholds installed (analysis.skipping)
         self.skip_counter = None
-        decoder_layers = _attr_path(hf_model, family.layers_path)
+        decoder_layers = attr_path(hf_model, family.layers_path)
         self.layers: dict[int, MoELayer] = {}
         for i, layer in enumerate(decoder_layers):
             block = getattr(layer, family.mlp_attr, None)
@@ -258,7 +244,7 @@ class MoEModel:
 
     @property
     def num_hidden_layers(self) -> int:
-        return len(_attr_path(self.hf, self.family.layers_path))
+        return len(attr_path(self.hf, self.family.layers_path))
 
     def num_experts(self) -> dict[int, int]:
         return {i: layer.num_experts for i, layer in self.layers.items()}
@@ -340,6 +326,11 @@ class MoEModel:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    def weights_changed(self) -> None:
+        """Forget the cached fingerprint: call after changing weights outside the edit methods
+        (finetuning, loading trained tensors)."""
+        self._fingerprint = None
+
     # ---- edits -------------------------------------------------------------------------------
     def keep(self, layer: int, experts: list[int]) -> None:
         """Keep only ``experts`` of ``layer`` (new expert j is old ``experts[j]``)."""
@@ -363,15 +354,15 @@ class MoEModel:
             ex = view.experts
             for name in view.expert_param_names():
                 old = getattr(ex, name)
-                new = _combine_rows(old, groups, coeffs)
+                new = combine_rows(old, groups, coeffs)
                 setattr(ex, name, nn.Parameter(new, requires_grad=old.requires_grad))
             router = view.router
-            row_coeffs = coeffs if merge_router else _argmax_onehot(coeffs)
+            row_coeffs = coeffs if merge_router else onehot_of_largest(coeffs)
             for attr in ("weight", self.family.router_bias_attr, self.family.score_bias_attr):
                 if not attr:
                     continue
                 old = getattr(router, attr)
-                new = _combine_rows(old, groups, row_coeffs)
+                new = combine_rows(old, groups, row_coeffs)
                 if isinstance(old, nn.Parameter):
                     setattr(router, attr, nn.Parameter(new, requires_grad=old.requires_grad))
                 else:
@@ -505,363 +496,3 @@ class MoEModel:
             for name in TOKENIZER_FILES:
                 if (self.source_dir / name).is_file():
                     shutil.copy2(self.source_dir / name, out / name)
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse (before any expensive work) a path that is a file, or a non-empty folder unless
-    ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MoescopeError(f"output path '{out}' exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MoescopeError(f"output folder '{out}' is not empty; choose an empty folder or pass --overwrite")
-    return out
-
-
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Create ``out``; refuse a non-empty folder unless ``overwrite`` (then empty it)."""
-    check_output_dir(out, overwrite)
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _combine_rows(t: Tensor, groups: list[list[int]], coeffs: list[list[float]]) -> Tensor:
-    """Row j of the result is Σ_i coeffs[j][i] · t[groups[j][i]] (computed in float32)."""
-    rows = []
-    for g, c in zip(groups, coeffs, strict=True):
-        if len(g) == 1 and c[0] == 1.0:
-            rows.append(t[g[0]].clone())
-            continue
-        acc = torch.zeros_like(t[0], dtype=torch.float32)
-        for e, w in zip(g, c, strict=True):
-            acc += float(w) * t[e].float()
-        rows.append(acc.to(t.dtype))
-    return torch.stack(rows).contiguous()
-
-
-def _argmax_onehot(coeffs: list[list[float]]) -> list[list[float]]:
-    out = []
-    for c in coeffs:
-        best = max(range(len(c)), key=lambda i: c[i])
-        out.append([1.0 if i == best else 0.0 for i in range(len(c))])
-    return out
-
-
-def validate_groups(view: MoELayer, groups, coeffs) -> list[list[float]]:
-    """Check a layer's groups (and coefficients) before any tensor is touched; return coefficients.
-
-    Refuses: empty or malformed groups, indices out of range, an expert in two groups, fewer
-    output experts than top-k, coefficient lists of the wrong length, and for group-limited
-    routers (DeepSeek-V3) output experts that would move between routing groups or leave the
-    groups with different sizes (or fewer than 2 each, which the router's top-2 group score needs).
-    """
-    where = f"layer {view.index}"
-    n_old, top_k = view.num_experts, view.top_k
-    if not isinstance(groups, list | tuple) or not groups:
-        raise MoescopeError(f"{where}: groups must be a non-empty list of lists of expert indices")
-    seen: set[int] = set()
-    for g in groups:
-        if not isinstance(g, list | tuple) or not g:
-            raise MoescopeError(f"{where}: every group must be a non-empty list of expert indices, got {g!r}")
-        for e in g:
-            if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n_old:
-                raise MoescopeError(f"{where}: expert index {e!r} is not in 0..{n_old - 1}")
-            if e in seen:
-                raise MoescopeError(f"{where}: expert {e} appears in more than one group")
-            seen.add(e)
-    if len(groups) < top_k:
-        raise MoescopeError(
-            f"{where}: the plan leaves {len(groups)} expert(s) but the model routes every token to "
-            f"top-{top_k}; keep at least {top_k} experts in this layer"
-        )
-    if coeffs is None:
-        coeffs = [[1.0 / len(g)] * len(g) for g in groups]
-    else:
-        if len(coeffs) != len(groups) or any(len(c) != len(g) for c, g in zip(coeffs, groups, strict=False)):
-            raise MoescopeError(f"{where}: coefficients must have the same shape as groups ({groups})")
-        coeffs = [[float(w) for w in c] for c in coeffs]
-    if view.spec.routing == "sigmoid_group_topk":
-        _check_routing_groups(view, groups)
-    return coeffs
-
-
-def _check_routing_groups(view: MoELayer, groups: list[list[int]]) -> None:
-    n_group = view.router_params.n_group
-    old_per_group = view.num_experts // n_group
-    where = f"layer {view.index}"
-    if len(groups) % n_group:
-        raise MoescopeError(
-            f"{where}: {len(groups)} experts cannot be split evenly over the router's {n_group} routing "
-            f"groups; keep a multiple of {n_group}"
-        )
-    new_per_group = len(groups) // n_group
-    if new_per_group < 2:
-        raise MoescopeError(
-            f"{where}: the group-limited router scores each routing group by its two best experts; "
-            f"keep at least 2 per group ({2 * n_group} in all)"
-        )
-    for j, g in enumerate(groups):
-        homes = {e // old_per_group for e in g}
-        if homes != {j // new_per_group}:
-            raise MoescopeError(
-                f"{where}: output expert {j} (from {g}) would sit in routing group {j // new_per_group} but "
-                f"its experts come from group(s) {sorted(homes)}; list groups in routing-group order, "
-                f"{new_per_group} per routing group of {old_per_group} experts, without mixing groups"
-            )
-
-
-# ---- loading ---------------------------------------------------------------------------------
-def resolve_source(source: str) -> tuple[str, Path | None]:
-    """``'demo'`` → the shipped folder; an existing path → that folder; otherwise a hub id."""
-    if source == "demo":
-        path = demo_model_dir()
-        if not (path / "config.json").is_file():
-            raise MoescopeError(f"the demo model is missing at '{path}'; run `python demo/train_model.py` to build it")
-        return str(path), path
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise MoescopeError(f"'{source}' is a folder without config.json; expected a transformers model folder")
-        return str(path), path
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
-        raise MoescopeError(f"model '{source}' not found: give 'demo', an existing model folder, or a hub id (org/name)")
-    return source, None
-
-
-def load_config(source: str, trust_remote_code: bool = False):
-    """The model's config (no weights), with a one-line error when it cannot be had."""
-    from transformers import AutoConfig
-
-    location, local = resolve_source(source)
-    remote_code_msg = (
-        f"'{source}' needs custom code from its repository; moescope does not run it unless you pass "
-        f"--trust-remote-code (supported without it: {', '.join(supported_model_types())})"
-    )
-    if local is not None and not trust_remote_code:
-        raw = json.loads((local / "config.json").read_text())
-        if "auto_map" in raw and raw.get("model_type") not in supported_model_types():
-            raise MoescopeError(remote_code_msg)
-    try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except ValueError as err:  # unknown model_type / remote code refused
-        msg = str(err).splitlines()[0]
-        if "trust_remote_code" in str(err):
-            raise MoescopeError(remote_code_msg) from None
-        if "model_type" in str(err) or "Unrecognized model" in str(err):
-            raise MoescopeError(
-                f"unsupported architecture in '{source}': {msg[:200]}; moescope supports the MoE families "
-                f"{', '.join(supported_model_types())}"
-            ) from None
-        raise MoescopeError(f"cannot read the config of '{source}': {msg}") from None
-    except OSError as err:
-        msg = str(err).splitlines()[0]
-        raise MoescopeError(
-            f"cannot load '{source}': not a local model folder, and the Hugging Face hub did not provide it ({msg})"
-        ) from None
-
-
-def load_moe(
-    source: str = "demo",
-    dtype: str | torch.dtype | None = "float32",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    load_tokenizer: bool = True,
-    weights: bool = True,
-    offload_dir: str | Path | None = None,
-) -> MoEModel:
-    """Load an MoE causal LM (``'demo'``, a local folder or a hub id) and wrap it.
-
-    The architecture is checked from the config before any weight is read: unknown or non-MoE
-    architectures are refused with the list of supported families. ``weights=False`` builds the
-    model on the meta device from the config alone (shapes, counts and bytes, no download of the
-    weights), in the checkpoint's dtype unless ``dtype`` is given. ``offload_dir`` keeps the
-    decoder layers on disk there (accelerate), so a model larger than memory can be analysed
-    layer by layer; such a model is read-only (edits need the weights in memory).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from moescope.analysis import nonuniform
-
-    location, local = resolve_source(source)
-    config = load_config(source, trust_remote_code)
-    family = family_for(config)
-    per_layer_class = nonuniform.model_class(config)  # moescope's own export with per-layer counts
-    if not weights:
-        torch_dtype = _parse_dtype(dtype) if dtype is not None else (_config_dtype(config) or torch.float32)
-        with torch.device("meta"):
-            if per_layer_class is not None:
-                hf = per_layer_class._from_config(config, dtype=torch_dtype)
-            else:
-                hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        return MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
-    torch_dtype = _parse_dtype(dtype or "float32")
-    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if device == "auto":
-        kwargs["device_map"] = "auto"
-    if offload_dir is not None:
-        # decoder layers stay on disk; accelerate loads one module's weights at a time
-        prefix = family.layers_path
-        home = device if device not in (None, "auto") else "cpu"
-        kwargs["device_map"] = {prefix: "disk", **{k: home for k in _non_layer_modules(config, family)}}
-        kwargs["offload_folder"] = str(offload_dir)
-    releaser = _PeriodicRelease() if offload_dir is not None else None
-    try:
-        if releaser:
-            releaser.start()  # keep the checkpoint's memory-mapped pages from piling up while loading
-        if per_layer_class is not None:
-            hf = per_layer_class.from_pretrained(location, config=config, **kwargs)
-        else:
-            hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as err:
-        raise MoescopeError(f"cannot load the weights of '{source}': {str(err).splitlines()[0]}") from None
-    finally:
-        if releaser:
-            releaser.stop()
-    if device not in (None, "auto") and offload_dir is None:
-        hf = hf.to(device)
-    hf.eval()
-    tokenizer = _load_tokenizer(location, trust_remote_code) if load_tokenizer else None
-    model = MoEModel(hf, family, source, tokenizer=tokenizer, source_dir=local)
-    model.offloaded = offload_dir is not None
-    if model.offloaded:
-        release_mapped_weights()
-    if local is not None:  # unedited weights: the files identify them (cheap, and offload-proof)
-        model._fingerprint = folder_fingerprint(local)
-    betas = getattr(config, "moescope_skip_beta", None)
-    if betas:  # the folder carries dynamic-skipping thresholds: route with them
-        from moescope.analysis import skipping
-
-        skipping.install(model, {int(k): float(v) for k, v in betas.items()})
-    return model
-
-
-def release_mapped_weights() -> int:
-    """Drop this process's resident pages of memory-mapped ``*.safetensors`` files (Linux).
-
-    accelerate reads offloaded weights through memory maps of the checkpoint that stay open;
-    every page it touched would otherwise stay counted in the process's RSS. For a mapping with
-    no privately modified page (``Anonymous: 0 kB`` in smaps), ``madvise(MADV_DONTNEED)`` only
-    unmaps the pages from this process and a later read faults them back in from the page cache
-    or the file, so nothing is lost; a mapping with modified pages is left alone. Returns the
-    bytes advised."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        smaps = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return 0
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    regions, current = [], None
-    for line in smaps:
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-            current = None
-            if len(head) >= 6 and head[5].endswith(".safetensors"):
-                start, end = (int(x, 16) for x in head[0].split("-"))
-                current = [start, end, None]
-                regions.append(current)
-        elif current is not None and line.startswith("Anonymous:"):
-            current[2] = int(line.split()[1])
-    total = 0
-    for start, end, anonymous in regions:
-        if anonymous == 0 and libc.madvise(start, end - start, 4) == 0:  # MADV_DONTNEED
-            total += end - start
-    return total
-
-
-class _PeriodicRelease:
-    """A daemon thread calling :func:`release_mapped_weights` every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.25):
-        import threading
-
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            release_mapped_weights()
-
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-        release_mapped_weights()
-
-
-def _non_layer_modules(config, family: FamilySpec) -> list[str]:
-    """Top-level modules besides the decoder layers (embeddings, final norm, rotary, LM head)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    base = family.layers_path.rsplit(".", 1)[0]
-    names = [f"{base}.{n}" for n, _ in _attr_path(skeleton, base).named_children() if n != "layers"]
-    names += [n for n, _ in skeleton.named_children() if n != base.split(".")[0]]
-    return names
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """sha256 of a model folder's config and weight files: names, sizes and an evenly strided
-    sample of 4 MB of each weight file's bytes (all bytes of files up to 64 MB)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update((folder / "config.json").read_bytes())
-    for f in sorted(folder.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}|{size}".encode())
-        with f.open("rb") as fh:
-            if size <= 64 * 2**20:
-                h.update(fh.read())
-                continue
-            step = size // 4096
-            for i in range(4096):
-                fh.seek(i * step)
-                h.update(fh.read(1024))
-    return h.hexdigest()
-
-
-def _load_tokenizer(location: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    folder = Path(location)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return None  # transformers 5 would hand back an empty tokenizer instead of failing
-    try:
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        return None  # a weights-only folder is fine: everything but text decoding works
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise MoescopeError(f"unknown dtype '{dtype}'; accepted: float32, bfloat16, float16") from None
-
-
-def _config_dtype(config) -> torch.dtype | None:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, torch.dtype):
-        return value
-    return _DTYPES.get(str(value).removeprefix("torch.")) if value else None
-
-
-def wrap_model(hf_model: nn.Module, source: str = "<in-memory>", tokenizer=None) -> MoEModel:
-    """Wrap an already-built transformers model (tests, notebooks)."""
-    return MoEModel(hf_model, family_for(hf_model.config), source, tokenizer=tokenizer)

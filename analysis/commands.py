@@ -1,0 +1,387 @@
+"""What each ``moescope`` command does: validate, make one library call, print. The parser and
+the entry point are in :mod:`moescope.analysis.cli`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.report import ProgressBars, experiment_json, format_info, print_quality
+
+
+def cmd_info(args) -> int:
+    from moescope.analysis.model import load_moe
+
+    model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, weights=False)
+    info = model.info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    """Start the Streamlit dashboard (bound to localhost unless --address says otherwise)."""
+    import os
+    from pathlib import Path
+
+    from moescope.analysis.paths import REPO_ROOT
+
+    # "demo" names the shipped model even where a demo/ folder sits in the working directory
+    model = str(Path(args.model).resolve()) if args.model != "demo" and Path(args.model).exists() else args.model
+    app = REPO_ROOT / "dashboard" / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
+           "--server.port", str(args.port), "--", "--model", model]
+    os.chdir(REPO_ROOT)  # so .streamlit/config.toml (theme, localhost binding) applies
+    os.execv(sys.executable, cmd)
+    return 0
+
+
+def tokenizer_for(model, tokenizer_arg: str | None):
+    if tokenizer_arg:
+        from transformers import AutoTokenizer
+
+        from moescope.analysis.paths import demo_model_dir
+
+        location = str(demo_model_dir()) if tokenizer_arg == "demo" else tokenizer_arg
+        try:
+            return AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError) as err:
+            raise MoescopeError(f"cannot load a tokenizer from '{tokenizer_arg}': {str(err).splitlines()[0]}") from None
+    if model.tokenizer is None:
+        raise MoescopeError(
+            f"'{model.source}' has no tokenizer files; pass --tokenizer FOLDER (a folder or hub id with the same vocabulary)"
+        )
+    return model.tokenizer
+
+
+def cmd_analyze(args) -> int:
+    from moescope.analysis.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import parse_source, sample_tokens
+    from moescope.analysis.model import load_moe
+
+    parse_source(args.calib)  # validate before loading anything heavy
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    if args.offload and metrics == ("all",):
+        from moescope.analysis.analyze import FORWARD_METRICS
+
+        metrics = FORWARD_METRICS
+        print("moescope: note: --offload analyses everything but the gradient criteria (they need the whole "
+              "model in memory)", file=sys.stderr)
+    params = AnalysisParams(
+        metrics=metrics,
+        similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, seed=args.seed,
+    )
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                     offload_dir=args.offload)
+    batch = sample_tokens(args.calib, tokenizer_for(model, args.tokenizer), args.samples, args.seq_len,
+                          seed=args.seed, sampling=args.sampling, split="validation")
+    bars = ProgressBars(quiet=args.json)
+    try:
+        result = run_analysis(model, batch, params, cache=Cache(), progress=bars)
+    finally:
+        bars.close()
+    exported = result.export(args.export) if args.export else {}
+    summary = result.summary()
+    if args.json:
+        print(json.dumps({
+            "model": model.source, "model_fingerprint": result.meta["model"], "data": result.meta["data"],
+            "cache_entry": str(result.entry.path), "exported": exported,
+            "similarity": result.similarity_names(), "criteria": result.criteria_names(),
+            "elapsed_s": result.meta.get("elapsed_s"), "layers": summary,
+        }, indent=2))
+        return 0
+    print(f"{model.source}: {result.meta['data']}")
+    print(f"cache entry: {result.entry.path}")
+    for layer, row in summary.items():
+        pair = row.get("most_similar_pair")
+        least = row["least_used_expert"]
+        pair_txt = (f"most similar {pair['experts'][0]}–{pair['experts'][1]} ({pair['metric']} {pair['value']:.3f})"
+                    if pair else "")
+        print(f"layer {layer:>3}: {pair_txt}; least used {least['expert']} ({100 * least['usage']:.1f}% of tokens); "
+              f"β {row['beta']:.3f}; balance {row['balance_entropy']:.3f}")
+    for path in exported.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from moescope.analysis.cache import Cache, format_entries
+
+    cache = Cache()
+    if args.cache_command == "ls":
+        entries = cache.entries(kind=args.kind, model=args.model)
+        if args.json:
+            print(json.dumps([{"kind": e.kind, "label": e.label, "key": e.key, "path": str(e.path),
+                               "created": e.created, "size": e.size, "model_source": e.model_source,
+                               "data": e.data} for e in entries], indent=2))
+        else:
+            print(format_entries(entries) if entries else f"no cache entries under {cache.root}")
+        return 0
+    n = cache.clear(kind=args.kind, model=args.model)
+    print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.root}")
+    return 0
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def strategy_params(args, strategy) -> dict:
+    """The parameters given for ``strategy``: the flags (generated from the registry) and
+    ``--param KEY=VALUE``; the strategy's declaration then refuses any it does not know."""
+    declared = {p.name: p for p in strategy.all_params()}
+    params = {}
+    for name, param in strategy_flag_names().items():
+        if name in vars(args):  # given on the command line (flags default to absent)
+            value = getattr(args, name)
+            parse = declared[name].parse if name in declared else param.parse
+            params[name] = parse(value) if parse is not None and isinstance(value, str) else value
+    if "seed" in declared and args.seed is not None:
+        params["seed"] = args.seed
+    for item in args.param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoescopeError(f"--param expects KEY=VALUE, got {item!r}")
+        key = key.replace("-", "_")
+        p = declared.get(key)
+        params[key] = p.parse(value) if p is not None and p.parse is not None else parse_value(value)
+    return params
+
+
+def strategy_flag_names() -> dict:
+    """Every strategy parameter across the registry (name → Param), for the generated flags."""
+    from moescope.analysis.strategies import STRATEGIES
+
+    out = {}
+    for strategy in STRATEGIES.values():
+        for p in strategy.all_params():
+            if p.name != "seed":  # --seed is the calibration seed, passed on to strategies that take one
+                out.setdefault(p.name, p)
+    return out
+
+
+def calib_batch(args, model, split="validation"):
+    from moescope.analysis.data import sample_tokens
+
+    return sample_tokens(args.calib if split == "validation" else args.eval, tokenizer_for(model, args.tokenizer),
+                         args.samples, args.seq_len, seed=args.seed or 0, sampling=args.sampling, split=split)
+
+
+def cmd_plan(args) -> int:
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import parse_source
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.strategies import StrategyContext, get_strategy, make_plan, validate_request
+
+    strategy = get_strategy(args.strategy)
+    params = strategy_params(args, strategy)
+    if strategy.needs_data:
+        parse_source(args.calib)
+    # everything about the request is checked against the config before any weights are read
+    skeleton = load_moe(args.model, dtype=None, weights=False, trust_remote_code=args.trust_remote_code)
+    validate_request(strategy.name, params, skeleton)
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    batch = calib_batch(args, model) if strategy.needs_data else None
+    bars = ProgressBars(quiet=args.json)
+    try:
+        plan = make_plan(strategy.name, StrategyContext(model, batch, Cache(), progress=bars), params)
+    finally:
+        bars.close()
+    path = plan.save(args.output)
+    if args.json:
+        print(json.dumps({"plan": str(path), **plan.to_json()}, indent=2))
+    else:
+        print(f"{args.strategy}: {plan.summary()}")
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_strategies(args) -> int:
+    """Every registered strategy with its parameters (from the one declaration)."""
+    from moescope.analysis.strategies import STRATEGIES
+
+    described = [s.describe() for s in STRATEGIES.values()]
+    if args.json:
+        print(json.dumps(described, indent=2, default=str))
+        return 0
+    for d in described:
+        traits = ", ".join(t for t, on in (("needs calibration data", d["needs_data"]), ("merges", d["merges"]),
+                                           ("global budget", d["budget"])) if on)
+        print(f"{d['name']}: {d['help']}" + (f" [{traits}]" if traits else ""))
+        for p in d["params"]:
+            choices = f" {{{', '.join(map(str, p['choices']))}}}" if p["choices"] else ""
+            default = f" (default {p['default']})" if p["default"] is not None else ""
+            print(f"    --{p['name'].replace('_', '-')} {p['type']}{choices}{default}: {p['help']}")
+    return 0
+
+
+def eval_spec(args, default_ppl: list[str] | None):
+    from moescope.analysis.evaluation import EfficiencyParams, EvalSpec
+
+    ppl = args.ppl if args.ppl is not None else (default_ppl if not args.tasks else [])
+    spec = EvalSpec(
+        ppl=list(ppl or []), samples=args.samples, seq_len=args.seq_len, sampling=args.sampling, seed=args.seed,
+        stride=args.stride, tasks=list(args.tasks or []), limit=args.limit, num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size, efficiency=not args.no_efficiency,
+        efficiency_params=EfficiencyParams(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                           repeats=args.repeats),
+        skip_calib=None if args.skip_calib == "none" else args.skip_calib,
+    )
+    spec.validate()
+    return spec
+
+
+def evaluating(args) -> bool:
+    return args.ppl is not None or bool(args.tasks)
+
+
+def cmd_eval(args) -> int:
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.experiments import run_experiment
+
+    spec = eval_spec(args, ["demo:all"])
+    bars = ProgressBars(quiet=args.json)
+    try:
+        exp = run_experiment(args.model, None, spec, cache=Cache(), progress=bars, dtype=args.dtype,
+                             device=args.device, trust_remote_code=args.trust_remote_code)
+    finally:
+        bars.close()
+    if args.json:
+        print(json.dumps(experiment_json(exp), indent=2))
+        return 0
+    print(f"{exp.model}: experiment {exp.id}")
+    print_quality(exp)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    """Load config → check plan and output folder once → load weights → apply → evaluate (if
+    asked) → export with the plan passed explicitly."""
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.experiments import prune_and_evaluate
+    from moescope.analysis.export import check_exportable, export
+    from moescope.analysis.model import check_output_dir, load_moe
+    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
+
+    out = check_output_dir(args.output, args.overwrite)
+    plan = PruningPlan.load(args.plan)
+    spec = eval_spec(args, None) if evaluating(args) else None
+    check_exportable(args.model, plan, args.trust_remote_code)
+    cache = Cache()
+    weights = finetuned_weights(plan, cache) if is_finetuned(plan) else None
+    model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    before = model.parameter_counts()
+    exp = None
+    if spec is not None:
+        bars = ProgressBars(quiet=args.json)
+        try:
+            exp = prune_and_evaluate(model, plan, spec, cache=cache, progress=bars, dtype=args.dtype)
+        finally:
+            bars.close()
+    else:
+        apply(model, plan, weights=weights)
+    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite)
+    after = model.parameter_counts()
+    result = {"output": str(out), "experts": {str(k): v for k, v in model.num_experts().items()},
+              "params_before": before, "params_after": after}
+    if args.json:
+        print(json.dumps({**result, **(experiment_json(exp) if exp else {})}, indent=2))
+    else:
+        print(f"pruned {model.source}: {plan.summary()}")
+        print(f"parameters {before['total']:,} -> {after['total']:,} "
+              f"({100 * (1 - after['total'] / before['total']):.1f}% fewer); wrote {out}")
+        if exp:
+            print(f"experiment {exp.id}")
+            print_quality(exp)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.export import export_experiment
+
+    out = export_experiment(args.experiment, args.output, overwrite=args.overwrite, cache=Cache(), dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    files = sorted(p.name for p in out.iterdir())
+    if args.json:
+        print(json.dumps({"output": str(out), "files": files}, indent=2))
+    else:
+        print(f"wrote {out}: {', '.join(files)}")
+    return 0
+
+
+def cmd_experiments(args) -> int:
+    from moescope.analysis import experiments as X
+    from moescope.analysis.cache import Cache
+
+    cache = Cache()
+    if args.experiments_command == "ls":
+        exps = X.list_experiments(cache, model=args.model)
+        if args.json:
+            print(json.dumps([{"id": e.id, "label": e.label, "model": e.model, "created": e.created,
+                               "ppl": e.result.get("ppl", {})} for e in exps], indent=2))
+        elif not exps:
+            print(f"no experiments in {cache.root}")
+        else:
+            for e in exps:
+                print(e.summary_line())
+        return 0
+    if args.experiments_command == "show":
+        exp = X.load(args.id, cache)
+        if args.json:
+            print(json.dumps(exp.to_json(), indent=2))
+        else:
+            print(f"experiment {exp.id} ({exp.created}): {exp.label} on {exp.model}")
+            if exp.plan:
+                from moescope.analysis.plan import PruningPlan
+
+                print(f"plan: {PruningPlan.from_json(exp.plan).summary()}")
+            print_quality(exp)
+            print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in exp.timings.items()))
+        return 0
+    table = X.compare([X.load(i, cache) for i in args.ids])
+    if args.csv:
+        if args.csv == "-":
+            print(table.to_csv(index=False), end="")
+        else:
+            table.to_csv(args.csv, index=False)
+            print(f"wrote {args.csv}")
+        return 0
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
+        print(table.set_index("experiment").T.to_string())
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import parse_source
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.sensitivity import cached_drop_grid
+
+    parse_source(args.eval)
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    batch = calib_batch(args, model, split="test")
+    bars = ProgressBars(quiet=args.json)
+    try:
+        grid = cached_drop_grid(model, batch, Cache(), progress=bars)
+    finally:
+        bars.close()
+    if args.json:
+        print(json.dumps({**grid.to_json(), "data": batch.describe()}, indent=2))
+        return 0
+    print(f"{model.source}: {batch.describe()}; baseline perplexity {grid.baseline:.3f}")
+    E = max(len(r) for r in grid.ppl)
+    print("layer " + "".join(f"{e:>9}" for e in range(E)) + "   (perplexity change when that expert is dropped)")
+    for l, row in zip(grid.layers, grid.ppl):
+        print(f"{l:>5} " + "".join(f"{p - grid.baseline:>+9.3f}" for p in row))
+    return 0

@@ -1,0 +1,76 @@
+"""One evaluation spec (stored with every experiment) and the quality measurement it asks for:
+perplexity on each source and lm-eval tasks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.evaluation.efficiency import EfficiencyParams
+from moescope.analysis.evaluation.keys import Progress
+from moescope.analysis.evaluation.perplexity import perplexity
+from moescope.analysis.evaluation.tasks import cached_tasks
+
+
+@dataclass
+class EvalSpec:
+    """What an evaluation measures (stored with every experiment)."""
+
+    ppl: list[str] = field(default_factory=lambda: ["demo:all"])
+    samples: int = 96
+    seq_len: int = 256
+    sampling: str = "first"
+    seed: int = 0
+    stride: int | None = None
+    tasks: list[str] = field(default_factory=list)
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    efficiency: bool = True
+    efficiency_params: EfficiencyParams = field(default_factory=EfficiencyParams)
+    skip_calib: str | None = "demo:all"  # β for the "with skipping" efficiency, when the model has none
+    skip_calib_samples: int = 16
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalSpec:
+        data = dict(data)
+        eff = EfficiencyParams(**data.pop("efficiency_params", {}))
+        return cls(**data, efficiency_params=eff)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        from moescope.analysis.data import parse_source
+
+        for src in self.ppl:
+            parse_source(src)
+        if self.limit is not None and self.limit <= 0:
+            raise MoescopeError(f"--limit must be positive, got {self.limit}")
+
+
+def evaluate_quality(model, spec: EvalSpec, cache=None, progress: Progress | None = None) -> dict:
+    """``{"ppl": {source: value}, "ppl_domains": {source: {domain: ppl}}, "tasks": {task: {metric: v}},
+    "timings": {...}}`` for ``model`` as it is now."""
+    out: dict = {"ppl": {}, "ppl_domains": {}, "ppl_data": {}, "tasks": {}, "timings": {}}
+    for src in spec.ppl:
+        t0 = time.perf_counter()
+        res = perplexity(model, src, samples=spec.samples, seq_len=spec.seq_len, sampling=spec.sampling,
+                         seed=spec.seed, stride=spec.stride, batch_size=spec.batch_size, cache=cache,
+                         progress=progress)
+        out["ppl"][src] = res["value"]
+        out["ppl_domains"][src] = res["ppl"]
+        out["ppl_data"][src] = res["data"]
+        out["timings"][f"ppl {src}"] = time.perf_counter() - t0
+    if spec.tasks:
+        t0 = time.perf_counter()
+        if progress:
+            progress("lm-eval", 0, 1)
+        out["tasks"] = cached_tasks(model, spec.tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
+                                    batch_size=spec.batch_size, seed=spec.seed, cache=cache)
+        if progress:
+            progress("lm-eval", 1, 1)
+        out["timings"]["tasks"] = time.perf_counter() - t0
+    return out
+

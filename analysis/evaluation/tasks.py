@@ -1,0 +1,132 @@
+"""lm-eval tasks on the in-memory model (original, pruned, skipping-patched) through lm-eval's own
+``HFLM`` wrapper, zero- or k-shot, with a sample limit. The offline tasks shipped in
+:data:`LOCAL_TASKS_DIR` (``moescope_demo_ppl_<domain>``, ``moescope_demo_continuation``) are always
+included."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from pathlib import Path
+
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.evaluation.keys import EVAL_VERSION, skip_key
+
+LOCAL_TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
+
+
+def local_task_names() -> list[str]:
+    """The offline tasks and groups shipped with moescope (``moescope_demo_*``)."""
+    import re
+
+    names = []
+    for path in sorted(LOCAL_TASKS_DIR.glob("*.yaml")):
+        m = re.search(r"^(?:task|group):\s*(\S+)", path.read_text(), re.M)
+        if m:
+            names.append(m.group(1))
+    return names
+
+
+@functools.lru_cache(maxsize=2)
+def task_manager(include_defaults: bool = True):
+    """lm-eval's TaskManager with moescope's local task folder included (indexing lm-eval's own
+    thousands of task files takes seconds, so it is built once per process, and only when a task
+    outside the local folder is asked for)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=include_defaults)
+
+
+def _quiet_lm_eval() -> None:
+    import logging
+
+    for name in ("lm-eval", "lm_eval", "lm_eval.api.task", "lm_eval.evaluator", "lm_eval.models.huggingface"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
+              batch_size: int = 8, seed: int = 0, verbose: bool = False) -> dict[str, dict[str, float]]:
+    """Evaluate the in-memory ``model`` on lm-eval ``tasks`` (hub task names need the network;
+    ``moescope_demo_*`` are local). Returns ``{task: {metric: value}}`` with lm-eval's metric
+    names stripped of their filter suffix (``acc,none`` → ``acc``, stderr as ``acc_stderr``)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    if not tasks:
+        return {}
+    if not verbose:
+        _quiet_lm_eval()
+    local = set(local_task_names()) | {"moescope_demo"}
+    manager = task_manager(include_defaults=not set(tasks) <= local)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise MoescopeError(f"unknown lm-eval task(s) {', '.join(unknown)}; moescope ships "
+                            f"{', '.join(sorted(local))}; "
+                            "any task of `lm_eval ls tasks` works where its data set can be downloaded")
+    hf = model.hf
+    was_cache = hf.config.use_cache
+    lm = HFLM(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size, max_length=_max_length(hf.config))
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed, verbosity="ERROR" if not verbose else None)
+    except (ConnectionError, OSError) as err:
+        raise MoescopeError(f"lm-eval could not load the data of {', '.join(tasks)}: {err}; hub tasks need the "
+                            "network (the moescope_demo_* tasks run offline)") from None
+    finally:
+        hf.config.use_cache = was_cache
+    out = {}
+    for task, metrics in res["results"].items():
+        row = {}
+        for key, value in metrics.items():
+            if key == "alias" or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            name, _, _filter = key.partition(",")
+            if isinstance(value, float) and math.isnan(value):
+                continue
+            row["samples" if name == "sample_len" else name] = float(value)
+        if row:
+            out[task] = row
+    return out
+
+
+def _local_tasks_hash() -> str:
+    """sha256 of the local task definitions and the demo test split they read."""
+    from moescope.analysis.data import demo_corpus_dir
+
+    h = hashlib.sha256()
+    files = sorted(LOCAL_TASKS_DIR.glob("*.yaml")) + [LOCAL_TASKS_DIR / "demo_tasks.py"]
+    files += sorted(demo_corpus_dir().glob("*/test.txt"))
+    for path in files:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def cached_tasks(model, tasks: list[str], num_fewshot=None, limit=None, batch_size: int = 8, seed: int = 0,
+                 cache=None) -> dict[str, dict[str, float]]:
+    """:func:`run_tasks`, stored under the cache by model (and skip thresholds), tasks, shots,
+    limit and seed, so the original model of many experiments is evaluated once."""
+    if cache is None:
+        return run_tasks(model, tasks, num_fewshot, limit, batch_size, seed)
+    import lm_eval
+
+    parts = {"model": model.fingerprint(), "skip_beta": skip_key(model),
+             "tasks": sorted(tasks), "num_fewshot": num_fewshot, "limit": limit, "seed": seed,
+             "lm_eval": getattr(lm_eval, "__version__", "?"), "local_tasks": _local_tasks_hash(), "version": EVAL_VERSION}
+    entry = cache.get_or_compute(
+        "lm_eval", parts, lambda: {"meta": {"results": run_tasks(model, tasks, num_fewshot, limit, batch_size, seed)}},
+        label=f"{model.source}-{'-'.join(sorted(tasks))}")
+    return entry.meta["results"]
+
+
+def _max_length(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, 8192)
+    return 2048
+

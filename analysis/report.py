@@ -1,0 +1,104 @@
+"""How the ``moescope`` commands print: the model facts, progress bars, experiment results."""
+
+from __future__ import annotations
+
+import sys
+
+from moescope.analysis.units import format_bytes, format_count
+
+
+def format_ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
+def format_info(info: dict) -> str:
+    counts = sorted(set(info["num_experts"].values()))
+    experts = (
+        f"{counts[0]} per MoE layer"
+        if len(counts) == 1
+        else ", ".join(f"layer {k}: {v}" for k, v in info["num_experts"].items())
+    )
+    p = info["params"]
+    shared = (
+        ", ".join(
+            f"layer {s['layer']}: {format_count(s['params'])} params{' (sigmoid-gated)' if s['gated'] else ''}"
+            for s in info["shared_experts"]
+        )
+        or "none"
+    )
+    lines = [
+        f"{info['source']}  ({info['family']}, {', '.join(info['architectures']) or info['model_type']})",
+        f"decoder layers   {info['num_hidden_layers']} (MoE: {format_ranges(info['moe_layers'])}; dense: "
+        f"{format_ranges(info['dense_layers'])})",
+        f"routed experts   {experts}, top-{info['top_k']}",
+        f"routing          {info['routing']}"
+        + (f" ({info['routing_groups']} routing groups)" if info.get("routing_groups") else ""),
+        f"shared experts   {shared}",
+        f"parameters       total {format_count(p['total'])} · routed experts {format_count(p['experts'])} "
+        f"({100 * p['experts'] / p['total']:.1f}%) · active per token {format_count(p['active'])}",
+        "weights          " + ", ".join(f"{k} {format_bytes(v)}" for k, v in info["bytes"].items()),
+    ]
+    return "\n".join(lines)
+
+
+class ProgressBars:
+    """tqdm bars keyed by stage, fed by the library's ``progress(stage, done, total)`` callback."""
+
+    def __init__(self, quiet: bool = False):
+        self.bars: dict = {}
+        self.quiet = quiet
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
+        bar.n = done
+        bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def experiment_json(exp) -> dict:
+    return {"experiment": exp.id, "label": exp.label, "model": exp.model,
+            "ppl": exp.result["ppl"], "ppl_domains": exp.result["ppl_domains"], "tasks": exp.result["tasks"],
+            "reference": {"ppl": exp.reference["ppl"], "tasks": exp.reference["tasks"]},
+            "efficiency": exp.efficiency, "structure": exp.structure, "timings": exp.timings}
+
+
+def print_quality(exp) -> None:
+    for src, value in exp.result["ppl"].items():
+        ref = exp.reference["ppl"][src]
+        change = f" (original {ref:.3f}, {100 * (value / ref - 1):+.1f}%)" if exp.plan else ""
+        print(f"perplexity {src}: {value:.3f}{change}")
+        domains = {d: v for d, v in exp.result["ppl_domains"][src].items() if d != "all"}
+        if len(domains) > 1:
+            print("    " + ", ".join(f"{d} {v:.2f}" for d, v in domains.items()))
+    for task, metrics in exp.result["tasks"].items():
+        shown = {k: v for k, v in metrics.items() if not k.endswith("_stderr") and k != "samples"}
+        print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    for variant, eff in exp.efficiency.items():
+        if variant == "pruned" and not exp.plan:
+            continue
+        plain, skip = eff["plain"], eff.get("skip")
+        line = (f"{variant}: {plain['params_total']:,} params ({plain['params_active']:,} active), "
+                f"{format_bytes(plain['weight_bytes'])} weights, peak {format_bytes(plain['peak_memory_bytes'] or 0)}, "
+                f"prefill {plain['prefill_tokens_per_s']:.0f} tok/s, generate {plain['generate_tokens_per_s']:.1f} tok/s")
+        if skip:
+            line += f"; with skipping {skip['generate_tokens_per_s']:.1f} tok/s ({100 * skip['skipped_fraction']:.1f}% calls skipped)"
+        print(line)

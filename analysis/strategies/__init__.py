@@ -1,0 +1,30 @@
+"""Every way of choosing what to drop or merge, each producing a :class:`~moescope.analysis.plan.PruningPlan`.
+
+One module per strategy, each registering itself with :func:`~.base.register` and declaring its
+parameters once (:mod:`.base`); every module in this folder is imported here, so adding a
+strategy is adding one file. :mod:`.selection` holds the shared target and selection rules.
+"""
+
+import importlib
+import pkgutil
+
+from moescope.analysis.strategies.base import (
+    STRATEGIES,
+    Param,
+    Strategy,
+    StrategyContext,
+    get_strategy,
+    make_plan,
+    register,
+    validate_request,
+)
+from moescope.analysis.strategies.selection import keep_counts
+
+# the built-in strategies in the order they are listed, then any other module of this folder
+_BUILTIN = ("simple", "criterion", "enumeration", "merge", "manual", "skip", "lottery")
+for _name in _BUILTIN + tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _BUILTIN)):
+    if not _name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["STRATEGIES", "Param", "Strategy", "StrategyContext", "get_strategy", "keep_counts", "make_plan",
+           "register", "validate_request"]

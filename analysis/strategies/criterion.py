@@ -1,0 +1,48 @@
+"""MC-Suite (Jaiswal et al.): drop by one per-expert criterion, one-shot or iteratively."""
+
+from __future__ import annotations
+
+import torch
+
+from moescope.analysis.criteria import CRITERIA, get_criterion
+from moescope.analysis.strategies.base import Param, register
+from moescope.analysis.strategies.selection import iterative_drop, keep_counts, nan_to, top
+
+CRITERION = Param("criterion", str, "EAN", choices=lambda p: tuple(CRITERIA), normalize=str.upper,
+                  help="MC-Suite criterion (EAN, EUF, …, REAP)")
+ORDER = Param("order", str, None, choices=("min", "max"),
+              help="drop the experts with the min or max value (default: the criterion's own end)")
+
+
+def criterion_scores(res, name: str, order: str) -> dict[int, torch.Tensor]:
+    """Keep-scores (higher = keep) for dropping by ``order`` of criterion ``name``: ``min`` drops
+    the experts with the smallest values, ``max`` the largest. An expert with no value (never
+    routed) is dropped first."""
+    out = {}
+    for l in res.layers:
+        v = res.criterion(l, name).double()
+        s = v if order == "min" else -v
+        out[l] = nan_to(s, float("-inf"))
+    return out
+
+
+def resolve(params) -> tuple[str, str, tuple[str, ...]]:
+    """(criterion name, the end dropped, the metric families its analysis needs)."""
+    c = get_criterion(params["criterion"])
+    return c.name, params.get("order") or c.drop, c.metrics
+
+
+@register("criterion", "MC-Suite: drop the experts with the smallest (or largest) value of a criterion, "
+          "one-shot or iteratively (one expert per layer per round, re-estimated on the pruned model).",
+          [CRITERION, ORDER, Param("mode", str, "one-shot", choices=("one-shot", "iterative"),
+                                   help="one-shot, or iterative re-estimation")],
+          budget=True, edits_model=lambda p: p.get("mode") == "iterative")
+def by_criterion(ctx, params):
+    name, order, metrics = resolve(params)
+    res = ctx.analysis(metrics=metrics)
+    scores = criterion_scores(res, name, order)
+    counts = keep_counts(ctx.model, params, scores)
+    if params["mode"] == "one-shot":
+        return ctx.plan_from_keep(top(ctx.model, scores, counts), f"criterion:{order}-{name}")
+    keep = iterative_drop(ctx, counts, lambda r: criterion_scores(r, name, order), metrics)
+    return ctx.plan_from_keep(keep, f"criterion:{order}-{name}")

@@ -1,0 +1,137 @@
+"""Group-and-merge (Zhang et al.) and router-guided merging: experts grouped, each group merged
+into one output expert (uniform, usage-weighted, dominant, or learned coefficients)."""
+
+from __future__ import annotations
+
+import torch
+
+from moescope.analysis.capture import LayerStream
+from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.merging import (
+    GROUPINGS,
+    MERGES,
+    affinity,
+    group_coefficients,
+    group_experts,
+    learn_coefficients,
+    router_guided_groups,
+)
+from moescope.analysis.plan import LayerPlan, PruningPlan
+from moescope.analysis.strategies.base import Param, register
+from moescope.analysis.strategies.selection import keep_counts
+
+REPRESENTATIONS = {
+    "outputs": ("cka_linear", "cka_rbf", "cosine", "mse"),
+    "weights": ("cosine", "mse"),
+    "surrogate": ("cosine", "mse"),
+}
+
+
+def similarity_name(representation: str, similarity: str) -> str:
+    """The stored similarity matrix of a representation (outputs | weights | surrogate) and a
+    similarity (cka_linear | cka_rbf | cosine | mse), e.g. ``weights`` + ``cosine`` → ``weight_cosine``."""
+    if representation not in REPRESENTATIONS:
+        raise unknown_name("representation", representation, REPRESENTATIONS)
+    allowed = REPRESENTATIONS[representation]
+    if similarity not in allowed:
+        raise MoescopeError(f"similarity '{similarity}' is not available for the {representation} representation; "
+                            f"accepted: {', '.join(allowed)}")
+    return similarity if representation == "outputs" else f"{'weight' if representation == 'weights' else 'surrogate'}_{similarity}"
+
+
+def _merge_params(default_merge: str) -> list[Param]:
+    return [
+        Param("merge", str, default_merge, choices=MERGES, help="merge coefficients: max | uniform | usage | learned"),
+        Param("merge_router", bool, True, help="merge router rows with the same coefficients (else the dominant "
+                                                 "expert's row)", label="merge router rows too"),
+        Param("steps", int, 100, help="learned merge: SGD steps", minimum=1),
+        Param("lr", float, 0.02, help="learned merge: learning rate", minimum=0),
+        Param("seed", int, 0, help="seed (grouping, learned merge)", minimum=0),
+    ]
+
+
+def _layer_inputs(ctx) -> dict[int, torch.Tensor]:
+    """Every MoE layer's calibration inputs (original model), for fitting merge coefficients."""
+    return {l: x for l, x in LayerStream(ctx.model, ctx.calib.input_ids).layers() if x is not None}
+
+
+def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], res, **extra) -> PruningPlan:
+    """The plan merging each layer's groups with the coefficients ``params["merge"]`` asks for."""
+    merge, merge_router = params["merge"], params["merge_router"]
+    layers, learned = {}, {}
+    xs = _layer_inputs(ctx) if merge == "learned" else {}
+    for l, groups in groups_by_layer.items():
+        coeffs = group_coefficients(groups, "uniform" if merge == "learned" else merge, res.routing(l, "usage"))
+        if merge == "learned":
+            coeffs, learned[str(l)] = learn_coefficients(
+                ctx.model.layers[l], xs[l], groups, coeffs, merge_router=merge_router,
+                steps=params["steps"], lr=params["lr"], seed=params["seed"])
+        layers[l] = LayerPlan(groups, coeffs, merge_router)
+    prov = ctx.provenance(name, **extra)
+    if learned:
+        prov["learned"] = learned
+    return PruningPlan(ctx.model.source, layers, provenance=prov)
+
+
+def per_routing_group(view, A, r, fn) -> list[list[int]]:
+    """Group within each routing group of a group-limited router (so no output expert mixes
+    routing groups), r / n_group groups each; elsewhere over the whole layer."""
+    if view.spec.routing != "sigmoid_group_topk":
+        return fn(A, r, list(range(A.shape[0])))
+    n_group = view.router_params.n_group
+    if r % n_group:
+        raise MoescopeError(f"layer {view.index}: {r} groups cannot be split over {n_group} routing groups evenly")
+    per = view.num_experts // n_group
+    out = []
+    for k in range(n_group):
+        members = list(range(k * per, (k + 1) * per))
+        out += fn(A[members][:, members], r // n_group, members)
+    return out
+
+
+def _check_similarity(params, model) -> None:
+    similarity_name(params["representation"], params["similarity"])
+
+
+@register("merge", "Group-and-merge: representation × similarity × grouping × merge × router merging.",
+          [Param("representation", str, "outputs", choices=tuple(REPRESENTATIONS),
+                 help="expert representation: outputs (data-centric) | weights | surrogate"),
+           Param("similarity", str, "cka_linear", choices=lambda p: REPRESENTATIONS.get(p.get("representation"), ()),
+                 help="cka_linear | cka_rbf | cosine | mse (weights/surrogate: cosine | mse)"),
+           Param("grouping", str, "spectral", choices=GROUPINGS, help="spectral | greedy | agglomerative"),
+           *_merge_params("uniform")],
+          merges=True, check=_check_similarity)
+def group_and_merge(ctx, params):
+    representation, similarity, grouping = params["representation"], params["similarity"], params["grouping"]
+    sim_name = similarity_name(representation, similarity)
+    counts = keep_counts(ctx.model, params)
+    metrics = ("routing", "similarity") if representation == "outputs" else ("routing", "weights")
+    res = ctx.analysis(metrics=metrics)
+    seed = params["seed"]
+    groups = {}
+    for l in res.layers:
+        A = affinity(res.similarity(l, sim_name), sim_name)
+
+        def cluster(A_sub, r, members, method=grouping):
+            return [[members[i] for i in g] for g in group_experts(A_sub, r, method, seed)]
+
+        groups[l] = per_routing_group(ctx.model.layers[l], A, counts[l], cluster)
+    return merge_plan(ctx, params, f"merge:{representation}-{similarity}-{grouping}", groups, res)
+
+
+@register("router-guided", "Merge-then-compress style: the most-used experts lead their groups and every other "
+          "expert joins the leader with the most similar router logits; usage-weighted merge by default.",
+          _merge_params("usage"), merges=True)
+def router_guided(ctx, params):
+    counts = keep_counts(ctx.model, params)
+    res = ctx.analysis(metrics=("routing",))
+    groups = {}
+    for l in res.layers:
+        usage, sim = res.routing(l, "usage"), res.routing(l, "logit_similarity")
+
+        def cluster(A_sub, r, members, usage=usage, sim=sim):
+            sub = router_guided_groups(usage[members], sim[members][:, members], r)
+            return [[members[i] for i in g] for g in sub]
+
+        groups[l] = per_routing_group(ctx.model.layers[l], sim, counts[l], cluster)
+    return merge_plan(ctx, params, "router-guided", groups, res, merge=params["merge"])

@@ -1,0 +1,134 @@
+"""Which experts a strategy keeps: the target per layer (``keep`` or a global ``budget``), the
+top-scoring experts of a layer (the same number from each routing group of a group-limited
+router), and the iterative drop loop (one expert per layer per round, re-estimated)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from moescope.analysis.errors import MoescopeError
+
+
+def routing_groups(view) -> list[list[int]]:
+    """The router's expert groups: one per routing group for group-limited routers (DeepSeek-V3),
+    else the whole layer. Selection happens within each, the same number from each."""
+    if view.spec.routing != "sigmoid_group_topk":
+        return [list(range(view.num_experts))]
+    n_group = view.router_params.n_group
+    per = view.num_experts // n_group
+    return [list(range(k * per, (k + 1) * per)) for k in range(n_group)]
+
+
+def per_group_count(view, count: int) -> int:
+    """Experts kept per routing group when a layer keeps ``count``; refused when uneven."""
+    groups = routing_groups(view)
+    if count % len(groups) or count // len(groups) < (2 if len(groups) > 1 else 1):
+        raise MoescopeError(f"layer {view.index}: keeping {count} experts cannot leave the router's {len(groups)} "
+                            f"routing groups the same size with at least 2 each; keep a multiple of {len(groups)}")
+    return count // len(groups)
+
+
+def keep_counts(model, params: dict, scores: dict[int, torch.Tensor] | None = None,
+                higher_is_better: bool = True) -> dict[int, int]:
+    """Experts to keep per MoE layer: ``keep`` (uniform) or ``budget`` (total, split by ranking
+    ``scores`` across layers when given, else proportionally to each layer's size). Needs only the
+    model's structure (a model built from its config alone will do)."""
+    keep, budget = params.get("keep"), params.get("budget")
+    if (keep is None) == (budget is None):
+        raise MoescopeError("give exactly one target: keep (experts per layer) or budget (experts in all)")
+    layers = model.layers
+    if budget is not None and any(v.spec.routing == "sigmoid_group_topk" for v in layers.values()):
+        raise MoescopeError("a global budget is not supported for group-limited routers (routing groups must stay "
+                            "equal); give keep (experts per layer)")
+    if keep is not None:
+        keep = int(keep)
+        for l, v in layers.items():
+            if not v.top_k <= keep <= v.num_experts:
+                raise MoescopeError(f"keep={keep} is not possible in layer {l}: it must be between top-k "
+                                    f"({v.top_k}) and the layer's {v.num_experts} experts")
+            per_group_count(v, keep)
+        return {l: keep for l in layers}
+    budget = int(budget)
+    lo = sum(v.top_k for v in layers.values())
+    hi = sum(v.num_experts for v in layers.values())
+    if not lo <= budget <= hi:
+        raise MoescopeError(f"budget={budget} is not possible: it must be between {lo} (top-k in every layer) and {hi}")
+    counts = {l: v.top_k for l, v in layers.items()}
+    if scores is None:
+        extra = budget - lo
+        spare = {l: v.num_experts - v.top_k for l, v in layers.items()}
+        total_spare = sum(spare.values()) or 1
+        for l in layers:
+            counts[l] += math.floor(extra * spare[l] / total_spare)
+        left = budget - sum(counts.values())
+        for l in sorted(layers, key=lambda l: -spare[l]):
+            if left == 0:
+                break
+            if counts[l] < layers[l].num_experts:
+                counts[l] += 1
+                left -= 1
+        return counts
+    # rank the experts beyond each layer's top-k guaranteed best by score, across layers
+    pool = []
+    for l, s in scores.items():
+        order = torch.argsort(s, descending=higher_is_better)
+        for rank, e in enumerate(order.tolist()):
+            if rank >= layers[l].top_k:
+                pool.append((float(s[e]) if higher_is_better else -float(s[e]), l))
+    pool.sort(key=lambda t: -t[0])
+    for _, l in pool[: budget - lo]:
+        counts[l] += 1
+    return counts
+
+
+def nan_to(x: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.where(torch.isnan(x), torch.full_like(x, value), x)
+
+
+def top_layer(view, s: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` highest-scoring experts of a layer (ties: lower index first), the same number
+    from each routing group where the router is group-limited."""
+    per = per_group_count(view, count)
+    out = []
+    for members in routing_groups(view):
+        order = sorted(members, key=lambda e: (-float(s[e]), e))
+        out += order[: per if len(routing_groups(view)) > 1 else count]
+    return sorted(out)
+
+
+def top(model, scores: dict[int, torch.Tensor], counts: dict[int, int]) -> dict[int, list[int]]:
+    """:func:`top_layer` of every scored layer."""
+    return {l: top_layer(model.layers[l], s, counts[l]) for l, s in scores.items()}
+
+
+def iterative_drop(ctx, counts: dict[int, int], score_fn, metrics, after_round=None,
+                   restore: bool = True) -> dict[int, list[int]]:
+    """Drop one expert per layer (one per routing group) per round, the lowest keep-score,
+    re-analysing the pruned model each round; returns the surviving original indices.
+    ``after_round(r, rounds)`` runs after each round's drops (the lottery finetunes there);
+    ``restore=False`` leaves ``ctx.model`` edited (only for a model the caller made for it)."""
+    model = ctx.model
+    alive = {l: list(range(v.num_experts)) for l, v in model.layers.items()}
+    rounds = max((len(alive[l]) - counts[l]) // len(routing_groups(model.layers[l])) for l in alive)
+    with contextlib.ExitStack() as stack:
+        if restore:
+            for l in model.layers:
+                stack.enter_context(model.temporary_edit(l))
+        for r in range(rounds):
+            scores = score_fn(ctx.analysis(metrics=metrics))
+            for l in model.layers:
+                if len(alive[l]) <= counts[l]:
+                    continue
+                s = scores[l]
+                view = model.layers[l]
+                n_groups = len(routing_groups(view))
+                keep_local = top_layer(view, s, len(s) - n_groups)  # one fewer in every routing group
+                model.keep(l, keep_local)
+                alive[l] = [alive[l][e] for e in keep_local]
+            if after_round is not None:
+                after_round(r, rounds)
+            ctx.report("rounds", r + 1, rounds)
+    return {l: sorted(a) for l, a in alive.items()}
