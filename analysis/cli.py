@@ -82,6 +82,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    """Every MoE model type of the installed transformers: supported / refused / not yet."""
+    from moescope.analysis import family_catalog
+
+    entries = family_catalog.catalog()
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+    elif args.markdown:
+        print(family_catalog.markdown(entries), end="")
+    else:
+        for e in entries:
+            detail = f"{e.routing} · shared: {e.shared_experts}" if e.status == "supported" else e.reason
+            print(f"{e.model_type:28s} {e.status:9s} {detail}")
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     """Start the Streamlit dashboard (bound to localhost unless --address says otherwise)."""
     import os
@@ -630,6 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "ls":
             c.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cache)
+
+    help_ = "List every MoE model type transformers offers: supported, refused (with the reason) or not yet."
+    p = sub.add_parser("families", help=help_, description=help_)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--markdown", action="store_true", help="print the README's family table")
+    p.set_defaults(func=cmd_families)
 
     p = model_command("dashboard", "Open the dashboard in the browser (Streamlit).")
     p.add_argument("--address", default="localhost", help="address to bind (default: localhost only)")

@@ -47,6 +47,8 @@ class FamilySpec:
         scores_on_input: the routing weights scale each expert's input rather than its output
             (Llama 4: ``E(w·x)``).
         block_returns_tuple: the MoE block's forward returns ``(hidden, router_scores)``.
+        router_returns: what the router module's forward returns, a key of
+            :data:`analysis.layouts.ROUTER_OUTPUTS` (``(logits, weights, idx)`` for all but Llama 4).
         mlp_attr: attribute of a decoder layer holding its MoE block (dense layers lack experts).
     """
 
@@ -68,6 +70,7 @@ class FamilySpec:
     expert_layout: str = "gate_up"
     scores_on_input: bool = False
     block_returns_tuple: bool = False
+    router_returns: str = "logits_weights_idx"
     experts_attr: str = "experts"
     layers_path: str = "model.layers"
     mlp_attr: str = "mlp"
@@ -161,7 +164,7 @@ FAMILIES: dict[str, FamilySpec] = {
         _spec("jamba", "num_experts", "router", "softmax_topk", False, cast_weights_to_logits_dtype=True,
               mlp_attr="feed_forward"),
         _spec("hunyuan_v1_moe", "num_experts", "gate", "softmax_topk", True, router_weight_attr="wg.weight",
-              router_float32=True, cast_weights_to_logits_dtype=True, shared_attr="shared_mlp"),
+              cast_weights_to_logits_dtype=True, shared_attr="shared_mlp"),
         _spec("ernie4_5_moe", "moe_num_experts", "gate", "softmax_topk", True, router_float32=True,
               cast_weights_to_logits_dtype=True, score_bias_attr="moe_statics.e_score_correction_bias",
               shared_attr="shared_experts"),
@@ -177,6 +180,7 @@ FAMILIES: dict[str, FamilySpec] = {
               param_attrs=(("score_fn", "expert_selection_fn"),)),
         _spec("llama4_text", "num_local_experts", "router", "topk_sigmoid", False, expert_layout="llama4",
               scores_on_input=True, shared_attr="shared_expert", block_returns_tuple=True,
+              router_returns="scores_logits", model_types=("llama4_text", "llama4"),
               mlp_attr="feed_forward"),
     )
 }
@@ -193,7 +197,12 @@ def family_for(config) -> FamilySpec:
     model_type = getattr(config, "model_type", None) or "?"
     spec = _BY_MODEL_TYPE.get(model_type)
     if spec is None:
+        from moescope.analysis.family_catalog import refusal
+
         archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        reason = refusal(model_type)
+        if reason:
+            raise MoescopeError(f"'{model_type}' ({archs}) is an MoE family moescope does not edit — {reason}")
         raise MoescopeError(
             f"unsupported architecture '{model_type}' ({archs}): moescope supports the MoE families "
             f"{', '.join(supported_model_types())}"

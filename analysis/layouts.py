@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -124,3 +125,32 @@ def owner(block: nn.Module, router: nn.Module, path: str) -> nn.Module:
     for part in rest.split(".")[:-1]:
         obj = getattr(obj, part)
     return obj
+
+
+# ---- what a family's router module returns ---------------------------------------------------
+def _unpack_triple(out, top_k):
+    logits, weights, idx = out
+    return logits, weights, idx
+
+
+def _pack_triple(out, logits, weights, idx):
+    return logits, weights, idx
+
+
+def _unpack_dense(out, top_k):
+    scores, logits = out  # [T, E]: the chosen experts' weights, 0 elsewhere (Llama 4)
+    weights, idx = torch.topk(scores, top_k, dim=-1)
+    return logits, weights, idx
+
+
+def _pack_dense(out, logits, weights, idx):
+    scores = torch.zeros_like(out[0]).scatter(1, idx, weights.to(out[0].dtype))
+    return scores, logits
+
+
+# router forward output ⇄ (logits [T, E], weights [T, k], idx [T, k]); a weight set to 0 drops
+# that expert's contribution in every form (Llama 4 scales the expert input by it: E(0) = 0)
+ROUTER_OUTPUTS = {
+    "logits_weights_idx": (_unpack_triple, _pack_triple),
+    "scores_logits": (_unpack_dense, _pack_dense),
+}

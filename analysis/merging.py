@@ -147,9 +147,8 @@ def _layer_output(view, x: Tensor, tensors, rows) -> Tensor:
     base = view.router_params
     params = RouterParams(**{**base.__dict__, "score_bias": rows.get("score_bias")})
     idx, w = ROUTING_RULES[view.spec.routing](logits, params, None)
-    n = tensors[next(iter(tensors))].shape[0]
-    Y = torch.stack([view.expert_forward(e, x.float(), tensors) for e in range(n)])  # [E', T, d]
-    return mix(Y, idx, w)
+    Y = view.expert_outputs(x.float(), logits, tensors, params)  # [E', T, d]
+    return mix(Y, idx, view.mix_weights(w))
 
 
 def learn_coefficients(view, x: Tensor, groups: list[list[int]], init: list[list[float]],

@@ -165,6 +165,8 @@ class MoELayer:
         if self.spec.router_float32:
             hidden, weight = hidden.float(), weight.float()
             bias = bias.float() if bias is not None else None
+        elif hidden.dtype != weight.dtype:  # a router kept in its own dtype (Hunyuan's float32 wg)
+            hidden = hidden.to(weight.dtype)
         return nn.functional.linear(hidden, weight, bias)
 
     def route(self, hidden: Tensor, allowed: Tensor | None = None) -> Routing:
@@ -181,6 +183,27 @@ class MoELayer:
         ex = self.experts
         t = tensors if tensors is not None else ex._parameters
         return LAYOUTS[self.spec.expert_layout].forward(ex, t, e, hidden)
+
+    def expert_outputs(self, hidden: Tensor, logits: Tensor | None = None, tensors: dict[str, Tensor] | None = None,
+                       params: RouterParams | None = None) -> Tensor:
+        """Every expert on every token, ``[E, T, d]``, ready for :func:`analysis.routing.mix` with
+        :meth:`mix_weights`. Where the family scales the expert input (Llama 4), an expert's weight
+        depends on its own logit only (no renormalisation), so expert ``e`` runs on ``w_e(x)·x`` and
+        mixes with weight 1; ``logits`` / ``params`` (default: this router's) give ``w_e``."""
+        n = (tensors or self.experts._parameters)["gate_up_proj"].shape[0]
+        if not self.spec.scores_on_input:
+            return torch.stack([self.expert_forward(e, hidden, tensors) for e in range(n)])
+        from dataclasses import replace
+
+        logits = self.router_logits(hidden) if logits is None else logits
+        idx, w = ROUTING_RULES[self.spec.routing](logits, replace(params or self.router_params, top_k=n), None)
+        W = torch.zeros_like(w).scatter(1, idx, w).to(hidden.dtype)  # [T, E] every expert's own weight
+        return torch.stack([self.expert_forward(e, hidden * W[:, e, None], tensors) for e in range(n)])
+
+    def mix_weights(self, weights: Tensor) -> Tensor:
+        """The weights that mix :meth:`expert_outputs`: the routing weights, or 1 for the chosen
+        experts where the weights already scaled the inputs."""
+        return torch.ones_like(weights) if self.spec.scores_on_input else weights
 
     def shared_forward(self, hidden: Tensor) -> Tensor | None:
         """The shared expert(s)' contribution (gated where the family gates it), or None."""

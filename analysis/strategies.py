@@ -56,7 +56,7 @@ def keep_counts(model, params: dict, scores: dict[int, torch.Tensor] | None = No
     if (keep is None) == (budget is None):
         raise MoescopeError("give exactly one target: keep (experts per layer) or budget (experts in all)")
     layers = model.layers
-    if budget is not None and any(v.spec.routing == "sigmoid_group_topk" for v in layers.values()):
+    if budget is not None and any(v.spec.group_limited for v in layers.values()):
         raise MoescopeError("a global budget is not supported for group-limited routers (routing groups must stay "
                             "equal); give keep (experts per layer)")
     if keep is not None:
@@ -133,7 +133,7 @@ def strategy_frequency(ctx, params):
 def _routing_groups(view) -> list[list[int]]:
     """The router's expert groups: one per routing group for group-limited routers (DeepSeek-V3),
     else the whole layer. Selection happens within each, the same number from each."""
-    if view.spec.routing != "sigmoid_group_topk":
+    if not view.spec.group_limited:
         return [list(range(view.num_experts))]
     n_group = view.router_params.n_group
     per = view.num_experts // n_group
@@ -331,7 +331,7 @@ def _layer_inputs(ctx) -> dict[int, torch.Tensor]:
 def _per_routing_group(view, A, r, fn) -> list[list[int]]:
     """Group within each routing group of a group-limited router (so no output expert mixes
     routing groups), r / n_group groups each; elsewhere over the whole layer."""
-    if view.spec.routing != "sigmoid_group_topk":
+    if not view.spec.group_limited:
         return fn(A, r, list(range(A.shape[0])))
     n_group = view.router_params.n_group
     if r % n_group:

@@ -311,8 +311,9 @@ def tiny_config(family: str, **overrides):
 _SCORE_BIASES = ("e_score_correction_bias", "expert_bias")  # selection-only router biases (buffers or parameters)
 
 
-def tiny_model(family: str, seed: int = 0, **overrides):
-    """A randomly initialised tiny causal LM of ``family``, in eval mode, float32.
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised tiny causal LM of ``family``, in eval mode, in ``dtype`` (modules the
+    family keeps in float32, such as score-correction biases, stay float32 as when loading).
 
     Router weights and biases get a larger random scale than the default init (which is zeros
     for some families) so that routing actually varies between tokens.
@@ -320,21 +321,21 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight", "wg.weight")) and p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.copy_(torch.randn(tuple(p.shape), generator=g) * 0.5)
             elif name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(tuple(p.shape), generator=g) * 0.1)
             elif name.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(tuple(p.shape), generator=g) * 0.2)
             elif name.endswith(_SCORE_BIASES):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(tuple(p.shape), generator=g) * 0.05)
         for name, b in model.named_buffers():
             if name.endswith(_SCORE_BIASES):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+                b.copy_(torch.randn(tuple(b.shape), generator=g) * 0.05)
     return model.eval()
 
 
