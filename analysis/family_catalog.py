@@ -10,6 +10,7 @@ it; ``moescope families --markdown`` writes the README's table.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ def _describe(spec: FamilySpec) -> dict:
             "expert_layout": LAYOUT_DESCRIPTIONS.get(spec.expert_layout, spec.expert_layout)}
 
 
-def transformers_moe_model_types() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def transformers_moe_model_types() -> tuple[str, ...]:
     """Model types of the installed transformers whose modelling code defines an MoE block
     (sub-model configs of multimodal models — vision / audio encoders, talkers — are left out)."""
     import transformers
@@ -96,7 +98,7 @@ def transformers_moe_model_types() -> list[str]:
             continue
         if any(_MOE_CLASS.search(f.read_text(encoding="utf-8")) for f in folder.glob("modeling_*.py")):
             found.append(model_type)
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def _is_multimodal(model_type: str) -> bool:

@@ -79,6 +79,11 @@ def install(model, betas: dict[int, float]) -> SkipCounter:
 
         router.forward = forward
         router._moescope_skip = original
+        if sentinel_ok and hasattr(view.experts, "_is_expert_parallel"):
+            # transformers' grouped / batched expert kernels leave sentinel-index rows uninitialised
+            # (NaN · 0 = NaN in the sum) unless told to expect sentinels, as under expert parallelism
+            view.experts._moescope_ep = view.experts._is_expert_parallel
+            view.experts._is_expert_parallel = True
     model.skip_beta = {int(k): float(v) for k, v in betas.items()}
     model.skip_counter = counter
     return counter
@@ -90,6 +95,9 @@ def remove(model) -> None:
         if original is not None:
             view.router.forward = original
             del view.router._moescope_skip
+        if hasattr(view.experts, "_moescope_ep"):
+            view.experts._is_expert_parallel = view.experts._moescope_ep
+            del view.experts._moescope_ep
     model.skip_beta = {}
 
 
