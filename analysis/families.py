@@ -50,6 +50,10 @@ class FamilySpec:
         router_returns: what the router module's forward returns, a key of
             :data:`analysis.layouts.ROUTER_OUTPUTS` (``(logits, weights, idx)`` for all but Llama 4).
         mlp_attr: attribute of a decoder layer holding its MoE block (dense layers lack experts).
+        final_norm_attr: the decoder's final norm (``norm``; Jamba ``final_layernorm``, LFM2
+            ``embedding_norm``).
+        logit_multiplier_key / logit_divisor_key: config keys the causal-LM head multiplies /
+            divides its logits by (Cohere ``logit_scale``, Granite ``logits_scaling``).
     """
 
     name: str
@@ -74,6 +78,17 @@ class FamilySpec:
     experts_attr: str = "experts"
     layers_path: str = "model.layers"
     mlp_attr: str = "mlp"
+    final_norm_attr: str = "norm"
+    logit_multiplier_key: str | None = None
+    logit_divisor_key: str | None = None
+
+    def scale_logits(self, logits, config):
+        """The LM head's output as the family's causal LM returns it."""
+        if self.logit_multiplier_key:
+            logits = logits * getattr(config, self.logit_multiplier_key)
+        if self.logit_divisor_key:
+            logits = logits / getattr(config, self.logit_divisor_key)
+        return logits
 
     @property
     def group_limited(self) -> bool:
@@ -150,7 +165,7 @@ FAMILIES: dict[str, FamilySpec] = {
               param_attrs=(("routed_scaling_factor", "block.routed_scaling_factor"),
                            ("logit_softcap", "router_logit_softcapping"))),
         _spec("lfm2_moe", "num_experts", "gate", "sigmoid_group_topk", None, score_bias_attr="block.expert_bias",
-              mlp_attr="feed_forward"),
+              mlp_attr="feed_forward", final_norm_attr="embedding_norm"),
         # ---- softmax routers
         _spec("deepseek_v2", "n_routed_experts", "gate", "softmax_group_topk", False, router_float32=True,
               shared_attr="shared_experts", param_attrs=(("topk_method", "topk_method"),)),
@@ -162,7 +177,7 @@ FAMILIES: dict[str, FamilySpec] = {
         _spec("flex_olmo", "num_experts", "gate", "softmax_topk", None, cast_weights_to_logits_dtype=True),
         _spec("minimax", "num_local_experts", "gate", "softmax_topk", True),
         _spec("jamba", "num_experts", "router", "softmax_topk", False, cast_weights_to_logits_dtype=True,
-              mlp_attr="feed_forward"),
+              mlp_attr="feed_forward", final_norm_attr="final_layernorm"),
         _spec("hunyuan_v1_moe", "num_experts", "gate", "softmax_topk", True, router_weight_attr="wg.weight",
               cast_weights_to_logits_dtype=True, shared_attr="shared_mlp"),
         _spec("ernie4_5_moe", "moe_num_experts", "gate", "softmax_topk", True, router_float32=True,
@@ -170,14 +185,14 @@ FAMILIES: dict[str, FamilySpec] = {
               shared_attr="shared_experts"),
         # ---- top-k of the logits first
         _spec("granitemoe", "num_local_experts", "router", "topk_softmax", False, cast_weights_to_logits_dtype=True,
-              mlp_attr="block_sparse_moe"),
+              mlp_attr="block_sparse_moe", logit_divisor_key="logits_scaling"),
         _spec("granitemoeshared", "num_local_experts", "router", "topk_softmax", False,
-              cast_weights_to_logits_dtype=True, mlp_attr="block_sparse_moe"),
+              cast_weights_to_logits_dtype=True, mlp_attr="block_sparse_moe", logit_divisor_key="logits_scaling"),
         _spec("granitemoehybrid", "num_local_experts", "router", "topk_softmax", False,
-              cast_weights_to_logits_dtype=True, mlp_attr="block_sparse_moe"),
+              cast_weights_to_logits_dtype=True, mlp_attr="block_sparse_moe", logit_divisor_key="logits_scaling"),
         _spec("cohere2_moe", "num_experts", "gate", "topk_softmax", None, cast_weights_to_logits_dtype=True,
               shared_attr="shared_experts", shared_combine_attr="shared_expert_combination_strategy",
-              param_attrs=(("score_fn", "expert_selection_fn"),)),
+              param_attrs=(("score_fn", "expert_selection_fn"),), logit_multiplier_key="logit_scale"),
         _spec("llama4_text", "num_local_experts", "router", "topk_sigmoid", False, expert_layout="llama4",
               scores_on_input=True, shared_attr="shared_expert", block_returns_tuple=True,
               router_returns="scores_logits", model_types=("llama4_text", "llama4"),

@@ -196,19 +196,23 @@ def _minimax_m2(**kw):
                 **kw)
 
 
+_GRANITE_SCALES = dict(embedding_multiplier=4.0, logits_scaling=2.0, residual_multiplier=0.5)
+
+
 def _granitemoe(**kw):
-    return _cfg("GraniteMoeConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, **kw)
+    return _cfg("GraniteMoeConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                **{**_GRANITE_SCALES, **kw})
 
 
 def _granitemoeshared(**kw):
     return _cfg("GraniteMoeSharedConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                shared_intermediate_size=32, **kw)
+                shared_intermediate_size=32, **{**_GRANITE_SCALES, **kw})
 
 
 def _granitemoehybrid(**kw):
     return _cfg("GraniteMoeHybridConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
                 shared_intermediate_size=32, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16,
-                mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16, **kw)
+                mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16, **{**_GRANITE_SCALES, **kw})
 
 
 def _hunyuan_v1_moe(**kw):
