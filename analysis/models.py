@@ -83,11 +83,11 @@ class MoELayer:
 
     @property
     def shared(self) -> nn.Module | None:
-        return getattr(self.block, self.spec.shared_attr) if self.spec.shared_attr else None
+        return getattr(self.block, self.spec.shared_attr, None) if self.spec.shared_attr else None
 
     @property
     def shared_gate(self) -> nn.Module | None:
-        return getattr(self.block, self.spec.shared_gate_attr) if self.spec.shared_gate_attr else None
+        return getattr(self.block, self.spec.shared_gate_attr, None) if self.spec.shared_gate_attr else None
 
     @property
     def num_experts(self) -> int:

@@ -84,11 +84,12 @@ def _gpt_oss(**kw):
                            "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}, **kw})
 
 
-def _cfg(class_name: str, layers: int = 2, **kw):
-    """A config of transformers' ``class_name`` with moescope's small common sizes."""
+def _cfg(class_name: str, layers: int = 2, _over: dict | None = None, **defaults):
+    """A config of transformers' ``class_name`` with moescope's small common sizes, ``defaults``
+    and the caller's overrides ``_over`` (which win)."""
     import transformers
 
-    return getattr(transformers, class_name)(**{**_COMMON, "num_hidden_layers": layers, **kw})
+    return getattr(transformers, class_name)(**{**_COMMON, "num_hidden_layers": layers, **defaults, **(_over or {})})
 
 
 def _types(pattern: list[str], layers: int) -> list[str]:
@@ -99,41 +100,40 @@ _DS_ATTN = dict(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_
                 v_head_dim=8, head_dim=4)  # DeepSeek-style multi-head latent attention, tiny
 
 
-def _glm_like(class_name: str, layers: int = 3, dense_first: bool = True, **kw):
+def _glm_like(class_name: str, layers: int = 3, dense_first: bool = True, _over: dict | None = None, **kw):
     """DeepSeek-V3-style families: sigmoid router with score-correction bias, one shared expert."""
     base = dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
                 num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=True)
     if dense_first:
         base["mlp_layer_types"] = ["dense"] + ["sparse"] * (layers - 1)
-    return _cfg(class_name, layers, **{**base, **kw})
+    return _cfg(class_name, layers, _over, **{**base, **kw})
 
 
 def _glm4_moe(**kw):
-    return _glm_like("Glm4MoeConfig", head_dim=8, first_k_dense_replace=1, **kw)
+    return _glm_like("Glm4MoeConfig", head_dim=8, first_k_dense_replace=1, _over=kw)
 
 
 def _glm4_moe_lite(**kw):
-    return _glm_like("Glm4MoeLiteConfig", **{**_DS_ATTN, "first_k_dense_replace": 1, **kw})
+    return _glm_like("Glm4MoeLiteConfig", **_DS_ATTN, first_k_dense_replace=1, _over=kw)
 
 
 def _solar_open(**kw):
-    return _glm_like("SolarOpenConfig", dense_first=False, head_dim=8, **{"first_k_dense_replace": 1, **kw})
+    return _glm_like("SolarOpenConfig", dense_first=False, head_dim=8, first_k_dense_replace=1, _over=kw)
 
 
 def _dots1(**kw):
-    return _glm_like("Dots1Config", dense_first=False, head_dim=8, **{"first_k_dense_replace": 1, **kw})
+    return _glm_like("Dots1Config", dense_first=False, head_dim=8, first_k_dense_replace=1, _over=kw)
 
 
 def _deepseek_v32(**kw):
-    return _glm_like("DeepseekV32Config", dense_first=False, **{**_DS_ATTN, "first_k_dense_replace": 1,
-                                                               "n_group": 2, "topk_group": 1, "index_topk": 8,
-                                                               "index_head_dim": 8, "index_n_heads": 2, **kw})
+    return _glm_like("DeepseekV32Config", dense_first=False, **_DS_ATTN, first_k_dense_replace=1, n_group=2,
+                     topk_group=1, index_topk=8, index_head_dim=8, index_n_heads=2, _over=kw)
 
 
 def _mimo_v2_flash(**kw):
     return _glm_like("MiMoV2FlashConfig", head_dim=8, v_head_dim=8,
                      layer_types=["full_attention", "sliding_attention", "full_attention"], sliding_window=16,
-                     **kw)
+                     _over=kw)
 
 
 def _exaone_moe(**kw):
@@ -141,7 +141,7 @@ def _exaone_moe(**kw):
                 num_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                 norm_topk_prob=True, head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"],
                 layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=16,
-                first_k_dense_replace=1, **kw)
+                first_k_dense_replace=1, _over=kw)
 
 
 def _kimi_linear(**kw):
@@ -150,14 +150,13 @@ def _kimi_linear(**kw):
                 routed_scaling_factor=2.0, moe_renormalize=True, kv_lora_rank=16, q_lora_rank=None,
                 qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=8, linear_head_dim=8,
                 linear_num_heads=4, mlp_layer_types=["dense", "sparse", "sparse"],
-                layer_types=["linear_attention", "full_attention", "linear_attention"], **kw)
+                layer_types=["linear_attention", "full_attention", "linear_attention"], _over=kw)
 
 
 def _deepseek_v2(**kw):
-    return _cfg("DeepseekV2Config", 3, **{**_DS_ATTN, "intermediate_size": 64, "moe_intermediate_size": 16,
-                                          "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-                                          "first_k_dense_replace": 1, "topk_method": "group_limited_greedy",
-                                          "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5, **kw})
+    return _cfg("DeepseekV2Config", 3, **_DS_ATTN, intermediate_size=64, moe_intermediate_size=16,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5, _over=kw)
 
 
 def _qwen3_next(**kw):
@@ -165,35 +164,35 @@ def _qwen3_next(**kw):
                 shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
                 head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                 linear_num_value_heads=4, mlp_only_layers=[1], decoder_sparse_step=1,
-                layer_types=["linear_attention", "full_attention", "linear_attention"], **kw)
+                layer_types=["linear_attention", "full_attention", "linear_attention"], _over=kw)
 
 
 def _qwen3_5_moe(**kw):
     return _cfg("Qwen3_5MoeTextConfig", 2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                 num_experts=8, num_experts_per_tok=2, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
                 linear_num_key_heads=2, linear_num_value_heads=4,
-                layer_types=["linear_attention", "full_attention"], **kw)
+                layer_types=["linear_attention", "full_attention"], _over=kw)
 
 
 def _flex_olmo(**kw):
     return _cfg("FlexOlmoConfig", intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-                **kw)
+                _over=kw)
 
 
 def _jamba(**kw):
     return _cfg("JambaConfig", 4, intermediate_size=24, num_experts=8, num_experts_per_tok=2, expert_layer_period=2,
                 expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0, mamba_d_state=4, mamba_d_conv=2,
-                mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False, **kw)
+                mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False, _over=kw)
 
 
 def _minimax(**kw):
     return _cfg("MiniMaxConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
-                layer_types=["linear_attention", "full_attention"], block_size=8, **kw)
+                layer_types=["linear_attention", "full_attention"], block_size=8, _over=kw)
 
 
 def _minimax_m2(**kw):
     return _cfg("MiniMaxM2Config", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
-                **kw)
+                _over=kw)
 
 
 _GRANITE_SCALES = dict(embedding_multiplier=4.0, logits_scaling=2.0, residual_multiplier=0.5)
@@ -201,41 +200,41 @@ _GRANITE_SCALES = dict(embedding_multiplier=4.0, logits_scaling=2.0, residual_mu
 
 def _granitemoe(**kw):
     return _cfg("GraniteMoeConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                **{**_GRANITE_SCALES, **kw})
+                **_GRANITE_SCALES, _over=kw)
 
 
 def _granitemoeshared(**kw):
     return _cfg("GraniteMoeSharedConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                shared_intermediate_size=32, **{**_GRANITE_SCALES, **kw})
+                shared_intermediate_size=32, **_GRANITE_SCALES, _over=kw)
 
 
 def _granitemoehybrid(**kw):
     return _cfg("GraniteMoeHybridConfig", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
                 shared_intermediate_size=32, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16,
-                mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16, **{**_GRANITE_SCALES, **kw})
+                mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16, **_GRANITE_SCALES, _over=kw)
 
 
 def _hunyuan_v1_moe(**kw):
-    return _cfg("HunYuanMoEV1Config", intermediate_size=24, num_experts=8, moe_topk=2, head_dim=8, **kw)
+    return _cfg("HunYuanMoEV1Config", intermediate_size=24, num_experts=8, moe_topk=2, head_dim=8, _over=kw)
 
 
 def _ernie4_5_moe(**kw):
     return _cfg("Ernie4_5_MoeConfig", 3, intermediate_size=64, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
                 moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1,
-                **kw)
+                _over=kw)
 
 
 def _afmoe(**kw):
     return _cfg("AfmoeConfig", 3, intermediate_size=64, moe_intermediate_size=16, num_experts=8,
                 num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, route_scale=1.5, head_dim=8,
                 layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=16,
-                global_attn_every_n_layers=2, **kw)
+                global_attn_every_n_layers=2, _over=kw)
 
 
 def _hy_v3(**kw):
     return _cfg("HYV3Config", 3, intermediate_size=64, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
                 num_shared_experts=1, router_scaling_factor=2.5, head_dim=8,
-                mlp_layer_types=["dense", "sparse", "sparse"], **kw)
+                mlp_layer_types=["dense", "sparse", "sparse"], _over=kw)
 
 
 def _laguna(**kw):
@@ -243,27 +242,27 @@ def _laguna(**kw):
                 shared_expert_intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8,
                 num_attention_heads_per_layer=[4, 4, 4], layer_types=["full_attention"] * 3,
                 mlp_layer_types=["dense", "sparse", "sparse"], moe_routed_scaling_factor=1.5,
-                moe_router_logit_softcapping=2.0, **kw)
+                moe_router_logit_softcapping=2.0, _over=kw)
 
 
 def _lfm2_moe(**kw):
     return _cfg("Lfm2MoeConfig", 3, intermediate_size=64, moe_intermediate_size=16, num_experts=8,
                 num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=1.5, norm_topk_prob=True,
-                layer_types=["conv", "full_attention", "conv"], **kw)
+                layer_types=["conv", "full_attention", "conv"], _over=kw)
 
 
 def _cohere2_moe(**kw):
     return _cfg("Cohere2MoeConfig", intermediate_size=24, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
                 shared_expert_combination_strategy="average", expert_selection_fn="softmax", head_dim=8,
                 layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"],
-                sliding_window=16, **kw)
+                sliding_window=16, _over=kw)
 
 
 def _llama4_text(**kw):
     return _cfg("Llama4TextConfig", 3, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=8,
                 num_experts_per_tok=2, moe_layers=[0, 2], head_dim=8, attention_chunk_size=16,
                 layer_types=["chunked_attention", "full_attention", "chunked_attention"], no_rope_layers=[1, 0, 1],
-                **kw)
+                _over=kw)
 
 
 TINY_CONFIGS = {

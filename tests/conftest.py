@@ -19,6 +19,13 @@ from moescope.analysis.models import demo_model_dir  # noqa: E402
 from moescope.analysis.synthetic import TINY_CONFIGS, save_tiny  # noqa: E402
 
 FAMILIES = sorted(TINY_CONFIGS)
+# one family per distinct mechanism (routing rule, expert layout, where router tensors live, shared
+# experts): the original seven plus Llama 4 (scores on the expert input, transposed experts),
+# DeepSeek-V2 (softmax group-limited), Cohere 2 (top-k first, shared experts averaged) and AFMoE
+# (block-level selection bias, nested router Linear). Pipeline tests (strategies, analysis) run on
+# these; the family proofs (tests/test_families*.py) run on every family.
+CORE_FAMILIES = sorted(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss",
+                        "llama4_text", "deepseek_v2", "cohere2_moe", "afmoe"])
 
 _BUILT: dict = {}
 

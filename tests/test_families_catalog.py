@@ -18,10 +18,10 @@ from moescope.analysis import family_catalog, skipping
 from moescope.analysis.cli import main
 from moescope.analysis.errors import MoescopeError
 from moescope.analysis.layouts import LAYOUTS
-from moescope.analysis.models import load_moe
+from moescope.analysis.models import load_moe, wrap_model
 from moescope.analysis.routing import RouterParams, softmax_group_topk, softmax_topk, topk_sigmoid, topk_softmax
 from moescope.analysis.sensitivity import SubsetScorer, enumerate_layer, naive_subset_loss
-from moescope.analysis.synthetic import tiny_config
+from moescope.analysis.synthetic import tiny_config, tiny_model
 
 REQUIRED = ["glm4_moe", "qwen3_next", "qwen3_5_moe", "llama4_text", "ernie4_5_moe", "minimax_m2", "deepseek_v2",
             "granitemoe", "hunyuan_v1_moe"]
@@ -182,3 +182,16 @@ def test_skipping_equals_dropping_the_skipped_terms(family, dtype):
     assert (got - want).abs().max() <= tol
     assert counter.skipped == int(skip.sum()) and 0 < counter.fraction < 1
     skipping.remove(model)
+
+
+@pytest.mark.parametrize("overrides", [{"num_shared_experts": 0}, {"expert_selection_fn": "sigmoid"},
+                                       {"expert_selection_fn": "sigmoid", "norm_topk_prob": False,
+                                        "shared_expert_combination_strategy": "sum"}])
+def test_cohere2_variants_reproduce_the_block(overrides):
+    """Cohere 2's config switches: no shared experts, sigmoid instead of softmax, sum instead of average."""
+    model = wrap_model(tiny_model("cohere2_moe", **overrides))
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in model.layers.values():
+            assert (layer.forward(x) - layer.block(x[None])[0]).abs().max() <= 1e-5
+            assert (layer.shared is None) == (overrides.get("num_shared_experts") == 0)
