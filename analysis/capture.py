@@ -25,7 +25,7 @@ class _Recorder(nn.Module):
         self.sink = sink
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.sink.append(dict(kwargs))
+        self.sink.append((hidden_states, dict(kwargs)))
         return hidden_states
 
 
@@ -37,7 +37,8 @@ def _decoder(model: MoEModel) -> nn.Module:
 
 @torch.no_grad()
 def record_layer_kwargs(model: MoEModel, input_ids: Tensor) -> tuple[Tensor, list[dict]]:
-    """Embeddings ``[B, L, d]`` of ``input_ids`` and the keyword arguments each decoder layer gets."""
+    """The first decoder layer's input ``[B, L, d]`` (embeddings, scaled where the family scales
+    them, as Granite does) and the keyword arguments each decoder layer gets."""
     decoder = _decoder(model)
     real_layers = decoder.layers
     sink: list[dict] = []
@@ -46,8 +47,8 @@ def record_layer_kwargs(model: MoEModel, input_ids: Tensor) -> tuple[Tensor, lis
         decoder(input_ids=input_ids, use_cache=False)
     finally:
         decoder.layers = real_layers
-    kwargs = [{k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")} for kw in sink]
-    return decoder.embed_tokens(input_ids), kwargs
+    kwargs = [{k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")} for _, kw in sink]
+    return sink[0][0], kwargs
 
 
 @dataclass
@@ -140,8 +141,11 @@ class LayerStream:
             yield l, self.step(capture_moe_input)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Final norm and LM head on hidden states taken after the last layer."""
-        return self.model.hf.get_output_embeddings()(_decoder(self.model).norm(hidden))
+        """Final norm and LM head on hidden states taken after the last layer (and the family's
+        logit scaling, as Cohere and Granite apply it)."""
+        spec = self.model.family
+        norm = getattr(_decoder(self.model), spec.final_norm_attr)
+        return spec.scale_logits(self.model.hf.get_output_embeddings()(norm(hidden)), self.model.config)
 
     @torch.no_grad()
     def logits_per_chunk(self) -> Iterator[Tensor]:

@@ -16,6 +16,7 @@ from moescope.analysis.commands import (
     cmd_eval,
     cmd_experiments,
     cmd_export,
+    cmd_families,
     cmd_grid,
     cmd_info,
     cmd_plan,
@@ -177,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "ls":
             c.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cache)
+
+    help_ = "List every MoE model type transformers offers: supported, refused (with the reason) or not yet."
+    p = sub.add_parser("families", help=help_, description=help_)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--markdown", action="store_true", help="print the README's family table")
+    p.set_defaults(func=cmd_families)
 
     p = model_command("dashboard", "Open the dashboard in the browser (Streamlit).")
     p.add_argument("--address", default="localhost", help="address to bind (default: localhost only)")

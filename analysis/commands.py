@@ -19,6 +19,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    """Every MoE model type of the installed transformers: supported / refused / not yet."""
+    from moescope.analysis import family_catalog
+
+    entries = family_catalog.catalog()
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+    elif args.markdown:
+        print(family_catalog.markdown(entries), end="")
+    else:
+        for e in entries:
+            detail = f"{e.routing} · shared: {e.shared_experts}" if e.status == "supported" else e.reason
+            print(f"{e.model_type:28s} {e.status:9s} {detail}")
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     """Start the Streamlit dashboard (bound to localhost unless --address says otherwise)."""
     import os

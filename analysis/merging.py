@@ -129,10 +129,8 @@ def _merged_tensors(view, groups, coeffs: list[Tensor]) -> dict[str, Tensor]:
 
 def _merged_router(view, groups, coeffs: list[Tensor], merge_router: bool):
     rows = {}
-    for attr in ("weight", view.spec.router_bias_attr, view.spec.score_bias_attr):
-        if not attr:
-            continue
-        R = getattr(view.router, attr).detach().float()
+    for attr, R in view.router_tensors().items():
+        R = R.detach().float()
         merged = []
         for g, c in zip(groups, coeffs):
             if merge_router:
@@ -145,13 +143,12 @@ def _merged_router(view, groups, coeffs: list[Tensor], merge_router: bool):
 
 def _layer_output(view, x: Tensor, tensors, rows) -> Tensor:
     """The routed part of a (merged) layer on ``x`` with given expert tensors and router rows."""
-    logits = torch.nn.functional.linear(x.float(), rows["weight"], rows.get(view.spec.router_bias_attr))
+    logits = torch.nn.functional.linear(x.float(), rows["weight"], rows.get("bias"))
     base = view.router_params
-    params = RouterParams(**{**base.__dict__, "score_bias": rows.get(view.spec.score_bias_attr)})
+    params = RouterParams(**{**base.__dict__, "score_bias": rows.get("score_bias")})
     idx, w = ROUTING_RULES[view.spec.routing](logits, params, None)
-    n = tensors[next(iter(tensors))].shape[0]
-    Y = torch.stack([view.expert_forward(e, x.float(), tensors) for e in range(n)])  # [E', T, d]
-    return mix(Y, idx, w)
+    Y = view.expert_outputs(x.float(), logits, tensors, params)  # [E', T, d]
+    return mix(Y, idx, view.mix_weights(w))
 
 
 def learn_coefficients(view, x: Tensor, groups: list[list[int]], init: list[list[float]],

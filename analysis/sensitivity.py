@@ -183,8 +183,9 @@ class SubsetScorer:
     def _compute_chunk(self, xc: Tensor):
         view = self.view
         logits = view.router_logits(xc)
-        Y = torch.stack([view.expert_forward(e, xc) for e in range(view.num_experts)]).float()  # [E, t, d]
-        F = mix(Y, *self.rule(logits, self.params, None))
+        Y = view.expert_outputs(xc, logits).float()  # [E, t, d]
+        idx, w = self.rule(logits, self.params, None)
+        F = mix(Y, idx, view.mix_weights(w))
         return logits, Y, F
 
     def _iter_chunks(self):
@@ -211,7 +212,7 @@ class SubsetScorer:
         for logits, Y, F in self._iter_chunks():
             for s in range(len(subsets)):
                 idx, w = self.rule(logits, self.params, masks[s].to(logits.device))
-                sq[s] += (mix(Y, idx, w) - F).double().pow(2).sum().cpu()
+                sq[s] += (mix(Y, idx, self.view.mix_weights(w)) - F).double().pow(2).sum().cpu()
         return sq.sqrt()
 
 
@@ -276,7 +277,7 @@ def _routing_group_filter(view, keep: int | None = None) -> Callable[[tuple[int,
     """For group-limited routers only subsets that keep every routing group the same size (≥ 2);
     with ``keep``, subsets from which such a subset of ``keep`` experts can still be reached
     (every routing group keeps at least ``keep / n_group``)."""
-    if view.spec.routing != "sigmoid_group_topk":
+    if not view.spec.group_limited or view.router_params.n_group == 1:
         return lambda C: True
     n_group = view.router_params.n_group
     per = view.num_experts // n_group

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moescope.analysis.layouts import ROUTER_OUTPUTS
+
 CONFIG_KEY = "moescope_skip_beta"
 
 
@@ -55,11 +57,13 @@ def install(model, betas: dict[int, float]) -> SkipCounter:
         view = model.layers[int(l)]
         router = view.router
         original = router.forward
-        sentinel_ok = view.spec.expert_layout != "gpt_oss"  # GPT-OSS experts have no "skip" index
+        sentinel_ok = view.spec.expert_layout == "gate_up"  # GPT-OSS / Llama 4 experts have no "skip" index
+        unpack, pack = ROUTER_OUTPUTS[view.spec.router_returns]
 
         def forward(hidden_states, *args, _orig=original, _beta=float(beta), _view=view, _l=int(l),
-                    _sentinel=sentinel_ok, **kwargs):
-            logits, weights, idx = _orig(hidden_states, *args, **kwargs)
+                    _sentinel=sentinel_ok, _unpack=unpack, _pack=pack, **kwargs):
+            out = _orig(hidden_states, *args, **kwargs)
+            logits, weights, idx = _unpack(out, _view.top_k)
             skip = skip_mask(weights, _beta)
             n = int(skip.numel())
             s = int(skip.sum())
@@ -71,7 +75,7 @@ def install(model, betas: dict[int, float]) -> SkipCounter:
             weights = weights.masked_fill(skip, 0.0)
             if _sentinel:
                 idx = idx.masked_fill(skip, _view.num_experts)  # transformers' experts loop skips this index
-            return logits, weights, idx
+            return _pack(out, logits, weights, idx)
 
         router.forward = forward
         router._moescope_skip = original

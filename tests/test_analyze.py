@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import CORE_FAMILIES as FAMILIES
 
 import moescope.analysis.analyze as A
 from moescope.analysis.cache import Cache

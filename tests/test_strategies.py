@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import CORE_FAMILIES as FAMILIES
 
 from moescope.analysis.analyze import AnalysisParams
 from moescope.analysis.cache import Cache

@@ -69,7 +69,7 @@ def validate_groups(view: MoELayer, groups, coeffs) -> list[list[float]]:
         if len(coeffs) != len(groups) or any(len(c) != len(g) for c, g in zip(coeffs, groups, strict=False)):
             raise MoescopeError(f"{where}: coefficients must have the same shape as groups ({groups})")
         coeffs = [[float(w) for w in c] for c in coeffs]
-    if view.spec.routing == "sigmoid_group_topk":
+    if view.spec.group_limited and view.router_params.n_group > 1:
         check_routing_groups(view, groups)
     return coeffs
 

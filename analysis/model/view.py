@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from moescope.analysis.errors import MoescopeError
 from moescope.analysis.families import FamilySpec
+from moescope.analysis.layouts import LAYOUTS, ExpertWeights, assign, owner, resolve
 from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
 from moescope.analysis.model.save import TOKENIZER_FILES, prepare_output_dir
 from moescope.analysis.routing import ROUTING_RULES, RouterParams
@@ -42,18 +43,6 @@ class Routing:
     logits: Tensor  # [T, E] raw router logits (incl. router bias where the family has one)
     topk_idx: Tensor  # [T, k] chosen experts
     topk_weights: Tensor  # [T, k] their mixing weights
-
-
-@dataclass
-class ExpertWeights:
-    """One routed expert in the standard orientation: ``down(act(gate x) * (up x))``."""
-
-    gate: Tensor  # [I, d]
-    up: Tensor  # [I, d]
-    down: Tensor  # [d, I]
-    gate_bias: Tensor | None = None  # [I]  (GPT-OSS)
-    up_bias: Tensor | None = None  # [I]
-    down_bias: Tensor | None = None  # [d]
 
 
 def attr_path(obj, path: str):
@@ -83,11 +72,11 @@ class MoELayer:
 
     @property
     def shared(self) -> nn.Module | None:
-        return getattr(self.block, self.spec.shared_attr) if self.spec.shared_attr else None
+        return getattr(self.block, self.spec.shared_attr, None) if self.spec.shared_attr else None
 
     @property
     def shared_gate(self) -> nn.Module | None:
-        return getattr(self.block, self.spec.shared_gate_attr) if self.spec.shared_gate_attr else None
+        return getattr(self.block, self.spec.shared_gate_attr, None) if self.spec.shared_gate_attr else None
 
     @property
     def num_experts(self) -> int:
@@ -97,17 +86,37 @@ class MoELayer:
     def top_k(self) -> int:
         return int(self.router.top_k)
 
+    def _router_path(self, path: str | None):
+        return resolve(self.block, self.router, path, self.model.config) if path else None
+
     @property
     def router_weight(self) -> Tensor:  # [E, d]
-        return self.router.weight
+        return self._router_path(self.spec.router_weight_attr)
 
     @property
     def router_bias(self) -> Tensor | None:  # [E]
-        return getattr(self.router, self.spec.router_bias_attr) if self.spec.router_bias_attr else None
+        return self._router_path(self.spec.router_bias_attr)
 
     @property
-    def score_bias(self) -> Tensor | None:  # [E]
-        return getattr(self.router, self.spec.score_bias_attr) if self.spec.score_bias_attr else None
+    def score_bias(self) -> Tensor | None:  # [E] (ERNIE stores it as [1, E])
+        return self._router_path(self.spec.score_bias_attr)
+
+    def router_tensors(self) -> dict[str, Tensor]:
+        """The router's per-expert tensors by role: ``weight [E, d]``, and where the family has
+        them ``bias [E]`` and ``score_bias [E]`` (flattened)."""
+        out = {"weight": self.router_weight}
+        for role, t in (("bias", self.router_bias), ("score_bias", self.score_bias)):
+            if t is not None:
+                out[role] = t.reshape(-1)
+        return out
+
+    @property
+    def shared_scale(self) -> float:
+        """1, or ½ where the family averages shared and routed outputs (Cohere 2)."""
+        attr = self.spec.shared_combine_attr
+        if attr and self.shared is not None and getattr(self.block, attr, "sum") == "average":
+            return 0.5
+        return 1.0
 
     @property
     def renormalize(self) -> bool:
@@ -118,16 +127,24 @@ class MoELayer:
     @property
     def router_params(self) -> RouterParams:
         r = self.router
-        return RouterParams(
-            top_k=self.top_k,
-            renormalize=self.renormalize,
-            cast_weights_to_logits_dtype=self.spec.cast_weights_to_logits_dtype,
-            score_bias=self.score_bias,
-            n_group=int(getattr(r, "num_group", 1) or 1),
-            topk_group=int(getattr(r, "topk_group", 1) or 1),
-            routed_scaling_factor=float(getattr(r, "routed_scaling_factor", 1.0) or 1.0),
-            jitter_eps=float(getattr(r, "router_jitter_noise", 0.0) or 0.0),
-        )
+        extra = {f: self._router_path(path) for f, path in self.spec.param_attrs}
+        extra = {f: v for f, v in extra.items() if v is not None}
+        params = RouterParams(**{
+            "top_k": self.top_k,
+            "renormalize": self.renormalize,
+            "cast_weights_to_logits_dtype": self.spec.cast_weights_to_logits_dtype,
+            "score_bias": self.score_bias,
+            "n_group": int(getattr(r, "num_group", 1) or 1),
+            "topk_group": int(getattr(r, "topk_group", 1) or 1),
+            "routed_scaling_factor": float(getattr(r, "routed_scaling_factor", 1.0) or 1.0),
+            "jitter_eps": float(getattr(r, "router_jitter_noise", 0.0) or 0.0),
+            **extra,
+        })
+        if self.shared_scale != 1.0:  # (routed + shared) / 2 = ½·routed + ½·shared
+            from dataclasses import replace
+
+            params = replace(params, routed_scaling_factor=params.routed_scaling_factor * self.shared_scale)
+        return params
 
     # ---- computation -------------------------------------------------------------------------
     def router_logits(self, hidden: Tensor) -> Tensor:
@@ -137,6 +154,8 @@ class MoELayer:
         if self.spec.router_float32:
             hidden, weight = hidden.float(), weight.float()
             bias = bias.float() if bias is not None else None
+        elif hidden.dtype != weight.dtype:  # a router kept in its own dtype (Hunyuan's float32 wg)
+            hidden = hidden.to(weight.dtype)
         return nn.functional.linear(hidden, weight, bias)
 
     def route(self, hidden: Tensor, allowed: Tensor | None = None) -> Routing:
@@ -152,11 +171,28 @@ class MoELayer:
         candidates that carry gradients)."""
         ex = self.experts
         t = tensors if tensors is not None else ex._parameters
-        if self.spec.expert_layout == "gpt_oss":
-            gate_up = hidden @ t["gate_up_proj"][e] + t["gate_up_proj_bias"][e]
-            return ex._apply_gate(gate_up) @ t["down_proj"][e] + t["down_proj_bias"][e]
-        gate, up = nn.functional.linear(hidden, t["gate_up_proj"][e]).chunk(2, dim=-1)
-        return nn.functional.linear(ex.act_fn(gate) * up, t["down_proj"][e])
+        return LAYOUTS[self.spec.expert_layout].forward(ex, t, e, hidden)
+
+    def expert_outputs(self, hidden: Tensor, logits: Tensor | None = None, tensors: dict[str, Tensor] | None = None,
+                       params: RouterParams | None = None) -> Tensor:
+        """Every expert on every token, ``[E, T, d]``, ready for :func:`analysis.routing.mix` with
+        :meth:`mix_weights`. Where the family scales the expert input (Llama 4), an expert's weight
+        depends on its own logit only (no renormalisation), so expert ``e`` runs on ``w_e(x)·x`` and
+        mixes with weight 1; ``logits`` / ``params`` (default: this router's) give ``w_e``."""
+        n = (tensors or self.experts._parameters)["gate_up_proj"].shape[0]
+        if not self.spec.scores_on_input:
+            return torch.stack([self.expert_forward(e, hidden, tensors) for e in range(n)])
+        from dataclasses import replace
+
+        logits = self.router_logits(hidden) if logits is None else logits
+        idx, w = ROUTING_RULES[self.spec.routing](logits, replace(params or self.router_params, top_k=n), None)
+        W = torch.zeros_like(w).scatter(1, idx, w).to(hidden.dtype)  # [T, E] every expert's own weight
+        return torch.stack([self.expert_forward(e, hidden * W[:, e, None], tensors) for e in range(n)])
+
+    def mix_weights(self, weights: Tensor) -> Tensor:
+        """The weights that mix :meth:`expert_outputs`: the routing weights, or 1 for the chosen
+        experts where the weights already scaled the inputs."""
+        return torch.ones_like(weights) if self.spec.scores_on_input else weights
 
     def shared_forward(self, hidden: Tensor) -> Tensor | None:
         """The shared expert(s)' contribution (gated where the family gates it), or None."""
@@ -165,14 +201,19 @@ class MoELayer:
         out = self.shared(hidden)
         if self.shared_gate is not None:
             out = torch.sigmoid(self.shared_gate(hidden)) * out
-        return out
+        return out if self.shared_scale == 1.0 else out * self.shared_scale
 
     def combine(self, hidden: Tensor, routing: Routing) -> Tensor:
-        """Mix the routed experts' outputs with the routing weights (no shared experts): ``[T, d]``."""
+        """Mix the routed experts' outputs with the routing weights (no shared experts): ``[T, d]``.
+        Where the family scales the expert input instead (Llama 4), ``Σ E(w·x)``."""
         out = torch.zeros_like(hidden)
         for e in torch.unique(routing.topk_idx).tolist():
             pos, tok = torch.where(routing.topk_idx.T == e)
-            y = self.expert_forward(e, hidden[tok]) * routing.topk_weights[tok, pos, None]
+            w = routing.topk_weights[tok, pos, None]
+            if self.spec.scores_on_input:
+                y = self.expert_forward(e, hidden[tok] * w.to(hidden.dtype))
+            else:
+                y = self.expert_forward(e, hidden[tok]) * w
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
@@ -190,17 +231,7 @@ class MoELayer:
         parameters themselves (e.g. their gradients)."""
         ex = self.experts
         t = tensors if tensors is not None else dict(ex.named_parameters(recurse=False))
-        if self.spec.expert_layout == "gpt_oss":
-            gu = t["gate_up_proj"][e]  # [d, 2I], gate and up interleaved
-            gub = t.get("gate_up_proj_bias")
-            return ExpertWeights(
-                gate=gu[:, ::2].T, up=gu[:, 1::2].T, down=t["down_proj"][e].T,
-                gate_bias=gub[e, ::2] if gub is not None else None,
-                up_bias=gub[e, 1::2] if gub is not None else None,
-                down_bias=t["down_proj_bias"][e] if t.get("down_proj_bias") is not None else None,
-            )
-        gate, up = t["gate_up_proj"][e].chunk(2, dim=0)
-        return ExpertWeights(gate=gate, up=up, down=t["down_proj"][e])
+        return LAYOUTS[self.spec.expert_layout].weights(t, e)
 
     def expert_param_names(self) -> list[str]:
         """Names of the fused per-expert parameters of this block's experts module."""
@@ -296,7 +327,7 @@ class MoEModel:
             "num_experts": {str(i): n for i, n in self.num_experts().items()},
             "top_k": first.top_k,
             "routing": self.family.describe_routing(first.renormalize),
-            "routing_groups": first.router_params.n_group if self.family.routing == "sigmoid_group_topk" else None,
+            "routing_groups": first.router_params.n_group if self.family.group_limited else None,
             "shared_experts": shared,
             "params": self.parameter_counts(),
             "bytes": self.bytes_by_dtype(),
@@ -358,23 +389,35 @@ class MoEModel:
                 setattr(ex, name, nn.Parameter(new, requires_grad=old.requires_grad))
             router = view.router
             row_coeffs = coeffs if merge_router else onehot_of_largest(coeffs)
-            for attr in ("weight", self.family.router_bias_attr, self.family.score_bias_attr):
-                if not attr:
+            for attr in self._router_paths():
+                old = resolve(view.block, router, attr)
+                if old is None:
                     continue
-                old = getattr(router, attr)
-                new = combine_rows(old, groups, row_coeffs)
-                if isinstance(old, nn.Parameter):
-                    setattr(router, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+                if old.dim() == 2 and old.shape[0] == 1 and attr != self.family.router_weight_attr:
+                    new = combine_rows(old[0], groups, row_coeffs)[None]  # [1, E] bias (ERNIE)
                 else:
-                    setattr(router, attr, new)
+                    new = combine_rows(old, groups, row_coeffs)
+                if isinstance(old, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                assign(view.block, router, attr, new)
         self._fingerprint = None
         n = len(groups)
-        for module in (view.block, view.router, view.experts):
+        for module in self._count_holders(view):
             if hasattr(module, "num_experts"):
                 module.num_experts = n
-        if isinstance(view.router, nn.Linear):
-            view.router.out_features = n
+            if isinstance(module, nn.Linear):
+                module.out_features = n
         self._sync_config()
+
+    def _router_paths(self) -> list[str]:
+        f = self.family
+        return [a for a in (f.router_weight_attr, f.router_bias_attr, f.score_bias_attr) if a]
+
+    def _count_holders(self, view: MoELayer) -> list[nn.Module]:
+        """Modules that record the expert count (``num_experts`` / a router Linear's out_features)."""
+        return list(dict.fromkeys(
+            [view.block, view.router, view.experts, owner(view.block, view.router, self.family.router_weight_attr)]
+        ))
 
     def temporary_edit(self, layer: int):
         """Context in which ``layer`` may be edited (keep / merge); on exit its experts, router
@@ -386,10 +429,10 @@ class MoEModel:
             view = self._layer(layer)
             ex, router = view.experts, view.router
             params = {n: getattr(ex, n) for n in view.expert_param_names()}
-            router_attrs = {a: getattr(router, a) for a in ("weight", self.family.router_bias_attr,
-                                                             self.family.score_bias_attr) if a}
-            counts = {m: m.num_experts for m in (view.block, router, ex) if hasattr(m, "num_experts")}
-            out_features = getattr(router, "out_features", None)
+            router_attrs = {a: resolve(view.block, router, a) for a in self._router_paths()}
+            holders = self._count_holders(view)
+            counts = {m: m.num_experts for m in holders if hasattr(m, "num_experts")}
+            out_features = {m: m.out_features for m in holders if isinstance(m, nn.Linear)}
             cfg_n = getattr(self.config, self.family.num_experts_key)
             fingerprint = self._fingerprint
             try:
@@ -398,11 +441,12 @@ class MoEModel:
                 for n, p in params.items():
                     setattr(ex, n, p)
                 for a, t in router_attrs.items():
-                    setattr(router, a, t)
+                    if t is not None:
+                        assign(view.block, router, a, t)
                 for m, n in counts.items():
                     m.num_experts = n
-                if out_features is not None:
-                    router.out_features = out_features
+                for m, n in out_features.items():
+                    m.out_features = n
                 setattr(self.config, self.family.num_experts_key, cfg_n)
                 self._fingerprint = fingerprint
 

@@ -76,7 +76,7 @@ def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], r
 def per_routing_group(view, A, r, fn) -> list[list[int]]:
     """Group within each routing group of a group-limited router (so no output expert mixes
     routing groups), r / n_group groups each; elsewhere over the whole layer."""
-    if view.spec.routing != "sigmoid_group_topk":
+    if not view.spec.group_limited:
         return fn(A, r, list(range(A.shape[0])))
     n_group = view.router_params.n_group
     if r % n_group:

@@ -15,7 +15,7 @@ from moescope.analysis.errors import MoescopeError
 def routing_groups(view) -> list[list[int]]:
     """The router's expert groups: one per routing group for group-limited routers (DeepSeek-V3),
     else the whole layer. Selection happens within each, the same number from each."""
-    if view.spec.routing != "sigmoid_group_topk":
+    if not view.spec.group_limited:
         return [list(range(view.num_experts))]
     n_group = view.router_params.n_group
     per = view.num_experts // n_group
@@ -40,7 +40,7 @@ def keep_counts(model, params: dict, scores: dict[int, torch.Tensor] | None = No
     if (keep is None) == (budget is None):
         raise MoescopeError("give exactly one target: keep (experts per layer) or budget (experts in all)")
     layers = model.layers
-    if budget is not None and any(v.spec.routing == "sigmoid_group_topk" for v in layers.values()):
+    if budget is not None and any(v.spec.group_limited for v in layers.values()):
         raise MoescopeError("a global budget is not supported for group-limited routers (routing groups must stay "
                             "equal); give keep (experts per layer)")
     if keep is not None:
