@@ -35,7 +35,7 @@ def fresh_tiny(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     each (family, dtype, seed) is built once per session and deep-copied per call."""
     import copy
 
-    from moescope.analysis.models import wrap_model
+    from moescope.analysis.model import wrap_model
     from moescope.analysis.synthetic import tiny_model
 
     key = (family, dtype, seed)

@@ -18,7 +18,7 @@ from moescope.analysis import family_catalog, skipping
 from moescope.analysis.cli import main
 from moescope.analysis.errors import MoescopeError
 from moescope.analysis.layouts import LAYOUTS
-from moescope.analysis.models import load_moe, wrap_model
+from moescope.analysis.model import load_moe, wrap_model
 from moescope.analysis.routing import RouterParams, softmax_group_topk, softmax_topk, topk_sigmoid, topk_softmax
 from moescope.analysis.sensitivity import SubsetScorer, enumerate_layer, naive_subset_loss
 from moescope.analysis.synthetic import tiny_config, tiny_model

@@ -9,6 +9,11 @@ bfloat16 step (~0.4 %), which is as large as the rounding noise between transfor
 ``eager`` and ``grouped_mm`` experts, so only a bit-exact comparison can tell it apart.
 The default ``grouped_mm`` experts sum the top-k terms in float32 before one rounding where the
 eager loop rounds every term; against it the view is held to 2⁻⁶ of each token's scale.
+
+These references call each family's own router and experts modules with the signatures of the
+seven original families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, PhiMoE, GPT-OSS). The
+families added since have their view / keep / merge / skipping / save proofs, in both dtypes, in
+``test_families.py`` and ``test_families_catalog.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from moescope.analysis import skipping
 from moescope.analysis.model import load_moe, wrap_model
 
+FAMILIES = ["deepseek_v3", "gpt_oss", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CASES = [(f, d) for f in FAMILIES for d in DTYPES]
 IDS = [f"{f}-{d}" for f, d in CASES]
