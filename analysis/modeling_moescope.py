@@ -12,8 +12,10 @@ exporter:
 
 * ``moescope_num_experts_per_layer``: ``{"<decoder layer>": count}`` for every MoE layer;
 * ``moescope_moe_layout``: ``base_class`` (the family's class in ``transformers``),
-  ``layers_path``, ``mlp_attr``, ``router_attr``, ``experts_attr``, ``router_tensors`` and
-  ``expert_tensors`` (names of the per-expert tensors, first dimension = expert).
+  ``layers_path``, ``mlp_attr``, ``router_attr``, ``experts_attr``, ``router_weight`` and
+  ``router_tensors`` (paths relative to the router, or to the MoE block after ``block.``; a
+  ``[1, E]`` bias is cut along its last dimension) and ``expert_tensors`` (names of the
+  per-expert tensors, first dimension = expert).
 
 It imports only ``torch`` and ``transformers`` (never moescope), so loading needs nothing but
 ``trust_remote_code=True``. moescope uses this same module to load its exports without that flag.
@@ -33,12 +35,24 @@ def _attr_path(obj, path: str):
     return obj
 
 
-def _cut(module: nn.Module, name: str, n: int, where: str) -> None:
-    """Keep the first ``n`` rows of ``module.<name>`` (a parameter or a buffer, persistence kept)."""
+def _walk(block: nn.Module, router: nn.Module, path: str):
+    """(holder, attribute name) of ``path``: relative to ``router``, or to ``block`` after ``block.``."""
+    obj, rest = (block, path[len("block."):]) if path.startswith("block.") else (router, path)
+    *parents, last = rest.split(".")
+    for part in parents:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None, last
+    return obj, last
+
+
+def _cut(module: nn.Module, name: str, n: int, where: str, dim: int = 0) -> None:
+    """Keep the first ``n`` experts of ``module.<name>`` along ``dim`` (a parameter or a buffer,
+    persistence kept)."""
     old = getattr(module, name)
-    if old.shape[0] < n:
-        raise ValueError(f"{where}: '{name}' has {old.shape[0]} experts, the config asks for {n}")
-    new = old.detach()[:n].clone()
+    if old.shape[dim] < n:
+        raise ValueError(f"{where}: '{name}' has {old.shape[dim]} experts, the config asks for {n}")
+    new = old.detach().narrow(dim, 0, n).clone()
     if name in module._parameters:
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
@@ -50,6 +64,7 @@ def resize_moe_layers(model: nn.Module, config) -> None:
     counts = getattr(config, "moescope_num_experts_per_layer", None) or {}
     layout = config.moescope_moe_layout
     layers = _attr_path(model, layout["layers_path"])
+    weight_path = layout.get("router_weight", "weight")
     for key, n in counts.items():
         n = int(n)
         where = f"layer {key}"
@@ -58,13 +73,21 @@ def resize_moe_layers(model: nn.Module, config) -> None:
         experts = getattr(block, layout["experts_attr"])
         for name in layout["expert_tensors"]:
             _cut(experts, name, n, where)
-        for name in layout["router_tensors"]:
-            _cut(router, name, n, where)
-        for module in (block, router, experts):
+        holders = [block, router, experts]
+        for path in layout["router_tensors"]:
+            holder, name = _walk(block, router, path)
+            tensor = getattr(holder, name, None) if holder is not None else None
+            if tensor is None:
+                continue
+            flat_bias = tensor.dim() == 2 and tensor.shape[0] == 1 and path != weight_path  # [1, E]
+            _cut(holder, name, n, where, dim=1 if flat_bias else 0)
+            if path == weight_path:
+                holders.append(holder)
+        for module in dict.fromkeys(holders):
             if hasattr(module, "num_experts"):
                 module.num_experts = n
-        if isinstance(router, nn.Linear):
-            router.out_features = n
+            if isinstance(module, nn.Linear):
+                module.out_features = n
 
 
 def moescope_class(base_name: str) -> type:

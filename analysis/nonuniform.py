@@ -39,7 +39,9 @@ def base_class_name(hf_model) -> str:
 
 
 def layout(model) -> dict:
-    """The attribute names ``modeling_moescope.resize_moe_layers`` needs (from the FamilySpec)."""
+    """The attribute paths ``modeling_moescope.resize_moe_layers`` needs (from the FamilySpec):
+    router tensors as paths relative to the router, or to the MoE block after ``block.``, exactly
+    the tensors :meth:`MoEModel.merge` rewrites."""
     spec = model.family
     first = model.layers[model.moe_layers[0]]
     return {
@@ -48,7 +50,8 @@ def layout(model) -> dict:
         "mlp_attr": spec.mlp_attr,
         "router_attr": spec.router_attr,
         "experts_attr": spec.experts_attr,
-        "router_tensors": [a for a in ("weight", spec.router_bias_attr, spec.score_bias_attr) if a],
+        "router_weight": spec.router_weight_attr,
+        "router_tensors": [a for a in (spec.router_weight_attr, spec.router_bias_attr, spec.score_bias_attr) if a],
         "expert_tensors": first.expert_param_names(),
     }
 
