@@ -73,8 +73,10 @@ def _even_out(counts: dict[int, int]) -> None:
     by = c1.selectbox("Even out by", sources, key="plan_even_by",
                       help="drop the experts that matter least by this, or add back those that matter most")
     top_k = max(k for _, k in LAYERS.values())
-    count = c2.number_input("Experts per layer", top_k, min(n for n, _ in LAYERS.values()),
-                            backend.default_even_count(s, counts), key="plan_even_count")
+    if st.session_state.get("plan_even_for") != counts:  # a changed plan: propose its nearest uniform count
+        st.session_state["plan_even_for"] = counts
+        st.session_state["plan_even_count"] = backend.default_even_count(s, counts)
+    count = c2.number_input("Experts per layer", top_k, min(n for n, _ in LAYERS.values()), key="plan_even_count")
     if c3.button("Even out", key="plan_even", width="stretch"):
         try:
             commit(backend.even_out_plan(s, _draft(), by, int(count)))
