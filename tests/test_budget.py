@@ -78,7 +78,7 @@ def test_drop_grid_budget_keeps_the_experts_whose_removal_hurts_most(tmp_path):
                     model.keep(l, [k for k in range(8) if k != e])
                     naive[l, e] = math.exp(float(hf(input_ids=ids, labels=ids).loss))
     budget = 20
-    plan = make_plan("drop-grid", ctx_for(model, tmp_path, ids), {"budget": budget, "samples": 4})
+    plan = make_plan("drop-grid", ctx_for(model, tmp_path, ids), {"budget": budget, "grid_samples": 4})
     # expected: top-2 of each layer by perplexity, then the highest of the rest across layers
     ranked = {l: sorted(range(8), key=lambda e: -naive[l, e]) for l in range(4)}
     keep = {l: set(ranked[l][:2]) for l in range(4)}
@@ -89,7 +89,7 @@ def test_drop_grid_budget_keeps_the_experts_whose_removal_hurts_most(tmp_path):
     counts = counts_of(plan)
     assert sum(counts.values()) == budget
     assert counts[3] < min(counts[l] for l in range(3))  # the layer that matters least keeps least
-    same = make_plan("drop-grid", ctx_for(model, tmp_path, ids), {"keep": 5, "samples": 4})
+    same = make_plan("drop-grid", ctx_for(model, tmp_path, ids), {"keep": 5, "grid_samples": 4})
     assert counts_of(same) == {l: 5 for l in range(4)}
     assert same.layers[0].kept() == sorted(ranked[0][:5])
 

@@ -1,7 +1,7 @@
 """Drop grid: keep the experts whose single removal raises perplexity most.
 
 The grid (:func:`~moescope.analysis.sensitivity.drop_grid`: the perplexity of the model with one
-expert removed, for every layer × expert) is computed on the first ``samples`` windows of the
+expert removed, for every layer × expert) is computed on the first ``grid_samples`` windows of the
 calibration batch and stored in the cache, so a repeated request, or ``moescope grid`` on the same
 windows, reuses it. An expert's keep-score is that perplexity: with ``keep`` the most needed
 experts of every layer stay; with a global ``budget`` they are ranked across layers (top-k of every
@@ -36,10 +36,10 @@ def grid_scores(grid) -> dict[int, torch.Tensor]:
 
 @register("drop-grid", "Keep the experts whose single removal raises perplexity most (the drop grid on the first "
           "calibration windows, cached); with a budget, ranked across layers.",
-          [Param("samples", int, 16, help="calibration windows the drop grid is computed on", minimum=1)],
+          [Param("grid_samples", int, 16, help="calibration windows the drop grid is computed on", minimum=1)],
           budget=True)
 def by_drop_grid(ctx, params):
-    batch = first_rows(ctx.calib, params["samples"])
+    batch = first_rows(ctx.calib, params["grid_samples"])
     grid = cached_drop_grid(ctx.model, batch, ctx.cache, progress=ctx.progress)
     scores = grid_scores(grid)
     plan = ctx.plan_from_keep(top(ctx.model, scores, keep_counts(ctx.model, params, scores)), "drop-grid")
