@@ -60,6 +60,7 @@ def test_greedy_allocation_removes_where_the_cost_rises_least():
 # ---------------------------------------------------------------- drop grid
 
 
+@pytest.mark.slow  # ~8 s alone, ~20 s on this loaded machine
 def test_drop_grid_budget_keeps_the_experts_whose_removal_hurts_most(tmp_path):
     from moescope.analysis.data import sample_tokens
     from moescope.analysis.model import load_moe
