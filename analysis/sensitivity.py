@@ -202,6 +202,14 @@ class SubsetScorer:
             self._chunks = chunks
 
     @torch.no_grad()
+    def reference_norm(self) -> float:
+        """``‖F(x)‖_F``, the original routed output's norm (to compare losses across layers)."""
+        sq = 0.0
+        for _, _, F in self._iter_chunks():
+            sq += float(F.double().pow(2).sum())
+        return math.sqrt(sq)
+
+    @torch.no_grad()
     def losses(self, subsets: list[tuple[int, ...]]) -> Tensor:
         """``‖F'(x, C) − F(x)‖_F`` for every subset C (float64, same order)."""
         E = self.view.num_experts
@@ -229,12 +237,14 @@ ENUMERATION_METHODS = ("auto", "exact", "greedy", "beam")
 
 
 def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subsets: int = 5000,
-                    beam_width: int = 4, chunk_tokens: int = 4096) -> EnumerationResult:
+                    beam_width: int = 4, chunk_tokens: int = 4096,
+                    scorer: SubsetScorer | None = None) -> EnumerationResult:
     """Choose ``keep`` experts of a layer minimising the reconstruction loss.
 
     ``method``: ``exact`` scores all C(E, keep) subsets; ``greedy`` removes, one at a time, the
     expert whose removal costs least; ``beam`` keeps the ``beam_width`` best subsets at each size;
-    ``auto`` is exact when C(E, keep) ≤ ``max_subsets``, otherwise beam.
+    ``auto`` is exact when C(E, keep) ≤ ``max_subsets``, otherwise beam. ``scorer``: a
+    :class:`SubsetScorer` of the same layer and inputs to reuse (its expert outputs are kept).
     """
     E = view.num_experts
     if not view.top_k <= keep <= E:
@@ -244,7 +254,7 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
         method = "exact" if n_subsets <= max_subsets else "beam"
     if method not in ("exact", "greedy", "beam"):
         raise MoescopeError(f"unknown enumeration method '{method}'; accepted: auto, exact, greedy, beam")
-    scorer = SubsetScorer(view, x, chunk_tokens=chunk_tokens)
+    scorer = scorer or SubsetScorer(view, x, chunk_tokens=chunk_tokens)
     groups_ok = _routing_group_filter(view)
     reachable = _routing_group_filter(view, keep)
     if method == "exact":
@@ -271,6 +281,50 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
         beam = [nxt[i] for i in order]
         scored = [(list(nxt[i]), float(losses[i])) for i in order]
     return EnumerationResult(view.index, scored[0][0], scored[0][1], method, scored)
+
+
+def loss_curve(view, x: Tensor, min_keep: int | None = None, method: str = "auto", max_subsets: int = 5000,
+               beam_width: int = 4, chunk_tokens: int = 4096) -> tuple[dict[int, EnumerationResult], float]:
+    """The best subset of every size from ``min_keep`` (default: top-k) to all ``E`` experts, and
+    ``‖F(x)‖_F`` (to make losses of different layers comparable): ``{size: EnumerationResult}``.
+    Sizes with at most ``max_subsets`` subsets are searched exactly (``auto``/``exact``); the
+    others by one greedy/beam pass from ``E`` down, which visits every size on the way."""
+    E = view.num_experts
+    min_keep = view.top_k if min_keep is None else min_keep
+    scorer = SubsetScorer(view, x, chunk_tokens=chunk_tokens)
+    out = {E: EnumerationResult(view.index, list(range(E)), 0.0, "exact", [(list(range(E)), 0.0)])}
+    sizes = range(min_keep, E)
+    exact = [k for k in sizes if method == "exact" or (method == "auto" and math.comb(E, k) <= max_subsets)]
+    for k in exact:
+        out[k] = enumerate_layer(view, x, k, "exact", max_subsets=max_subsets, scorer=scorer)
+    rest = [k for k in sizes if k not in out]
+    if rest:
+        width = 1 if method == "greedy" else beam_width
+        beam: list[tuple[int, ...]] = [tuple(range(E))]
+        for size in range(E - 1, min(rest) - 1, -1):
+            nxt = sorted({tuple(c for c in C if c != drop) for C in beam for drop in C})
+            losses = scorer.losses(nxt)
+            order = torch.argsort(losses)[:width]
+            beam = [nxt[i] for i in order]
+            if size in rest:
+                scored = [(list(nxt[i]), float(losses[i])) for i in order]
+                out[size] = EnumerationResult(view.index, scored[0][0], scored[0][1],
+                                              "greedy" if width == 1 else "beam", scored)
+    return out, scorer.reference_norm()
+
+
+def allocate_greedy(costs: dict[int, dict[int, float]], budget: int, floor: dict[int, int]) -> dict[int, int]:
+    """Experts per layer for a global ``budget``: start from every layer full and remove one expert
+    at a time from the layer whose next removal raises its cost least (``costs[l][k]``: the cost
+    of keeping ``k``; never below ``floor[l]``; ties: the lower layer index)."""
+    counts = {l: max(c) for l, c in costs.items()}
+    if not sum(floor.values()) <= budget <= sum(counts.values()):
+        raise MoescopeError(f"budget={budget} is not possible: it must be between {sum(floor.values())} and "
+                            f"{sum(counts.values())}")
+    while sum(counts.values()) > budget:
+        step = min((costs[l][counts[l] - 1] - costs[l][counts[l]], l) for l in counts if counts[l] > floor[l])
+        counts[step[1]] -= 1
+    return counts
 
 
 def _routing_group_filter(view, keep: int | None = None) -> Callable[[tuple[int, ...]], bool]:

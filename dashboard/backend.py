@@ -43,7 +43,10 @@ from moescope.analysis.plan import PruningPlan, edit_layer
 from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.skipping import calibrate
 from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strategy, make_plan
+from moescope.analysis.strategies.criterion import criterion_scores
+from moescope.analysis.strategies.grid import grid_scores
 from moescope.analysis.strategies.merge import REPRESENTATIONS, similarity_name
+from moescope.analysis.strategies.selection import even_out, uniform_count
 
 __all__ = ["CRITERIA", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
            "is_distance", "similarity_name"]
@@ -407,3 +410,49 @@ def plan_table(plan: PruningPlan, layers: dict[int, tuple[int, int]]) -> pd.Data
                      "dropped": ", ".join(str(e) for e in range(E or 0) if e not in kept),
                      "merged": "; ".join(merged)})
     return pd.DataFrame(rows, columns=["layer", "experts", "after", "dropped", "merged"])
+
+
+def plan_counts(s: Settings, plan: PruningPlan) -> dict[int, int]:
+    """Output experts per MoE layer once ``plan`` is applied (every layer, changed or not)."""
+    return plan.experts_after(load_model(s.model))
+
+
+def export_form(s: Settings, counts: dict[int, int]) -> str:
+    """How a plan with these counts exports: the family's plain class, or per-layer counts."""
+    arch = (model_info(s.model).get("architectures") or ["the family's"])[0]
+    if len(set(counts.values())) <= 1:
+        return f"Exports to the plain {arch} class ({next(iter(counts.values()), 0)} experts in every layer)."
+    return (f"Different counts per layer: the export carries them in its config with a small modelling module "
+            f"(a {arch} built layer by layer), so loading it needs trust_remote_code=True; moescope loads it "
+            "without. Even it out for a plain-class folder.")
+
+
+GRID_SCORES = "drop grid"
+
+
+def even_out_sources(s: Settings) -> list[str]:
+    """What can say which experts matter: the stored drop grid (if any), then the criteria (with a
+    stored analysis)."""
+    return ([GRID_SCORES] if find_grid(s) is not None else []) + (list(CRITERIA) if find_analysis(s) else [])
+
+
+def default_even_count(s: Settings, counts: dict[int, int]) -> int:
+    return uniform_count(load_model(s.model), counts)
+
+
+def even_out_plan(s: Settings, plan: PruningPlan, by: str, count: int | None = None) -> PruningPlan:
+    """``plan`` made uniform (:func:`analysis.strategies.selection.even_out`), the experts that
+    matter least by ``by`` (the stored drop grid: its perplexity when dropped; or a criterion at
+    its own drop end) dropped first and those that matter most added back first."""
+    if by == GRID_SCORES:
+        grid = find_grid(s)
+        if grid is None:
+            raise MoescopeError("no drop grid for these settings yet; compute it on the Drop grid page")
+        scores = grid_scores(grid)
+    else:
+        c = CRITERIA.get(str(by).upper())
+        if c is None:
+            raise MoescopeError(f"unknown criterion '{by}'; accepted: {GRID_SCORES}, {', '.join(CRITERIA)}")
+        scores = criterion_scores(_analysis(s), c.name, c.drop)
+        by = f"{c.drop}-{c.name}"
+    return even_out(plan, load_model(s.model), scores, count, by=by)

@@ -379,6 +379,51 @@ def test_strategy_plan_from_the_registry(analysed):
     assert "Plan (frequency): L0→6" in at.sidebar.caption[1].value
 
 
+def test_plan_shows_counts_and_export_form_and_evens_out(analysed, demo_model, cache_dir):
+    res, _ = analysed
+    at = app("plan")
+    at.radio(key="plan_mode").set_value("By hand").run()
+    at.multiselect(key="plan_dropall_0").set_value([6, 7]).run()
+    at.multiselect(key="plan_dropall_1").set_value([3]).run()
+    page = " ".join(m.value for m in at.markdown)
+    assert "**Experts per layer:** L0 6 · L1 7 · L2 8 · L3 8" in page
+    assert "trust_remote_code=True" in at.warning[0].value
+    # even out by a criterion: 29 experts over 4 layers → 7 each
+    at.selectbox(key="plan_even_by").select("EAN").run()
+    assert at.number_input(key="plan_even_count").value == 7
+    at.button(key="plan_even").click().run()
+    assert not at.exception and not errors(at)
+    plan = at.session_state["plan"]
+    values = res.layer_map("EAN").numpy()  # EAN drops the smallest values; no value (never routed) first
+    keep_score = np.where(np.isnan(values), -np.inf, values)
+    assert plan["layers"]["0"]["groups"] == [[e] for e in sorted([0, 1, 2, 3, 4, 5, 6 if keep_score[0, 6] >=
+                                                                  keep_score[0, 7] else 7])]
+    assert plan["layers"]["1"]["groups"] == [[e] for e in range(8) if e != 3]
+    for l in (2, 3):
+        least = int(np.argmin(keep_score[l]))
+        assert plan["layers"][str(l)]["groups"] == [[e] for e in range(8) if e != least]
+    assert plan["provenance"]["evened_out"]["by"] == "min-EAN"
+    assert "**Experts per layer:** L0 7 · L1 7 · L2 7 · L3 7" in " ".join(m.value for m in at.markdown)
+    assert "Exports to the plain MixtralForCausalLM class (7 experts in every layer)." in [c.value for c in at.caption]
+    assert not at.warning and "plan_even" not in [b.key for b in at.button]
+    # by the drop grid of these evaluation settings: the least needed (lowest perplexity when dropped) go
+    batch = sample_tokens("demo:all", demo_model.tokenizer, SMALL["grid_samples"], SMALL["grid_seq_len"], seed=0,
+                          split="test")
+    grid = cached_drop_grid(demo_model, batch, Cache(cache_dir))
+    at.multiselect(key="plan_dropall_2").set_value([]).run()  # L2 back to 8: non-uniform again
+    assert at.selectbox(key="plan_even_by").options[0] == "drop grid"
+    at.selectbox(key="plan_even_by").select("drop grid").run()
+    at.number_input(key="plan_even_count").set_value(6).run()
+    at.button(key="plan_even").click().run()
+    plan = at.session_state["plan"]
+    ppl = np.array(grid.ppl)
+    for l in range(4):
+        kept = [g[0] for g in plan["layers"][str(l)]["groups"]]
+        assert len(kept) == 6
+        if l == 2:  # all 8 were kept: the two with the lowest perplexity when dropped go
+            assert kept == sorted(np.argsort(-ppl[2], kind="stable")[:6].tolist())
+
+
 def test_plan_upload_good_bad_and_malformed(analysed):
     at = app("plan")
     good = {"version": 1, "base_model": "demo", "layers": {"2": {"groups": [[0, 1], [2], [3], [4], [5], [6], [7]]}}}

@@ -107,7 +107,8 @@ def test_learned_coefficients_beat_uniform_on_held_out_tokens(tmp_path):
     ("criterion", {"keep": 4, "criterion": "EAN", "order": "up"}, "min or max"),
     ("merge", {"keep": 4, "representation": "weights", "similarity": "cka_rbf"}, "not available"),
     ("merge", {"keep": 4, "grouping": "kmeans"}, "unknown grouping"),
-    ("enumerate", {"budget": 10}, "uniform target"),
+    ("lottery", {"budget": 10}, "uniform target"),
+    ("enumerate", {"budget": 3}, "between 4"),
 ])
 def test_bad_strategy_parameters_are_refused(name, params, match, tmp_path):
     with pytest.raises(MoescopeError, match=match):
@@ -115,7 +116,7 @@ def test_bad_strategy_parameters_are_refused(name, params, match, tmp_path):
 
 
 def test_registry_lists_every_strategy():
-    assert set(STRATEGIES) == {"random", "frequency", "criterion", "enumerate", "merge", "router-guided", "manual",
+    assert set(STRATEGIES) == {"random", "frequency", "criterion", "drop-grid", "enumerate", "merge", "router-guided", "manual",
                                "skip", "lottery"}
 
 

@@ -21,7 +21,7 @@ from moescope.analysis.strategies.base import (
 from moescope.analysis.strategies.selection import keep_counts
 
 # the built-in strategies in the order they are listed, then any other module of this folder
-_BUILTIN = ("simple", "criterion", "enumeration", "merge", "manual", "skip", "lottery")
+_BUILTIN = ("simple", "criterion", "grid", "enumeration", "merge", "manual", "skip", "lottery")
 for _name in _BUILTIN + tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _BUILTIN)):
     if not _name.startswith("_"):
         importlib.import_module(f"{__name__}.{_name}")

@@ -89,6 +89,23 @@ def per_routing_group(view, A, r, fn) -> list[list[int]]:
     return out
 
 
+def distinctness(A: torch.Tensor) -> torch.Tensor:
+    """Per expert ``1 − max_{j≠e} A[e, j]`` for an affinity ``A`` in [0, 1]: how far the expert is
+    from its closest sibling. With a global budget the experts that have no near twin are the
+    ones kept as their own group, ranked across layers (a layer of near-duplicates gets fewer
+    output experts)."""
+    off = A.double().clone()
+    off.fill_diagonal_(float("-inf"))
+    return 1 - off.max(1).values
+
+
+def merge_counts(ctx, params, affinities: dict[int, torch.Tensor]) -> dict[int, int]:
+    """Output experts per layer: ``keep``, or a ``budget`` ranked by :func:`distinctness`."""
+    if params.get("budget") is None:
+        return keep_counts(ctx.model, params)
+    return keep_counts(ctx.model, params, {l: distinctness(A) for l, A in affinities.items()})
+
+
 def _check_similarity(params, model) -> None:
     similarity_name(params["representation"], params["similarity"])
 
@@ -100,17 +117,18 @@ def _check_similarity(params, model) -> None:
                  help="cka_linear | cka_rbf | cosine | mse (weights/surrogate: cosine | mse)"),
            Param("grouping", str, "spectral", choices=GROUPINGS, help="spectral | greedy | agglomerative"),
            *_merge_params("uniform")],
-          merges=True, check=_check_similarity)
+          merges=True, budget=True, check=_check_similarity)
 def group_and_merge(ctx, params):
     representation, similarity, grouping = params["representation"], params["similarity"], params["grouping"]
     sim_name = similarity_name(representation, similarity)
-    counts = keep_counts(ctx.model, params)
     metrics = ("routing", "similarity") if representation == "outputs" else ("routing", "weights")
     res = ctx.analysis(metrics=metrics)
     seed = params["seed"]
+    affinities = {l: affinity(res.similarity(l, sim_name), sim_name) for l in res.layers}
+    counts = merge_counts(ctx, params, affinities)
     groups = {}
     for l in res.layers:
-        A = affinity(res.similarity(l, sim_name), sim_name)
+        A = affinities[l]
 
         def cluster(A_sub, r, members, method=grouping):
             return [[members[i] for i in g] for g in group_experts(A_sub, r, method, seed)]
@@ -121,10 +139,11 @@ def group_and_merge(ctx, params):
 
 @register("router-guided", "Merge-then-compress style: the most-used experts lead their groups and every other "
           "expert joins the leader with the most similar router logits; usage-weighted merge by default.",
-          _merge_params("usage"), merges=True)
+          _merge_params("usage"), merges=True, budget=True)
 def router_guided(ctx, params):
-    counts = keep_counts(ctx.model, params)
     res = ctx.analysis(metrics=("routing",))
+    counts = merge_counts(ctx, params, {l: affinity(res.routing(l, "logit_similarity"), "router_logits")
+                                        for l in res.layers})
     groups = {}
     for l in res.layers:
         usage, sim = res.routing(l, "usage"), res.routing(l, "logit_similarity")

@@ -132,3 +132,52 @@ def iterative_drop(ctx, counts: dict[int, int], score_fn, metrics, after_round=N
                 after_round(r, rounds)
             ctx.report("rounds", r + 1, rounds)
     return {l: sorted(a) for l, a in alive.items()}
+
+
+def uniform_count(model, counts: dict[int, int]) -> int:
+    """The per-layer count nearest to the mean of ``counts`` (the total kept as close as
+    possible), within top-k and the layers' sizes."""
+    mean = sum(counts.values()) / max(len(counts), 1)
+    lo = max(v.top_k for v in model.layers.values())
+    hi = min(v.num_experts for v in model.layers.values())
+    return min(max(int(math.floor(mean + 0.5)), lo), hi)
+
+
+def even_out(plan, model, scores: dict[int, torch.Tensor], count: int | None = None, by: str = ""):
+    """A copy of ``plan`` keeping ``count`` output experts in every MoE layer (default: the count
+    nearest the plan's mean, :func:`uniform_count`): a layer with more drops its kept experts with
+    the lowest ``scores`` (higher = matters more), a layer with fewer adds back its dropped experts
+    with the highest; merged groups stay as they are. ``by`` names the scores in the provenance."""
+    from moescope.analysis.plan import edit_layer
+
+    import copy
+
+    before = plan.experts_after(model)
+    count = uniform_count(model, before) if count is None else int(count)
+    out = copy.deepcopy(plan)
+    for l, view in model.layers.items():
+        E = view.num_experts
+        if not view.top_k <= count <= E:
+            raise MoescopeError(f"cannot even out to {count} experts per layer: layer {l} needs between top-k "
+                                f"({view.top_k}) and {E}")
+        lp = plan.layers.get(l)
+        groups = lp.groups if lp is not None else [[e] for e in range(E)]
+        merged = [g for g in groups if len(g) > 1]
+        singles = [g[0] for g in groups if len(g) == 1]
+        dropped = [e for e in range(E) if all(e not in g for g in groups)]
+        s = nan_to(scores[l].double(), float("-inf"))
+        change = count - len(groups)
+        if change < 0:
+            if len(merged) > count:
+                raise MoescopeError(f"cannot even out to {count} experts per layer: layer {l} has {len(merged)} "
+                                    "merged groups; split some first or choose a larger count")
+            least = sorted(singles, key=lambda e: (float(s[e]), -e))[:-change]
+            dropped = dropped + least
+        elif change > 0:
+            most = sorted(dropped, key=lambda e: (-float(s[e]), e))[:change]
+            dropped = [e for e in dropped if e not in most]
+        if change:
+            out = edit_layer(out, l, E, dropped, merged)
+    out.provenance = {**out.provenance, "evened_out": {"count": count, "by": by,
+                                                       "before": {str(l): c for l, c in before.items()}}}
+    return out

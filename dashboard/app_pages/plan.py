@@ -63,6 +63,28 @@ def edit(layer: int, drop, merge) -> None:
         st.session_state["plan_edit_error"] = str(err)
 
 
+def _even_out(counts: dict[int, int]) -> None:
+    """Make the plan uniform in one click, by the drop grid or a criterion."""
+    sources = backend.even_out_sources(s)
+    if not sources:
+        st.caption("Run the analysis or compute the drop grid to even the plan out by what matters.")
+        return
+    c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+    by = c1.selectbox("Even out by", sources, key="plan_even_by",
+                      help="drop the experts that matter least by this, or add back those that matter most")
+    top_k = max(k for _, k in LAYERS.values())
+    if st.session_state.get("plan_even_for") != counts:  # a changed plan: propose its nearest uniform count
+        st.session_state["plan_even_for"] = counts
+        st.session_state["plan_even_count"] = backend.default_even_count(s, counts)
+    count = c2.number_input("Experts per layer", top_k, min(n for n, _ in LAYERS.values()), key="plan_even_count")
+    if c3.button("Even out", key="plan_even", width="stretch"):
+        try:
+            commit(backend.even_out_plan(s, _draft(), by, int(count)))
+        except MoescopeError as err:
+            st.session_state["plan_edit_error"] = str(err)
+        st.rerun()
+
+
 draft = _draft()
 problem = _problem(draft)  # validated live, on every run
 
@@ -86,7 +108,13 @@ with status:
     else:
         st.info("No change planned yet: pick a strategy, or drop and merge experts by hand.")
     if draft.layers:
+        counts = backend.plan_counts(s, draft)
+        st.markdown("**Experts per layer:** " + " · ".join(f"L{l} {c}" for l, c in sorted(counts.items())))
+        form = backend.export_form(s, counts)
+        (st.caption if len(set(counts.values())) <= 1 else st.warning)(form)
         st.dataframe(backend.plan_table(draft, LAYERS), hide_index=True)
+        if len(set(counts.values())) > 1 and not problem:
+            _even_out(counts)
 with actions:
     current = st.session_state.get("plan")
     st.download_button("Download plan JSON", json.dumps(current or {}, indent=2) + "\n", file_name="plan.json",
