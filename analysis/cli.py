@@ -94,19 +94,29 @@ def cmd_dashboard(args) -> int:
     app = REPO_ROOT / "dashboard" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--", "--model", model]
+    if args.trust_remote_code:
+        cmd.append("--trust-remote-code")
     os.chdir(REPO_ROOT)  # so .streamlit/config.toml (theme, localhost binding) applies
     os.execv(sys.executable, cmd)
     return 0
 
 
 class _Bars:
-    """tqdm bars keyed by stage, fed by the library's ``progress(stage, done, total)`` callback."""
+    """tqdm bars keyed by stage, fed by the library's ``progress(stage, done, total)`` callback.
+
+    Bars are drawn only on a terminal: redirected stderr gets no carriage returns or cursor
+    escapes, so an error line that follows is a clean line of its own. Every stage also raises
+    the audit event ``moescope.progress`` (what :func:`_fault_hook` listens to)."""
+
+    live: list[_Bars] = []  # open bar sets, closed by main() before it prints an error
 
     def __init__(self, quiet: bool = False):
         self.bars: dict = {}
-        self.quiet = quiet
+        self.quiet = quiet or not sys.stderr.isatty()
+        _Bars.live.append(self)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        sys.audit("moescope.progress", stage, done, total)
         if self.quiet:
             return
         from tqdm import tqdm
@@ -120,6 +130,14 @@ class _Bars:
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
+        if self in _Bars.live:
+            _Bars.live.remove(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for bars in list(cls.live):
+            bars.close()
 
 
 def _tokenizer_for(model, tokenizer_arg: str | None):
@@ -196,16 +214,18 @@ def cmd_cache(args) -> int:
 
     cache = Cache()
     if args.cache_command == "ls":
-        entries = cache.entries(kind=args.kind, model=args.model)
+        entries = cache.inspect(kind=args.kind, model=args.model, verify=args.verify)
         if args.json:
             print(json.dumps([{"kind": e.kind, "label": e.label, "key": e.key, "path": str(e.path),
                                "created": e.created, "size": e.size, "model_source": e.model_source,
-                               "data": e.data} for e in entries], indent=2))
+                               "data": e.data, "status": e.status, "problem": e.problem} for e in entries],
+                             indent=2))
         else:
             print(format_entries(entries) if entries else f"no cache entries under {cache.root}")
         return 0
-    n = cache.clear(kind=args.kind, model=args.model)
-    print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.root}")
+    n = cache.clear(kind=args.kind, model=args.model, damaged=args.damaged, verify=args.verify)
+    what = "damaged cache entr" if args.damaged else "cache entr"
+    print(f"removed {n} {what}{'y' if n == 1 else 'ies'} from {cache.root}")
     return 0
 
 
@@ -627,8 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
         c = csub.add_parser(action, help=help_)
         c.add_argument("--model", default=None, help="only entries of this model source or fingerprint prefix")
         c.add_argument("--kind", default=None, help="only entries of this kind (e.g. analysis)")
+        c.add_argument("--verify", action="store_true",
+                       help="check every file's sha256 too (default: presence and sizes from the manifest)")
         if action == "ls":
             c.add_argument("--json", action="store_true")
+        else:
+            c.add_argument("--damaged", action="store_true",
+                           help="remove only damaged or unreadable entries (those `cache ls` marks damaged)")
     p.set_defaults(func=cmd_cache)
 
     p = model_command("dashboard", "Open the dashboard in the browser (Streamlit).")
@@ -638,15 +663,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fault_hook() -> None:
+    """Fault injection for the test suite (``tests/test_faults*.py``); does nothing unless the
+    environment sets ``MOESCOPE_FAULT_AT``.
+
+    ``MOESCOPE_FAULT_AT=progress:GLOB`` makes this process SIGKILL itself when a progress stage
+    matching GLOB reports (e.g. ``progress:layers``, ``progress:evaluate pruned``);
+    ``MOESCOPE_FAULT_AT=write:GLOB`` when it opens a file whose path matches GLOB for writing
+    (e.g. ``write:*/out/config.json``). It is an audit hook, so it sees every write by any module
+    without a call site in the code under test."""
+    import os
+
+    spec = os.environ.get("MOESCOPE_FAULT_AT")
+    if not spec:
+        return
+    import fnmatch
+    import signal
+
+    kind, _, pattern = spec.partition(":")
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+    def hook(event: str, args: tuple) -> None:
+        if kind == "progress" and event == "moescope.progress":
+            hit = fnmatch.fnmatchcase(str(args[0]), pattern)
+        elif kind == "write" and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+            hit = bool(args[2] & writing) and fnmatch.fnmatchcase(os.path.abspath(os.fsdecode(args[0])), pattern)
+        else:
+            return
+        if hit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _fault_hook()
     try:
         return int(args.func(args) or 0)
     except MoescopeError as err:
+        _Bars.close_all()
         print(f"moescope: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _Bars.close_all()
         print("moescope: interrupted", file=sys.stderr)
         return 130
 
