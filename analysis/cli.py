@@ -696,10 +696,25 @@ def _fault_hook() -> None:
     sys.addaudithook(hook)
 
 
+def _library_bars_off_unless_terminal() -> None:
+    """transformers / huggingface_hub draw their own bars (``Loading weights``) on stderr; off a
+    terminal they are carriage-return noise in front of the one-line error, so switch them off."""
+    if sys.stderr.isatty():
+        return
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when they are imported
+    if "transformers" in sys.modules:  # already imported (the CLI called in-process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _fault_hook()
+    _library_bars_off_unless_terminal()
     try:
         return int(args.func(args) or 0)
     except MoescopeError as err:
