@@ -47,6 +47,8 @@ def cmd_dashboard(args) -> int:
     app = REPO_ROOT / "dashboard" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--", "--model", model]
+    if args.trust_remote_code:
+        cmd.append("--trust-remote-code")
     os.chdir(REPO_ROOT)  # so .streamlit/config.toml (theme, localhost binding) applies
     os.execv(sys.executable, cmd)
     return 0
@@ -126,16 +128,18 @@ def cmd_cache(args) -> int:
 
     cache = Cache()
     if args.cache_command == "ls":
-        entries = cache.entries(kind=args.kind, model=args.model)
+        entries = cache.inspect(kind=args.kind, model=args.model, verify=args.verify)
         if args.json:
             print(json.dumps([{"kind": e.kind, "label": e.label, "key": e.key, "path": str(e.path),
                                "created": e.created, "size": e.size, "model_source": e.model_source,
-                               "data": e.data} for e in entries], indent=2))
+                               "data": e.data, "status": e.status, "problem": e.problem} for e in entries],
+                             indent=2))
         else:
             print(format_entries(entries) if entries else f"no cache entries under {cache.root}")
         return 0
-    n = cache.clear(kind=args.kind, model=args.model)
-    print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.root}")
+    n = cache.clear(kind=args.kind, model=args.model, damaged=args.damaged, verify=args.verify)
+    what = "damaged cache entr" if args.damaged else "cache entr"
+    print(f"removed {n} {what}{'y' if n == 1 else 'ies'} from {cache.root}")
     return 0
 
 
