@@ -28,6 +28,10 @@ from moescope.analysis.errors import MoescopeError
 from moescope.analysis.report import ProgressBars
 
 
+ALLOW_PICKLE_HELP = ("UNSAFE: also load pickled weights (pytorch_model.bin); unpickling a crafted file runs code. "
+                     "Off by default: moescope reads safetensors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moescope",
@@ -41,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'demo' (default), a local model folder, or a hub id")
         p.add_argument("--trust-remote-code", action="store_true",
                        help="allow custom modelling code from the model's repository (off by default)")
+        p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
         return p
 
     p = model_command("info", "Show a model's MoE structure: layers, experts, routing, parameter counts.")
@@ -131,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = model_command("prune", "Apply a PruningPlan, optionally evaluate it (an experiment), and export the folder.")
     p.add_argument("--plan", required=True)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder (only a folder moescope wrote: it carries .moescope-export)")
+    p.add_argument("--force", action="store_true",
+                   help="apply a plan made for another model (or other weights); recorded in the plan's provenance")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true")
     eval_args(p)
@@ -152,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
