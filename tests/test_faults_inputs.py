@@ -163,6 +163,8 @@ def test_broken_weights_or_config_are_one_line_naming_the_file(capfd, work, bad_
     line = assert_refused(capfd, "analyze", str(bad_models[case]), "--samples", "2", "--seq-len", "32",
                           "--metrics", "routing", watch=(*watch, bad_models[case]))
     assert str(bad_models[case]) in line or "model.safetensors" in line or "config.json" in line, line
+    if case == "sizes":  # the tensors that differ, with both shapes (the config says 128, the weights 256)
+        assert "config.json" in line and "[8, 128, 256] in the checkpoint, [8, 128, 128] by the config" in line, line
 
 
 def test_pickle_only_folder_is_refused_with_how_to_convert(capfd, work, bad_models):
@@ -249,6 +251,76 @@ def test_plan_changing_some_layers_is_exported_whole_or_refused_before_loading(c
     assert "model.safetensors" not in line, f"the weights were read before the plan was checked: {line}"
 
 
+def test_force_applies_another_models_plan_records_it_and_overwrite_replaces_only_moescope_folders(
+        capfd, work, tmp_path):
+    """--force: exit 0, the override in plan.json's provenance and the card naming the real base;
+    a stale temporary sibling of a dead writer is swept; --overwrite replaces that (marked) folder."""
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6), base_model="mistralai/Mixtral-8x7B-v0.1")
+    out = folder / "out"
+    stale = folder / ".out.moescope-tmp-999999999"  # no such process
+    stale.mkdir()
+    (stale / "config.json").write_text("")
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--force")
+    assert rc == 0, err
+    saved = json.loads((out / "plan.json").read_text())
+    assert saved["base_model"] == "demo"
+    assert saved["provenance"]["forced"]["plan_base_model"] == "mistralai/Mixtral-8x7B-v0.1"
+    assert saved["provenance"]["forced"]["applied_to"] == "demo"
+    card = (out / "README.md").read_text()
+    assert "Base model: `demo`" in card and "Mixtral-8x7B" not in card
+    assert sorted(p.name for p in folder.iterdir()) == ["out", "plan.json"]  # the stale sibling is gone
+    assert (out / ".moescope-export").is_file()
+    (out / "leftover.txt").write_text("from the first export")
+    plan = plan_file(folder, "plan.json", uniform([[0], [1], [2], [3]]))
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite")
+    assert rc == 0, err
+    assert not (out / "leftover.txt").exists()
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["out", "plan.json"]
+
+
+def test_plan_made_for_other_weights_is_refused_by_fingerprint(capfd, work):
+    folder, watch = work
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "base_model": "demo", "layers": uniform(KEEP6),
+                                "provenance": {"strategy": "frequency", "model_fingerprint": "0" * 64}}))
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+                   says=("fingerprint", "--force"))
+
+
+def test_only_learned_merges_may_have_negative_coefficients():
+    from moescope.analysis.errors import MoescopeError
+    from moescope.analysis.plan import PruningPlan
+
+    layers = {"0": {"groups": [[0, 1], [2]], "coefficients": [[1.3, -0.2], [1.0]]}}
+    learned = PruningPlan.from_json({"version": 1, "base_model": "demo", "layers": layers,
+                                     "provenance": {"strategy": "merge", "params": {"merge": "learned"}}})
+    assert learned.layers[0].coefficients == [[1.3, -0.2], [1.0]]
+    with pytest.raises(MoescopeError, match="-0.2 is negative"):
+        PruningPlan.from_json({"version": 1, "base_model": "demo", "layers": layers,
+                               "provenance": {"strategy": "merge", "params": {"merge": "uniform"}}})
+    with pytest.raises(MoescopeError, match="sum to 0"):
+        PruningPlan.from_json({"version": 1, "base_model": "demo",
+                               "layers": {"0": {"groups": [[0, 1]], "coefficients": [[0, 0]]}}})
+
+
+def test_allow_pickle_is_the_only_way_to_load_pickled_weights(capfd, work, bad_models):
+    """The pickle-only folder (a plain state dict, no payload) exports with --allow-pickle, as
+    safetensors, with the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6), base_model=str(bad_models["pickle"]))
+    rc, _, err = cli(capfd, "prune", str(bad_models["pickle"]), "--plan", str(plan), "-o", str(folder / "out"),
+                     "--allow-pickle")
+    assert rc == 0, err
+    got = load_file(folder / "out" / "model.safetensors")
+    want = load_file(demo_model_dir() / "model.safetensors")
+    assert torch.equal(got["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+
+
 # ---- sample / sequence settings -----------------------------------------------------------------
 COMMANDS = {
     "analyze": ["analyze", "{model}", "--metrics", "routing"],
@@ -277,7 +349,7 @@ def test_non_positive_samples_or_seq_len_refused_before_weights_load(capfd, work
     assert "safetensors" not in line, line
 
 
-@pytest.mark.parametrize("name", ["analyze", "eval"])
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_seq_len_beyond_max_position_embeddings(capfd, work, name):
     folder, watch = work
     argv = command(name, "demo", folder, "--samples", "2", "--seq-len", str(DEMO_MAX_POS + 88))

@@ -165,7 +165,7 @@ def _mismatches(held: list[logging.LogRecord]) -> list[str]:
     out = []
     for record in held:
         for line in record.getMessage().splitlines():
-            m = re.search(r"^\s*(\S+)\s*\|\s*MISMATCH.*ckpt:\s*torch\.Size\((\[[^\]]*\])\)\s*vs\s*model:\s*"
+            m = re.search(r"^\s*(.+?)\s*\|\s*MISMATCH.*ckpt:\s*torch\.Size\((\[[^\]]*\])\)\s*vs\s*model:\s*"
                           r"torch\.Size\((\[[^\]]*\])\)", line)
             if m:
                 out.append(f"{m[1]} is {m[2]} in the checkpoint, {m[3]} by the config")
