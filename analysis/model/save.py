@@ -83,8 +83,8 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out_dir`` to write into; when the block finishes,
     mark it (:data:`MARKER_FILE`) and rename it into place, so ``out_dir`` is either absent (or as
     it was) or complete, whenever the process dies. An exception removes the temporary folder."""
+    sweep_stale_siblings(Path(out_dir))  # first: it may put a killed writer's folder back in place
     out = check_output_dir(out_dir, overwrite)
-    sweep_stale_siblings(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
