@@ -30,6 +30,7 @@ file past ~450 lines.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -338,6 +339,11 @@ class EntryInfo:
     model_source: str | None = None  # 'demo', a folder, a hub id
     data: str | None = None  # calibration data description / fingerprint
     elapsed_s: float | None = None
+    problem: str | None = None  # why the entry is damaged (set by Cache.inspect); None: it checked out
+
+    @property
+    def status(self) -> str:
+        return "damaged" if self.problem else "ok"
 
     def matches_model(self, model: str) -> bool:
         """``model`` is this entry's model source or a prefix of its model fingerprint."""
@@ -548,6 +554,14 @@ class Cache:
 
     def _open(self, path: Path, kind: str, key: str) -> Entry:
         """Verify an entry folder (raises :class:`_Corrupt` with the reason)."""
+        files, unverified = self._verify_files(path, key, hash_limit=EAGER_HASH_LIMIT)
+        meta = self._read_meta(path)
+        if meta.get("key") != key or meta.get("kind") != kind:
+            raise _Corrupt(f"{META_FILE} does not describe this entry")
+        return Entry(self, path, meta, files, unverified)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict:
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -556,10 +570,30 @@ class Cache:
             raise _Corrupt(f"{MANIFEST_FILE} is missing (incomplete write)") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise _Corrupt(f"{MANIFEST_FILE} is unreadable ({type(err).__name__})") from None
-        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise _Corrupt(f"{MANIFEST_FILE} is malformed")
+        return manifest
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict:
+        try:
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _Corrupt(f"{META_FILE} is unreadable ({type(err).__name__})") from None
+        if not isinstance(meta, dict):
+            raise _Corrupt(f"{META_FILE} is not a JSON object")
+        return meta
+
+    @classmethod
+    def _verify_files(cls, path: Path, key: str | None, hash_limit: float) -> tuple[dict, set[str]]:
+        """Check the manifest against the files: presence and sizes always, sha256 of files up to
+        ``hash_limit`` bytes (``meta.json`` always). Returns (manifest files, files left unhashed);
+        ``key=None`` accepts the manifest's own key."""
+        manifest = cls._read_manifest(path)
+        files = manifest.get("files")
         if (
             not isinstance(files, dict)
-            or manifest.get("key") != key
+            or (key is not None and manifest.get("key") != key)
             or META_FILE not in files
             or not all(isinstance(v, dict) and "bytes" in v and "sha256" in v for v in files.values())
         ):
@@ -574,7 +608,7 @@ class Cache:
                 raise _Corrupt(f"{name} is missing") from None
             if size != info["bytes"]:
                 raise _Corrupt(f"{name} has {size} bytes, the manifest says {info['bytes']}")
-            if size > EAGER_HASH_LIMIT and name != META_FILE:
+            if size > hash_limit and name != META_FILE:
                 unverified.add(name)
                 continue
             try:
@@ -583,13 +617,7 @@ class Cache:
                 raise _Corrupt(f"{name} is unreadable ({type(err).__name__})") from None
             if digest != info["sha256"]:
                 raise _Corrupt(f"{name} does not match its sha256")
-        try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _Corrupt(f"{META_FILE} is unreadable ({type(err).__name__})") from None
-        if not isinstance(meta, dict) or meta.get("key") != key or meta.get("kind") != kind:
-            raise _Corrupt(f"{META_FILE} does not describe this entry")
-        return Entry(self, path, meta, files, unverified)
+        return files, unverified
 
     def _discard(self, path: Path, reason: str) -> None:
         """Move a damaged entry out of sight (atomically), delete it, and warn in one line."""
@@ -796,10 +824,56 @@ class Cache:
                 out.append(info)
         return sorted(out, key=lambda i: (i.created, str(i.path)))
 
-    def clear(self, kind: str | None = None, model: str | None = None) -> int:
+    def inspect(self, kind: str | None = None, model: str | None = None, verify: bool = False) -> list[EntryInfo]:
+        """Every entry folder with its verdict, oldest first: like :meth:`entries`, but each entry's
+        manifest is checked (files present with their recorded sizes, ``meta.json`` hashed; every
+        file's sha256 with ``verify``), and damaged or unreadable folders are listed too, with
+        :attr:`EntryInfo.problem` saying why. Nothing is removed (see :meth:`clear`). A damaged
+        entry whose ``meta.json`` cannot be read matches no ``model`` filter."""
+        if model is not None and not model:
+            raise MoescopeError("empty model filter: give a model source (e.g. 'demo') or a fingerprint prefix")
+        out = []
+        for path in self._entry_dirs(kind):
+            info = self._inspect(path, verify)
+            if model is None or info.matches_model(model):
+                out.append(info)
+        return sorted(out, key=lambda i: (i.created, str(i.path)))
+
+    def _inspect(self, path: Path, verify: bool) -> EntryInfo:
+        problem = None
+        try:
+            self._verify_files(path, None, hash_limit=math.inf if verify else -1)
+            meta = self._read_meta(path)
+            manifest_key = self._read_manifest(path).get("key")
+            if (meta.get("kind") != path.parent.name or meta.get("key") != manifest_key
+                    or not str(meta.get("key", "")).startswith(path.name[-HASH_CHARS:])):
+                raise _Corrupt(f"{META_FILE} does not describe this entry")
+            info = self._info(path)
+            if info is None:
+                raise _Corrupt(f"{META_FILE} lacks kind, key or created")
+            return info
+        except _Corrupt as err:
+            problem = str(err)
+        info = self._info(path)  # what can still be read, for the listing
+        if info is not None:
+            return dataclasses.replace(info, problem=problem)
+        try:
+            stat = path.stat()
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        except OSError:
+            stat, size = None, 0
+        created = datetime.fromtimestamp(stat.st_mtime if stat else 0, timezone.utc).isoformat(timespec="microseconds")
+        return EntryInfo(kind=path.parent.name, label=None, key="", path=path, created=created, size=size,
+                         problem=problem)
+
+    def clear(self, kind: str | None = None, model: str | None = None, damaged: bool = False,
+              verify: bool = False) -> int:
         """Remove the matching entries (see :meth:`entries`; without ``model`` unreadable entry folders
-        go too) and return how many were removed."""
-        if model is not None:
+        go too) and return how many were removed. ``damaged`` removes only the entries that
+        :meth:`inspect` (with ``verify``: every checksum) finds damaged."""
+        if damaged:
+            targets = [i.path for i in self.inspect(kind, model, verify=verify) if i.problem]
+        elif model is not None:
             targets = [i.path for i in self.entries(kind, model)]
         else:
             targets = list(self._entry_dirs(kind))
@@ -831,10 +905,11 @@ def _short(text: str | None, width: int) -> str:
 
 
 def format_entries(entries: list[EntryInfo]) -> str:
-    """A readable table of :meth:`Cache.entries` for ``moescope cache ls``."""
+    """A readable table of :meth:`Cache.entries` / :meth:`Cache.inspect` for ``moescope cache ls``
+    (damaged entries are marked and their reasons listed below the table)."""
     if not entries:
         return "cache is empty (no matching entries)"
-    header = ("KIND", "LABEL", "CREATED (UTC)", "SIZE", "MODEL", "DATA", "KEY")
+    header = ("KIND", "LABEL", "CREATED (UTC)", "SIZE", "MODEL", "DATA", "KEY", "STATUS")
     rows = []
     for e in entries:
         model = e.model_source or ""
@@ -847,7 +922,8 @@ def format_entries(entries: list[EntryInfo]) -> str:
             format_bytes(e.size),
             _short(model, 40),
             _short(e.data, 30),
-            e.key[:12],
+            e.key[:12] or "-",
+            e.status,
         ))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -858,4 +934,9 @@ def format_entries(entries: list[EntryInfo]) -> str:
     lines = [line(r) for r in [header, *rows]]
     total = sum(e.size for e in entries)
     lines.append(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {format_bytes(total)}")
+    damaged = [e for e in entries if e.problem]
+    if damaged:
+        lines += [f"damaged: {e.path.parent.name}/{e.path.name}: {e.problem}" for e in damaged]
+        lines.append(f"{len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'}; "
+                     "`moescope cache clear --damaged` removes them")
     return "\n".join(lines)

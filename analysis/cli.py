@@ -25,6 +25,11 @@ from moescope.analysis.commands import (
     strategy_flag_names,
 )
 from moescope.analysis.errors import MoescopeError
+from moescope.analysis.report import ProgressBars
+
+
+ALLOW_PICKLE_HELP = ("UNSAFE: also load pickled weights (pytorch_model.bin); unpickling a crafted file runs code. "
+                     "Off by default: moescope reads safetensors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'demo' (default), a local model folder, or a hub id")
         p.add_argument("--trust-remote-code", action="store_true",
                        help="allow custom modelling code from the model's repository (off by default)")
+        p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
         return p
 
     p = model_command("info", "Show a model's MoE structure: layers, experts, routing, parameter counts.")
@@ -130,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = model_command("prune", "Apply a PruningPlan, optionally evaluate it (an experiment), and export the folder.")
     p.add_argument("--plan", required=True)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder (only a folder moescope wrote: it carries .moescope-export)")
+    p.add_argument("--force", action="store_true",
+                   help="apply a plan made for another model (or other weights); recorded in the plan's provenance")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true")
     eval_args(p)
@@ -151,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -175,8 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         c = csub.add_parser(action, help=help_)
         c.add_argument("--model", default=None, help="only entries of this model source or fingerprint prefix")
         c.add_argument("--kind", default=None, help="only entries of this kind (e.g. analysis)")
+        c.add_argument("--verify", action="store_true",
+                       help="check every file's sha256 too (default: presence and sizes from the manifest)")
         if action == "ls":
             c.add_argument("--json", action="store_true")
+        else:
+            c.add_argument("--damaged", action="store_true",
+                           help="remove only damaged or unreadable entries (those `cache ls` marks damaged)")
     p.set_defaults(func=cmd_cache)
 
     help_ = "List every MoE model type transformers offers: supported, refused (with the reason) or not yet."
@@ -193,15 +208,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fault_hook() -> None:
+    """Fault injection for the test suite (``tests/test_faults*.py``); does nothing unless the
+    environment sets ``MOESCOPE_FAULT_AT``.
+
+    ``MOESCOPE_FAULT_AT=progress:GLOB`` makes this process SIGKILL itself when a progress stage
+    matching GLOB reports (e.g. ``progress:layers``, ``progress:evaluate pruned``);
+    ``MOESCOPE_FAULT_AT=write:GLOB`` when it opens a file whose path matches GLOB for writing
+    (e.g. ``write:*/out/config.json``). It is an audit hook, so it sees every write by any module
+    without a call site in the code under test."""
+    import os
+
+    spec = os.environ.get("MOESCOPE_FAULT_AT")
+    if not spec:
+        return
+    import fnmatch
+    import signal
+
+    kind, _, pattern = spec.partition(":")
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+    def hook(event: str, args: tuple) -> None:
+        if kind == "progress" and event == "moescope.progress":
+            hit = fnmatch.fnmatchcase(str(args[0]), pattern)
+        elif kind == "write" and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+            hit = bool(args[2] & writing) and fnmatch.fnmatchcase(os.path.abspath(os.fsdecode(args[0])), pattern)
+        else:
+            return
+        if hit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
+
+
+def _library_bars_off_unless_terminal() -> None:
+    """transformers / huggingface_hub draw their own bars (``Loading weights``) on stderr; off a
+    terminal they are carriage-return noise in front of the one-line error, so switch them off."""
+    if sys.stderr.isatty():
+        return
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when they are imported
+    if "transformers" in sys.modules:  # already imported (the CLI called in-process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _fault_hook()
+    _library_bars_off_unless_terminal()
     try:
         return int(args.func(args) or 0)
     except MoescopeError as err:
+        ProgressBars.close_all()
         print(f"moescope: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        ProgressBars.close_all()
         print("moescope: interrupted", file=sys.stderr)
         return 130
 

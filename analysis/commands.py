@@ -47,6 +47,8 @@ def cmd_dashboard(args) -> int:
     app = REPO_ROOT / "dashboard" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--", "--model", model]
+    if args.trust_remote_code:
+        cmd.append("--trust-remote-code")
     os.chdir(REPO_ROOT)  # so .streamlit/config.toml (theme, localhost binding) applies
     os.execv(sys.executable, cmd)
     return 0
@@ -75,8 +77,10 @@ def cmd_analyze(args) -> int:
     from moescope.analysis.cache import Cache
     from moescope.analysis.data import parse_source, sample_tokens
     from moescope.analysis.model import load_moe
+    from moescope.analysis.model.loading import check_sampling, load_config
 
     parse_source(args.calib)  # validate before loading anything heavy
+    check_sampling(load_config(args.model, args.trust_remote_code), args.samples, args.seq_len)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.offload and metrics == ("all",):
         from moescope.analysis.analyze import FORWARD_METRICS
@@ -89,7 +93,7 @@ def cmd_analyze(args) -> int:
         similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, seed=args.seed,
     )
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                     offload_dir=args.offload)
+                     offload_dir=args.offload, allow_pickle=args.allow_pickle)
     batch = sample_tokens(args.calib, tokenizer_for(model, args.tokenizer), args.samples, args.seq_len,
                           seed=args.seed, sampling=args.sampling, split="validation")
     bars = ProgressBars(quiet=args.json)
@@ -126,16 +130,18 @@ def cmd_cache(args) -> int:
 
     cache = Cache()
     if args.cache_command == "ls":
-        entries = cache.entries(kind=args.kind, model=args.model)
+        entries = cache.inspect(kind=args.kind, model=args.model, verify=args.verify)
         if args.json:
             print(json.dumps([{"kind": e.kind, "label": e.label, "key": e.key, "path": str(e.path),
                                "created": e.created, "size": e.size, "model_source": e.model_source,
-                               "data": e.data} for e in entries], indent=2))
+                               "data": e.data, "status": e.status, "problem": e.problem} for e in entries],
+                             indent=2))
         else:
             print(format_entries(entries) if entries else f"no cache entries under {cache.root}")
         return 0
-    n = cache.clear(kind=args.kind, model=args.model)
-    print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.root}")
+    n = cache.clear(kind=args.kind, model=args.model, damaged=args.damaged, verify=args.verify)
+    what = "damaged cache entr" if args.damaged else "cache entr"
+    print(f"removed {n} {what}{'y' if n == 1 else 'ies'} from {cache.root}")
     return 0
 
 
@@ -200,7 +206,12 @@ def cmd_plan(args) -> int:
     # everything about the request is checked against the config before any weights are read
     skeleton = load_moe(args.model, dtype=None, weights=False, trust_remote_code=args.trust_remote_code)
     validate_request(strategy.name, params, skeleton)
-    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if strategy.needs_data:
+        from moescope.analysis.model.loading import check_sampling
+
+        check_sampling(skeleton.config, args.samples, args.seq_len)
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                     allow_pickle=args.allow_pickle)
     batch = calib_batch(args, model) if strategy.needs_data else None
     bars = ProgressBars(quiet=args.json)
     try:
@@ -259,11 +270,15 @@ def cmd_eval(args) -> int:
     from moescope.analysis.cache import Cache
     from moescope.analysis.experiments import run_experiment
 
+    from moescope.analysis.model import load_config
+
     spec = eval_spec(args, ["demo:all"])
+    spec.validate_for(load_config(args.model, args.trust_remote_code))  # before any weights are read
     bars = ProgressBars(quiet=args.json)
     try:
         exp = run_experiment(args.model, None, spec, cache=Cache(), progress=bars, dtype=args.dtype,
-                             device=args.device, trust_remote_code=args.trust_remote_code)
+                             device=args.device, trust_remote_code=args.trust_remote_code,
+                             allow_pickle=args.allow_pickle)
     finally:
         bars.close()
     if args.json:
@@ -275,33 +290,43 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    """Load config → check plan and output folder once → load weights → apply → evaluate (if
-    asked) → export with the plan passed explicitly."""
+    """Check the output folder, the plan (in full, against the config and the base model) and the
+    evaluation settings once → load weights → apply → evaluate (if asked) → export atomically
+    with the plan passed explicitly → only then store the experiment record, so a killed run
+    leaves neither a partial folder nor a record without its export."""
+    from moescope.analysis import experiments
     from moescope.analysis.cache import Cache
-    from moescope.analysis.experiments import prune_and_evaluate
     from moescope.analysis.export import check_exportable, export
-    from moescope.analysis.model import check_output_dir, load_moe
+    from moescope.analysis.model import check_output_dir, folder_fingerprint, load_moe, resolve_source
     from moescope.analysis.plan import PruningPlan
     from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
 
     out = check_output_dir(args.output, args.overwrite)
     plan = PruningPlan.load(args.plan)
     spec = eval_spec(args, None) if evaluating(args) else None
-    check_exportable(args.model, plan, args.trust_remote_code)
+    skeleton = check_exportable(args.model, plan, args.trust_remote_code)
+    local = resolve_source(args.model)[1]
+    plan.check_base(args.model, folder_fingerprint(local) if local is not None else None, force=args.force)
+    if spec is not None:
+        spec.validate_for(skeleton.config)
     cache = Cache()
     weights = finetuned_weights(plan, cache) if is_finetuned(plan) else None
-    model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                     allow_pickle=args.allow_pickle)
     before = model.parameter_counts()
     exp = None
     if spec is not None:
         bars = ProgressBars(quiet=args.json)
         try:
-            exp = prune_and_evaluate(model, plan, spec, cache=cache, progress=bars, dtype=args.dtype)
+            exp = experiments.prune_and_evaluate(model, plan, spec, cache=cache, progress=bars, dtype=args.dtype,
+                                                 store=False)
         finally:
             bars.close()
     else:
         apply(model, plan, weights=weights)
     export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite)
+    if exp is not None:
+        experiments.store(exp, cache)
     after = model.parameter_counts()
     result = {"output": str(out), "experts": {str(k): v for k, v in model.num_experts().items()},
               "params_before": before, "params_after": after}
@@ -322,7 +347,7 @@ def cmd_export(args) -> int:
     from moescope.analysis.export import export_experiment
 
     out = export_experiment(args.experiment, args.output, overwrite=args.overwrite, cache=Cache(), dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code)
+                            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     files = sorted(p.name for p in out.iterdir())
     if args.json:
         print(json.dumps({"output": str(out), "files": files}, indent=2))
@@ -384,8 +409,12 @@ def cmd_grid(args) -> int:
     from moescope.analysis.model import load_moe
     from moescope.analysis.sensitivity import cached_drop_grid
 
+    from moescope.analysis.model.loading import check_sampling, load_config
+
     parse_source(args.eval)
-    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    check_sampling(load_config(args.model, args.trust_remote_code), args.samples, args.seq_len)
+    model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                     allow_pickle=args.allow_pickle)
     batch = calib_batch(args, model, split="test")
     bars = ProgressBars(quiet=args.json)
     try:

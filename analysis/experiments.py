@@ -122,18 +122,20 @@ def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | No
 
 def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
                    label: str | None = None, dtype: str | None = None, device: str | None = None,
-                   trust_remote_code: bool = False) -> Experiment:
+                   trust_remote_code: bool = False, allow_pickle: bool = False) -> Experiment:
     """Load ``source``, check ``plan`` (a :class:`PruningPlan` or None) against it, then
     :func:`prune_and_evaluate` the loaded model. Nothing is stored unless every step finished, so
     an interrupted run leaves no record."""
-    from moescope.analysis.model import load_moe
+    from moescope.analysis.model import load_config, load_moe
 
     spec = spec or EvalSpec()
     spec.validate()
+    spec.validate_for(load_config(source, trust_remote_code))  # before any weights are read
     t0 = time.perf_counter()
     if progress:
         progress("load", 0, 1)
-    model = load_moe(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_moe(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle)
     if plan is not None:
         plan.validate_for(model)  # refuse a bad plan before any evaluation
     return prune_and_evaluate(model, plan, spec, cache=cache, progress=progress, label=label, dtype=dtype,
@@ -142,10 +144,12 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
 
 def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
                        label: str | None = None, dtype: str | None = None, device: str | None = None,
-                       load_s: float = 0.0) -> Experiment:
+                       load_s: float = 0.0, store: bool = True) -> Experiment:
     """Evaluate ``model`` (the original, as loaded from ``model.source``), prune it in place by
     ``plan``, evaluate the result, measure efficiency of both (each in a fresh process), and store
-    the experiment. ``model`` is left pruned (the caller may export it)."""
+    the experiment. ``model`` is left pruned (the caller may export it). ``store=False`` leaves
+    the storing to the caller (:func:`store`), e.g. after the export it belongs to is complete,
+    so a run killed mid-export leaves no record."""
     from moescope.analysis.cache import Cache
     from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
 
@@ -203,8 +207,19 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         efficiency=efficiency, structure={"before": before, "after": _structure(model)}, timings=timings,
         versions=software_versions(), finetuned=finetuned,
     )
-    save(exp, cache, tensors=trained)
+    if store:
+        save(exp, cache, tensors=trained)
     return exp
+
+
+def store(exp: Experiment, cache=None):
+    """Store an experiment that :func:`prune_and_evaluate` left unstored (``store=False``), with
+    its finetuned weights when it has them."""
+    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.prune import finetuned_weights
+
+    trained = finetuned_weights(PruningPlan.from_json(exp.plan), cache) if exp.finetuned else None
+    return save(exp, cache, tensors=trained)
 
 
 def trained_tensors_of(exp: Experiment, cache=None) -> dict:

@@ -5,7 +5,9 @@ with the new expert counts (and ``moescope_skip_beta`` when dynamic skipping was
 plan), the tokenizer, ``plan.json`` (the plan with its provenance), ``experiment.json`` (the
 evaluation record, when there is one) and a model card ``README.md``: base model, method and
 parameters, experts kept per layer, parameter and memory reduction, evaluation against the
-original. A non-empty target folder is refused unless ``overwrite``.
+original. A non-empty target folder is refused unless ``overwrite`` (and then only a folder moescope
+wrote, marked by ``.moescope-export``). The folder is written as a temporary sibling and renamed into
+place when complete, so a killed export leaves no partial folder.
 
 A model whose MoE layers keep different expert counts is exported at its real per-layer sizes
 with ``modeling_moescope.py`` registered in ``auto_map`` (:mod:`analysis.nonuniform`): plain
@@ -19,24 +21,24 @@ import json
 from pathlib import Path
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.model import check_output_dir
+from moescope.analysis.model import atomic_output_dir, check_output_dir
 
 
 def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False) -> Path:
     """Write ``model`` (already pruned by ``plan``, or None for the model as loaded) to ``out_dir``
     with ``plan.json``, ``experiment.json`` (when given) and the model card."""
-    out = check_output_dir(out_dir, overwrite)
-    model.save(out, overwrite=True)
-    if plan is not None:
-        plan.save(out / "plan.json")
-    if experiment is not None:
-        (out / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
-    return out
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        model.write_files(tmp)
+        if plan is not None:
+            plan.save(tmp / "plan.json")
+        if experiment is not None:
+            (tmp / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
+    return Path(out_dir)
 
 
 def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
-                      dtype: str | None = None, trust_remote_code: bool = False) -> Path:
+                      dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it. The experiment and the output folder are checked before any
     weights are read."""
@@ -53,7 +55,7 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     plan = PruningPlan.from_json(exp.plan)
     check_exportable(exp.model, plan, trust_remote_code)
     weights = experiments.trained_tensors_of(exp, cache) if exp.finetuned else None
-    model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if model.fingerprint() != exp.model_fingerprint:
         raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
                             f"{model.fingerprint()[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
@@ -61,13 +63,15 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite)
 
 
-def check_exportable(source: str, plan, trust_remote_code: bool = False) -> None:
+def check_exportable(source: str, plan, trust_remote_code: bool = False):
     """Refuse, from the config alone (no weights read), a plan that does not fit ``source`` (a plan
-    whose layers keep different counts exports in the per-layer format, :mod:`analysis.nonuniform`)."""
+    whose layers keep different counts exports in the per-layer format, :mod:`analysis.nonuniform`).
+    Returns the weightless model it was checked against."""
     from moescope.analysis.model import load_moe
 
     skeleton = load_moe(source, dtype=None, weights=False, trust_remote_code=trust_remote_code)
     plan.validate_for(skeleton)
+    return skeleton
 
 
 # ---- model card ------------------------------------------------------------------------------

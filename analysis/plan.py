@@ -19,6 +19,7 @@ no coefficients keeps that expert; new experts are numbered in the order of ``gr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,7 @@ class PruningPlan:
                         or any(not isinstance(w, int | float) or isinstance(w, bool) for c in coeffs for w in c)):
                     raise MoescopeError(f"{where}: layer {key}: 'coefficients' must have the same shape as 'groups'")
                 coeffs = [[float(w) for w in c] for c in coeffs]
+                _check_coefficients(coeffs, groups, where, key, signed_coefficients(data.get("provenance")))
             merge_router = raw.get("merge_router", True)
             if not isinstance(merge_router, bool):
                 raise MoescopeError(f"{where}: layer {key}: 'merge_router' must be true or false")
@@ -168,9 +170,13 @@ class PruningPlan:
     def load(cls, path: str | Path) -> PruningPlan:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_keep_constant)
         except FileNotFoundError:
             raise MoescopeError(f"plan file '{path}' not found") from None
+        except IsADirectoryError:
+            raise MoescopeError(f"plan file '{path}' is a folder; give the plan's JSON file (e.g. {path / 'plan.json'})") from None
+        except OSError as err:
+            raise MoescopeError(f"cannot read plan file '{path}': {err.strerror or err}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise MoescopeError(f"plan file '{path}' is not valid JSON ({err})") from None
         return cls.from_json(data, where=str(path))
@@ -190,6 +196,30 @@ class PruningPlan:
         for l in self.skip_beta:
             if l not in model.layers:
                 raise MoescopeError(f"skip_beta names layer {l}, which is not an MoE layer (MoE layers: {model.moe_layers})")
+
+    def check_base(self, source: str, fingerprint: str | None, force: bool = False) -> None:
+        """Refuse to apply the plan to a model other than the one it was made for: its
+        ``base_model`` names another source (compared as resolved folders) and, where the plan
+        records the model's fingerprint (``provenance.model_fingerprint``, strategy plans do),
+        the fingerprints differ (the same name with other weights is refused too; another name
+        with the same weights is accepted). ``force`` applies it anyway and records the override in
+        the provenance (``forced``), with ``base_model`` set to ``source`` so the export's model
+        card names the model it really came from."""
+        recorded = self.provenance.get("model_fingerprint")
+        if recorded and fingerprint:
+            mismatch = recorded != fingerprint
+        else:
+            mismatch = bool(self.base_model) and not same_source(self.base_model, source)
+        if not mismatch:
+            return
+        made_for = f"'{self.base_model}'" + (f" (fingerprint {str(recorded)[:12]})" if recorded else "")
+        this = f"'{source}'" + (f" (fingerprint {fingerprint[:12]})" if fingerprint and recorded else "")
+        if not force:
+            raise MoescopeError(f"the plan was made for {made_for}, not {this}; make a plan for this model, or pass "
+                                "--force to apply it anyway (recorded in the plan's provenance)")
+        self.provenance["forced"] = {"plan_base_model": self.base_model, "plan_model_fingerprint": recorded,
+                                     "applied_to": source, "model_fingerprint": fingerprint}
+        self.base_model = source
 
     def experts_after(self, model) -> dict[int, int]:
         return {l: (self.layers[l].num_out if l in self.layers else v.num_experts) for l, v in model.layers.items()}
@@ -253,6 +283,48 @@ def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=(
     elif plan.provenance.get("edited_from"):
         provenance["edited_from"] = plan.provenance["edited_from"]
     return PruningPlan(plan.base_model, layers, dict(plan.skip_beta), provenance, plan.version)
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two model sources name the same model: the same folder once resolved ('demo' is the
+    shipped folder), or the same hub id."""
+    from moescope.analysis.model import resolve_source
+
+    if a == b:
+        return True
+    try:
+        (_, pa), (_, pb) = resolve_source(a), resolve_source(b)
+    except MoescopeError:
+        return False
+    return pa is not None and pb is not None and pa.resolve() == pb.resolve()
+
+
+def signed_coefficients(provenance) -> bool:
+    """Whether the plan's merge operator allows negative coefficients. Moescope's merges are
+    weighted averages of the group's rows (non-negative weights, positive sum), except learned
+    coefficients (``merge: learned``), which are free and fitted to the layer's output."""
+    params = (provenance or {}).get("params") if isinstance(provenance, dict) else None
+    return isinstance(params, dict) and params.get("merge") == "learned"
+
+
+def _check_coefficients(coeffs: list[list[float]], groups, where: str, key, signed: bool) -> None:
+    for j, (c, g) in enumerate(zip(coeffs, groups, strict=True)):
+        bad = [w for w in c if not math.isfinite(w)]
+        if bad:
+            raise MoescopeError(f"{where}: layer {key}, group {g}: merge coefficient {bad[0]} is not a finite number")
+        if signed:
+            continue
+        if any(w < 0 for w in c):
+            raise MoescopeError(f"{where}: layer {key}, group {g}: merge coefficient {min(c)} is negative; the "
+                                "merge is a weighted average (only learned coefficients may be negative)")
+        if sum(c) <= 0:
+            raise MoescopeError(f"{where}: layer {key}, group {g}: merge coefficients sum to {sum(c)}; they must "
+                                "sum to a positive number")
+
+
+def _keep_constant(name: str) -> float:
+    """JSON's non-standard NaN / Infinity are read (and then refused with the plan's own error)."""
+    return float(name)
 
 
 def _is_int(x) -> bool:

@@ -52,13 +52,21 @@ def format_info(info: dict) -> str:
 
 
 class ProgressBars:
-    """tqdm bars keyed by stage, fed by the library's ``progress(stage, done, total)`` callback."""
+    """tqdm bars keyed by stage, fed by the library's ``progress(stage, done, total)`` callback.
+
+    Bars are drawn only on a terminal: redirected stderr gets no carriage returns or cursor
+    escapes, so an error line that follows is a clean line of its own. Every stage also raises
+    the audit event ``moescope.progress`` (what ``cli._fault_hook`` listens to)."""
+
+    live: list[ProgressBars] = []  # open bar sets, closed by cli.main() before it prints an error
 
     def __init__(self, quiet: bool = False):
         self.bars: dict = {}
-        self.quiet = quiet
+        self.quiet = quiet or not sys.stderr.isatty()
+        ProgressBars.live.append(self)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        sys.audit("moescope.progress", stage, done, total)
         if self.quiet:
             return
         from tqdm import tqdm
@@ -72,6 +80,14 @@ class ProgressBars:
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
+        if self in ProgressBars.live:
+            ProgressBars.live.remove(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for bars in list(cls.live):
+            bars.close()
 
 
 def experiment_json(exp) -> dict:

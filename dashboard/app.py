@@ -12,6 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from moescope.dashboard import backend
 from moescope.dashboard.backend import Settings
 
 PAGES = Path(__file__).parent / "app_pages"
@@ -36,9 +37,14 @@ DEFAULTS = {**Settings.defaults(), "plan": None}  # plan: the current PruningPla
 st.set_page_config(page_title="moescope", page_icon="🔬", layout="wide")
 _cli = argparse.ArgumentParser(add_help=False)
 _cli.add_argument("--model", default=DEFAULTS["model"])
-st.session_state.setdefault("model", _cli.parse_known_args(sys.argv[1:])[0].model)
+_cli.add_argument("--trust-remote-code", action="store_true")  # `moescope dashboard --trust-remote-code`
+_args = _cli.parse_known_args(sys.argv[1:])[0]
+st.session_state.setdefault("model", _args.model)
+st.session_state.setdefault("trust_remote_code", _args.trust_remote_code)
 for _key, _value in DEFAULTS.items():
     st.session_state.setdefault(_key, _value)
+# fixed for the server's lifetime (set at launch), so the model loaders read it as a module setting
+backend.TRUST_REMOTE_CODE = bool(st.session_state["trust_remote_code"])
 
 sections: dict[str, list] = {}
 for section, file, title, icon in NAVIGATION:
@@ -53,6 +59,9 @@ with st.sidebar:
                f"Calibration `{st.session_state['calib_source']}` · {st.session_state['calib_samples']}×"
                f"{st.session_state['calib_seq_len']} tokens · seed {st.session_state['seed']}  \n"
                f"Evaluation `{st.session_state['eval_source']}`")
+    if st.session_state["trust_remote_code"]:
+        st.warning("Remote code is trusted: the model's own Python code from its folder or hub repository "
+                   "runs when it loads (`--trust-remote-code`).", icon=":material/warning:")
     plan = st.session_state.get("plan")
     if plan:
         changed = ", ".join(f"L{l}→{len(lp['groups'])}" for l, lp in plan.get("layers", {}).items()) or "no layer changed"

@@ -87,16 +87,19 @@ class Settings:
 # ---------------------------------------------------------------- model and data
 
 
+TRUST_REMOTE_CODE = False  # set by app.py from `moescope dashboard --trust-remote-code`, fixed per server
+
+
 @st.cache_data(show_spinner="Reading the model's structure…")
 def model_info(source: str) -> dict:
     """``moescope info`` facts for ``source`` (config only, no weights)."""
-    return load_moe(source, dtype=None, weights=False).info()
+    return load_moe(source, dtype=None, weights=False, trust_remote_code=TRUST_REMOTE_CODE).info()
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
 def load_model(source: str):
     """The model with its weights (float32). Shared by every session: never edit it."""
-    return load_moe(source)
+    return load_moe(source, trust_remote_code=TRUST_REMOTE_CODE)
 
 
 @st.cache_resource(show_spinner="Sampling tokens…", max_entries=16)

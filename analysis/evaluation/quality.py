@@ -48,6 +48,20 @@ class EvalSpec:
             parse_source(src)
         if self.limit is not None and self.limit <= 0:
             raise MoescopeError(f"--limit must be positive, got {self.limit}")
+        for flag, value in (("--samples", self.samples), ("--seq-len", self.seq_len), ("--batch-size", self.batch_size),
+                            ("--stride", self.stride)):
+            if value is not None and value < 1:
+                raise MoescopeError(f"{flag} must be a positive number, got {value}")
+
+    def validate_for(self, config) -> None:
+        """The sequence settings against the model's limit (``max_position_embeddings``), from the
+        config alone: checked before any weights are read."""
+        from moescope.analysis.model.loading import check_seq_len
+
+        check_seq_len(config, self.seq_len, "--seq-len")
+        if self.efficiency:
+            p = self.efficiency_params
+            check_seq_len(config, p.prompt_tokens + p.new_tokens, "--prompt-tokens + --new-tokens")
 
 
 def evaluate_quality(model, spec: EvalSpec, cache=None, progress: Progress | None = None) -> dict:

@@ -5,9 +5,14 @@
 from moescope.analysis.model.edits import validate_groups
 from moescope.analysis.model.loading import folder_fingerprint, load_config, load_moe, resolve_source, wrap_model
 from moescope.analysis.model.offload import release_mapped_weights
-from moescope.analysis.model.save import TOKENIZER_FILES, check_output_dir, prepare_output_dir
+from moescope.analysis.model.save import (
+    MARKER_FILE,
+    TOKENIZER_FILES,
+    atomic_output_dir,
+    check_output_dir,
+)
 from moescope.analysis.model.view import ExpertWeights, MoELayer, MoEModel, Routing
 
-__all__ = ["TOKENIZER_FILES", "ExpertWeights", "MoELayer", "MoEModel", "Routing", "check_output_dir",
-           "folder_fingerprint", "load_config", "load_moe", "prepare_output_dir", "release_mapped_weights",
+__all__ = ["MARKER_FILE", "TOKENIZER_FILES", "atomic_output_dir", "ExpertWeights", "MoELayer", "MoEModel", "Routing", "check_output_dir",
+           "folder_fingerprint", "load_config", "load_moe", "release_mapped_weights",
            "resolve_source", "validate_groups", "wrap_model"]

@@ -3,7 +3,11 @@ weight is read; the tokenizer; the folder fingerprint; wrapping an in-memory mod
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -43,8 +47,9 @@ def load_config(source: str, trust_remote_code: bool = False):
         f"'{source}' needs custom code from its repository; moescope does not run it unless you pass "
         f"--trust-remote-code (supported without it: {', '.join(supported_model_types())})"
     )
+    if local is not None:
+        raw = read_config_json(local)
     if local is not None and not trust_remote_code:
-        raw = json.loads((local / "config.json").read_text())
         if "auto_map" in raw and raw.get("model_type") not in supported_model_types():
             raise MoescopeError(remote_code_msg)
     try:
@@ -61,9 +66,129 @@ def load_config(source: str, trust_remote_code: bool = False):
         raise MoescopeError(f"cannot read the config of '{source}': {msg}") from None
     except OSError as err:
         msg = str(err).splitlines()[0]
+        if local is not None:
+            raise MoescopeError(f"cannot read '{local / 'config.json'}': {msg}") from None
         raise MoescopeError(
             f"cannot load '{source}': not a local model folder, and the Hugging Face hub did not provide it ({msg})"
         ) from None
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model accepts (``max_position_embeddings``), when the config says."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(config, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse a sequence length the model cannot take (its positions end earlier)."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise MoescopeError(f"{flag} {seq_len} is longer than the model's max_position_embeddings {limit}; "
+                            f"use at most {limit}")
+
+
+def check_sampling(config, samples: int, seq_len: int) -> None:
+    """``--samples`` / ``--seq-len`` positive and within the model's positions (config only)."""
+    for flag, value in (("--samples", samples), ("--seq-len", seq_len)):
+        if value < 1:
+            raise MoescopeError(f"{flag} must be a positive number, got {value}")
+    check_seq_len(config, seq_len)
+
+
+def read_config_json(folder: Path) -> dict:
+    """``folder/config.json`` as a dict, or one line naming the file and what is wrong with it."""
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise MoescopeError(f"cannot read '{path}': {getattr(err, 'strerror', None) or err}") from None
+    except json.JSONDecodeError as err:
+        what = "is empty" if not path.read_bytes().strip() else f"is not valid JSON ({err})"
+        raise MoescopeError(f"'{path}' {what}; a model folder needs the config transformers wrote") from None
+    if not isinstance(raw, dict):
+        raise MoescopeError(f"'{path}' is not a JSON object; a model folder needs the config transformers wrote")
+    return raw
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_files(folder: Path, allow_pickle: bool) -> None:
+    """Refuse a local folder whose weights are only pickles (unpickling can run code), saying how
+    to convert it; ``allow_pickle`` (``--allow-pickle``) is the only way around."""
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    if pickles:
+        raise MoescopeError(
+            f"'{folder}' holds only pickled weights ({', '.join(pickles[:3])}); moescope loads safetensors only, "
+            "since unpickling can run code: convert it once where you trust the file "
+            "(AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes safetensors), "
+            "or pass --allow-pickle (unsafe)")
+
+
+@contextlib.contextmanager
+def _held_library_logs(held: list[logging.LogRecord]):
+    """Hold what transformers logs while loading (its multi-line load report among it) in
+    ``held``: replayed to its own handlers when loading succeeds, read into the one-line error
+    when it fails."""
+    from transformers.utils import logging as hf_logging
+
+    root = hf_logging.get_logger()  # the library's root logger ("transformers")
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    saved = root.handlers[:]
+    hold = Hold()
+    root.handlers[:] = [hold]
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+
+
+def _replay(held: list[logging.LogRecord]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    root = hf_logging.get_logger()
+    for record in held:
+        root.handle(record)
+
+
+def _mismatches(held: list[logging.LogRecord]) -> list[str]:
+    """``NAME is [shape] in the checkpoint, [shape] by the config`` from transformers' load report."""
+    out = []
+    for record in held:
+        for line in record.getMessage().splitlines():
+            m = re.search(r"^\s*(.+?)\s*\|\s*MISMATCH.*ckpt:\s*torch\.Size\((\[[^\]]*\])\)\s*vs\s*model:\s*"
+                          r"torch\.Size\((\[[^\]]*\])\)", line)
+            if m:
+                out.append(f"{m[1]} is {m[2]} in the checkpoint, {m[3]} by the config")
+    return out
+
+
+def _weights_error(source: str, local: Path | None, err: BaseException,
+                   held: list[logging.LogRecord] = ()) -> MoescopeError:
+    """One line for an exception raised while reading a checkpoint, naming the file(s)."""
+    msg = " ".join(str(err).split())[:300] or type(err).__name__
+    mismatched = _mismatches(list(held))
+    if mismatched and local is not None:
+        files = ", ".join(sorted(f.name for f in local.glob("*.safetensors"))[:3])
+        return MoescopeError(f"the weights in '{local}' ({files}) do not match its config.json: "
+                             + "; ".join(mismatched[:3]) + (" …" if len(mismatched) > 3 else ""))
+    if local is None:
+        return MoescopeError(f"cannot load the weights of '{source}': {msg}")
+    files = sorted(f.name for f in local.glob("*.safetensors")) or sorted(
+        f.name for f in local.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    named = ", ".join(files[:3]) + (" …" if len(files) > 3 else "")
+    if "size mismatch" in msg or "shape" in msg.lower():
+        return MoescopeError(f"the weights in '{local}' ({named}) do not match its config.json: {msg}")
+    return MoescopeError(f"cannot read the weights in '{local}' ({named}): {type(err).__name__}: {msg}")
 
 
 def load_moe(
@@ -74,6 +199,7 @@ def load_moe(
     load_tokenizer: bool = True,
     weights: bool = True,
     offload_dir: str | Path | None = None,
+    allow_pickle: bool = False,
 ) -> MoEModel:
     """Load an MoE causal LM (``'demo'``, a local folder or a hub id) and wrap it.
 
@@ -83,6 +209,10 @@ def load_moe(
     weights), in the checkpoint's dtype unless ``dtype`` is given. ``offload_dir`` keeps the
     decoder layers on disk there (accelerate), so a model larger than memory can be analysed
     layer by layer; such a model is read-only (edits need the weights in memory).
+
+    Weights are read from safetensors only (``use_safetensors=True``): a folder holding only
+    pickled weights is refused with how to convert it, unless ``allow_pickle`` (unsafe: a crafted
+    pickle runs code). Any error reading the checkpoint is one line naming the files.
     """
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +231,11 @@ def load_moe(
                 hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         return MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
     torch_dtype = parse_dtype(dtype or "float32")
+    if local is not None:
+        check_weight_files(local, allow_pickle)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
     if device == "auto":
         kwargs["device_map"] = "auto"
     if offload_dir is not None:
@@ -111,18 +245,27 @@ def load_moe(
         kwargs["device_map"] = {prefix: "disk", **{k: home for k in non_layer_modules(config, family)}}
         kwargs["offload_folder"] = str(offload_dir)
     releaser = PeriodicRelease() if offload_dir is not None else None
+    held: list[logging.LogRecord] = []
     try:
         if releaser:
             releaser.start()  # keep the checkpoint's memory-mapped pages from piling up while loading
-        if per_layer_class is not None:
-            hf = per_layer_class.from_pretrained(location, config=config, **kwargs)
-        else:
-            hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as err:
-        raise MoescopeError(f"cannot load the weights of '{source}': {str(err).splitlines()[0]}") from None
+        with _held_library_logs(held):
+            if per_layer_class is not None:
+                hf = per_layer_class.from_pretrained(location, config=config, **kwargs)
+            else:
+                hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except MoescopeError:
+        raise
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as err:
+        raise _weights_error(source, local, err, held) from None
+    except Exception as err:  # safetensors' SafetensorError and other loader errors
+        if type(err).__module__.split(".")[0] in ("safetensors", "torch", "transformers", "accelerate"):
+            raise _weights_error(source, local, err, held) from None
+        raise
     finally:
         if releaser:
             releaser.stop()
+    _replay(held)
     if device not in (None, "auto") and offload_dir is None:
         hf = hf.to(device)
     hf.eval()

@@ -33,7 +33,7 @@ from moescope.analysis.errors import MoescopeError
 from moescope.analysis.families import FamilySpec
 from moescope.analysis.layouts import LAYOUTS, ExpertWeights, assign, owner, resolve
 from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
-from moescope.analysis.model.save import TOKENIZER_FILES, prepare_output_dir
+from moescope.analysis.model.save import TOKENIZER_FILES, atomic_output_dir
 from moescope.analysis.routing import ROUTING_RULES, RouterParams
 
 @dataclass
@@ -520,10 +520,16 @@ class MoEModel:
         safetensors) plus the tokenizer when the model has one. Layers keeping different expert
         counts are saved at their real sizes with moescope's per-layer format
         (:mod:`analysis.nonuniform`): loading needs ``trust_remote_code=True`` outside moescope."""
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            self.write_files(tmp)
+        return Path(out_dir)
+
+    def write_files(self, out: Path) -> None:
+        """The files of :meth:`save`, written into the existing folder ``out`` as they are (no
+        checks, not atomic: :meth:`save` and :func:`analysis.export.export` write into a temporary
+        folder that is renamed into place)."""
         from moescope.analysis import nonuniform
 
-        out = Path(out_dir)
-        prepare_output_dir(out, overwrite)
         if self.skip_beta:
             self.config.moescope_skip_beta = {str(k): v for k, v in self.skip_beta.items()}
         elif hasattr(self.config, "moescope_skip_beta"):
@@ -531,7 +537,6 @@ class MoEModel:
         self.hf.save_pretrained(out)
         nonuniform.finish_config(self, out)
         self._save_tokenizer(out)
-        return out
 
     def _save_tokenizer(self, out: Path) -> None:
         if self.tokenizer is not None:
