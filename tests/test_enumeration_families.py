@@ -6,6 +6,7 @@ routing groups equal (2 of each group of 4)."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -32,12 +33,23 @@ def block_out(block, x):
     return y[0] if isinstance(y, tuple) else y
 
 
-def allowed(family, C) -> bool:
-    return family != "deepseek_v3" or sum(e < 4 for e in C) == 2
+def group_counts(view, C) -> list[int] | None:
+    """Experts of ``C`` per routing group for group-limited routers (DeepSeek-V2/V3 style), else None."""
+    n_group = view.router_params.n_group if view.spec.group_limited else 1
+    if not n_group or n_group == 1:
+        return None
+    per = view.num_experts // n_group
+    return [sum(e // per == g for e in C) for g in range(n_group)]
 
 
-def reachable(family, C) -> bool:  # DeepSeek-V3: a balanced 4 (2 + 2) can still be reached
-    return family != "deepseek_v3" or min(sum(e < 4 for e in C), sum(e >= 4 for e in C)) >= 2
+def allowed(view, C) -> bool:  # kept routing groups stay equal
+    counts = group_counts(view, C)
+    return counts is None or len(set(counts)) == 1
+
+
+def reachable(view, C) -> bool:  # a balanced 4 (2 per group) can still be reached
+    counts = group_counts(view, C)
+    return counts is None or min(counts) >= 4 // len(counts)
 
 
 @pytest.mark.slow
@@ -62,8 +74,11 @@ def test_every_subset_and_every_search_match_brute_force(family):
                     memo[C] = float((block_out(block, x) - full).double().pow(2).sum().sqrt())
         return memo[C]
 
-    subsets = [C for C in itertools.combinations(range(8), 4) if allowed(family, C)]
-    assert len(subsets) == (36 if family == "deepseek_v3" else 70)
+    view = model.layers[l]
+    groups = group_counts(view, range(8))
+    subsets = [C for C in itertools.combinations(range(8), 4) if allowed(view, C)]
+    # balanced subsets: C(per group, 4 / n_group) ** n_group (36 for two groups of 4); else C(8, 4) = 70
+    assert len(subsets) == (math.comb(8 // len(groups), 4 // len(groups)) ** len(groups) if groups else 70)
     exact = enumerate_layer(model.layers[l], x, keep=4, method="exact")
     assert len(exact.candidates) == len(subsets)
     for C, got in exact.candidates:
@@ -73,7 +88,7 @@ def test_every_subset_and_every_search_match_brute_force(family):
         beam = [tuple(range(8))]
         for size in range(7, 3, -1):
             nxt = sorted({tuple(e for e in C if e != d) for C in beam for d in C})
-            nxt = [C for C in nxt if (allowed(family, C) if size == 4 else reachable(family, C))]
+            nxt = [C for C in nxt if (allowed(view, C) if size == 4 else reachable(view, C))]
             beam = sorted(nxt, key=loss)[:width]
         r = enumerate_layer(model.layers[l], x, keep=4, method=method)
         assert r.keep == list(beam[0]), method
