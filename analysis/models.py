@@ -30,6 +30,7 @@ from moescope.analysis.routing import ROUTING_RULES, RouterParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "demo" / "model"
+DEMO_UPCYCLED_DIR = REPO_ROOT / "demo" / "model-upcycled"
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -45,6 +46,15 @@ TOKENIZER_FILES = (
 def demo_model_dir() -> Path:
     """The shipped demo model folder (``MOESCOPE_DEMO_DIR`` overrides it)."""
     return Path(os.environ.get("MOESCOPE_DEMO_DIR", DEMO_MODEL_DIR))
+
+
+def demo_upcycled_dir() -> Path:
+    """The shipped upcycled demo (``MOESCOPE_DEMO_UPCYCLED_DIR`` overrides it): same tokenizer, corpus
+    and architecture as the demo, its experts upcycled from one dense FFN per layer."""
+    return Path(os.environ.get("MOESCOPE_DEMO_UPCYCLED_DIR", DEMO_UPCYCLED_DIR))
+
+
+DEMO_SOURCES = {"demo": ("demo_model_dir", ""), "demo-upcycled": ("demo_upcycled_dir", " --upcycle")}
 
 
 @dataclass
@@ -349,19 +359,35 @@ class MoEModel:
         groups: list[list[int]],
         coeffs: list[list[float]] | None = None,
         merge_router: bool = True,
+        permutations: list[list[list[int] | None]] | None = None,
+        operator: str = "linear",
+        density: float | None = None,
     ) -> None:
         """Replace ``layer``'s experts by one expert per group: ``W_new = Σ_i c_i W_{g_i}`` for every
         fused expert tensor (and bias). Router rows (and router / score biases) are merged with the
         same coefficients when ``merge_router``; otherwise each group takes the row of its member
         with the largest coefficient. ``coeffs=None`` means 1 for a group of one and a uniform
-        average otherwise. A group of one with coefficient 1 is exactly keeping that expert."""
+        average otherwise. A group of one with coefficient 1 is exactly keeping that expert.
+        ``permutations`` aligns members onto their group's reference first and ``operator='ties'``
+        combines by sign consensus (:func:`analysis.merging.combine_tensors`)."""
         view = self._layer(layer)
         coeffs = validate_groups(view, groups, coeffs)
+        aligned = permutations is not None and any(p is not None for ps in permutations for p in (ps or []))
+        if aligned:
+            from moescope.analysis.alignment import check_permutations
+
+            check_permutations(view, groups, permutations)
         with torch.no_grad():
             ex = view.experts
+            combined = None
+            if aligned or operator != "linear":
+                from moescope.analysis.merging import combine_tensors
+
+                combined = combine_tensors(view, groups, coeffs, permutations, operator,
+                                           0.2 if density is None else density)
             for name in view.expert_param_names():
                 old = getattr(ex, name)
-                new = _combine_rows(old, groups, coeffs)
+                new = _combine_rows(old, groups, coeffs) if combined is None else combined[name].to(old.dtype).contiguous()
                 setattr(ex, name, nn.Parameter(new, requires_grad=old.requires_grad))
             router = view.router
             row_coeffs = coeffs if merge_router else _argmax_onehot(coeffs)
@@ -614,11 +640,14 @@ def _check_routing_groups(view: MoELayer, groups: list[list[int]]) -> None:
 
 # ---- loading ---------------------------------------------------------------------------------
 def resolve_source(source: str) -> tuple[str, Path | None]:
-    """``'demo'`` → the shipped folder; an existing path → that folder; otherwise a hub id."""
-    if source == "demo":
-        path = demo_model_dir()
+    """``'demo'`` / ``'demo-upcycled'`` → the shipped folders; an existing path → that folder;
+    otherwise a hub id."""
+    if source in DEMO_SOURCES:
+        getter, flag = DEMO_SOURCES[source]
+        path = globals()[getter]()
         if not (path / "config.json").is_file():
-            raise MoescopeError(f"the demo model is missing at '{path}'; run `python demo/train_model.py` to build it")
+            raise MoescopeError(f"the {source} model is missing at '{path}'; run `python demo/train_model.py{flag}` "
+                                "to build it")
         return str(path), path
     path = Path(source).expanduser()
     if path.exists():
@@ -626,7 +655,8 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
             raise MoescopeError(f"'{source}' is a folder without config.json; expected a transformers model folder")
         return str(path), path
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
-        raise MoescopeError(f"model '{source}' not found: give 'demo', an existing model folder, or a hub id (org/name)")
+        raise MoescopeError(f"model '{source}' not found: give 'demo', 'demo-upcycled', an existing model folder, "
+                            "or a hub id (org/name)")
     return source, None
 
 

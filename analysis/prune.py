@@ -12,7 +12,8 @@ def apply(model: MoEModel, plan: PruningPlan) -> MoEModel:
     ``model.plan`` so that a later save or export can store it."""
     plan.validate_for(model)
     for l, lp in sorted(plan.layers.items()):
-        model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router)
+        model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router, permutations=lp.permutations,
+                    operator=lp.operator, density=lp.density)
     if plan.skip_beta:
         from moescope.analysis import skipping
 

@@ -299,21 +299,52 @@ def similarity_name(representation: str, similarity: str) -> str:
     return similarity if representation == "outputs" else f"{'weight' if representation == 'weights' else 'surrogate'}_{similarity}"
 
 
-def _merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], res) -> PruningPlan:
-    from moescope.analysis.merging import group_coefficients, learn_coefficients
+def _merge_options(ctx, params) -> tuple[str, str, float]:
+    """``merge`` (coefficients / operator), ``align`` (default: activations with calibration data,
+    else weights) and the TIES ``density``, validated before any compute."""
+    from moescope.analysis.alignment import ALIGNMENTS
+    from moescope.analysis.merging import MERGES
 
     merge = str(params.get("merge", "uniform"))
+    if merge not in MERGES:
+        raise unknown_name("merge", merge, MERGES)
+    align = str(params.get("align", "activations" if ctx.calib is not None else "weights"))
+    if align not in ALIGNMENTS:
+        raise unknown_name("align", align, ALIGNMENTS)
+    if align == "activations" and ctx.calib is None:
+        raise MoescopeError("align=activations needs calibration data; use align=weights or align=none")
+    density = float(params.get("density", 0.2))
+    if not 0 < density <= 1:
+        raise MoescopeError(f"density (ties: fraction of each member's difference kept) must be in (0, 1], got {density}")
+    return merge, align, density
+
+
+def _merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], res) -> PruningPlan:
+    from moescope.analysis.alignment import align_group, aligned_tensors
+    from moescope.analysis.merging import group_coefficients, learn_coefficients
+
+    merge, align, density = _merge_options(ctx, params)
     merge_router = bool(params.get("merge_router", True))
     layers, learned = {}, {}
-    xs = _layer_inputs(ctx) if merge == "learned" else {}
+    xs = _layer_inputs(ctx) if merge == "learned" or align == "activations" else {}
     for l, groups in groups_by_layer.items():
+        view = ctx.model.layers[l]
         coeffs = group_coefficients(groups, "uniform" if merge == "learned" else merge, res.routing(l, "usage"))
+        perms = None
+        if align != "none":
+            # members with coefficient 0 (merge=max) are not needed: no permutation for them
+            perms = [[p if c[i] != 0 else None for i, p in enumerate(align_group(view, g, c, align, xs.get(l)))]
+                     if sum(ci != 0 for ci in c) > 1 else [None] * len(g) for g, c in zip(groups, coeffs)]
         if merge == "learned":
             coeffs, learned[str(l)] = learn_coefficients(
-                ctx.model.layers[l], xs[l], groups, coeffs, merge_router=merge_router,
-                steps=int(params.get("steps", 100)), lr=float(params.get("lr", 0.02)), seed=int(params.get("seed", 0)))
-        layers[l] = LayerPlan(groups, coeffs, merge_router)
+                view, xs[l], groups, coeffs, merge_router=merge_router,
+                steps=int(params.get("steps", 100)), lr=float(params.get("lr", 0.02)), seed=int(params.get("seed", 0)),
+                tensors=aligned_tensors(view, groups, perms) if perms is not None else None)
+        layers[l] = LayerPlan(groups, coeffs, merge_router, perms, "ties" if merge == "ties" else "linear",
+                              density if merge == "ties" else None)
+        ctx.report("merge layers", len(layers), len(groups_by_layer))
     prov = _provenance(ctx, name, params)
+    prov["align"] = align
     if learned:
         prov["learned"] = learned
     return PruningPlan(ctx.model.source, layers, provenance=prov)
@@ -345,8 +376,12 @@ def _per_routing_group(view, A, r, fn) -> list[list[int]]:
 
 
 def strategy_merge(ctx, params):
-    """Group-and-merge: representation × similarity × grouping × merge × router merging."""
-    from moescope.analysis.merging import GROUPINGS, MERGES, affinity, group_experts
+    """Group-and-merge: representation × similarity × grouping × alignment × merge × router merging.
+
+    ``align`` (none | weights | activations) permutes every member onto its group's reference
+    expert before combining; ``merge`` is max | uniform | usage | frequency | learned | ties
+    (``density``: fraction of each member's difference TIES keeps)."""
+    from moescope.analysis.merging import GROUPINGS, affinity, group_experts
 
     representation = str(params.get("representation", "outputs"))
     similarity = str(params.get("similarity", "cka_linear"))
@@ -354,8 +389,7 @@ def strategy_merge(ctx, params):
     grouping = str(params.get("grouping", "spectral"))
     if grouping not in GROUPINGS:
         raise unknown_name("grouping", grouping, GROUPINGS)
-    if str(params.get("merge", "uniform")) not in MERGES:
-        raise unknown_name("merge", str(params.get("merge")), MERGES)
+    _merge_options(ctx, params)
     if params.get("budget") is not None:
         raise MoescopeError("merge needs a uniform target: give keep (output experts per layer), not budget")
     counts = keep_counts(ctx.model, params)
@@ -381,6 +415,7 @@ def strategy_router_guided(ctx, params):
     if params.get("budget") is not None:
         raise MoescopeError("router-guided merging needs a uniform target: give keep, not budget")
     params = {"merge": "usage", **params}
+    _merge_options(ctx, params)
     counts = keep_counts(ctx.model, params)
     res = ctx.analysis(metrics=("routing",))
     groups = {}
