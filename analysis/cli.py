@@ -128,7 +128,7 @@ def _tokenizer_for(model, tokenizer_arg: str | None):
 
         from moescope.analysis.models import demo_model_dir
 
-        location = str(demo_model_dir()) if tokenizer_arg == "demo" else tokenizer_arg
+        location = str(demo_model_dir()) if tokenizer_arg in ("demo", "demo-upcycled") else tokenizer_arg
         try:
             return AutoTokenizer.from_pretrained(location)
         except (OSError, ValueError) as err:
@@ -236,7 +236,7 @@ def _strategy_params(args) -> dict:
             raise MoescopeError(f"--param expects KEY=VALUE, got {item!r}")
         params[key.replace("-", "_")] = _parse_value(value)
     for name in ("keep", "budget", "criterion", "order", "mode", "method", "representation", "similarity",
-                 "grouping", "merge", "seed"):
+                 "grouping", "merge", "align", "density", "seed"):
         value = getattr(args, name, None)
         if value is not None:
             params[name] = value
@@ -548,7 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--representation", help="merge: outputs | weights | surrogate")
     p.add_argument("--similarity", help="merge: cka_linear | cka_rbf | cosine | mse")
     p.add_argument("--grouping", help="merge: spectral | greedy | agglomerative")
-    p.add_argument("--merge", help="merge: max | uniform | usage | learned")
+    p.add_argument("--merge", help="merge: max | uniform | usage | frequency | learned | ties")
+    p.add_argument("--align", choices=["none", "weights", "activations"],
+                   help="merge: permute members onto the group's reference expert first (default activations)")
+    p.add_argument("--density", type=float, help="merge ties: fraction of each member's difference kept (0.2)")
     p.add_argument("--no-merge-router", action="store_true", help="merge: keep the dominant expert's router row")
     p.add_argument("--drop", help="manual: LAYER:E,E;LAYER:E")
     p.add_argument("--groups", help='manual: JSON {"0": [[0, 5], [1], ...]}')

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from moescope.analysis.alignment import ALIGNMENTS
 from moescope.analysis.analyze import (
     SIMILARITY_NAMES,
     WEIGHT_SIMILARITY_NAMES,
@@ -45,7 +46,7 @@ from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.skipping import calibrate
 from moescope.analysis.strategies import REPRESENTATIONS, STRATEGIES, StrategyContext, make_plan, similarity_name
 
-__all__ = ["CRITERIA", "GROUPINGS", "MERGES", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES",
+__all__ = ["ALIGNMENTS", "CRITERIA", "GROUPINGS", "MERGES", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES",
            "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan", "is_distance", "similarity_name"]
 
 ENUMERATION_METHODS = ("auto", "exact", "greedy", "beam")

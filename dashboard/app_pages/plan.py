@@ -150,6 +150,12 @@ if mode == "Strategy":
             params["grouping"] = c3.selectbox("Grouping", backend.GROUPINGS, key="plan_grouping")
         params["merge"] = c3.selectbox("Merge", backend.MERGES, key="plan_merge",
                                        index=backend.MERGES.index("uniform" if name == "merge" else "usage"))
+        params["align"] = c2.selectbox("Align experts first", backend.ALIGNMENTS, key="plan_align",
+                                       index=backend.ALIGNMENTS.index("activations"),
+                                       help="permute every member's intermediate neurons onto the group's reference "
+                                            "expert (weight or activation matching) before combining")
+        if params["merge"] == "ties":
+            params["density"] = c3.slider("TIES density", 0.05, 1.0, 0.2, 0.05, key="plan_density")
         params["merge_router"] = c2.checkbox("Merge router rows too", True, key="plan_merge_router")
     if name != "skip" and st.checkbox("Also skip dynamically (β calibrated per layer)", key="plan_with_skip"):
         params["with_skip"] = True
