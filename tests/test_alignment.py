@@ -267,3 +267,28 @@ def test_permute_expert_leaves_other_experts_and_the_input_alone():
         torch.testing.assert_close(t[name], _params(view)[name])  # input not modified
         keep = [e for e in range(view.num_experts) if e != 4]
         torch.testing.assert_close(new[name][keep], t[name][keep])
+
+
+def test_the_upcycled_demo_shares_one_neuron_order_and_the_scratch_demo_does_not(demo_dir):
+    """Upcycled experts descend from one FFN, so weight matching pairs each neuron with itself;
+    experts trained from scratch agree only up to an arbitrary permutation (a random one fixes
+    about one neuron of 256)."""
+    from moescope.analysis.models import demo_upcycled_dir, load_moe
+
+    if not (demo_upcycled_dir() / "config.json").is_file():
+        pytest.fail(f"the upcycled demo is missing at {demo_upcycled_dir()}")
+    fixed = {}
+    for source in ("demo", "demo-upcycled"):
+        model = load_moe(source)
+        view = model.layers[2]
+        fixed[source] = [float((weight_matching(view, 0, e) == torch.arange(256)).float().mean()) for e in (1, 5)]
+        assert len(model.tokenizer) == 4096 and model.info()["num_experts"] == {str(l): 8 for l in range(4)}
+    assert min(fixed["demo-upcycled"]) > 0.9 and max(fixed["demo"]) < 0.05, fixed
+
+
+def test_a_missing_upcycled_demo_says_how_to_build_it(tmp_path, monkeypatch):
+    from moescope.analysis.models import load_moe
+
+    monkeypatch.setenv("MOESCOPE_DEMO_UPCYCLED_DIR", str(tmp_path / "nothing"))
+    with pytest.raises(MoescopeError, match=r"demo-upcycled model is missing .*train_model\.py --upcycle"):
+        load_moe("demo-upcycled")

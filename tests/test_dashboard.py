@@ -127,6 +127,8 @@ def test_a_local_folder_is_read_and_an_unusable_one_is_one_line(tiny_dirs):
     assert "tokenizer" in at.error[0].value or at.error[0].value.startswith("not enough tokens")
     at.radio(key="_w_model_kind").set_value("demo").run()
     assert at.session_state["model"] == "demo" and not errors(at)
+    at.radio(key="_w_model_kind").set_value("demo-upcycled").run()
+    assert at.session_state["model"] == "demo-upcycled" and not errors(at)
 
 
 def test_model_page_runs_the_analysis_once_then_reuses_it(cache_dir):
@@ -375,6 +377,10 @@ def test_strategy_plan_from_the_registry(analysed):
         assert kept == sorted(np.argsort(-res.routing(l, "usage").numpy(), kind="stable")[:6].tolist())
     assert at.success[0].value.startswith("Valid plan (frequency): 24 of 32")
     assert "Plan (frequency): L0→6" in at.sidebar.caption[1].value
+    at.selectbox(key="plan_strategy").select("merge").run()  # alignment and TIES are merge parameters
+    assert at.selectbox(key="plan_align").value == "activations" and not at.exception
+    at.selectbox(key="plan_merge").select("ties").run()
+    assert at.slider(key="plan_density").value == 0.2
 
 
 def test_plan_upload_good_bad_and_malformed(analysed):
