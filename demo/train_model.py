@@ -246,7 +246,7 @@ def model_card(log: dict, ev: dict, out: Path) -> str:
             "router, and the MoE was trained from there. Its experts therefore share one coordinate system for",
             "their intermediate neurons, the regime in which averaging expert weights is natural; `demo/model`'s",
             "experts were trained from scratch (like DeepSeek-MoE and OLMoE). moescope ships both so that merging",
-            "and dropping can be compared in each regime (`moescope ... --model demo-upcycled`).",
+            "and dropping can be compared in each regime (`moescope info demo-upcycled`, `moescope plan demo-upcycled …`).",
             f"It is **not** a useful language model: it has seen ~{(tr['tokens'] + dn['tokens']) / 1e6:.1f} M tokens.",
             "",
         ]
