@@ -34,11 +34,13 @@ def _attr_path(obj, path: str):
 
 
 def _cut(module: nn.Module, name: str, n: int, where: str) -> None:
-    """Keep the first ``n`` rows of ``module.<name>`` (a parameter or a buffer, persistence kept)."""
+    """Keep the first ``n`` experts of ``module.<name>`` (a parameter or a buffer, persistence kept):
+    its first ``n`` rows, or its first ``n`` columns for a ``[1, E]`` bias (ERNIE)."""
     old = getattr(module, name)
-    if old.shape[0] < n:
-        raise ValueError(f"{where}: '{name}' has {old.shape[0]} experts, the config asks for {n}")
-    new = old.detach()[:n].clone()
+    axis = 1 if old.dim() == 2 and old.shape[0] == 1 else 0
+    if old.shape[axis] < n:
+        raise ValueError(f"{where}: '{name}' has {old.shape[axis]} experts, the config asks for {n}")
+    new = old.detach().narrow(axis, 0, n).clone()
     if name in module._parameters:
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
@@ -58,13 +60,19 @@ def resize_moe_layers(model: nn.Module, config) -> None:
         experts = getattr(block, layout["experts_attr"])
         for name in layout["expert_tensors"]:
             _cut(experts, name, n, where)
-        for name in layout["router_tensors"]:
-            _cut(router, name, n, where)
-        for module in (block, router, experts):
+        holders = [block, router, experts]
+        for path in layout["router_tensors"]:  # relative to the router, or to the block after "block."
+            owner, rest = (block, path[len("block."):]) if path.startswith("block.") else (router, path)
+            *parents, name = rest.split(".")
+            for part in parents:
+                owner = getattr(owner, part)
+            _cut(owner, name, n, where)
+            holders.append(owner)
+        for module in dict.fromkeys(holders):
             if hasattr(module, "num_experts"):
                 module.num_experts = n
-        if isinstance(router, nn.Linear):
-            router.out_features = n
+            if isinstance(module, nn.Linear):
+                module.out_features = n
 
 
 def moescope_class(base_name: str) -> type:

@@ -48,7 +48,8 @@ def layout(model) -> dict:
         "mlp_attr": spec.mlp_attr,
         "router_attr": spec.router_attr,
         "experts_attr": spec.experts_attr,
-        "router_tensors": [a for a in ("weight", spec.router_bias_attr, spec.score_bias_attr) if a],
+        # dotted paths from the router, or from the block after "block." (AFMoE: gate.weight, block.expert_bias)
+        "router_tensors": [a for a in (spec.router_weight_attr, spec.router_bias_attr, spec.score_bias_attr) if a],
         "expert_tensors": first.expert_param_names(),
     }
 
