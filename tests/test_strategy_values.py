@@ -475,12 +475,13 @@ def test_skip_beta_is_the_median_second_to_first_weight_of_the_table(table_model
 @pytest.mark.slow  # four rounds of (no-op) finetuning
 def test_lottery_without_learning_equals_iterative_dropping(table_model, tmp_path):
     """With lr 0 the finetunes change nothing, so the lottery's rounds are the iterative EUF drops."""
-    from moescope.analysis.prune import lottery
-
     batch = TokenBatch(input_ids=IDS, domains=("s",) * 4, source="s", fingerprint="lottery")
     before = table_model.layers[0].experts.down_proj.detach().clone()
-    _, plan = lottery(table_model, batch, keep=4, criterion="EUF", order="min", start_tokens=64, lr=0.0,
-                      cache=Cache(tmp_path / "c"), analysis_params=AnalysisParams(metrics=("routing",)))
+    cache = Cache(tmp_path / "c")
+    ctx = StrategyContext(table_model, batch, cache, AnalysisParams(metrics=("routing",)))
+    plan = make_plan("lottery", ctx, {"keep": 4, "criterion": "EUF", "order": "min", "start_tokens": 64, "lr": 0.0})
     assert kept(plan) == iterative_min_usage(CLASSES, 4) == [2, 4, 5, 7]
     assert [r["tokens"] for r in plan.provenance["rounds"]] == [64, 128, 256, 512]
+    assert torch.equal(table_model.layers[0].experts.down_proj.detach(), before)  # the caller's model is left alone
+    apply(table_model, plan, cache=cache)  # the finetuned (here unchanged) tensors come from the cache
     assert torch.equal(table_model.layers[0].experts.down_proj.detach(), before[[2, 4, 5, 7]])
