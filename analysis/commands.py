@@ -42,8 +42,11 @@ def cmd_dashboard(args) -> int:
 
     from moescope.analysis.paths import REPO_ROOT
 
+    from moescope.analysis.paths import DEMO_SOURCES
+
     # "demo" names the shipped model even where a demo/ folder sits in the working directory
-    model = str(Path(args.model).resolve()) if args.model != "demo" and Path(args.model).exists() else args.model
+    model = (str(Path(args.model).resolve()) if args.model not in DEMO_SOURCES and Path(args.model).exists()
+             else args.model)
     app = REPO_ROOT / "dashboard" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--", "--model", model]
@@ -58,9 +61,9 @@ def tokenizer_for(model, tokenizer_arg: str | None):
     if tokenizer_arg:
         from transformers import AutoTokenizer
 
-        from moescope.analysis.paths import demo_model_dir
+        from moescope.analysis.paths import DEMO_SOURCES
 
-        location = str(demo_model_dir()) if tokenizer_arg == "demo" else tokenizer_arg
+        location = str(DEMO_SOURCES[tokenizer_arg][0]()) if tokenizer_arg in DEMO_SOURCES else tokenizer_arg
         try:
             return AutoTokenizer.from_pretrained(location)
         except (OSError, ValueError) as err:

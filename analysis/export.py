@@ -124,14 +124,19 @@ def model_card(model, plan, experiment=None) -> str:
                     "plain transformers ignores them, `moescope` applies them when it loads this folder."]
         out += ["", "## Experts kept per layer", "",
                 "New experts are numbered in this order; a group of several original experts is merged with "
-                "the coefficients shown.", ""]
+                "the coefficients shown."
+                + (" Members were first permuted onto their group's reference expert (neuron alignment; the "
+                   "permutations are in `plan.json`)." if any(lp.permutations for lp in plan.layers.values()) else "")
+                + (" Layers marked TIES combine by sign consensus on the members' differences from their mean."
+                   if any(lp.operator == "ties" for lp in plan.layers.values()) else ""), ""]
         rows = []
         before = (experiment.structure.get("before", {}).get("experts", {}) if experiment else {})
         for l, lp in sorted(plan.layers.items()):
             groups = []
             for g, c in zip(lp.groups, lp.resolved_coefficients()):
                 groups.append(str(g[0]) if len(g) == 1 else "(" + " + ".join(f"{w:.2g}·{e}" for e, w in zip(g, c)) + ")")
-            rows.append([str(l), _fmt(before.get(str(l))), str(lp.num_out), ", ".join(groups)])
+            rows.append([str(l) + (" (TIES)" if lp.operator == "ties" else ""), _fmt(before.get(str(l))),
+                         str(lp.num_out), ", ".join(groups)])
         out.append(_table(["layer", "experts before", "after", "kept / merged (original indices)"], rows))
         out += ["", "Layers not listed are unchanged."]
     if experiment is not None:

@@ -15,6 +15,11 @@ gpt_oss    ``gate_up_proj [E, d, 2I]`` gate/up          clamped SwiGLU with bias
            interleaved + bias ``[E, 2I]``,
            ``down_proj [E, I, d]`` + bias ``[E, d]``
 =========  ==========================================  ==========================================
+
+Every form is a SwiGLU over I intermediate neurons, so permuting those neurons (the gate and up
+rows, their biases, and the matching down columns) leaves the expert's function unchanged;
+:attr:`Layout.neurons` says, per fused tensor, which axis of one expert's slice holds them and
+how (:mod:`analysis.alignment` uses it to align experts before merging).
 """
 
 from __future__ import annotations
@@ -45,11 +50,21 @@ class Layout:
 
     forward: Callable[[nn.Module, dict, int, Tensor], Tensor]
     weights: Callable[[dict, int], ExpertWeights]
+    # expert e's intermediate activations on x [T, d]: the [T, I] vector its down projection reads
+    intermediate: Callable[[nn.Module, dict, int, Tensor], Tensor]
+    # fused tensor name -> (axis of one expert's slice, form): "halves" (2I: gate neurons then up
+    # neurons), "interleaved" (2I: gate 2i, up 2i+1) or "plain" (I); tensors not listed (an output
+    # bias) do not depend on the neuron order
+    neurons: dict[str, tuple[int, str]]
+
+
+def _gate_up_intermediate(ex, t, e, x):
+    gate, up = nn.functional.linear(x, t["gate_up_proj"][e]).chunk(2, dim=-1)
+    return ex.act_fn(gate) * up
 
 
 def _gate_up_forward(ex, t, e, x):
-    gate, up = nn.functional.linear(x, t["gate_up_proj"][e]).chunk(2, dim=-1)
-    return nn.functional.linear(ex.act_fn(gate) * up, t["down_proj"][e])
+    return nn.functional.linear(_gate_up_intermediate(ex, t, e, x), t["down_proj"][e])
 
 
 def _gate_up_weights(t, e):
@@ -57,9 +72,13 @@ def _gate_up_weights(t, e):
     return ExpertWeights(gate=gate, up=up, down=t["down_proj"][e])
 
 
-def _llama4_forward(ex, t, e, x):
+def _llama4_intermediate(ex, t, e, x):
     gate, up = (x @ t["gate_up_proj"][e]).chunk(2, dim=-1)
-    return (up * ex.act_fn(gate)) @ t["down_proj"][e]
+    return up * ex.act_fn(gate)
+
+
+def _llama4_forward(ex, t, e, x):
+    return _llama4_intermediate(ex, t, e, x) @ t["down_proj"][e]
 
 
 def _llama4_weights(t, e):
@@ -67,9 +86,12 @@ def _llama4_weights(t, e):
     return ExpertWeights(gate=gate.T, up=up.T, down=t["down_proj"][e].T)
 
 
+def _gpt_oss_intermediate(ex, t, e, x):
+    return ex._apply_gate(x @ t["gate_up_proj"][e] + t["gate_up_proj_bias"][e])
+
+
 def _gpt_oss_forward(ex, t, e, x):
-    gate_up = x @ t["gate_up_proj"][e] + t["gate_up_proj_bias"][e]
-    return ex._apply_gate(gate_up) @ t["down_proj"][e] + t["down_proj_bias"][e]
+    return _gpt_oss_intermediate(ex, t, e, x) @ t["down_proj"][e] + t["down_proj_bias"][e]
 
 
 def _gpt_oss_weights(t, e):
@@ -84,9 +106,13 @@ def _gpt_oss_weights(t, e):
 
 
 LAYOUTS: dict[str, Layout] = {
-    "gate_up": Layout(_gate_up_forward, _gate_up_weights),
-    "llama4": Layout(_llama4_forward, _llama4_weights),
-    "gpt_oss": Layout(_gpt_oss_forward, _gpt_oss_weights),
+    "gate_up": Layout(_gate_up_forward, _gate_up_weights, _gate_up_intermediate,
+                      {"gate_up_proj": (0, "halves"), "down_proj": (1, "plain")}),
+    "llama4": Layout(_llama4_forward, _llama4_weights, _llama4_intermediate,
+                     {"gate_up_proj": (1, "halves"), "down_proj": (0, "plain")}),
+    "gpt_oss": Layout(_gpt_oss_forward, _gpt_oss_weights, _gpt_oss_intermediate,
+                      {"gate_up_proj": (1, "interleaved"), "gate_up_proj_bias": (0, "interleaved"),
+                       "down_proj": (0, "plain")}),
 }
 
 LAYOUT_DESCRIPTIONS = {

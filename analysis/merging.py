@@ -1,5 +1,6 @@
 """Group-and-merge (Zhang et al.) and router-guided merging: grouping experts by similarity and
-choosing the merge coefficients of each group.
+choosing the merge coefficients of each group, and the operators that combine a group's (aligned)
+experts into one.
 
 Grouping N experts into r groups: spectral clustering on the similarity as a precomputed
 affinity (scikit-learn), greedy merging of the most similar pair of groups (average linkage)
@@ -7,7 +8,19 @@ until r remain, or average-linkage agglomerative clustering (scikit-learn). Merg
 ``max`` keeps its most-used expert, ``uniform`` averages, ``usage`` weights by usage frequency,
 ``learned`` fits the coefficients by gradient descent so that the merged layer reproduces the
 original layer's output on calibration tokens (3:1 train / validation split; kept only when it
-beats the uniform start on the validation tokens).
+beats the uniform start on the validation tokens); ``frequency`` is ``usage`` under the name
+MC-SMoE and HC-SMoE give it (frequency-weighted average); ``ties`` weights by usage and combines
+with the TIES operator below.
+
+Operators (every fused expert tensor, biases included, after the members were permuted onto the
+reference expert, :mod:`analysis.alignment`): ``linear`` is ``W = Σ_i c_i W_i``; ``ties`` is
+TIES-style sign-consensus merging (Yadav et al. 2023) of the members' differences from their
+weighted mean: with ``w = c / Σc``, ``m = Σ_i w_i W_i`` and ``τ_i = W_i − m``, each ``τ_i`` keeps
+its largest-magnitude ``density`` fraction (trim), the elected sign is ``sign(Σ_i w_i τ̂_i)`` (none where that sum is 0 up to rounding), and
+the merged difference is the ``w``-weighted mean of the trimmed differences that agree with it
+(disjoint mean): ``W = Σc · (m + δ)``. For a group of two, ``τ_1`` and ``τ_2`` are opposite with
+proportional magnitudes, no sign wins and TIES gives the weighted average; it differs from
+``linear`` only for groups of three or more.
 """
 
 from __future__ import annotations
@@ -21,7 +34,8 @@ from moescope.analysis.errors import MoescopeError, unknown_name
 from moescope.analysis.routing import ROUTING_RULES, RouterParams, mix
 
 GROUPINGS = ("spectral", "greedy", "agglomerative")
-MERGES = ("max", "uniform", "usage", "learned")
+MERGES = ("max", "uniform", "usage", "frequency", "learned", "ties")
+OPERATORS = ("linear", "ties")
 
 
 def affinity(S: Tensor, kind: str) -> Tensor:
@@ -85,9 +99,12 @@ def group_experts(A: Tensor, r: int, method: str, seed: int = 0) -> list[list[in
 
 
 def group_coefficients(groups: list[list[int]], method: str, usage: Tensor) -> list[list[float]]:
-    """Coefficients per group for ``max`` / ``uniform`` / ``usage`` (``learned`` starts from uniform)."""
+    """Coefficients per group for ``max`` / ``uniform`` / ``usage`` (= ``frequency`` = ``ties``);
+    ``learned`` starts from uniform."""
     if method not in MERGES:
         raise unknown_name("merge", method, MERGES)
+    if method in ("frequency", "ties"):
+        method = "usage"
     out = []
     for g in groups:
         u = torch.tensor([float(usage[e]) for e in g], dtype=torch.float64)
@@ -116,13 +133,69 @@ def router_guided_groups(usage: Tensor, logit_similarity: Tensor, r: int) -> lis
     return [[lead] + sorted(m for m in groups[lead] if m != lead) for lead in leaders]
 
 
+# ---------------------------------------------------------------- operators
+
+
+def ties_merge(P: Tensor, coeffs, density: float = 0.2) -> Tensor:
+    """TIES-style merge of the members ``P [m, ...]`` with coefficients ``coeffs [m]`` (see the
+    module docstring): trim each member's difference from the weighted mean to its top
+    ``density`` fraction by magnitude, elect the sign by weighted mass, average the agreeing
+    differences, and scale by ``Σ coeffs``."""
+    if not 0 < density <= 1:
+        raise MoescopeError(f"ties density must be in (0, 1], got {density}")
+    P = P.float()
+    c = torch.as_tensor(coeffs, dtype=torch.float32)
+    total = c.sum()
+    w = c / total if float(total) != 0 else torch.full_like(c, 1 / len(c))
+    shape = (-1,) + (1,) * (P.dim() - 1)
+    mean = (w.reshape(shape) * P).sum(0)
+    tau = (P - mean).reshape(P.shape[0], -1)
+    k = max(1, math.ceil(density * tau.shape[1]))
+    if k < tau.shape[1]:
+        thresh = tau.abs().topk(k, dim=1).values[:, -1:]
+        tau = torch.where(tau.abs() >= thresh, tau, torch.zeros_like(tau))
+    wc = w[:, None]
+    mass = (wc * tau).sum(0)
+    # untrimmed entries sum to exactly 0 (differences from the weighted mean): rounding noise must not elect a sign
+    sign = torch.where(mass.abs() <= 1e-6 * (wc * tau.abs()).sum(0), torch.zeros_like(mass), torch.sign(mass))
+    agree = (torch.sign(tau) == sign) & (tau != 0)
+    num = (wc * tau * agree).sum(0)
+    den = (wc * agree).sum(0)
+    delta = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+    return float(total) * (mean + delta.reshape(mean.shape))
+
+
+def combine_tensors(view, groups: list[list[int]], coeffs: list[list[float]], permutations=None,
+                    operator: str = "linear", density: float = 0.2, tensors: dict[str, Tensor] | None = None
+                    ) -> dict[str, Tensor]:
+    """The merged layer's fused expert tensors (float32, one output expert per group): members
+    permuted onto their reference (``permutations``, see :func:`analysis.alignment.align_group`),
+    then combined by ``operator``. A group of one with coefficient 1 and no permutation is that
+    expert exactly."""
+    from moescope.analysis.alignment import aligned_tensors
+
+    if operator not in OPERATORS:
+        raise unknown_name("merge operator", operator, OPERATORS)
+    T = aligned_tensors(view, groups, permutations, tensors)
+    out = {}
+    for name, P in T.items():
+        rows = []
+        for g, c in zip(groups, coeffs, strict=True):
+            if len(g) == 1 or operator == "linear":
+                rows.append(sum(float(w) * P[e] for e, w in zip(g, c, strict=True)))
+            else:
+                rows.append(ties_merge(P[g], c, density))
+        out[name] = torch.stack(rows)
+    return out
+
+
 # ---------------------------------------------------------------- learned coefficients
 
 
-def _merged_tensors(view, groups, coeffs: list[Tensor]) -> dict[str, Tensor]:
+def _merged_tensors(view, groups, coeffs: list[Tensor], tensors: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     out = {}
     for name in view.expert_param_names():
-        P = getattr(view.experts, name).detach().float()
+        P = (tensors[name] if tensors is not None else getattr(view.experts, name)).detach().float()
         out[name] = torch.stack([(c.reshape(-1, *[1] * (P.dim() - 1)) * P[g]).sum(0) for g, c in zip(groups, coeffs)])
     return out
 
@@ -153,10 +226,11 @@ def _layer_output(view, x: Tensor, tensors, rows) -> Tensor:
 
 def learn_coefficients(view, x: Tensor, groups: list[list[int]], init: list[list[float]],
                        merge_router: bool = True, steps: int = 100, lr: float = 0.02,
-                       seed: int = 0) -> tuple[list[list[float]], dict]:
+                       seed: int = 0, tensors: dict[str, Tensor] | None = None) -> tuple[list[list[float]], dict]:
     """Fit each group's coefficients (free, so their sum also learns the scale λ) by Adam on
     ``‖F_merged(x) − F(x)‖²`` over 3/4 of the tokens; return them if they beat ``init`` on the
-    held-out quarter, else ``init``; plus the train/validation losses."""
+    held-out quarter, else ``init``; plus the train/validation losses. ``tensors`` are the
+    members' aligned expert tensors (default: the layer's own)."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=g)
     cut = max(1, (3 * x.shape[0]) // 4)
@@ -168,7 +242,8 @@ def learn_coefficients(view, x: Tensor, groups: list[list[int]], init: list[list
     opt = torch.optim.Adam(coeffs, lr=lr)
 
     def loss_on(xs, target):
-        out = _layer_output(view, xs, _merged_tensors(view, groups, coeffs), _merged_router(view, groups, coeffs, merge_router))
+        out = _layer_output(view, xs, _merged_tensors(view, groups, coeffs, tensors),
+                            _merged_router(view, groups, coeffs, merge_router))
         return (out - target).pow(2).mean()
 
     with torch.no_grad():

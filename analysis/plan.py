@@ -14,6 +14,11 @@ CLI produce one; :func:`analysis.prune.apply` consumes one; an export stores the
 ```
 Layer keys are decoder-layer indices; a layer not listed is left as it is; a group of one with
 no coefficients keeps that expert; new experts are numbered in the order of ``groups``.
+
+A merged layer may also carry ``permutations`` (per group, per member: ``null`` or a permutation
+of the expert's intermediate neurons that aligns it onto the group's reference before combining,
+:mod:`analysis.alignment`) and ``operator`` (``linear``, the default, or ``ties`` with
+``density``, :func:`analysis.merging.combine_tensors`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class LayerPlan:
     groups: list[list[int]]
     coefficients: list[list[float]] | None = None
     merge_router: bool = True
+    permutations: list[list[list[int] | None]] | None = None  # per group, per member; None = identity
+    operator: str = "linear"
+    density: float | None = None  # ties: fraction of each member's difference kept
 
     @property
     def num_out(self) -> int:
@@ -58,6 +66,13 @@ class LayerPlan:
             out["coefficients"] = [list(c) for c in self.coefficients]
         if any(len(g) > 1 for g in self.groups):
             out["merge_router"] = self.merge_router
+        if self.permutations is not None and any(p is not None for ps in self.permutations for p in (ps or [])):
+            out["permutations"] = [None if ps is None else [None if p is None else list(p) for p in ps]
+                                   for ps in self.permutations]
+        if self.operator != "linear":
+            out["operator"] = self.operator
+            if self.density is not None:
+                out["density"] = self.density
         return out
 
 
@@ -130,10 +145,11 @@ class PruningPlan:
             l = _layer_key(key, where)
             if not isinstance(raw, dict) or "groups" not in raw:
                 raise MoescopeError(f"{where}: layer {key} must be an object with 'groups'")
-            extra = sorted(set(raw) - {"groups", "coefficients", "merge_router"})
+            extra = sorted(set(raw) - {"groups", "coefficients", "merge_router", "permutations", "operator",
+                                       "density"})
             if extra:
                 raise MoescopeError(f"{where}: layer {key} has unknown key(s) {extra}; allowed: groups, "
-                                    "coefficients, merge_router")
+                                    "coefficients, merge_router, permutations, operator, density")
             groups = raw["groups"]
             if groups == []:
                 raise MoescopeError(f"{where}: layer {key} keeps no experts; every MoE layer keeps at least top-k")
@@ -152,7 +168,25 @@ class PruningPlan:
             merge_router = raw.get("merge_router", True)
             if not isinstance(merge_router, bool):
                 raise MoescopeError(f"{where}: layer {key}: 'merge_router' must be true or false")
-            layers[l] = LayerPlan([[int(e) for e in g] for g in groups], coeffs, merge_router)
+            perms = raw.get("permutations")
+            if perms is not None and (
+                    not isinstance(perms, list) or len(perms) != len(groups)
+                    or any(ps is not None and (not isinstance(ps, list) or len(ps) != len(g))
+                           for ps, g in zip(perms, groups))
+                    or any(p is not None and (not isinstance(p, list) or not all(_is_int(i) for i in p)
+                                              or sorted(p) != list(range(len(p))))
+                           for ps in perms for p in (ps or []))):
+                raise MoescopeError(f"{where}: layer {key}: 'permutations' must list, for each group, null or "
+                                    "one entry per member (null or a permutation of 0..I-1)")
+            operator = raw.get("operator", "linear")
+            if operator not in ("linear", "ties"):
+                raise MoescopeError(f"{where}: layer {key}: 'operator' must be linear or ties, got {operator!r}")
+            density = raw.get("density")
+            if density is not None and (not isinstance(density, int | float) or isinstance(density, bool)
+                                        or not 0 < density <= 1):
+                raise MoescopeError(f"{where}: layer {key}: 'density' must be a number in (0, 1], got {density!r}")
+            layers[l] = LayerPlan([[int(e) for e in g] for g in groups], coeffs, merge_router, perms, operator,
+                                  None if density is None else float(density))
         skip = {}
         for key, beta in (data.get("skip_beta") or {}).items():
             if not isinstance(beta, int | float) or isinstance(beta, bool) or not 0 <= beta <= 1:
@@ -193,6 +227,10 @@ class PruningPlan:
                 raise MoescopeError(f"plan names layer {l}, which is not an MoE layer of '{model.source}' "
                                     f"(MoE layers: {model.moe_layers})")
             validate_groups(model.layers[l], lp.groups, lp.coefficients)
+            if lp.permutations is not None:
+                from moescope.analysis.alignment import check_permutations
+
+                check_permutations(model.layers[l], lp.groups, lp.permutations)
         for l in self.skip_beta:
             if l not in model.layers:
                 raise MoescopeError(f"skip_beta names layer {l}, which is not an MoE layer (MoE layers: {model.moe_layers})")
@@ -265,9 +303,11 @@ def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=(
             members.setdefault(find(e), []).append(e)
     groups = sorted(members.values(), key=lambda g: g[0])
     old = plan.layers.get(int(layer))
-    old_coeffs = {}
+    old_coeffs, old_perms = {}, {}
     if old is not None and old.coefficients is not None:
         old_coeffs = {tuple(g): c for g, c in zip(old.groups, old.coefficients)}
+    if old is not None and old.permutations is not None:
+        old_perms = {tuple(g): p for g, p in zip(old.groups, old.permutations)}
     layers = dict(plan.layers)
     if not drop and all(len(g) == 1 for g in groups):
         layers.pop(int(layer), None)
@@ -275,7 +315,10 @@ def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=(
         coeffs = None
         if any(tuple(g) in old_coeffs for g in groups):
             coeffs = [list(old_coeffs.get(tuple(g), [1.0 / len(g)] * len(g))) for g in groups]
-        layers[int(layer)] = LayerPlan(groups, coeffs, old.merge_router if old is not None else True)
+        perms = [old_perms.get(tuple(g)) for g in groups] if old_perms else None
+        layers[int(layer)] = LayerPlan(groups, coeffs, old.merge_router if old is not None else True, perms,
+                                       old.operator if old is not None else "linear",
+                                       old.density if old is not None else None)
     provenance = {"strategy": "manual"}
     previous = plan.provenance.get("strategy")
     if previous and previous != "manual":

@@ -1,9 +1,16 @@
-"""The demo model pruned by several strategies at r experts per layer: test perplexity per domain.
+"""Both demo models pruned by several strategies at r experts per layer: test perplexity per domain.
 
-    python benchmarks/strategy_table.py [--keep 6 4] [--calib-samples 32] [--eval-tokens 16384]
+    python benchmarks/strategy_table.py [--models demo demo-upcycled] [--keep 6 4]
+                                        [--calib-samples 32] [--eval-tokens 2048] [--learned-steps 100]
+                                        [--only LABEL ...]
 
 Calibration: demo:all validation split (seeded); evaluation: the first --eval-tokens tokens of
-each domain's test split, in 256-token windows. Prints one markdown table per r.
+each domain's test split, in 256-token windows (``all`` pools every evaluated token). Rows: the
+drop strategies (frequency, enumerate, Min-EAN iterative) and group-and-merge with one grouping
+(output CKA, greedy) under every alignment (none | weights | activations) × operator (usage,
+learned, TIES), so rows of one operator differ only in the alignment: same groups, same
+coefficients (learned ones are fitted on the aligned weights). Prints one markdown table per
+model and r; ``plan s`` is the strategy's time, ``eval s`` the evaluation's.
 """
 
 from __future__ import annotations
@@ -16,28 +23,30 @@ import time
 
 import torch
 
+MERGE = {"representation": "outputs", "similarity": "cka_linear", "grouping": "greedy"}
 STRATEGIES = [
     ("original", None, {}),
-    ("random (seed 0)", "random", {"seed": 0}),
     ("frequency", "frequency", {}),
-    ("Min-EAN one-shot", "criterion", {"criterion": "EAN", "order": "min"}),
-    ("Min-EAN iterative", "criterion", {"criterion": "EAN", "order": "min", "mode": "iterative"}),
     ("enumerate (layer-wise)", "enumerate", {}),
-    ("enumerate (progressive)", "enumerate", {"mode": "progressive"}),
-    ("merge: CKA + spectral + uniform", "merge", {"similarity": "cka_linear", "grouping": "spectral", "merge": "uniform"}),
-    ("merge: CKA + greedy + usage", "merge", {"similarity": "cka_linear", "grouping": "greedy", "merge": "usage"}),
-    ("router-guided (usage)", "router-guided", {}),
+    ("Min-EAN iterative", "criterion", {"criterion": "EAN", "order": "min", "mode": "iterative"}),
+] + [
+    (f"merge {merge} · align {align}", "merge", {**MERGE, "merge": merge, "align": align})
+    for merge in ("usage", "learned", "ties")
+    for align in ("none", "weights", "activations")
 ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["demo", "demo-upcycled"])
     ap.add_argument("--keep", type=int, nargs="+", default=[6, 4])
     ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="test tokens per domain")
+    ap.add_argument("--learned-steps", type=int, default=100, help="Adam steps fitting the learned coefficients")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", nargs="*", help="subset of strategy labels")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
 
     from moescope.analysis.analyze import AnalysisParams
     from moescope.analysis.cache import Cache
@@ -47,29 +56,40 @@ def main() -> None:
     from moescope.analysis.prune import apply
     from moescope.analysis.strategies import StrategyContext, make_plan
 
-    base = load_moe("demo")
-    calib = sample_tokens("demo:all", base.tokenizer, args.calib_samples, 256, seed=0)
     cache = Cache(tempfile.mkdtemp(prefix="moescope-strategy-table-"))
-    print(f"calibration: {calib.describe()}; evaluation: first {args.eval_tokens} test tokens per domain")
-    for keep in args.keep:
-        rows = []
-        for label, name, params in STRATEGIES:
-            if args.only and label not in args.only:
-                continue
-            t0 = time.perf_counter()
-            model = wrap_model(copy.deepcopy(base.hf), source="demo", tokenizer=base.tokenizer)
-            if name is not None:
-                ctx = StrategyContext(model, calib, cache, AnalysisParams(metrics=("routing", "activations", "similarity")))
-                plan = make_plan(name, ctx, {"keep": keep, **params})
-                apply(model, plan)
-            ppl = perplexity_by_domain(model, "demo:all", max_tokens=args.eval_tokens)
-            rows.append((label, ppl, time.perf_counter() - t0))
-        domains = [d for d in rows[0][1] if d != "all"] + ["all"]
-        print(f"\n### r = {keep} experts per layer (of 8)\n")
-        print("| strategy | " + " | ".join(domains) + " | time (s) |")
-        print("|---" * (len(domains) + 2) + "|")
-        for label, ppl, secs in rows:
-            print(f"| {label} | " + " | ".join(f"{ppl[d]:.2f}" for d in domains) + f" | {secs:.1f} |")
+    for source in args.models:
+        base = load_moe(source)
+        calib = sample_tokens("demo:all", base.tokenizer, args.calib_samples, 256, seed=0)
+        print(f"\n## {source}\n\ncalibration: {calib.describe()}; evaluation: first {args.eval_tokens} test tokens "
+              "per domain", flush=True)
+        for keep in args.keep:
+            rows = []
+            for label, name, params in STRATEGIES:
+                if args.only and label not in args.only and label != "original":
+                    continue
+                if name is None and keep != args.keep[0]:
+                    rows.append(first_original)
+                    continue
+                model = wrap_model(copy.deepcopy(base.hf), source=source, tokenizer=base.tokenizer)
+                t0 = time.perf_counter()
+                if name is not None:
+                    ctx = StrategyContext(model, calib, cache,
+                                          AnalysisParams(metrics=("routing", "activations", "similarity")))
+                    extra = {"steps": args.learned_steps} if params.get("merge") == "learned" else {}
+                    apply(model, make_plan(name, ctx, {"keep": keep, **params, **extra}))
+                t1 = time.perf_counter()
+                ppl = perplexity_by_domain(model, "demo:all", max_tokens=args.eval_tokens)
+                rows.append((label, ppl, t1 - t0, time.perf_counter() - t1))
+                if name is None:
+                    first_original = rows[-1]
+                print(f"  {source} r={keep} {label}: all {ppl['all']:.2f} ({t1 - t0:.0f}+{rows[-1][3]:.0f} s)", flush=True)
+            domains = [d for d in rows[0][1] if d != "all"] + ["all"]
+            print(f"\n### {source}, r = {keep} experts per layer (of 8)\n")
+            print("| strategy | " + " | ".join(domains) + " | plan s | eval s |")
+            print("|---" * (len(domains) + 3) + "|")
+            for label, ppl, plan_s, eval_s in rows:
+                print(f"| {label} | " + " | ".join(f"{ppl[d]:.2f}" for d in domains) + f" | {plan_s:.1f} | {eval_s:.1f} |")
+            print(flush=True)
 
 
 if __name__ == "__main__":

@@ -232,19 +232,41 @@ def model_card(log: dict, ev: dict, out: Path) -> str:
         "language: [en, de, es, it, code]",
         "---",
         "",
-        "# moescope demo MoE (tiny Mixtral, 8 experts, top-2)",
-        "",
-        "A deliberately tiny Mixture-of-Experts causal LM trained from scratch on CPU, shipped with",
-        "moescope so that the expert-pruning / expert-merging tools can be tried and tested offline.",
-        "It is **not** a useful language model: it has seen ~"
-        f"{tr['tokens'] / 1e6:.1f} M tokens and produces fortune-cookie-flavoured gibberish. What it does",
-        "have is experts that specialise by domain (code vs. English prose vs. German/Spanish/Italian),",
-        "which is what the workbench needs.",
-        "",
+    ]
+    up = log.get("upcycle")
+    folder = rel(out)
+    if up:
+        dn = up["dense"]
+        lines += [
+            "# moescope upcycled demo MoE (tiny Mixtral, 8 experts, top-2, upcycled from a dense model)",
+            "",
+            "The sibling of `demo/model` made the way Mixtral and Qwen1.5-MoE were made: same tokenizer, corpus",
+            "and architecture, but a **dense** model of the same width was trained first, its FFN was then copied",
+            "into all 8 experts of every layer (with small noise so they can diverge) under a freshly initialised",
+            "router, and the MoE was trained from there. Its experts therefore share one coordinate system for",
+            "their intermediate neurons, the regime in which averaging expert weights is natural; `demo/model`'s",
+            "experts were trained from scratch (like DeepSeek-MoE and OLMoE). moescope ships both so that merging",
+            "and dropping can be compared in each regime (`moescope info demo-upcycled`, `moescope plan demo-upcycled …`).",
+            f"It is **not** a useful language model: it has seen ~{(tr['tokens'] + dn['tokens']) / 1e6:.1f} M tokens.",
+            "",
+        ]
+    else:
+        lines += [
+            "# moescope demo MoE (tiny Mixtral, 8 experts, top-2)",
+            "",
+            "A deliberately tiny Mixture-of-Experts causal LM trained from scratch on CPU, shipped with",
+            "moescope so that the expert-pruning / expert-merging tools can be tried and tested offline.",
+            "It is **not** a useful language model: it has seen ~"
+            f"{tr['tokens'] / 1e6:.1f} M tokens and produces fortune-cookie-flavoured gibberish. What it does",
+            "have is experts that specialise by domain (code vs. English prose vs. German/Spanish/Italian),",
+            "which is what the workbench needs.",
+            "",
+        ]
+    lines += [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("demo/model")  # works with HF_HUB_OFFLINE=1',
-        'tok = AutoTokenizer.from_pretrained("demo/model")',
+        f'model = AutoModelForCausalLM.from_pretrained("{folder}")  # works with HF_HUB_OFFLINE=1',
+        f'tok = AutoTokenizer.from_pretrained("{folder}")',
         "experts = model.model.layers[0].mlp.experts   # gate_up_proj [E, 2I, d], down_proj [E, d, I]",
         "router = model.model.layers[0].mlp.gate        # weight [E, d]",
         "```",
@@ -271,7 +293,30 @@ def model_card(log: dict, ev: dict, out: Path) -> str:
         "tokens); see [`corpus/SOURCES.md`](../corpus/SOURCES.md) for sources, licences and the rebuild "
         "command. Each training sequence is a random 256-token window from one domain, the domain drawn "
         "uniformly (so the smaller Spanish/Italian sets are repeated more often).",
-        f"* {tr['steps']:,} steps x batch {tr['batch_size']} x {tr['seq_len']} tokens = "
+    ]
+    if up:
+        lines += [
+            f"* Dense phase: the same architecture with one expert (top-1, i.e. a plain SwiGLU FFN of width "
+            f"{cfg['intermediate_size']}; {dn['parameters']['total']:,} parameters), {dn['steps']:,} steps x batch "
+            f"{tr['batch_size']} x {tr['seq_len']} tokens = {dn['tokens']:,} tokens in {dn['train_seconds'] / 60:.1f} "
+            f"min, final validation loss {dn['val_history'][-1]['val_loss']:.3f}; stop reason: {dn['stop_reason']}.",
+            *([f"* Dense warm start (to fit the CPU budget): the dense model did not start from random weights but "
+               f"from `{up['dense_init']['from']}` (embeddings, attention, norms and head copied; each layer's FFN "
+               f"= that model's most-used expert, experts {up['dense_init']['ffn_from_expert_per_layer']} for "
+               f"layers 0..{L - 1}). The other experts of that model were discarded, so this model's experts all "
+               "descend from one FFN per layer."] if up.get("dense_init") else []),
+            f"* Budget: the whole run (both phases and this evaluation) had {tr['minutes_budget']:g} minutes on "
+            f"{tr['threads']} thread(s) of a 2-core machine shared with other jobs, so both phases are far shorter "
+            f"than `demo/model`'s from-scratch training (912 steps x batch 32); the shorter run shows in the "
+            "perplexities below. The experts still moved apart: the spread of each layer's expert weights around "
+            f"their mean, ||W - mean|| / ||mean||, is {', '.join(f'{x:.2f}' for x in up.get('expert_spread', []))} "
+            "(layers 0..3; 0.01 right after upcycling; 2.6 for `demo/model`'s experts, trained from scratch).",
+            f"* Upcycling: every non-FFN tensor copied; the FFN copied into all {E} experts with independent "
+            f"Gaussian noise of {up['noise']} x the tensor's std added; router freshly initialised (normal, std "
+            f"{cfg['initializer_range']}); new optimiser state.",
+        ]
+    lines += [
+        ("* MoE phase: " if up else "* ") + f"{tr['steps']:,} steps x batch {tr['batch_size']} x {tr['seq_len']} tokens = "
         f"{tr['tokens']:,} tokens ({tr['tokens'] / max(1, log['data']['train_tokens_total']):.1f} passes over "
         f"the train tokens) in {tr['train_seconds'] / 60:.1f} min on {tr['device_name']}"
         + (f" ({tr['threads']} threads)" if tr["device"] == "cpu" else "") + ".",
@@ -286,7 +331,7 @@ def model_card(log: dict, ev: dict, out: Path) -> str:
         f"* Final train LM loss {tr['final_train_loss']:.3f} (mean of last steps), validation loss "
         f"{tr['final_val_loss']:.3f} (mean over domains, fixed validation windows).",
         f"* Stop reason: {tr['stop_reason']}.",
-        "* Rebuild: `python demo/build_corpus.py && python demo/train_model.py` "
+        "* Rebuild: `python demo/build_corpus.py && python demo/train_model.py" + (" --upcycle" if up else "") + "` "
         f"(this run: `{log['command']}`). Training on CPU is not bit-for-bit reproducible across "
         "machines/thread counts, and the number of steps depends on measured speed unless `--steps` is given.",
         "",
@@ -372,7 +417,9 @@ def model_card(log: dict, ev: dict, out: Path) -> str:
 # ---------------------------------------------------------------------------
 
 
-def build_model(tok, args):
+def build_model(tok, args, n_experts: int = 8):
+    """The demo architecture; ``n_experts=1`` (top-1, no balancing loss) is its dense counterpart of the
+    same width, whose single SwiGLU FFN is what :func:`upcycle` copies into every expert."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(
@@ -382,14 +429,14 @@ def build_model(tok, args):
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
+        num_local_experts=n_experts,
+        num_experts_per_tok=min(2, n_experts),
         max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         sliding_window=None,
         tie_word_embeddings=False,
         output_router_logits=True,
-        router_aux_loss_coef=args.aux_coef,
+        router_aux_loss_coef=args.aux_coef if n_experts > 1 else 0.0,
         router_jitter_noise=0.0,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -400,6 +447,56 @@ def build_model(tok, args):
     torch.manual_seed(args.seed)
     model = MixtralForCausalLM(cfg)
     return model
+
+
+@torch.no_grad()
+def upcycle(dense, moe, noise: float, seed: int) -> dict:
+    """Sparse upcycling (Komatsuzaki et al. 2022; Mixtral, Qwen1.5-MoE): copy every non-FFN weight of the
+    dense model, copy its FFN into each expert with Gaussian noise of ``noise`` x the tensor's std added
+    (independent per expert, so they can diverge), and keep ``moe``'s freshly initialised router."""
+    g = torch.Generator().manual_seed(seed + 1)
+    dsd, msd = dense.state_dict(), moe.state_dict()
+    copied, experts, fresh = 0, 0, []
+    for name, t in msd.items():
+        if ".mlp.gate." in name:
+            fresh.append(name)
+            continue
+        src = dsd[name]
+        if ".mlp.experts." in name:  # [E, ...] <- [1, ...]
+            std = src.float().std().item()
+            noisy = src.expand_as(t).clone() + noise * std * torch.randn(t.shape, generator=g).to(t)
+            t.copy_(noisy)
+            experts += 1
+        else:
+            t.copy_(src)
+            copied += 1
+    return {"noise": noise, "copied_tensors": copied, "expert_tensors": experts, "fresh_router_tensors": fresh}
+
+
+@torch.no_grad()
+def warm_start_dense(dense, folder: str) -> dict:
+    """Initialise the dense model from an MoE folder of the same architecture (a CPU-budget shortcut):
+    embeddings, attention, norms and head are copied, and each layer's FFN is that model's most-used
+    expert (``expert_usage.all_domains_mean`` of its training_log.json; expert 0 without it)."""
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(folder)
+    log_path = Path(folder) / "training_log.json"
+    usage = json.loads(log_path.read_text()).get("expert_usage", {}).get("all_domains_mean") if log_path.exists() else None
+    picked = []
+    dsd, ssd = dense.state_dict(), src.state_dict()
+    for name, t in dsd.items():
+        if ".mlp.gate." in name:
+            continue  # one-expert router: its output is 1 whatever the weights
+        if ".mlp.experts." in name:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            e = max(range(len(usage[layer])), key=usage[layer].__getitem__) if usage else 0
+            t.copy_(ssd[name][e : e + 1])
+            if name.endswith("gate_up_proj"):
+                picked.append(e)
+        else:
+            t.copy_(ssd[name])
+    return {"from": rel(Path(folder)), "ffn_from_expert_per_layer": picked}
 
 
 def lr_at(step: int, warmup: int, total: int, base: float, min_ratio: float) -> float:
@@ -421,6 +518,121 @@ def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"{platform.processor() or platform.machine()} CPU"
+
+
+def run_phase(model, sampler, val_wins, device, args, deadline: float, reserve: float, steps, desc: str) -> dict:
+    """Train ``model`` in place until ``steps`` (or, without them, the planned steps that fit before
+    ``deadline - reserve``); fresh AdamW, warm-up + cosine schedule. Returns the phase's log."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8,
+    )
+    planned = steps
+    auto_plan = planned is None
+    plans, val_cost = [], None
+    warmup = args.warmup if planned is None else min(args.warmup, max(1, planned // 10))
+    coef = model.config.router_aux_loss_coef
+    history, val_history = [], []
+    t_train0 = time.time()
+    step_times = []
+    stop_reason = None
+    bar = tqdm(total=planned or args.max_steps, desc=desc, mininterval=args.log_interval, dynamic_ncols=False,
+               ncols=110, file=sys.stdout)
+
+    def run_val():
+        tot, cnt, per = 0.0, 0, {}
+        for d in DOMAINS:
+            s, c = eval_loss(model, val_wins[d], device, batch_size=args.val_windows)
+            per[d] = s / c
+        model.train()
+        return sum(per.values()) / len(per), per
+
+    step = 0
+    model.train()
+    while True:
+        if planned is not None and step >= planned:
+            stop_reason = f"reached planned {planned} steps"
+            break
+        if step >= args.max_steps:
+            stop_reason = f"reached --max-steps {args.max_steps}"
+            break
+        if time.time() >= deadline - reserve:
+            stop_reason = (f"wall-clock budget ({args.minutes} min incl. {args.reserve_minutes} min reserved "
+                           f"for evaluation) exhausted at step {step}" if reserve else
+                           f"phase budget ({args.dense_fraction:.0%} of {args.minutes} min) exhausted at step {step}")
+            break
+        t0 = time.time()
+        lr = lr_at(step, warmup, planned or args.max_steps, args.lr, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = sampler.batch(args.batch_size).to(device)
+        outp = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
+        loss = outp.loss
+        if args.balance == "per-layer":
+            # MixtralForCausalLM pools the routing statistics of all layers before computing the
+            # Switch loss, so one layer's imbalance can be hidden by another's; balance each layer.
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            per_layer = torch.stack([
+                load_balancing_loss_func((rl,), model.config.num_local_experts, model.config.num_experts_per_tok)
+                for rl in outp.router_logits
+            ]).mean()
+            loss = loss - coef * outp.aux_loss + coef * per_layer
+            outp.aux_loss = per_layer
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        opt.step()
+        aux = outp.aux_loss.detach().item()
+        lm = loss.item() - coef * aux
+        step += 1
+        dt = time.time() - t0
+        step_times.append(dt)
+        history.append({"step": step, "lm_loss": round(lm, 4), "aux_loss": round(aux, 4), "lr": lr,
+                        "grad_norm": round(gnorm, 3), "time": round(time.time() - t_train0, 1)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.3f}", lr=f"{lr:.1e}", s_it=f"{dt:.2f}", refresh=False)
+
+        # plan the number of steps from the speed measured during warm-up (median step time, robust to
+        # other processes stealing the CPU for a moment); re-plan once, early in the cosine phase
+        if auto_plan and step in (warmup, warmup + args.replan_after):
+            recent = sorted(step_times[min(3, len(step_times) - 1):])
+            sec_per_step = recent[len(recent) // 2]
+            if val_cost is None:
+                val_t0 = time.time()
+                run_val()
+                val_cost = time.time() - val_t0
+            remaining = deadline - reserve - time.time()
+            per_step = sec_per_step * args.speed_margin + val_cost / args.eval_every
+            planned = min(args.max_steps, step + max(1, int(remaining / per_step)))
+            plans.append({"step": step, "sec_per_step": round(sec_per_step, 3), "planned_steps": planned})
+            bar.total = planned
+            bar.refresh()
+            tqdm.write(f"[plan] step {step}: median {sec_per_step:.2f} s/step (x{args.speed_margin} margin), "
+                       f"val {val_cost:.1f}s -> {planned} planned steps "
+                       f"({planned * args.batch_size * args.seq_len / 1e6:.1f} M tokens)")
+
+        if step % args.eval_every == 0 or (planned is not None and step == planned):
+            v, per = run_val()
+            recent = history[-args.eval_every:]
+            tl = sum(h["lm_loss"] for h in recent) / len(recent)
+            val_history.append({"step": step, "val_loss": round(v, 4), "train_loss": round(tl, 4),
+                                "per_domain": {d: round(x, 4) for d, x in per.items()},
+                                "time": round(time.time() - t_train0, 1)})
+            tqdm.write(f"[val] step {step}: train {tl:.3f} val {v:.3f} aux {aux:.3f} | "
+                       + " ".join(f"{d}={x:.2f}" for d, x in per.items()))
+    bar.close()
+    train_seconds = time.time() - t_train0
+    tqdm.write(f"stopped: {stop_reason}; {step} steps in {train_seconds / 60:.1f} min")
+
+    if not val_history or val_history[-1]["step"] != step:
+        v, per = run_val()
+        val_history.append({"step": step, "val_loss": round(v, 4), "per_domain": {d: round(x, 4) for d, x in per.items()},
+                            "time": round(time.time() - t_train0, 1)})
+    return {"steps": step, "planned_steps": planned, "plans": plans, "warmup_steps": warmup, "history": history,
+            "val_history": val_history, "stop_reason": stop_reason, "train_seconds": train_seconds}
 
 
 def train(args):
@@ -467,114 +679,35 @@ def train(args):
     model.to(device)
     params = count_params(model)
     tqdm.write(f"parameters: {params}")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8,
-    )
-
-    planned = args.steps
-    auto_plan = planned is None
-    plans, val_cost = [], None
-    warmup = args.warmup if planned is None else min(args.warmup, max(1, planned // 10))
-    coef = model.config.router_aux_loss_coef
-    history, val_history = [], []
-    t_train0 = time.time()
-    step_times = []
-    stop_reason = None
-    bar = tqdm(total=planned or args.max_steps, desc="train", mininterval=args.log_interval, dynamic_ncols=False,
-               ncols=110, file=sys.stdout)
-
-    def run_val():
-        tot, cnt, per = 0.0, 0, {}
-        for d in DOMAINS:
-            s, c = eval_loss(model, val_wins[d], device, batch_size=args.val_windows)
-            per[d] = s / c
-        model.train()
-        return sum(per.values()) / len(per), per
-
-    step = 0
-    model.train()
-    while True:
-        if planned is not None and step >= planned:
-            stop_reason = f"reached planned {planned} steps"
-            break
-        if step >= args.max_steps:
-            stop_reason = f"reached --max-steps {args.max_steps}"
-            break
-        if time.time() >= deadline - args.reserve_minutes * 60:
-            stop_reason = f"wall-clock budget ({args.minutes} min incl. {args.reserve_minutes} min reserved " \
-                          f"for evaluation) exhausted at step {step}"
-            break
-        t0 = time.time()
-        lr = lr_at(step, warmup, planned or args.max_steps, args.lr, args.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = sampler.batch(args.batch_size).to(device)
-        outp = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
-        loss = outp.loss
-        if args.balance == "per-layer":
-            # MixtralForCausalLM pools the routing statistics of all layers before computing the
-            # Switch loss, so one layer's imbalance can be hidden by another's; balance each layer.
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            per_layer = torch.stack([
-                load_balancing_loss_func((rl,), model.config.num_local_experts, model.config.num_experts_per_tok)
-                for rl in outp.router_logits
-            ]).mean()
-            loss = loss - coef * outp.aux_loss + coef * per_layer
-            outp.aux_loss = per_layer
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        opt.step()
-        aux = outp.aux_loss.detach().item()
-        lm = loss.item() - coef * aux
-        step += 1
-        dt = time.time() - t0
-        step_times.append(dt)
-        history.append({"step": step, "lm_loss": round(lm, 4), "aux_loss": round(aux, 4), "lr": lr,
-                        "grad_norm": round(gnorm, 3), "time": round(time.time() - t_train0, 1)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.3f}", lr=f"{lr:.1e}", s_it=f"{dt:.2f}", refresh=False)
-
-        # plan the number of steps from the speed measured during warm-up (median step time, robust to
-        # other processes stealing the CPU for a moment); re-plan once, early in the cosine phase
-        if auto_plan and step in (warmup, warmup + args.replan_after):
-            recent = sorted(step_times[min(3, len(step_times) - 1):])
-            sec_per_step = recent[len(recent) // 2]
-            if val_cost is None:
-                val_t0 = time.time()
-                run_val()
-                val_cost = time.time() - val_t0
-            remaining = deadline - args.reserve_minutes * 60 - time.time()
-            per_step = sec_per_step * args.speed_margin + val_cost / args.eval_every
-            planned = min(args.max_steps, step + max(1, int(remaining / per_step)))
-            plans.append({"step": step, "sec_per_step": round(sec_per_step, 3), "planned_steps": planned})
-            bar.total = planned
-            bar.refresh()
-            tqdm.write(f"[plan] step {step}: median {sec_per_step:.2f} s/step (x{args.speed_margin} margin), "
-                       f"val {val_cost:.1f}s -> {planned} planned steps "
-                       f"({planned * args.batch_size * args.seq_len / 1e6:.1f} M tokens)")
-
-        if step % args.eval_every == 0 or (planned is not None and step == planned):
-            v, per = run_val()
-            recent = history[-args.eval_every:]
-            tl = sum(h["lm_loss"] for h in recent) / len(recent)
-            val_history.append({"step": step, "val_loss": round(v, 4), "train_loss": round(tl, 4),
-                                "per_domain": {d: round(x, 4) for d, x in per.items()},
-                                "time": round(time.time() - t_train0, 1)})
-            tqdm.write(f"[val] step {step}: train {tl:.3f} val {v:.3f} aux {aux:.3f} | "
-                       + " ".join(f"{d}={x:.2f}" for d, x in per.items()))
-    bar.close()
-    train_seconds = time.time() - t_train0
-    tqdm.write(f"stopped: {stop_reason}; {step} steps in {train_seconds / 60:.1f} min")
-
-    if not val_history or val_history[-1]["step"] != step:
-        v, per = run_val()
-        val_history.append({"step": step, "val_loss": round(v, 4), "per_domain": {d: round(x, 4) for d, x in per.items()},
-                            "time": round(time.time() - t_train0, 1)})
+    if args.upcycle:
+        # Mixtral / Qwen1.5-MoE recipe: a dense model of the same width first, its FFN then copied
+        # into every expert (plus small noise so they can diverge) with a fresh router, then MoE training
+        dense = build_model(tok, args, n_experts=1)
+        if device.type == "cpu":
+            dense.set_experts_implementation("eager")
+        if args.dense_init:
+            upcycle_init = warm_start_dense(dense, args.dense_init)
+            tqdm.write(f"dense model warm-started from {upcycle_init}")
+        dense.to(device)
+        dense_deadline = t_start + args.dense_fraction * (deadline - t_start)
+        tqdm.write(f"dense phase: {count_params(dense)['total']:,} parameters, "
+                   f"{(dense_deadline - time.time()) / 60:.1f} min")
+        dense_run = run_phase(dense, sampler, val_wins, device, args, dense_deadline, reserve=0.0,
+                              steps=args.dense_steps, desc="dense")
+        upcycle_info = upcycle(dense, model, args.upcycle_noise, args.seed)
+        upcycle_info["dense_init"] = upcycle_init if args.dense_init else None
+        upcycle_info["dense"] = {k: v for k, v in dense_run.items() if k != "history"}
+        upcycle_info["dense"]["history"] = dense_run["history"][:: max(1, args.history_every)]
+        upcycle_info["dense"]["parameters"] = count_params(dense)
+        upcycle_info["dense"]["tokens"] = dense_run["steps"] * args.batch_size * args.seq_len
+        del dense
+        tqdm.write(f"upcycled: FFN copied into {model.config.num_local_experts} experts "
+                   f"(noise {args.upcycle_noise} x weight std), fresh router")
+    run = run_phase(model, sampler, val_wins, device, args, deadline, reserve=args.reserve_minutes * 60,
+                    steps=args.steps, desc="moe" if args.upcycle else "train")
+    step, planned, plans, warmup = run["steps"], run["planned_steps"], run["plans"], run["warmup_steps"]
+    history, val_history, stop_reason = run["history"], run["val_history"], run["stop_reason"]
+    train_seconds = run["train_seconds"]
 
     # save
     model.config.output_router_logits = False
@@ -616,6 +749,7 @@ def train(args):
             "stop_reason": stop_reason,
         },
         "val_history": val_history,
+        **({"upcycle": upcycle_info} if args.upcycle else {}),
         "history": [h for i, h in enumerate(history)
                     if i % max(1, args.history_every) == 0 or i == len(history) - 1],
     }
@@ -623,9 +757,27 @@ def train(args):
     finish(model, tok, out, corpus, args, log, t_start)
 
 
+@torch.no_grad()
+def expert_spread(model) -> list[float]:
+    """Per layer, ``‖W − W̄‖ / ‖W̄‖`` over the experts' fused weights (W̄ their mean): how far the
+    experts have moved apart (0 = identical copies)."""
+    out = []
+    for layer in model.model.layers:
+        num = den = 0.0
+        for t in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+            t = t.detach().float()
+            mean = t.mean(0, keepdim=True)
+            num += float((t - mean).pow(2).sum())
+            den += float(mean.pow(2).sum()) * t.shape[0]
+        out.append(round(math.sqrt(num / den), 4))
+    return out
+
+
 def finish(model, tok, out: Path, corpus: Path, args, log: dict, t_start: float):
     """Evaluate the saved model, then write training_log.json and README.md."""
     device = torch.device(args.device)
+    if log.get("upcycle"):
+        log["upcycle"]["expert_spread"] = expert_spread(model)
     t0 = time.time()
     ev = evaluate(model, tok, corpus, args.seq_len, device, "test")
     tqdm.write("test ppl: " + ", ".join(f"{d}={ev['domains'][d]['ppl']:.1f}" for d in DOMAINS)
@@ -673,8 +825,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--corpus", default=str(HERE / "corpus"))
-    ap.add_argument("--out", default=str(HERE / "model"))
-    ap.add_argument("--tokenizer", default=None, help="existing tokenizer folder (default: train a new one)")
+    ap.add_argument("--out", default=None, help="output folder (default: demo/model, or demo/model-upcycled "
+                                                 "with --upcycle)")
+    ap.add_argument("--tokenizer", default=None, help="existing tokenizer folder (default: train a new one; "
+                                                       "demo/model's with --upcycle)")
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget for the whole run")
     ap.add_argument("--reserve-minutes", type=float, default=2.0,
                     help="part of the budget kept for final evaluation and saving")
@@ -705,9 +859,26 @@ def main(argv=None):
     ap.add_argument("--val-windows", type=int, default=8, help="validation windows per domain")
     ap.add_argument("--log-interval", type=float, default=10.0, help="progress bar refresh (s)")
     ap.add_argument("--history-every", type=int, default=5, help="keep every n-th step in training_log.json")
+    ap.add_argument("--upcycle", action="store_true",
+                    help="build the upcycled demo (demo/model-upcycled): dense model first, its FFN copied into all "
+                         "experts with small noise and a fresh router, then MoE training; reuses demo/model's "
+                         "tokenizer unless --tokenizer is given")
+    ap.add_argument("--dense-fraction", type=float, default=0.4,
+                    help="with --upcycle: share of the training budget spent on the dense phase")
+    ap.add_argument("--dense-steps", type=int, default=None,
+                    help="with --upcycle: dense-phase steps (default: derived from the budget)")
+    ap.add_argument("--upcycle-noise", type=float, default=0.01,
+                    help="with --upcycle: std of the noise added to each expert copy, relative to the weight std")
+    ap.add_argument("--dense-init", default=None, metavar="FOLDER",
+                    help="with --upcycle: warm-start the dense model from this MoE folder (embeddings, attention, "
+                         "head, and each layer's most-used expert as the FFN) instead of from scratch")
     ap.add_argument("--eval-only", action="store_true",
                     help="load --out, re-run the test evaluation and rewrite README.md/training_log.json")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(HERE / ("model-upcycled" if args.upcycle else "model"))
+    if args.upcycle and args.tokenizer is None and not args.eval_only:
+        args.tokenizer = str(HERE / "model")
     if args.eval_only:
         eval_only(args)
     else:

@@ -127,6 +127,8 @@ def test_a_local_folder_is_read_and_an_unusable_one_is_one_line(tiny_dirs):
     assert "tokenizer" in at.error[0].value or at.error[0].value.startswith("not enough tokens")
     at.radio(key="_w_model_kind").set_value("demo").run()
     assert at.session_state["model"] == "demo" and not errors(at)
+    at.radio(key="_w_model_kind").set_value("demo-upcycled").run()
+    assert at.session_state["model"] == "demo-upcycled" and not errors(at)
 
 
 def test_model_page_runs_the_analysis_once_then_reuses_it(cache_dir):
@@ -377,6 +379,13 @@ def test_strategy_plan_from_the_registry(analysed):
         assert kept == sorted(np.argsort(-res.routing(l, "usage").numpy(), kind="stable")[:6].tolist())
     assert at.success[0].value.startswith("Valid plan (frequency): 24 of 32")
     assert "Plan (frequency): L0→6" in at.sidebar.caption[1].value
+    # alignment and TIES density are declared merge parameters, so the page shows them
+    at.selectbox(key="plan_strategy").select("merge").run()
+    align = at.selectbox(key="plan_merge_align")
+    assert align.value == "activations" and list(align.options) == ["none", "weights", "activations"]
+    assert align.label == "Align experts first" and not at.exception
+    assert "ties" in at.selectbox(key="plan_merge_merge").options
+    assert at.number_input(key="plan_merge_density").value == 0.2
 
 
 def test_plan_shows_counts_and_export_form_and_evens_out(analysed, demo_model, cache_dir):

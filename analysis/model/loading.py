@@ -18,15 +18,18 @@ from moescope.analysis.families import family_for, supported_model_types
 from moescope.analysis.model.offload import PeriodicRelease, non_layer_modules, release_mapped_weights
 from moescope.analysis.model.save import TOKENIZER_FILES
 from moescope.analysis.model.view import MoEModel
-from moescope.analysis.paths import demo_model_dir
+from moescope.analysis.paths import DEMO_SOURCES
 
 
 def resolve_source(source: str) -> tuple[str, Path | None]:
-    """``'demo'`` → the shipped folder; an existing path → that folder; otherwise a hub id."""
-    if source == "demo":
-        path = demo_model_dir()
+    """``'demo'`` / ``'demo-upcycled'`` → the shipped folders; an existing path → that folder;
+    otherwise a hub id."""
+    if source in DEMO_SOURCES:
+        folder, flag = DEMO_SOURCES[source]
+        path = folder()
         if not (path / "config.json").is_file():
-            raise MoescopeError(f"the demo model is missing at '{path}'; run `python demo/train_model.py` to build it")
+            raise MoescopeError(f"the {source} model is missing at '{path}'; run `python demo/train_model.py{flag}` "
+                                "to build it")
         return str(path), path
     path = Path(source).expanduser()
     if path.exists():
@@ -34,7 +37,8 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
             raise MoescopeError(f"'{source}' is a folder without config.json; expected a transformers model folder")
         return str(path), path
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
-        raise MoescopeError(f"model '{source}' not found: give 'demo', an existing model folder, or a hub id (org/name)")
+        raise MoescopeError(f"model '{source}' not found: give 'demo', 'demo-upcycled', an existing model folder, "
+                            "or a hub id (org/name)")
     return source, None
 
 

@@ -373,19 +373,36 @@ class MoEModel:
         groups: list[list[int]],
         coeffs: list[list[float]] | None = None,
         merge_router: bool = True,
+        permutations: list[list[list[int] | None] | None] | None = None,
+        operator: str = "linear",
+        density: float | None = None,
     ) -> None:
         """Replace ``layer``'s experts by one expert per group: ``W_new = Σ_i c_i W_{g_i}`` for every
         fused expert tensor (and bias). Router rows (and router / score biases) are merged with the
         same coefficients when ``merge_router``; otherwise each group takes the row of its member
         with the largest coefficient. ``coeffs=None`` means 1 for a group of one and a uniform
-        average otherwise. A group of one with coefficient 1 is exactly keeping that expert."""
+        average otherwise. A group of one with coefficient 1 is exactly keeping that expert.
+        ``permutations`` (per group, per member: None or a permutation of the I intermediate
+        neurons) aligns members onto their group's reference first, and ``operator='ties'``
+        combines by sign consensus with ``density`` (:func:`analysis.merging.combine_tensors`)."""
         view = self._layer(layer)
         coeffs = validate_groups(view, groups, coeffs)
+        aligned = permutations is not None and any(p is not None for ps in permutations for p in (ps or []))
+        if aligned:
+            from moescope.analysis.alignment import check_permutations
+
+            check_permutations(view, groups, permutations)
         with torch.no_grad():
             ex = view.experts
+            combined = None
+            if aligned or operator != "linear":
+                from moescope.analysis.merging import combine_tensors
+
+                combined = combine_tensors(view, groups, coeffs, permutations, operator,
+                                           0.2 if density is None else density)
             for name in view.expert_param_names():
                 old = getattr(ex, name)
-                new = combine_rows(old, groups, coeffs)
+                new = combine_rows(old, groups, coeffs) if combined is None else combined[name].to(old.dtype).contiguous()
                 setattr(ex, name, nn.Parameter(new, requires_grad=old.requires_grad))
             router = view.router
             row_coeffs = coeffs if merge_router else onehot_of_largest(coeffs)

@@ -1,10 +1,13 @@
-"""Group-and-merge (Zhang et al.) and router-guided merging: experts grouped, each group merged
-into one output expert (uniform, usage-weighted, dominant, or learned coefficients)."""
+"""Group-and-merge (Zhang et al.) and router-guided merging: experts grouped, each group's members
+aligned onto its reference expert (``align``: none | weights | activations, :mod:`analysis.alignment`)
+and merged into one output expert (``merge``: max | uniform | usage | frequency | learned | ties,
+TIES keeping a ``density`` fraction of each member's difference)."""
 
 from __future__ import annotations
 
 import torch
 
+from moescope.analysis.alignment import ALIGNMENTS, align_group, aligned_tensors, check_alignable
 from moescope.analysis.capture import LayerStream
 from moescope.analysis.errors import MoescopeError, unknown_name
 from moescope.analysis.merging import (
@@ -41,7 +44,15 @@ def similarity_name(representation: str, similarity: str) -> str:
 
 def _merge_params(default_merge: str) -> list[Param]:
     return [
-        Param("merge", str, default_merge, choices=MERGES, help="merge coefficients: max | uniform | usage | learned"),
+        Param("merge", str, default_merge, choices=MERGES,
+              help="merge coefficients / operator: max | uniform | usage | frequency (= usage) | learned | ties "
+                   "(usage-weighted, sign consensus)"),
+        Param("align", str, "activations", choices=ALIGNMENTS, label="align experts first",
+              help="permute every member's intermediate neurons onto the group's reference expert before "
+                   "combining: none | weights (weight matching) | activations (activation matching on the "
+                   "calibration tokens; weights where there are none)"),
+        Param("density", float, 0.2, help="ties: fraction of each member's difference from the mean kept, in (0, 1]",
+              label="TIES density"),
         Param("merge_router", bool, True, help="merge router rows with the same coefficients (else the dominant "
                                                  "expert's row)", label="merge router rows too"),
         Param("steps", int, 100, help="learned merge: SGD steps", minimum=1),
@@ -55,19 +66,41 @@ def _layer_inputs(ctx) -> dict[int, torch.Tensor]:
     return {l: x for l, x in LayerStream(ctx.model, ctx.calib.input_ids).layers() if x is not None}
 
 
+def _alignment(ctx, params) -> str:
+    """``align`` as given; the default (activations) falls back to weights without calibration data."""
+    align = params["align"]
+    if align == "activations" and ctx.calib is None:
+        if "align" in ctx.given:
+            raise MoescopeError("align=activations needs calibration data; use align=weights or align=none")
+        return "weights"
+    return align
+
+
 def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], res, **extra) -> PruningPlan:
-    """The plan merging each layer's groups with the coefficients ``params["merge"]`` asks for."""
+    """The plan merging each layer's groups with the coefficients ``params["merge"]`` asks for, its
+    members first aligned onto the group's reference expert as ``params["align"]`` says."""
     merge, merge_router = params["merge"], params["merge_router"]
+    align = _alignment(ctx, params)
     layers, learned = {}, {}
-    xs = _layer_inputs(ctx) if merge == "learned" else {}
+    xs = _layer_inputs(ctx) if merge == "learned" or align == "activations" else {}
     for l, groups in groups_by_layer.items():
+        view = ctx.model.layers[l]
         coeffs = group_coefficients(groups, "uniform" if merge == "learned" else merge, res.routing(l, "usage"))
+        perms = None
+        if align != "none":
+            # members with coefficient 0 (merge=max) take no part: no permutation for them
+            perms = [[p if c[i] != 0 else None for i, p in enumerate(align_group(view, g, c, align, xs.get(l)))]
+                     if sum(ci != 0 for ci in c) > 1 else [None] * len(g) for g, c in zip(groups, coeffs)]
         if merge == "learned":
             coeffs, learned[str(l)] = learn_coefficients(
-                ctx.model.layers[l], xs[l], groups, coeffs, merge_router=merge_router,
-                steps=params["steps"], lr=params["lr"], seed=params["seed"])
-        layers[l] = LayerPlan(groups, coeffs, merge_router)
+                view, xs[l], groups, coeffs, merge_router=merge_router,
+                steps=params["steps"], lr=params["lr"], seed=params["seed"],
+                tensors=aligned_tensors(view, groups, perms) if perms is not None else None)
+        layers[l] = LayerPlan(groups, coeffs, merge_router, perms, "ties" if merge == "ties" else "linear",
+                              params["density"] if merge == "ties" else None)
+        ctx.report("merge layers", len(layers), len(groups_by_layer))
     prov = ctx.provenance(name, **extra)
+    prov["align"] = align
     if learned:
         prov["learned"] = learned
     return PruningPlan(ctx.model.source, layers, provenance=prov)
@@ -106,8 +139,19 @@ def merge_counts(ctx, params, affinities: dict[int, torch.Tensor]) -> dict[int, 
     return keep_counts(ctx.model, params, {l: distinctness(A) for l, A in affinities.items()})
 
 
+def _check_merge(params, model) -> None:
+    """TIES density in (0, 1]; an alignment only where every MoE layer's experts can be permuted."""
+    if not 0 < params["density"] <= 1:
+        raise MoescopeError(f"density (ties: fraction of each member's difference kept) must be in (0, 1], "
+                            f"got {params['density']:g}")
+    if params["align"] != "none":
+        for view in model.layers.values():
+            check_alignable(view)
+
+
 def _check_similarity(params, model) -> None:
     similarity_name(params["representation"], params["similarity"])
+    _check_merge(params, model)
 
 
 @register("merge", "Group-and-merge: representation × similarity × grouping × merge × router merging.",
@@ -119,6 +163,7 @@ def _check_similarity(params, model) -> None:
            *_merge_params("uniform")],
           merges=True, budget=True, check=_check_similarity)
 def group_and_merge(ctx, params):
+    _alignment(ctx, params)  # refuse align=activations without data before any work
     representation, similarity, grouping = params["representation"], params["similarity"], params["grouping"]
     sim_name = similarity_name(representation, similarity)
     metrics = ("routing", "similarity") if representation == "outputs" else ("routing", "weights")
@@ -139,8 +184,9 @@ def group_and_merge(ctx, params):
 
 @register("router-guided", "Merge-then-compress style: the most-used experts lead their groups and every other "
           "expert joins the leader with the most similar router logits; usage-weighted merge by default.",
-          _merge_params("usage"), merges=True, budget=True)
+          _merge_params("usage"), merges=True, budget=True, check=_check_merge)
 def router_guided(ctx, params):
+    _alignment(ctx, params)
     res = ctx.analysis(metrics=("routing",))
     counts = merge_counts(ctx, params, {l: affinity(res.routing(l, "logit_similarity"), "router_logits")
                                         for l in res.layers})

@@ -11,12 +11,13 @@ from moescope.dashboard.ui import guarded, persistent, run_with_progress, settin
 
 st.header("Model & data")
 
-KINDS = {"demo": "Demo model", "folder": "Local folder", "hub": "Hub id"}
+KINDS = {"demo": "Demo model", "demo-upcycled": "Upcycled demo", "folder": "Local folder", "hub": "Hub id"}
+DEMOS = ("demo", "demo-upcycled")
 
 
 def _kind(model: str) -> str:
-    if model == "demo":
-        return "demo"
+    if model in DEMOS:
+        return model
     from pathlib import Path
 
     return "folder" if model.startswith((".", "/", "~")) or Path(model).exists() else "hub"
@@ -24,8 +25,8 @@ def _kind(model: str) -> str:
 
 def _set_kind() -> None:
     kind = st.session_state["_w_model_kind"]
-    if kind == "demo":
-        st.session_state["model"] = "demo"
+    if kind in DEMOS:
+        st.session_state["model"] = kind
     elif _kind(st.session_state["model"]) != kind:
         st.session_state["model"] = ""  # ask for the folder / id
 
@@ -41,7 +42,7 @@ with left:
         st.session_state.get("_w_model_kind", "folder")
     kind = st.radio("Source", list(KINDS), format_func=KINDS.get, horizontal=True, key="_w_model_kind",
                     on_change=_set_kind)
-    if kind != "demo":
+    if kind not in DEMOS:
         st.session_state["_w_model_text"] = st.session_state["model"]
         st.text_input("Model folder" if kind == "folder" else "Hub id", key="_w_model_text", on_change=_set_model,
                       placeholder="/path/to/model" if kind == "folder" else "Qwen/Qwen1.5-MoE-A2.7B")
