@@ -1,7 +1,8 @@
 """The real dashboard server in headless Chromium: every analysis page of the demo model loads
 without an exception or error, driven the way a person would (set small calibration sizes, run
 the analysis, compute the drop grid, make a plan by strategy and by clicking heatmap cells, run
-it as a background job, see it in Compare and on Export);
+it as a background job, see it in Compare, and export it: the hand-made plan keeps different
+expert counts per layer, so Export writes the per-layer folder);
 screenshots go to
 ``test-artifacts/screenshots/``.
 
@@ -12,6 +13,7 @@ where it fails: a CI run must not pass without having driven the browser.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -181,7 +183,7 @@ def test_missing_chromium_fails_under_ci_and_is_a_visible_skip_elsewhere(tmp_pat
 
 
 @pytest.mark.slow
-def test_every_page_loads_in_chromium(server, browser):
+def test_every_page_loads_in_chromium(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1600})
     page.goto(server)
     page.get_by_text("Structure").first.wait_for(timeout=90_000)
@@ -259,4 +261,15 @@ def test_every_page_loads_in_chromium(server, browser):
 
     _go(page, "Export")
     _check(page, "9-export", "Download plan JSON")
+    # the hand-made plan keeps 7/7/8/8 experts: Export writes the per-layer folder and says how it loads
+    out = tmp_path / "hand-made"
+    box = page.get_by_label("Output folder", exact=True)
+    box.fill(str(out))
+    box.press("Tab")
+    page.get_by_role("button", name="Export", exact=True).click()
+    page.get_by_text("trust_remote_code=True", exact=False).first.wait_for(timeout=120_000)
+    _check(page, "9-export-done", "modeling_moescope.py")
+    config = json.loads((out / "config.json").read_text())
+    assert config["moescope_num_experts_per_layer"] == {"0": 7, "1": 7, "2": 8, "3": 8}, config
+    assert (out / "modeling_moescope.py").is_file() and (out / "model.safetensors").is_file()
     page.close()

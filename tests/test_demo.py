@@ -115,6 +115,8 @@ def test_demo_streams_are_the_corpus_files_as_trained_and_match_the_card(demo):
         text = (demo_corpus_dir() / domain / "test.txt").read_text(encoding="utf-8")
         assert torch.equal(stream, torch.tensor(tok(text, add_special_tokens=False).input_ids)), domain
     card = json.loads((demo.source_dir / "training_log.json").read_text())["test"]["ppl"]
-    ppl = perplexity_by_domain(demo, "demo:all", max_tokens=None)
-    for domain, want in card.items():  # the model card's numbers, from the training script's own code
-        assert ppl[domain] == pytest.approx(want, rel=0.01), domain
+    # the model card's numbers, from the training script's own code, on whole test splits: code, a
+    # fortune language and the smallest-perplexity domain (all six would cost ~45 s of the suite)
+    for domain in ("python", "german", "spanish"):
+        ppl = perplexity_by_domain(demo, f"demo:{domain}", max_tokens=None)
+        assert ppl[domain] == pytest.approx(card[domain], rel=0.01), domain
