@@ -95,7 +95,8 @@ def start(model: str, plan: dict | None, spec: dict, label: str | None = None, c
     return job_id
 
 
-def _alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` is running (a zombie, finished but not yet reaped, is not)."""
     if not pid:
         return False
     try:
@@ -124,7 +125,7 @@ def status(job_id: str, cache=None) -> JobStatus:
         return JobStatus(id=job_id, pid=pid, **{k: v for k, v in data.items() if k in JobStatus.__dataclass_fields__})
 
     st = read()
-    if st.running and pid is not None and not _alive(pid):
+    if st.running and pid is not None and not process_alive(pid):
         time.sleep(0.2)  # it may have written its final status just now
         st = read()
         if st.running:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moescope.analysis.errors import MoescopeError
+from moescope.analysis.jobs import process_alive
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -49,16 +50,6 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_siblings(out: Path) -> None:
     """Finish or remove what a killed writer of ``out`` left next to it: its temporary folder
     (renamed into place when complete, i.e. marked, and ``out`` is missing; removed otherwise) and
@@ -69,7 +60,7 @@ def sweep_stale_siblings(out: Path) -> None:
     for tag in (_TMP_TAG, _OLD_TAG):
         for sib in parent.glob(f".{glob.escape(out.name)}{tag}*"):
             pid = sib.name.rpartition(tag)[2]
-            if not pid.isdigit() or _alive(int(pid)):
+            if not pid.isdigit() or process_alive(int(pid)):
                 continue
             if not out.exists() and (tag == _OLD_TAG or (sib / MARKER_FILE).is_file()):
                 with contextlib.suppress(OSError):
