@@ -127,27 +127,31 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
                 from moescope.analysis.augment import mix_token_embeddings
 
                 xs = mix_token_embeddings(xs, params.augment_ratio, seed=params.seed + view.index)
-            Y = torch.stack([view.expert_forward(e, xs).float() for e in range(E)]).cpu()  # [E, n, d]
+            # [E, n, d] in the model's dtype on the model's device (bfloat16 outputs are exact in
+            # bfloat16); the similarity functions read it a chunk at a time in float32
+            Y = torch.empty(E, xs.shape[0], xs.shape[1], dtype=xs.dtype, device=xs.device)
+            for e in range(E):
+                Y[e] = view.expert_forward(e, xs)
 
+    stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"], Y)
     if "similarity" in want:
         with _timed(tm, "similarity"):
             out.similarity["cka_linear"] = M.linear_cka_matrix(Y)
-            out.similarity["cosine"] = M.output_cosine_matrix(Y)
+            out.similarity["cosine"] = stats.output_cosine
             out.similarity["mse"] = M.output_mse_matrix(Y)
         with _timed(tm, "similarity_rbf"):
             out.similarity["cka_rbf"] = M.rbf_cka_matrix(
                 Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches, seed=params.seed
             )
 
-    stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"], Y)
     if "weights" in want:
         with _timed(tm, "weights"):
             G, n_weights = stats.weight_gram
-            S = M.surrogate_weights(view).reshape(E, -1).cpu()
+            S, n_surrogate = M.surrogate_gram(view)
             out.similarity["weight_cosine"] = M.gram_cosine(G)
             out.similarity["weight_mse"] = M.gram_mse(G, n_weights)
-            out.similarity["surrogate_cosine"] = M.flat_cosine_matrix(S)
-            out.similarity["surrogate_mse"] = M.flat_mse_matrix(S)
+            out.similarity["surrogate_cosine"] = M.gram_cosine(S)
+            out.similarity["surrogate_mse"] = M.gram_mse(S, n_surrogate)
     for c in CRITERIA.values():
         if c.family in want and c.family != "gradients":
             with _timed(tm, c.family):

@@ -111,6 +111,11 @@ class LayerStats:
     def weight_gram(self) -> tuple[Tensor, int]:
         return M.weight_gram(self.view)
 
+    @cached_property
+    def output_cosine(self) -> Tensor:
+        """``[E, E]`` mean per-token output cosine on the token sample (the ``cosine`` similarity)."""
+        return M.output_cosine_matrix(self.Y)
+
 
 # ---- routing
 @criterion("EUF", "usage frequency: fraction of calibration tokens routed to it", "routing")
@@ -163,7 +168,7 @@ def _ets(s: LayerStats) -> Tensor:
 @criterion("EAS", "activation similarity: mean output cosine with the layer's other experts (same tokens)",
            "activations", drop="max")
 def _eas(s: LayerStats) -> Tensor:
-    return M.mean_offdiag(M.output_cosine_matrix(s.Y))
+    return M.mean_offdiag(s.output_cosine)
 
 
 @criterion("EAE", "activation entropy: Σ_j log σ_j of its outputs over hidden dimensions, on its routed tokens",

@@ -15,35 +15,93 @@ from torch import Tensor
 METRICS_VERSION = 2
 
 # ---------------------------------------------------------------- similarity of expert outputs
+#
+# ``Y [E, n, d]`` may be in the model's dtype (bfloat16 expert outputs are exact in bfloat16, so
+# keeping them there halves the memory); every function below converts one chunk at a time to
+# float32 (float64 when Y is float64) and accumulates in float64, so the working set stays below
+# ``work_bytes`` whatever E, n and d are.
+
+WORK_BYTES = 256 * 2**20  # working set of one chunk of the similarity computations
+
+
+def _acc_dtype(Y: Tensor) -> torch.dtype:
+    return torch.float64 if Y.dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(row_bytes: int, total: int, work_bytes: int = WORK_BYTES) -> int:
+    """How many rows of ``row_bytes`` each fit in ``work_bytes`` (at least 1, at most ``total``)."""
+    return max(1, min(total, work_bytes // max(row_bytes, 1)))
 
 
 def _centered(Y: Tensor) -> Tensor:
-    Y = Y.double() if Y.dtype == torch.float64 else Y.float()
-    return Y - Y.mean(dim=1, keepdim=True)
+    Y = Y.to(_acc_dtype(Y))
+    return Y - Y.mean(dim=-2, keepdim=True)
 
 
-def linear_cka_matrix(Y: Tensor) -> Tensor:
-    """Linear CKA between every pair of experts, in the feature-space form (no T×T Gram):
+def linear_cka_cost(E: int, n: int, d: int) -> dict[str, float]:
+    """Multiply-adds of the two exact forms of :func:`linear_cka_matrix`: the Gram form builds one
+    n×n Gram per expert (``E n² d``) and takes their inner products (``E² n² / 2``); the feature form
+    takes one d×d cross-covariance per expert pair (``E² n d² / 2``)."""
+    return {"gram": E * n * n * d + E * E * n * n / 2, "feature": E * E * n * d * d / 2}
+
+
+def linear_cka_matrix(Y: Tensor, form: str = "auto", work_bytes: int = WORK_BYTES) -> Tensor:
+    """Linear CKA between every pair of experts:
 
     ``CKA(i, j) = ‖Y_iᶜᵀ Y_jᶜ‖_F² / (‖Y_iᶜᵀ Y_iᶜ‖_F ‖Y_jᶜᵀ Y_jᶜ‖_F)`` with ``Yᶜ`` centred over tokens.
     Invariant to orthogonal transforms and isotropic scaling of either representation.
+
+    Two exact forms give the same matrix: ``form="feature"`` (one d×d product per expert pair) and
+    ``form="gram"`` (``‖Y_iᶜᵀ Y_jᶜ‖_F² = ⟨K_i, K_j⟩_F`` with ``K = Yᶜ Yᶜᵀ`` the n×n token Gram, built
+    in blocks of token rows so that only ``work_bytes`` of Gram rows are alive). ``"auto"`` picks the
+    one with fewer multiply-adds (:func:`linear_cka_cost`): the Gram form whenever ``2n < E d``,
+    i.e. for every real model.
     """
-    Yc = _centered(Y)
-    E = Yc.shape[0]
-    hsic = torch.zeros(E, E, dtype=torch.float64)
+    E, n, d = Y.shape
+    if form == "auto":
+        cost = linear_cka_cost(E, n, d)
+        form = "gram" if cost["gram"] <= cost["feature"] else "feature"
+    if form == "gram":
+        hsic = _gram_form_hsic(Y, work_bytes)
+    elif form == "feature":
+        hsic = _feature_form_hsic(Y)
+    else:
+        raise ValueError(f"form must be auto, gram or feature, got {form!r}")
+    norms = hsic.diagonal().sqrt()
+    return (hsic / torch.outer(norms, norms).clamp_min(1e-30)).float().cpu()
+
+
+def _feature_form_hsic(Y: Tensor) -> Tensor:
+    E = Y.shape[0]
+    Yc = [_centered(Y[e]) for e in range(E)]
+    hsic = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
     for i in range(E):
         for j in range(i, E):
-            v = (Yc[i].T @ Yc[j]).double().pow(2).sum()
-            hsic[i, j] = hsic[j, i] = v
-    norms = hsic.diagonal().sqrt()
-    cka = hsic / torch.outer(norms, norms).clamp_min(1e-30)
-    return cka.float()
+            hsic[i, j] = hsic[j, i] = (Yc[i].T @ Yc[j]).double().pow(2).sum()
+    return hsic
+
+
+@torch.no_grad()
+def _gram_form_hsic(Y: Tensor, work_bytes: int) -> Tensor:
+    E, n, _ = Y.shape
+    acc = _acc_dtype(Y)
+    b = _rows_per_chunk(E * n * torch.finfo(acc).bits // 8, n, work_bytes)
+    hsic = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
+    K = torch.empty(E, b, n, dtype=acc, device=Y.device)
+    for r0 in range(0, n, b):
+        r1 = min(n, r0 + b)
+        for e in range(E):
+            Yc = _centered(Y[e])
+            torch.matmul(Yc[r0:r1], Yc.T, out=K[e, : r1 - r0])
+        F = K[:, : r1 - r0].reshape(E, -1)
+        hsic += (F @ F.T).double()
+    return hsic
 
 
 def _rbf_gram(X: Tensor) -> Tensor:
     """RBF kernel ``exp(-‖x_s − x_t‖² / (2σ²))`` with σ the median pairwise distance."""
     d2 = torch.cdist(X, X).pow(2)
-    off = d2[~torch.eye(X.shape[0], dtype=torch.bool)]
+    off = d2[~torch.eye(X.shape[0], dtype=torch.bool, device=X.device)]
     sigma2 = off.sqrt().median().pow(2).clamp_min(1e-12)
     return torch.exp(-d2 / (2 * sigma2))
 
@@ -55,36 +113,45 @@ def _center_gram(K: Tensor) -> Tensor:
 def rbf_cka_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0) -> Tensor:
     """RBF-kernel CKA, ``HSIC(K_i, K_j) / sqrt(HSIC(K_i, K_i) HSIC(K_j, K_j))`` with centred Gram
     matrices ``K`` over ``batch_tokens`` tokens (median-distance bandwidth per expert), averaged over
-    ``n_batches`` random token mini-batches so that it stays tractable (T×T only per mini-batch)."""
+    ``n_batches`` random token mini-batches so that it stays tractable (T×T only per mini-batch).
+    The E centred Grams of a mini-batch are flattened and their inner products taken as one
+    ``[E, b²] @ [b², E]`` product in float64."""
     E, T, _ = Y.shape
     g = torch.Generator().manual_seed(seed)
     b = min(batch_tokens, T)
     total = torch.zeros(E, E, dtype=torch.float64)
     batches = 1 if b == T else n_batches
     for _ in range(batches):
-        idx = torch.randperm(T, generator=g)[:b]
-        grams = [_center_gram(_rbf_gram(Y[e, idx].float())).double() for e in range(E)]
-        hsic = torch.zeros(E, E, dtype=torch.float64)
-        for i in range(E):
-            for j in range(i, E):
-                hsic[i, j] = hsic[j, i] = (grams[i] * grams[j]).sum()
+        idx = torch.randperm(T, generator=g)[:b].to(Y.device)
+        grams = torch.stack([_center_gram(_rbf_gram(Y[e, idx].float())).double().reshape(-1) for e in range(E)])
+        hsic = (grams @ grams.T).cpu()
+        del grams
         norms = hsic.diagonal().sqrt()
         total += hsic / torch.outer(norms, norms).clamp_min(1e-30)
     return (total / batches).float()
 
 
-def output_cosine_matrix(Y: Tensor) -> Tensor:
-    """Mean over tokens of the cosine between two experts' outputs on that token."""
-    Yn = torch.nn.functional.normalize(Y.float(), dim=-1)
-    return torch.einsum("etd,ftd->ef", Yn, Yn) / Y.shape[1]
+def output_cosine_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+    """Mean over tokens of the cosine between two experts' outputs on that token (token chunks)."""
+    E, n, d = Y.shape
+    b = _rows_per_chunk(E * d * 4, n, work_bytes)
+    acc = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
+    for t0 in range(0, n, b):
+        Yn = torch.nn.functional.normalize(Y[:, t0 : t0 + b].to(_acc_dtype(Y)), dim=-1).reshape(E, -1)
+        acc += (Yn @ Yn.T).double()
+    return (acc / n).float().cpu()
 
 
-def output_mse_matrix(Y: Tensor) -> Tensor:
-    """``mean_{t,d} (y_i(t) − y_j(t))²``, via the Gram of the flattened outputs."""
-    Yf = Y.float().reshape(Y.shape[0], -1)
-    G = Yf @ Yf.T
+def output_mse_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+    """``mean_{t,d} (y_i(t) − y_j(t))²``, via the Gram of the flattened outputs (token chunks)."""
+    E, n, d = Y.shape
+    b = _rows_per_chunk(E * d * 4, n, work_bytes)
+    G = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
+    for t0 in range(0, n, b):
+        Yf = Y[:, t0 : t0 + b].to(_acc_dtype(Y)).reshape(E, -1)
+        G += (Yf @ Yf.T).double()
     sq = G.diagonal()
-    return ((sq[:, None] + sq[None, :] - 2 * G) / Yf.shape[1]).clamp_min(0)
+    return ((sq[:, None] + sq[None, :] - 2 * G) / (n * d)).clamp_min(0).float().cpu()
 
 
 # ---------------------------------------------------------------- model-centric representations
@@ -104,17 +171,21 @@ def flat_mse_matrix(V: Tensor) -> Tensor:
     return ((sq[:, None] + sq[None, :] - 2 * G) / V.shape[1]).clamp_min(0)
 
 
-def weight_gram(layer) -> tuple[Tensor, int]:
+@torch.no_grad()
+def weight_gram(layer, work_bytes: int = WORK_BYTES) -> tuple[Tensor, int]:
     """Gram matrix ``G [E, E]`` of the vectorised expert weights concat(W_gate, W_up, W_down),
-    and their length P, accumulated tensor by tensor over the fused parameters (no copy of the
-    layer's weights is made; the layout, transposed or interleaved, does not change the Gram)."""
+    and their length P, accumulated tensor by tensor and column chunk by column chunk over the
+    fused parameters (only ``work_bytes`` of float32 copies are alive at a time; the layout,
+    transposed or interleaved, does not change the Gram)."""
     E = layer.num_experts
     G = torch.zeros(E, E, dtype=torch.float64)
     n = 0
     for name in ("gate_up_proj", "down_proj"):
         P = getattr(layer.experts, name).detach().reshape(E, -1)
-        P = P if P.dtype == torch.float32 else P.float()
-        G += (P @ P.T).double().cpu()
+        b = _rows_per_chunk(E * 4, P.shape[1], work_bytes)
+        for c0 in range(0, P.shape[1], b):
+            C = P[:, c0 : c0 + b].float()
+            G += (C @ C.T).double().cpu()
         n += P.shape[1]
     return G, n
 
@@ -136,6 +207,29 @@ def surrogate_weights(layer) -> Tensor:
         w = layer.expert_weights(e)
         out.append(w.down.float() @ (w.gate.float() * w.up.float()))
     return torch.stack(out)
+
+
+@torch.no_grad()
+def surrogate_gram(layer, work_bytes: int = WORK_BYTES) -> tuple[Tensor, int]:
+    """The Gram ``G [E, E]`` of the flattened surrogate weights ``W_down · (W_gate ⊙ W_up)`` (d×d
+    each) and their length d², without holding the ``E`` surrogates: they are built a block of
+    output rows at a time for every expert (``[E, b, d]`` within ``work_bytes``) and the block's
+    Gram is accumulated in float64. Equals ``flat`` Gram of :func:`surrogate_weights`."""
+    E = layer.num_experts
+    w0 = layer.expert_weights(0)
+    d = w0.down.shape[0]
+    device = w0.down.device
+    b = _rows_per_chunk(E * d * 4, d, work_bytes)
+    G = torch.zeros(E, E, dtype=torch.float64)
+    S = torch.empty(E, b, d, dtype=torch.float32, device=device)
+    for r0 in range(0, d, b):
+        r1 = min(d, r0 + b)
+        for e in range(E):
+            w = layer.expert_weights(e)
+            torch.matmul(w.down[r0:r1].float(), w.gate.float() * w.up.float(), out=S[e, : r1 - r0])
+        F = S[:, : r1 - r0].reshape(E, -1)
+        G += (F @ F.T).double().cpu()
+    return G, d * d
 
 
 # ---------------------------------------------------------------- routing statistics
@@ -214,8 +308,21 @@ def mean_offdiag(S: Tensor) -> Tensor:
     return (S * mask).sum(1) / max(E - 1, 1)
 
 
-def stable_rank(W: Tensor) -> float:
-    """``Σ σ_i² / σ_1² = ‖W‖_F² / ‖W‖_2²``."""
-    s = torch.linalg.svdvals(W.double())
-    return float((s**2).sum() / (s[0] ** 2).clamp_min(1e-30))
+def spectral_norm(W: Tensor) -> float:
+    """``σ₁(W)``, the largest singular value. Small matrices take a full SVD in float64; larger ones
+    ARPACK's Lanczos iteration (``scipy.sparse.linalg.svds``, k=1, converged to float32 machine
+    precision, fixed start) on the float32 matrix, which costs a few hundred matrix-vector
+    products instead of a full SVD (40× less on a 4096×14336 Mixtral expert matrix; 1e-7 relative)."""
+    if min(W.shape) <= 64:
+        return float(torch.linalg.svdvals(W.double())[0])
+    import numpy as np
+    from scipy.sparse.linalg import svds
 
+    A = W.detach().float().cpu().numpy()
+    return float(svds(A, k=1, return_singular_vectors=False, random_state=np.random.default_rng(0))[0])
+
+
+def stable_rank(W: Tensor) -> float:
+    """``Σ σ_i² / σ_1² = ‖W‖_F² / ‖W‖_2²`` (:func:`spectral_norm` for σ₁)."""
+    fro2 = float((W.detach().float() ** 2).sum(dtype=torch.float64))
+    return fro2 / max(spectral_norm(W) ** 2, 1e-30)

@@ -1,0 +1,113 @@
+"""The forms that make the analysis scale give the same numbers as the plain ones.
+
+Linear CKA in the Gram form equals the feature form; token, column and row chunking (forced here
+with a working set of a few hundred bytes) changes no similarity; the surrogate-weight Gram built a
+block of rows at a time equals the Gram of the materialised surrogates; bfloat16 expert outputs
+give the matrices of their float32 upcast; the Lanczos spectral norm equals the full SVD's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moescope.analysis import metrics as M
+from moescope.analysis.model import wrap_model
+from moescope.analysis.synthetic import tiny_model
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    # 6 experts, 37 tokens, 11 dims; experts 1 and 4 are linear maps of expert 0 so that some
+    # similarities are far from zero, and every expert has a non-zero mean over tokens
+    Y = rand(6, 37, 11) + rand(6, 1, 11, seed=1)
+    Y[1] = Y[0] @ rand(11, 11, seed=2)
+    Y[4] = 3 * Y[0] + 0.1 * rand(37, 11, seed=3)
+    return Y
+
+
+def test_linear_cka_gram_form_equals_feature_form(outputs):
+    feature = M.linear_cka_matrix(outputs, form="feature")
+    gram = M.linear_cka_matrix(outputs, form="gram")
+    torch.testing.assert_close(gram, feature, atol=2e-6, rtol=0)
+    assert feature[0, 4].item() > 0.99 and feature.diagonal().sub(1).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("work_bytes", [1, 600, 6 * 37 * 4 * 5])
+def test_chunking_changes_no_output_similarity(outputs, work_bytes):
+    torch.testing.assert_close(M.linear_cka_matrix(outputs, form="gram", work_bytes=work_bytes),
+                               M.linear_cka_matrix(outputs, form="feature"), atol=2e-6, rtol=0)
+    torch.testing.assert_close(M.output_cosine_matrix(outputs, work_bytes=work_bytes),
+                               M.output_cosine_matrix(outputs, work_bytes=2**30), atol=1e-6, rtol=0)
+    torch.testing.assert_close(M.output_mse_matrix(outputs, work_bytes=work_bytes),
+                               M.output_mse_matrix(outputs, work_bytes=2**30), atol=1e-5, rtol=1e-6)
+
+
+def test_auto_form_picks_the_cheaper_one():
+    assert M.linear_cka_cost(128, 1024, 2048)["gram"] < M.linear_cka_cost(128, 1024, 2048)["feature"]
+    assert M.linear_cka_cost(2, 4096, 4)["feature"] < M.linear_cka_cost(2, 4096, 4)["gram"]
+    Y = rand(2, 300, 3)  # few dims, many tokens: the feature form, same value either way
+    torch.testing.assert_close(M.linear_cka_matrix(Y), M.linear_cka_matrix(Y, form="gram"), atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="auto, gram or feature"):
+        M.linear_cka_matrix(Y, form="fast")
+
+
+def test_bfloat16_outputs_give_the_matrices_of_their_upcast(outputs):
+    Yb = outputs.bfloat16()
+    Yf = Yb.float()
+    for fn in (M.linear_cka_matrix, M.output_cosine_matrix, M.output_mse_matrix):
+        torch.testing.assert_close(fn(Yb), fn(Yf), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(M.rbf_cka_matrix(Yb, batch_tokens=16), M.rbf_cka_matrix(Yf, batch_tokens=16))
+
+
+def test_rbf_cka_batched_inner_products_equal_the_pair_loop(outputs):
+    got = M.rbf_cka_matrix(outputs, batch_tokens=20, n_batches=3, seed=5)
+    g = torch.Generator().manual_seed(5)
+    want = torch.zeros(6, 6, dtype=torch.float64)
+    for _ in range(3):
+        idx = torch.randperm(37, generator=g)[:20]
+        K = [M._center_gram(M._rbf_gram(outputs[e, idx])).double() for e in range(6)]
+        h = torch.tensor([[float((K[i] * K[j]).sum()) for j in range(6)] for i in range(6)], dtype=torch.float64)
+        want += h / torch.outer(h.diagonal().sqrt(), h.diagonal().sqrt())
+    torch.testing.assert_close(got, (want / 3).float(), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    model = wrap_model(tiny_model("qwen3_moe", num_experts=5, hidden_size=24, moe_intermediate_size=12, seed=3))
+    return model.layers[model.moe_layers[0]]
+
+
+def test_surrogate_gram_equals_the_materialised_surrogates(layer):
+    S = M.surrogate_weights(layer).reshape(layer.num_experts, -1).double()
+    want = S @ S.T
+    for work_bytes in (1, 5 * 24 * 4 * 7, 2**30):
+        G, n = M.surrogate_gram(layer, work_bytes=work_bytes)
+        assert n == 24 * 24
+        torch.testing.assert_close(G, want, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(M.gram_cosine(G), M.flat_cosine_matrix(S), atol=1e-6, rtol=0)
+    torch.testing.assert_close(M.gram_mse(G, n), M.flat_mse_matrix(S), atol=1e-7, rtol=1e-5)
+
+
+def test_weight_gram_in_column_chunks_equals_one_product(layer):
+    E = layer.num_experts
+    V = torch.cat([layer.experts.gate_up_proj.detach().reshape(E, -1),
+                   layer.experts.down_proj.detach().reshape(E, -1)], 1).double()
+    for work_bytes in (1, 4 * E * 13, 2**30):
+        G, n = M.weight_gram(layer, work_bytes=work_bytes)
+        assert n == V.shape[1]
+        torch.testing.assert_close(G, V @ V.T, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(200, 90), (90, 300), (3, 2)])
+def test_spectral_norm_and_stable_rank_equal_the_full_svd(shape):
+    W = rand(*shape, seed=7)
+    W[:, 0] *= 4  # a clear top singular value
+    s = torch.linalg.svdvals(W.double())
+    assert M.spectral_norm(W) == pytest.approx(float(s[0]), rel=1e-6)
+    assert M.stable_rank(W) == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-6)
+    assert M.stable_rank(W.bfloat16()) == pytest.approx(float(M.stable_rank(W.bfloat16().float())), rel=1e-6)
