@@ -306,9 +306,9 @@ def model_card(log: dict, ev: dict, out: Path) -> str:
                f"layers 0..{L - 1}). The other experts of that model were discarded, so this model's experts all "
                "descend from one FFN per layer."] if up.get("dense_init") else []),
             f"* Budget: the whole run (both phases and this evaluation) had {tr['minutes_budget']:g} minutes on "
-            f"{tr['threads']} thread(s) of a 2-core machine shared with other jobs, so both phases are far shorter "
-            f"than `demo/model`'s from-scratch training (912 steps x batch 32); the shorter run shows in the "
-            "perplexities below. The experts still moved apart: the spread of each layer's expert weights around "
+            f"{tr['threads']} thread(s) of a 2-core CPU machine: {dn['steps'] + tr['steps']:,} optimizer steps in "
+            "all (dense and MoE), against 912 for `demo/model`'s from-scratch training. The experts moved apart: "
+            "the spread of each layer's expert weights around "
             f"their mean, ||W - mean|| / ||mean||, is {', '.join(f'{x:.2f}' for x in up.get('expert_spread', []))} "
             "(layers 0..3; 0.01 right after upcycling; 2.6 for `demo/model`'s experts, trained from scratch).",
             f"* Upcycling: every non-FFN tensor copied; the FFN copied into all {E} experts with independent "
