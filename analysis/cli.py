@@ -32,7 +32,9 @@ ALLOW_PICKLE_HELP = ("UNSAFE: also load pickled weights (pytorch_model.bin); unp
                      "Off by default: moescope reads safetensors only")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole parser. ``strategy_flags=False`` leaves out the ``plan`` flags generated from the
+    strategy registry, whose import pulls in torch (:func:`main` adds them only for ``plan``)."""
     parser = argparse.ArgumentParser(
         prog="moescope",
         description="Find, drop and merge redundant experts in Mixture-of-Experts language models.",
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", required=True, help="a registered strategy (see `moescope strategies`)")
     data_args(p, "--calib", "demo:all", 32, 256)
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (and the strategy's seed)")
-    for name, param in strategy_flag_names().items():  # one flag per declared strategy parameter
+    for name, param in (strategy_flag_names() if strategy_flags else {}).items():  # one per strategy parameter
         flag = "--" + name.replace("_", "-")
         if param.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=param.help)
@@ -255,8 +257,16 @@ def _library_bars_off_unless_terminal() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the registry's flags only where they are parsed: `moescope --help`, `cache ls` and the like
+    # then start without importing torch
+    parser = build_parser(strategy_flags=_command(argv) == "plan")
     args = parser.parse_args(argv)
     _fault_hook()
     _library_bars_off_unless_terminal()

@@ -11,10 +11,9 @@ from moescope.analysis.report import ProgressBars, experiment_json, format_info,
 
 
 def cmd_info(args) -> int:
-    from moescope.analysis.model import load_moe
+    from moescope.analysis.model_info import model_info
 
-    model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, weights=False)
-    info = model.info()
+    info = model_info(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 

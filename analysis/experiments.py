@@ -20,8 +20,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from typing import TYPE_CHECKING
+
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.evaluation import EvalSpec, evaluate_quality, isolated_efficiency
+
+if TYPE_CHECKING:  # evaluation imports torch; listing experiments must not
+    from moescope.analysis.evaluation import EvalSpec
 
 KIND = "experiment"
 Progress = Callable[[str, int, int], None]
@@ -126,6 +130,7 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
     """Load ``source``, check ``plan`` (a :class:`PruningPlan` or None) against it, then
     :func:`prune_and_evaluate` the loaded model. Nothing is stored unless every step finished, so
     an interrupted run leaves no record."""
+    from moescope.analysis.evaluation import EvalSpec
     from moescope.analysis.model import load_config, load_moe
 
     spec = spec or EvalSpec()
@@ -151,6 +156,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
     the storing to the caller (:func:`store`), e.g. after the export it belongs to is complete,
     so a run killed mid-export leaves no record."""
     from moescope.analysis.cache import Cache
+    from moescope.analysis.evaluation import EvalSpec, evaluate_quality, isolated_efficiency
     from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
 
     spec = spec or EvalSpec()

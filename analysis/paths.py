@@ -1,10 +1,13 @@
 """Where the repository's shipped files are: the demo model (``MOESCOPE_DEMO_DIR`` overrides it) and
-the upcycled demo (``MOESCOPE_DEMO_UPCYCLED_DIR``)."""
+the upcycled demo (``MOESCOPE_DEMO_UPCYCLED_DIR``); what a model name points at (:func:`resolve_source`).
+Imports neither torch nor transformers."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from moescope.analysis.errors import MoescopeError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "demo" / "model"
@@ -24,3 +27,24 @@ def demo_upcycled_dir() -> Path:
 
 # model source name -> (its folder, the train_model.py flag that rebuilds it)
 DEMO_SOURCES = {"demo": (demo_model_dir, ""), "demo-upcycled": (demo_upcycled_dir, " --upcycle")}
+
+
+def resolve_source(source: str) -> tuple[str, Path | None]:
+    """``'demo'`` / ``'demo-upcycled'`` → the shipped folders; an existing path → that folder;
+    otherwise a hub id."""
+    if source in DEMO_SOURCES:
+        folder, flag = DEMO_SOURCES[source]
+        path = folder()
+        if not (path / "config.json").is_file():
+            raise MoescopeError(f"the {source} model is missing at '{path}'; run `python demo/train_model.py{flag}` "
+                                "to build it")
+        return str(path), path
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MoescopeError(f"'{source}' is a folder without config.json; expected a transformers model folder")
+        return str(path), path
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
+        raise MoescopeError(f"model '{source}' not found: give 'demo', 'demo-upcycled', an existing model folder, "
+                            "or a hub id (org/name)")
+    return source, None

@@ -424,8 +424,8 @@ def test_error_after_progress_bars_is_a_clean_line(capfd, monkeypatch):
 
     build = cli_module.build_parser
 
-    def parser():
-        p = build()
+    def parser(**kw):
+        p = build(**kw)
         p._subparsers._group_actions[0].choices["info"].set_defaults(func=failing)
         return p
 

@@ -18,28 +18,7 @@ from moescope.analysis.families import family_for, supported_model_types
 from moescope.analysis.model.offload import PeriodicRelease, non_layer_modules, release_mapped_weights
 from moescope.analysis.model.save import TOKENIZER_FILES
 from moescope.analysis.model.view import MoEModel
-from moescope.analysis.paths import DEMO_SOURCES
-
-
-def resolve_source(source: str) -> tuple[str, Path | None]:
-    """``'demo'`` / ``'demo-upcycled'`` → the shipped folders; an existing path → that folder;
-    otherwise a hub id."""
-    if source in DEMO_SOURCES:
-        folder, flag = DEMO_SOURCES[source]
-        path = folder()
-        if not (path / "config.json").is_file():
-            raise MoescopeError(f"the {source} model is missing at '{path}'; run `python demo/train_model.py{flag}` "
-                                "to build it")
-        return str(path), path
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise MoescopeError(f"'{source}' is a folder without config.json; expected a transformers model folder")
-        return str(path), path
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
-        raise MoescopeError(f"model '{source}' not found: give 'demo', 'demo-upcycled', an existing model folder, "
-                            "or a hub id (org/name)")
-    return source, None
+from moescope.analysis.paths import DEMO_SOURCES, resolve_source  # noqa: F401 (re-exported)
 
 
 def load_config(source: str, trust_remote_code: bool = False):

@@ -1,0 +1,73 @@
+"""``moescope info`` from the config alone, and from the cache without torch.
+
+A model's MoE structure (layers, experts, routing, parameter and byte counts) is a function of its
+``config.json``: :meth:`MoEModel.info` reads it from a model built on the meta device
+(``load_moe(weights=False)``), which needs torch and transformers' modelling code (~5 s of
+imports). The answer is stored in the cache under the sha256 of the raw ``config.json`` bytes (with
+the dtype asked for, the transformers version and :data:`INFO_VERSION`), so every later ``info``
+of the same config reads one file and one JSON entry and imports neither torch nor the
+modelling code. For a hub id only ``config.json`` is fetched (``huggingface_hub``), never weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from moescope.analysis.errors import MoescopeError
+from moescope.analysis.paths import resolve_source
+
+INFO_VERSION = 1
+KIND = "model_info"
+
+
+def config_bytes(source: str) -> bytes:
+    """The raw ``config.json`` of ``source`` ('demo', a folder or a hub id); a hub id fetches
+    only that file (from the local hub cache when offline)."""
+    location, local = resolve_source(source)
+    if local is not None:
+        path = Path(local) / "config.json"
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise MoescopeError(f"cannot read '{path}': {err.strerror or err}") from None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(location, "config.json")).read_bytes()
+    except Exception as err:  # network, missing repo, offline without a cached copy
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MoescopeError(f"cannot load '{source}': not a local model folder, and the Hugging Face hub did not "
+                            f"provide it ({msg[:200]})") from None
+
+
+def info_parts(raw_config: bytes, dtype: str | None, trust_remote_code: bool) -> dict:
+    import transformers  # the package itself is light; its modelling code is what costs
+
+    return {"config_sha256": hashlib.sha256(raw_config).hexdigest(), "dtype": dtype,
+            "trust_remote_code": bool(trust_remote_code), "transformers": transformers.__version__,
+            "info_version": INFO_VERSION}
+
+
+def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = False, cache=None) -> dict:
+    """What ``moescope info`` prints for ``source``: from the cache when this exact config was
+    described before, else from a meta-device model (then stored; an unwritable cache only means
+    the next call builds it again)."""
+    from moescope.analysis.cache import Cache
+
+    cache = cache or Cache()
+    parts = info_parts(config_bytes(source), dtype, trust_remote_code)
+    entry = cache.get(KIND, parts)
+    if entry is not None and isinstance(entry.meta.get("info"), dict):
+        return {**entry.meta["info"], "source": source}
+
+    from moescope.analysis.model import load_moe
+
+    model = load_moe(source, dtype=dtype, trust_remote_code=trust_remote_code, weights=False)
+    info = model.info()
+    try:
+        cache.put(KIND, parts, meta={"info": info, "model": str(source), "model_source": str(source)},
+                  label=Path(str(source)).name or str(source))
+    except OSError:
+        pass
+    return info
