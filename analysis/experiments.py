@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-
 from typing import TYPE_CHECKING
 
 from moescope.analysis.errors import MoescopeError

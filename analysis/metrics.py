@@ -33,6 +33,17 @@ def _rows_per_chunk(row_bytes: int, total: int, work_bytes: int = WORK_BYTES) ->
     return max(1, min(total, work_bytes // max(row_bytes, 1)))
 
 
+def _gram_of_chunks(chunks) -> Tensor:
+    """``Σ_c F_c F_cᵀ`` in float64 over chunks ``F_c [E, ...]`` (each flattened to ``[E, -1]``): the
+    Gram of the concatenated rows, with only one chunk alive at a time. Returned on the CPU."""
+    G = None
+    for F in chunks:
+        F = F.reshape(F.shape[0], -1)
+        part = (F @ F.T).double().cpu()
+        G = part if G is None else G.add_(part)
+    return G
+
+
 def _centered(Y: Tensor) -> Tensor:
     Y = Y.to(_acc_dtype(Y))
     return Y - Y.mean(dim=-2, keepdim=True)
@@ -86,16 +97,17 @@ def _gram_form_hsic(Y: Tensor, work_bytes: int) -> Tensor:
     E, n, _ = Y.shape
     acc = _acc_dtype(Y)
     b = _rows_per_chunk(E * n * torch.finfo(acc).bits // 8, n, work_bytes)
-    hsic = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
     K = torch.empty(E, b, n, dtype=acc, device=Y.device)
-    for r0 in range(0, n, b):
-        r1 = min(n, r0 + b)
-        for e in range(E):
-            Yc = _centered(Y[e])
-            torch.matmul(Yc[r0:r1], Yc.T, out=K[e, : r1 - r0])
-        F = K[:, : r1 - r0].reshape(E, -1)
-        hsic += (F @ F.T).double()
-    return hsic
+
+    def row_blocks():  # the rows r0:r1 of every expert's centred token Gram
+        for r0 in range(0, n, b):
+            r1 = min(n, r0 + b)
+            for e in range(E):
+                Yc = _centered(Y[e])  # recomputed per block: n·d, against b·n·d for the product
+                torch.matmul(Yc[r0:r1], Yc.T, out=K[e, : r1 - r0])
+            yield K[:, : r1 - r0]
+
+    return _gram_of_chunks(row_blocks())
 
 
 def _rbf_gram(X: Tensor) -> Tensor:
@@ -131,27 +143,24 @@ def rbf_cka_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed:
     return (total / batches).float()
 
 
-def output_cosine_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
-    """Mean over tokens of the cosine between two experts' outputs on that token (token chunks)."""
+def _token_chunks(Y: Tensor, work_bytes: int):
+    """``Y [E, n, d]`` a block of tokens at a time, in float32 (float64 for float64 input)."""
     E, n, d = Y.shape
     b = _rows_per_chunk(E * d * 4, n, work_bytes)
-    acc = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
-    for t0 in range(0, n, b):
-        Yn = torch.nn.functional.normalize(Y[:, t0 : t0 + b].to(_acc_dtype(Y)), dim=-1).reshape(E, -1)
-        acc += (Yn @ Yn.T).double()
-    return (acc / n).float().cpu()
+    return (Y[:, t0 : t0 + b].to(_acc_dtype(Y)) for t0 in range(0, n, b))
+
+
+def output_cosine_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+    """Mean over tokens of the cosine between two experts' outputs on that token (token chunks)."""
+    G = _gram_of_chunks(torch.nn.functional.normalize(c, dim=-1) for c in _token_chunks(Y, work_bytes))
+    return (G / Y.shape[1]).float()
 
 
 def output_mse_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
     """``mean_{t,d} (y_i(t) − y_j(t))²``, via the Gram of the flattened outputs (token chunks)."""
-    E, n, d = Y.shape
-    b = _rows_per_chunk(E * d * 4, n, work_bytes)
-    G = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
-    for t0 in range(0, n, b):
-        Yf = Y[:, t0 : t0 + b].to(_acc_dtype(Y)).reshape(E, -1)
-        G += (Yf @ Yf.T).double()
+    G = _gram_of_chunks(_token_chunks(Y, work_bytes))
     sq = G.diagonal()
-    return ((sq[:, None] + sq[None, :] - 2 * G) / (n * d)).clamp_min(0).float().cpu()
+    return ((sq[:, None] + sq[None, :] - 2 * G) / (Y.shape[1] * Y.shape[2])).clamp_min(0).float()
 
 
 # ---------------------------------------------------------------- model-centric representations
@@ -178,16 +187,14 @@ def weight_gram(layer, work_bytes: int = WORK_BYTES) -> tuple[Tensor, int]:
     fused parameters (only ``work_bytes`` of float32 copies are alive at a time; the layout,
     transposed or interleaved, does not change the Gram)."""
     E = layer.num_experts
-    G = torch.zeros(E, E, dtype=torch.float64)
-    n = 0
-    for name in ("gate_up_proj", "down_proj"):
-        P = getattr(layer.experts, name).detach().reshape(E, -1)
-        b = _rows_per_chunk(E * 4, P.shape[1], work_bytes)
-        for c0 in range(0, P.shape[1], b):
-            C = P[:, c0 : c0 + b].float()
-            G += (C @ C.T).double().cpu()
-        n += P.shape[1]
-    return G, n
+    fused = [getattr(layer.experts, name).detach().reshape(E, -1) for name in ("gate_up_proj", "down_proj")]
+
+    def column_chunks():
+        for P in fused:
+            b = _rows_per_chunk(E * 4, P.shape[1], work_bytes)
+            yield from (P[:, c0 : c0 + b].float() for c0 in range(0, P.shape[1], b))
+
+    return _gram_of_chunks(column_chunks()), sum(P.shape[1] for P in fused)
 
 
 def gram_cosine(G: Tensor) -> Tensor:
@@ -220,16 +227,17 @@ def surrogate_gram(layer, work_bytes: int = WORK_BYTES) -> tuple[Tensor, int]:
     d = w0.down.shape[0]
     device = w0.down.device
     b = _rows_per_chunk(E * d * 4, d, work_bytes)
-    G = torch.zeros(E, E, dtype=torch.float64)
     S = torch.empty(E, b, d, dtype=torch.float32, device=device)
-    for r0 in range(0, d, b):
-        r1 = min(d, r0 + b)
-        for e in range(E):
-            w = layer.expert_weights(e)
-            torch.matmul(w.down[r0:r1].float(), w.gate.float() * w.up.float(), out=S[e, : r1 - r0])
-        F = S[:, : r1 - r0].reshape(E, -1)
-        G += (F @ F.T).double().cpu()
-    return G, d * d
+
+    def row_blocks():  # the rows r0:r1 of every expert's surrogate
+        for r0 in range(0, d, b):
+            r1 = min(d, r0 + b)
+            for e in range(E):
+                w = layer.expert_weights(e)
+                torch.matmul(w.down[r0:r1].float(), w.gate.float() * w.up.float(), out=S[e, : r1 - r0])
+            yield S[:, : r1 - r0]
+
+    return _gram_of_chunks(row_blocks()), d * d
 
 
 # ---------------------------------------------------------------- routing statistics

@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 from moescope.analysis.errors import MoescopeError
-from moescope.analysis.paths import resolve_source
+from moescope.analysis.paths import not_on_hub, resolve_source
 
 INFO_VERSION = 1
 KIND = "model_info"
@@ -37,15 +37,14 @@ def config_bytes(source: str) -> bytes:
         return Path(hf_hub_download(location, "config.json")).read_bytes()
     except Exception as err:  # network, missing repo, offline without a cached copy
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise MoescopeError(f"cannot load '{source}': not a local model folder, and the Hugging Face hub did not "
-                            f"provide it ({msg[:200]})") from None
+        raise not_on_hub(source, msg[:200]) from None
 
 
 def info_parts(raw_config: bytes, dtype: str | None, trust_remote_code: bool) -> dict:
-    import transformers  # the package itself is light; its modelling code is what costs
+    from importlib.metadata import version  # the installed version, without importing transformers
 
     return {"config_sha256": hashlib.sha256(raw_config).hexdigest(), "dtype": dtype,
-            "trust_remote_code": bool(trust_remote_code), "transformers": transformers.__version__,
+            "trust_remote_code": bool(trust_remote_code), "transformers": version("transformers"),
             "info_version": INFO_VERSION}
 
 

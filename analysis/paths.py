@@ -29,6 +29,12 @@ def demo_upcycled_dir() -> Path:
 DEMO_SOURCES = {"demo": (demo_model_dir, ""), "demo-upcycled": (demo_upcycled_dir, " --upcycle")}
 
 
+def not_on_hub(source: str, why: str) -> MoescopeError:
+    """The one-line error for a source that is neither a local folder nor obtainable from the hub."""
+    return MoescopeError(f"cannot load '{source}': not a local model folder, and the Hugging Face hub did not "
+                         f"provide it ({why})")
+
+
 def resolve_source(source: str) -> tuple[str, Path | None]:
     """``'demo'`` / ``'demo-upcycled'`` → the shipped folders; an existing path → that folder;
     otherwise a hub id."""

@@ -18,7 +18,7 @@ from moescope.analysis.families import family_for, supported_model_types
 from moescope.analysis.model.offload import PeriodicRelease, non_layer_modules, release_mapped_weights
 from moescope.analysis.model.save import TOKENIZER_FILES
 from moescope.analysis.model.view import MoEModel
-from moescope.analysis.paths import DEMO_SOURCES, resolve_source  # noqa: F401 (re-exported)
+from moescope.analysis.paths import DEMO_SOURCES, not_on_hub, resolve_source  # noqa: F401 (re-exported)
 
 
 def load_config(source: str, trust_remote_code: bool = False):
@@ -51,9 +51,7 @@ def load_config(source: str, trust_remote_code: bool = False):
         msg = str(err).splitlines()[0]
         if local is not None:
             raise MoescopeError(f"cannot read '{local / 'config.json'}': {msg}") from None
-        raise MoescopeError(
-            f"cannot load '{source}': not a local model folder, and the Hugging Face hub did not provide it ({msg})"
-        ) from None
+        raise not_on_hub(source, msg) from None
 
 
 def max_positions(config) -> int | None:
