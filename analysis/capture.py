@@ -112,11 +112,11 @@ class LayerStream:
         return torch.cat(captured) if captured else None
 
     @torch.no_grad()
-    def step_split(self) -> tuple[list[Tensor], list[Tensor]]:
+    def step_split(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Run the next decoder layer (an MoE layer) and return, per chunk, its MoE block input
-        ``[B, L, d]`` and the residual stream the block's output is added to (the layer output
-        minus the block output), so the block alone can be re-run with other experts:
-        ``layer output = residual + block(input)``."""
+        ``[B, L, d]``, the residual stream the block's output is added to (the layer output
+        minus the block output) and the block's output, so the block alone can be re-run with
+        other experts: ``layer output = residual + block(input)``."""
         l = self.layer
         block = self.model.layers[l].block
         seen: list[tuple[Tensor, Tensor]] = []
@@ -130,8 +130,9 @@ class LayerStream:
         finally:
             handle.remove()
         inputs = [x for x, _ in seen]
-        residuals = [h - y.reshape(h.shape) for h, (_, y) in zip(self.hidden, seen)]
-        return inputs, residuals
+        outputs = [y.reshape(h.shape) for h, (_, y) in zip(self.hidden, seen)]
+        residuals = [h - y for h, y in zip(self.hidden, outputs)]
+        return inputs, residuals, outputs
 
     def layers(self, capture_moe_input: bool = True) -> Iterator[tuple[int, Tensor | None]]:
         """Run all remaining layers, yielding ``(layer index, MoE input or None)`` after each."""

@@ -163,6 +163,25 @@ def mix(Y: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> Tensor:
     return out
 
 
+def unchosen_removal_is_local(rule: str, p: RouterParams) -> bool:
+    """Whether removing an expert that a token did not choose leaves that token's routing as it
+    was (same experts, same weights up to rounding), for ``rule`` with ``p``. True where each
+    expert's weight depends only on its own logit and the kept set's normalisation over the k
+    chosen: top-k then softmax/sigmoid, sigmoid top-k without groups, softmax top-k renormalised
+    over the chosen (without a selection bias, which a common rescaling of the probabilities would
+    reorder). False for softmax weights over all experts without renormalisation (every weight
+    shares the denominator), for group-limited routers (a group's score can hinge on an unchosen
+    expert) and PhiMoE's sparsemixer (its threshold depends on all experts). Subset search uses it
+    to re-score only the tokens that chose the removed expert."""
+    if rule == "softmax_topk":
+        return p.renormalize and p.score_bias is None
+    if rule == "softmax_group_topk":
+        return p.renormalize and (p.n_group <= 1 or p.topk_method != "group_limited_greedy")
+    if rule == "sigmoid_group_topk":
+        return p.n_group <= 1
+    return rule in ("topk_softmax", "topk_sigmoid")
+
+
 ROUTING_RULES: dict[str, Callable[[Tensor, RouterParams, Tensor | None], tuple[Tensor, Tensor]]] = {
     "softmax_topk": softmax_topk,
     "softmax_group_topk": softmax_group_topk,

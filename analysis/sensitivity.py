@@ -100,12 +100,14 @@ def _routing_changed(a, b, rtol: float = 1e-6) -> Tensor:
 def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
     """Single-expert-drop perplexity for every (MoE layer, expert), plus the unpruned baseline.
 
-    Work is reused three ways, all exact: the layers before l run once for the whole row of
-    cells; layer l's attention runs once and each cell re-runs only its MoE block; and a cell
-    recomputes only the sequences in which removing the expert changes some token's routing
-    (experts or weights; with a renormalising top-k router these are the tokens that selected
-    it, with an unrenormalised softmax every token): with causal attention the other sequences
-    cannot change, and every token before a sequence's first affected position keeps its
+    Work is reused four ways, all exact: the layers before l run once for the whole row of
+    cells; layer l's attention and MoE block run once, and a cell recomputes the block's output
+    only for the tokens whose routing removing the expert changes (experts or weights; with a
+    renormalising top-k router these are the tokens that selected it, with an unrenormalised
+    softmax every token), by the family's routing among the remaining experts
+    (:meth:`MoELayer.forward` with the expert masked, equal to the pruned block); only the
+    sequences holding such a token go through the later layers (with causal attention the others
+    cannot change), and every token before a sequence's first affected position keeps its
     baseline loss.
     """
     stream = LayerStream(model, input_ids, chunk_size=chunk_size)
@@ -123,8 +125,8 @@ def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress 
             continue
         view = model.layers[l]
         E = view.num_experts
-        inputs, residuals = stream.step_split()  # layer l once; cells re-run only its MoE block
-        X, R = torch.cat(inputs), torch.cat(residuals)  # [N, L, d]
+        inputs, residuals, outputs = stream.step_split()  # layer l once, its block output kept
+        X, R, Y = torch.cat(inputs), torch.cat(residuals), torch.cat(outputs)  # [N, L, d]
         flat = X.reshape(-1, X.shape[-1])
         full = view.route(flat)
         row = []
@@ -137,18 +139,20 @@ def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress 
                 row.append(baseline)
             else:
                 first = hit[rows].float().argmax(-1)  # first affected position per sequence
+                dev_rows = rows.to(X.device)
+                y = Y[dev_rows].clone()
+                moved = hit[rows].to(X.device)  # the re-routed tokens: only their block output changes
+                y[moved] = view.forward(X[dev_rows][moved], allowed=allowed.to(X.device)).to(y.dtype)
                 sub = LayerStream(model, input_ids[rows], chunk_size=chunk_size)
-                with only_experts(model, l, [k for k in range(E) if k != e]):
-                    for c in range(len(sub.hidden)):
-                        idx = rows[c * chunk_size : (c + 1) * chunk_size].to(X.device)
-                        y = view.block(X[idx])
-                        sub.hidden[c] = R[idx] + (y[0] if isinstance(y, tuple) else y).reshape(R[idx].shape)
-                    sub.layer = l + 1
-                    if l == model.num_hidden_layers - 1:  # no attention after: only re-routed tokens change
-                        changed = hit[rows][:, :-1]
-                    else:  # causal attention: everything from a sequence's first affected token on
-                        changed = positions[None, :] >= first[:, None]
-                    nll = _token_nll(sub, where=changed)
+                for c in range(len(sub.hidden)):
+                    part = slice(c * chunk_size, (c + 1) * chunk_size)
+                    sub.hidden[c] = R[dev_rows[part]] + y[part]
+                sub.layer = l + 1
+                if l == model.num_hidden_layers - 1:  # no attention after: only re-routed tokens change
+                    changed = hit[rows][:, :-1]
+                else:  # causal attention: everything from a sequence's first affected token on
+                    changed = positions[None, :] >= first[:, None]
+                nll = _token_nll(sub, where=changed)
                 total = base_total - float(base_nll[rows][changed].sum()) + float(nll.sum())
                 row.append(math.exp(total / count))
             done += 1
@@ -164,20 +168,33 @@ def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress 
 class SubsetScorer:
     """Scores kept subsets of one layer by reconstruction loss on cached inputs ``x [T, d]``.
 
-    Per token chunk it computes the router logits, every expert's output ``Y [E, t, d]`` and the
-    original routed output ``F``; a subset C is scored by routing among C (the family's rule with
-    the others masked) and mixing the already computed outputs: no expert is re-run per subset.
-    Chunks are kept in memory up to ``max_bytes`` and recomputed per call beyond that.
+    Per token chunk it computes the router logits, every expert's output ``Y [E, t, d]`` once, the
+    original routing, and from them each token's Gram of expert outputs ``G_t = Y_t Y_tᵀ [E, E]``.
+    A subset C is scored by routing among C (the family's rule with the others masked): with
+    ``Δ_t = w'_t(C) − w_t`` the change of the token's mixing weights (non-zero on at most 2k
+    experts), ``‖F'(x_t, C) − F(x_t)‖² = Δ_tᵀ G_t Δ_t``, read off the 2k×2k entries of ``G_t`` it
+    touches instead of mixing d-wide outputs. No expert is re-run per subset, and many subsets are
+    routed in one batched call. Where the routing rule makes removing an unchosen expert a no-op
+    for a token (:func:`~moescope.analysis.routing.unchosen_removal_is_local`),
+    :meth:`losses_after_drop` scores the children ``C − {j}`` of a subset by re-scoring only the
+    tokens that chose ``j`` (k rows per token instead of |C|). Chunks (``[t, E, E]`` Grams) are kept
+    in memory up to ``max_bytes`` and recomputed per call beyond that.
     """
 
-    def __init__(self, view, x: Tensor, chunk_tokens: int = 4096, max_bytes: int = 2 * 2**30):
+    def __init__(self, view, x: Tensor, chunk_tokens: int = 4096, max_bytes: int = 2 * 2**30,
+                 work_bytes: int = 512 * 2**20):
+        from moescope.analysis.routing import unchosen_removal_is_local
+
         self.view = view
         self.x = x
-        self.chunk = chunk_tokens
+        E, T, d = view.num_experts, x.shape[0], x.shape[-1]
+        # a chunk's expert outputs [E, t, d] and Grams [t, E, E] in float32 within work_bytes
+        self.chunk = max(1, min(chunk_tokens, work_bytes // (4 * E * max(d, E))))
+        self.work_elems = work_bytes // 16  # elements of one batch of routed rows (several live tensors)
         self.rule = ROUTING_RULES[view.spec.routing]
         self.params = view.router_params
-        E, T, d = view.num_experts, x.shape[0], x.shape[-1]
-        self.keep_in_memory = E * T * d * 4 <= max_bytes
+        self.local = unchosen_removal_is_local(view.spec.routing, self.params)
+        self.keep_in_memory = T * E * E * 4 <= max_bytes
         self._chunks: list | None = None
 
     def _compute_chunk(self, xc: Tensor):
@@ -185,8 +202,11 @@ class SubsetScorer:
         logits = view.router_logits(xc)
         Y = view.expert_outputs(xc, logits).float()  # [E, t, d]
         idx, w = self.rule(logits, self.params, None)
-        F = mix(Y, idx, view.mix_weights(w))
-        return logits, Y, F
+        Yt = Y.transpose(0, 1)  # [t, E, d]
+        G = torch.bmm(Yt, Yt.transpose(1, 2))  # [t, E, E]
+        mw = view.mix_weights(w).float()
+        sq = mix(Y, idx, mw).double().pow(2).sum()
+        return logits, G, idx, mw, sq
 
     def _iter_chunks(self):
         if self._chunks is not None:
@@ -204,10 +224,34 @@ class SubsetScorer:
     @torch.no_grad()
     def reference_norm(self) -> float:
         """``‖F(x)‖_F``, the original routed output's norm (to compare losses across layers)."""
-        sq = 0.0
-        for _, _, F in self._iter_chunks():
-            sq += float(F.double().pow(2).sum())
-        return math.sqrt(sq)
+        return math.sqrt(float(sum(c[4] for c in self._iter_chunks())))
+
+    def _row_losses(self, chunk, tok: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """``Δᵀ G Δ`` per row (float64) and the experts chosen: token ``tok[r]`` of the chunk routed
+        among ``allowed[r] [E]``."""
+        logits, G, idx0, mw0, _ = chunk
+        E = G.shape[-1]
+        idx, w = self.rule(logits[tok], self.params, allowed)
+        mw = self.view.mix_weights(w).float()
+        i0, w0 = idx0[tok], mw0[tok]
+        k = idx.shape[1]
+        D = torch.zeros(tok.shape[0], E, dtype=torch.float32, device=G.device)
+        D.scatter_add_(1, idx, mw).scatter_add_(1, i0, -w0)  # Δ, exact where an expert is in both
+        p = torch.cat([idx, i0], 1)  # the ≤ 2k experts Δ touches
+        c = D.gather(1, p)
+        c[:, k:] *= ~(i0[:, :, None] == idx[:, None, :]).any(-1)  # count a shared expert once
+        flat = (tok * (E * E))[:, None, None] + p[:, :, None] * E + p[:, None, :]
+        Gp = G.reshape(-1).take(flat)  # [rows, k+k0, k+k0]
+        return torch.einsum("rij,ri,rj->r", Gp, c, c).double().clamp_min(0), idx
+
+    def _routed_rows(self, chunk, tok: Tensor, allowed: Callable[[slice], Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`_row_losses` over many rows, a working set at a time; ``allowed(sl)`` builds the
+        masks of the rows ``sl``."""
+        E, k = self.view.num_experts, self.view.top_k
+        per = max(1, self.work_elems // max(E, 4 * k * k))
+        parts = [self._row_losses(chunk, tok[r0 : r0 + per], allowed(slice(r0, r0 + per)))
+                 for r0 in range(0, tok.shape[0], per)]
+        return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
     @torch.no_grad()
     def losses(self, subsets: list[tuple[int, ...]]) -> Tensor:
@@ -217,11 +261,58 @@ class SubsetScorer:
         for s, C in enumerate(subsets):
             masks[s, list(C)] = True
         sq = torch.zeros(len(subsets), dtype=torch.float64)
-        for logits, Y, F in self._iter_chunks():
-            for s in range(len(subsets)):
-                idx, w = self.rule(logits, self.params, masks[s].to(logits.device))
-                sq[s] += (mix(Y, idx, self.view.mix_weights(w)) - F).double().pow(2).sum().cpu()
+        for chunk in self._iter_chunks():
+            t, dev = chunk[0].shape[0], chunk[0].device
+            m = masks.to(dev)
+            tok = torch.arange(t, device=dev).repeat(len(subsets))
+            rows, _ = self._routed_rows(chunk, tok, lambda sl: m[torch.arange(len(subsets) * t, device=dev)[sl] // t])
+            sq += rows.reshape(len(subsets), t).sum(1).cpu()
         return sq.sqrt()
+
+    @torch.no_grad()
+    def losses_after_drop(self, parents: list[tuple[int, ...]],
+                          wanted: Callable[[tuple[int, ...]], bool] | None = None) -> dict[tuple[int, ...], float]:
+        """The loss of every child ``C − {j}`` of the ``parents`` that ``wanted`` accepts (default:
+        all), as ``{child: loss}``. Where removal of an unchosen expert is local to the tokens that
+        chose it, a child's squared loss is the parent's minus, over the tokens that chose ``j``,
+        their loss under C plus their loss under ``C − {j}``: only those tokens are routed again.
+        (With low-precision router logits a token whose k-th and (k+1)-th scores tie may flip
+        between them when any expert is masked, as topk breaks ties by position; here such a token
+        keeps its routing, as it would in the pruned model if the tie were broken the same way.)"""
+        children = sorted({tuple(c for c in C if c != j) for C in parents for j in C})
+        children = [C for C in children if wanted is None or wanted(C)]
+        if not self.local:
+            return dict(zip(children, self.losses(children).tolist()))
+        E, P = self.view.num_experts, len(parents)
+        masks = torch.zeros(P, E, dtype=torch.bool)
+        for p, C in enumerate(parents):
+            masks[p, list(C)] = True
+        sq = torch.zeros(P * E, dtype=torch.float64)  # squared loss of parent p without j at p·E + j
+        for chunk in self._iter_chunks():
+            t, dev = chunk[0].shape[0], chunk[0].device
+            m = masks.to(dev)
+            par = torch.arange(P, device=dev).repeat_interleave(t)  # rows: (parent, token)
+            tok = torch.arange(t, device=dev).repeat(P)
+            base, chosen = self._routed_rows(chunk, tok, lambda sl: m[par[sl]])
+            sq += base.reshape(P, t).sum(1).cpu().repeat_interleave(E)
+            k = chosen.shape[1]
+            row = torch.arange(P * t, device=dev).repeat_interleave(k)  # one per (parent, token, chosen j)
+            j = chosen.reshape(-1)
+
+            def without_j(sl):
+                a = m[par[row[sl]]].clone()
+                a[torch.arange(a.shape[0], device=dev), j[sl]] = False
+                return a
+
+            after, _ = self._routed_rows(chunk, tok[row], without_j)
+            sq.index_add_(0, (par[row] * E + j).cpu(), (after - base[row]).cpu())
+        out: dict[tuple[int, ...], float] = {}
+        for p, C in enumerate(parents):
+            for j in C:
+                child = tuple(c for c in C if c != j)
+                if child not in out and (wanted is None or wanted(child)):
+                    out[child] = math.sqrt(max(float(sq[p * E + j]), 0.0))
+        return out
 
 
 @dataclass
@@ -270,13 +361,13 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
     beam: list[tuple[int, ...]] = [tuple(range(E))]
     scored: list[tuple[list[int], float]] = []
     for size in range(E - 1, keep - 1, -1):
-        nxt = sorted({tuple(c for c in C if c != drop) for C in beam for drop in C})
         # group-limited routers: never leave a routing group with fewer than its final share
-        nxt = [C for C in nxt if (groups_ok(C) if size == keep else reachable(C))]
+        scored_children = scorer.losses_after_drop(beam, groups_ok if size == keep else reachable)
+        nxt = sorted(scored_children)
         if not nxt:
             raise MoescopeError(f"layer {view.index}: no subset of {keep} experts keeps the routing groups "
                                 "balanced along this search; use method exact")
-        losses = scorer.losses(nxt)
+        losses = torch.tensor([scored_children[C] for C in nxt], dtype=torch.float64)
         order = torch.argsort(losses)[:width]
         beam = [nxt[i] for i in order]
         scored = [(list(nxt[i]), float(losses[i])) for i in order]
@@ -302,8 +393,9 @@ def loss_curve(view, x: Tensor, min_keep: int | None = None, method: str = "auto
         width = 1 if method == "greedy" else beam_width
         beam: list[tuple[int, ...]] = [tuple(range(E))]
         for size in range(E - 1, min(rest) - 1, -1):
-            nxt = sorted({tuple(c for c in C if c != drop) for C in beam for drop in C})
-            losses = scorer.losses(nxt)
+            scored_children = scorer.losses_after_drop(beam)
+            nxt = sorted(scored_children)
+            losses = torch.tensor([scored_children[C] for C in nxt], dtype=torch.float64)
             order = torch.argsort(losses)[:width]
             beam = [nxt[i] for i in order]
             if size in rest:

@@ -153,6 +153,37 @@ def test_enumeration_equals_brute_force(family):
     assert len(subsets) == (16 if len(subsets) < math.comb(8, 6) else 28)  # C(4,3)² with 2 routing groups
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_children_scored_incrementally_equal_scoring_each_child(family):
+    """Greedy and beam score the children C − {j} of a subset by re-routing only the tokens that chose
+    j (where the rule allows it): the losses equal scoring every child from scratch, chunked or not,
+    and a removal the rule calls local leaves every token that did not choose the expert untouched."""
+    from moescope.analysis.routing import ROUTING_RULES, unchosen_removal_is_local
+
+    model = fresh_tiny(family)
+    layer = model.layers[model.moe_layers[-1]]
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(5))
+    E = layer.num_experts
+    parents = [tuple(range(E)), tuple(e for e in range(E) if e != 3)]
+    for chunk in (17, 4096):
+        scorer = SubsetScorer(layer, x, chunk_tokens=chunk)
+        kids = scorer.losses_after_drop(parents)
+        assert len(kids) == len({tuple(c for c in C if c != j) for C in parents for j in C})
+        direct = scorer.losses(list(kids))
+        assert torch.allclose(torch.tensor(list(kids.values()), dtype=torch.float64), direct, rtol=1e-5, atol=1e-6)
+    rule, p = ROUTING_RULES[layer.spec.routing], layer.router_params
+    if unchosen_removal_is_local(layer.spec.routing, p):
+        logits = layer.router_logits(x)
+        idx, w = rule(logits, p, None)
+        for j in range(E):
+            allowed = torch.ones(E, dtype=torch.bool)
+            allowed[j] = False
+            idx2, w2 = rule(logits, p, allowed.expand(x.shape[0], E))
+            keep = ~(idx == j).any(1)  # tokens that did not choose j
+            assert torch.equal(idx2[keep].sort(1).values, idx[keep].sort(1).values)
+            assert torch.allclose(w2[keep].float().sort(1).values, w[keep].float().sort(1).values, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family,dtype", [(f, d) for f in FAMILIES for d in (torch.float32, torch.bfloat16)],
                          ids=[f"{f}-{d}" for f in FAMILIES for d in ("float32", "bfloat16")])
 def test_skipping_equals_dropping_the_skipped_terms(family, dtype):
