@@ -136,13 +136,12 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
     stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"], Y)
     if "similarity" in want:
         with _timed(tm, "similarity"):
-            out.similarity["cka_linear"] = M.linear_cka_matrix(Y)
-            out.similarity["cosine"] = stats.output_cosine
-            out.similarity["mse"] = M.output_mse_matrix(Y)
-        with _timed(tm, "similarity_rbf"):
-            out.similarity["cka_rbf"] = M.rbf_cka_matrix(
+            # linear and RBF CKA share the token Grams (one pass over the outputs)
+            out.similarity["cka_linear"], out.similarity["cka_rbf"] = M.output_cka_matrices(
                 Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches, seed=params.seed
             )
+            out.similarity["cosine"] = stats.output_cosine
+            out.similarity["mse"] = M.output_mse_matrix(Y)
 
     if "weights" in want:
         with _timed(tm, "weights"):

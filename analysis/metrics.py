@@ -93,11 +93,16 @@ def _feature_form_hsic(Y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _gram_form_hsic(Y: Tensor, work_bytes: int) -> Tensor:
+def _gram_form_hsic(Y: Tensor, work_bytes: int, subsets: list[Tensor] | None = None):
+    """``⟨K_i, K_j⟩`` for the centred token Grams ``K_e``, built a block of rows at a time. With
+    ``subsets`` (token index tensors), also returns each subset's ``[E, b, b]`` block of every
+    ``K_e``, collected on the way (RBF CKA reads its distances from them)."""
     E, n, _ = Y.shape
     acc = _acc_dtype(Y)
     b = _rows_per_chunk(E * n * torch.finfo(acc).bits // 8, n, work_bytes)
     K = torch.empty(E, b, n, dtype=acc, device=Y.device)
+    subsets = [s.to(Y.device) for s in (subsets or [])]
+    blocks = [torch.empty(E, len(s), len(s), dtype=acc, device=Y.device) for s in subsets]
 
     def row_blocks():  # the rows r0:r1 of every expert's centred token Gram
         for r0 in range(0, n, b):
@@ -105,9 +110,14 @@ def _gram_form_hsic(Y: Tensor, work_bytes: int) -> Tensor:
             for e in range(E):
                 Yc = _centered(Y[e])  # recomputed per block: n·d, against b·n·d for the product
                 torch.matmul(Yc[r0:r1], Yc.T, out=K[e, : r1 - r0])
+            for s, blk in zip(subsets, blocks):
+                here = ((s >= r0) & (s < r1)).nonzero().flatten()
+                if len(here):
+                    blk[:, here] = K[:, s[here] - r0][:, :, s]
             yield K[:, : r1 - r0]
 
-    return _gram_of_chunks(row_blocks())
+    hsic = _gram_of_chunks(row_blocks())
+    return (hsic, blocks) if subsets else hsic
 
 
 def _rbf_gram(X: Tensor) -> Tensor:
@@ -122,6 +132,31 @@ def _center_gram(K: Tensor) -> Tensor:
     return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
 
 
+def _rbf_batches(T: int, batch_tokens: int, n_batches: int, seed: int) -> list[Tensor]:
+    """The token mini-batches RBF CKA averages over (seeded; one batch of all tokens if they fit)."""
+    g = torch.Generator().manual_seed(seed)
+    b = min(batch_tokens, T)
+    return [torch.randperm(T, generator=g)[:b] for _ in range(1 if b == T else n_batches)]
+
+
+def _rbf_cka_of_distances(d2: Tensor) -> Tensor:
+    """RBF CKA of one mini-batch from every expert's squared token distances ``d2 [E, b, b]``:
+    ``exp(-d2 / (2σ²))`` with σ each expert's median off-diagonal distance, centred, and the E
+    centred Grams' inner products as one ``[E, b²] @ [b², E]`` product in float64."""
+    E, b, _ = d2.shape
+    d2 = d2.float().clamp_min(0)
+    iu = torch.triu_indices(b, b, 1, device=d2.device)
+    # the lower median of the off-diagonal distances (each pair once: the same value as counting both)
+    sigma2 = d2[:, iu[0], iu[1]].sqrt().median(dim=1).values.pow(2).clamp_min(1e-12)
+    K = torch.exp(-d2 / (2 * sigma2[:, None, None]))
+    K = K - K.mean(1, keepdim=True) - K.mean(2, keepdim=True) + K.mean((1, 2), keepdim=True)
+    grams = K.double().reshape(E, -1)
+    del K
+    hsic = (grams @ grams.T).cpu()
+    norms = hsic.diagonal().sqrt()
+    return hsic / torch.outer(norms, norms).clamp_min(1e-30)
+
+
 def rbf_cka_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0) -> Tensor:
     """RBF-kernel CKA, ``HSIC(K_i, K_j) / sqrt(HSIC(K_i, K_i) HSIC(K_j, K_j))`` with centred Gram
     matrices ``K`` over ``batch_tokens`` tokens (median-distance bandwidth per expert), averaged over
@@ -129,18 +164,38 @@ def rbf_cka_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed:
     The E centred Grams of a mini-batch are flattened and their inner products taken as one
     ``[E, b²] @ [b², E]`` product in float64."""
     E, T, _ = Y.shape
-    g = torch.Generator().manual_seed(seed)
-    b = min(batch_tokens, T)
+    batches = _rbf_batches(T, batch_tokens, n_batches, seed)
     total = torch.zeros(E, E, dtype=torch.float64)
-    batches = 1 if b == T else n_batches
-    for _ in range(batches):
-        idx = torch.randperm(T, generator=g)[:b].to(Y.device)
-        grams = torch.stack([_center_gram(_rbf_gram(Y[e, idx].float())).double().reshape(-1) for e in range(E)])
-        hsic = (grams @ grams.T).cpu()
-        del grams
-        norms = hsic.diagonal().sqrt()
-        total += hsic / torch.outer(norms, norms).clamp_min(1e-30)
-    return (total / batches).float()
+    for idx in batches:
+        idx = idx.to(Y.device)
+        X = Y[:, idx].float()
+        total += _rbf_cka_of_distances(torch.cdist(X, X).pow(2))
+        del X
+    return (total / len(batches)).float()
+
+
+def output_cka_matrices(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0,
+                        work_bytes: int = WORK_BYTES) -> tuple[Tensor, Tensor]:
+    """Linear CKA (:func:`linear_cka_matrix`) and RBF CKA (:func:`rbf_cka_matrix`) together. Where
+    the Gram form is the cheaper (every real model), the RBF mini-batches' distances are read off
+    the centred token Grams the linear CKA builds anyway (``‖y_s − y_t‖² = K_ss + K_tt − 2K_st``,
+    centring does not move distances), so the RBF costs no second pass over the outputs; otherwise
+    the two are computed separately. Same values as the two functions (to float32 rounding)."""
+    E, n, d = Y.shape
+    cost = linear_cka_cost(E, n, d)
+    if cost["gram"] > cost["feature"]:
+        return linear_cka_matrix(Y, "feature"), rbf_cka_matrix(Y, batch_tokens, n_batches, seed)
+    batches = _rbf_batches(n, batch_tokens, n_batches, seed)
+    hsic, blocks = _gram_form_hsic(Y, work_bytes, batches)
+    norms = hsic.diagonal().sqrt()
+    linear = (hsic / torch.outer(norms, norms).clamp_min(1e-30)).float().cpu()
+    total = torch.zeros(E, E, dtype=torch.float64)
+    for blk in blocks:
+        diag = blk.diagonal(dim1=1, dim2=2)
+        d2 = diag[:, :, None] + diag[:, None, :] - 2 * blk
+        total += _rbf_cka_of_distances(d2)
+        del d2
+    return linear, (total / len(blocks)).float()
 
 
 def _token_chunks(Y: Tensor, work_bytes: int):
