@@ -93,9 +93,26 @@ def group_experts(A: Tensor, r: int, method: str, seed: int = 0) -> list[list[in
             (1 - A).clamp_min(0).numpy())
     groups = [sorted(np.flatnonzero(labels == k).tolist()) for k in np.unique(labels)]
     groups = [g for g in groups if g]
-    if len(groups) != r:  # spectral clustering may leave a cluster empty on degenerate affinities
+    # spectral clustering may leave clusters empty (many clusters, or near-uniform affinities such as
+    # a model's 128 barely distinct experts): split the largest groups until there are r
+    while len(groups) < r:
+        g = max(groups, key=lambda g: (len(g), -g[0]))
+        groups.remove(g)
+        groups.extend(_split_group(A, g))
+    if len(groups) != r:
         raise MoescopeError(f"{method} clustering produced {len(groups)} groups instead of {r}; try grouping=greedy")
     return sorted(groups)
+
+
+def _split_group(A: Tensor, g: list[int]) -> list[list[int]]:
+    """Two groups from ``g``: the member least alike to the rest (lowest mean affinity to the
+    others; ties: the higher index) on its own, the others together. Deterministic."""
+    if len(g) == 2:
+        return [[g[0]], [g[1]]]
+    sub = A[g][:, g].double()
+    mean_to_others = (sub.sum(1) - sub.diagonal()) / (len(g) - 1)
+    out = max(range(len(g)), key=lambda i: (-float(mean_to_others[i]), g[i]))
+    return [[g[out]], [e for i, e in enumerate(g) if i != out]]
 
 
 def group_coefficients(groups: list[list[int]], method: str, usage: Tensor) -> list[list[float]]:
