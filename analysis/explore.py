@@ -254,3 +254,29 @@ def top_pairs(S: Tensor, n: int = 5, higher_is_similar: bool = True) -> list[dic
     key = torch.where(torch.isfinite(vals), vals if higher_is_similar else -vals, torch.tensor(-math.inf))
     order = torch.argsort(key, descending=True, stable=True)[:n]
     return [{"experts": (int(i[k]), int(j[k])), "value": float(vals[k])} for k in order.tolist()]
+
+
+def cluster_order(S: Tensor, higher_is_similar: bool = True) -> list[int]:
+    """An order of the experts that puts alike experts next to each other: the leaves of an
+    average-linkage hierarchical clustering (scipy) on the dissimilarity ``1 − S/max|S|`` (for a
+    similarity) or ``S`` (for a distance such as MSE), with the optimal leaf ordering (adjacent
+    leaves as alike as possible). A permutation of ``range(E)``; the identity for E ≤ 2."""
+    import numpy as np
+    from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+    from scipy.spatial.distance import squareform
+
+    M = S.double().cpu().numpy()
+    E = M.shape[0]
+    if E <= 2:
+        return list(range(E))
+    M = np.nan_to_num((M + M.T) / 2, nan=0.0, posinf=0.0, neginf=0.0)
+    if higher_is_similar:
+        scale = np.abs(M).max() or 1.0
+        D = 1.0 - M / scale
+    else:
+        D = M.copy()
+    D = np.clip(D, 0.0, None)
+    np.fill_diagonal(D, 0.0)
+    Z = linkage(squareform(D, checks=False), method="average")
+    Z = optimal_leaf_ordering(Z, squareform(D, checks=False))
+    return [int(e) for e in leaves_list(Z)]

@@ -27,6 +27,7 @@ from moescope.analysis.analyze import (
 from moescope.analysis.cache import Cache, default_cache_root
 from moescope.analysis.errors import MoescopeError
 from moescope.analysis.explore import (
+    cluster_order,
     criterion_grid_correlation,
     drop_ranks,
     is_distance,
@@ -240,6 +241,12 @@ def analysis_summary(s: Settings) -> pd.DataFrame:
 def similarity_matrices(s: Settings, name: str) -> dict[int, np.ndarray]:
     res = _analysis(s)
     return {l: res.similarity(l, name).numpy() for l in res.layers}
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def similarity_order(s: Settings, name: str, layer: int) -> list[int]:
+    """Experts of ``layer`` ordered so that alike ones sit together (hierarchical clustering)."""
+    return cluster_order(_analysis(s).similarity(layer, name), higher_is_similar=not is_distance(name))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

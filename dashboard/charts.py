@@ -37,20 +37,28 @@ def offdiag_range(mats) -> tuple[float, float]:
 
 
 def similarity_heatmap(S, metric: str, *, distance: bool = False, zrange=None, groups=None, dropped=None,
-                       title: str | None = None, height: int = 520) -> go.Figure:
+                       title: str | None = None, height: int = 520, order=None) -> go.Figure:
     """Expert × expert matrix of one layer; ``groups`` (lists of experts merged together) are
-    outlined cell by cell and ``dropped`` experts crossed on the diagonal."""
+    outlined cell by cell and ``dropped`` experts crossed on the diagonal. ``order``: the experts
+    in the order to draw them (e.g. by clustering; default by index); ticks and hovers name the
+    experts, not their positions. Beyond 32 experts the ticks thin out; zoom and pan (plotly's own
+    drag and scroll) bring any block into view."""
     S = np.asarray(S, dtype=float)
     E = S.shape[0]
+    order = list(range(E)) if order is None else [int(e) for e in order]
+    pos = {e: i for i, e in enumerate(order)}
+    S = S[np.ix_(order, order)]
     lo, hi = zrange or offdiag_range([S])
+    ids = np.array(order)
     fig = go.Figure(go.Heatmap(
         z=S, x=list(range(E)), y=list(range(E)), zmin=lo, zmax=hi,
+        customdata=np.stack(np.broadcast_arrays(ids[:, None], ids[None, :]), axis=-1),
         colorscale=SIMILAR, reversescale=distance, colorbar=dict(title=metric, thickness=12),
-        hovertemplate=f"experts %{{y}} and %{{x}}<br>{metric} %{{z:.4f}}<extra></extra>",
+        hovertemplate=f"experts %{{customdata[0]}} and %{{customdata[1]}}<br>{metric} %{{z:.4f}}<extra></extra>",
     ))
     for k, g in enumerate(g for g in (groups or []) if len(g) > 1):
-        xs = [j for i in g for j in g]
-        ys = [i for i in g for _ in g]
+        xs = [pos[j] for i in g for j in g]
+        ys = [pos[i] for i in g for _ in g]
         fig.add_trace(go.Scatter(
             x=xs, y=ys, mode="markers", name=f"merged {'+'.join(map(str, g))}",
             marker=dict(symbol="square-open", size=max(6, 360 / E), line=dict(width=3),
@@ -59,14 +67,17 @@ def similarity_heatmap(S, metric: str, *, distance: bool = False, zrange=None, g
         ))
     if dropped:
         fig.add_trace(go.Scatter(
-            x=list(dropped), y=list(dropped), mode="markers", name="dropped",
+            x=[pos[e] for e in dropped], y=[pos[e] for e in dropped], mode="markers", name="dropped",
+            customdata=list(dropped),
             marker=dict(symbol="x-thin-open", size=max(6, 300 / E), color="#c92a2a", line=dict(width=3, color="#c92a2a")),
-            hovertemplate="expert %{x} dropped<extra></extra>",
+            hovertemplate="expert %{customdata} dropped<extra></extra>",
         ))
-    fig.update_xaxes(title="expert", dtick=1 if E <= 32 else None, showgrid=False, constrain="domain")
-    fig.update_yaxes(title="expert", dtick=1 if E <= 32 else None, autorange="reversed", showgrid=False,
-                     scaleanchor="x", constrain="domain")
-    fig.update_layout(legend=dict(orientation="h", y=-0.12))
+    step = 1 if E <= 32 else max(1, E // 32)
+    ticks = dict(tickmode="array", tickvals=list(range(0, E, step)), ticktext=[str(e) for e in order[::step]])
+    fig.update_xaxes(title="expert", showgrid=False, constrain="domain", **ticks)
+    fig.update_yaxes(title="expert", autorange="reversed", showgrid=False, scaleanchor="x", constrain="domain",
+                     **ticks)
+    fig.update_layout(legend=dict(orientation="h", y=-0.12), dragmode="zoom")
     return _layout(fig, title, height)
 
 
@@ -156,7 +167,8 @@ def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: i
                 zs.append(M[i, e])
                 cd.append([int(l), int(e)])
     height = height or min(900, 140 + 40 * len(layers))
-    size = max(6, min(34, (height - 120) / max(len(layers), 1) * 0.85))
+    # one square per cell without overlap: bounded by the row height and by ~1000 px across the experts
+    size = max(3, min(34, (height - 120) / max(len(layers), 1) * 0.85, 1000 / max(M.shape[1], 1) * 0.85))
     fig = go.Figure(go.Scatter(
         x=xs, y=ys, mode="markers", customdata=cd, name=name, showlegend=False,
         marker=dict(symbol="square", size=size, color=zs, colorscale=SIMILAR,

@@ -111,3 +111,51 @@ def test_spectral_norm_and_stable_rank_equal_the_full_svd(shape):
     assert M.spectral_norm(W) == pytest.approx(float(s[0]), rel=1e-6)
     assert M.stable_rank(W) == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-6)
     assert M.stable_rank(W.bfloat16()) == pytest.approx(float(M.stable_rank(W.bfloat16().float())), rel=1e-6)
+
+
+@pytest.mark.parametrize("work_bytes", [1, 600, 2**30])
+def test_linear_and_rbf_cka_from_shared_grams_equal_the_separate_functions(work_bytes):
+    # 5 experts, 40 tokens, 64 dims: the Gram form is the cheaper, so the RBF distances come from
+    # the linear CKA's token Grams; two mini-batches of 24 tokens, and one batch of all tokens
+    Y = rand(5, 40, 64, seed=4) + rand(5, 1, 64, seed=5)
+    Y[2] = 2 * Y[1] + 0.05 * rand(40, 64, seed=6)
+    for batch_tokens, n_batches in ((24, 2), (40, 3)):
+        linear, rbf = M.output_cka_matrices(Y, batch_tokens=batch_tokens, n_batches=n_batches, seed=3,
+                                            work_bytes=work_bytes)
+        torch.testing.assert_close(linear, M.linear_cka_matrix(Y), atol=2e-6, rtol=0)
+        torch.testing.assert_close(rbf, M.rbf_cka_matrix(Y, batch_tokens, n_batches, seed=3), atol=2e-5, rtol=0)
+        assert rbf[1, 2] > 0.9 and rbf.diagonal().sub(1).abs().max() < 1e-5
+    # where the feature form is the cheaper (few wide... here: many tokens, 3 dims) both take their own path
+    Z = rand(4, 50, 3, seed=7)
+    linear, rbf = M.output_cka_matrices(Z, batch_tokens=20, n_batches=2)
+    torch.testing.assert_close(linear, M.linear_cka_matrix(Z, form="feature"))
+    torch.testing.assert_close(rbf, M.rbf_cka_matrix(Z, 20, 2))
+
+
+def test_spectral_groups_are_repaired_to_the_asked_count():
+    from moescope.analysis.merging import group_experts
+
+    A = torch.ones(16, 16, dtype=torch.float64)  # no structure: spectral clustering leaves clusters empty
+    A[:8, :8] += 0.5
+    for r in (2, 5, 8, 12):
+        groups = group_experts(A, r, "spectral")
+        assert len(groups) == r and sorted(e for g in groups for e in g) == list(range(16))
+        assert groups == group_experts(A, r, "spectral")  # deterministic
+
+
+def test_cluster_order_puts_alike_experts_side_by_side():
+    from moescope.analysis.explore import cluster_order
+
+    perm = [5, 0, 7, 2, 4, 1, 6, 3]  # two blocks, {0, 2, 4, 6} and {1, 3, 5, 7}, interleaved
+    S = torch.full((8, 8), 0.1)
+    for block in ([0, 2, 4, 6], [1, 3, 5, 7]):
+        for i in block:
+            for j in block:
+                S[i, j] = 0.9
+    S = S[perm][:, perm]
+    order = cluster_order(S)
+    assert sorted(order) == list(range(8))
+    labels = [perm[e] % 2 for e in order]
+    assert labels in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)
+    # a distance (higher = less alike) gives the same blocks
+    assert [perm[e] % 2 for e in cluster_order(1 - S, higher_is_similar=False)] in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)

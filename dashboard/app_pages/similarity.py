@@ -54,11 +54,18 @@ with right:
         st.caption(f"Layer {layer}: " + ("; ".join(
             [f"merge {'+'.join(map(str, g))}" for g in groups] + ([f"drop {', '.join(map(str, dropped))}"] if dropped else []))
             or "unchanged by the plan"))
-    st.markdown("**Most alike pairs**")
-    st.dataframe(backend.similar_pairs(s, name, layer), hide_index=True,
+    ordering = st.radio("Expert order", ["by index", "by clustering"], key="sim_order", horizontal=True,
+                        help="by clustering: alike experts side by side (average-linkage hierarchical "
+                             "clustering of this matrix), so redundant blocks show along the diagonal; "
+                             "drag on the map to zoom, double-click to reset")
+    order = backend.similarity_order(s, name, layer) if ordering == "by clustering" else None
+    n_pairs = 5 if ov["num_experts"][layer] <= 16 else 20
+    st.markdown(f"**Most alike pairs** (top {n_pairs})")
+    st.dataframe(backend.similar_pairs(s, name, layer, n_pairs), hide_index=True,
                  column_config={name: st.column_config.NumberColumn(format="%.4f")})
 with left:
     fig = charts.similarity_heatmap(mats[layer], name, distance=distance,
                                     groups=groups if overlay else None, dropped=dropped if overlay else None,
-                                    title=f"layer {layer} · {name}")
+                                    title=f"layer {layer} · {name}", order=order,
+                                    height=520 if ov["num_experts"][layer] <= 32 else 760)
     st.plotly_chart(fig, key="sim_heatmap")
