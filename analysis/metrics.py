@@ -75,21 +75,29 @@ def linear_cka_matrix(Y: Tensor, form: str = "auto", work_bytes: int = WORK_BYTE
     if form == "gram":
         hsic = _gram_form_hsic(Y, work_bytes)
     elif form == "feature":
-        hsic = _feature_form_hsic(Y)
+        hsic = _feature_form_hsic(Y, work_bytes)
     else:
         raise ValueError(f"form must be auto, gram or feature, got {form!r}")
     norms = hsic.diagonal().sqrt()
     return (hsic / torch.outer(norms, norms).clamp_min(1e-30)).float().cpu()
 
 
-def _feature_form_hsic(Y: Tensor) -> Tensor:
-    E = Y.shape[0]
-    Yc = [_centered(Y[e]) for e in range(E)]
-    hsic = torch.zeros(E, E, dtype=torch.float64, device=Y.device)
-    for i in range(E):
-        for j in range(i, E):
-            hsic[i, j] = hsic[j, i] = (Yc[i].T @ Yc[j]).double().pow(2).sum()
-    return hsic
+@torch.no_grad()
+def _feature_form_hsic(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+    """``‖Y_iᶜᵀ Y_jᶜ‖_F²`` for every pair: the d×d cross-covariances are the blocks of ``Zᵀ Z`` with
+    ``Z = [Y_1ᶜ | … | Y_Eᶜ]`` (n × E·d), taken a block of experts' columns at a time (one product
+    per block instead of one per pair; ``work_bytes`` of the product alive)."""
+    E, n, d = Y.shape
+    Z = _centered(Y).permute(1, 0, 2).reshape(n, E * d)  # [n, E·d]
+    acc = Z.dtype
+    per = max(1, min(E, work_bytes // max(1, E * d * d * torch.finfo(acc).bits // 8)))
+    hsic = torch.empty(E, E, dtype=torch.float64, device=Y.device)
+    for j0 in range(0, E, per):
+        j1 = min(E, j0 + per)
+        C = Z.T @ Z[:, j0 * d : j1 * d]  # [E·d, (j1−j0)·d]: every expert against experts j0..j1
+        hsic[:, j0:j1] = C.reshape(E, d, j1 - j0, d).double().pow(2).sum((1, 3))
+        del C
+    return (hsic + hsic.T) / 2
 
 
 @torch.no_grad()
@@ -184,7 +192,7 @@ def output_cka_matrices(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, 
     E, n, d = Y.shape
     cost = linear_cka_cost(E, n, d)
     if cost["gram"] > cost["feature"]:
-        return linear_cka_matrix(Y, "feature"), rbf_cka_matrix(Y, batch_tokens, n_batches, seed)
+        return linear_cka_matrix(Y, "feature", work_bytes), rbf_cka_matrix(Y, batch_tokens, n_batches, seed)
     batches = _rbf_batches(n, batch_tokens, n_batches, seed)
     hsic, blocks = _gram_form_hsic(Y, work_bytes, batches)
     norms = hsic.diagonal().sqrt()

@@ -159,3 +159,11 @@ def test_cluster_order_puts_alike_experts_side_by_side():
     assert labels in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)
     # a distance (higher = less alike) gives the same blocks
     assert [perm[e] % 2 for e in cluster_order(1 - S, higher_is_similar=False)] in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)
+
+
+@pytest.mark.parametrize("work_bytes", [1, 5 * 11 * 11 * 4 * 2, 2**30])
+def test_feature_form_in_expert_blocks_equals_the_pair_loop(outputs, work_bytes):
+    Yc = [outputs[e] - outputs[e].mean(0) for e in range(6)]
+    pairs = torch.tensor([[float((Yc[i].double().T @ Yc[j].double()).pow(2).sum()) for j in range(6)]
+                          for i in range(6)], dtype=torch.float64)
+    torch.testing.assert_close(M._feature_form_hsic(outputs, work_bytes), pairs, rtol=1e-5, atol=0)
