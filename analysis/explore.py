@@ -245,6 +245,26 @@ def is_distance(similarity: str) -> bool:
     return "mse" in similarity
 
 
+def similarity_bounds(similarity: str) -> tuple[float, float] | None:
+    """The values a similarity can take, for an absolute colour scale: 0–1 for CKA (linear or
+    RBF), −1–1 for a cosine; None for a distance (MSE), which has no upper bound."""
+    if is_distance(similarity):
+        return None
+    if similarity.startswith("cka"):
+        return 0.0, 1.0
+    return -1.0, 1.0
+
+
+def pairs_beyond(S: Tensor, threshold: float, higher_is_similar: bool = True) -> list[tuple[int, int]]:
+    """Distinct expert pairs ``(i < j)`` at least as alike as ``threshold`` (``S ≥ t`` for a
+    similarity, ``S ≤ t`` for a distance)."""
+    E = S.shape[0]
+    i, j = torch.triu_indices(E, E, offset=1)
+    v = S[i, j]
+    hit = (v >= threshold) if higher_is_similar else (v <= threshold)
+    return [(int(a), int(b)) for a, b in zip(i[hit].tolist(), j[hit].tolist())]
+
+
 def top_pairs(S: Tensor, n: int = 5, higher_is_similar: bool = True) -> list[dict]:
     """The ``n`` most similar distinct expert pairs of a similarity matrix ``[E, E]`` as
     ``{"experts": (i, j), "value": S[i, j]}`` (for a distance such as MSE pass ``higher_is_similar=False``)."""

@@ -174,6 +174,17 @@ def model_card(model, plan, experiment=None) -> str:
     return "\n".join(out)
 
 
+def split_front_matter(card: str) -> tuple[str, str]:
+    """A model card's YAML header (between the leading ``---`` lines, without them) and its
+    Markdown body; ``("", card)`` when it has no header."""
+    lines = card.split("\n")
+    if lines and lines[0].strip() == "---":
+        for i in range(1, len(lines)):
+            if lines[i].strip() == "---":
+                return "\n".join(lines[1:i]), "\n".join(lines[i + 1 :]).lstrip("\n")
+    return "", card
+
+
 def _use_section(model) -> list[str]:
     """How to load the folder; for per-layer expert counts, why ``trust_remote_code=True`` is needed."""
     from moescope.analysis.nonuniform import MODULE_FILE, base_class_name, class_name, is_uniform

@@ -69,4 +69,13 @@ with st.sidebar:
     else:
         st.caption("No plan yet (build one on the Plan page)")
 
+# choices on the analysis pages survive switching pages: Streamlit forgets the state of a widget a
+# run does not draw unless its key is written back before the page runs (its documented pattern);
+# only widgets created without an explicit default value are listed (those would warn)
+PERSISTENT = ("sim_representation", "sim_metric", "sim_view", "sim_layer", "sim_order", "sim_scale",
+              "sim_threshold", "map_criterion", "map_order", "route_view", "route_layer", "route_expert")
+for _key in PERSISTENT:
+    if _key in st.session_state:
+        st.session_state[_key] = st.session_state[_key]
+
 pg.run()

@@ -32,7 +32,9 @@ from moescope.analysis.explore import (
     drop_ranks,
     is_distance,
     lookup_routing_trace,
+    pairs_beyond as explore_pairs_beyond,
     routing_trace,
+    similarity_bounds as explore_similarity_bounds,
     skip_ratios,
     token_examples,
     top_pairs,
@@ -241,6 +243,15 @@ def analysis_summary(s: Settings) -> pd.DataFrame:
 def similarity_matrices(s: Settings, name: str) -> dict[int, np.ndarray]:
     res = _analysis(s)
     return {l: res.similarity(l, name).numpy() for l in res.layers}
+
+
+def similarity_bounds(name: str) -> tuple[float, float] | None:
+    return explore_similarity_bounds(name)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def pairs_beyond(s: Settings, name: str, layer: int, threshold: float) -> list[tuple[int, int]]:
+    return explore_pairs_beyond(_analysis(s).similarity(layer, name), threshold, higher_is_similar=not is_distance(name))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

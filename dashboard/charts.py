@@ -37,12 +37,15 @@ def offdiag_range(mats) -> tuple[float, float]:
 
 
 def similarity_heatmap(S, metric: str, *, distance: bool = False, zrange=None, groups=None, dropped=None,
-                       title: str | None = None, height: int = 520, order=None) -> go.Figure:
+                       title: str | None = None, height: int = 520, order=None, outlined=None,
+                       values: bool | None = None) -> go.Figure:
     """Expert × expert matrix of one layer; ``groups`` (lists of experts merged together) are
     outlined cell by cell and ``dropped`` experts crossed on the diagonal. ``order``: the experts
     in the order to draw them (e.g. by clustering; default by index); ticks and hovers name the
     experts, not their positions. Beyond 32 experts the ticks thin out; zoom and pan (plotly's own
-    drag and scroll) bring any block into view."""
+    drag and scroll) bring any block into view. ``zrange``: the colour range (default: the
+    off-diagonal range); ``outlined``: expert pairs to outline (e.g. those beyond a threshold);
+    ``values``: print each cell's value (default: up to 16 experts)."""
     S = np.asarray(S, dtype=float)
     E = S.shape[0]
     order = list(range(E)) if order is None else [int(e) for e in order]
@@ -50,8 +53,10 @@ def similarity_heatmap(S, metric: str, *, distance: bool = False, zrange=None, g
     S = S[np.ix_(order, order)]
     lo, hi = zrange or offdiag_range([S])
     ids = np.array(order)
+    show_values = E <= 16 if values is None else values
     fig = go.Figure(go.Heatmap(
         z=S, x=list(range(E)), y=list(range(E)), zmin=lo, zmax=hi,
+        texttemplate="%{z:.2f}" if show_values else None, textfont=dict(size=10),
         customdata=np.stack(np.broadcast_arrays(ids[:, None], ids[None, :]), axis=-1),
         colorscale=SIMILAR, reversescale=distance, colorbar=dict(title=metric, thickness=12),
         hovertemplate=f"experts %{{customdata[0]}} and %{{customdata[1]}}<br>{metric} %{{z:.4f}}<extra></extra>",
@@ -64,6 +69,13 @@ def similarity_heatmap(S, metric: str, *, distance: bool = False, zrange=None, g
             marker=dict(symbol="square-open", size=max(6, 360 / E), line=dict(width=3),
                         color=GROUP_COLOURS[k % len(GROUP_COLOURS)]),
             hovertemplate=f"merged group {'+'.join(map(str, g))}<extra></extra>",
+        ))
+    if outlined:
+        cells = [(pos[i], pos[j]) for i, j in outlined] + [(pos[j], pos[i]) for i, j in outlined]
+        fig.add_trace(go.Scatter(
+            x=[c[1] for c in cells], y=[c[0] for c in cells], mode="markers", name="beyond the threshold",
+            marker=dict(symbol="square-open", size=max(5, 300 / E), color="#212529", line=dict(width=2)),
+            hoverinfo="skip",
         ))
     if dropped:
         fig.add_trace(go.Scatter(
@@ -83,13 +95,14 @@ def similarity_heatmap(S, metric: str, *, distance: bool = False, zrange=None, g
 
 def similarity_small_multiples(mats: dict, metric: str, *, distance: bool = False, cols: int = 4,
                                zrange=None) -> go.Figure:
-    """One small heatmap per layer on one shared colour scale."""
+    """One heatmap per layer on one shared colour scale, in a grid as wide as the page (``cols``
+    per row, each panel ~360 px high with expert ticks)."""
     layers = list(mats)
     cols = max(1, min(cols, len(layers)))
     rows = math.ceil(len(layers) / cols)
     lo, hi = zrange or offdiag_range(mats.values())
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {l}" for l in layers],
-                        horizontal_spacing=0.04, vertical_spacing=0.08 if rows > 1 else 0.0)
+                        horizontal_spacing=0.05, vertical_spacing=min(0.3 / rows, 0.08) if rows > 1 else 0.0)
     for n, l in enumerate(layers):
         S = np.asarray(mats[l], dtype=float)
         E = S.shape[0]
@@ -97,11 +110,14 @@ def similarity_small_multiples(mats: dict, metric: str, *, distance: bool = Fals
             z=S, x=list(range(E)), y=list(range(E)), coloraxis="coloraxis",
             hovertemplate=f"layer {l}: experts %{{y}} and %{{x}}<br>{metric} %{{z:.4f}}<extra></extra>",
         ), row=n // cols + 1, col=n % cols + 1)
-    fig.update_yaxes(autorange="reversed", showticklabels=False, showgrid=False)
-    fig.update_xaxes(showticklabels=False, showgrid=False)
+    E = max(np.asarray(m).shape[0] for m in mats.values())
+    step = 1 if E <= 16 else max(1, E // 8)
+    fig.update_yaxes(autorange="reversed", showgrid=False, dtick=step, tickfont=dict(size=9))
+    fig.update_xaxes(showgrid=False, dtick=step, tickfont=dict(size=9))
     fig.update_layout(coloraxis=dict(colorscale=SIMILAR, reversescale=distance, cmin=lo, cmax=hi,
                                      colorbar=dict(title=metric, thickness=12)))
-    return _layout(fig, None, 260 * rows + 40)
+    fig.update_annotations(font=dict(size=12))
+    return _layout(fig, None, 360 * rows + 60)
 
 
 def layer_expert_heatmap(M, layers, name: str, *, colorscale=SIMILAR, reverse: bool = False, zmid=None,

@@ -177,7 +177,8 @@ def test_similarity_page_shows_a_layer_and_switches_metric_and_representation(an
     at.selectbox(key="sim_metric").select("mse").run()
     heat = figures(at)[0]["data"][0]
     assert np.allclose(array(heat["z"]), res.similarity(2, "mse").numpy()) and heat["reversescale"] is True
-    assert at.caption[0].value.startswith("Smaller = more alike")
+    assert any(c.value.startswith("Smaller = more alike") for c in at.caption)
+    assert at.radio(key="sim_scale").options == ["relative (off-diagonal range)"]  # MSE has no upper bound
     at.radio(key="sim_representation").set_value("surrogate").run()
     assert at.selectbox(key="sim_metric").options == ["cosine", "MSE"]  # MSE stays chosen
     assert np.allclose(array(figures(at)[0]["data"][0]["z"]), res.similarity(2, "surrogate_mse").numpy())
@@ -191,6 +192,10 @@ def test_similarity_small_multiples_share_one_colour_scale(analysed):
     at.radio(key="sim_view").set_value("All layers").run()
     fig = figures(at)[0]
     assert len(fig["data"]) == 4 and {t["coloraxis"] for t in fig["data"]} == {"coloraxis"}
+    # absolute by default: CKA on its whole 0-1 range, so a low similarity never looks bright
+    assert (fig["layout"]["coloraxis"]["cmin"], fig["layout"]["coloraxis"]["cmax"]) == (0.0, 1.0)
+    at.radio(key="sim_scale").set_value("relative").run()
+    fig = figures(at)[0]
     lo, hi = fig["layout"]["coloraxis"]["cmin"], fig["layout"]["coloraxis"]["cmax"]
     off = np.concatenate([res.similarity(l, "cka_linear").numpy()[~np.eye(8, dtype=bool)] for l in range(4)])
     assert (lo, hi) == pytest.approx((off.min(), off.max()))
@@ -209,6 +214,50 @@ def test_similarity_overlays_the_current_plan(analysed):
     assert "merge 0+5; drop 7" in " ".join(c.value for c in at.caption)
     at.checkbox(key="sim_overlay").uncheck().run()
     assert len(figures(at)[0]["data"]) == 1
+
+
+def test_similarity_threshold_outlines_the_pairs_and_choices_survive_a_page_switch(analysed):
+    res, _ = analysed
+    at = app("similarity")
+    heat = figures(at)[0]["data"][0]
+    assert heat["texttemplate"] == "%{z:.2f}"  # 8 experts: the values are printed in the cells
+    assert (heat["zmin"], heat["zmax"]) == (0.0, 1.0)
+    S = res.similarity(0, "cka_linear")
+    t = float(S.clone().fill_diagonal_(-1).flatten().sort().values[-7])  # a threshold that catches a few pairs
+    at.slider(key="sim_threshold").set_value(t).run()
+    want = {(i, j) for i in range(8) for j in range(i + 1, 8) if S[i, j] >= at.slider(key="sim_threshold").value}
+    outline = next(tr for tr in figures(at)[0]["data"] if tr.get("name") == "beyond the threshold")
+    got = set(zip(array(outline["y"]).astype(int).tolist(), array(outline["x"]).astype(int).tolist()))
+    assert {(i, j) for i, j in got if i < j} == want and len(want) >= 1
+    assert any(f"{len(want)} pair" in c.value for c in at.caption)
+    at.selectbox(key="sim_layer").select(2).run()
+    at.radio(key="sim_order").set_value("by clustering").run()
+    at.switch_page("app_pages/routing.py").run()
+    at.switch_page("app_pages/similarity.py").run()
+    assert at.selectbox(key="sim_layer").value == 2 and at.radio(key="sim_order").value == "by clustering"
+
+
+def test_similarity_in_clustered_order_names_the_experts_and_keeps_the_overlay(analysed):
+    from moescope.analysis.explore import cluster_order
+
+    res, _ = analysed
+    plan = {"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 5], [1], [2], [3], [4], [6]]}}}
+    at = app("similarity", plan=plan)
+    at.radio(key="sim_order").set_value("by clustering").run()
+    order = cluster_order(res.similarity(0, "cka_linear"))
+    assert sorted(order) == list(range(8))
+    fig = figures(at)[0]
+    heat = fig["data"][0]
+    S = res.similarity(0, "cka_linear").numpy()
+    assert np.allclose(array(heat["z"]), S[np.ix_(order, order)])  # drawn in the clustered order
+    assert fig["layout"]["xaxis"]["ticktext"] == [str(e) for e in order]  # ticks name the experts
+    pos = {e: i for i, e in enumerate(order)}
+    merged, dropped = fig["data"][1], fig["data"][2]
+    assert sorted(zip(array(merged["x"]).tolist(), array(merged["y"]).tolist())) == sorted(
+        (pos[j], pos[i]) for i in (0, 5) for j in (0, 5))
+    assert array(dropped["x"]).tolist() == [pos[7]]
+    at.radio(key="sim_order").set_value("by index").run()
+    assert np.allclose(array(figures(at)[0]["data"][0]["z"]), S)
 
 
 # ---------------------------------------------------------------- routing

@@ -109,9 +109,15 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     at = _page("export")
     at.run()
     assert not at.exception
+    default = Path(at.text_input(key="export_dir").value)
+    assert default == Path.home() / "moescope-exports" / st.experiment  # outside the repository
+    assert Path(__file__).resolve().parents[1] not in default.parents
     at.text_input(key="export_dir").set_value(str(out))
     at.button(key="export_go").click().run()
     assert not at.exception and at.success and "README.md" in at.success[0].value
+    # the card renders as Markdown: its YAML header shown as YAML, not as the first paragraph
+    assert any(c.language == "yaml" and "library_name: transformers" in c.value for c in at.code)
+    assert not any(m.value.lstrip().startswith("---") for m in at.markdown)
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert hf.config.num_local_experts == 7
     at.button(key="export_go").click().run()

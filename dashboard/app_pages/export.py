@@ -7,6 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from moescope.analysis.errors import MoescopeError
+from moescope.analysis.export import split_front_matter
 from moescope.dashboard import runs
 
 st.header("Export")
@@ -33,7 +34,10 @@ if ppl:
 plan_text = runs.plan_json(ident)
 st.download_button("Download plan JSON", plan_text, file_name=f"plan-{ident}.json", mime="application/json")
 
-out = st.text_input("Output folder", value=str(Path.cwd() / "exports" / ident), key="export_dir")
+# outside the repository (the dashboard runs from it): the user's home, one folder per experiment
+out = st.text_input("Output folder", value=str(Path.home() / "moescope-exports" / ident), key="export_dir",
+                    help="a new or empty folder (an earlier moescope export with Overwrite); the weights, "
+                         "config, tokenizer, plan.json, experiment.json and the model card README.md")
 overwrite = st.checkbox("Overwrite a non-empty folder", value=False, key="export_overwrite")
 if st.button("Export", type="primary", key="export_go"):
     refusal, files = None, []
@@ -54,4 +58,8 @@ if st.button("Export", type="primary", key="export_go"):
                     "load it with `AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)` "
                     "(lm-eval: `--model_args pretrained=PATH,trust_remote_code=True`); moescope loads it as is.")
         with st.expander("Model card (README.md)"):
-            st.markdown((Path(out) / "README.md").read_text(encoding="utf-8"))
+            header, body = split_front_matter((Path(out) / "README.md").read_text(encoding="utf-8"))
+            if header:
+                st.caption("Hub metadata (the card's YAML header)")
+                st.code(header, language="yaml")
+            st.markdown(body)

@@ -35,12 +35,38 @@ if name not in ov["similarities"]:
     st.stop()
 distance = backend.is_distance(name)
 mats = backend.similarity_matrices(s, name)
+bounds = backend.similarity_bounds(name)
+c4, c5 = st.columns([2, 3])
+scales = ["absolute", "relative"] if bounds else ["relative"]
+if st.session_state.get("sim_scale") not in scales:
+    st.session_state["sim_scale"] = scales[0]
+scale = c4.radio("Colour scale", scales, key="sim_scale", horizontal=True,
+                 format_func=lambda v: (f"absolute ({bounds[0]:g} to {bounds[1]:g})" if v == "absolute" and bounds
+                                        else "relative (off-diagonal range)"),
+                 help="absolute: every value at its place on the metric's whole range, so 0.4 never looks like "
+                      "1.0; relative: the colours span this model's off-diagonal values (small differences "
+                      "become visible, but the brightest pair need not be alike at all)")
+zrange = bounds if scale == "absolute" else None
+lo_all, hi_all = charts.offdiag_range(mats.values())
+t_lo, t_hi = bounds if bounds else (0.0, max(hi_all, 1e-12))
+if st.session_state.get("sim_threshold") is None or not t_lo <= st.session_state["sim_threshold"] <= t_hi:
+    # a starting point: CKA 0.9 / cosine 0.9 (near-duplicates), MSE: the lowest tenth of its range
+    st.session_state["sim_threshold"] = 0.9 if bounds else lo_all + 0.1 * (hi_all - lo_all)
+threshold = c5.slider(("Outline pairs at or below" if distance else "Outline pairs at or above"),
+                      float(t_lo), float(t_hi), key="sim_threshold", step=(t_hi - t_lo) / 200,
+                      format="%.3g",
+                      help="pairs this alike are candidates to merge (or to keep only one of): "
+                           + ("MSE is a distance, 0 = identical outputs" if distance else
+                              "1 = the same representation up to rotation and scale (CKA) or direction "
+                              "(cosine); around 0.9 and above experts are near-duplicates"))
 st.caption(("Smaller = more alike (a distance); the colour scale is reversed so alike looks the same. "
             if distance else "Larger = more alike. ")
-           + "The colour range spans the off-diagonal entries (an expert with itself is left out).")
+           + ("The colours span the metric's whole range." if zrange else
+              "The colours span the off-diagonal entries (an expert with itself is left out)."))
 
 if view == "All layers":
-    st.plotly_chart(charts.similarity_small_multiples(mats, name, distance=distance), key="sim_multiples")
+    st.plotly_chart(charts.similarity_small_multiples(mats, name, distance=distance, zrange=zrange),
+                    key="sim_multiples")
     st.stop()
 
 left, right = st.columns([3, 1], gap="medium")
@@ -64,7 +90,9 @@ with right:
     st.dataframe(backend.similar_pairs(s, name, layer, n_pairs), hide_index=True,
                  column_config={name: st.column_config.NumberColumn(format="%.4f")})
 with left:
-    fig = charts.similarity_heatmap(mats[layer], name, distance=distance,
+    beyond = backend.pairs_beyond(s, name, layer, threshold)
+    st.caption(f"{len(beyond)} pair{'s' if len(beyond) != 1 else ''} beyond the threshold in layer {layer}")
+    fig = charts.similarity_heatmap(mats[layer], name, distance=distance, zrange=zrange, outlined=beyond,
                                     groups=groups if overlay else None, dropped=dropped if overlay else None,
                                     title=f"layer {layer} · {name}", order=order,
                                     height=520 if ov["num_experts"][layer] <= 32 else 760)
