@@ -306,6 +306,7 @@ def compare(experiments: list[Experiment]):
 
     if not experiments:
         raise MoescopeError("nothing to compare: give at least one experiment id")
+    names = display_names(experiments)
     rows = []
     seen_refs = set()
     for exp in experiments:
@@ -315,18 +316,29 @@ def compare(experiments: list[Experiment]):
         if ref_key not in seen_refs:
             seen_refs.add(ref_key)
             rows.append(_row("original", exp.model, exp.structure.get("before", {}), exp.reference, exp.reference,
-                             eff.get("original") or {}, ref_eff, exp.structure.get("before", {})))
+                             eff.get("original") or {}, ref_eff, exp.structure.get("before", {}),
+                             "original" if len(seen_refs) == 1 else f"original {exp.model}"))
         rows.append(_row(exp.id, exp.label, exp.structure.get("after", {}), exp.result, exp.reference,
-                         eff.get("pruned") or {}, ref_eff, exp.structure.get("before", {})))
+                         eff.get("pruned") or {}, ref_eff, exp.structure.get("before", {}), names[exp.id]))
     return pd.DataFrame(rows)
 
 
-def _row(ident, label, structure, quality, reference, eff, ref_eff, ref_structure) -> dict:
-    row = {"experiment": ident, "label": label}
+def display_names(experiments: list[Experiment]) -> dict[str, str]:
+    """A short name per experiment for tables and chart legends: its label (the plan's name), with
+    the id's first characters added where two experiments share a label."""
+    counts: dict[str, int] = {}
+    for exp in experiments:
+        counts[exp.label] = counts.get(exp.label, 0) + 1
+    return {exp.id: exp.label if counts[exp.label] == 1 else f"{exp.label} ({exp.id[:8]})" for exp in experiments}
+
+
+def _row(ident, label, structure, quality, reference, eff, ref_eff, ref_structure, name) -> dict:
+    row = {"experiment": ident, "name": name, "label": label}
     experts = structure.get("experts") or {}
-    if experts:
-        counts = sorted(set(experts.values()))
-        row["experts/layer"] = "/".join(map(str, counts)) if len(counts) > 1 else counts[0]
+    if experts:  # one integer column per layer (a tidy table: no "8/7"-style mixed column)
+        row["experts kept"] = int(sum(experts.values()))
+        for layer in sorted(experts, key=int):
+            row[f"experts L{layer}"] = int(experts[layer])
     params = (structure.get("params") or {}).get("total")
     row["params"] = params
     row["params ratio"] = _ratio(params, (ref_structure.get("params") or {}).get("total"))

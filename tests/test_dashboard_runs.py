@@ -102,7 +102,7 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     assert list(table["experiment"]) == ["original", st.experiment]
     exp = X.load(st.experiment)
     assert table.loc[1, "ppl demo:spanish"] == pytest.approx(exp.result["ppl"]["demo:spanish"])
-    assert table.loc[1, "experts/layer"] == 7
+    assert table.loc[1, "experts L3"] == 7 and table.loc[0, "experts L3"] == 8
 
     # Export: writes a loadable folder; a second export into it is refused in one line
     out = tmp_path / "exported"

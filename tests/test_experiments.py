@@ -60,8 +60,43 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert table.loc[1, "Δ% ppl demo:all"] == pytest.approx(100 * (a.result["ppl"]["demo:all"] / ref - 1))
     assert table.loc[1, "params ratio"] == pytest.approx(a.structure["after"]["params"]["total"]
                                                          / a.structure["before"]["params"]["total"])
+    # experts per layer: one integer column per layer and the total (no mixed "6/7/8" column)
+    assert [int(table.loc[1, f"experts L{l}"]) for l in range(4)] == [6, 8, 7, 8]
+    assert table.loc[1, "experts kept"] == 29 and table.loc[0, "experts kept"] == 32
+    assert table["experts L0"].dtype.kind == "i" and "experts/layer" not in table.columns
+    assert list(table["name"]) == ["original", a.label, b.label]
     with pytest.raises(MoescopeError, match="no experiment 'nope'"):
         X.load("nope", cache)
+
+    # the Compare page: the short view, formatted changes, the best pruned value marked, one colour
+    # per experiment shared by the charts, the original in grey
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from moescope.dashboard import runs
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
+    at.switch_page("app_pages/compare.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = at.dataframe[0].value
+    assert list(shown.columns)[:3] == ["name", "experts kept", "params ratio"]
+    assert "experts L0" not in shown.columns and "Δ% ppl demo:all" in shown.columns
+    view = runs.compare_view(table)
+    assert view.better["ppl demo:all"] == "lower" and view.better["params ratio"] == "lower"
+    styler = runs.styled(table, view, view.columns)
+    html = styler.to_html()
+    best = 1 if table.loc[1, "ppl demo:all"] < table.loc[2, "ppl demo:all"] else 2
+    assert f"{table.loc[best, 'ppl demo:all']:.2f}" in html and "+" in html and "×" in html
+    marked = styler._compute().ctx  # (row, column position) -> CSS of the marked cells
+    col = view.columns.index("ppl demo:all")
+    assert [r for (r, c), css in marked.items() if c == col and css] == [best]
+    colours = runs.colour_map(list(table["name"]))
+    assert colours["original"] == "#868e96" and len(set(colours.values())) == 3
+    scatter = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert {t["name"]: t["marker"]["color"] for t in scatter["data"]} == colours
+    at.checkbox(key="compare_all").check().run()
+    assert "experts L0" in at.dataframe[0].value.columns
 
 
 def test_a_bad_plan_is_refused_before_any_evaluation(demo_dir):

@@ -1,4 +1,5 @@
-"""Compare: experiments side by side, the original as the reference row; charts and CSV."""
+"""Compare: experiments side by side, the original as the reference row; a short table of changes
+with the best value per column marked, charts in one colour per experiment, and the full CSV."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ experiments = runs.experiment_list()
 if not experiments:
     st.info("No experiments yet: run one on the Run page (or `moescope prune … --ppl demo:all`).")
     st.stop()
-labels = {e.id: f"{e.id} · {e.label} · {e.model}" for e in experiments}
+labels = {e.id: f"{e.label} · {e.id} · {e.model}" for e in experiments}
 default = [e.id for e in experiments[-3:]]
 ids = st.multiselect("Experiments", list(labels), default=default, format_func=labels.get, key="compare_ids")
 if not ids:
@@ -25,21 +26,31 @@ except MoescopeError as err:
     st.error(str(err))
     st.stop()
 
-st.dataframe(table, hide_index=True, width="stretch")
-st.download_button("Download CSV", table.to_csv(index=False), file_name="moescope-compare.csv", mime="text/csv")
+view = runs.compare_view(table)
+show_all = st.checkbox("Every column", value=False, key="compare_all",
+                       help="the short view shows the changes that decide; every column adds raw values, "
+                            "per-layer expert counts and every speed figure")
+shown = list(table.columns) if show_all else view.columns
+st.caption("Changes are against the original (first row). **Bold green**: the best pruned value of a column. "
+           + " ".join(f"{c}: {'lower' if d == 'lower' else 'higher'} is better." for c, d in view.better.items()
+                      if c in shown and not show_all))
+st.dataframe(runs.styled(table, view, shown), hide_index=True, width="stretch",
+             column_config={c: st.column_config.Column(help=view.help[c]) for c in shown if c in view.help})
+st.download_button("Download CSV (every column)", table.to_csv(index=False), file_name="moescope-compare.csv",
+                   mime="text/csv")
 
-quality = [c for c in table.columns if c.startswith("ppl ") or (c.split(" ")[0].startswith("moescope") and not
-                                                                  c.startswith("Δ"))]
-quality += [c for c in table.columns if " " in c and not c.startswith(("Δ", "ppl ")) and c.split(" ")[-1] in
-            ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte") and c not in quality]
-cost = [c for c in ("params ratio", "weight bytes ratio", "peak memory ratio", "prefill speed ratio",
-                    "generate speed ratio", "generate speed ratio (skip)") if c in table.columns]
+colours = runs.colour_map(list(table["name"]))
+quality = [c for c in view.quality if c in table.columns]
+cost = [c for c in view.cost if c in table.columns]
 if quality and cost:
     c1, c2 = st.columns(2)
     q = c1.selectbox("Quality", quality, key="compare_quality")
     x = c2.selectbox("Against", cost, key="compare_cost")
-    fig = px.scatter(table, x=x, y=q, text="label", hover_name="experiment", height=420)
-    fig.update_traces(textposition="top center", marker={"size": 12})
+    fig = px.scatter(table, x=x, y=q, color="name", text="name", hover_name="experiment", height=440,
+                     color_discrete_map=colours, category_orders={"name": list(colours)},
+                     labels={"name": "experiment"})
+    fig.update_traces(textposition="top center", marker={"size": 14})
+    fig.update_traces(marker={"symbol": "diamond", "size": 16}, selector={"name": "original"})
     st.plotly_chart(fig, width="stretch")
 
 domains = runs.domain_table(ids)
@@ -48,5 +59,6 @@ if not domains.empty:
     sub = domains[(domains["name"] == src) & (domains["detail"] != "all")]
     if not sub.empty:
         fig = px.bar(sub, x="detail", y="value", color="experiment", barmode="group", height=420,
-                     labels={"detail": "domain", "value": "perplexity"})
+                     color_discrete_map=colours, category_orders={"experiment": list(colours)},
+                     labels={"detail": "domain", "value": "perplexity (lower is better)"})
         st.plotly_chart(fig, width="stretch")
