@@ -47,8 +47,16 @@ fig = charts.layer_expert_heatmap(delta, layers, "Δ perplexity", colorscale=cha
                                   title="Perplexity change when one expert is dropped (colour capped at the 95th percentile)")
 fig.update_traces(zmin=-bound, zmax=bound, selector=dict(type="heatmap"))
 st.plotly_chart(fig, key="grid_heatmap")
-rows = [{"layer": l, "least needed": int(np.nanargmin(delta[i])), "its Δ": float(np.nanmin(delta[i])),
-         "most needed": int(np.nanargmax(delta[i])), "its Δ ": float(np.nanmax(delta[i])),
-         "mean Δ": float(np.nanmean(delta[i]))} for i, l in enumerate(layers)]
+rows = [{"layer": l, "least needed": int(np.nanargmin(delta[i])), "Δ ppl without it": float(np.nanmin(delta[i])),
+         "most needed": int(np.nanargmax(delta[i])), "Δ ppl without that one": float(np.nanmax(delta[i])),
+         "mean Δ ppl": float(np.nanmean(delta[i]))} for i, l in enumerate(layers)]
+HELP = {"least needed": "the expert whose removal raises perplexity least (the first candidate to drop)",
+        "Δ ppl without it": "perplexity change when only the least-needed expert is dropped (lower is better; "
+                            "negative: the model is better without it)",
+        "most needed": "the expert whose removal raises perplexity most (keep it)",
+        "Δ ppl without that one": "perplexity change when only the most-needed expert is dropped",
+        "mean Δ ppl": "mean change over the layer's experts: how much this layer's experts matter"}
 st.dataframe(pd.DataFrame(rows), hide_index=True,
-             column_config={c: st.column_config.NumberColumn(format="%+.4f") for c in ("its Δ", "its Δ ", "mean Δ")})
+             column_config={c: st.column_config.NumberColumn(format="%+.4f", help=HELP[c])
+                            for c in ("Δ ppl without it", "Δ ppl without that one", "mean Δ ppl")}
+             | {c: st.column_config.Column(help=HELP[c]) for c in ("least needed", "most needed")})

@@ -94,7 +94,8 @@ else:
     st.caption(guarded(backend.describe_batch, s, "calib"))
     if res is None:
         st.info("Not analysed with these settings yet: similarities, routing statistics and every MC-Suite "
-                "criterion are computed once (seconds on the demo model) and cached.")
+                "criterion are computed once and cached; progress is shown layer by layer while it runs "
+                "(large models take minutes per layer).")
         if st.button("Run the analysis", type="primary", key="run_analysis"):
             run_with_progress("Analysing…", backend.compute_analysis, s, "Analysis done")
             st.rerun()
@@ -103,9 +104,20 @@ else:
         took = f", computed in {ov['elapsed_s']:.1f} s" if ov.get("elapsed_s") else ""
         st.success(f"Cached analysis: {len(ov['layers'])} MoE layers, {len(ov['similarities'])} similarities, "
                    f"{len(ov['criteria'])} criteria{took}.")
+        HELP = {"most similar pair": "the two experts of the layer with the most alike outputs (linear CKA)",
+                "CKA": "their linear CKA: 1 = the same representation up to rotation and scale, 0 = unrelated; "
+                       "around 0.9 and above they are candidates to merge",
+                "least used": "the expert the fewest calibration tokens are routed to",
+                "its usage": "the fraction of tokens routed to it (each token picks top-k experts, so a "
+                             "layer's usages sum to k); near 0: a candidate to drop",
+                "β": "dynamic-skipping ratio: the median of w₂/w₁ over tokens; a token skips its second expert "
+                     "when w₂ ≤ β·w₁ (higher β: more skipping)",
+                "balance": "routing balance, the entropy of expert usage / log E: 1 = every expert used "
+                           "equally, near 0 = a few experts take every token"}
         st.dataframe(backend.analysis_summary(s), hide_index=True,
-                     column_config={c: st.column_config.NumberColumn(format="%.3f")
-                                    for c in ("CKA", "its usage", "β", "balance")})
+                     column_config={c: st.column_config.NumberColumn(format="%.3f", help=HELP[c])
+                                    for c in ("CKA", "its usage", "β", "balance")}
+                     | {c: st.column_config.Column(help=HELP[c]) for c in ("most similar pair", "least used")})
 
 with st.expander("Cached analyses", expanded=res is None):
     table = backend.cached_analyses(s.cache_root)
