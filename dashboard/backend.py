@@ -245,6 +245,32 @@ def similarity_matrices(s: Settings, name: str) -> dict[int, np.ndarray]:
     return {l: res.similarity(l, name).numpy() for l in res.layers}
 
 
+# the words the pages show for option values (the Similarity page and the Plan page use the same),
+# by the parameter they belong to
+FRIENDLY = {
+    "representation": {"outputs": "Data-centric: expert outputs",
+                       "weights": "Model-centric: weights concat(W_gate, W_up, W_down)",
+                       "surrogate": "Model-centric: surrogate W_down·(W_gate ⊙ W_up)"},
+    "similarity": {"cka_linear": "CKA (linear)", "cka_rbf": "CKA (RBF)", "cosine": "cosine", "mse": "MSE"},
+    "grouping": {"spectral": "spectral clustering", "greedy": "greedy (most alike first)",
+                 "agglomerative": "agglomerative (average linkage)"},
+    "mode": {"layer-wise": "layer-wise (original inputs)", "progressive": "progressive (through the pruned layers)",
+             "one-shot": "one-shot", "iterative": "iterative (re-estimated each round)"},
+    "method": {"auto": "auto (exact when small)", "exact": "exact (every subset)", "greedy": "greedy",
+               "beam": "beam search"},
+    "order": {"min": "drop the smallest", "max": "drop the largest"},
+    "merge": {"max": "max (the most-used member)", "uniform": "uniform average", "usage": "usage-weighted",
+              "frequency": "frequency-weighted (= usage)", "learned": "learned (fitted to the layer output)",
+              "ties": "TIES (sign consensus)"},
+    "align": {"none": "none", "weights": "weight matching", "activations": "activation matching"},
+}
+
+
+def friendly(value, param: str | None = None) -> str:
+    """The label a page shows for ``value`` of ``param`` (the value itself where none is declared)."""
+    return FRIENDLY.get(param or "", {}).get(value, str(value)) if isinstance(value, str) else str(value)
+
+
 def similarity_bounds(name: str) -> tuple[float, float] | None:
     return explore_similarity_bounds(name)
 

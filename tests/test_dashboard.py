@@ -431,9 +431,14 @@ def test_strategy_plan_from_the_registry(analysed):
     # alignment and TIES density are declared merge parameters, so the page shows them
     at.selectbox(key="plan_strategy").select("merge").run()
     align = at.selectbox(key="plan_merge_align")
-    assert align.value == "activations" and list(align.options) == ["none", "weights", "activations"]
+    # options read as on the analysis pages (friendly names), the values stay the registry's
+    assert align.value == "activations"
+    assert list(align.options) == ["none", "weight matching", "activation matching"]
     assert align.label == "Align experts first" and not at.exception
-    assert "ties" in at.selectbox(key="plan_merge_merge").options
+    assert "TIES (sign consensus)" in at.selectbox(key="plan_merge_merge").options
+    rep = at.selectbox(key="plan_merge_representation")
+    assert rep.value == "outputs" and "Data-centric: expert outputs" in rep.options
+    assert "CKA (linear)" in at.selectbox(key="plan_merge_similarity").options
     assert at.number_input(key="plan_merge_density").value == 0.2
 
 

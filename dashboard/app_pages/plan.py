@@ -160,7 +160,9 @@ if mode == "Strategy":
     for i, param in enumerate(strategy.params):
         col, key, label = columns[i % 2], f"plan_{name}_{param.name}", (param.label or param.name).replace("_", " ")
         label = label[:1].upper() + label[1:]
-        choices = param.allowed(params)
+        # choices may depend on earlier parameters (merge: the similarities of the representation),
+        # which hold their defaults unless changed
+        choices = param.allowed({**{p.name: p.default for p in strategy.params}, **params})
         if param.name == "criterion":  # the criteria the registry declares, with their descriptions
             choices = tuple(backend.CRITERIA)
             value = col.selectbox(label, choices, index=choices.index(param.default), key=key, help=param.help,
@@ -168,7 +170,8 @@ if mode == "Strategy":
         elif choices is not None:
             options = list(choices) if param.default is not None else ["default", *choices]
             default = options.index(param.default) if param.default in options else 0
-            value = col.selectbox(label, options, index=default, key=key, help=param.help)
+            value = col.selectbox(label, options, index=default, key=key, help=param.help,
+                                  format_func=lambda v, _p=param.name: backend.friendly(v, _p))
             value = None if value == "default" else value
         elif param.type is bool:
             value = col.checkbox(label, bool(param.default), key=key, help=param.help)

@@ -9,24 +9,20 @@ import streamlit as st
 from moescope.dashboard import backend, charts
 from moescope.dashboard.ui import current_plan, layer_select, plan_layer_state, require_analysis, settings
 
-REPRESENTATION_LABELS = {
-    "outputs": "Data-centric: expert outputs",
-    "weights": "Model-centric: weights concat(W_gate, W_up, W_down)",
-    "surrogate": "Model-centric: surrogate W_down·(W_gate ⊙ W_up)",
-}
-METRIC_LABELS = {"cka_linear": "CKA (linear)", "cka_rbf": "CKA (RBF)", "cosine": "cosine", "mse": "MSE"}
 
 st.header("Similarity")
 s = settings()
 ov = require_analysis(s)
 
 c1, c2, c3 = st.columns([3, 2, 2])
-representation = c1.radio("Representation", list(backend.REPRESENTATIONS), format_func=REPRESENTATION_LABELS.get,
+representation = c1.radio("Representation", list(backend.REPRESENTATIONS),
+                          format_func=lambda v: backend.friendly(v, "representation"),
                           key="sim_representation")
 choices = backend.REPRESENTATIONS[representation]
 if st.session_state.get("sim_metric") not in choices:
     st.session_state["sim_metric"] = choices[0]
-metric = c2.selectbox("Similarity", choices, format_func=METRIC_LABELS.get, key="sim_metric")
+metric = c2.selectbox("Similarity", choices, format_func=lambda v: backend.friendly(v, "similarity"),
+                      key="sim_metric")
 view = c3.radio("View", ["One layer", "All layers"], key="sim_view", horizontal=True)
 
 name = backend.similarity_name(representation, metric)
