@@ -866,6 +866,20 @@ class Cache:
         return EntryInfo(kind=path.parent.name, label=None, key="", path=path, created=created, size=size,
                          problem=problem)
 
+    def remove(self, kind: str, key: str) -> bool:
+        """Remove one stored entry (moved aside first, so readers never see half a folder);
+        whether there was one."""
+        removed = False
+        for path in self._candidates(_check_kind(kind), key):
+            aside = self._tmp / f"remove-{path.name}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+            removed = True
+        return removed
+
     def clear(self, kind: str | None = None, model: str | None = None, damaged: bool = False,
               verify: bool = False) -> int:
         """Remove the matching entries (see :meth:`entries`; without ``model`` unreadable entry folders
