@@ -503,3 +503,61 @@ def even_out_plan(s: Settings, plan: PruningPlan, by: str, count: int | None = N
         scores = criterion_scores(_analysis(s), c.name, c.drop)
         by = f"{c.drop}-{c.name}"
     return even_out(plan, load_model(s.model), scores, count, by=by)
+
+
+# ---------------------------------------------------------------- named plans and their predicted cost
+
+
+def named_plans(s: Settings) -> dict[str, PruningPlan]:
+    from moescope.analysis.named_plans import list_plans
+
+    return list_plans(s.model, s.cache())
+
+
+def save_named_plan(s: Settings, name: str, plan: PruningPlan) -> None:
+    from moescope.analysis.named_plans import save_plan
+
+    save_plan(name, plan, s.model, s.cache())
+
+
+def delete_named_plan(s: Settings, name: str) -> None:
+    from moescope.analysis.named_plans import delete_plan
+
+    delete_plan(name, s.model, s.cache())
+
+
+def rename_named_plan(s: Settings, old: str, new: str) -> None:
+    from moescope.analysis.named_plans import rename_plan
+
+    rename_plan(old, new, s.model, s.cache())
+
+
+def unique_plan_name(s: Settings, base: str) -> str:
+    from moescope.analysis.named_plans import unique_name
+
+    return unique_name(base, set(named_plans(s)))
+
+
+def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFrame:
+    """One row per named plan: size change and the proxy perplexity change on a small evaluation
+    batch (computed once per plan, then read from the cache), and the drop grid's estimate."""
+    from moescope.analysis.named_plans import predict_cost, proxy_batch
+
+    model = load_model(s.model)
+    batch = proxy_batch(model, s.eval_source)
+    grid = lookup_drop_grid(model, eval_batch(s), s.cache())
+    plans = named_plans(s)
+    rows = []
+    for k, name in enumerate(names):
+        c = predict_cost(model, plans[name], batch, grid=grid, cache=s.cache())
+        rows.append({"plan": name, "experts": c.experts_after,
+                     "params Δ%": 100 * (c.params_after / c.params_before - 1),
+                     "weight bytes Δ%": 100 * (c.bytes_after / c.bytes_before - 1),
+                     "proxy ppl": c.proxy_ppl_after, "proxy Δ%": None if c.proxy_change is None else 100 * c.proxy_change,
+                     "grid Σ Δppl": c.grid_sum, "seconds": c.seconds})
+        if progress:
+            progress("plans", k + 1, len(names))
+    table = pd.DataFrame(rows)
+    table.attrs["batch"] = batch.describe()
+    table.attrs["grid"] = grid is not None
+    return table

@@ -534,3 +534,60 @@ def test_analysis_never_imports_streamlit():
             "assert 'streamlit' not in sys.modules, 'analysis imported streamlit'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]
+
+
+# ---------------------------------------------------------------- named plans
+
+
+def test_named_plans_save_open_rename_delete_and_survive_a_new_session(analysed, demo_model, cache_dir):
+    from moescope.analysis.named_plans import list_plans, predict_cost, proxy_batch
+
+    plan = {"version": 1, "base_model": "demo", "layers": {"1": {"groups": [[0], [1], [2], [3], [4], [5], [6]]}},
+            "provenance": {"strategy": "manual"}}
+    at = app("plan", plan=plan)
+    assert at.text_input(key="plan_name").value.startswith("manual")
+    at.text_input(key="plan_name").set_value("drop 7 in L1").run()
+    at.button(key="plan_save").click().run()
+    assert not at.exception and any("Saved 'drop 7 in L1'" in m.value for m in at.success)
+    # a second plan, from a strategy
+    at.selectbox(key="plan_strategy").select("frequency").run()
+    at.number_input(key="plan_keep").set_value(6).run()
+    at.button(key="plan_make").click().run()
+    at.text_input(key="plan_name").set_value("frequency 6").run()
+    at.button(key="plan_save").click().run()
+    stored = list_plans("demo")
+    assert list(stored) == ["drop 7 in L1", "frequency 6"]
+
+    # a new session (a reload) sees both, opens one, predicts both costs
+    at = app("plan")
+    assert at.selectbox(key="plan_pick").options[0].startswith("drop 7 in L1")
+    at.selectbox(key="plan_pick").set_value("frequency 6").run()
+    at.button(key="plan_open").click().run()
+    assert at.session_state["plan"] == stored["frequency 6"].to_json()
+    at.button(key="plan_predict").click().run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "proxy ppl" in d.value.columns)
+    batch = proxy_batch(demo_model)
+    for _, row in table.iterrows():
+        want = predict_cost(demo_model, stored[row["plan"]], batch)
+        assert row["proxy ppl"] == pytest.approx(want.proxy_ppl_after)
+        assert row["params Δ%"] == pytest.approx(100 * (want.params_after / want.params_before - 1))
+    assert list(table["experts"]) == [31, 24]
+    assert demo_model.num_experts() == {0: 8, 1: 8, 2: 8, 3: 8}  # predictions restored the shared model
+
+    # rename, duplicate, delete
+    at.text_input(key="plan_rename_to").set_value("freq6").run()
+    at.button(key="plan_rename").click().run()
+    assert list(list_plans("demo")) == ["drop 7 in L1", "freq6"]
+    at.selectbox(key="plan_pick").set_value("drop 7 in L1").run()
+    at.button(key="plan_dup").click().run()
+    assert list(list_plans("demo")) == ["drop 7 in L1", "freq6", "drop 7 in L1 2"]
+    at.selectbox(key="plan_pick").set_value("drop 7 in L1 2").run()
+    at.button(key="plan_delete").click().run()
+    assert list(list_plans("demo")) == ["drop 7 in L1", "freq6"]
+
+    # send two to Run: the Run page lists them, one job each
+    at.button(key="plan_predict").click().run()
+    at.multiselect(key="plan_send").set_value(["drop 7 in L1", "freq6"]).run()
+    at.button(key="plan_send_go").click().run()
+    assert at.session_state["run_queue"] == ["drop 7 in L1", "freq6"]

@@ -131,6 +131,90 @@ with actions:
         commit(backend.empty_plan(s))
         st.rerun()
 
+# ---------------------------------------------------------------- named plans
+
+
+def _plans_section() -> None:
+    plans = guarded(backend.named_plans, s)
+    current = st.session_state.get("plan")
+    message = st.session_state.pop("plan_named_msg", None)
+    with st.expander(f"Named plans ({len(plans)} saved for `{s.model}`)", expanded=True):
+        if message:
+            (st.error if message.startswith("!") else st.success)(message.lstrip("!"))
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        strategy = (current or {}).get("provenance", {}).get("strategy", "manual") if current else "plan"
+        if st.session_state.get("plan_name_for") != current:  # propose a name for a new current plan
+            st.session_state["plan_name_for"] = current
+            st.session_state["plan_name"] = backend.unique_plan_name(s, strategy)
+        c1.text_input("Name", key="plan_name", help="plans are kept in the cache: they survive a restart")
+        if c2.button("Save the current plan", key="plan_save", disabled=not current, width="stretch"):
+            try:
+                backend.save_named_plan(s, st.session_state["plan_name"], PruningPlan.from_json(current))
+                st.session_state["plan_named_msg"] = f"Saved '{st.session_state['plan_name'].strip()}'"
+            except MoescopeError as err:
+                st.session_state["plan_named_msg"] = f"!{err}"
+            st.rerun()
+        if not plans:
+            st.caption("No named plan yet: make one (a strategy, by hand, or from an analysis page) and save it.")
+            return
+        c1, c2, c3, c4 = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
+        pick = c1.selectbox("Plan", list(plans), key="plan_pick",
+                            format_func=lambda n: f"{n} — {plans[n].summary()}")
+        if c2.button("Open", key="plan_open", width="stretch", help="make it the current plan (Run, Export)"):
+            commit(plans[pick])
+            st.rerun()
+        if c3.button("Duplicate", key="plan_dup", width="stretch"):
+            name = backend.unique_plan_name(s, pick)
+            backend.save_named_plan(s, name, plans[pick])
+            st.session_state["plan_named_msg"] = f"Saved '{name}'"
+            st.rerun()
+        if c4.button("Delete", key="plan_delete", width="stretch"):
+            backend.delete_named_plan(s, pick)
+            st.session_state["plan_named_msg"] = f"Deleted '{pick}'"
+            st.rerun()
+        c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+        c1.text_input("Rename to", key="plan_rename_to")
+        if c2.button("Rename", key="plan_rename", width="stretch"):
+            try:
+                backend.rename_named_plan(s, pick, st.session_state.get("plan_rename_to", ""))
+                st.session_state["plan_named_msg"] = f"Renamed '{pick}'"
+            except MoescopeError as err:
+                st.session_state["plan_named_msg"] = f"!{err}"
+            st.rerun()
+        c3.download_button("Download", plans[pick].dumps(), file_name=f"{pick}.json", mime="application/json",
+                           key="plan_named_download", width="stretch")
+
+        st.markdown("**Predicted cost** (no run needed)")
+        if st.button("Predict every plan's cost", key="plan_predict"):
+            st.session_state["plan_costs"] = run_with_progress(
+                "Predicting…", lambda s_, p: backend.predicted_costs(s_, list(plans), p), s, "Predicted")
+            st.rerun()
+        table = st.session_state.get("plan_costs")
+        if table is not None and len(table):
+            table = table[table["plan"].isin(list(plans))]
+            st.caption(f"Proxy: perplexity on {table.attrs.get('batch', 'a small evaluation batch')}, with each plan "
+                       "applied to the loaded model (a full run evaluates many more windows). "
+                       + ("Grid Σ: the drop grid's single-drop changes of the dropped experts, added up "
+                          "(drop-only plans). " if table.attrs.get("grid") else
+                          "Compute the drop grid for a second, grid-based estimate of drop-only plans. ")
+                       + "Lower is better everywhere.")
+            st.dataframe(table, hide_index=True, column_config={
+                "params Δ%": st.column_config.NumberColumn(format="%+.1f%%", help="parameters, change in %"),
+                "weight bytes Δ%": st.column_config.NumberColumn(format="%+.1f%%", help="weight bytes, change in %"),
+                "proxy ppl": st.column_config.NumberColumn(format="%.2f", help="perplexity on the proxy batch"),
+                "proxy Δ%": st.column_config.NumberColumn(format="%+.1f%%", help="against the original on the same batch"),
+                "grid Σ Δppl": st.column_config.NumberColumn(format="%+.3f", help="sum of single-drop deltas"),
+                "seconds": st.column_config.NumberColumn(format="%.1f", help="time the prediction took")})
+            c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+            send = c1.multiselect("Send to Run", list(table["plan"]), key="plan_send",
+                                  help="the Run page runs each of them as its own job")
+            if c2.button("Send", key="plan_send_go", disabled=not send, width="stretch"):
+                st.session_state["run_queue"] = list(send)
+                st.switch_page("app_pages/run.py")
+
+
+_plans_section()
+
 st.divider()
 mode = st.radio("Build", ["Strategy", "By hand"], horizontal=True, key="plan_mode", label_visibility="collapsed")
 

@@ -11,7 +11,14 @@ from moescope.dashboard import runs
 st.header("Run")
 model = st.session_state.get("model", "demo")
 plan = st.session_state.get("plan")
-if plan:
+queue = st.session_state.get("run_queue") or []
+if queue:  # named plans sent from the Plan page: one job each
+    c1, c2 = st.columns([5, 1], vertical_alignment="center")
+    c1.markdown("Plans sent from the Plan page, one job each: " + ", ".join(f"**{n}**" for n in queue))
+    if c2.button("Run only the current plan", key="run_clear_queue"):
+        st.session_state["run_queue"] = []
+        st.rerun()
+elif plan:
     try:
         summary = PruningPlan.from_json(plan).summary()
     except MoescopeError as err:
@@ -44,12 +51,18 @@ if submitted:
         spec = runs.eval_spec([s.strip() for s in ppl.split(",") if s.strip()], int(samples), int(seq_len),
                               list(tasks) + [t.strip() for t in other.split(",") if t.strip()],
                               float(limit) or None, bool(efficiency), seed=int(st.session_state.get("seed", 0)))
-        job = runs.start_job(model, plan, spec, label or None)
+        if queue:
+            named = runs.named_plans(model)
+            started = [runs.start_job(model, named[n].to_json(), spec, n if not label else f"{label} · {n}")
+                       for n in queue if n in named]
+            st.session_state["run_queue"] = []
+        else:
+            started = [runs.start_job(model, plan, spec, label or None)]
     except MoescopeError as err:
         st.error(str(err))
     else:
-        st.session_state["run_last_job"] = job
-        st.toast(f"Started job {job}")
+        st.session_state["run_last_job"] = started[-1]
+        st.toast(f"Started {len(started)} job{'s' if len(started) > 1 else ''}: {', '.join(started)}")
 
 
 def _jobs_panel() -> None:
