@@ -153,6 +153,7 @@ def _number(page, label: str, value: int) -> None:
 def _click_point(page, chart: int, point: int) -> None:
     """Click one marker of the ``chart``-th plotly chart on the page (a point selection)."""
     marker = page.locator(".js-plotly-plot").nth(chart).locator(".scatterlayer .trace").first.locator("path.point")
+    marker.nth(point).scroll_into_view_if_needed()  # the mouse can only press what is on screen
     box = marker.nth(point).bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.down()
@@ -255,9 +256,9 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
 
     _go(page, "Compare")
     _check(page, "8-compare", "Download CSV", charts=2)
-    # the scatter labels each point: the original (its model, "demo") and the run ("manual …")
+    # the scatter labels each point by its name: the original and the run (its plan's name, "manual …")
     labels = page.locator(".js-plotly-plot").first.locator("text").all_text_contents()
-    assert "demo" in labels and any(t.startswith("manual") for t in labels), labels
+    assert "original" in labels and any(t.startswith("manual") for t in labels), labels
 
     _go(page, "Export")
     _check(page, "9-export", "Download plan JSON")

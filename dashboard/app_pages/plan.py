@@ -138,7 +138,7 @@ def _plans_section() -> None:
     plans = guarded(backend.named_plans, s)
     current = st.session_state.get("plan")
     message = st.session_state.pop("plan_named_msg", None)
-    with st.expander(f"Named plans ({len(plans)} saved for `{s.model}`)", expanded=True):
+    with st.expander(f"Named plans ({len(plans)} saved for `{s.model}`)", expanded=bool(plans or message)):
         if message:
             (st.error if message.startswith("!") else st.success)(message.lstrip("!"))
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
