@@ -99,10 +99,11 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     at.run()
     assert not at.exception
     table = at.dataframe[0].value
-    assert list(table["experiment"]) == ["original", st.experiment]
     exp = X.load(st.experiment)
+    assert list(table["name"]) == ["original", exp.label]  # named by the run's label (the plan's name)
     assert table.loc[1, "ppl demo:spanish"] == pytest.approx(exp.result["ppl"]["demo:spanish"])
-    assert table.loc[1, "experts L3"] == 7 and table.loc[0, "experts L3"] == 8
+    full = X.compare([exp])
+    assert full.loc[1, "experts L3"] == 7 and full.loc[0, "experts L3"] == 8
 
     # Export: writes a loadable folder; a second export into it is refused in one line
     out = tmp_path / "exported"

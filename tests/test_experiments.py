@@ -191,7 +191,8 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     rc, out, err = run(capsys, "experiments", "compare", *ids, "--csv")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[1].startswith("original,demo,") and lines[2].startswith(ids[0]) and lines[3].startswith(ids[1])
+    assert lines[0].startswith("experiment,name,label,")
+    assert lines[1].startswith("original,original,demo,") and lines[2].startswith(ids[0]) and lines[3].startswith(ids[1])
     assert "Δ moescope_demo_continuation acc" in lines[0]
     # export of an experiment refuses a non-empty folder, then writes with --overwrite
     rc, _, err = run(capsys, "export", ids[1], "-o", str(tmp_path / "enumerate"))

@@ -120,3 +120,29 @@ def test_dashboard_command_keeps_demo_even_beside_a_demo_folder(monkeypatch, tmp
     cmd = seen["cmd"]
     assert cmd[-2:] == ["--model", "demo"]
     assert cmd[cmd.index("--server.address") + 1] == "localhost"
+
+
+def test_device_auto_places_the_model_with_accelerate_and_changes_no_number(tmp_path, monkeypatch):
+    """``--device auto`` (accelerate's device map, for several GPUs) on a machine without one puts
+    every module on the CPU through the same placement code: analysis, enumeration and perplexity
+    give the numbers of a plain CPU load."""
+    from moescope.analysis.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.cache import Cache
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.sensitivity import enumerate_layer, perplexity
+    from moescope.analysis.capture import LayerStream
+
+    auto, cpu = load_moe("demo", device="auto"), load_moe("demo")
+    # without a GPU the map puts everything on the CPU (transformers records a map only when it splits)
+    assert set(getattr(auto.hf, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+    assert {p.device.type for p in auto.hf.parameters()} == {"cpu"}
+    batch = sample_tokens("demo:all", cpu.tokenizer, 2, 64, seed=0)
+    params = AnalysisParams(metrics=("routing", "similarity", "activations"))
+    a = run_analysis(auto, batch, params, cache=Cache(tmp_path / "a"))
+    c = run_analysis(cpu, batch, params, cache=Cache(tmp_path / "c"))
+    for name in ("cka_linear", "cosine"):
+        torch.testing.assert_close(a.similarity(1, name), c.similarity(1, name))
+    torch.testing.assert_close(a.criterion(1, "REAP"), c.criterion(1, "REAP"), equal_nan=True)  # NaN: an unused expert
+    xs = [next(h for l, h in LayerStream(m, batch.input_ids).layers() if l == 1) for m in (auto, cpu)]
+    assert enumerate_layer(auto.layers[1], xs[0], 4).keep == enumerate_layer(cpu.layers[1], xs[1], 4).keep
+    assert perplexity(auto, batch.input_ids) == pytest.approx(perplexity(cpu, batch.input_ids), rel=1e-6)
