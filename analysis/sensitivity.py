@@ -244,13 +244,18 @@ class SubsetScorer:
         Gp = G.reshape(-1).take(flat)  # [rows, k+k0, k+k0]
         return torch.einsum("rij,ri,rj->r", Gp, c, c).double().clamp_min(0), idx
 
-    def _routed_rows(self, chunk, tok: Tensor, allowed: Callable[[slice], Tensor]) -> tuple[Tensor, Tensor]:
-        """:meth:`_row_losses` over many rows, a working set at a time; ``allowed(sl)`` builds the
-        masks of the rows ``sl``."""
+    def _routed_rows(self, chunk, tok: Tensor, masks: Tensor, owner: Tensor,
+                     off: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`_row_losses` over many rows, a working set at a time: row ``r`` is token
+        ``tok[r]`` routed among ``masks[owner[r]]``, with expert ``off[r]`` also removed if given."""
         E, k = self.view.num_experts, self.view.top_k
         per = max(1, self.work_elems // max(E, 4 * k * k))
-        parts = [self._row_losses(chunk, tok[r0 : r0 + per], allowed(slice(r0, r0 + per)))
-                 for r0 in range(0, tok.shape[0], per)]
+        parts = []
+        for r0 in range(0, tok.shape[0], per):
+            allowed = masks[owner[r0 : r0 + per]].clone()
+            if off is not None:
+                allowed[torch.arange(allowed.shape[0], device=allowed.device), off[r0 : r0 + per]] = False
+            parts.append(self._row_losses(chunk, tok[r0 : r0 + per], allowed))
         return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
     @torch.no_grad()
@@ -263,9 +268,9 @@ class SubsetScorer:
         sq = torch.zeros(len(subsets), dtype=torch.float64)
         for chunk in self._iter_chunks():
             t, dev = chunk[0].shape[0], chunk[0].device
-            m = masks.to(dev)
             tok = torch.arange(t, device=dev).repeat(len(subsets))
-            rows, _ = self._routed_rows(chunk, tok, lambda sl: m[torch.arange(len(subsets) * t, device=dev)[sl] // t])
+            owner = torch.arange(len(subsets), device=dev).repeat_interleave(t)
+            rows, _ = self._routed_rows(chunk, tok, masks.to(dev), owner)
             sq += rows.reshape(len(subsets), t).sum(1).cpu()
         return sq.sqrt()
 
@@ -293,18 +298,12 @@ class SubsetScorer:
             m = masks.to(dev)
             par = torch.arange(P, device=dev).repeat_interleave(t)  # rows: (parent, token)
             tok = torch.arange(t, device=dev).repeat(P)
-            base, chosen = self._routed_rows(chunk, tok, lambda sl: m[par[sl]])
+            base, chosen = self._routed_rows(chunk, tok, m, par)
             sq += base.reshape(P, t).sum(1).cpu().repeat_interleave(E)
             k = chosen.shape[1]
             row = torch.arange(P * t, device=dev).repeat_interleave(k)  # one per (parent, token, chosen j)
             j = chosen.reshape(-1)
-
-            def without_j(sl):
-                a = m[par[row[sl]]].clone()
-                a[torch.arange(a.shape[0], device=dev), j[sl]] = False
-                return a
-
-            after, _ = self._routed_rows(chunk, tok[row], without_j)
+            after, _ = self._routed_rows(chunk, tok[row], m, par[row], off=j)
             sq.index_add_(0, (par[row] * E + j).cpu(), (after - base[row]).cpu())
         out: dict[tuple[int, ...], float] = {}
         for p, C in enumerate(parents):
