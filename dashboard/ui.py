@@ -112,11 +112,21 @@ def current_plan() -> PruningPlan | None:
 
 def plan_layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> tuple[list[list[int]], list[int]]:
     """(merged groups, dropped experts) of ``layer`` in ``plan``."""
-    if plan is None or layer not in plan.layers:
-        return [], []
-    groups = plan.layers[layer].groups
-    kept = {e for g in groups for e in g}
-    return [list(g) for g in groups if len(g) > 1], [e for e in range(num_experts) if e not in kept]
+    return backend.layer_state(plan, layer, num_experts)
+
+
+def add_to_plan(drops=None, merges=None, what: str = "") -> None:
+    """An analysis page's action: add ``drops`` / ``merges`` to the current plan, or show why not."""
+    try:
+        plan = backend.add_to_plan(settings(), st.session_state.get("plan"), drops, merges)
+    except MoescopeError as err:
+        st.error(str(err))
+        return
+    st.session_state["plan"] = plan.to_json()
+    n_out = sum(len(lp.groups) for lp in plan.layers.values())
+    st.toast(f"Added to the plan: {what}")
+    st.success(f"Added to the current plan: {what}. The plan now changes {len(plan.layers)} layer(s), "
+               f"{n_out} output experts in them; see the Plan page.")
 
 
 def persistent(widget: Callable, label: str, key: str, **kwargs):

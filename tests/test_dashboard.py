@@ -591,3 +591,68 @@ def test_named_plans_save_open_rename_delete_and_survive_a_new_session(analysed,
     at.multiselect(key="plan_send").set_value(["drop 7 in L1", "freq6"]).run()
     at.button(key="plan_send_go").click().run()
     assert at.session_state["run_queue"] == ["drop 7 in L1", "freq6"]
+
+
+# ---------------------------------------------------------------- analysis views -> the plan
+
+
+def _kept(plan: dict, layer: int) -> list[list[int]]:
+    return plan["layers"][str(layer)]["groups"] if str(layer) in plan["layers"] else [[e] for e in range(8)]
+
+
+def test_drop_grid_action_drops_the_least_needed_experts_of_every_layer(analysed, demo_model, cache_dir):
+    batch = sample_tokens("demo:all", demo_model.tokenizer, 2, 32, seed=0, split="test")
+    delta = np.array(cached_drop_grid(demo_model, batch, Cache(cache_dir)).delta())
+    at = app("drop_grid", grid_samples=2, grid_seq_len=32)
+    at.number_input(key="grid_add_n").set_value(2).run()
+    at.button(key="grid_add").click().run()
+    assert not at.exception and not errors(at) and at.success
+    plan = at.session_state["plan"]
+    for l in range(4):
+        least = sorted(np.argsort(delta[l], kind="stable")[:2].tolist())
+        assert _kept(plan, l) == [[e] for e in range(8) if e not in least]
+
+
+def test_expert_maps_action_drops_the_marked_experts(analysed):
+    res, _ = analysed
+    at = app("expert_maps")
+    at.selectbox(key="map_criterion").select("REAP").run()
+    at.radio(key="map_order").set_value("min").run()
+    fig = figures(at)[0]
+    marked = list(zip(list(fig["data"][1]["y"]), array(fig["data"][1]["x"]).astype(int).tolist()))
+    at.button(key="map_add").click().run()
+    assert not at.exception and not errors(at)
+    plan = at.session_state["plan"]
+    for label, e in marked:  # the marks are the experts dropped, layer by layer
+        l = int(str(label).split()[-1])
+        assert [e] not in _kept(plan, l) and len(_kept(plan, l)) == 7
+
+
+def test_similarity_action_merges_the_outlined_pairs(analysed):
+    res, _ = analysed
+    at = app("similarity")
+    S = res.similarity(0, "cka_linear")
+    off = S.clone().fill_diagonal_(-1)
+    t = float(off.flatten().sort().values[-3])  # the top pair (both orientations) and maybe one more
+    at.slider(key="sim_threshold").set_value(t).run()
+    t = at.slider(key="sim_threshold").value
+    pairs = [(i, j) for i in range(8) for j in range(i + 1, 8) if S[i, j] >= t]
+    at.button(key="sim_add").click().run()
+    assert not at.exception and not errors(at)
+    groups = _kept(at.session_state["plan"], 0)
+    for i, j in pairs:  # each outlined pair ends up in one output expert
+        assert any(i in g and j in g for g in groups)
+    assert len(groups) == 8 - len({e for p in pairs for e in p}) + len(
+        {frozenset(g) for g in groups if len(g) > 1})
+
+
+def test_by_hand_picker_colours_by_any_criterion_and_states_the_gesture(analysed):
+    res, _ = analysed
+    at = app("plan")
+    at.radio(key="plan_mode").set_value("By hand").run()
+    at.selectbox(key="plan_colour_by").select("EAN").run()
+    picker = figures(at)[-1]["data"][0]
+    values = res.layer_map("EAN").numpy()
+    want = [values[i, e] for i in range(4) for e in range(8) if np.isfinite(values[i, e])]
+    assert np.allclose(array(picker["marker"]["color"]), want)
+    assert any("Shift+click" in c.value and "box" in c.value for c in at.caption)

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from moescope.dashboard import backend, charts
-from moescope.dashboard.ui import guarded, persistent, require_stored, settings
+from moescope.dashboard.ui import add_to_plan, guarded, persistent, require_stored, settings
 
 st.header("Drop grid")
 c1, c2, c3 = st.columns([2, 1, 1])
@@ -60,3 +60,12 @@ st.dataframe(pd.DataFrame(rows), hide_index=True,
              column_config={c: st.column_config.NumberColumn(format="%+.4f", help=HELP[c])
                             for c in ("Δ ppl without it", "Δ ppl without that one", "mean Δ ppl")}
              | {c: st.column_config.Column(help=HELP[c]) for c in ("least needed", "most needed")})
+
+st.subheader("Into the plan")
+most = max(1, min(n - k for n, k in guarded(backend.model_layers, s).values()))
+c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
+n_drop = int(c1.number_input("Least-needed experts per layer", 1, most, 1, key="grid_add_n",
+                             help="by this grid: the experts whose removal alone raises perplexity least"))
+if c2.button(f"Drop the {n_drop} least needed in every layer", key="grid_add"):
+    drops = guarded(backend.least_needed, s, n_drop)
+    add_to_plan(drops=drops, what="drop " + "; ".join(f"L{l}: {', '.join(map(str, e))}" for l, e in drops.items()))

@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from moescope.dashboard import backend, charts
-from moescope.dashboard.ui import require_analysis, settings
+from moescope.dashboard.ui import add_to_plan, require_analysis, settings
 
 st.header("Expert maps")
 s = settings()
@@ -35,6 +35,12 @@ custom = np.where(np.isfinite(ranks), ranks + 1, np.nan)
 st.plotly_chart(charts.layer_expert_heatmap(
     values, layers, criterion, customdata=custom, custom_label=f"drop order ({order})", marks=marks,
     mark_label=f"dropped first by {order} {criterion}", fmt=".4g"), key="map_heatmap")
+if st.button(f"Drop the marked experts ({len(marks)})", key="map_add", disabled=not marks,
+             help="add them to the current plan as drops (the Plan page shows and edits it)"):
+    drops: dict[int, list[int]] = {}
+    for l, e in marks:
+        drops.setdefault(int(l), []).append(int(e))
+    add_to_plan(drops=drops, what=f"drop the first {first} by {order} {criterion} in every layer")
 missing = int(np.isnan(values).sum() - sum(max_e - n for n in ov["num_experts"].values()))
 if missing > 0:
     st.caption(f"{missing} expert(s) have no value (never routed a calibration token); "

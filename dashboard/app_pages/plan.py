@@ -336,8 +336,8 @@ with right:
                            distance=backend.is_distance(metric), groups=merged, dropped=dropped),
         key=f"plan_pairs_{layer}_{metric}_{n_pick}", on_select="rerun", selection_mode=("points", "box", "lasso"))
     pairs = charts.selected_cells(event)
-    st.caption("Click cells (or box-select them from the chart toolbar) to merge those pairs; overlapping pairs form "
-               "one group. "
+    st.caption("Click a cell to select that pair (Shift+click for more, or the box/lasso tool in the chart's "
+               "toolbar), then merge; overlapping pairs form one group. "
                + (f"Selected: {', '.join(f'{i}–{j}' for i, j in pairs)}" if pairs else ""))
     if pairs and st.button("Merge the selected pairs", key="plan_merge_pairs", type="primary"):
         edit(layer, dropped, merged + [list(p) for p in pairs])
@@ -345,18 +345,32 @@ with right:
         st.rerun()
 
 st.subheader("Every layer")
-usage = backend.layer_map(s, "usage", "routing")
+colour_by = ["usage", *[c for c in backend.CRITERIA if c in ov["criteria"]]]
+grid = backend.grid_delta(s)
+if grid is not None:
+    colour_by.append("drop-grid Δ")
+paint = st.selectbox("Colour by", colour_by, key="plan_colour_by",
+                     format_func=lambda c: {"usage": "usage (fraction of tokens routed)",
+                                            "drop-grid Δ": "drop-grid Δ (perplexity change without the expert)"}
+                     .get(c, f"{c} — {backend.CRITERIA[c].description.split(':')[0]}" if c in backend.CRITERIA else c))
+if paint == "usage":
+    usage = backend.layer_map(s, "usage", "routing")
+elif paint == "drop-grid Δ":
+    usage = backend.grid_on_layers(s, ov["layers"])
+else:
+    usage = backend.layer_map(s, paint)
 state = {}
 for l in layer_ids:
     m, d = plan_layer_state(draft, l, LAYERS[l][0])
     state.update({(l, e): "dropped" for e in d})
     state.update({(l, e): "merged" for g in m for e in g})
-event = st.plotly_chart(charts.cell_picker(usage, ov["layers"], "usage", state=state),
+event = st.plotly_chart(charts.cell_picker(usage, ov["layers"], paint, state=state, fmt=".4g"),
                         key=f"plan_cells_{st.session_state['plan_pick_round']}", on_select="rerun",
                         selection_mode=("points", "box", "lasso"))
 cells = charts.selected_cells(event)
-st.caption("Colour: fraction of tokens routed to the expert. Click or box-select cells to drop them (or keep "
-           "them again). "
+st.caption(f"Colour: {paint}. To select, click a cell; Shift+click adds or removes cells; or pick the box or "
+           "lasso tool in the chart's toolbar (top right) and drag over cells; double-click clears. Then drop the "
+           "selected experts (or keep them again). "
            + (f"Selected: {', '.join(f'L{l}·{e}' for l, e in cells)}" if cells else ""))
 if cells:
     c1, c2, _ = st.columns([1, 1, 3])
