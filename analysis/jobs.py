@@ -51,6 +51,10 @@ class JobStatus:
     experiment: str | None = None
     error: str | None = None
     pid: int | None = None
+    started: float = 0.0  # time.time() when the child began
+    stage_started: float = 0.0  # when the current stage began
+    finished: float = 0.0
+    result: dict | None = None  # the finished experiment in brief (see _brief)
 
     @property
     def running(self) -> bool:
@@ -59,6 +63,20 @@ class JobStatus:
     @property
     def fraction(self) -> float:
         return self.done / self.total if self.total else 0.0
+
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds since the job began (to its end once finished)."""
+        if not self.started:
+            return 0.0
+        end = self.finished if not self.running and self.finished else (now or time.time())
+        return max(0.0, end - self.started)
+
+    def stage_eta(self, now: float | None = None) -> float | None:
+        """Seconds left in the current stage, from its pace so far (None before its first step)."""
+        if not self.running or not self.stage_started or not self.total or self.done <= 0 or self.done >= self.total:
+            return None
+        spent = (now or time.time()) - self.stage_started
+        return spent / self.done * (self.total - self.done)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -178,7 +196,10 @@ def _run(folder: Path) -> int:
     base = json.loads((folder / "status.json").read_text(encoding="utf-8"))
 
     def report(**fields) -> None:
-        base.update(fields, updated=time.time())
+        now = time.time()
+        if fields.get("stage") not in (None, base.get("stage")):
+            base["stage_started"] = now
+        base.update(fields, updated=now)
         _write_json(folder / "status.json", base)
 
     def on_term(signum, frame):
@@ -193,6 +214,7 @@ def _run(folder: Path) -> int:
             last[0] = now
             report(state="running", stage=stage, done=done, total=total)
 
+    base["started"] = time.time()
     report(state="running", stage="load", done=0, total=1)
     try:
         plan = PruningPlan.from_json(spec["plan"]) if spec["plan"] is not None else None
@@ -210,8 +232,23 @@ def _run(folder: Path) -> int:
         traceback.print_exc()
         report(state="failed", error=f"{type(err).__name__}: {err} (traceback in {folder / 'log.txt'})")
         return 1
-    report(state="done", stage="done", done=1, total=1, experiment=exp.id, label=exp.label)
+    report(state="done", stage="done", done=1, total=1, experiment=exp.id, label=exp.label, finished=time.time(),
+           result=_brief(exp))
     return 0
+
+
+def _brief(exp) -> dict:
+    """What a finished job card shows: the headline perplexity against the original and the size."""
+    out: dict = {}
+    ppl, ref = exp.result.get("ppl") or {}, exp.reference.get("ppl") or {}
+    if ppl:
+        src = "demo:all" if "demo:all" in ppl else next(iter(ppl))
+        out.update(ppl_source=src, ppl=ppl[src], ppl_original=ref.get(src))
+    before = ((exp.structure or {}).get("before") or {}).get("params", {}).get("total")
+    after = ((exp.structure or {}).get("after") or {}).get("params", {}).get("total")
+    if before and after:
+        out.update(params=after, params_original=before)
+    return out
 
 
 if __name__ == "__main__":

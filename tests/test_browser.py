@@ -251,8 +251,8 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
         box.press("Tab")  # Enter would submit the form before every field is set
     page.get_by_text("Measure memory and tokens/s", exact=False).click()
     page.get_by_role("button", name="Run prune + evaluate").click()
-    page.get_by_text("done → experiment", exact=False).first.wait_for(timeout=240_000)
-    _check(page, "7-run-done", "done → experiment")
+    page.get_by_text("→ experiment", exact=False).first.wait_for(timeout=240_000)
+    _check(page, "7-run-done", "→ experiment")
 
     _go(page, "Compare")
     _check(page, "8-compare", "Download CSV", charts=2)

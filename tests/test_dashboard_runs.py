@@ -36,6 +36,19 @@ def test_a_job_runs_in_its_own_process_and_stores_its_experiment(demo_dir):
     exp = X.load(st.experiment)
     assert exp.label == "drop L0E1" and exp.structure["after"]["experts"]["0"] == 7
     assert exp.result["ppl"]["demo:python"] != exp.reference["ppl"]["demo:python"]
+    # the finished card's facts: the headline perplexity against the original, the size, the time taken
+    src = st.result["ppl_source"]
+    assert st.result["ppl"] == exp.result["ppl"][src] and st.result["ppl_original"] == exp.reference["ppl"][src]
+    assert st.result["params"] == exp.structure["after"]["params"]["total"]
+    assert 0 < st.elapsed() == st.finished - st.started and st.stage_eta() is None
+
+
+def test_job_status_elapsed_and_stage_estimate():
+    running = jobs.JobStatus(id="x", state="running", stage="perplexity", done=3, total=12, started=100.0,
+                             stage_started=130.0)
+    assert running.elapsed(now=160.0) == 60.0
+    assert running.stage_eta(now=160.0) == pytest.approx(30.0 / 3 * 9)  # its pace so far, for the 9 left
+    assert jobs.JobStatus(id="x", state="running", stage="load", done=0, total=1).stage_eta() is None
 
 
 @pytest.mark.slow

@@ -65,6 +65,16 @@ if submitted:
         st.toast(f"Started {len(started)} job{'s' if len(started) > 1 else ''}: {', '.join(started)}")
 
 
+STAGE_NAMES = {"load": "loading the model", "perplexity": "perplexity windows",
+               "lm-eval": "lm-eval tasks (one call, no steps to count)", "efficiency": "memory and speed runs",
+               "skip calibration": "calibrating dynamic skipping (β)"}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
 def _jobs_panel() -> None:
     jobs = runs.job_list()
     if not jobs:
@@ -75,14 +85,28 @@ def _jobs_panel() -> None:
             c1, c2 = st.columns([5, 1])
             title = f"**{job.label or 'job'}** on `{job.model}` · {job.id}"
             if job.state == "done":
-                c1.markdown(f"{title} · done → experiment `{job.experiment}` (see Compare)")
+                c1.markdown(f"{title} · done in {_clock(job.elapsed())} → experiment `{job.experiment}` (see Compare)")
+                r = job.result or {}
+                facts = []
+                if r.get("ppl") is not None and r.get("ppl_original"):
+                    facts.append(f"perplexity {r['ppl_source']}: {r['ppl_original']:.2f} → {r['ppl']:.2f} "
+                                 f"({100 * (r['ppl'] / r['ppl_original'] - 1):+.1f} %)")
+                if r.get("params") and r.get("params_original"):
+                    facts.append(f"parameters {r['params_original'] / 1e6:.2f} M → {r['params'] / 1e6:.2f} M "
+                                 f"({100 * (r['params'] / r['params_original'] - 1):+.1f} %)")
+                if facts:
+                    c1.caption(" · ".join(facts))
             elif job.state in ("failed", "cancelled"):
                 c1.markdown(f"{title} · {job.state}")
                 if job.error:
                     c1.error(job.error.splitlines()[0])
             else:
                 c1.markdown(title)
-                c1.progress(job.fraction, text=f"{job.stage}: {job.done} / {job.total}" if job.total else job.state)
+                eta = job.stage_eta()
+                text = (f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}" if job.total else job.state)
+                text += f" · {_clock(job.elapsed())} so far"
+                text += f" · about {_clock(eta)} left in this stage" if eta is not None else ""
+                c1.progress(job.fraction, text=text)
                 if c2.button("Cancel", key=f"cancel-{job.id}"):
                     runs.cancel_job(job.id)
                     st.rerun()
