@@ -156,6 +156,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
     so a run killed mid-export leaves no record."""
     from moescope.analysis.cache import Cache
     from moescope.analysis.evaluation import EvalSpec, evaluate_quality, isolated_efficiency
+    from moescope.analysis.evaluation.efficiency import measurement_slot
     from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
 
     spec = spec or EvalSpec()
@@ -195,12 +196,17 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         t0 = step("efficiency")
         p = spec.efficiency_params
         betas_pruned = _skip_betas(model, spec, cache, progress) if plan is not None else betas_original
-        efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device)
-        if plan is None:
-            efficiency["pruned"] = efficiency["original"]
-        else:
-            efficiency["pruned"] = isolated_efficiency(source, plan.to_json(), p, betas_pruned, dtype, device,
-                                                       cache_root=str(cache.root))
+        # one speed measurement at a time on this machine (other jobs wait), original and pruned
+        # back to back, each recording how busy the rest of the machine was
+        with measurement_slot(str(cache.root), progress):
+            if progress:
+                progress("efficiency", 0, 1)
+            efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device)
+            if plan is None:
+                efficiency["pruned"] = efficiency["original"]
+            else:
+                efficiency["pruned"] = isolated_efficiency(source, plan.to_json(), p, betas_pruned, dtype, device,
+                                                           cache_root=str(cache.root))
         timings["efficiency_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all + load_s
 
@@ -359,6 +365,12 @@ def _row(ident, label, structure, quality, reference, eff, ref_eff, ref_structur
         row["prefill speed ratio"] = _ratio(plain.get("prefill_tokens_per_s"), ref_eff.get("prefill_tokens_per_s"))
         row["generate speed ratio"] = _ratio(plain.get("generate_tokens_per_s"), ref_eff.get("generate_tokens_per_s"))
         row["generate tok/s"] = plain.get("generate_tokens_per_s")
+        from moescope.analysis.evaluation.efficiency import speed_verdict
+
+        for what, key in (("prefill", "prefill_tokens_per_s"), ("generate", "generate_tokens_per_s")):
+            v = speed_verdict(plain, ref_eff, key) if ident != "original" else None
+            row[f"{what} speed"] = ("" if v is None else f"within noise: {v['noise']}" if v["noise"] else
+                                    f"{v['ratio']:.2f}× ({v['low']:.2f}–{v['high']:.2f}×)")
     if skip:
         row["generate speed ratio (skip)"] = _ratio(skip.get("generate_tokens_per_s"),
                                                     ref_eff.get("generate_tokens_per_s"))

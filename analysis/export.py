@@ -89,6 +89,19 @@ def _pct(after, before) -> str:
     return f"{100 * (after / before - 1):+.1f}%"
 
 
+def _speed_change(pruned: dict, original: dict, key: str) -> str:
+    """A speed change as the card states it: the % change, or "within noise" with the reason when
+    the measurement cannot tell it from noise (:func:`~moescope.analysis.evaluation.efficiency.speed_verdict`)."""
+    from moescope.analysis.evaluation.efficiency import speed_verdict
+
+    v = speed_verdict(pruned, original, key)
+    if v is None:
+        return _pct(pruned.get(key), original.get(key))
+    if v["noise"]:
+        return f"within noise ({v['noise']})"
+    return f"{_pct(pruned.get(key), original.get(key))} (repeats: {v['low']:.2f}–{v['high']:.2f}×)"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
@@ -154,9 +167,9 @@ def model_card(model, plan, experiment=None) -> str:
             rows += [["peak memory while generating", _fmt(o.get("peak_memory_bytes")), _fmt(p.get("peak_memory_bytes")),
                       _pct(p.get("peak_memory_bytes"), o.get("peak_memory_bytes"))],
                      ["prefill tokens/s", _fmt(o.get("prefill_tokens_per_s")), _fmt(p.get("prefill_tokens_per_s")),
-                      _pct(p.get("prefill_tokens_per_s"), o.get("prefill_tokens_per_s"))],
+                      _speed_change(p, o, "prefill_tokens_per_s")],
                      ["generation tokens/s", _fmt(o.get("generate_tokens_per_s")), _fmt(p.get("generate_tokens_per_s")),
-                      _pct(p.get("generate_tokens_per_s"), o.get("generate_tokens_per_s"))]]
+                      _speed_change(p, o, "generate_tokens_per_s")]]
         out.append(_table(["", "original", "pruned", "change"], rows))
         if o:
             out += ["", f"Speed and memory: {o.get('device')}, {o.get('threads')} threads, "

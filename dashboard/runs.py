@@ -103,18 +103,21 @@ def compare_view(table: pd.DataFrame) -> CompareView:
             add(c, direction, f"lm-eval {c}")
             add(f"Δ {c}", direction, "change against the original (absolute)")
             quality.append(c)
-    add("generate speed ratio", "higher", "generation tokens/s, " + _RATIO_HELP)
+    add("generate speed", None, "generation tokens/s, pruned ÷ original with the range over the repeats; "
+                                "'within noise' when measured while other processes were busy or when the range "
+                                "covers 1.0× (higher is better)")
     for c in table.columns:  # help for the columns shown only with "every column"
         help_.setdefault(c, {"peak memory ratio": "peak memory while generating, " + _RATIO_HELP,
                              "prefill speed ratio": "prompt tokens/s, " + _RATIO_HELP,
                              "generate speed ratio (skip)": "generation tokens/s with dynamic skipping, "
                                                             + _RATIO_HELP,
                              "skipped fraction": "expert calls skipped by dynamic skipping",
+                             "prefill speed": "prompt tokens/s verdict, as 'generate speed'",
                              "params": "parameters", "experiment": "experiment id", "label": "the run's label"}
                          .get(c, "experts kept in this layer" if c.startswith("experts L") else c))
     for c in ("peak memory ratio",):
         better.setdefault(c, "lower")
-    for c in ("prefill speed ratio", "generate speed ratio (skip)"):
+    for c in ("prefill speed ratio", "generate speed ratio", "generate speed ratio (skip)"):
         better.setdefault(c, "higher")
     return CompareView(cols, better, help_, quality, cost)
 

@@ -122,6 +122,24 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
     assert "| 0 | 8 | 6 | 0, 1, 2, 3, 4, 7 |" in card
     assert f"| perplexity demo:all | {exp.reference['ppl']['demo:all']:.4g} | {exp.result['ppl']['demo:all']:.4g} |" in card
     assert json.loads((out / "experiment.json").read_text())["id"] == exp.id
+    # the card states a speed change only when the repeats tell it from noise
+    import dataclasses
+
+    from moescope.analysis.export import model_card
+
+    def side(runs, busy=0.0):
+        return {"plain": {"generate_tokens_per_s": sorted(runs)[1], "generate_tokens_runs": runs,
+                          "prefill_tokens_per_s": 1000.0, "prefill_tokens_runs": [990.0, 1000.0, 1010.0],
+                          "busy_cores": busy, "peak_memory_bytes": 1, "params": {}}}
+
+    clear = dataclasses.replace(exp, efficiency={"original": side([100.0, 101.0, 102.0]),
+                                                 "pruned": side([120.0, 121.0, 122.0])})
+    text = model_card(model, plan, clear)
+    assert "| generation tokens/s | 101 | 121 | +19.8% (repeats: 1.18–1.22×) |" in text, text
+    assert "| prefill tokens/s | 1000 | 1000 | within noise (the repeats' range 0.98–1.02× covers 1.0×) |" in text
+    loaded = dataclasses.replace(exp, efficiency={"original": side([100.0, 101.0, 102.0], busy=1.5),
+                                                  "pruned": side([120.0, 121.0, 122.0])})
+    assert "within noise (measured while other processes kept 1.5 cores busy)" in model_card(model, plan, loaded)
     # rebuilt from the record alone: the same weights
     again = export_experiment(exp.id, tmp_path / "again")
     hf2 = AutoModelForCausalLM.from_pretrained(again)

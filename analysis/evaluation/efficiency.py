@@ -4,6 +4,8 @@ without dynamic skipping, in this process or in a fresh one (:mod:`.child`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +38,85 @@ def _proc_status(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine have spent busy so far (``/proc/stat``); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class MachineLoad:
+    """How busy the rest of the machine was during a measurement: CPU seconds spent by every
+    other process per wall-clock second (in cores), from ``/proc/stat`` minus this process."""
+
+    def __enter__(self):
+        self.busy, self.own, self.wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        busy = _busy_cpu_seconds()
+        self.cores = (None if busy is None or self.busy is None
+                      else max(0.0, (busy - self.busy) - (_own_cpu_seconds() - self.own)) / wall)
+
+
+# a figure measured while other processes kept this many cores busy is not trusted as a speed-up
+BUSY_CORES = 0.25
+
+
+@contextlib.contextmanager
+def measurement_slot(cache_root: str | None = None, progress: Progress | None = None):
+    """One speed measurement at a time on this machine (across processes): a lock file in the
+    cache; a job that finds it taken reports it is waiting in line."""
+    import fcntl
+
+    from moescope.analysis.cache import Cache
+
+    root = Path(cache_root) if cache_root else Cache().root
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".efficiency.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress("waiting for another speed measurement", 0, 1)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def speed_verdict(pruned: dict | None, original: dict | None, key: str = "generate_tokens_per_s") -> dict | None:
+    """Whether a pruned model's speed change is measured well enough to state: the ratio of the
+    medians, its range over the repeats (worst to best pairing), and ``noise`` (a reason) when
+    either side ran while other processes kept ≥ ``BUSY_CORES`` cores busy or the range covers 1.0×.
+    None when either side has no figure."""
+    if not pruned or not original or not pruned.get(key) or not original.get(key):
+        return None
+    ratio = pruned[key] / original[key]
+    runs_p, runs_o = pruned.get(key.replace("_per_s", "_runs")), original.get(key.replace("_per_s", "_runs"))
+    low = high = ratio
+    if runs_p and runs_o:
+        low, high = min(runs_p) / max(runs_o), max(runs_p) / min(runs_o)
+    busy = max((m.get("busy_cores") or 0.0) for m in (pruned, original))
+    noise = None
+    if busy >= BUSY_CORES:
+        noise = f"measured while other processes kept {busy:.1f} cores busy"
+    elif low <= 1.0 <= high:
+        noise = f"the repeats' range {low:.2f}–{high:.2f}× covers 1.0×"
+    return {"ratio": ratio, "low": low, "high": high, "busy_cores": busy, "noise": noise}
 
 
 @dataclass
@@ -95,6 +176,7 @@ def efficiency(model, params: EfficiencyParams | None = None, prompts: torch.Ten
 
     prefill, generate = [], []
     total = p.warmup + p.repeats
+    load = MachineLoad().__enter__()
     for i in range(total):
         t_pre = timed(lambda: hf(input_ids=ids, use_cache=True))
         if i == p.warmup:  # measure peak memory on the first timed generate
@@ -113,6 +195,7 @@ def efficiency(model, params: EfficiencyParams | None = None, prompts: torch.Ten
             generate.append(t_gen)
         if progress:
             progress("efficiency", i + 1, total)
+    load.__exit__(None, None, None)
     t_pre, t_gen = statistics.median(prefill), statistics.median(generate)
     counts = model.parameter_counts()
     return {
@@ -122,6 +205,10 @@ def efficiency(model, params: EfficiencyParams | None = None, prompts: torch.Ten
         "prefill_tokens_per_s": batch * length / t_pre,
         "generate_tokens_per_s": batch * (p.new_tokens - 1) / max(t_gen - t_pre, 1e-9),
         "prefill_s": t_pre, "generate_s": t_gen,
+        # every repeat, so that a comparison can tell a change from noise, and how busy the machine was
+        "prefill_tokens_runs": [batch * length / t for t in prefill],
+        "generate_tokens_runs": [batch * (p.new_tokens - 1) / max(g - f, 1e-9) for f, g in zip(prefill, generate)],
+        "busy_cores": load.cores, "cpu_count": os.cpu_count(),
         "skip_beta": skip_key(model),
         "device": str(device), "threads": torch.get_num_threads(), "params": asdict(p),
     }
