@@ -161,6 +161,39 @@ def _click_point(page, chart: int, point: int) -> None:
     _settle(page)
 
 
+def _save_plan(page, name: str) -> None:
+    """Save the current plan under ``name`` in the Plan page's named-plans section."""
+    box = page.get_by_label("Name", exact=True)
+    box.fill(name)
+    box.press("Tab")
+    _settle(page)
+    page.get_by_role("button", name="Save the current plan").click()
+    page.get_by_text(f"Saved '{name}'").first.wait_for(timeout=30_000)
+    _settle(page)
+
+
+def _open_choices(page, testid: str, label: str) -> None:
+    """Open the option list of the select / multiselect labelled ``label`` (its "Open" button)."""
+    box = page.locator(f'[data-testid="{testid}"]').filter(has=page.get_by_label(label, exact=True)).first
+    box.scroll_into_view_if_needed()
+    box.get_by_role("button", name="Open").click()
+    page.get_by_role("option").first.wait_for(timeout=10_000)
+
+
+def _multiselect(page, label: str, options: list[str]) -> None:
+    for option in options:
+        _open_choices(page, "stMultiSelect", label)
+        page.get_by_role("option", name=option, exact=True).click()
+        page.keyboard.press("Escape")
+        _settle(page)
+
+
+def _select(page, label: str, contains: str) -> None:
+    _open_choices(page, "stSelectbox", label)
+    page.get_by_role("option").filter(has_text=contains).first.click()
+    _settle(page)
+
+
 def _go(page, title: str) -> None:
     page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
     _settle(page)
@@ -221,8 +254,20 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     _check(page, "6-plan-strategy", "Make the plan")
     page.get_by_role("button", name="Make the plan").click()
     _check(page, "6-plan-strategy-made", "Valid plan (random)")
+    _save_plan(page, "strategy plan")
     page.get_by_role("button", name="Clear the plan").click()
     _settle(page)
+
+    # a second named plan from the drop grid's action
+    _go(page, "Drop grid")
+    page.get_by_role("button", name="Drop the 1 least needed in every layer").click()
+    _check(page, "5-drop-grid-into-plan", "Added to the current plan")
+    _go(page, "Plan")
+    _check(page, "6-plan-from-grid", "Valid plan (manual): 28 of 32")
+    _save_plan(page, "grid plan")
+    page.get_by_role("button", name="Clear the plan").click()
+    _settle(page)
+
     page.get_by_text("By hand", exact=True).click()
     _check(page, "6-plan-by-hand-start", "Every layer", charts=2)
     # merge by clicking the similarity cell of experts 2 and 5 (a real plotly selection event)
@@ -238,30 +283,53 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     _check(page, "6-plan-by-hand-dropped", "Valid plan (manual): 30 of 32", charts=2)
     sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
     assert "Plan (manual): L0→7, L1→7" in sidebar, sidebar  # layer 0 merged 2+5, layer 1 dropped 0
+    _save_plan(page, "hand plan")
+
+    # the three named plans, their predicted cost, and two of them sent to Run
+    page.get_by_role("button", name="Predict every plan's cost").click()
+    _check(page, "6-plan-predicted", "Proxy: perplexity on")
+    # the table is drawn on a canvas; its rows are the options of "Send to Run" (all three offered)
+    _open_choices(page, "stMultiSelect", "Send to Run")
+    offered = page.get_by_role("option").all_text_contents()
+    assert {"strategy plan", "grid plan", "hand plan"} <= set(offered), offered
+    page.keyboard.press("Escape")
+    _multiselect(page, "Send to Run", ["grid plan", "hand plan"])
+    page.get_by_role("button", name="Send", exact=True).click()
+    _settle(page)
 
     _go(page, "Similarity")
     _check(page, "2-similarity-with-plan", "Overlay the current plan", charts=1)
 
-    # Run the hand-made plan as a background job, then see it in Compare and on Export
+    # Run the two plans sent from the Plan page (one job each), then compare them with the original
     _go(page, "Run")
-    _check(page, "7-run", "Plan **manual**".replace("**", ""))
+    _check(page, "7-run", "Plans sent from the Plan page")
     for label, value in (("Windows", 4), ("Tokens per window", 64), ("Samples per task (0: all)", 6)):
         box = page.get_by_label(label, exact=True)
         box.fill(str(value))
         box.press("Tab")  # Enter would submit the form before every field is set
     page.get_by_text("Measure memory and tokens/s", exact=False).click()
     page.get_by_role("button", name="Run prune + evaluate").click()
-    page.get_by_text("→ experiment", exact=False).first.wait_for(timeout=240_000)
+    deadline = time.time() + 300
+    while page.get_by_text("→ experiment", exact=False).count() < 2 and time.time() < deadline:
+        page.wait_for_timeout(500)
     _check(page, "7-run-done", "→ experiment")
+    assert page.get_by_text("→ experiment", exact=False).count() == 2
 
     _go(page, "Compare")
     _check(page, "8-compare", "Download CSV", charts=2)
-    # the scatter labels each point by its name: the original and the run (its plan's name, "manual …")
+    # the scatter labels each point by its name: the original and the two runs (their plans' names)
     labels = page.locator(".js-plotly-plot").first.locator("text").all_text_contents()
-    assert "original" in labels and any(t.startswith("manual") for t in labels), labels
+    assert {"original", "grid plan", "hand plan"} <= set(labels), labels
+
+    # the named plans survive a reload (a new session reads them from the cache)
+    page.goto(server)  # a fresh load of the app: a new session
+    page.get_by_text("Structure").first.wait_for(timeout=90_000)
+    _go(page, "Plan")
+    _check(page, "6-plan-after-reload", "Named plans (3 saved")
 
     _go(page, "Export")
     _check(page, "9-export", "Download plan JSON")
+    _select(page, "Experiment", "hand plan")
     # the hand-made plan keeps 7/7/8/8 experts: Export writes the per-layer folder and says how it loads
     out = tmp_path / "hand-made"
     box = page.get_by_label("Output folder", exact=True)

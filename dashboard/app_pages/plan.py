@@ -138,7 +138,7 @@ def _plans_section() -> None:
     plans = guarded(backend.named_plans, s)
     current = st.session_state.get("plan")
     message = st.session_state.pop("plan_named_msg", None)
-    with st.expander(f"Named plans ({len(plans)} saved for `{s.model}`)", expanded=bool(plans or message)):
+    with st.expander(f"Named plans ({len(plans)} saved for `{s.model}`)", expanded=bool(plans or message or current)):
         if message:
             (st.error if message.startswith("!") else st.success)(message.lstrip("!"))
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
@@ -329,7 +329,7 @@ with right:
     ov = backend.analysis_overview(s)
     sims = [n for n in ("cka_linear", "cka_rbf", "cosine", "mse", "weight_cosine", "surrogate_cosine")
             if n in ov["similarities"]]
-    metric = st.selectbox("Similarity", sims, key="plan_metric")
+    metric = st.selectbox("Similarity", sims, key="plan_metric", format_func=lambda v: backend.friendly(v, "similarity"))
     n_pick = st.session_state.setdefault("plan_pick_round", 0)
     event = st.plotly_chart(
         charts.pair_picker(backend.similarity_matrices(s, metric)[layer], metric,
