@@ -64,7 +64,8 @@ if not s.model:
     st.info("Enter a model folder or hub id.")
     st.stop()
 
-info = guarded(backend.model_info, s.model)
+with st.spinner(f"Reading {s.model}'s configuration…"):  # the first visit imports torch and transformers
+    info = guarded(backend.model_info, s.model)
 st.subheader("Structure")
 p = info["params"]
 cols = st.columns(4)
@@ -90,7 +91,8 @@ if _kind(s.model) == "hub" and s.model not in st.session_state["model_loaded"]:
         st.rerun()
     res = None
 else:
-    res = guarded(backend.find_analysis, s)
+    with st.spinner("Looking for a stored analysis…"):
+        res = guarded(backend.find_analysis, s)
     st.caption(guarded(backend.describe_batch, s, "calib"))
     if res is None:
         st.info("Not analysed with these settings yet: similarities, routing statistics and every MC-Suite "
