@@ -372,8 +372,8 @@ def test_drop_grid_is_computed_on_demand_then_cached(demo_model, cache_dir):
     assert {m.label: m.value for m in at.metric}["Baseline perplexity"] == f"{grid.baseline:.3f}"
     table = at.dataframe[0].value
     assert list(table["most needed"]) == np.array(grid.delta()).argmax(1).tolist()
-    again = app("drop_grid", grid_samples=2, grid_seq_len=48)
-    assert not again.button and again.get("plotly_chart")
+    again = app("drop_grid", grid_samples=2, grid_seq_len=48)  # stored: no compute button, the map at once
+    assert [b.key for b in again.button] == ["grid_add"] and again.get("plotly_chart")
 
 
 # ---------------------------------------------------------------- plan

@@ -33,7 +33,8 @@ if data is None:
 layers, delta = data["layers"], data["delta"]
 st.caption(data["data"])
 c1, c2, c3 = st.columns(3)
-c1.metric("Baseline perplexity", f"{data['baseline']:.3f}")
+c1.metric("Baseline perplexity", f"{data['baseline']:.3f}",
+          help="the unpruned model's perplexity on these sequences; each cell is the change from it (lower is better)")
 worst = np.unravel_index(np.nanargmax(delta), delta.shape)
 best = np.unravel_index(np.nanargmin(delta), delta.shape)
 c2.metric("Most needed expert", f"layer {layers[worst[0]]} · expert {worst[1]}", f"{delta[worst]:+.3f} perplexity",

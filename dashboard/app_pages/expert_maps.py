@@ -58,6 +58,8 @@ st.caption(f"Spearman correlation per layer between {criterion} and the perplexi
            f"is dropped. Dropping by **{order}** follows the grid when the correlation is "
            f"**{'positive' if sign > 0 else 'negative'}** (the experts it removes first cost least).")
 finite = [r for r in rho if np.isfinite(r)]
-st.metric("Mean Spearman ρ", f"{np.mean(finite):+.3f}" if finite else "n/a")
+st.metric("Mean Spearman ρ", f"{np.mean(finite):+.3f}" if finite else "n/a",
+          help="rank agreement between the criterion and the drop grid per layer, averaged: near ±1 the "
+               "criterion orders the experts as the grid does; which sign helps depends on min / max (see above)")
 st.plotly_chart(charts.layer_bars([l for l in layers if l in corr], {"Spearman ρ": rho}, yaxis="ρ",
                                   yrange=[-1, 1]), key="map_corr")

@@ -30,7 +30,9 @@ if view == "Usage":
               delta_color="off")
     c2.metric("Most used expert", f"{int(np.nanargmax(row))}", f"{row[np.nanargmax(row)]:.3f} of tokens",
               delta_color="off")
-    c3.metric("Balance (entropy / log E)", f"{balance:.3f}")
+    c3.metric("Balance (entropy / log E)", f"{balance:.3f}",
+              help="the entropy of this layer's expert usage divided by its maximum: 1 = every expert gets the same "
+                   "share of tokens, near 0 = a few experts take every token (higher: more evenly used)")
     st.plotly_chart(charts.expert_bars(row, "usage", reference=k / E, reference_label=f"uniform (top-{k} / {E})",
                                        title=f"layer {layer}"), key="route_usage_bars")
 
