@@ -866,19 +866,20 @@ class Cache:
         return EntryInfo(kind=path.parent.name, label=None, key="", path=path, created=created, size=size,
                          problem=problem)
 
+    def _remove_folder(self, path: Path, why: str) -> bool:
+        """Move an entry folder aside (readers never see half a folder), then delete it; whether it
+        was there."""
+        aside = self._tmp / f"{why}-{path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
+
     def remove(self, kind: str, key: str) -> bool:
-        """Remove one stored entry (moved aside first, so readers never see half a folder);
-        whether there was one."""
-        removed = False
-        for path in self._candidates(_check_kind(kind), key):
-            aside = self._tmp / f"remove-{path.name}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(aside, ignore_errors=True)
-            removed = True
-        return removed
+        """Remove one stored entry; whether there was one."""
+        return sum(self._remove_folder(p, "remove") for p in self._candidates(_check_kind(kind), key)) > 0
 
     def clear(self, kind: str | None = None, model: str | None = None, damaged: bool = False,
               verify: bool = False) -> int:
@@ -891,16 +892,7 @@ class Cache:
             targets = [i.path for i in self.entries(kind, model)]
         else:
             targets = list(self._entry_dirs(kind))
-        removed = 0
-        for path in targets:
-            aside = self._tmp / f"clear-{path.name}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(aside, ignore_errors=True)
-            removed += 1
-        return removed
+        return sum(self._remove_folder(path, "clear") for path in targets)
 
     def size(self) -> int:
         """Bytes of all files under the cache root."""
