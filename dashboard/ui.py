@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from moescope.dashboard import backend
+from moescope.dashboard import backend, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan, Settings
 
 STAGES = {"layers": "decoder layers", "gradients": "gradient chunks", "trace": "routing trace",
@@ -112,13 +112,13 @@ def current_plan() -> PruningPlan | None:
 
 def plan_layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> tuple[list[list[int]], list[int]]:
     """(merged groups, dropped experts) of ``layer`` in ``plan``."""
-    return backend.layer_state(plan, layer, num_experts)
+    return plans.layer_state(plan, layer, num_experts)
 
 
 def add_to_plan(drops=None, merges=None, what: str = "") -> None:
     """An analysis page's action: add ``drops`` / ``merges`` to the current plan, or show why not."""
     try:
-        plan = backend.add_to_plan(settings(), st.session_state.get("plan"), drops, merges)
+        plan = plans.add_to_plan(settings(), st.session_state.get("plan"), drops, merges)
     except MoescopeError as err:
         st.error(str(err))
         return

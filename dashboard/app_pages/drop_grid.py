@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from moescope.dashboard import backend, charts
+from moescope.dashboard import backend, charts, plans
 from moescope.dashboard.ui import add_to_plan, guarded, persistent, require_stored, settings
 
 st.header("Drop grid")
@@ -68,5 +68,5 @@ c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
 n_drop = int(c1.number_input("Least-needed experts per layer", 1, most, 1, key="grid_add_n",
                              help="by this grid: the experts whose removal alone raises perplexity least"))
 if c2.button(f"Drop the {n_drop} least needed in every layer", key="grid_add"):
-    drops = guarded(backend.least_needed, s, n_drop)
+    drops = guarded(plans.least_needed, s, n_drop)
     add_to_plan(drops=drops, what="drop " + "; ".join(f"L{l}: {', '.join(map(str, e))}" for l, e in drops.items()))

@@ -8,7 +8,7 @@ import json
 
 import streamlit as st
 
-from moescope.dashboard import backend, charts
+from moescope.dashboard import backend, charts, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan
 from moescope.dashboard.ui import guarded, layer_select, plan_layer_state, run_with_progress, settings
 
@@ -135,63 +135,63 @@ with actions:
 
 
 def _plans_section() -> None:
-    plans = guarded(backend.named_plans, s)
+    saved = guarded(plans.named_plans, s)
     current = st.session_state.get("plan")
     message = st.session_state.pop("plan_named_msg", None)
-    with st.expander(f"Named plans ({len(plans)} saved for `{s.model}`)", expanded=bool(plans or message or current)):
+    with st.expander(f"Named plans ({len(saved)} saved for `{s.model}`)", expanded=bool(saved or message or current)):
         if message:
             (st.error if message.startswith("!") else st.success)(message.lstrip("!"))
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
         strategy = (current or {}).get("provenance", {}).get("strategy", "manual") if current else "plan"
         if st.session_state.get("plan_name_for") != current:  # propose a name for a new current plan
             st.session_state["plan_name_for"] = current
-            st.session_state["plan_name"] = backend.unique_plan_name(s, strategy)
+            st.session_state["plan_name"] = plans.unique_plan_name(s, strategy)
         c1.text_input("Name", key="plan_name", help="plans are kept in the cache: they survive a restart")
         if c2.button("Save the current plan", key="plan_save", disabled=not current, width="stretch"):
             try:
-                backend.save_named_plan(s, st.session_state["plan_name"], PruningPlan.from_json(current))
+                plans.save_named_plan(s, st.session_state["plan_name"], PruningPlan.from_json(current))
                 st.session_state["plan_named_msg"] = f"Saved '{st.session_state['plan_name'].strip()}'"
             except MoescopeError as err:
                 st.session_state["plan_named_msg"] = f"!{err}"
             st.rerun()
-        if not plans:
+        if not saved:
             st.caption("No named plan yet: make one (a strategy, by hand, or from an analysis page) and save it.")
             return
         c1, c2, c3, c4 = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
-        pick = c1.selectbox("Plan", list(plans), key="plan_pick",
-                            format_func=lambda n: f"{n} — {plans[n].summary()}")
+        pick = c1.selectbox("Plan", list(saved), key="plan_pick",
+                            format_func=lambda n: f"{n} — {saved[n].summary()}")
         if c2.button("Open", key="plan_open", width="stretch", help="make it the current plan (Run, Export)"):
-            commit(plans[pick])
+            commit(saved[pick])
             st.rerun()
         if c3.button("Duplicate", key="plan_dup", width="stretch"):
-            name = backend.unique_plan_name(s, pick)
-            backend.save_named_plan(s, name, plans[pick])
+            name = plans.unique_plan_name(s, pick)
+            plans.save_named_plan(s, name, saved[pick])
             st.session_state["plan_named_msg"] = f"Saved '{name}'"
             st.rerun()
         if c4.button("Delete", key="plan_delete", width="stretch"):
-            backend.delete_named_plan(s, pick)
+            plans.delete_named_plan(s, pick)
             st.session_state["plan_named_msg"] = f"Deleted '{pick}'"
             st.rerun()
         c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
         c1.text_input("Rename to", key="plan_rename_to")
         if c2.button("Rename", key="plan_rename", width="stretch"):
             try:
-                backend.rename_named_plan(s, pick, st.session_state.get("plan_rename_to", ""))
+                plans.rename_named_plan(s, pick, st.session_state.get("plan_rename_to", ""))
                 st.session_state["plan_named_msg"] = f"Renamed '{pick}'"
             except MoescopeError as err:
                 st.session_state["plan_named_msg"] = f"!{err}"
             st.rerun()
-        c3.download_button("Download", plans[pick].dumps(), file_name=f"{pick}.json", mime="application/json",
+        c3.download_button("Download", saved[pick].dumps(), file_name=f"{pick}.json", mime="application/json",
                            key="plan_named_download", width="stretch")
 
         st.markdown("**Predicted cost** (no run needed)")
         if st.button("Predict every plan's cost", key="plan_predict"):
             st.session_state["plan_costs"] = run_with_progress(
-                "Predicting…", lambda s_, p: backend.predicted_costs(s_, list(plans), p), s, "Predicted")
+                "Predicting…", lambda s_, p: plans.predicted_costs(s_, list(saved), p), s, "Predicted")
             st.rerun()
         table = st.session_state.get("plan_costs")
         if table is not None and len(table):
-            table = table[table["plan"].isin(list(plans))]
+            table = table[table["plan"].isin(list(saved))]
             st.caption(f"Proxy: perplexity on {table.attrs.get('batch', 'a small evaluation batch')}, with each plan "
                        "applied to the loaded model (a full run evaluates many more windows). "
                        + ("Grid Σ: the drop grid's single-drop changes of the dropped experts, added up "
@@ -202,7 +202,8 @@ def _plans_section() -> None:
                 "params Δ%": st.column_config.NumberColumn(format="%+.1f%%", help="parameters, change in %"),
                 "weight bytes Δ%": st.column_config.NumberColumn(format="%+.1f%%", help="weight bytes, change in %"),
                 "proxy ppl": st.column_config.NumberColumn(format="%.2f", help="perplexity on the proxy batch"),
-                "proxy Δ%": st.column_config.NumberColumn(format="%+.1f%%", help="against the original on the same batch"),
+                "proxy Δ%": st.column_config.NumberColumn(format="%+.1f%%",
+                                                          help="against the original on the same batch"),
                 "grid Σ Δppl": st.column_config.NumberColumn(format="%+.3f", help="sum of single-drop deltas"),
                 "seconds": st.column_config.NumberColumn(format="%.1f", help="time the prediction took")})
             c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
@@ -329,7 +330,8 @@ with right:
     ov = backend.analysis_overview(s)
     sims = [n for n in ("cka_linear", "cka_rbf", "cosine", "mse", "weight_cosine", "surrogate_cosine")
             if n in ov["similarities"]]
-    metric = st.selectbox("Similarity", sims, key="plan_metric", format_func=lambda v: backend.friendly(v, "similarity"))
+    metric = st.selectbox("Similarity", sims, key="plan_metric",
+                          format_func=lambda v: backend.friendly(v, "similarity"))
     n_pick = st.session_state.setdefault("plan_pick_round", 0)
     event = st.plotly_chart(
         charts.pair_picker(backend.similarity_matrices(s, metric)[layer], metric,
@@ -356,7 +358,7 @@ paint = st.selectbox("Colour by", colour_by, key="plan_colour_by",
 if paint == "usage":
     usage = backend.layer_map(s, "usage", "routing")
 elif paint == "drop-grid Δ":
-    usage = backend.grid_on_layers(s, ov["layers"])
+    usage = plans.grid_on_layers(s, ov["layers"])
 else:
     usage = backend.layer_map(s, paint)
 state = {}
