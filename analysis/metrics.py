@@ -78,8 +78,7 @@ def linear_cka_matrix(Y: Tensor, form: str = "auto", work_bytes: int = WORK_BYTE
         hsic = _feature_form_hsic(Y, work_bytes)
     else:
         raise ValueError(f"form must be auto, gram or feature, got {form!r}")
-    norms = hsic.diagonal().sqrt()
-    return (hsic / torch.outer(norms, norms).clamp_min(1e-30)).float().cpu()
+    return _cka_from_hsic(hsic).float().cpu()
 
 
 @torch.no_grad()
@@ -128,16 +127,15 @@ def _gram_form_hsic(Y: Tensor, work_bytes: int, subsets: list[Tensor] | None = N
     return (hsic, blocks) if subsets else hsic
 
 
-def _rbf_gram(X: Tensor) -> Tensor:
-    """RBF kernel ``exp(-‖x_s − x_t‖² / (2σ²))`` with σ the median pairwise distance."""
-    d2 = torch.cdist(X, X).pow(2)
-    off = d2[~torch.eye(X.shape[0], dtype=torch.bool, device=X.device)]
-    sigma2 = off.sqrt().median().pow(2).clamp_min(1e-12)
-    return torch.exp(-d2 / (2 * sigma2))
-
-
 def _center_gram(K: Tensor) -> Tensor:
-    return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
+    """``H K H`` (``H = I − 11ᵀ/b``) for a Gram ``[..., b, b]``: every row and column mean removed."""
+    return K - K.mean(-2, keepdim=True) - K.mean(-1, keepdim=True) + K.mean((-2, -1), keepdim=True)
+
+
+def _cka_from_hsic(hsic: Tensor) -> Tensor:
+    """``HSIC(i, j) / sqrt(HSIC(i, i) HSIC(j, j))``: CKA from the matrix of HSIC values (same dtype)."""
+    norms = hsic.diagonal().sqrt()
+    return hsic / torch.outer(norms, norms).clamp_min(1e-30)
 
 
 def _rbf_batches(T: int, batch_tokens: int, n_batches: int, seed: int) -> list[Tensor]:
@@ -156,13 +154,8 @@ def _rbf_cka_of_distances(d2: Tensor) -> Tensor:
     iu = torch.triu_indices(b, b, 1, device=d2.device)
     # the lower median of the off-diagonal distances (each pair once: the same value as counting both)
     sigma2 = d2[:, iu[0], iu[1]].sqrt().median(dim=1).values.pow(2).clamp_min(1e-12)
-    K = torch.exp(-d2 / (2 * sigma2[:, None, None]))
-    K = K - K.mean(1, keepdim=True) - K.mean(2, keepdim=True) + K.mean((1, 2), keepdim=True)
-    grams = K.double().reshape(E, -1)
-    del K
-    hsic = (grams @ grams.T).cpu()
-    norms = hsic.diagonal().sqrt()
-    return hsic / torch.outer(norms, norms).clamp_min(1e-30)
+    grams = _center_gram(torch.exp(-d2 / (2 * sigma2[:, None, None]))).double().reshape(E, -1)
+    return _cka_from_hsic((grams @ grams.T).cpu())
 
 
 def rbf_cka_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0) -> Tensor:
@@ -195,8 +188,7 @@ def output_cka_matrices(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, 
         return linear_cka_matrix(Y, "feature", work_bytes), rbf_cka_matrix(Y, batch_tokens, n_batches, seed)
     batches = _rbf_batches(n, batch_tokens, n_batches, seed)
     hsic, blocks = _gram_form_hsic(Y, work_bytes, batches)
-    norms = hsic.diagonal().sqrt()
-    linear = (hsic / torch.outer(norms, norms).clamp_min(1e-30)).float().cpu()
+    linear = _cka_from_hsic(hsic).float().cpu()
     total = torch.zeros(E, E, dtype=torch.float64)
     for blk in blocks:
         diag = blk.diagonal(dim1=1, dim2=2)

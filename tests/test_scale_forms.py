@@ -64,13 +64,24 @@ def test_bfloat16_outputs_give_the_matrices_of_their_upcast(outputs):
     torch.testing.assert_close(M.rbf_cka_matrix(Yb, batch_tokens=16), M.rbf_cka_matrix(Yf, batch_tokens=16))
 
 
+def _rbf_gram(X):
+    """The plain RBF kernel of one expert's tokens, σ the median pairwise distance (the reference)."""
+    d2 = torch.cdist(X, X).pow(2)
+    sigma2 = d2[~torch.eye(X.shape[0], dtype=torch.bool)].sqrt().median().pow(2).clamp_min(1e-12)
+    return torch.exp(-d2 / (2 * sigma2))
+
+
+def _center_gram(K):
+    return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
+
+
 def test_rbf_cka_batched_inner_products_equal_the_pair_loop(outputs):
     got = M.rbf_cka_matrix(outputs, batch_tokens=20, n_batches=3, seed=5)
     g = torch.Generator().manual_seed(5)
     want = torch.zeros(6, 6, dtype=torch.float64)
     for _ in range(3):
         idx = torch.randperm(37, generator=g)[:20]
-        K = [M._center_gram(M._rbf_gram(outputs[e, idx])).double() for e in range(6)]
+        K = [_center_gram(_rbf_gram(outputs[e, idx])).double() for e in range(6)]
         h = torch.tensor([[float((K[i] * K[j]).sum()) for j in range(6)] for i in range(6)], dtype=torch.float64)
         want += h / torch.outer(h.diagonal().sqrt(), h.diagonal().sqrt())
     torch.testing.assert_close(got, (want / 3).float(), atol=1e-6, rtol=0)
