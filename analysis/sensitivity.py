@@ -13,7 +13,6 @@ those outputs (shared experts cancel), accumulating over token chunks.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Callable
@@ -53,19 +52,6 @@ class DropGrid:
 
     def delta(self) -> list[list[float]]:
         return [[p - self.baseline for p in row] for row in self.ppl]
-
-
-@contextlib.contextmanager
-def only_experts(model, layer: int, rest: list[int]):
-    """Temporarily keep only ``rest`` in ``layer``: a structural keep where the family allows it,
-    else (e.g. DeepSeek-V3: 7 experts cannot fill equal routing groups) a masked router."""
-    if model.can_keep(layer, rest):
-        with model.temporary_edit(layer):
-            model.keep(layer, rest)
-            yield
-    else:
-        with model.restricted(layer, rest):
-            yield
 
 
 def _token_nll(stream: LayerStream, where: Tensor | None = None) -> Tensor:
@@ -284,9 +270,9 @@ class SubsetScorer:
         (With low-precision router logits a token whose k-th and (k+1)-th scores tie may flip
         between them when any expert is masked, as topk breaks ties by position; here such a token
         keeps its routing, as it would in the pruned model if the tie were broken the same way.)"""
-        children = sorted({tuple(c for c in C if c != j) for C in parents for j in C})
-        children = [C for C in children if wanted is None or wanted(C)]
         if not self.local:
+            children = sorted({tuple(c for c in C if c != j) for C in parents for j in C})
+            children = [C for C in children if wanted is None or wanted(C)]
             return dict(zip(children, self.losses(children).tolist()))
         E, P = self.view.num_experts, len(parents)
         masks = torch.zeros(P, E, dtype=torch.bool)
@@ -358,19 +344,26 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
         return EnumerationResult(view.index, cands[0][0], cands[0][1], "exact", cands)
     width = 1 if method == "greedy" else beam_width
     beam: list[tuple[int, ...]] = [tuple(range(E))]
-    scored: list[tuple[list[int], float]] = []
+    scored: list[tuple[tuple[int, ...], float]] = []
     for size in range(E - 1, keep - 1, -1):
         # group-limited routers: never leave a routing group with fewer than its final share
-        scored_children = scorer.losses_after_drop(beam, groups_ok if size == keep else reachable)
-        nxt = sorted(scored_children)
-        if not nxt:
+        scored = _best_children(scorer, beam, width, groups_ok if size == keep else reachable)
+        if not scored:
             raise MoescopeError(f"layer {view.index}: no subset of {keep} experts keeps the routing groups "
                                 "balanced along this search; use method exact")
-        losses = torch.tensor([scored_children[C] for C in nxt], dtype=torch.float64)
-        order = torch.argsort(losses)[:width]
-        beam = [nxt[i] for i in order]
-        scored = [(list(nxt[i]), float(losses[i])) for i in order]
+        beam = [C for C, _ in scored]
+    scored = [(list(C), loss) for C, loss in scored]
     return EnumerationResult(view.index, scored[0][0], scored[0][1], method, scored)
+
+
+def _best_children(scorer: SubsetScorer, beam: list[tuple[int, ...]], width: int,
+                   wanted: Callable[[tuple[int, ...]], bool] | None = None) -> list[tuple[tuple[int, ...], float]]:
+    """One step of greedy / beam search: the ``width`` children ``C − {j}`` of the ``beam`` with the
+    smallest losses, best first (ties: the child first in sorted order)."""
+    losses_of = scorer.losses_after_drop(beam, wanted)
+    children = sorted(losses_of)
+    losses = torch.tensor([losses_of[C] for C in children], dtype=torch.float64)
+    return [(children[i], float(losses[i])) for i in torch.argsort(losses)[:width]]
 
 
 def loss_curve(view, x: Tensor, min_keep: int | None = None, method: str = "auto", max_subsets: int = 5000,
@@ -392,13 +385,10 @@ def loss_curve(view, x: Tensor, min_keep: int | None = None, method: str = "auto
         width = 1 if method == "greedy" else beam_width
         beam: list[tuple[int, ...]] = [tuple(range(E))]
         for size in range(E - 1, min(rest) - 1, -1):
-            scored_children = scorer.losses_after_drop(beam)
-            nxt = sorted(scored_children)
-            losses = torch.tensor([scored_children[C] for C in nxt], dtype=torch.float64)
-            order = torch.argsort(losses)[:width]
-            beam = [nxt[i] for i in order]
+            best = _best_children(scorer, beam, width)
+            beam = [C for C, _ in best]
             if size in rest:
-                scored = [(list(nxt[i]), float(losses[i])) for i in order]
+                scored = [(list(C), loss) for C, loss in best]
                 out[size] = EnumerationResult(view.index, scored[0][0], scored[0][1],
                                               "greedy" if width == 1 else "beam", scored)
     return out, scorer.reference_norm()
