@@ -494,8 +494,9 @@ class Cache:
 
     # ---- locking -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, kind: str, key: str) -> Iterator[None]:
-        """Hold the inter-process lock of one key (``<root>/<kind>/.locks/<key>.lock``).
+    def lock(self, kind: str, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the inter-process lock of one key (``<root>/<kind>/.locks/<key>.lock``); ``on_wait``
+        is called once if another process holds it, before waiting.
 
         Not re-entrant: a second ``lock`` of the same key in the same thread waits forever.
         """
@@ -507,7 +508,11 @@ class Cache:
         locks.mkdir(parents=True, exist_ok=True)
         fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if on_wait else 0))
+            except BlockingIOError:
+                on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock

@@ -75,27 +75,19 @@ class MachineLoad:
 BUSY_CORES = 0.25
 
 
+SLOT_KIND = "efficiency-slot"  # the cache kind whose one lock orders speed measurements
+
+
 @contextlib.contextmanager
 def measurement_slot(cache_root: str | None = None, progress: Progress | None = None):
-    """One speed measurement at a time on this machine (across processes): a lock file in the
-    cache; a job that finds it taken reports it is waiting in line."""
-    import fcntl
+    """One speed measurement at a time on this machine (across processes): the cache's lock of one
+    fixed key; a job that finds it taken reports it is waiting in line."""
+    from moescope.analysis.cache import Cache, cache_key
 
-    from moescope.analysis.cache import Cache
-
-    root = Path(cache_root) if cache_root else Cache().root
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".efficiency.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                progress("waiting for another speed measurement", 0, 1)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    cache = Cache(cache_root) if cache_root else Cache()
+    wait = (lambda: progress("waiting for another speed measurement", 0, 1)) if progress else None
+    with cache.lock(SLOT_KIND, cache_key(SLOT_KIND, {"slot": "speed"}), on_wait=wait):
+        yield
 
 
 def speed_verdict(pruned: dict | None, original: dict | None, key: str = "generate_tokens_per_s") -> dict | None:
@@ -176,26 +168,25 @@ def efficiency(model, params: EfficiencyParams | None = None, prompts: torch.Ten
 
     prefill, generate = [], []
     total = p.warmup + p.repeats
-    load = MachineLoad().__enter__()
-    for i in range(total):
-        t_pre = timed(lambda: hf(input_ids=ids, use_cache=True))
-        if i == p.warmup:  # measure peak memory on the first timed generate
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            reset = _rss_peak_reset()
-            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else _proc_status("VmRSS")
-        t_gen = timed(lambda: hf.generate(ids, **gen_kwargs))
-        if i == p.warmup:
-            if device.type == "cuda":
-                peak, how = torch.cuda.max_memory_allocated(device), "cuda allocated peak"
-            else:
-                peak, how = _proc_status("VmHWM"), "peak RSS while generating" if reset else "process peak RSS"
-        if i >= p.warmup:
-            prefill.append(t_pre)
-            generate.append(t_gen)
-        if progress:
-            progress("efficiency", i + 1, total)
-    load.__exit__(None, None, None)
+    with MachineLoad() as load:  # how busy the rest of the machine keeps the CPU meanwhile
+        for i in range(total):
+            t_pre = timed(lambda: hf(input_ids=ids, use_cache=True))
+            if i == p.warmup:  # measure peak memory on the first timed generate
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                reset = _rss_peak_reset()
+                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else _proc_status("VmRSS")
+            t_gen = timed(lambda: hf.generate(ids, **gen_kwargs))
+            if i == p.warmup:
+                if device.type == "cuda":
+                    peak, how = torch.cuda.max_memory_allocated(device), "cuda allocated peak"
+                else:
+                    peak, how = _proc_status("VmHWM"), "peak RSS while generating" if reset else "process peak RSS"
+            if i >= p.warmup:
+                prefill.append(t_pre)
+                generate.append(t_gen)
+            if progress:
+                progress("efficiency", i + 1, total)
     t_pre, t_gen = statistics.median(prefill), statistics.median(generate)
     counts = model.parameter_counts()
     return {
