@@ -44,12 +44,6 @@ def cancel_job(job_id: str) -> bool:
     return jobs.cancel(job_id, cache())
 
 
-def named_plans(model: str):
-    from moescope.analysis.named_plans import list_plans
-
-    return list_plans(model, cache())
-
-
 def experiment_list() -> list[X.Experiment]:
     return X.list_experiments(cache())
 

@@ -6,7 +6,8 @@ import streamlit as st
 
 from moescope.analysis.errors import MoescopeError
 from moescope.analysis.plan import PruningPlan
-from moescope.dashboard import runs
+from moescope.dashboard import plans, runs
+from moescope.dashboard.ui import settings
 
 st.header("Run")
 model = st.session_state.get("model", "demo")
@@ -52,7 +53,7 @@ if submitted:
                               list(tasks) + [t.strip() for t in other.split(",") if t.strip()],
                               float(limit) or None, bool(efficiency), seed=int(st.session_state.get("seed", 0)))
         if queue:
-            named = runs.named_plans(model)
+            named = plans.named_plans(settings())
             started = [runs.start_job(model, named[n].to_json(), spec, n if not label else f"{label} · {n}")
                        for n in queue if n in named]
             st.session_state["run_queue"] = []
