@@ -100,7 +100,8 @@ def _label(plan) -> str:
     return f"{name} {short}".strip()
 
 
-def _structure(model) -> dict:
+def model_structure(model) -> dict:
+    """Routed experts per MoE layer, parameter counts and weight bytes of ``model`` as it is now."""
     return {"experts": {str(k): v for k, v in model.num_experts().items()}, "params": model.parameter_counts(),
             "weight_bytes": sum(model.bytes_by_dtype().values())}
 
@@ -173,7 +174,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
 
     finetuned = is_finetuned(plan)
     trained = finetuned_weights(plan, cache) if finetuned else None  # found before any evaluation
-    before = _structure(model)
+    before = model_structure(model)
     base_fp = model.fingerprint()
 
     t0 = step("evaluate original")
@@ -215,7 +216,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         label=label or _label(plan), model=source, model_fingerprint=base_fp,
         pruned_fingerprint=model.fingerprint() if plan is not None else None,
         plan=plan.to_json() if plan is not None else None, eval=spec.to_json(), reference=reference, result=result,
-        efficiency=efficiency, structure={"before": before, "after": _structure(model)}, timings=timings,
+        efficiency=efficiency, structure={"before": before, "after": model_structure(model)}, timings=timings,
         versions=software_versions(), finetuned=finetuned,
     )
     if store:

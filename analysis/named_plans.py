@@ -141,8 +141,12 @@ def proxy_batch(model, source: str = "demo:all", samples: int = PROXY_SAMPLES, s
     return perplexity_windows(source, model.tokenizer, samples=samples, seq_len=seq_len, split="test")
 
 
-def _weight_bytes(model) -> int:
-    return sum(model.bytes_by_dtype().values())
+def _size(model) -> tuple[int, int, int]:
+    """(routed experts, parameters, weight bytes) of ``model`` as it is now."""
+    from moescope.analysis.experiments import model_structure
+
+    s = model_structure(model)
+    return sum(s["experts"].values()), s["params"]["total"], s["weight_bytes"]
 
 
 def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> PredictedCost:
@@ -160,14 +164,14 @@ def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> Pred
     def compute():
         t0 = time.perf_counter()
         base_ppl = _baseline(model, batch, cache)
-        before = (sum(model.num_experts().values()), model.parameter_counts()["total"], _weight_bytes(model))
+        before = _size(model)
         with contextlib.ExitStack() as stack:
             for l in sorted(plan.layers):
                 stack.enter_context(model.temporary_edit(l))
             for l, lp in sorted(plan.layers.items()):
                 model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router,
                             permutations=lp.permutations, operator=lp.operator, density=lp.density)
-            after = (sum(model.num_experts().values()), model.parameter_counts()["total"], _weight_bytes(model))
+            after = _size(model)
             ppl = None if is_finetuned(plan) else perplexity(model, batch.input_ids)
         meta = {"experts_before": before[0], "experts_after": after[0], "params_before": before[1],
                 "params_after": after[1], "bytes_before": before[2], "bytes_after": after[2],
