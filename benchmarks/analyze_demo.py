@@ -31,9 +31,9 @@ def main() -> None:
     cache_dir = tempfile.mkdtemp(prefix="moescope-bench-cache-")
     os.environ["MOESCOPE_CACHE"] = cache_dir
 
-    from moescope.analysis.analyze import FORWARD_METRICS, AnalysisParams, run_analysis
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.analyze import FORWARD_METRICS, AnalysisParams, run_analysis
     from moescope.analysis.model import load_moe
 
     model = load_moe("demo")
@@ -67,7 +67,7 @@ def main() -> None:
     assert again.entry.path == res.entry.path
     print(f"cached re-run in-process: {cached * 1000:.1f} ms  -> {first / cached:.0f}x faster than the first")
 
-    cmd = [sys.executable, "-m", "moescope.analysis.cli", "analyze", "demo", "--calib", "demo:all", "--samples",
+    cmd = [sys.executable, "-m", "moescope.analysis.run.cli", "analyze", "demo", "--calib", "demo:all", "--samples",
            str(args.samples), "--seq-len", str(args.seq_len), "--metrics", ",".join(FORWARD_METRICS), "--json"]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])

@@ -61,7 +61,7 @@ def main() -> None:
         print(f"synthetic Mixtral: {args.layers} layers, d={args.hidden}, I={args.intermediate}, 8 experts: "
               f"{size / 2**30:.2f} GiB of float32 weights (built and saved in {time.perf_counter() - t0:.0f} s)")
         env = {**os.environ, "MOESCOPE_CACHE": str(root / "cache")}
-        cmd = [sys.executable, "-m", "moescope.analysis.cli", "analyze", str(root / "model"), "--tokenizer", "demo",
+        cmd = [sys.executable, "-m", "moescope.analysis.run.cli", "analyze", str(root / "model"), "--tokenizer", "demo",
                "--offload", str(root / "offload"), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--metrics", "similarity,weights,routing,activations", "--json"]
         t0 = time.perf_counter()

@@ -84,12 +84,12 @@ def main() -> None:
     os.environ["MOESCOPE_CACHE"] = cache_dir
     sys.path.insert(0, str(REPO))
 
-    from moescope.analysis.analyze import AnalysisParams, run_analysis
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import sample_tokens
-    from moescope.analysis.explore import routing_trace
+    from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.measure.explore import routing_trace
+    from moescope.analysis.measure.sensitivity import cached_drop_grid
     from moescope.analysis.model import load_moe
-    from moescope.analysis.sensitivity import cached_drop_grid
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def main() -> None:
     if args.wide:
         import shutil
 
-        from moescope.analysis.synthetic import save_tiny
+        from moescope.analysis.model.synthetic import save_tiny
 
         n_layers, n_experts = (int(v) for v in args.wide.lower().split("x"))
         source = str(Path(cache_dir) / f"wide-{n_layers}x{n_experts}")

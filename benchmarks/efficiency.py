@@ -25,10 +25,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
 
-    from moescope.analysis import skipping
-    from moescope.analysis.analyze import AnalysisParams, run_analysis
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.model import skipping
     from moescope.analysis.strategies import StrategyContext, make_plan
 
     model = load_moe("demo")

@@ -33,14 +33,14 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["MOESCOPE_CACHE"] = tempfile.mkdtemp(prefix="moescope-bench-proxy-")
 
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import sample_tokens
     from moescope.analysis.evaluation import perplexity_windows
-    from moescope.analysis.explore import spearman
+    from moescope.analysis.measure.explore import spearman
+    from moescope.analysis.measure.sensitivity import cached_drop_grid, perplexity
     from moescope.analysis.model import load_moe
-    from moescope.analysis.named_plans import predict_cost, proxy_batch
-    from moescope.analysis.prune import apply
-    from moescope.analysis.sensitivity import cached_drop_grid, perplexity
+    from moescope.analysis.pruning.prune import apply
+    from moescope.analysis.run.named_plans import predict_cost, proxy_batch
     from moescope.analysis.strategies.base import StrategyContext, make_plan
 
     cache = Cache()

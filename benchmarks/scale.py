@@ -98,9 +98,8 @@ def floor(model_dir: Path, samples: int, seq_len: int, device: str) -> None:
     layer's calibration inputs, and one full forward of the model (for the per-layer forward)."""
     import torch
     import torch.nn.functional as F
-
-    from moescope.analysis.capture import LayerStream
     from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.capture import LayerStream
     from moescope.analysis.model import load_moe
 
     model = load_moe(str(model_dir), dtype="bfloat16", device=None if device == "cpu" else device)
@@ -235,7 +234,7 @@ def main() -> None:
         keep = args.keep or E // 2
         data = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
         common = ["--dtype", "bfloat16", "--device", args.device]
-        cli = [sys.executable, "-m", "moescope.analysis.cli"]
+        cli = [sys.executable, "-m", "moescope.analysis.run.cli"]
         plans = root / "plans"
         plans.mkdir()
         n_moe = len(moe)
@@ -334,12 +333,11 @@ def quality(args) -> None:
     """Greedy and beam against exact enumeration on layers of 16 experts (this shape's d, I, top-k;
     four random initialisations, keeping 12 and 8)."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from moescope.analysis.capture import LayerStream
     from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.capture import LayerStream
+    from moescope.analysis.measure.sensitivity import SubsetScorer, enumerate_layer
     from moescope.analysis.model import load_moe, wrap_model
-    from moescope.analysis.sensitivity import SubsetScorer, enumerate_layer
+    from transformers import AutoModelForCausalLM
 
     tok = load_moe("demo").tokenizer
     cfg = config_for(args.shape, 1, 16)

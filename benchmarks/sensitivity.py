@@ -29,10 +29,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from moescope.analysis.capture import LayerStream, next_token_nll
     from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.capture import LayerStream, next_token_nll
+    from moescope.analysis.measure.sensitivity import drop_grid, enumerate_layer, naive_subset_loss
     from moescope.analysis.model import load_moe, wrap_model
-    from moescope.analysis.sensitivity import drop_grid, enumerate_layer, naive_subset_loss
 
     model = load_moe("demo")
     calib = sample_tokens("demo:all", model.tokenizer, args.samples, args.seq_len, seed=0)

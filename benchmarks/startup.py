@@ -28,10 +28,10 @@ CASES = [
 
 def run(code: str, cache: str) -> float:
     if code.startswith("CLEAR; "):
-        subprocess.run([sys.executable, "-m", "moescope.analysis.cli", "cache", "clear", "--kind", "model_info"],
+        subprocess.run([sys.executable, "-m", "moescope.analysis.run.cli", "cache", "clear", "--kind", "model_info"],
                        env={**os.environ, "MOESCOPE_CACHE": cache}, capture_output=True)
         code = code[len("CLEAR; "):]
-    prog = f"from moescope.analysis.cli import main\ntry:\n    {code}\nexcept SystemExit:\n    pass\n"
+    prog = f"from moescope.analysis.run.cli import main\ntry:\n    {code}\nexcept SystemExit:\n    pass\n"
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", prog], env={**os.environ, "MOESCOPE_CACHE": cache}, capture_output=True,
                    check=True)

@@ -48,12 +48,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from moescope.analysis.analyze import AnalysisParams
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import sample_tokens
     from moescope.analysis.evaluation import perplexity_by_domain
+    from moescope.analysis.measure.analyze import AnalysisParams
     from moescope.analysis.model import load_moe, wrap_model
-    from moescope.analysis.prune import apply
+    from moescope.analysis.pruning.prune import apply
     from moescope.analysis.strategies import StrategyContext, make_plan
 
     cache = Cache(tempfile.mkdtemp(prefix="moescope-strategy-table-"))

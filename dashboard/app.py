@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import streamlit as st
-
 from moescope.dashboard import backend
 from moescope.dashboard.backend import Settings
 

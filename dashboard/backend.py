@@ -16,35 +16,38 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import streamlit as st
-
-from moescope.analysis.analyze import (
+from moescope.analysis.core.cache import Cache, default_cache_root
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.measure.analyze import (
     SIMILARITY_NAMES,
     WEIGHT_SIMILARITY_NAMES,
     AnalysisParams,
     lookup_analysis,
     run_analysis,
 )
-from moescope.analysis.cache import Cache, default_cache_root
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.explore import (
+from moescope.analysis.measure.criteria import CRITERIA
+from moescope.analysis.measure.explore import (
     cluster_order,
     criterion_grid_correlation,
     drop_ranks,
     is_distance,
     lookup_routing_trace,
-    pairs_beyond as explore_pairs_beyond,
     routing_trace,
-    similarity_bounds as explore_similarity_bounds,
     skip_ratios,
     token_examples,
     top_pairs,
     top_tokens,
 )
-from moescope.analysis.criteria import CRITERIA
+from moescope.analysis.measure.explore import (
+    pairs_beyond as explore_pairs_beyond,
+)
+from moescope.analysis.measure.explore import (
+    similarity_bounds as explore_similarity_bounds,
+)
+from moescope.analysis.measure.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.model import load_moe
-from moescope.analysis.plan import PruningPlan, edit_layer
-from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
-from moescope.analysis.skipping import calibrate
+from moescope.analysis.model.skipping import calibrate
+from moescope.analysis.pruning.plan import PruningPlan, edit_layer
 from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strategy, make_plan
 from moescope.analysis.strategies.criterion import criterion_scores
 from moescope.analysis.strategies.grid import grid_scores

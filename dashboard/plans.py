@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
-from moescope.analysis.plan import edit_layer
+from moescope.analysis.pruning.plan import edit_layer
 from moescope.dashboard.backend import (
     MoescopeError,
     PruningPlan,
@@ -20,36 +19,35 @@ from moescope.dashboard.backend import (
     validate_plan,
 )
 
-
 # ---------------------------------------------------------------- named plans and their predicted cost
 
 
 def named_plans(s: Settings) -> dict[str, PruningPlan]:
-    from moescope.analysis.named_plans import list_plans
+    from moescope.analysis.run.named_plans import list_plans
 
     return list_plans(s.model, s.cache())
 
 
 def save_named_plan(s: Settings, name: str, plan: PruningPlan) -> None:
-    from moescope.analysis.named_plans import save_plan
+    from moescope.analysis.run.named_plans import save_plan
 
     save_plan(name, plan, s.model, s.cache())
 
 
 def delete_named_plan(s: Settings, name: str) -> None:
-    from moescope.analysis.named_plans import delete_plan
+    from moescope.analysis.run.named_plans import delete_plan
 
     delete_plan(name, s.model, s.cache())
 
 
 def rename_named_plan(s: Settings, old: str, new: str) -> None:
-    from moescope.analysis.named_plans import rename_plan
+    from moescope.analysis.run.named_plans import rename_plan
 
     rename_plan(old, new, s.model, s.cache())
 
 
 def unique_plan_name(s: Settings, base: str) -> str:
-    from moescope.analysis.named_plans import unique_name
+    from moescope.analysis.run.named_plans import unique_name
 
     return unique_name(base, set(named_plans(s)))
 
@@ -57,7 +55,7 @@ def unique_plan_name(s: Settings, base: str) -> str:
 def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFrame:
     """One row per named plan: size change and the proxy perplexity change on a small evaluation
     batch (computed once per plan, then read from the cache), and the drop grid's estimate."""
-    from moescope.analysis.named_plans import predict_cost, proxy_batch
+    from moescope.analysis.run.named_plans import predict_cost, proxy_batch
 
     model = load_model(s.model)
     batch = proxy_batch(model, s.eval_source)

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 import streamlit as st
-
-from moescope.analysis import experiments as X
-from moescope.analysis import jobs
-from moescope.analysis.cache import Cache
+from moescope.analysis.core.cache import Cache
 from moescope.analysis.evaluation import EfficiencyParams, EvalSpec, local_task_names
+from moescope.analysis.run import experiments as X
+from moescope.analysis.run import jobs
 
 
 def cache() -> Cache:
@@ -190,7 +189,7 @@ def domain_table(ids: list[str]) -> pd.DataFrame:
 
 
 def export_experiment(ident: str, out_dir: str, overwrite: bool) -> list[str]:
-    from moescope.analysis.export import export_experiment as export
+    from moescope.analysis.run.export import export_experiment as export
 
     out = export(ident, out_dir, overwrite=overwrite, cache=cache())
     return sorted(p.name for p in out.iterdir())

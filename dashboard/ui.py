@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import streamlit as st
-
 from moescope.dashboard import backend, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan, Settings
 

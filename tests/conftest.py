@@ -15,8 +15,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # per forward of a tiny Mixtral)
 torch.set_num_threads(1)
 
-from moescope.analysis.paths import demo_model_dir  # noqa: E402
-from moescope.analysis.synthetic import TINY_CONFIGS, save_tiny  # noqa: E402
+from moescope.analysis.core.paths import demo_model_dir  # noqa: E402
+from moescope.analysis.model.synthetic import TINY_CONFIGS, save_tiny  # noqa: E402
 
 FAMILIES = sorted(TINY_CONFIGS)
 # one family per distinct mechanism (routing rule, expert layout, where router tensors live, shared
@@ -36,7 +36,7 @@ def fresh_tiny(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     import copy
 
     from moescope.analysis.model import wrap_model
-    from moescope.analysis.synthetic import tiny_model
+    from moescope.analysis.model.synthetic import tiny_model
 
     key = (family, dtype, seed)
     if key not in _BUILT:

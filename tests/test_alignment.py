@@ -12,8 +12,11 @@ import math
 import pytest
 import torch
 from conftest import CORE_FAMILIES, FAMILIES, fresh_tiny
-
-from moescope.analysis.alignment import (
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.data import TokenBatch
+from moescope.analysis.model import wrap_model
+from moescope.analysis.model.alignment import (
     activation_matching,
     align_group,
     intermediate_activations,
@@ -22,15 +25,11 @@ from moescope.analysis.alignment import (
     permute_expert_in_place,
     weight_matching,
 )
-from moescope.analysis.cache import Cache
-from moescope.analysis.data import TokenBatch
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.merging import combine_tensors, ties_merge
-from moescope.analysis.model import wrap_model
-from moescope.analysis.plan import LayerPlan, PruningPlan
-from moescope.analysis.prune import apply
+from moescope.analysis.model.merging import combine_tensors, ties_merge
+from moescope.analysis.model.synthetic import tiny_model
+from moescope.analysis.pruning.plan import LayerPlan, PruningPlan
+from moescope.analysis.pruning.prune import apply
 from moescope.analysis.strategies import StrategyContext, make_plan
-from moescope.analysis.synthetic import tiny_model
 from test_strategies import BATCH, FAST
 
 
@@ -278,8 +277,8 @@ def test_the_upcycled_demo_shares_one_neuron_order_and_the_scratch_demo_does_not
     """Upcycled experts descend from one FFN, so weight matching pairs each neuron with itself;
     experts trained from scratch agree only up to an arbitrary permutation (a random one fixes
     about one neuron of 256)."""
+    from moescope.analysis.core.paths import demo_upcycled_dir
     from moescope.analysis.model import load_moe
-    from moescope.analysis.paths import demo_upcycled_dir
 
     if not (demo_upcycled_dir() / "config.json").is_file():
         pytest.fail(f"the upcycled demo is missing at {demo_upcycled_dir()}")
@@ -321,8 +320,8 @@ def test_experts_with_a_tensor_the_layout_does_not_place_are_refused_before_any_
 
 
 def test_align_and_density_are_generated_cli_flags():
-    from moescope.analysis.cli import build_parser
-    from moescope.analysis.commands import strategy_params
+    from moescope.analysis.run.cli import build_parser
+    from moescope.analysis.run.commands import strategy_params
     from moescope.analysis.strategies import get_strategy
 
     merge = get_strategy("merge")

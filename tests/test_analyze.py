@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import moescope.analysis.measure.analyze as A
 import pandas as pd
 import pytest
 import torch
 from conftest import CORE_FAMILIES as FAMILIES
-
-import moescope.analysis.analyze as A
-from moescope.analysis.cache import Cache
-from moescope.analysis.criteria import CRITERIA
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.data import TokenBatch
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.measure.criteria import CRITERIA
 from moescope.analysis.model import wrap_model
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
 
 PARAMS = A.AnalysisParams(similarity_tokens=128, rbf_batch_tokens=64, rbf_batches=2, chunk_size=4)
 

@@ -13,18 +13,17 @@ import math
 
 import pytest
 import torch
-
-from moescope.analysis.cache import Cache
-from moescope.analysis.capture import LayerStream
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.data import TokenBatch
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.measure.capture import LayerStream
+from moescope.analysis.measure.sensitivity import allocate_greedy, naive_subset_loss
 from moescope.analysis.model import wrap_model
-from moescope.analysis.plan import LayerPlan, PruningPlan
-from moescope.analysis.sensitivity import allocate_greedy, naive_subset_loss
+from moescope.analysis.model.synthetic import tiny_model
+from moescope.analysis.pruning.plan import LayerPlan, PruningPlan
 from moescope.analysis.strategies import StrategyContext, make_plan
 from moescope.analysis.strategies.merge import distinctness
 from moescope.analysis.strategies.selection import even_out
-from moescope.analysis.synthetic import tiny_model
 
 IDS = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(0))
 

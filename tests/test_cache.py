@@ -13,12 +13,11 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import moescope.analysis.core.cache as cache_mod
 import pandas as pd
 import pytest
 import torch
-
-import moescope.analysis.cache as cache_mod
-from moescope.analysis.cache import (
+from moescope.analysis.core.cache import (
     Cache,
     CacheWarning,
     Result,
@@ -28,8 +27,8 @@ from moescope.analysis.cache import (
     format_entries,
     label_slug,
 )
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.paths import REPO_ROOT
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.paths import REPO_ROOT
 
 PARTS = {
     "model": "f00dcafe" * 8,
@@ -522,7 +521,7 @@ WORKER = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     root, counter, started = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     parts = json.loads(sys.argv[4])

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import importlib
 
+import moescope.analysis.measure.analyze as A
+import moescope.analysis.measure.capture as capture
+import moescope.analysis.measure.sensitivity as S
 import pytest
 import torch
-from transformers import AutoTokenizer
-
-import moescope.analysis.analyze as A
-import moescope.analysis.capture as capture
-import moescope.analysis.sensitivity as S
 from moescope.analysis import evaluation as E
-from moescope.analysis.analyze import AnalysisParams, lookup_analysis, run_analysis
-from moescope.analysis.cache import Cache
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.paths import demo_model_dir
 from moescope.analysis.data import TokenBatch
-from moescope.analysis.explore import lookup_routing_trace, routing_trace
+from moescope.analysis.measure.analyze import AnalysisParams, lookup_analysis, run_analysis
+from moescope.analysis.measure.explore import lookup_routing_trace, routing_trace
+from moescope.analysis.measure.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.model import wrap_model
-from moescope.analysis.paths import demo_model_dir
-from moescope.analysis.sensitivity import cached_drop_grid, lookup_drop_grid
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
+from transformers import AutoTokenizer
 
 # the modules that hold the work (the package re-exports a function named like its perplexity module)
 P = importlib.import_module("moescope.analysis.evaluation.perplexity")

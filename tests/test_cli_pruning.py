@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
+from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.run.cli import main
 from transformers import AutoModelForCausalLM
-
-from moescope.analysis.cli import main
-from moescope.analysis.plan import PruningPlan
 
 
 def run(capsys, *argv):

@@ -20,15 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
-
-from moescope.analysis.analyze import AnalysisParams, run_analysis
-from moescope.analysis.cache import ENV_VAR, Cache
+from moescope.analysis.core.cache import ENV_VAR, Cache
 from moescope.analysis.data import sample_tokens
-from moescope.analysis.explore import routing_trace, skip_ratios
+from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
+from moescope.analysis.measure.explore import routing_trace, skip_ratios
+from moescope.analysis.measure.sensitivity import cached_drop_grid
 from moescope.analysis.model import load_moe
-from moescope.analysis.sensitivity import cached_drop_grid
 from moescope.dashboard import charts
+from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 SMALL = {"calib_samples": 8, "calib_seq_len": 128, "grid_samples": 4, "grid_seq_len": 64}
@@ -238,7 +237,7 @@ def test_similarity_threshold_outlines_the_pairs_and_choices_survive_a_page_swit
 
 
 def test_similarity_in_clustered_order_names_the_experts_and_keeps_the_overlay(analysed):
-    from moescope.analysis.explore import cluster_order
+    from moescope.analysis.measure.explore import cluster_order
 
     res, _ = analysed
     plan = {"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 5], [1], [2], [3], [4], [6]]}}}
@@ -351,7 +350,7 @@ def test_expert_maps_criterion_orientation_and_drop_grid_agreement(analysed, dem
     batch = sample_tokens("demo:all", demo_model.tokenizer, 2, 32, seed=0, split="test")
     grid = cached_drop_grid(demo_model, batch, Cache(cache_dir))
     at.run()
-    from moescope.analysis.explore import criterion_grid_correlation
+    from moescope.analysis.measure.explore import criterion_grid_correlation
 
     rho = criterion_grid_correlation(res, grid, "EAN")
     metric = {m.label: m.value for m in at.metric}["Mean Spearman ρ"]
@@ -540,7 +539,7 @@ def test_analysis_never_imports_streamlit():
 
 
 def test_named_plans_save_open_rename_delete_and_survive_a_new_session(analysed, demo_model, cache_dir):
-    from moescope.analysis.named_plans import list_plans, predict_cost, proxy_batch
+    from moescope.analysis.run.named_plans import list_plans, predict_cost, proxy_batch
 
     plan = {"version": 1, "base_model": "demo", "layers": {"1": {"groups": [[0], [1], [2], [3], [4], [5], [6]]}},
             "provenance": {"strategy": "manual"}}

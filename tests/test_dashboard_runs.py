@@ -6,13 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
+from moescope.analysis.evaluation import EvalSpec
+from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.run import experiments as X
+from moescope.analysis.run import jobs
 from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
-
-from moescope.analysis import experiments as X
-from moescope.analysis import jobs
-from moescope.analysis.evaluation import EvalSpec
-from moescope.analysis.plan import PruningPlan
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 SMALL = EvalSpec(ppl=["demo:python"], samples=4, seq_len=64, efficiency=False).to_json()
@@ -65,7 +64,7 @@ def test_a_cancelled_job_leaves_no_experiment(demo_dir):
 
 
 def test_a_bad_plan_is_refused_when_the_job_is_asked_for(demo_dir):
-    from moescope.analysis.errors import MoescopeError
+    from moescope.analysis.core.errors import MoescopeError
 
     one_left = PruningPlan.from_keep("demo", {0: [3]}, provenance={"strategy": "manual"}).to_json()
     with pytest.raises(MoescopeError, match="keep at least 2 experts"):  # the demo routes to top-2

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-
 from moescope.analysis import data
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.paths import REPO_ROOT, demo_model_dir
 from moescope.analysis.data import (
     eval_windows,
     load_texts,
@@ -16,9 +17,7 @@ from moescope.analysis.data import (
     token_streams,
     tokenizer_fingerprint,
 )
-from moescope.analysis.augment import mix_token_embeddings
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.paths import REPO_ROOT, demo_model_dir
+from moescope.analysis.measure.augment import mix_token_embeddings
 
 EOT = "<|endoftext|>"
 SAMPLE_TEXT = [

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from moescope.analysis.cli import main
 from moescope.analysis.data import demo_domains, load_texts, sample_tokens
 from moescope.analysis.model import load_moe
+from moescope.analysis.run.cli import main
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 @pytest.fixture(scope="module")

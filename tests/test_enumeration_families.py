@@ -11,10 +11,9 @@ import math
 import pytest
 import torch
 from conftest import FAMILIES
-
+from moescope.analysis.measure.sensitivity import enumerate_layer
 from moescope.analysis.model import wrap_model
-from moescope.analysis.sensitivity import enumerate_layer
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
 
 IDS = torch.randint(3, 256, (3, 16), generator=torch.Generator().manual_seed(5))
 

@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
-
 from by_hand_eval import continuation_items, multiple_choice_metrics
-
 from moescope.analysis import evaluation as E
-from moescope.analysis.cache import Cache
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.data import load_texts
-from moescope.analysis.errors import MoescopeError
 from moescope.analysis.model import load_moe
 
 

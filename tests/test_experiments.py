@@ -8,18 +8,16 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from by_hand_eval import continuation_items, multiple_choice_metrics
-
-from moescope.analysis import experiments as X
-from moescope.analysis.cache import Cache
-from moescope.analysis.cli import main
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.evaluation import EfficiencyParams, EvalSpec, perplexity
-from moescope.analysis.export import export, export_experiment
 from moescope.analysis.model import load_moe
-from moescope.analysis.plan import PruningPlan
+from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.run import experiments as X
+from moescope.analysis.run.cli import main
+from moescope.analysis.run.export import export, export_experiment
+from transformers import AutoModelForCausalLM
 
 SPEC = dict(ppl=["demo:python", "demo:all"], samples=6, seq_len=64, efficiency=False)
 
@@ -72,9 +70,8 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     # per experiment shared by the charts, the original in grey
     from pathlib import Path
 
-    from streamlit.testing.v1 import AppTest
-
     from moescope.dashboard import runs
+    from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
     at.switch_page("app_pages/compare.py").run()
@@ -125,7 +122,7 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
     # the card states a speed change only when the repeats tell it from noise
     import dataclasses
 
-    from moescope.analysis.export import model_card
+    from moescope.analysis.run.export import model_card
 
     def side(runs, busy=0.0):
         return {"plain": {"generate_tokens_per_s": sorted(runs)[1], "generate_tokens_runs": runs,

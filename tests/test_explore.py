@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import spearmanr
-
-from moescope.analysis.analyze import AnalysisParams, lookup_analysis, run_analysis
-from moescope.analysis.cache import Cache
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.data import sample_tokens
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.explore import (
+from moescope.analysis.measure.analyze import AnalysisParams, lookup_analysis, run_analysis
+from moescope.analysis.measure.explore import (
     criterion_grid_correlation,
     drop_ranks,
     lookup_routing_trace,
@@ -21,11 +19,12 @@ from moescope.analysis.explore import (
     top_pairs,
     top_tokens,
 )
+from moescope.analysis.measure.sensitivity import DropGrid, cached_drop_grid, lookup_drop_grid
 from moescope.analysis.model import load_moe, wrap_model
-from moescope.analysis.plan import LayerPlan, PruningPlan, edit_layer
-from moescope.analysis.sensitivity import DropGrid, cached_drop_grid, lookup_drop_grid
+from moescope.analysis.model.synthetic import tiny_model
+from moescope.analysis.pruning.plan import LayerPlan, PruningPlan, edit_layer
 from moescope.analysis.strategies import StrategyContext, make_plan
-from moescope.analysis.synthetic import tiny_model
+from scipy.stats import spearmanr
 
 
 @pytest.fixture(scope="module")

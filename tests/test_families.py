@@ -11,10 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES, fresh_tiny
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model.layouts import ROUTER_OUTPUTS
 from transformers import AutoModelForCausalLM
-
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.layouts import ROUTER_OUTPUTS
 
 TOL = 1e-5
 DTYPES = [torch.float32, torch.bfloat16]

@@ -12,16 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, fresh_tiny
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.measure.sensitivity import SubsetScorer, enumerate_layer, naive_subset_loss
+from moescope.analysis.model import family_catalog, load_moe, skipping, wrap_model
+from moescope.analysis.model.layouts import LAYOUTS
+from moescope.analysis.model.routing import (
+    RouterParams,
+    softmax_group_topk,
+    softmax_topk,
+    topk_sigmoid,
+    topk_softmax,
+)
+from moescope.analysis.model.synthetic import tiny_config, tiny_model
+from moescope.analysis.run.cli import main
 from test_families import hf_route
-
-from moescope.analysis import family_catalog, skipping
-from moescope.analysis.cli import main
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.layouts import LAYOUTS
-from moescope.analysis.model import load_moe, wrap_model
-from moescope.analysis.routing import RouterParams, softmax_group_topk, softmax_topk, topk_sigmoid, topk_softmax
-from moescope.analysis.sensitivity import SubsetScorer, enumerate_layer, naive_subset_loss
-from moescope.analysis.synthetic import tiny_config, tiny_model
 
 REQUIRED = ["glm4_moe", "qwen3_next", "qwen3_5_moe", "llama4_text", "ernie4_5_moe", "minimax_m2", "deepseek_v2",
             "granitemoe", "hunyuan_v1_moe"]
@@ -158,7 +162,7 @@ def test_children_scored_incrementally_equal_scoring_each_child(family):
     """Greedy and beam score the children C − {j} of a subset by re-routing only the tokens that chose
     j (where the rule allows it): the losses equal scoring every child from scratch, chunked or not,
     and a removal the rule calls local leaves every token that did not choose the expert untouched."""
-    from moescope.analysis.routing import ROUTING_RULES, unchosen_removal_is_local
+    from moescope.analysis.model.routing import ROUTING_RULES, unchosen_removal_is_local
 
     model = fresh_tiny(family)
     layer = model.layers[model.moe_layers[-1]]

@@ -23,10 +23,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from moescope.analysis.model import load_moe, skipping, wrap_model
 from transformers import AutoModelForCausalLM
-
-from moescope.analysis import skipping
-from moescope.analysis.model import load_moe, wrap_model
 
 FAMILIES = ["deepseek_v3", "gpt_oss", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -2,7 +2,7 @@
 (during evaluation, during export) and export. After each kill: no partial output folder, no
 half cache entry, no experiment record without its export; and a clean re-run succeeds.
 
-A kill point is chosen with ``MOESCOPE_FAULT_AT`` (see ``analysis/cli.py:_fault_hook``):
+A kill point is chosen with ``MOESCOPE_FAULT_AT`` (see ``analysis/run/cli.py:_fault_hook``):
 ``progress:STAGE`` kills when that progress stage reports, ``write:GLOB`` when a file whose path
 matches GLOB is opened for writing. The globs name only the target's parent folder and the file,
 so they still hit when the export writes into a temporary sibling that is renamed into place.
@@ -48,7 +48,7 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def cache_state(cache: Path) -> dict[str, list[tuple[str, str | None]]]:
     """Every entry folder by kind, with its verdict (reading the folders directly, not the CLI)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     out: dict[str, list] = {}
     for info in Cache(cache).inspect(verify=True):
@@ -57,7 +57,7 @@ def cache_state(cache: Path) -> dict[str, list[tuple[str, str | None]]]:
 
 
 def experiments(cache: Path) -> list[dict]:
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     return [info for info in Cache(cache).inspect("experiment")]
 

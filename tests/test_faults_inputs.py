@@ -3,7 +3,7 @@ line on stderr (``moescope: error: ...``), no traceback and no file written anyw
 path, the work folder, the cache). Also: ``cache ls`` / ``cache clear --damaged`` on damaged
 entries, the error line after progress bars, and ``dashboard --trust-remote-code``.
 
-The bad inputs run ``moescope.analysis.cli.main`` in this process (a real process each would cost
+The bad inputs run ``moescope.analysis.run.cli.main`` in this process (a real process each would cost
 ~8 s of imports per case; the kills in ``test_faults.py`` use real processes). What a real process
 would print is collected: fd-level stderr (capfd), Python warnings (recorded and counted as stderr
 lines, as an interpreter would print them), and an exception escaping ``main`` (its traceback).
@@ -22,11 +22,10 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-from moescope.analysis.cache import ENV_VAR, Cache
-from moescope.analysis.cli import main
-from moescope.analysis.paths import demo_model_dir
-from moescope.analysis.report import ProgressBars
+from moescope.analysis.core.cache import ENV_VAR, Cache
+from moescope.analysis.core.paths import demo_model_dir
+from moescope.analysis.run.cli import main
+from moescope.analysis.run.report import ProgressBars
 
 DEMO_LAYERS, DEMO_EXPERTS, DEMO_MAX_POS = 4, 8, 512  # demo/model/config.json
 
@@ -290,8 +289,8 @@ def test_plan_made_for_other_weights_is_refused_by_fingerprint(capfd, work):
 
 
 def test_only_learned_merges_may_have_negative_coefficients():
-    from moescope.analysis.errors import MoescopeError
-    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.pruning.plan import PruningPlan
 
     layers = {"0": {"groups": [[0, 1], [2]], "coefficients": [[1.3, -0.2], [1.0]]}}
     learned = PruningPlan.from_json({"version": 1, "base_model": "demo", "layers": layers,
@@ -412,8 +411,8 @@ def test_error_after_progress_bars_is_a_clean_line(capfd, monkeypatch):
     """Bars drawn as on a terminal, still open when an error escapes: main() closes them before it
     prints, so nothing of a bar follows the error and the line itself starts clean (on a terminal
     the closed bars leave the cursor at the start of a cleared line)."""
-    from moescope.analysis import cli as cli_module
-    from moescope.analysis.errors import MoescopeError
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.run import cli as cli_module
 
     def failing(args):
         bars = ProgressBars()
@@ -459,9 +458,8 @@ def test_dashboard_trust_remote_code_reaches_the_app(monkeypatch):
 
 
 def test_dashboard_shows_and_uses_trusted_remote_code(monkeypatch, cache_root):
-    from streamlit.testing.v1 import AppTest
-
     from moescope.dashboard import backend
+    from streamlit.testing.v1 import AppTest
 
     app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
     monkeypatch.setattr(sys, "argv", ["app.py", "--model", "demo", "--trust-remote-code"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 from by_hand_eval import perplexity_metrics, words
-
 from moescope.analysis import evaluation as E
 from moescope.analysis.data import load_texts
 from moescope.analysis.model import load_moe

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 from conftest import FAMILIES
-from transformers import AutoModelForCausalLM, LlamaConfig
-
-from moescope.analysis.cli import main
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.families import get_family
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model import load_moe
-from moescope.analysis.synthetic import save_tiny
+from moescope.analysis.model.families import get_family
+from moescope.analysis.model.synthetic import save_tiny
+from moescope.analysis.run.cli import main
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 
 def run_cli(capsys, *argv):
@@ -126,11 +125,11 @@ def test_device_auto_places_the_model_with_accelerate_and_changes_no_number(tmp_
     """``--device auto`` (accelerate's device map, for several GPUs) on a machine without one puts
     every module on the CPU through the same placement code: analysis, enumeration and perplexity
     give the numbers of a plain CPU load."""
-    from moescope.analysis.analyze import AnalysisParams, run_analysis
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import sample_tokens
-    from moescope.analysis.sensitivity import enumerate_layer, perplexity
-    from moescope.analysis.capture import LayerStream
+    from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.measure.capture import LayerStream
+    from moescope.analysis.measure.sensitivity import enumerate_layer, perplexity
 
     auto, cpu = load_moe("demo", device="auto"), load_moe("demo")
     # without a GPU the map puts everything on the CPU (transformers records a map only when it splits)

@@ -1,7 +1,7 @@
 """Every similarity, routing statistic and criterion checked by value against a second, naive
 implementation written here from the formula (or a case small enough to do by hand).
 
-The naive side never calls ``moescope.analysis.metrics``: expert outputs come from the fused
+The naive side never calls ``moescope.analysis.measure.metrics``: expert outputs come from the fused
 tensors and the router weight directly (and are first checked against the transformers block
 itself), Gram matrices are built token × token, medians come from :mod:`statistics`, standard
 deviations and stable ranks from numpy, rank correlations from scipy, gradients from a plain
@@ -17,15 +17,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
-
-from moescope.analysis import metrics as M
-from moescope.analysis.analyze import AnalysisParams, AnalysisResult, analyze_layer, gradient_criteria
-from moescope.analysis.cache import Cache
-from moescope.analysis.explore import RoutingTrace, criterion_grid_correlation, skip_ratios, spearman, top_pairs
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.measure import metrics as M
+from moescope.analysis.measure.analyze import AnalysisParams, AnalysisResult, analyze_layer, gradient_criteria
+from moescope.analysis.measure.explore import (
+    RoutingTrace,
+    criterion_grid_correlation,
+    skip_ratios,
+    spearman,
+    top_pairs,
+)
+from moescope.analysis.measure.sensitivity import DropGrid
 from moescope.analysis.model import wrap_model
-from moescope.analysis.sensitivity import DropGrid
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
+from scipy.stats import spearmanr
 
 T = 91  # tokens: odd, and T(T-1)/2 is odd too, so every median below is a single middle value
 

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 from conftest import FAMILIES
-
-from moescope.analysis import metrics as M
-from moescope.analysis.analyze import AnalysisParams, analyze_layer
-from moescope.analysis.capture import LayerStream
+from moescope.analysis.measure import metrics as M
+from moescope.analysis.measure.analyze import AnalysisParams, analyze_layer
+from moescope.analysis.measure.capture import LayerStream
 from moescope.analysis.model import wrap_model
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
 
 
 def rand(*shape, seed=0):

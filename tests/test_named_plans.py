@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import pytest
-
-from moescope.analysis.cache import Cache
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.measure.sensitivity import DropGrid, perplexity
 from moescope.analysis.model import load_moe
-from moescope.analysis.named_plans import (delete_plan, grid_delta_sum, list_plans, predict_cost, proxy_batch,
-                                           rename_plan, save_plan, unique_name)
-from moescope.analysis.plan import PruningPlan
-from moescope.analysis.prune import apply
-from moescope.analysis.sensitivity import DropGrid, perplexity
+from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.pruning.prune import apply
+from moescope.analysis.run.named_plans import (
+    delete_plan,
+    grid_delta_sum,
+    list_plans,
+    predict_cost,
+    proxy_batch,
+    rename_plan,
+    save_plan,
+    unique_name,
+)
 
 
 def keep_plan(drop: dict[int, list[int]]) -> PruningPlan:

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model import load_moe, wrap_model
+from moescope.analysis.model.synthetic import TINY_CONFIGS, tiny_model
+from moescope.analysis.pruning.plan import LayerPlan, PruningPlan
+from moescope.analysis.pruning.prune import apply
+from moescope.analysis.run.export import export
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.export import export
-from moescope.analysis.model import load_moe, wrap_model
-from moescope.analysis.plan import LayerPlan, PruningPlan
-from moescope.analysis.prune import apply
-from moescope.analysis.synthetic import TINY_CONFIGS, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 MERGE = (0.3, 0.7)

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model import wrap_model
-from moescope.analysis.plan import PruningPlan
-from moescope.analysis.prune import apply
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
+from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.pruning.prune import apply
 
 DESIGN_EXAMPLE = {
     "version": 1,
@@ -67,7 +66,7 @@ def test_apply_matches_direct_edits_and_refuses_atomically():
     apply(model, PruningPlan.from_json(DESIGN_EXAMPLE))
     twin.merge(0, [[0], [1], [2, 5], [3], [4, 6]], [[1.0], [1.0], [0.5, 0.5], [1.0], [0.7, 0.3]])
     twin.keep(1, [0, 2, 4, 6])
-    from moescope.analysis import skipping
+    from moescope.analysis.model import skipping
 
     skipping.install(twin, {0: 0.42})  # the plan's skip_beta
     ids = torch.randint(3, 256, (2, 16))
@@ -98,9 +97,9 @@ def test_from_drop_keeps_the_rest():
 def test_lottery_rounds_prune_and_finetune(tmp_path):
     """The lottery strategy leaves the model it is given alone; its plan names the finetuned weights,
     which apply() puts into a fresh model of the same structure."""
-    from moescope.analysis.analyze import AnalysisParams
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import TokenBatch
+    from moescope.analysis.measure.analyze import AnalysisParams
     from moescope.analysis.strategies import StrategyContext, make_plan
 
     model = wrap_model(tiny_model("mixtral"), source="tiny")

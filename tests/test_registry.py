@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from moescope.analysis.cli import main
 from moescope.analysis.model import load_moe
-from moescope.analysis.plan import PruningPlan
+from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.run.cli import main
 from moescope.analysis.strategies import STRATEGIES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -32,9 +31,8 @@ def toy_strategy():
 
 def smallest_router_norms(keep: int) -> dict[int, list[int]]:
     """Computed independently: per layer, the experts with the ``keep`` smallest router-row norms."""
+    from moescope.analysis.core.paths import demo_model_dir
     from safetensors.torch import load_file
-
-    from moescope.analysis.paths import demo_model_dir
 
     weights = load_file(demo_model_dir() / "model.safetensors")
     out = {}
@@ -101,9 +99,8 @@ def test_bad_requests_fail_in_one_line_before_weights_load(toy_strategy, capsys,
 
 
 def test_a_new_strategy_file_reaches_the_plan_page(toy_strategy, demo_dir, tmp_path, monkeypatch):
+    from moescope.analysis.core.cache import ENV_VAR
     from streamlit.testing.v1 import AppTest
-
-    from moescope.analysis.cache import ENV_VAR
 
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "cache"))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
@@ -128,9 +125,8 @@ def test_a_new_strategy_file_reaches_the_plan_page(toy_strategy, demo_dir, tmp_p
 
 
 def test_every_registered_strategy_gets_its_declared_widgets(demo_dir, tmp_path, monkeypatch):
+    from moescope.analysis.core.cache import ENV_VAR
     from streamlit.testing.v1 import AppTest
-
-    from moescope.analysis.cache import ENV_VAR
 
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "cache"))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)

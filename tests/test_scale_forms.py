@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from moescope.analysis import metrics as M
+from moescope.analysis.measure import metrics as M
 from moescope.analysis.model import wrap_model
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
 
 
 def rand(*shape, seed=0):
@@ -144,7 +143,7 @@ def test_linear_and_rbf_cka_from_shared_grams_equal_the_separate_functions(work_
 
 
 def test_spectral_groups_are_repaired_to_the_asked_count():
-    from moescope.analysis.merging import group_experts
+    from moescope.analysis.model.merging import group_experts
 
     A = torch.ones(16, 16, dtype=torch.float64)  # no structure: spectral clustering leaves clusters empty
     A[:8, :8] += 0.5
@@ -155,7 +154,7 @@ def test_spectral_groups_are_repaired_to_the_asked_count():
 
 
 def test_cluster_order_puts_alike_experts_side_by_side():
-    from moescope.analysis.explore import cluster_order
+    from moescope.analysis.measure.explore import cluster_order
 
     perm = [5, 0, 7, 2, 4, 1, 6, 3]  # two blocks, {0, 2, 4, 6} and {1, 3, 5, 7}, interleaved
     S = torch.full((8, 8), 0.1)

@@ -8,12 +8,17 @@ import math
 
 import pytest
 import torch
-
-from moescope.analysis.capture import LayerStream
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.measure.capture import LayerStream
+from moescope.analysis.measure.sensitivity import (
+    SubsetScorer,
+    drop_grid,
+    enumerate_layer,
+    naive_subset_loss,
+    perplexity,
+)
 from moescope.analysis.model import wrap_model
-from moescope.analysis.sensitivity import SubsetScorer, drop_grid, enumerate_layer, naive_subset_loss, perplexity
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model.synthetic import tiny_model
 
 IDS = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(0))
 

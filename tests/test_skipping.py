@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from moescope.analysis import skipping
-from moescope.analysis.model import load_moe, wrap_model
-from moescope.analysis.synthetic import tiny_model
+from moescope.analysis.model import load_moe, skipping, wrap_model
+from moescope.analysis.model.synthetic import tiny_model
 
 
 def test_skip_rule_by_hand():

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from moescope.analysis.evaluation.efficiency import BUSY_CORES, MachineLoad, measurement_slot, speed_verdict
 
 

@@ -10,7 +10,7 @@ import sys
 
 PROBE = """
 import json, sys
-from moescope.analysis.cli import main
+from moescope.analysis.run.cli import main
 try:
     rc = main(sys.argv[1:])
 except SystemExit as e:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CORE_FAMILIES as FAMILIES
-
-from moescope.analysis.analyze import AnalysisParams
-from moescope.analysis.cache import Cache
+from moescope.analysis.core.cache import Cache
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.data import TokenBatch
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.measure.analyze import AnalysisParams
 from moescope.analysis.model import wrap_model
-from moescope.analysis.prune import apply
+from moescope.analysis.model.synthetic import tiny_model
+from moescope.analysis.pruning.prune import apply
 from moescope.analysis.strategies import STRATEGIES, StrategyContext, make_plan
-from moescope.analysis.synthetic import tiny_model
 
 FAST = AnalysisParams(similarity_tokens=128, rbf_batch_tokens=48, rbf_batches=1, chunk_size=4)
 IDS = torch.randint(3, 256, (6, 32), generator=torch.Generator().manual_seed(0))

@@ -16,14 +16,13 @@ import random
 
 import pytest
 import torch
-
-from moescope.analysis.analyze import AnalysisParams
-from moescope.analysis.cache import Cache
+from moescope.analysis.core.cache import Cache
 from moescope.analysis.data import TokenBatch
+from moescope.analysis.measure.analyze import AnalysisParams
 from moescope.analysis.model import wrap_model
-from moescope.analysis.prune import apply
+from moescope.analysis.model.synthetic import tiny_model
+from moescope.analysis.pruning.prune import apply
 from moescope.analysis.strategies import StrategyContext, make_plan
-from moescope.analysis.synthetic import tiny_model
 
 D = 32
 EPS = 1e-5  # the tiny Mixtral's RMSNorm eps

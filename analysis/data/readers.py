@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.data.sources import DataSource, check_split, demo_corpus_dir, parse_source
-from moescope.analysis.errors import MoescopeError
+from torch import Tensor
 
 DOC_MARKER = "<|endoftext|>"  # a line holding only this separates documents in corpus files
 HF_MAX_DOCUMENTS = 100_000  # cap on documents streamed from one hf: source

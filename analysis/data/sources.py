@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from moescope.analysis.errors import MoescopeError, unknown_name
-from moescope.analysis.paths import REPO_ROOT
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.core.paths import REPO_ROOT
 
 DEMO_CORPUS_ENV = "MOESCOPE_DEMO_CORPUS"
 SPLITS = ("validation", "test")

@@ -10,11 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from moescope.analysis.data.readers import hf_stream, local_streams, separator_id, token_streams, tokenizer_fingerprint
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.data.readers import (
+    hf_stream,
+    local_streams,
+    separator_id,
+    token_streams,
+    tokenizer_fingerprint,
+)
 from moescope.analysis.data.sources import DataSource, check_split, parse_source
-from moescope.analysis.errors import MoescopeError, unknown_name
+from torch import Tensor
 
 DATA_VERSION = 2  # bump when the stream / window rules change (it is part of every fingerprint)
 SAMPLINGS = ("random", "first")

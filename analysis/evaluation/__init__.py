@@ -31,7 +31,13 @@ from moescope.analysis.evaluation.perplexity import (
     window_perplexity,
 )
 from moescope.analysis.evaluation.quality import EvalSpec, evaluate_quality
-from moescope.analysis.evaluation.tasks import LOCAL_TASKS_DIR, cached_tasks, local_task_names, run_tasks, task_manager
+from moescope.analysis.evaluation.tasks import (
+    LOCAL_TASKS_DIR,
+    cached_tasks,
+    local_task_names,
+    run_tasks,
+    task_manager,
+)
 
 __all__ = ["EVAL_VERSION", "LOCAL_TASKS_DIR", "EfficiencyParams", "EvalSpec", "cached_tasks", "efficiency",
            "efficiency_prompts", "efficiency_with_skipping", "evaluate_quality", "isolated_efficiency",

@@ -12,15 +12,15 @@ from moescope.analysis.evaluation.efficiency import EfficiencyParams, efficiency
 
 def measure(spec_path: str) -> dict:
     from moescope.analysis.model import load_moe
-    from moescope.analysis.plan import PruningPlan
-    from moescope.analysis.prune import apply
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.pruning.prune import apply
 
     spec = json.loads(Path(spec_path).read_text())
     params = EfficiencyParams(**spec["params"])
     model = load_moe(spec["source"], dtype=spec.get("dtype"), device=spec.get("device"))
     plan = PruningPlan.from_json(spec["plan"]) if spec.get("plan") else None
     if plan is not None:  # a finetuned plan's weights come from the cache it was made in
-        from moescope.analysis.cache import Cache
+        from moescope.analysis.core.cache import Cache
 
         apply(model, plan, Cache(spec["cache_root"]) if spec.get("cache_root") else None)
     betas = spec.get("skip_beta") or (plan.skip_beta if plan else None)

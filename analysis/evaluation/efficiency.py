@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.evaluation.keys import Progress, skip_key
 
 
@@ -82,7 +81,7 @@ SLOT_KIND = "efficiency-slot"  # the cache kind whose one lock orders speed meas
 def measurement_slot(cache_root: str | None = None, progress: Progress | None = None):
     """One speed measurement at a time on this machine (across processes): the cache's lock of one
     fixed key; a job that finds it taken reports it is waiting in line."""
-    from moescope.analysis.cache import Cache, cache_key
+    from moescope.analysis.core.cache import Cache, cache_key
 
     cache = Cache(cache_root) if cache_root else Cache()
     wait = (lambda: progress("waiting for another speed measurement", 0, 1)) if progress else None
@@ -235,7 +234,7 @@ def efficiency_with_skipping(model, params: EfficiencyParams, betas: dict | None
                              prompts: torch.Tensor | None = None) -> dict:
     """``{"plain": efficiency without dynamic skipping, "skip": with skipping at ``betas`` (and
     the fraction of expert calls skipped) or None}``; the model's own skipping is restored after."""
-    from moescope.analysis import skipping
+    from moescope.analysis.model import skipping
 
     own = dict(model.skip_beta)
     prompts = prompts if prompts is not None else efficiency_prompts(model.tokenizer, params)

@@ -11,11 +11,10 @@ import hashlib
 import math
 
 import torch
-
-from moescope.analysis.capture import token_nll
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.data import TokenBatch, check_positive, eval_windows, sample_tokens, sliding_windows
-from moescope.analysis.errors import MoescopeError
 from moescope.analysis.evaluation.keys import EVAL_VERSION, Progress, skip_key
+from moescope.analysis.measure.capture import token_nll
 
 
 def score_from(windows: TokenBatch) -> tuple[int, ...]:
@@ -73,7 +72,7 @@ def perplexity(model, source: str = "demo:all", samples: int = 96, seq_len: int 
                seed: int = 0, stride: int | None = None, split: str = "test", tokenizer=None, batch_size: int = 8,
                cache=None, progress: Progress | None = None) -> dict:
     """Perplexity of ``model`` on ``source`` (see :func:`perplexity_windows`), cached when a
-    :class:`~moescope.analysis.cache.Cache` is given. Returns ``{"ppl": {domain: ppl, "all": …},
+    :class:`~moescope.analysis.core.cache.Cache` is given. Returns ``{"ppl": {domain: ppl, "all": …},
     "tokens": {…}, "data": description, "value": headline perplexity}`` where ``value`` is the
     pooled ``all`` for a multi-domain source, else the single domain's."""
     windows = perplexity_windows(source, tokenizer or model.tokenizer, samples, seq_len, sampling, seed, stride, split)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.evaluation.efficiency import EfficiencyParams
 from moescope.analysis.evaluation.keys import Progress
 from moescope.analysis.evaluation.perplexity import perplexity

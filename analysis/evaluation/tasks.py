@@ -10,10 +10,10 @@ import hashlib
 import math
 from pathlib import Path
 
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.evaluation.keys import EVAL_VERSION, skip_key
 
-LOCAL_TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
+LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 
 def local_task_names() -> list[str]:

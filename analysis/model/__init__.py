@@ -1,18 +1,34 @@
-"""The model: a family-generic view over an MoE causal LM (:mod:`.view`), its structural edits
+"""The model floor: a family-generic view over an MoE causal LM (:mod:`.view`), its structural edits
 (:mod:`.edits`), loading (:mod:`.loading`), offloading (:mod:`.offload`) and output folders
-(:mod:`.save`)."""
+(:mod:`.save`), plus the family facts, routing rules, merging arithmetic and export format.
 
-from moescope.analysis.model.edits import validate_groups
-from moescope.analysis.model.loading import folder_fingerprint, load_config, load_moe, resolve_source, wrap_model
-from moescope.analysis.model.offload import release_mapped_weights
-from moescope.analysis.model.save import (
-    MARKER_FILE,
-    TOKENIZER_FILES,
-    atomic_output_dir,
-    check_output_dir,
-)
-from moescope.analysis.model.view import ExpertWeights, MoELayer, MoEModel, Routing
+The names below are imported on first use (PEP 562), so light modules of this floor
+(``families``, ``family_catalog``, ``model_info``, ``paths``-like readers) start without torch."""
 
-__all__ = ["MARKER_FILE", "TOKENIZER_FILES", "atomic_output_dir", "ExpertWeights", "MoELayer", "MoEModel", "Routing", "check_output_dir",
-           "folder_fingerprint", "load_config", "load_moe", "release_mapped_weights",
-           "resolve_source", "validate_groups", "wrap_model"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "validate_groups": "edits",
+    "folder_fingerprint": "loading", "load_config": "loading", "load_moe": "loading",
+    "resolve_source": "loading", "wrap_model": "loading",
+    "release_mapped_weights": "offload",
+    "MARKER_FILE": "save", "TOKENIZER_FILES": "save", "atomic_output_dir": "save", "check_output_dir": "save",
+    "ExpertWeights": "view", "MoELayer": "view", "MoEModel": "view", "Routing": "view",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from moescope.analysis.core.errors import MoescopeError
 from torch import Tensor
-
-from moescope.analysis.errors import MoescopeError
 
 if TYPE_CHECKING:
     from moescope.analysis.model.view import MoELayer

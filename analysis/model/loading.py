@@ -11,14 +11,14 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.families import family_for, supported_model_types
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.paths import DEMO_SOURCES, not_on_hub, resolve_source  # noqa: F401 (re-exported)
+from moescope.analysis.model.families import supported_model_types
+from moescope.analysis.model.family_catalog import family_for
 from moescope.analysis.model.offload import PeriodicRelease, non_layer_modules, release_mapped_weights
 from moescope.analysis.model.save import TOKENIZER_FILES
 from moescope.analysis.model.view import MoEModel
-from moescope.analysis.paths import DEMO_SOURCES, not_on_hub, resolve_source  # noqa: F401 (re-exported)
+from torch import nn
 
 
 def load_config(source: str, trust_remote_code: bool = False):
@@ -195,9 +195,8 @@ def load_moe(
     pickled weights is refused with how to convert it, unless ``allow_pickle`` (unsafe: a crafted
     pickle runs code). Any error reading the checkpoint is one line naming the files.
     """
+    from moescope.analysis.model import nonuniform
     from transformers import AutoModelForCausalLM
-
-    from moescope.analysis import nonuniform
 
     location, local = resolve_source(source)
     config = load_config(source, trust_remote_code)
@@ -259,7 +258,7 @@ def load_moe(
         model._fingerprint = folder_fingerprint(local)
     betas = getattr(config, "moescope_skip_beta", None)
     if betas:  # the folder carries dynamic-skipping thresholds: route with them
-        from moescope.analysis import skipping
+        from moescope.analysis.model import skipping
 
         skipping.install(model, {int(k): float(v) for k, v in betas.items()})
     return model

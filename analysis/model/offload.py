@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from moescope.analysis.families import FamilySpec
+from moescope.analysis.model.families import FamilySpec
 from moescope.analysis.model.view import attr_path
 
 

@@ -11,8 +11,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.jobs import process_alive
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.processes import process_alive
 
 TOKENIZER_FILES = (
     "tokenizer.json",

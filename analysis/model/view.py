@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
+from moescope.analysis.model.families import FamilySpec
+from moescope.analysis.model.layouts import LAYOUTS, ExpertWeights, assign, owner, resolve
+from moescope.analysis.model.routing import ROUTING_RULES, RouterParams
+from moescope.analysis.model.save import TOKENIZER_FILES, atomic_output_dir
 from torch import Tensor, nn
 
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.families import FamilySpec
-from moescope.analysis.layouts import LAYOUTS, ExpertWeights, assign, owner, resolve
-from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
-from moescope.analysis.model.save import TOKENIZER_FILES, atomic_output_dir
-from moescope.analysis.routing import ROUTING_RULES, RouterParams
 
 @dataclass
 class Routing:
@@ -389,14 +389,14 @@ class MoEModel:
         coeffs = validate_groups(view, groups, coeffs)
         aligned = permutations is not None and any(p is not None for ps in permutations for p in (ps or []))
         if aligned:
-            from moescope.analysis.alignment import check_permutations
+            from moescope.analysis.model.alignment import check_permutations
 
             check_permutations(view, groups, permutations)
         with torch.no_grad():
             ex = view.experts
             combined = None
             if aligned or operator != "linear":
-                from moescope.analysis.merging import combine_tensors
+                from moescope.analysis.model.merging import combine_tensors
 
                 combined = combine_tensors(view, groups, coeffs, permutations, operator,
                                            0.2 if density is None else density)
@@ -545,7 +545,7 @@ class MoEModel:
         """The files of :meth:`save`, written into the existing folder ``out`` as they are (no
         checks, not atomic: :meth:`save` and :func:`analysis.export.export` write into a temporary
         folder that is renamed into place)."""
-        from moescope.analysis import nonuniform
+        from moescope.analysis.model import nonuniform
 
         if self.skip_beta:
             self.config.moescope_skip_beta = {str(k): v for k, v in self.skip_beta.items()}

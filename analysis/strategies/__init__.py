@@ -1,4 +1,4 @@
-"""Every way of choosing what to drop or merge, each producing a :class:`~moescope.analysis.plan.PruningPlan`.
+"""Every way of choosing what to drop or merge, each producing a :class:`~moescope.analysis.pruning.plan.PruningPlan`.
 
 One module per strategy, each registering itself with :func:`~.base.register` and declaring its
 parameters once (:mod:`.base`); every module in this folder is imported here, so adding a

@@ -18,9 +18,9 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moescope.analysis.analyze import AnalysisParams, run_analysis
-from moescope.analysis.errors import MoescopeError, unknown_name
-from moescope.analysis.plan import PruningPlan
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
+from moescope.analysis.pruning.plan import PruningPlan
 from moescope.analysis.strategies.selection import keep_counts
 
 Progress = Callable[[str, int, int], None]
@@ -198,7 +198,7 @@ def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
     given.pop("with_skip", None)
     plan = strategy.run(dataclasses.replace(ctx, given=given), full)
     if with_skip and not plan.skip_beta:  # prune and also skip dynamically (β from the original routing)
-        from moescope.analysis.skipping import calibrate
+        from moescope.analysis.model.skipping import calibrate
 
         plan.skip_beta = calibrate(ctx.analysis(metrics=("routing",)))
         plan.provenance["with_skip"] = True

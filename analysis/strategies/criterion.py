@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import torch
-
-from moescope.analysis.criteria import CRITERIA, get_criterion
+from moescope.analysis.measure.criteria import CRITERIA, criterion_scores, get_criterion
 from moescope.analysis.strategies.base import Param, register
-from moescope.analysis.strategies.selection import iterative_drop, keep_counts, nan_to, top
+from moescope.analysis.strategies.selection import iterative_drop, keep_counts, top
 
 CRITERION = Param("criterion", str, "EAN", choices=lambda p: tuple(CRITERIA), normalize=str.upper,
                   help="MC-Suite criterion (EAN, EUF, …, REAP)")
 ORDER = Param("order", str, None, choices=("min", "max"),
               help="drop the experts with the min or max value (default: the criterion's own end)")
-
-
-def criterion_scores(res, name: str, order: str) -> dict[int, torch.Tensor]:
-    """Keep-scores (higher = keep) for dropping by ``order`` of criterion ``name``: ``min`` drops
-    the experts with the smallest values, ``max`` the largest. An expert with no value (never
-    routed) is dropped first."""
-    out = {}
-    for l in res.layers:
-        v = res.criterion(l, name).double()
-        s = v if order == "min" else -v
-        out[l] = nan_to(s, float("-inf"))
-    return out
 
 
 def resolve(params) -> tuple[str, str, tuple[str, ...]]:

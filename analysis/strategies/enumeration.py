@@ -1,7 +1,7 @@
 """Enumerate and skip (Lu et al.): per layer, the kept subset that reconstructs the layer output best.
 
 With a global ``budget`` the counts per layer are allocated greedily on the reconstruction losses:
-each layer's best loss at every size (:func:`~moescope.analysis.sensitivity.loss_curve`, on the
+each layer's best loss at every size (:func:`~moescope.analysis.measure.sensitivity.loss_curve`, on the
 original model's inputs), relative to the layer's output norm so that layers compare, and experts
 are removed one at a time where the relative loss rises least (never below top-k)."""
 
@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import contextlib
 
-from moescope.analysis.capture import LayerStream
-from moescope.analysis.sensitivity import ENUMERATION_METHODS, allocate_greedy, enumerate_layer, loss_curve
+from moescope.analysis.measure.capture import LayerStream
+from moescope.analysis.measure.sensitivity import (
+    ENUMERATION_METHODS,
+    allocate_greedy,
+    enumerate_layer,
+    loss_curve,
+)
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import keep_counts
 

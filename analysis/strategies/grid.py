@@ -1,6 +1,6 @@
 """Drop grid: keep the experts whose single removal raises perplexity most.
 
-The grid (:func:`~moescope.analysis.sensitivity.drop_grid`: the perplexity of the model with one
+The grid (:func:`~moescope.analysis.measure.sensitivity.drop_grid`: the perplexity of the model with one
 expert removed, for every layer × expert) is computed on the first ``grid_samples`` windows of the
 calibration batch and stored in the cache, so a repeated request, or ``moescope grid`` on the same
 windows, reuses it. An expert's keep-score is that perplexity: with ``keep`` the most needed
@@ -14,8 +14,7 @@ import dataclasses
 import hashlib
 
 import torch
-
-from moescope.analysis.sensitivity import cached_drop_grid
+from moescope.analysis.measure.sensitivity import cached_drop_grid
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import keep_counts, top
 
@@ -30,7 +29,7 @@ def first_rows(batch, n: int):
 
 
 def grid_scores(grid) -> dict[int, torch.Tensor]:
-    """Keep-scores from a :class:`~moescope.analysis.sensitivity.DropGrid`: each cell's perplexity."""
+    """Keep-scores from a :class:`~moescope.analysis.measure.sensitivity.DropGrid`: each cell's perplexity."""
     return {l: torch.tensor(row, dtype=torch.float64) for l, row in zip(grid.layers, grid.ppl)}
 
 

@@ -4,7 +4,7 @@ task-agnostic next-token finetune, the finetune budget doubling every round.
 The rounds run on a copy of the model (the caller's model is left as it is). The finetuned
 routers and routed experts are stored in the cache (kind ``lottery``, keyed by model, data and
 parameters, so a repeated request is served from there); the plan names that entry in
-``provenance["weights"]`` and :func:`moescope.analysis.prune.apply` loads it.
+``provenance["weights"]`` and :func:`moescope.analysis.pruning.prune.apply` loads it.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import copy
 import dataclasses
 import math
 
+from moescope.analysis.pruning.prune import FINETUNED_KIND
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.criterion import CRITERION, ORDER, criterion_scores, resolve
 from moescope.analysis.strategies.selection import iterative_drop, keep_counts
 
-KIND = "lottery"
+KIND = FINETUNED_KIND
 LOTTERY_VERSION = 1
 
 
@@ -72,8 +73,8 @@ def finetune(model, input_ids, tokens: int, lr: float = 1e-4, batch_rows: int = 
            Param("start_tokens", int, 8192, help="finetune tokens in the first round (doubling after)", minimum=1),
            Param("lr", float, 1e-4, help="finetune learning rate", minimum=0)])
 def lottery(ctx, params):
-    from moescope.analysis.cache import Cache
-    from moescope.analysis.prune import trained_tensors
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.pruning.prune import trained_tensors
 
     name, order, metrics = resolve(params)
     counts = keep_counts(ctx.model, params)

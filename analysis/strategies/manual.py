@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.plan import LayerPlan, PruningPlan
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.pruning.plan import LayerPlan, PruningPlan
 from moescope.analysis.strategies.base import Param, register
 
 

@@ -6,11 +6,10 @@ TIES keeping a ``density`` fraction of each member's difference)."""
 from __future__ import annotations
 
 import torch
-
-from moescope.analysis.alignment import ALIGNMENTS, align_group, aligned_tensors, check_alignable
-from moescope.analysis.capture import LayerStream
-from moescope.analysis.errors import MoescopeError, unknown_name
-from moescope.analysis.merging import (
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.measure.capture import LayerStream
+from moescope.analysis.model.alignment import ALIGNMENTS, align_group, aligned_tensors, check_alignable
+from moescope.analysis.model.merging import (
     GROUPINGS,
     MERGES,
     affinity,
@@ -19,7 +18,7 @@ from moescope.analysis.merging import (
     learn_coefficients,
     router_guided_groups,
 )
-from moescope.analysis.plan import LayerPlan, PruningPlan
+from moescope.analysis.pruning.plan import LayerPlan, PruningPlan
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import keep_counts
 

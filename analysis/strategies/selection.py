@@ -8,8 +8,7 @@ import contextlib
 import math
 
 import torch
-
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 
 
 def routing_groups(view) -> list[list[int]]:
@@ -148,9 +147,9 @@ def even_out(plan, model, scores: dict[int, torch.Tensor], count: int | None = N
     nearest the plan's mean, :func:`uniform_count`): a layer with more drops its kept experts with
     the lowest ``scores`` (higher = matters more), a layer with fewer adds back its dropped experts
     with the highest; merged groups stay as they are. ``by`` names the scores in the provenance."""
-    from moescope.analysis.plan import edit_layer
-
     import copy
+
+    from moescope.analysis.pruning.plan import edit_layer
 
     before = plan.experts_after(model)
     count = uniform_count(model, before) if count is None else int(count)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import keep_counts, top
 

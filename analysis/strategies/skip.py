@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from moescope.analysis.plan import PruningPlan
-from moescope.analysis.skipping import calibrate
+from moescope.analysis.model.skipping import calibrate
+from moescope.analysis.pruning.plan import PruningPlan
 from moescope.analysis.strategies.base import register
 
 

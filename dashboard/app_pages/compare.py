@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import plotly.express as px
 import streamlit as st
-
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 from moescope.dashboard import runs
 
 st.header("Compare")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
-
 from moescope.dashboard import backend, charts, plans
 from moescope.dashboard.ui import add_to_plan, guarded, persistent, require_stored, settings
 

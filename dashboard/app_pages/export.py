@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
-
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.export import split_front_matter
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.run.export import split_front_matter
 from moescope.dashboard import runs
 
 st.header("Export")

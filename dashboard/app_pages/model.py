@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-
 from moescope.dashboard import backend
 from moescope.dashboard.ui import guarded, persistent, run_with_progress, settings
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import streamlit as st
-
 from moescope.dashboard import backend, charts, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan
 from moescope.dashboard.ui import guarded, layer_select, plan_layer_state, run_with_progress, settings

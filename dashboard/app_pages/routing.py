@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
-
 from moescope.dashboard import backend, charts
 from moescope.dashboard.ui import layer_select, require_analysis, require_trace, settings
 

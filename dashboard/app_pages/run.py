@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import streamlit as st
-
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.plan import PruningPlan
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.pruning.plan import PruningPlan
 from moescope.dashboard import plans, runs
 from moescope.dashboard.ui import settings
 

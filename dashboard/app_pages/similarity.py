@@ -5,10 +5,15 @@ on one colour scale, with the current plan's grouping overlaid."""
 from __future__ import annotations
 
 import streamlit as st
-
 from moescope.dashboard import backend, charts
-from moescope.dashboard.ui import add_to_plan, current_plan, layer_select, plan_layer_state, require_analysis, settings
-
+from moescope.dashboard.ui import (
+    add_to_plan,
+    current_plan,
+    layer_select,
+    plan_layer_state,
+    require_analysis,
+    settings,
+)
 
 st.header("Similarity")
 s = settings()

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
-
 from moescope.analysis.model.view import MoEModel, attr_path
+from torch import Tensor, nn
 
 
 class _Recorder(nn.Module):

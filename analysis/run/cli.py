@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moescope.analysis.commands import (
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.run.commands import (
     cmd_analyze,
     cmd_cache,
     cmd_dashboard,
@@ -24,9 +25,7 @@ from moescope.analysis.commands import (
     cmd_strategies,
     strategy_flag_names,
 )
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.report import ProgressBars
-
+from moescope.analysis.run.report import ProgressBars
 
 ALLOW_PICKLE_HELP = ("UNSAFE: also load pickled weights (pytorch_model.bin); unpickling a crafted file runs code. "
                      "Off by default: moescope reads safetensors only")

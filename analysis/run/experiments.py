@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 
 if TYPE_CHECKING:  # evaluation imports torch; listing experiments must not
     from moescope.analysis.evaluation import EvalSpec
@@ -39,8 +39,7 @@ def software_versions() -> dict[str, str]:
     import lm_eval
     import torch
     import transformers
-
-    from moescope.analysis import __version__
+    from moescope.analysis.core import __version__
 
     return {"moescope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "lm_eval": getattr(lm_eval, "__version__", "?"), "python": platform.python_version()}
@@ -113,9 +112,9 @@ def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | No
         return dict(model.skip_beta)
     if not spec.skip_calib:
         return None
-    from moescope.analysis import skipping
-    from moescope.analysis.analyze import AnalysisParams, run_analysis
     from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.model import skipping
 
     batch = sample_tokens(spec.skip_calib, model.tokenizer, spec.skip_calib_samples, spec.seq_len, seed=spec.seed,
                           split="validation")
@@ -155,10 +154,10 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
     the experiment. ``model`` is left pruned (the caller may export it). ``store=False`` leaves
     the storing to the caller (:func:`store`), e.g. after the export it belongs to is complete,
     so a run killed mid-export leaves no record."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.evaluation import EvalSpec, evaluate_quality, isolated_efficiency
     from moescope.analysis.evaluation.efficiency import measurement_slot
-    from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
+    from moescope.analysis.pruning.prune import apply, finetuned_weights, is_finetuned
 
     spec = spec or EvalSpec()
     spec.validate()
@@ -227,23 +226,22 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
 def store(exp: Experiment, cache=None):
     """Store an experiment that :func:`prune_and_evaluate` left unstored (``store=False``), with
     its finetuned weights when it has them."""
-    from moescope.analysis.plan import PruningPlan
-    from moescope.analysis.prune import finetuned_weights
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.pruning.prune import finetuned_weights
 
     trained = finetuned_weights(PruningPlan.from_json(exp.plan), cache) if exp.finetuned else None
     return save(exp, cache, tensors=trained)
 
 
 def trained_tensors_of(exp: Experiment, cache=None) -> dict:
-    """A finetuned experiment's stored routers and experts (see :func:`moescope.analysis.prune.apply`)."""
+    """A finetuned experiment's stored routers and experts (see :func:`moescope.analysis.pruning.prune.apply`)."""
     return _entry(exp.id, cache).tensors()
 
 
 # ---- store -----------------------------------------------------------------------------------
 def save(exp: Experiment, cache=None, tensors: dict | None = None):
     import pandas as pd
-
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     rows = exp.quality_rows()
@@ -256,7 +254,7 @@ def save(exp: Experiment, cache=None, tensors: dict | None = None):
 
 def list_experiments(cache=None, model: str | None = None) -> list[Experiment]:
     """Every stored experiment, oldest first (``model``: a source or fingerprint prefix)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     out = []
@@ -273,7 +271,7 @@ def _id_of(info) -> str:
 
 
 def _entry(ident: str, cache=None):
-    from moescope.analysis.cache import Cache, cache_key
+    from moescope.analysis.core.cache import Cache, cache_key
 
     cache = cache or Cache()
     entry = cache.get_by_key(KIND, cache_key(KIND, {"id": ident}))

@@ -19,11 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.measure.capture import LayerStream, nll, token_nll
+from moescope.analysis.model.routing import ROUTING_RULES, mix
 from torch import Tensor
-
-from moescope.analysis.capture import LayerStream, nll, token_nll
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.routing import ROUTING_RULES, mix
 
 Progress = Callable[[str, int, int], None]
 
@@ -161,7 +160,7 @@ class SubsetScorer:
     experts), ``‖F'(x_t, C) − F(x_t)‖² = Δ_tᵀ G_t Δ_t``, read off the 2k×2k entries of ``G_t`` it
     touches instead of mixing d-wide outputs. No expert is re-run per subset, and many subsets are
     routed in one batched call. Where the routing rule makes removing an unchosen expert a no-op
-    for a token (:func:`~moescope.analysis.routing.unchosen_removal_is_local`),
+    for a token (:func:`~moescope.analysis.model.routing.unchosen_removal_is_local`),
     :meth:`losses_after_drop` scores the children ``C − {j}`` of a subset by re-scoring only the
     tokens that chose ``j`` (k rows per token instead of |C|). Chunks (``[t, E, E]`` Grams) are kept
     in memory up to ``max_bytes`` and recomputed per call beyond that.
@@ -169,7 +168,7 @@ class SubsetScorer:
 
     def __init__(self, view, x: Tensor, chunk_tokens: int = 4096, max_bytes: int = 2 * 2**30,
                  work_bytes: int = 512 * 2**20):
-        from moescope.analysis.routing import unchosen_removal_is_local
+        from moescope.analysis.model.routing import unchosen_removal_is_local
 
         self.view = view
         self.x = x
@@ -446,7 +445,7 @@ GRID_VERSION = 1
 
 def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
     """:func:`drop_grid` on an evaluation ``batch`` (a TokenBatch), stored in the cache."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     parts = _grid_parts(model, batch)
@@ -462,7 +461,7 @@ def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Pr
 
 def lookup_drop_grid(model, batch, cache=None) -> DropGrid | None:
     """The stored grid :func:`cached_drop_grid` would return, or None (never computes)."""
-    from moescope.analysis.cache import lookup
+    from moescope.analysis.core.cache import lookup
 
     return lookup("dropgrid", _grid_parts(model, batch), lambda entry: _grid_from_meta(entry.meta), cache)
 

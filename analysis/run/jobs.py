@@ -1,7 +1,7 @@
 """Background prune-and-evaluate jobs: they outlive the page (or shell) that started them.
 
 :func:`start` writes the job's spec under ``<cache root>/.jobs/<id>/`` and launches
-``python -m moescope.analysis.jobs <folder>`` in its own session. The child runs
+``python -m moescope.analysis.run.jobs <folder>`` in its own session. The child runs
 :func:`analysis.experiments.run_experiment` and reports through ``status.json`` (replaced
 atomically on every progress step): ``state`` (``running`` / ``done`` / ``failed`` /
 ``cancelled``), the current stage with ``done`` / ``total``, and at the end the experiment id or
@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.paths import REPO_ROOT
+from moescope.analysis.core.processes import process_alive
 
 FINAL = ("done", "failed", "cancelled")
 
 
 def jobs_root(cache=None) -> Path:
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     root = (cache or Cache()).root / ".jobs"
     root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ def start(model: str, plan: dict | None, spec: dict, label: str | None = None, c
     """Launch a job pruning ``model`` by ``plan`` (PruningPlan JSON, validated here first) and
     evaluating it by ``spec`` (EvalSpec JSON); returns its id."""
     from moescope.analysis.evaluation import EvalSpec
-    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.pruning.plan import PruningPlan
 
     if plan is not None:  # against the model's shapes (built on the meta device, no weights read)
         from moescope.analysis.model import load_moe
@@ -106,28 +108,12 @@ def start(model: str, plan: dict | None, spec: dict, label: str | None = None, c
                                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                          "updated": time.time()})
     with open(folder / "log.txt", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moescope.analysis.jobs", str(folder)], stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "moescope.analysis.run.jobs", str(folder)], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=str(Path(__file__).resolve().parents[1]))
+                                cwd=str(REPO_ROOT))
     (folder / "pid").write_text(str(proc.pid))
     return job_id
 
-
-def process_alive(pid: int | None) -> bool:
-    """Whether process ``pid`` is running (a zombie, finished but not yet reaped, is not)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (finished, not yet reaped by the parent that started it) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def status(job_id: str, cache=None) -> JobStatus:
@@ -187,10 +173,10 @@ def wait(job_id: str, timeout: float = 600.0, cache=None) -> JobStatus:
 
 def _run(folder: Path) -> int:
     """The child: run the experiment, reporting into ``status.json``."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.evaluation import EvalSpec
-    from moescope.analysis.experiments import run_experiment
-    from moescope.analysis.plan import PruningPlan
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.experiments import run_experiment
 
     spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
     base = json.loads((folder / "status.json").read_text(encoding="utf-8"))

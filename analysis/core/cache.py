@@ -50,8 +50,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moescope.analysis.errors import MoescopeError, unknown_name
-from moescope.analysis.units import format_bytes
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.core.units import format_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -158,7 +158,7 @@ def default_cache_root() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    from moescope.analysis.paths import REPO_ROOT
+    from moescope.analysis.core.paths import REPO_ROOT
 
     return REPO_ROOT / "cache"
 
@@ -705,7 +705,7 @@ class Cache:
 
     @staticmethod
     def _build_meta(kind, key, parts, meta, label, elapsed) -> dict:
-        from moescope.analysis import __version__
+        from moescope.analysis.core import __version__
 
         user = _plain(dict(meta or {}), "meta")
         clash = sorted(set(user) & set(RESERVED_META))

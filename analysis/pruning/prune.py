@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model import MoEModel
-from moescope.analysis.plan import PruningPlan
+from moescope.analysis.pruning.plan import PruningPlan
+
+# the cache kind under which a lottery plan stores its finetuned routers and experts
+FINETUNED_KIND = "lottery"
 
 
 def apply(model: MoEModel, plan: PruningPlan, cache=None, weights: dict | None = None) -> MoEModel:
@@ -13,7 +16,7 @@ def apply(model: MoEModel, plan: PruningPlan, cache=None, weights: dict | None =
 
     A finetuned plan (a lottery subnetwork) carries trained routers and experts: ``weights`` (as
     :func:`trained_tensors` returns them), else the cache entry its provenance names (in ``cache``,
-    default :class:`~moescope.analysis.cache.Cache`)."""
+    default :class:`~moescope.analysis.core.cache.Cache`)."""
     plan.validate_for(model)
     if is_finetuned(plan) and weights is None:
         weights = finetuned_weights(plan, cache)
@@ -23,7 +26,7 @@ def apply(model: MoEModel, plan: PruningPlan, cache=None, weights: dict | None =
     if weights is not None:
         load_trained_tensors(model, weights)
     if plan.skip_beta:
-        from moescope.analysis import skipping
+        from moescope.analysis.model import skipping
 
         skipping.install(model, plan.skip_beta)
     return model
@@ -35,12 +38,11 @@ def is_finetuned(plan: PruningPlan | None) -> bool:
 
 def finetuned_weights(plan: PruningPlan, cache=None) -> dict:
     """The trained tensors a finetuned plan names (``provenance["weights"]``, a cache key)."""
-    from moescope.analysis.cache import Cache
-    from moescope.analysis.strategies.lottery import KIND
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     key = (plan.provenance or {}).get("weights")
-    entry = cache.get_by_key(KIND, key) if key else None
+    entry = cache.get_by_key(FINETUNED_KIND, key) if key else None
     if entry is None:
         raise MoescopeError(f"the plan's finetuned weights (cache entry {str(key)[:12]}) are not in the cache at "
                             f"{cache.root}; make the {plan.provenance.get('strategy')} plan again there")

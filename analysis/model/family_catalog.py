@@ -15,7 +15,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moescope.analysis.families import FAMILIES, FamilySpec
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model.families import _BY_MODEL_TYPE, FAMILIES, FamilySpec, supported_model_types
 
 # ---- families that cannot be edited exactly (the reason is shown at load and in the catalog)
 _CAPACITY = ("capacity-limited top-1 routing (an expert drops the tokens beyond its capacity, in batch "
@@ -65,7 +66,7 @@ class CatalogEntry:
 
 
 def _describe(spec: FamilySpec) -> dict:
-    from moescope.analysis.layouts import LAYOUT_DESCRIPTIONS
+    from moescope.analysis.model.layouts import LAYOUT_DESCRIPTIONS
 
     renorm = spec.renormalize
     routing = spec.describe_routing(renorm is not False)
@@ -155,3 +156,19 @@ def markdown(entries: list[CatalogEntry] | None = None) -> str:
         else:
             lines.append(f"| `{e.model_type}` | {e.status} | {e.reason} | | |")
     return "\n".join(lines) + "\n"
+
+
+def family_for(config) -> FamilySpec:
+    """The spec for a transformers config, or a one-line error naming the supported families."""
+    model_type = getattr(config, "model_type", None) or "?"
+    spec = _BY_MODEL_TYPE.get(model_type)
+    if spec is None:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        reason = refusal(model_type)
+        if reason:
+            raise MoescopeError(f"'{model_type}' ({archs}) is an MoE family moescope does not edit — {reason}")
+        raise MoescopeError(
+            f"unsupported architecture '{model_type}' ({archs}): moescope supports the MoE families "
+            f"{', '.join(supported_model_types())}"
+        )
+    return spec

@@ -18,8 +18,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.plan import PruningPlan
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.pruning.plan import PruningPlan
 
 KIND = "named-plan"
 PROXY_KIND = "plan-proxy"
@@ -47,7 +47,7 @@ def _entries(model_source: str, cache):
 
 def list_plans(model_source: str, cache=None) -> dict[str, PruningPlan]:
     """The named plans of ``model_source`` (its newest revision per name), oldest name first."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     newest: dict[str, tuple[float, dict]] = {}
@@ -61,7 +61,7 @@ def list_plans(model_source: str, cache=None) -> dict[str, PruningPlan]:
 
 def save_plan(name: str, plan: PruningPlan, model_source: str, cache=None) -> None:
     """Store ``plan`` under ``name`` (a new revision; the name's older ones stay until deleted)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     name = check_name(name)
     cache = cache or Cache()
@@ -74,14 +74,14 @@ def save_plan(name: str, plan: PruningPlan, model_source: str, cache=None) -> No
 
 def delete_plan(name: str, model_source: str, cache=None) -> int:
     """Remove every revision of ``name``; how many there were."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     return sum(cache.remove(KIND, key) for n, _, key, _ in _entries(model_source, cache) if n == name)
 
 
 def rename_plan(old: str, new: str, model_source: str, cache=None) -> None:
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     plans = list_plans(model_source, cache)
@@ -143,7 +143,7 @@ def proxy_batch(model, source: str = "demo:all", samples: int = PROXY_SAMPLES, s
 
 def _size(model) -> tuple[int, int, int]:
     """(routed experts, parameters, weight bytes) of ``model`` as it is now."""
-    from moescope.analysis.experiments import model_structure
+    from moescope.analysis.run.experiments import model_structure
 
     s = model_structure(model)
     return sum(s["experts"].values()), s["params"]["total"], s["weight_bytes"]
@@ -153,9 +153,9 @@ def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> Pred
     """What ``plan`` would do to ``model``, measured without a run: its size and the perplexity
     on ``batch`` (the loaded model is edited inside temporary edits and restored; the result is
     cached per model, plan and batch). ``grid``: a stored :class:`DropGrid` for ``grid_sum``."""
-    from moescope.analysis.cache import Cache
-    from moescope.analysis.prune import is_finetuned
-    from moescope.analysis.sensitivity import perplexity
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.measure.sensitivity import perplexity
+    from moescope.analysis.pruning.prune import is_finetuned
 
     cache = cache or Cache()
     plan.validate_for(model)
@@ -187,7 +187,7 @@ def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> Pred
 
 
 def _baseline(model, batch, cache) -> float:
-    from moescope.analysis.sensitivity import perplexity
+    from moescope.analysis.measure.sensitivity import perplexity
 
     parts = {"model": model.fingerprint(), "data": batch.fingerprint, "plan": None}
     entry = cache.get_or_compute(PROXY_KIND, parts, lambda: {"meta": {"ppl": perplexity(model, batch.input_ids)}},

@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from moescope.analysis.model.layouts import ROUTER_OUTPUTS
 from torch import Tensor
-
-from moescope.analysis.layouts import ROUTER_OUTPUTS
 
 CONFIG_KEY = "moescope_skip_beta"
 

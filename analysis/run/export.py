@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model import atomic_output_dir, check_output_dir
 
 
@@ -42,10 +42,10 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it. The experiment and the output folder are checked before any
     weights are read."""
-    from moescope.analysis import experiments
     from moescope.analysis.model import load_moe
-    from moescope.analysis.plan import PruningPlan
-    from moescope.analysis.prune import apply
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.pruning.prune import apply
+    from moescope.analysis.run import experiments
 
     exp = experiments.load(ident, cache)
     check_output_dir(out_dir, overwrite)
@@ -200,7 +200,7 @@ def split_front_matter(card: str) -> tuple[str, str]:
 
 def _use_section(model) -> list[str]:
     """How to load the folder; for per-layer expert counts, why ``trust_remote_code=True`` is needed."""
-    from moescope.analysis.nonuniform import MODULE_FILE, base_class_name, class_name, is_uniform
+    from moescope.analysis.model.nonuniform import MODULE_FILE, base_class_name, class_name, is_uniform
 
     counts = model.num_experts()
     uniform = is_uniform(counts)

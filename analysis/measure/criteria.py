@@ -1,9 +1,9 @@
 """The per-expert criteria (MC-Suite's sixteen and REAP), each declared once.
 
 A :class:`Criterion` carries its description, the metric family it needs (``routing``,
-``weights``, ``activations``, ``gradients``: what :class:`~moescope.analysis.analyze.AnalysisParams`
+``weights``, ``activations``, ``gradients``: what :class:`~moescope.analysis.measure.analyze.AnalysisParams`
 must compute), its compute function and the end that is dropped by default (``min``: the experts
-with the smallest values go first). :func:`moescope.analysis.analyze.analyze_layer` loops over
+with the smallest values go first). :func:`moescope.analysis.measure.analyze.analyze_layer` loops over
 :data:`CRITERIA`; strategies and the dashboard read it. Adding a criterion is one decorated
 function here (or in any module imported before the analysis runs)::
 
@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from moescope.analysis.core.errors import unknown_name
+from moescope.analysis.measure import metrics as M
 from torch import Tensor
-
-from moescope.analysis import metrics as M
-from moescope.analysis.errors import unknown_name
 
 FAMILIES = ("routing", "weights", "activations", "gradients")
 
@@ -232,3 +231,15 @@ def _ego(s: GradientStats) -> Tensor:
 @criterion("EGN", "gradient norm: ‖∇ concat(W_gate, W_up, W_down)‖_F of the next-token loss", "gradients")
 def _egn(s: GradientStats) -> Tensor:
     return s.vectors.norm(dim=1)
+
+
+def criterion_scores(res, name: str, order: str) -> dict[int, Tensor]:
+    """Keep-scores (higher = keep) for dropping by ``order`` of criterion ``name`` in a stored
+    analysis ``res``: ``min`` drops the experts with the smallest values, ``max`` the largest. An
+    expert with no value (never routed) is dropped first."""
+    out = {}
+    for l in res.layers:
+        v = res.criterion(l, name).double()
+        s = v if order == "min" else -v
+        out[l] = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    return out

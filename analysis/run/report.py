@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from moescope.analysis.units import format_bytes, format_count
+from moescope.analysis.core.units import format_bytes, format_count
 
 
 def format_ranges(xs: list[int]) -> str:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moescope.analysis import modeling_moescope
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model import modeling_moescope
 
 COUNTS_KEY = "moescope_num_experts_per_layer"
 LAYOUT_KEY = "moescope_moe_layout"

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
+from moescope.analysis.core.errors import MoescopeError
 from torch import Tensor
-
-from moescope.analysis.errors import MoescopeError
 
 
 def mix_token_embeddings(hidden: Tensor, ratio: float, seed: int = 0) -> Tensor:

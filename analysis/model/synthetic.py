@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from moescope.analysis.errors import unknown_name
+from moescope.analysis.core.errors import unknown_name
 
 _COMMON = dict(
     vocab_size=256,

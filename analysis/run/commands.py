@@ -1,17 +1,17 @@
 """What each ``moescope`` command does: validate, make one library call, print. The parser and
-the entry point are in :mod:`moescope.analysis.cli`."""
+the entry point are in :mod:`moescope.analysis.run.cli`."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.report import ProgressBars, experiment_json, format_info, print_quality
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.run.report import ProgressBars, experiment_json, format_info, print_quality
 
 
 def cmd_info(args) -> int:
-    from moescope.analysis.model_info import model_info
+    from moescope.analysis.model.model_info import model_info
 
     info = model_info(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -20,7 +20,7 @@ def cmd_info(args) -> int:
 
 def cmd_families(args) -> int:
     """Every MoE model type of the installed transformers: supported / refused / not yet."""
-    from moescope.analysis import family_catalog
+    from moescope.analysis.model import family_catalog
 
     entries = family_catalog.catalog()
     if args.json:
@@ -39,9 +39,7 @@ def cmd_dashboard(args) -> int:
     import os
     from pathlib import Path
 
-    from moescope.analysis.paths import REPO_ROOT
-
-    from moescope.analysis.paths import DEMO_SOURCES
+    from moescope.analysis.core.paths import DEMO_SOURCES, REPO_ROOT
 
     # "demo" names the shipped model even where a demo/ folder sits in the working directory
     model = (str(Path(args.model).resolve()) if args.model not in DEMO_SOURCES and Path(args.model).exists()
@@ -58,9 +56,8 @@ def cmd_dashboard(args) -> int:
 
 def tokenizer_for(model, tokenizer_arg: str | None):
     if tokenizer_arg:
+        from moescope.analysis.core.paths import DEMO_SOURCES
         from transformers import AutoTokenizer
-
-        from moescope.analysis.paths import DEMO_SOURCES
 
         location = str(DEMO_SOURCES[tokenizer_arg][0]()) if tokenizer_arg in DEMO_SOURCES else tokenizer_arg
         try:
@@ -75,9 +72,9 @@ def tokenizer_for(model, tokenizer_arg: str | None):
 
 
 def cmd_analyze(args) -> int:
-    from moescope.analysis.analyze import AnalysisParams, run_analysis
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import parse_source, sample_tokens
+    from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
     from moescope.analysis.model import load_moe
     from moescope.analysis.model.loading import check_sampling, load_config
 
@@ -85,7 +82,7 @@ def cmd_analyze(args) -> int:
     check_sampling(load_config(args.model, args.trust_remote_code), args.samples, args.seq_len)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.offload and metrics == ("all",):
-        from moescope.analysis.analyze import FORWARD_METRICS
+        from moescope.analysis.measure.analyze import FORWARD_METRICS
 
         metrics = FORWARD_METRICS
         print("moescope: note: --offload analyses everything but the gradient criteria (they need the whole "
@@ -128,7 +125,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from moescope.analysis.cache import Cache, format_entries
+    from moescope.analysis.core.cache import Cache, format_entries
 
     cache = Cache()
     if args.cache_command == "ls":
@@ -196,7 +193,7 @@ def calib_batch(args, model, split="validation"):
 
 
 def cmd_plan(args) -> int:
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import parse_source
     from moescope.analysis.model import load_moe
     from moescope.analysis.strategies import StrategyContext, get_strategy, make_plan, validate_request
@@ -269,10 +266,9 @@ def evaluating(args) -> bool:
 
 
 def cmd_eval(args) -> int:
-    from moescope.analysis.cache import Cache
-    from moescope.analysis.experiments import run_experiment
-
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.model import load_config
+    from moescope.analysis.run.experiments import run_experiment
 
     spec = eval_spec(args, ["demo:all"])
     spec.validate_for(load_config(args.model, args.trust_remote_code))  # before any weights are read
@@ -296,12 +292,12 @@ def cmd_prune(args) -> int:
     evaluation settings once → load weights → apply → evaluate (if asked) → export atomically
     with the plan passed explicitly → only then store the experiment record, so a killed run
     leaves neither a partial folder nor a record without its export."""
-    from moescope.analysis import experiments
-    from moescope.analysis.cache import Cache
-    from moescope.analysis.export import check_exportable, export
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.model import check_output_dir, folder_fingerprint, load_moe, resolve_source
-    from moescope.analysis.plan import PruningPlan
-    from moescope.analysis.prune import apply, finetuned_weights, is_finetuned
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.pruning.prune import apply, finetuned_weights, is_finetuned
+    from moescope.analysis.run import experiments
+    from moescope.analysis.run.export import check_exportable, export
 
     out = check_output_dir(args.output, args.overwrite)
     plan = PruningPlan.load(args.plan)
@@ -345,8 +341,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from moescope.analysis.cache import Cache
-    from moescope.analysis.export import export_experiment
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.run.export import export_experiment
 
     out = export_experiment(args.experiment, args.output, overwrite=args.overwrite, cache=Cache(), dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
@@ -359,8 +355,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_experiments(args) -> int:
-    from moescope.analysis import experiments as X
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.run import experiments as X
 
     cache = Cache()
     if args.experiments_command == "ls":
@@ -381,7 +377,7 @@ def cmd_experiments(args) -> int:
         else:
             print(f"experiment {exp.id} ({exp.created}): {exp.label} on {exp.model}")
             if exp.plan:
-                from moescope.analysis.plan import PruningPlan
+                from moescope.analysis.pruning.plan import PruningPlan
 
                 print(f"plan: {PruningPlan.from_json(exp.plan).summary()}")
             print_quality(exp)
@@ -406,11 +402,10 @@ def cmd_experiments(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import parse_source
+    from moescope.analysis.measure.sensitivity import cached_drop_grid
     from moescope.analysis.model import load_moe
-    from moescope.analysis.sensitivity import cached_drop_grid
-
     from moescope.analysis.model.loading import check_sampling, load_config
 
     parse_source(args.eval)

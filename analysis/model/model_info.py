@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from moescope.analysis.errors import MoescopeError
-from moescope.analysis.paths import not_on_hub, resolve_source
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.paths import not_on_hub, resolve_source
 
 INFO_VERSION = 1
 KIND = "model_info"
@@ -52,7 +52,7 @@ def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = 
     """What ``moescope info`` prints for ``source``: from the cache when this exact config was
     described before, else from a meta-device model (then stored; an unwritable cache only means
     the next call builds it again)."""
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     parts = info_parts(config_bytes(source), dtype, trust_remote_code)

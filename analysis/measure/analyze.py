@@ -15,14 +15,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from moescope.analysis.core.cache import StoredResult
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.measure import metrics as M
+from moescope.analysis.measure.capture import LayerStream, token_nll
+from moescope.analysis.measure.criteria import CRITERIA, GradientStats, LayerStats
+from moescope.analysis.measure.metrics import METRICS_VERSION
 from torch import Tensor
-
-from moescope.analysis import metrics as M
-from moescope.analysis.cache import StoredResult
-from moescope.analysis.capture import LayerStream, token_nll
-from moescope.analysis.criteria import CRITERIA, GradientStats, LayerStats
-from moescope.analysis.errors import MoescopeError, unknown_name
-from moescope.analysis.metrics import METRICS_VERSION
 
 METRIC_FAMILIES = ("similarity", "weights", "routing", "activations", "gradients")
 DEFAULT_METRICS = METRIC_FAMILIES
@@ -89,7 +88,7 @@ def _timed(timings: dict, name: str):
 @torch.no_grad()
 def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) -> LayerAnalysis:
     """All metrics of one MoE layer from its block input ``x [T, d]`` and the token ids ``[T]``:
-    routing statistics, similarities, and every criterion of :data:`~moescope.analysis.criteria.CRITERIA`
+    routing statistics, similarities, and every criterion of :data:`~moescope.analysis.measure.criteria.CRITERIA`
     whose metric family is asked for (gradient criteria come from :func:`gradient_criteria`)."""
     E, T = view.num_experts, x.shape[0]
     out = LayerAnalysis(layer=view.index, num_experts=E, top_k=view.top_k)
@@ -124,7 +123,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
             xs = x[sel.to(x.device)]
             if params.augment_ratio > 0:
-                from moescope.analysis.augment import mix_token_embeddings
+                from moescope.analysis.measure.augment import mix_token_embeddings
 
                 xs = mix_token_embeddings(xs, params.augment_ratio, seed=params.seed + view.index)
             # [E, n, d] in the model's dtype on the model's device (bfloat16 outputs are exact in
@@ -229,7 +228,7 @@ def analysis_parts(model, batch, params: AnalysisParams) -> dict:
 def lookup_analysis(model, batch, params: AnalysisParams | None = None, cache=None) -> AnalysisResult | None:
     """The stored analysis :func:`run_analysis` would return, or None when it has not been computed
     (never computes: a dashboard can ask on every page view)."""
-    from moescope.analysis.cache import lookup
+    from moescope.analysis.core.cache import lookup
 
     return lookup("analysis", analysis_parts(model, batch, params or AnalysisParams()), AnalysisResult, cache)
 
@@ -248,7 +247,7 @@ def run_analysis(
     ``progress(stage, done, total)`` is called after each decoder layer (stage ``"layers"``) and
     each gradient chunk (stage ``"gradients"``). Interrupting leaves the cache untouched.
     """
-    from moescope.analysis.cache import Cache
+    from moescope.analysis.core.cache import Cache
 
     params = params or AnalysisParams()
     if "gradients" in params.metrics and getattr(model, "offloaded", False):

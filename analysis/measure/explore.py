@@ -14,10 +14,9 @@ import math
 from collections.abc import Callable
 
 import torch
+from moescope.analysis.core.cache import StoredResult
+from moescope.analysis.core.errors import MoescopeError
 from torch import Tensor
-
-from moescope.analysis.cache import StoredResult
-from moescope.analysis.errors import MoescopeError
 
 TRACE_VERSION = 1
 
@@ -54,8 +53,8 @@ def _trace_parts(model, batch) -> dict:
 def routing_trace(model, batch, cache=None, chunk_size: int = 8, progress: Progress | None = None) -> RoutingTrace:
     """Route every token of ``batch`` (a TokenBatch) through every MoE layer of ``model`` and store
     the choices; served from ``cache`` when done before. ``progress("trace", layer + 1, layers)``."""
-    from moescope.analysis.cache import Cache
-    from moescope.analysis.capture import LayerStream
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.measure.capture import LayerStream
 
     cache = cache or Cache()
     parts = _trace_parts(model, batch)
@@ -84,7 +83,7 @@ def routing_trace(model, batch, cache=None, chunk_size: int = 8, progress: Progr
 
 def lookup_routing_trace(model, batch, cache=None) -> RoutingTrace | None:
     """The stored trace :func:`routing_trace` would return, or None (never computes)."""
-    from moescope.analysis.cache import lookup
+    from moescope.analysis.core.cache import lookup
 
     return lookup("routing", _trace_parts(model, batch), RoutingTrace, cache)
 
@@ -161,7 +160,7 @@ def skip_ratios(trace: RoutingTrace, betas: dict[int, float]) -> dict[int, dict[
     """Per layer, under dynamic skipping with threshold ``betas[layer]``
     (:func:`analysis.skipping.skip_mask`): ``tokens`` = fraction of tokens that skip at least one
     of their selected experts, ``calls`` = fraction of selected (token, expert) calls skipped."""
-    from moescope.analysis.skipping import skip_mask
+    from moescope.analysis.model.skipping import skip_mask
 
     out = {}
     for l, beta in sorted(betas.items()):
@@ -224,7 +223,7 @@ def criterion_grid_correlation(result, grid, criterion: str) -> dict[int, float]
 def drop_ranks(result, criterion: str, order: str) -> Tensor:
     """``[layers, max E]`` order in which dropping by ``order`` (min | max) of ``criterion`` removes
     each expert of each layer (0 = first; an expert without a value goes first; NaN pads)."""
-    from moescope.analysis.strategies.criterion import criterion_scores
+    from moescope.analysis.measure.criteria import criterion_scores
 
     if order not in ("min", "max"):
         raise MoescopeError(f"order must be min or max, got {order!r}")

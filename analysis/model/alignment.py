@@ -26,10 +26,9 @@ moescope would not know how to permute it.
 from __future__ import annotations
 
 import torch
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.model.layouts import LAYOUTS
 from torch import Tensor
-
-from moescope.analysis.errors import MoescopeError, unknown_name
-from moescope.analysis.layouts import LAYOUTS
 
 ALIGNMENTS = ("none", "weights", "activations")
 OUTPUT_SIDE = ("down_proj_bias",)  # per-expert tensors that do not depend on the neuron order

@@ -28,10 +28,9 @@ from __future__ import annotations
 import math
 
 import torch
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.model.routing import ROUTING_RULES, RouterParams, mix
 from torch import Tensor
-
-from moescope.analysis.errors import MoescopeError, unknown_name
-from moescope.analysis.routing import ROUTING_RULES, RouterParams, mix
 
 GROUPINGS = ("spectral", "greedy", "agglomerative")
 MERGES = ("max", "uniform", "usage", "frequency", "learned", "ties")
@@ -189,7 +188,7 @@ def combine_tensors(view, groups: list[list[int]], coeffs: list[list[float]], pe
     permuted onto their reference (``permutations``, see :func:`analysis.alignment.align_group`),
     then combined by ``operator``. A group of one with coefficient 1 and no permutation is that
     expert exactly."""
-    from moescope.analysis.alignment import aligned_tensors
+    from moescope.analysis.model.alignment import aligned_tensors
 
     if operator not in OPERATORS:
         raise unknown_name("merge operator", operator, OPERATORS)

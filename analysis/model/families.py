@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moescope.analysis.errors import MoescopeError, unknown_name
+from moescope.analysis.core.errors import MoescopeError, unknown_name
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class FamilySpec:
     @property
     def group_limited(self) -> bool:
         """The router picks experts within routing groups that edits must keep equal in size."""
-        from moescope.analysis.routing import GROUP_LIMITED_RULES
+        from moescope.analysis.model.routing import GROUP_LIMITED_RULES
 
         return self.routing in GROUP_LIMITED_RULES
 
@@ -205,24 +205,6 @@ _BY_MODEL_TYPE = {mt: spec for spec in FAMILIES.values() for mt in spec.model_ty
 
 def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
-
-
-def family_for(config) -> FamilySpec:
-    """The spec for a transformers config, or a one-line error naming the supported families."""
-    model_type = getattr(config, "model_type", None) or "?"
-    spec = _BY_MODEL_TYPE.get(model_type)
-    if spec is None:
-        from moescope.analysis.family_catalog import refusal
-
-        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
-        reason = refusal(model_type)
-        if reason:
-            raise MoescopeError(f"'{model_type}' ({archs}) is an MoE family moescope does not edit — {reason}")
-        raise MoescopeError(
-            f"unsupported architecture '{model_type}' ({archs}): moescope supports the MoE families "
-            f"{', '.join(supported_model_types())}"
-        )
-    return spec
 
 
 def get_family(name: str) -> FamilySpec:

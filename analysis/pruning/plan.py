@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moescope.analysis.errors import MoescopeError
+from moescope.analysis.core.errors import MoescopeError
 
 PLAN_VERSION = 1
 
@@ -228,7 +228,7 @@ class PruningPlan:
                                     f"(MoE layers: {model.moe_layers})")
             validate_groups(model.layers[l], lp.groups, lp.coefficients)
             if lp.permutations is not None:
-                from moescope.analysis.alignment import check_permutations
+                from moescope.analysis.model.alignment import check_permutations
 
                 check_permutations(model.layers[l], lp.groups, lp.permutations)
         for l in self.skip_beta:

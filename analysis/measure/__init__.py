@@ -1,0 +1,1 @@
+"""Measuring a loaded model: captured expert inputs and outputs, similarity metrics, MC-Suite criteria, the stored analysis, sensitivity (drop grid, subset losses), exploration helpers and augmentation. Imports core, model and data."""
