@@ -473,6 +473,13 @@ class Cache:
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
 
+    def _write_error(self, err: OSError) -> MoescopeError:
+        why = ("no space left on the device" if err.errno == errno.ENOSPC else
+               f"{err.strerror} (read-only or not yours)" if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+               else err.strerror or str(err))
+        return MoescopeError(f"cannot write to the cache at '{self.root}': {why}; nothing was stored. Free space, "
+                             f"or set {ENV_VAR} to a writable folder")
+
     @property
     def _tmp(self) -> Path:
         return self.root / ".tmp"
@@ -505,8 +512,11 @@ class Cache:
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise MoescopeError(f"invalid cache key {key!r}: expected 64 lowercase hex characters")
         locks = self.root / _check_kind(kind) / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise self._write_error(err) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if on_wait else 0))
@@ -672,8 +682,11 @@ class Cache:
             existing = self._lookup(kind, key, locked=False)
             if existing is not None:
                 return existing
-        (self.root / kind).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{kind}-{key[:HASH_CHARS]}-", dir=self._tmp))
+        try:
+            (self.root / kind).mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{kind}-{key[:HASH_CHARS]}-", dir=self._tmp))
+        except OSError as err:
+            raise self._write_error(err) from None
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache should stay readable
             files = self._write_files(tmp, tensors, tables, full_meta)
@@ -697,6 +710,9 @@ class Cache:
                         ) from None
                     return winner
             _fsync_dir(dest.parent)
+        except OSError as err:  # full disk, read-only folder: nothing half-written stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self._write_error(err) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -21,3 +21,38 @@ def process_alive(pid: int | None) -> bool:
     except OSError:
         return True
 
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM (the CLI installs the handler), so
+    that cleanup runs as for Ctrl-C: child processes stopped, temporary files removed."""
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: ask Linux to SIGKILL it when its parent dies (even by SIGKILL)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child(cmd: list[str], env: dict | None = None):
+    """``subprocess.run(cmd, capture_output=True, text=True)`` whose child never outlives this
+    process: Ctrl-C, SIGTERM (:class:`Terminated`) or any exception here kills it before
+    re-raising, and on Linux it is killed by the kernel if this process dies."""
+    import subprocess
+    import sys
+
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=preexec)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

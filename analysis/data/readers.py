@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.outputs import loads_json
 from moescope.analysis.data.sources import DataSource, check_split, demo_corpus_dir, parse_source
 from torch import Tensor
 
@@ -58,7 +59,7 @@ def _read_jsonl(path: Path, spec: str) -> list[str]:
             continue
         where = f"data source '{spec}': line {lineno} of '{path}'"
         try:
-            row = json.loads(line)
+            row = loads_json(line, where)
         except json.JSONDecodeError as err:
             raise MoescopeError(
                 f'{where} is not valid JSON ({err.msg}); expected one object per line like {{"text": "..."}}'

@@ -17,7 +17,8 @@ def measure(spec_path: str) -> dict:
 
     spec = json.loads(Path(spec_path).read_text())
     params = EfficiencyParams(**spec["params"])
-    model = load_moe(spec["source"], dtype=spec.get("dtype"), device=spec.get("device"))
+    model = load_moe(spec["source"], dtype=spec.get("dtype"), device=spec.get("device"),
+                     trust_remote_code=bool(spec.get("trust_remote_code")), allow_pickle=bool(spec.get("allow_pickle")))
     plan = PruningPlan.from_json(spec["plan"]) if spec.get("plan") else None
     if plan is not None:  # a finetuned plan's weights come from the cache it was made in
         from moescope.analysis.core.cache import Cache

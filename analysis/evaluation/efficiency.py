@@ -205,29 +205,38 @@ def efficiency(model, params: EfficiencyParams | None = None, prompts: torch.Ten
 
 
 def isolated_efficiency(source: str, plan: dict | None, params: EfficiencyParams, skip_beta: dict | None = None,
-                        dtype: str | None = None, device: str | None = None, cache_root: str | None = None) -> dict:
+                        dtype: str | None = None, device: str | None = None, cache_root: str | None = None,
+                        trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """:func:`efficiency` of ``source`` with ``plan`` applied, measured in a fresh Python process,
     so that peak memory is that model's alone (not whatever this process loaded before) and
     timings do not depend on what ran earlier. Returns ``{"plain": …, "skip": … or None}``: the
-    second with dynamic skipping at ``skip_beta`` (or the plan's own β)."""
+    second with dynamic skipping at ``skip_beta`` (or the plan's own β). The child loads the model
+    with the same ``device``, ``trust_remote_code`` and ``allow_pickle`` as the caller; it is
+    stopped at once if this process is interrupted or terminated, and its spec file removed."""
     import json
-    import subprocess
     import sys
     import tempfile
 
+    from moescope.analysis.core.processes import run_child
+
     spec = {"source": source, "plan": plan, "params": asdict(params), "skip_beta": skip_beta,
-            "dtype": dtype, "device": device, "cache_root": cache_root}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
+            "dtype": dtype, "device": device, "cache_root": cache_root,
+            "trust_remote_code": bool(trust_remote_code), "allow_pickle": bool(allow_pickle)}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="moescope-efficiency-", delete=False) as f:
+        spec_path = Path(f.name)
+        try:
+            json.dump(spec, f)
+        except BaseException:
+            spec_path.unlink(missing_ok=True)
+            raise
     try:
-        proc = subprocess.run([sys.executable, "-m", "moescope.analysis.evaluation.child", f.name], capture_output=True, text=True)
+        proc = run_child([sys.executable, "-m", "moescope.analysis.evaluation.child", str(spec_path)])
     finally:
-        Path(f.name).unlink(missing_ok=True)
+        spec_path.unlink(missing_ok=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise MoescopeError(f"efficiency measurement of {source} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 
 def efficiency_with_skipping(model, params: EfficiencyParams, betas: dict | None,

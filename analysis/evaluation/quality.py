@@ -3,6 +3,7 @@ perplexity on each source and lm-eval tasks."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -46,8 +47,11 @@ class EvalSpec:
 
         for src in self.ppl:
             parse_source(src)
-        if self.limit is not None and self.limit <= 0:
-            raise MoescopeError(f"--limit must be positive, got {self.limit}")
+        if self.limit is not None and (not math.isfinite(self.limit) or self.limit <= 0
+                                       or (self.limit > 1 and self.limit != int(self.limit))):
+            raise MoescopeError(f"--limit must be a fraction in (0, 1] or a whole number of samples, got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise MoescopeError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
         for flag, value in (("--samples", self.samples), ("--seq-len", self.seq_len), ("--batch-size", self.batch_size),
                             ("--stride", self.stride)):
             if value is not None and value < 1:

@@ -442,15 +442,17 @@ class AnalysisResult(StoredResult):
         return out
 
     def export(self, out_dir) -> dict[str, str]:
-        """Write ``similarity.csv``, ``criteria.csv``, ``routing.csv``, ``coactivation.csv``."""
-        from pathlib import Path
+        """Write ``similarity.csv``, ``criteria.csv``, ``routing.csv``, ``coactivation.csv`` into
+        ``out_dir`` (each to a temporary sibling, then renamed; a symlink is followed)."""
+        from moescope.analysis.core.outputs import atomic_file, check_output_folder
 
-        out = Path(out_dir)
+        out = check_output_folder(out_dir, "--export folder")
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, table in (("similarity", self.similarity_table()), ("criteria", self.criteria_table()),
                             ("routing", self.routing_table()), ("coactivation", self.coactivation_table())):
             p = out / f"{name}.csv"
-            table.to_csv(p, index=False)
+            with atomic_file(p, "--export file") as fh:
+                table.to_csv(fh, index=False)
             paths[name] = str(p)
         return paths

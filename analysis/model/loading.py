@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.core.paths import DEMO_SOURCES, not_on_hub, resolve_source  # noqa: F401 (re-exported)
+from moescope.analysis.model.config_check import check_config
 from moescope.analysis.model.families import supported_model_types
 from moescope.analysis.model.family_catalog import family_for
 from moescope.analysis.model.offload import PeriodicRelease, non_layer_modules, release_mapped_weights
@@ -32,11 +33,17 @@ def load_config(source: str, trust_remote_code: bool = False):
     )
     if local is not None:
         raw = read_config_json(local)
+        check_config(raw, str(local / "config.json"))  # every value moescope reads, before anything is built
     if local is not None and not trust_remote_code:
         if "auto_map" in raw and raw.get("model_type") not in supported_model_types():
             raise MoescopeError(remote_code_msg)
     try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        if local is None:
+            check_config(config.to_dict(), f"the config of '{source}'")
+        return config
+    except MoescopeError:
+        raise
     except ValueError as err:  # unknown model_type / remote code refused
         msg = str(err).splitlines()[0]
         if "trust_remote_code" in str(err):

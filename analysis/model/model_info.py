@@ -67,6 +67,6 @@ def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = 
     try:
         cache.put(KIND, parts, meta={"info": info, "model": str(source), "model_source": str(source)},
                   label=Path(str(source)).name or str(source))
-    except OSError:
+    except (OSError, MoescopeError):  # an unwritable cache: the next call builds it again
         pass
     return info

@@ -67,8 +67,9 @@ def finish_config(model, out: Path) -> None:
     cfg = json.loads(path.read_text(encoding="utf-8"))
     counts = model.num_experts()
     base = base_class_name(model.hf)
-    auto_map = {k: v for k, v in (cfg.get("auto_map") or {}).items()
-                if not (k == "AutoModelForCausalLM" and str(v).startswith(f"{MODULE_NAME}."))}
+    # only moescope's own entry: a base model's auto_map names module files this folder does not
+    # carry, and a dangling entry breaks from_pretrained(..., trust_remote_code=True)
+    auto_map = {}
     cfg.pop(COUNTS_KEY, None)
     cfg.pop(LAYOUT_KEY, None)
     cfg.pop("auto_map", None)
@@ -84,6 +85,15 @@ def finish_config(model, out: Path) -> None:
     if auto_map:
         cfg["auto_map"] = auto_map
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def foreign_auto_map(config) -> dict:
+    """The entries of ``config.auto_map`` that are not moescope's own (custom code of the base model's
+    repository); an export drops them (:func:`finish_config`) and its model card says so."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if not isinstance(auto_map, dict):
+        return {"auto_map": auto_map}
+    return {k: v for k, v in auto_map.items() if not str(v).startswith(f"{MODULE_NAME}.")}
 
 
 def module_source(base: str) -> str:
@@ -108,8 +118,11 @@ def model_class(config) -> type | None:
     lay = getattr(config, LAYOUT_KEY, None) or {}
     import transformers
 
-    base = lay.get("base_class")
-    if not base or not hasattr(transformers, base):
+    base = lay.get("base_class") if isinstance(lay, dict) else None
+    cls = getattr(transformers, base, None) if isinstance(base, str) and base.isidentifier() else None
+    config_class = getattr(cls, "config_class", None)
+    if cls is None or getattr(config_class, "model_type", None) != config.model_type:
         raise MoescopeError(f"the config lists per-layer expert counts ({COUNTS_KEY}) but its {LAYOUT_KEY} names "
-                            f"no transformers class (base_class={base!r}); re-export the folder with moescope")
+                            f"no transformers class of model type '{config.model_type}' (base_class={base!r}); "
+                            "re-export the folder with moescope")
     return modeling_moescope.moescope_class(base)

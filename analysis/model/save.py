@@ -4,14 +4,17 @@ the facts a folder needs (tokenizer files, one expert count per config)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.outputs import check_free_space, check_writable, write_error
 from moescope.analysis.core.processes import process_alive
 
 TOKENIZER_FILES = (
@@ -29,24 +32,39 @@ MARKER_FILE = ".moescope-export"  # written last into every folder moescope save
 _TMP_TAG, _OLD_TAG = ".moescope-tmp-", ".moescope-old-"
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse (before any expensive work) a path that is a file or lies under one, or a non-empty
-    folder unless ``overwrite``; ``overwrite`` replaces only a folder moescope wrote (one that
-    carries :data:`MARKER_FILE`), never a folder of someone's own files."""
-    out = Path(out_dir)
+def _follow(out_dir: str | Path) -> Path:
+    """The output folder's path with a symlink followed (moescope writes the folder a link points to
+    and leaves the link in place; it never replaces a link with a folder)."""
+    if not str(out_dir).strip():
+        raise MoescopeError("output folder: the path is empty; give a folder to write the model into")
+    out = Path(out_dir).expanduser()
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool, needed_bytes: int | None = None) -> Path:
+    """Refuse (before any expensive work) a path that is a file or lies under one, a place that
+    cannot be written, a file system with less than ``needed_bytes`` free (when estimated), or a
+    non-empty folder unless ``overwrite``; ``overwrite`` replaces only a folder moescope wrote (one
+    that carries :data:`MARKER_FILE`), never a folder of someone's own files. A symlink is followed:
+    the folder it points to is the output. Returns the folder to write."""
+    given = Path(out_dir)
+    out = _follow(out_dir)
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise MoescopeError(f"output path '{out}' lies under '{parent}', which is a file, not a folder")
+                raise MoescopeError(f"output path '{given}' lies under '{parent}', which is a file, not a folder")
             break
     if out.exists() and not out.is_dir():
-        raise MoescopeError(f"output path '{out}' exists and is not a folder")
+        raise MoescopeError(f"output path '{given}' exists and is not a folder")
     if out.exists() and any(p for p in out.iterdir()):
         if not overwrite:
-            raise MoescopeError(f"output folder '{out}' is not empty; choose an empty folder or pass --overwrite")
+            raise MoescopeError(f"output folder '{given}' is not empty; choose an empty folder or pass --overwrite")
         if not (out / MARKER_FILE).is_file():
-            raise MoescopeError(f"output folder '{out}' was not written by moescope (it has no {MARKER_FILE}); "
+            raise MoescopeError(f"output folder '{given}' was not written by moescope (it has no {MARKER_FILE}); "
                                 "--overwrite only replaces moescope's own folders: choose another folder")
+    check_writable(out.parent, f"output folder '{given}'")
+    if needed_bytes:
+        check_free_space(out.parent, needed_bytes, f"the output folder '{given}'")
     return out
 
 
@@ -69,13 +87,63 @@ def sweep_stale_siblings(out: Path) -> None:
             shutil.rmtree(sib, ignore_errors=True)
 
 
+def _keep_aside(tmp: Path, out: Path) -> Path:
+    """Rename a finished temporary folder to a visible sibling of ``out`` no sweep removes."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(100):
+        keep = out.parent / f"{out.name}.moescope-{stamp}" + (f"-{i}" if i else "")
+        if not os.path.lexists(keep):
+            with contextlib.suppress(OSError):
+                os.rename(tmp, keep)
+                return keep
+    return tmp
+
+
+def _appeared(out: Path, tmp: Path) -> MoescopeError:
+    keep = _keep_aside(tmp, out)
+    return MoescopeError(f"'{out}' appeared while moescope was writing it and is not a folder moescope wrote "
+                         f"(no {MARKER_FILE}); nothing was replaced: the finished output is in '{keep}'")
+
+
+def _place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` onto ``out``. Whatever stands at ``out`` by now is looked at again
+    (it may have appeared during the work): only a folder moescope wrote is replaced, and only with
+    ``overwrite``; anything else is left as it is and ``tmp`` is kept under a visible name."""
+    if os.path.islink(out) or (os.path.lexists(out) and not out.is_dir()):
+        raise _appeared(out, tmp)
+    if out.is_dir() and any(out.iterdir()):
+        if not (overwrite and (out / MARKER_FILE).is_file()):
+            raise _appeared(out, tmp)
+        old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.replace(old, out)  # put moescope's previous folder back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:  # rename(2) replaces only a missing or empty folder: a file added meanwhile makes it fail
+        os.replace(tmp, out)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise _appeared(out, tmp) from None
+        raise
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+def atomic_output_dir(out_dir: str | Path, overwrite: bool, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out_dir`` to write into; when the block finishes,
     mark it (:data:`MARKER_FILE`) and rename it into place, so ``out_dir`` is either absent (or as
-    it was) or complete, whenever the process dies. An exception removes the temporary folder."""
-    sweep_stale_siblings(Path(out_dir))  # first: it may put a killed writer's folder back in place
-    out = check_output_dir(out_dir, overwrite)
+    it was) or complete, whenever the process dies. An exception removes the temporary folder.
+
+    Nothing moescope did not write is ever deleted: if something that is not a moescope folder
+    appeared at ``out_dir`` during the work, the placement refuses in one line and keeps the
+    finished folder under a visible name it gives; ``overwrite`` replaces only moescope's own
+    folders. A symlink at ``out_dir`` is followed (the folder it points to is written)."""
+    sweep_stale_siblings(_follow(out_dir))  # first: it may put a killed writer's folder back in place
+    out = check_output_dir(out_dir, overwrite, needed_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,17 +151,14 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / MARKER_FILE).write_text(json.dumps({"written_by": "moescope"}) + "\n", encoding="utf-8")
-        if out.exists() and any(out.iterdir()):  # checked above: a moescope folder, --overwrite given
-            old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # over an empty folder, or where there was none
+        _place(tmp, out, overwrite)
+    except MoescopeError:
+        if tmp.exists() and not (tmp / MARKER_FILE).is_file():  # a finished folder is never removed
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as err:  # disk full, permissions, ...: one line naming the file
         shutil.rmtree(tmp, ignore_errors=True)
-        where = f" ({err.filename})" if err.filename else ""
-        raise MoescopeError(f"cannot write '{out}'{where}: {err.strerror or err}") from None
+        raise write_error(err, f"'{out}'") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.outputs import loads_json
 
 PLAN_VERSION = 1
 
@@ -118,12 +120,11 @@ class PruningPlan:
         return json.dumps(self.to_json(), indent=2)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.dumps() + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        """Write the plan to ``path`` atomically (a temporary sibling renamed into place; a symlink is
+        followed, a folder refused); an error is one line and leaves ``path`` as it was."""
+        from moescope.analysis.core.outputs import atomic_write_text
+
+        return atomic_write_text(path, self.dumps() + "\n", what="plan file")
 
     @classmethod
     def from_json(cls, data, where: str = "plan") -> PruningPlan:
@@ -143,6 +144,8 @@ class PruningPlan:
         layers = {}
         for key, raw in layers_raw.items():
             l = _layer_key(key, where)
+            if l in layers:
+                raise MoescopeError(f"{where}: layer {l} is listed twice; give each layer once")
             if not isinstance(raw, dict) or "groups" not in raw:
                 raise MoescopeError(f"{where}: layer {key} must be an object with 'groups'")
             extra = sorted(set(raw) - {"groups", "coefficients", "merge_router", "permutations", "operator",
@@ -163,7 +166,7 @@ class PruningPlan:
                         or any(not isinstance(c, list) or len(c) != len(g) for c, g in zip(coeffs, groups, strict=True))
                         or any(not isinstance(w, int | float) or isinstance(w, bool) for c in coeffs for w in c)):
                     raise MoescopeError(f"{where}: layer {key}: 'coefficients' must have the same shape as 'groups'")
-                coeffs = [[float(w) for w in c] for c in coeffs]
+                coeffs = [[_as_float(w, where, key) for w in c] for c in coeffs]
                 _check_coefficients(coeffs, groups, where, key, signed_coefficients(data.get("provenance")))
             merge_router = raw.get("merge_router", True)
             if not isinstance(merge_router, bool):
@@ -188,7 +191,10 @@ class PruningPlan:
             layers[l] = LayerPlan([[int(e) for e in g] for g in groups], coeffs, merge_router, perms, operator,
                                   None if density is None else float(density))
         skip = {}
-        for key, beta in (data.get("skip_beta") or {}).items():
+        skip_raw = data.get("skip_beta") or {}
+        if not isinstance(skip_raw, dict):
+            raise MoescopeError(f"{where}: 'skip_beta' must be an object {{layer: β}}, got {json.dumps(skip_raw)[:60]}")
+        for key, beta in skip_raw.items():
             if not isinstance(beta, int | float) or isinstance(beta, bool) or not 0 <= beta <= 1:
                 raise MoescopeError(f"{where}: skip_beta of layer {key} must be a number in [0, 1], got {beta!r}")
             skip[_layer_key(key, where)] = float(beta)
@@ -204,7 +210,8 @@ class PruningPlan:
     def load(cls, path: str | Path) -> PruningPlan:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_keep_constant)
+            data = loads_json(path.read_text(encoding="utf-8"), f"plan file '{path}'", parse_constant=_keep_constant,
+                              unique_keys=True)
         except FileNotFoundError:
             raise MoescopeError(f"plan file '{path}' not found") from None
         except IsADirectoryError:
@@ -375,10 +382,19 @@ def _is_int(x) -> bool:
 
 
 def _layer_key(key, where) -> int:
+    """A layer key as written in a plan: a canonical decimal integer in ASCII digits (``"0"``,
+    ``"12"``); ``"02"``, ``" 2"``, ``"+2"`` or ``"٣"`` would name a layer ambiguously and are refused."""
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    if not isinstance(key, str) or not re.fullmatch(r"0|[1-9][0-9]{0,8}", key):
+        raise MoescopeError(f"{where}: layer key {key!r} is not a decoder-layer index; layer keys are written "
+                            "as plain decimal numbers without leading zeros (\"0\", \"3\", \"12\")")
+    return int(key)
+
+
+def _as_float(w, where: str, key) -> float:
     try:
-        l = int(key)
-    except (TypeError, ValueError):
-        raise MoescopeError(f"{where}: layer key {key!r} is not a decoder-layer index") from None
-    if l < 0:
-        raise MoescopeError(f"{where}: layer key {key!r} is negative")
-    return l
+        return float(w)
+    except OverflowError:
+        raise MoescopeError(f"{where}: layer {key}: merge coefficient {str(w)[:20]}… is too large to be a "
+                            "number") from None

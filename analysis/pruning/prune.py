@@ -46,7 +46,19 @@ def finetuned_weights(plan: PruningPlan, cache=None) -> dict:
     if entry is None:
         raise MoescopeError(f"the plan's finetuned weights (cache entry {str(key)[:12]}) are not in the cache at "
                             f"{cache.root}; make the {plan.provenance.get('strategy')} plan again there")
-    return entry.tensors()
+    tensors = entry.tensors()
+    check_finite_tensors(tensors, f"the plan's finetuned weights (cache entry {str(key)[:12]})")
+    return tensors
+
+
+def check_finite_tensors(tensors: dict, what: str) -> None:
+    """Refuse weights holding NaN or infinity: they are never stored, applied or exported."""
+    import torch
+
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise MoescopeError(f"{what} hold non-finite values (NaN or infinity) in {len(bad)} tensor(s), e.g. "
+                            f"{bad[0]}; nothing was stored or exported")
 
 
 def trained_tensors(model: MoEModel) -> dict:

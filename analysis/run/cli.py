@@ -1,13 +1,17 @@
 """``moescope`` command line: parse, validate, make one library call, print.
 
 Every user mistake surfaces as a :class:`~analysis.errors.MoescopeError` and is printed as one
-line (``moescope: error: ...``, exit status 2); Ctrl-C exits with status 130.
+line (``moescope: error: ...``, exit status 2); so is any other exception (``--debug`` adds its
+traceback). Ctrl-C exits with status 130, SIGTERM with 143, both after cleaning up; a closed
+stdout (``moescope families | head``) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import traceback
 
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.run.commands import (
@@ -38,6 +42,8 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
         prog="moescope",
         description="Find, drop and merge redundant experts in Mixture-of-Experts language models.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the Python traceback too (may stand anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_command(name: str, help_: str) -> argparse.ArgumentParser:
@@ -261,24 +267,104 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` may stand anywhere before a ``--``; it is taken out before parsing."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    return [a for i, a in enumerate(argv) if not (i < end and a == "--debug")], debug
+
+
+def _one_line(err: BaseException) -> str:
+    """An unexpected exception as one line: its type and the first line of its message."""
+    text = " ".join(str(err).split("\n", 1)[0].split())
+    if len(text) > 300:
+        text = text[:300] + " …"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``moescope … | head``): stop quietly, as Unix tools do, with
+    the status of a process ended by SIGPIPE; stdout is pointed at /dev/null so that the
+    interpreter's final flush does not complain."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + 13
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt), so every ``finally`` and ``with``
+    runs: child processes are stopped and temporary files removed, as for Ctrl-C."""
+    import signal
+
+    from moescope.analysis.core.processes import Terminated
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (the CLI called from a thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every exception ends here: a user mistake (:class:`MoescopeError`) and any
+    other exception are one line on stderr, exit status 2 (``--debug`` prints the traceback too);
+    Ctrl-C exits 130, SIGTERM 143 (both after cleaning up); a closed stdout ends quietly (141)."""
+    from moescope.analysis.core.processes import Terminated
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv, debug = _take_debug(argv)
     # the registry's flags only where they are parsed: `moescope --help`, `cache ls` and the like
     # then start without importing torch
-    parser = build_parser(strategy_flags=_command(argv) == "plan")
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser(strategy_flags=_command(argv) == "plan")
+        args = parser.parse_args(argv)
+    except BrokenPipeError:  # `moescope --help | head -1`
+        return _stdout_gone()
     _fault_hook()
     _library_bars_off_unless_terminal()
-    try:
-        return int(args.func(args) or 0)
-    except MoescopeError as err:
-        ProgressBars.close_all()
-        print(f"moescope: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        ProgressBars.close_all()
-        print("moescope: interrupted", file=sys.stderr)
-        return 130
+    with _sigterm_as_interrupt():
+        try:
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+            return code
+        except BrokenPipeError:
+            ProgressBars.close_all()
+            return _stdout_gone()
+        except MoescopeError as err:
+            ProgressBars.close_all()
+            if debug:
+                traceback.print_exc()
+            print(f"moescope: error: {err}", file=sys.stderr)
+            return 2
+        except Terminated:
+            ProgressBars.close_all()
+            print("moescope: terminated", file=sys.stderr)
+            return 128 + 15
+        except KeyboardInterrupt:
+            ProgressBars.close_all()
+            print("moescope: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - the one boundary: never a traceback for a user
+            ProgressBars.close_all()
+            if debug:
+                traceback.print_exc()
+                print(f"moescope: error: {_one_line(err)}", file=sys.stderr)
+            else:
+                print(f"moescope: error: {_one_line(err)} (run again with --debug for the traceback)",
+                      file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the entry point are in :mod:`moescope.analysis.run.cli`."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -41,6 +42,7 @@ def cmd_dashboard(args) -> int:
 
     from moescope.analysis.core.paths import DEMO_SOURCES, REPO_ROOT
 
+    check_listen(args.address, args.port)
     # "demo" names the shipped model even where a demo/ folder sits in the working directory
     model = (str(Path(args.model).resolve()) if args.model not in DEMO_SOURCES and Path(args.model).exists()
              else args.model)
@@ -52,6 +54,65 @@ def cmd_dashboard(args) -> int:
     os.chdir(REPO_ROOT)  # so .streamlit/config.toml (theme, localhost binding) applies
     os.execv(sys.executable, cmd)
     return 0
+
+
+def check_listen(address: str, port: int) -> None:
+    """The dashboard's ``--address`` and ``--port``, checked before Streamlit starts: a port in
+    1..65535, a non-empty address (an empty one would bind every interface), and a port that is
+    free on that address (else: which ``--port`` to try)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise MoescopeError(f"--port {port} is not a TCP port; use 1-65535 (default 8501)")
+    if not address.strip():
+        raise MoescopeError("--address is empty, which would listen on every network interface; give "
+                            "localhost (the default), or 0.0.0.0 to be reachable from other machines on purpose")
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise MoescopeError(f"--address {address!r} is not an address of this machine ({err.strerror or err})") from None
+    family, kind, proto, _, where = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        try:
+            s.bind(where)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise MoescopeError(f"port {port} on {address} is in use (another dashboard?); pass --port with a "
+                                    f"free one, e.g. --port {_free_port(address)}") from None
+            raise MoescopeError(f"cannot listen on {address}:{port} ({err.strerror or err}); pass another "
+                                "--address or --port") from None
+
+
+def _free_port(address: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return 8502
+        return s.getsockname()[1]
+
+
+def check_device(device: str | None) -> None:
+    """``--device`` names a device this machine has (cpu, auto, cuda[:N] with CUDA, mps with MPS)."""
+    if device in (None, "cpu", "auto"):
+        return
+    import re
+
+    m = re.fullmatch(r"(cuda|mps)(?::(\d+))?", device)
+    if not m:
+        raise MoescopeError(f"--device {device!r} is not a device; use cpu, auto, cuda, cuda:N or mps")
+    import torch
+
+    if m[1] == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise MoescopeError(f"--device {device}: this machine has no CUDA device (torch sees none); use cpu")
+        if m[2] is not None and int(m[2]) >= n:
+            raise MoescopeError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif not torch.backends.mps.is_available():
+        raise MoescopeError(f"--device {device}: MPS is not available here; use cpu")
 
 
 def tokenizer_for(model, tokenizer_arg: str | None):
@@ -78,6 +139,11 @@ def cmd_analyze(args) -> int:
     from moescope.analysis.model import load_moe
     from moescope.analysis.model.loading import check_sampling, load_config
 
+    if args.export is not None:  # before the analysis, so it is never thrown away at the end
+        from moescope.analysis.core.outputs import check_output_folder
+
+        check_output_folder(args.export, "--export folder")
+    check_device(args.device)
     parse_source(args.calib)  # validate before loading anything heavy
     check_sampling(load_config(args.model, args.trust_remote_code), args.samples, args.seq_len)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -145,8 +211,10 @@ def cmd_cache(args) -> int:
 
 
 def parse_value(text: str):
+    from moescope.analysis.core.outputs import loads_json
+
     try:
-        return json.loads(text)
+        return loads_json(text, "--param value", unique_keys=True)
     except json.JSONDecodeError:
         return text
 
@@ -194,10 +262,13 @@ def calib_batch(args, model, split="validation"):
 
 def cmd_plan(args) -> int:
     from moescope.analysis.core.cache import Cache
+    from moescope.analysis.core.outputs import check_output_file
     from moescope.analysis.data import parse_source
     from moescope.analysis.model import load_moe
     from moescope.analysis.strategies import StrategyContext, get_strategy, make_plan, validate_request
 
+    check_output_file(args.output, "plan file")  # before any work, so none is thrown away at the end
+    check_device(args.device)
     strategy = get_strategy(args.strategy)
     params = strategy_params(args, strategy)
     if strategy.needs_data:
@@ -270,6 +341,7 @@ def cmd_eval(args) -> int:
     from moescope.analysis.model import load_config
     from moescope.analysis.run.experiments import run_experiment
 
+    check_device(args.device)
     spec = eval_spec(args, ["demo:all"])
     spec.validate_for(load_config(args.model, args.trust_remote_code))  # before any weights are read
     bars = ProgressBars(quiet=args.json)
@@ -297,7 +369,7 @@ def cmd_prune(args) -> int:
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.pruning.prune import apply, finetuned_weights, is_finetuned
     from moescope.analysis.run import experiments
-    from moescope.analysis.run.export import check_exportable, export
+    from moescope.analysis.run.export import check_exportable, export, export_bytes
 
     out = check_output_dir(args.output, args.overwrite)
     plan = PruningPlan.load(args.plan)
@@ -307,6 +379,7 @@ def cmd_prune(args) -> int:
     plan.check_base(args.model, folder_fingerprint(local) if local is not None else None, force=args.force)
     if spec is not None:
         spec.validate_for(skeleton.config)
+    check_output_dir(args.output, args.overwrite, needed_bytes=export_bytes(skeleton, plan, args.dtype))
     cache = Cache()
     weights = finetuned_weights(plan, cache) if is_finetuned(plan) else None
     model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
@@ -383,12 +456,17 @@ def cmd_experiments(args) -> int:
             print_quality(exp)
             print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in exp.timings.items()))
         return 0
+    if args.csv and args.csv != "-":
+        from moescope.analysis.core.outputs import atomic_file, check_output_file
+
+        check_output_file(args.csv, "--csv file")
     table = X.compare([X.load(i, cache) for i in args.ids])
     if args.csv:
         if args.csv == "-":
             print(table.to_csv(index=False), end="")
         else:
-            table.to_csv(args.csv, index=False)
+            with atomic_file(args.csv, "--csv file") as fh:
+                table.to_csv(fh, index=False)
             print(f"wrote {args.csv}")
         return 0
     if args.json:
@@ -408,6 +486,7 @@ def cmd_grid(args) -> int:
     from moescope.analysis.model import load_moe
     from moescope.analysis.model.loading import check_sampling, load_config
 
+    check_device(args.device)
     parse_source(args.eval)
     check_sampling(load_config(args.model, args.trust_remote_code), args.samples, args.seq_len)
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,

@@ -143,12 +143,28 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
     if plan is not None:
         plan.validate_for(model)  # refuse a bad plan before any evaluation
     return prune_and_evaluate(model, plan, spec, cache=cache, progress=progress, label=label, dtype=dtype,
-                              device=device, load_s=time.perf_counter() - t0)
+                              device=device, load_s=time.perf_counter() - t0, trust_remote_code=trust_remote_code,
+                              allow_pickle=allow_pickle)
+
+
+def check_finite_quality(result: dict, what: str) -> None:
+    """Refuse a perplexity or task score that is not a finite number (NaN/inf weights, a diverged
+    finetune, a broken config): it is never stored or exported as a result."""
+    import math
+
+    numbers = [(f"perplexity on {src}", v) for src, v in result.get("ppl", {}).items()]
+    numbers += [(f"{task} {m}", v) for task, ms in result.get("tasks", {}).items() for m, v in ms.items()
+                if isinstance(v, float)]
+    for name, value in numbers:
+        if isinstance(value, int | float) and not math.isfinite(value):
+            raise MoescopeError(f"{name} of {what} is {value}: its weights or config produce non-finite numbers; "
+                                "nothing was stored or exported")
 
 
 def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
                        label: str | None = None, dtype: str | None = None, device: str | None = None,
-                       load_s: float = 0.0, store: bool = True) -> Experiment:
+                       load_s: float = 0.0, store: bool = True, trust_remote_code: bool = False,
+                       allow_pickle: bool = False) -> Experiment:
     """Evaluate ``model`` (the original, as loaded from ``model.source``), prune it in place by
     ``plan``, evaluate the result, measure efficiency of both (each in a fresh process), and store
     the experiment. ``model`` is left pruned (the caller may export it). ``store=False`` leaves
@@ -178,6 +194,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
 
     t0 = step("evaluate original")
     reference = evaluate_quality(model, spec, cache=cache, progress=progress)
+    check_finite_quality(reference, f"'{source}'")
     timings["evaluate_original_s"] = time.perf_counter() - t0
     betas_original = _skip_betas(model, spec, cache, progress) if spec.efficiency else None
 
@@ -189,6 +206,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         timings["prune_s"] = time.perf_counter() - t0
         t0 = step("evaluate pruned")
         result = evaluate_quality(model, spec, cache=cache, progress=progress)
+        check_finite_quality(result, f"the pruned '{source}'")
         timings["evaluate_pruned_s"] = time.perf_counter() - t0
 
     efficiency = {}
@@ -201,12 +219,13 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         with measurement_slot(str(cache.root), progress):
             if progress:
                 progress("efficiency", 0, 1)
-            efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device)
+            flags = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+            efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device, **flags)
             if plan is None:
                 efficiency["pruned"] = efficiency["original"]
             else:
                 efficiency["pruned"] = isolated_efficiency(source, plan.to_json(), p, betas_pruned, dtype, device,
-                                                           cache_root=str(cache.root))
+                                                           cache_root=str(cache.root), **flags)
         timings["efficiency_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all + load_s
 

@@ -27,6 +27,7 @@ from moescope.analysis.model import atomic_output_dir, check_output_dir
 def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False) -> Path:
     """Write ``model`` (already pruned by ``plan``, or None for the model as loaded) to ``out_dir``
     with ``plan.json``, ``experiment.json`` (when given) and the model card."""
+    check_finite_weights(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.write_files(tmp)
         if plan is not None:
@@ -48,12 +49,13 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     from moescope.analysis.run import experiments
 
     exp = experiments.load(ident, cache)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)  # before any weights are read
     if exp.plan is None:
         raise MoescopeError(f"experiment {exp.id} evaluated '{exp.model}' without a plan; there is nothing "
                             "pruned to export (the original model is its own folder)")
     plan = PruningPlan.from_json(exp.plan)
-    check_exportable(exp.model, plan, trust_remote_code)
+    skeleton = check_exportable(exp.model, plan, trust_remote_code)
+    check_output_dir(out_dir, overwrite, needed_bytes=export_bytes(skeleton, plan, dtype))
     weights = experiments.trained_tensors_of(exp, cache) if exp.finetuned else None
     model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if model.fingerprint() != exp.model_fingerprint:
@@ -61,6 +63,35 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
                             f"{model.fingerprint()[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
     apply(model, plan, weights=weights)
     return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite)
+
+
+def check_finite_weights(model) -> None:
+    """Refuse to export routed experts or routers holding NaN or infinity (a diverged finetune, an
+    overflowing merge): a non-finite model is never written as a result."""
+    import torch
+
+    for l, view in model.layers.items():
+        for part, module in (("experts", view.experts), ("router", view.router)):
+            for name, t in module.named_parameters():
+                if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                    raise MoescopeError(f"layer {l} {part}.{name} holds non-finite values (NaN or infinity) after "
+                                        "pruning; nothing was exported")
+
+
+def export_bytes(skeleton, plan, dtype: str | None) -> int:
+    """About how many bytes an export of ``skeleton`` pruned by ``plan`` in ``dtype`` writes: its
+    parameters less the routed-expert parameters of the experts the plan removes, at the dtype's
+    width (for the free-space check before any work)."""
+    import torch
+    from moescope.analysis.model.loading import config_dtype, parse_dtype
+
+    width = (parse_dtype(dtype) if dtype else (config_dtype(skeleton.config) or torch.float32)).itemsize
+    params = sum(p.numel() for p in skeleton.hf.parameters())
+    for l, view in skeleton.layers.items():
+        if l in plan.layers and view.num_experts:
+            expert_params = sum(p.numel() for p in view.experts.parameters())
+            params -= expert_params * (view.num_experts - plan.layers[l].num_out) // view.num_experts
+    return params * width
 
 
 def check_exportable(source: str, plan, trust_remote_code: bool = False):
@@ -199,13 +230,28 @@ def split_front_matter(card: str) -> tuple[str, str]:
 
 
 def _use_section(model) -> list[str]:
-    """How to load the folder; for per-layer expert counts, why ``trust_remote_code=True`` is needed."""
-    from moescope.analysis.model.nonuniform import MODULE_FILE, base_class_name, class_name, is_uniform
+    """How to load the folder; for per-layer expert counts, why ``trust_remote_code=True`` is needed;
+    which custom-code entries of the base config's ``auto_map`` were dropped."""
+    from moescope.analysis.model.nonuniform import (
+        MODULE_FILE,
+        base_class_name,
+        class_name,
+        foreign_auto_map,
+        is_uniform,
+    )
 
     counts = model.num_experts()
     uniform = is_uniform(counts)
     trust, trust_arg = ("", "") if uniform else (", trust_remote_code=True", ",trust_remote_code=True")
     out = []
+    dropped = foreign_auto_map(model.hf.config)
+    if dropped:
+        names = ", ".join(f"`{k}` → `{v}`" for k, v in sorted(dropped.items(), key=str))
+        out += ["", "## Custom code of the base model was dropped", "",
+                f"The base model's config registered custom code in `auto_map` ({names}). Those module files "
+                "are not part of this folder, so the entries were removed from `config.json`: the folder loads "
+                f"with the `transformers` class for `{model.family.name}`"
+                + ("" if uniform else f" (through moescope's own `{MODULE_FILE}`)") + "."]
     if not uniform:
         key, base = model.family.num_experts_key, base_class_name(model.hf)
         out += ["", "## Loading needs `trust_remote_code=True`", "",

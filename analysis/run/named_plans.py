@@ -72,27 +72,37 @@ def save_plan(name: str, plan: PruningPlan, model_source: str, cache=None) -> No
               label=name)
 
 
-def delete_plan(name: str, model_source: str, cache=None) -> int:
-    """Remove every revision of ``name``; how many there were."""
+def delete_plan(name: str, model_source: str, cache=None, keys=None) -> int:
+    """Remove the revisions of ``name`` seen now (or exactly ``keys``, the revisions a caller saw);
+    how many were removed. A revision saved after the listing is never removed: it is a newer plan
+    of that name."""
     from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
-    return sum(cache.remove(KIND, key) for n, _, key, _ in _entries(model_source, cache) if n == name)
+    if keys is None:
+        keys = [key for n, _, key, _ in _entries(model_source, cache) if n == name]
+    return sum(cache.remove(KIND, key) for key in keys)
 
 
 def rename_plan(old: str, new: str, model_source: str, cache=None) -> None:
+    """Store ``old``'s newest plan under ``new`` and remove the revisions of ``old`` this rename
+    read, and only those: a save of ``old`` that lands while the rename runs stays under ``old``
+    (it is never lost)."""
     from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
-    plans = list_plans(model_source, cache)
     new = check_name(new)
-    if old not in plans:
-        raise MoescopeError(f"no plan named '{old}'; there are: {', '.join(plans) or 'none'}")
-    if new in plans and new != old:
+    seen = _entries(model_source, cache)  # one listing: what is renamed is exactly what is removed
+    names = {n for n, _, _, _ in seen}
+    if old not in names:
+        raise MoescopeError(f"no plan named '{old}'; there are: {', '.join(sorted(names)) or 'none'}")
+    if new in names and new != old:
         raise MoescopeError(f"a plan named '{new}' exists already; delete it or pick another name")
-    save_plan(new, plans[old], model_source, cache)
+    mine = [(saved, key, plan) for n, saved, key, plan in seen if n == old]
+    newest = max(mine, key=lambda m: m[0])[2]
+    save_plan(new, PruningPlan.from_json(newest, where=f"plan '{old}'"), model_source, cache)
     if new != old:
-        delete_plan(old, model_source, cache)
+        delete_plan(old, model_source, cache, keys=[key for _, key, _ in mine])
 
 
 def unique_name(base: str, taken) -> str:

@@ -15,6 +15,7 @@ caller sharing the model between threads can hand them a copy).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,12 +43,15 @@ class Param:
     normalize: Callable[[object], object] | None = None  # e.g. str.upper for criterion names
     minimum: float | None = None
     label: str | None = None  # the dashboard's label (default: the name)
+    maximum: float | None = None
 
     def allowed(self, params: dict) -> tuple | None:
         return self.choices(params) if callable(self.choices) else self.choices
 
     def coerce(self, value, strategy: str):
-        """``value`` as this parameter's type, or a one-line error quoting it."""
+        """``value`` as this parameter's type, or a one-line error quoting it. Validated by type, here
+        for every strategy: a float must be finite (no NaN or infinity), any number within the
+        declared ``minimum``/``maximum``, an int within what a float can hold."""
         t = self.type
         ok = (isinstance(value, bool) if t is bool else
               isinstance(value, int) and not isinstance(value, bool) if t is int else
@@ -55,11 +59,21 @@ class Param:
               isinstance(value, t))
         if not ok:
             raise MoescopeError(f"{strategy}: parameter {self.name} must be {TYPES.get(t, t.__name__)}, got {value!r}")
+        if t in (int, float):
+            try:
+                finite = math.isfinite(value)  # an int too large for a float overflows here
+            except OverflowError:
+                finite = False
+            if not finite:
+                shown = value if t is float else f"an integer of {len(str(abs(value)))} digits"
+                raise MoescopeError(f"{strategy}: parameter {self.name} must be a finite number, got {shown}")
         value = float(value) if t is float else value
         if self.normalize is not None:
             value = self.normalize(value)
         if self.minimum is not None and value < self.minimum:
             raise MoescopeError(f"{strategy}: parameter {self.name} must be at least {self.minimum:g}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise MoescopeError(f"{strategy}: parameter {self.name} must be at most {self.maximum:g}, got {value!r}")
         return value
 
     def to_json(self, params: dict | None = None) -> dict:

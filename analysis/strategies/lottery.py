@@ -13,7 +13,8 @@ import copy
 import dataclasses
 import math
 
-from moescope.analysis.pruning.prune import FINETUNED_KIND
+from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.pruning.prune import FINETUNED_KIND, check_finite_tensors
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.criterion import CRITERION, ORDER, criterion_scores, resolve
 from moescope.analysis.strategies.selection import iterative_drop, keep_counts
@@ -94,7 +95,13 @@ def lottery(ctx, params):
 
         alive = iterative_drop(work, counts, lambda res: criterion_scores(res, name, order), metrics,
                                after_round=tune, restore=False)
-        return {"tensors": trained_tensors(model),
+        tensors = trained_tensors(model)
+        diverged = [r for r in log if not (math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"]))]
+        if diverged:
+            raise MoescopeError(f"lottery: the finetune diverged (loss {diverged[0]['loss_last']}) with "
+                                f"lr={params['lr']:g}; nothing was stored: try a smaller --lr")
+        check_finite_tensors(tensors, f"lottery: the finetuned weights (lr={params['lr']:g})")
+        return {"tensors": tensors,
                 "meta": {"alive": {str(l): a for l, a in alive.items()}, "rounds": log,
                          "model": parts["model"], "model_source": ctx.model.source}}
 

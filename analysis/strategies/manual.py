@@ -22,8 +22,10 @@ def parse_drop(text: str) -> dict[str, list[int]]:
 
 
 def parse_json(text: str):
+    from moescope.analysis.core.outputs import loads_json
+
     try:
-        return json.loads(text)
+        return loads_json(text, "--param value", unique_keys=True)
     except json.JSONDecodeError as err:
         raise MoescopeError(f"expected JSON, got {text!r} ({err.msg})") from None
 

@@ -51,7 +51,7 @@ def _merge_params(default_merge: str) -> list[Param]:
                    "combining: none | weights (weight matching) | activations (activation matching on the "
                    "calibration tokens; weights where there are none)"),
         Param("density", float, 0.2, help="ties: fraction of each member's difference from the mean kept, in (0, 1]",
-              label="TIES density"),
+              label="TIES density", minimum=0, maximum=1),
         Param("merge_router", bool, True, help="merge router rows with the same coefficients (else the dominant "
                                                  "expert's row)", label="merge router rows too"),
         Param("steps", int, 100, help="learned merge: SGD steps", minimum=1),
