@@ -471,3 +471,558 @@ def test_dashboard_shows_and_uses_trusted_remote_code(monkeypatch, cache_root):
     at = AppTest.from_file(app, default_timeout=120).run()
     assert not at.exception and not at.sidebar.warning
     assert backend.TRUST_REMOTE_CODE is False
+
+
+# =================================================================================================
+# Issue 27: nothing a user makes is ever deleted, no exception escapes as a traceback, no NaN is
+# exported as a result. Every input of the issue runs through main(): exit status, exactly one
+# stderr line, nothing written or lost.
+# =================================================================================================
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+
+DEMO_CONFIG = json.loads((demo_model_dir() / "config.json").read_text())
+
+
+def config_folder(root: Path, name: str, weights: bool = False, **patch) -> Path:
+    """A copy of the demo folder whose config.json carries ``patch`` (weights linked when asked)."""
+    d = root / name
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir() / f, d / f)
+    if weights:
+        (d / "model.safetensors").symlink_to(demo_model_dir() / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({**DEMO_CONFIG, **patch}))
+    return d
+
+
+CONFIG_CASES = {  # id: (config values, words the one line must say)
+    "layers-1e6": ({"num_hidden_layers": 1_000_000}, ("num_hidden_layers", "1024")),
+    "layers-0": ({"num_hidden_layers": 0}, ("num_hidden_layers",)),
+    "experts-0": ({"num_local_experts": 0}, ("num_local_experts",)),
+    "hidden-neg": ({"hidden_size": -1}, ("hidden_size",)),
+    "model-type-list": ({"model_type": ["mixtral"]}, ("model_type",)),
+    "dtype-int8": ({"dtype": "int8", "torch_dtype": "int8"}, ("int8",)),
+    "eps-nan": ({"rms_norm_eps": math.nan}, ("rms_norm_eps",)),
+    "eps-zero": ({"rms_norm_eps": 0}, ("rms_norm_eps",)),
+    "topk-10-of-8": ({"num_experts_per_tok": 10}, ("num_experts_per_tok", "8 experts")),
+    "topk-0": ({"num_experts_per_tok": 0}, ("num_experts_per_tok",)),
+    "max-pos-neg": ({"max_position_embeddings": -5}, ("max_position_embeddings",)),
+    "max-pos-0": ({"max_position_embeddings": 0}, ("max_position_embeddings",)),
+    "beta-5": ({"moescope_skip_beta": {"0": 5.0}}, ("moescope_skip_beta", "[0, 1]")),
+    "beta-text": ({"moescope_skip_beta": "abc"}, ("moescope_skip_beta",)),
+    "beta-layer-99": ({"moescope_skip_beta": {"99": 0.5}}, ("moescope_skip_beta", "99")),
+    "beta-nan": ({"moescope_skip_beta": {"0": math.nan}}, ("moescope_skip_beta",)),
+    "counts-text": ({"moescope_num_experts_per_layer": "x"}, ("moescope_num_experts_per_layer",)),
+    "counts-list": ({"moescope_num_experts_per_layer": [6, 6, 6, 6]}, ("moescope_num_experts_per_layer",)),
+    "counts-0": ({"moescope_num_experts_per_layer": {"0": 0}}, ("moescope_num_experts_per_layer",)),
+    "counts-60": ({"moescope_num_experts_per_layer": {"0": 60}}, ("moescope_num_experts_per_layer", "60")),
+    "layout-text": ({"moescope_num_experts_per_layer": {"0": 6}, "moescope_moe_layout": "x"},
+                    ("moescope_moe_layout",)),
+    "layout-missing": ({"moescope_num_experts_per_layer": {"0": 6}}, ("moescope_moe_layout",)),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_configs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-configs")
+    return {name: config_folder(root, name, **patch) for name, (patch, _) in CONFIG_CASES.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_every_config_value_is_validated_in_one_line(capfd, work, bad_configs, case):
+    """``info`` refuses each broken config in one line naming the key (a million layers is refused at
+    once instead of building for minutes; top-k 10 of 8 experts is not reported as 5 M active of 4 M)."""
+    folder, watch = work
+    assert_refused(capfd, "info", str(bad_configs[case]), watch=(*watch, bad_configs[case]),
+                   says=CONFIG_CASES[case][1])
+
+
+def test_layout_naming_another_class_is_refused(capfd, work, tmp_path):
+    """A per-layer export whose layout names a transformers class of another model type."""
+    folder, watch = work
+    layout = {"base_class": "Qwen2MoeForCausalLM", "layers_path": "model.layers", "mlp_attr": "mlp",
+              "router_attr": "gate", "experts_attr": "experts", "router_weight": "weight",
+              "router_tensors": ["weight"], "expert_tensors": ["gate_up_proj", "down_proj"]}
+    d = config_folder(tmp_path, "other-base", moescope_num_experts_per_layer={"0": 6, "1": 8, "2": 8, "3": 8},
+                      moescope_moe_layout=layout)
+    assert_refused(capfd, "info", str(d), watch=(*watch, d), says=("base_class",))
+
+
+def test_eval_on_zero_layers_prints_one_line_and_nothing_else(capfd, work, tmp_path):
+    folder, watch = work
+    d = config_folder(tmp_path, "zero-layers", weights=True, num_hidden_layers=0)
+    assert_refused(capfd, "eval", str(d), "--no-efficiency", "--samples", "2", "--seq-len", "32",
+                   watch=(*watch, d), says=("num_hidden_layers",))
+
+
+def test_nan_eps_is_refused_before_any_experiment_is_stored(capfd, work, tmp_path):
+    folder, watch = work
+    d = config_folder(tmp_path, "nan-eps", weights=True, rms_norm_eps=math.nan)
+    assert_refused(capfd, "eval", str(d), "--no-efficiency", "--samples", "2", "--seq-len", "32",
+                   watch=(*watch, d), says=("rms_norm_eps",))
+
+
+# ---- plans: layer keys, depth, types ---------------------------------------------------------------
+def raw_plan(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+PLAN_TEXTS = {
+    "leading-zero": ('{"version": 1, "base_model": "demo", "layers": {"02": {"groups": [[0],[1],[2],[3],[4],[5]]}}}',
+                     ("'02'",)),
+    "arabic-indic": ('{"version": 1, "base_model": "demo", "layers": {"\\u0663": {"groups": [[0],[1],[2],[3],[4],[5]]}}}',
+                     ("layer key",)),
+    "duplicate": ('{"version": 1, "base_model": "demo", "layers": {"2": {"groups": [[0],[1],[2],[3],[4],[5]]}, '
+                  '"2": {"groups": [[0],[1],[2],[3]]}}}', ("twice",)),
+    "deep": ('{"version": 1, "base_model": "demo", "layers": ' + "[" * 50_000 + "]" * 50_000 + "}", ("nested",)),
+    "skip-beta-list": ('{"version": 1, "base_model": "demo", "layers": {}, "skip_beta": [0.5]}', ("skip_beta",)),
+    "huge-int-coefficient": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
+                             '[5],[6]], "coefficients": [[1' + "0" * 400 + ', 1],[1],[1],[1],[1],[1]]}}}',
+                             ("coefficient",)),
+    "coefficients-text": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
+                          '[5],[6]], "coefficients": "abc"}}}', ("coefficients",)),
+    "coefficients-mistyped": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
+                              '[5],[6]], "coefficients": [[0.5, "x"],[1],[1],[1],[1],[1]]}}}', ("coefficients",)),
+    "coefficients-short": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
+                           '[5],[6]], "coefficients": [[0.5],[1]]}}}', ("coefficients",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_TEXTS))
+def test_plan_files_are_parsed_strictly(capfd, work, case):
+    folder, watch = work
+    plan = raw_plan(folder, "plan.json", PLAN_TEXTS[case][0])
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+                   says=PLAN_TEXTS[case][1])
+
+
+def test_deep_json_in_param_and_in_a_jsonl_source(capfd, work):
+    folder, watch = work
+    deep = "[" * 50_000 + "]" * 50_000
+    assert_refused(capfd, "plan", "demo", "--strategy", "manual", "--param", f"groups={deep}", "-o",
+                   str(folder / "plan.json"), watch=watch, says=("nested",))
+    data = folder / "deep.jsonl"
+    data.write_text('{"text": "hello there"}\n' + '{"text": ' + deep + "}\n")
+    watch_data = {str(data)}
+    assert_refused(capfd, "analyze", "demo", "--calib", f"file:{data}", "--samples", "2", "--seq-len", "32",
+                   "--metrics", "routing", watch=watch, says=("nested",))
+    assert {str(p) for p in folder.iterdir() if p.is_file()} >= watch_data
+
+
+# ---- strategy parameters: validated by type -------------------------------------------------------
+def test_every_float_parameter_of_every_strategy_must_be_finite_and_in_range():
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.strategies import STRATEGIES
+
+    floats = [(s.name, p) for s in STRATEGIES.values() for p in s.all_params() if p.type is float]
+    assert {(s, p.name) for s, p in floats} >= {("lottery", "lr"), ("merge", "lr"), ("merge", "density")}
+    for strategy, p in floats:
+        for bad in (math.nan, math.inf, -math.inf, 10**400):
+            with pytest.raises(MoescopeError, match="finite"):
+                p.coerce(bad, strategy)
+        if p.minimum is not None:
+            with pytest.raises(MoescopeError, match="at least"):
+                p.coerce(p.minimum - 1.0, strategy)
+        if p.maximum is not None:
+            with pytest.raises(MoescopeError, match="at most"):
+                p.coerce(p.maximum + 1.0, strategy)
+    density = next(p for s, p in floats if p.name == "density")
+    assert density.coerce(0.5, "merge") == 0.5
+
+
+@pytest.mark.parametrize("argv", [
+    ["--strategy", "lottery", "--keep", "6", "--lr", "inf"],
+    ["--strategy", "lottery", "--keep", "6", "--param", "lr=NaN"],
+    ["--strategy", "merge", "--keep", "6", "--param", "lr=nan"],
+    ["--strategy", "merge", "--keep", "6", "--param", "lr=Infinity"],
+    ["--strategy", "merge", "--keep", "6", "--param", "density=1e400"],
+], ids=["lottery-lr-inf", "lottery-lr-NaN", "merge-lr-nan", "merge-lr-Infinity", "merge-density-1e400"])
+def test_non_finite_strategy_parameters_are_refused_before_any_work(capfd, work, argv):
+    folder, watch = work
+    assert_refused(capfd, "plan", "demo", *argv, "--samples", "2", "--seq-len", "32", "-o", str(folder / "p.json"),
+                   watch=watch)
+
+
+def test_non_finite_weights_are_never_exported_or_stored(capfd, work):
+    """Learned-merge coefficients of 1e300 overflow float32 weights to infinity: prune without
+    evaluation refuses to export them, prune with evaluation refuses the NaN perplexity; nothing is
+    written and no experiment is stored."""
+    folder, watch = work
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "base_model": "demo",
+                                "layers": uniform([[0, 1], [2], [3], [4], [5], [6]],
+                                                  [[1e300, 1e300], [1], [1], [1], [1], [1]]),
+                                "provenance": {"strategy": "merge", "params": {"merge": "learned"}}}))
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+                   says=("non-finite",))
+    cache = Cache(watch[1])
+    records = len(cache.entries("experiment"))
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), "--ppl", "demo:all",
+                   "--samples", "2", "--seq-len", "32", "--no-efficiency", watch=(folder,), says=("non-finite",))
+    assert len(cache.entries("experiment")) == records
+    stored = [cache.get_by_key("perplexity", e.key).meta["ppl"] for e in cache.entries("perplexity")]
+    assert stored and all(math.isfinite(v) for ppl in stored for v in ppl.values()), stored
+
+
+# ---- eval / dashboard settings ----------------------------------------------------------------------
+@pytest.mark.parametrize("argv,says", [
+    (["eval", "demo", "--device", "cuda:7"], ("--device",)),
+    (["eval", "demo", "--device", "tpu"], ("--device",)),
+    (["eval", "demo", "--tasks", "moescope_demo_continuation", "--limit", "nan"], ("--limit",)),
+    (["eval", "demo", "--tasks", "moescope_demo_continuation", "--num-fewshot", "-1"], ("--num-fewshot",)),
+    (["dashboard", "demo", "--port", "70000"], ("--port",)),
+    (["dashboard", "demo", "--address", ""], ("--address",)),
+], ids=["cuda-missing", "no-such-device", "limit-nan", "fewshot-neg", "port-70000", "address-empty"])
+def test_settings_are_refused_in_one_line(capfd, work, monkeypatch, argv, says):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("the dashboard started"))
+    folder, watch = work
+    assert_refused(capfd, *argv, watch=watch, says=says)
+
+
+def test_dashboard_on_a_busy_port_suggests_another(capfd, work, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("the dashboard started"))
+    folder, watch = work
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = assert_refused(capfd, "dashboard", "demo", "--address", "127.0.0.1", "--port", str(port),
+                              watch=watch, says=("in use", "--port"))
+    assert str(port) in line
+
+
+# ---- the boundary: unexpected exceptions, --debug, closed pipes --------------------------------------
+def test_any_exception_is_one_line_and_debug_shows_the_traceback(capfd, monkeypatch):
+    from moescope.analysis.run import commands
+
+    def boom(args):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(commands, "cmd_families", boom)
+    from moescope.analysis.run import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "cmd_families", boom)
+    rc, out, err = cli(capfd, "families")
+    assert rc == 2 and err.splitlines() == [
+        "moescope: error: RecursionError: maximum recursion depth exceeded (run again with --debug for the traceback)"]
+    rc, out, err = cli(capfd, "families", "--debug")
+    assert rc == 2 and "Traceback" in err and err.splitlines()[-1] == (
+        "moescope: error: RecursionError: maximum recursion depth exceeded")
+
+
+@pytest.mark.parametrize("argv", [["families"], ["info", "demo", "--json"], ["strategies", "--json"]])
+def test_a_closed_stdout_ends_quietly(tmp_path, argv):
+    """``moescope families | head``: the reader is gone; no traceback, the status of SIGPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "MOESCOPE_CACHE": str(tmp_path / "cache")}
+    code = f"import sys; from moescope.analysis.run.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True, env=env,
+                          timeout=300)
+    os.close(write)
+    assert proc.stderr == "" and proc.returncode == 141, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_unreachable_hub_is_one_line_quickly(capfd, work, monkeypatch):
+    """No network: one probe of at most a few seconds, then the local hub cache only — not five
+    retries with backoff (~25 s, 12 lines)."""
+    import time
+
+    import huggingface_hub
+    from moescope.analysis.core import paths
+
+    folder, watch = work
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(paths, "_hub_unreachable", [])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    t0 = time.monotonic()
+    line = assert_refused(capfd, "info", "moescope-test/not-a-model", watch=watch, says=("unreachable",))
+    assert time.monotonic() - t0 < 20, line
+
+
+# ---- outputs: checked before any work, written atomically, never replacing what is not ours -------------
+def test_plan_output_paths_are_checked_before_any_work(capfd, work):
+    folder, watch = work
+    args = ["plan", "demo", "--strategy", "frequency", "--keep", "6", "--samples", "2", "--seq-len", "32"]
+    assert_refused(capfd, *args, "-o", "", watch=watch, says=("empty",))
+    assert_refused(capfd, *args, "-o", str(folder), watch=watch, says=("folder",))
+    target = folder / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    link = folder / "link"
+    link.symlink_to(target)
+    assert_refused(capfd, *args, "-o", str(link), watch=watch, says=("folder",))
+    assert link.is_symlink() and (target / "notes.txt").read_text() == "keep me"
+    (folder / "file.txt").write_text("x")
+    assert_refused(capfd, *args, "-o", str(folder / "file.txt" / "plan.json"), watch=watch)
+
+
+def test_plan_output_symlink_to_a_file_is_followed(capfd, work):
+    folder, watch = work
+    real = folder / "real.json"
+    real.write_text("old")
+    link = folder / "plan.json"
+    link.symlink_to(real)
+    rc, out, err = cli(capfd, "plan", "demo", "--strategy", "manual", "--param", "drop=0:1,2", "-o", str(link))
+    assert rc == 0, err
+    assert link.is_symlink() and json.loads(real.read_text())["layers"]["0"]["groups"] == [[0], [3], [4], [5], [6],
+                                                                                             [7]]
+    assert sorted(p.name for p in folder.iterdir()) == ["plan.json", "real.json"]  # no temporary file left
+
+
+def test_analyze_export_onto_a_file_is_refused_before_the_analysis(capfd, work):
+    folder, watch = work
+    (folder / "f").write_text("mine")
+    assert_refused(capfd, "analyze", "demo", "--samples", "2", "--seq-len", "32", "--metrics", "routing",
+                   "--export", str(folder / "f"), watch=watch, says=("not a folder",))
+    assert (folder / "f").read_text() == "mine"
+
+
+class _Place:
+    """A folder with a broken file system: a real tmpfs mount (full, or read-only) where this machine
+    allows it, else an audit hook that fails writes under it the same way."""
+
+    hooks: list[tuple[str, int]] = []
+    installed = False
+
+    @classmethod
+    def _hook(cls, event, args):
+        if not cls.hooks:
+            return
+        if event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+            writing = bool(args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND)) or (
+                isinstance(args[1], str) and any(m in args[1] for m in "wax+"))
+            path = os.fsdecode(args[0])
+        elif event in ("os.mkdir", "os.rename", "os.replace", "shutil.copyfile"):
+            writing, path = True, os.fsdecode(args[0])
+        else:
+            return
+        for prefix, code in cls.hooks:
+            if writing and os.path.abspath(path).startswith(prefix):
+                raise OSError(code, os.strerror(code), path)
+
+    @classmethod
+    @contextlib.contextmanager
+    def broken(cls, folder: Path, code: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sub").mkdir()
+        opts = "size=64k" if code == errno.ENOSPC else "size=1m"
+        try:
+            mounted = os.environ.get("MOESCOPE_TEST_NO_MOUNT") is None and subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True).returncode == 0
+        except OSError:  # no mount command
+            mounted = False
+        try:
+            if mounted:
+                (folder / "sub").mkdir()
+                (folder / "sub" / ".tmp").mkdir()  # a cache root that already exists
+                if code == errno.ENOSPC:
+                    with contextlib.suppress(OSError), open(folder / "filler", "wb") as fh:
+                        while True:
+                            fh.write(b"\0" * 4096)
+                            fh.flush()
+                else:
+                    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+            else:
+                (folder / "sub" / ".tmp").mkdir()
+                if not cls.installed:
+                    sys.addaudithook(cls._hook)
+                    cls.installed = True
+                cls.hooks.append((str(folder.resolve()), code))
+            yield folder / "sub"
+        finally:
+            if mounted:
+                subprocess.run(["umount", str(folder)], check=False)
+            else:
+                cls.hooks.pop()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["full-disk", "read-only"])
+def test_writes_onto_a_full_or_read_only_disk(capfd, work, tmp_path, code):
+    """plan -o, prune -o, analyze --export, compare --csv and a new cache entry on a full or read-only
+    file system: one line each, no temporary file left, nothing else written."""
+    folder, watch = work
+    with _Place.broken(tmp_path / "disk", code) as place:
+        before = files_under(place.parent)
+        plan_args = ["plan", "demo", "--strategy", "manual", "--param", "drop=0:1,2"]
+        assert_refused(capfd, *plan_args, "-o", str(place / "plan.json"), watch=watch)
+        keep6 = plan_file(folder, "keep6.json", uniform(KEEP6))
+        assert_refused(capfd, "prune", "demo", "--plan", str(keep6), "-o", str(place / "out"), watch=watch)
+        assert_refused(capfd, "analyze", "demo", "--samples", "2", "--seq-len", "32", "--metrics", "routing",
+                       "--export", str(place / "csv"), watch=watch)
+        assert_refused(capfd, "experiments", "compare", "abc", "--csv", str(place / "t.csv"), watch=watch)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(ENV_VAR, str(place))
+            assert_refused(capfd, "analyze", "demo", "--samples", "2", "--seq-len", "32", "--metrics", "routing",
+                           watch=watch, says=("cache",))
+        assert {f for f in files_under(place.parent) if "/.locks/" not in f} == before  # lock files hold no result
+
+
+def test_plan_onto_a_full_disk_keeps_the_old_plan(capfd, work, tmp_path):
+    """Full only once the work is done (the check before work passed): the write fails in one line,
+    the plan that was there is unchanged and no ``*.tmp`` is left."""
+    folder, watch = work
+    from moescope.analysis.core import outputs
+
+    old = folder / "plan.json"
+    old.write_text("the old plan")
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(outputs.os, "fsync", full)
+        line = assert_refused(capfd, "plan", "demo", "--strategy", "manual", "--param", "drop=0:1,2", "-o",
+                              str(old), watch=(folder.parent / "none",), says=("no space",))
+    assert os.fsync is real_fsync
+    assert old.read_text() == "the old plan" and sorted(p.name for p in folder.iterdir()) == ["plan.json"], line
+
+
+def test_a_folder_made_at_the_output_during_the_export_is_never_deleted(capfd, work, monkeypatch):
+    """Data loss case 1: while the export is written, someone creates ``out/notes.txt``. The
+    placement refuses in one line, notes.txt is intact, the finished export is kept (named in the
+    line, complete, with moescope's marker) and no temporary folder remains; the same with
+    --overwrite, which replaces only moescope's own folders."""
+    from moescope.analysis.model.view import MoEModel
+
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    out = folder / "out"
+    write_files = MoEModel.write_files
+
+    def meanwhile(self, tmp, *a, **kw):
+        result = write_files(self, tmp, *a, **kw)
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("notes")
+        return result
+
+    monkeypatch.setattr(MoEModel, "write_files", meanwhile)
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), *extra)
+        lines = err.splitlines()
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert (out / "notes.txt").read_text() == "notes" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        kept = [p for p in folder.iterdir() if p.name.startswith("out.moescope-")]
+        assert len(kept) == 1 and str(kept[0]) in lines[0], (lines, sorted(p.name for p in folder.iterdir()))
+        assert (kept[0] / ".moescope-export").is_file() and (kept[0] / "config.json").is_file()
+        assert not [p for p in folder.iterdir() if p.name.startswith(".out")]
+        shutil.rmtree(kept[0])
+        shutil.rmtree(out)
+
+
+def test_a_file_made_at_the_output_during_the_export_is_never_replaced(capfd, work, monkeypatch):
+    from moescope.analysis.model.view import MoEModel
+
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    out = folder / "out"
+    write_files = MoEModel.write_files
+
+    def meanwhile(self, tmp, *a, **kw):
+        result = write_files(self, tmp, *a, **kw)
+        out.write_text("a file of mine")
+        return result
+
+    monkeypatch.setattr(MoEModel, "write_files", meanwhile)
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out))
+    assert rc == 2 and len(err.splitlines()) == 1 and out.read_text() == "a file of mine", err
+
+
+def test_export_into_a_symlinked_folder_follows_the_link(capfd, work):
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    real = folder / "real"
+    link = folder / "link"
+    link.symlink_to(real, target_is_directory=True)
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(link))
+    assert rc == 0, err
+    assert link.is_symlink() and (real / ".moescope-export").is_file() and (link / "config.json").is_file()
+
+
+# ---- named plans under concurrency -----------------------------------------------------------------
+def test_rename_racing_a_save_never_loses_the_save(tmp_path):
+    """Data loss case 2: ``rename_plan("A", "B")`` racing ``save_plan("A", v2)``, 40 times: v2 always
+    survives (as A's newest plan, or moved to B), and v1 is under B."""
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.named_plans import list_plans, rename_plan, save_plan
+
+    cache = Cache(tmp_path / "c")
+    v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
+    v2 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]})
+    for trial in range(40):
+        source = f"race-{trial}"
+        save_plan("A", v1, source, cache)
+        start = threading.Barrier(2)
+        errors = []
+
+        def run(fn, *args):
+            start.wait()
+            try:
+                fn(*args)
+            except Exception as err:  # noqa: BLE001
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(rename_plan, "A", "B", source, cache)),
+                   threading.Thread(target=run, args=(save_plan, "A", v2, source, cache))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        plans = list_plans(source, cache)
+        held = [p.to_json()["layers"] for p in plans.values()]
+        assert v2.to_json()["layers"] in held, f"trial {trial}: the concurrent save was lost: {plans}"
+        assert "B" in plans
+
+
+def test_delete_removes_exactly_the_revisions_it_saw(tmp_path):
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run import named_plans as N
+
+    cache = Cache(tmp_path / "c")
+    v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
+    N.save_plan("A", v1, "demo", cache)
+    seen = [key for n, _, key, _ in N._entries("demo", cache) if n == "A"]
+    N.save_plan("A", PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]}), "demo", cache)  # lands after the listing
+    assert N.delete_plan("A", "demo", cache, keys=seen) == 1
+    assert N.list_plans("demo", cache)["A"].layers[0].groups == [[0], [1], [2], [3]]
+
+
+# ---- exports never carry a dangling auto_map ------------------------------------------------------------
+def test_foreign_auto_map_is_dropped_and_said_in_the_card(capfd, work, tmp_path):
+    folder, watch = work
+    base = config_folder(tmp_path, "with-auto-map", weights=True,
+                         auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    plan = plan_file(folder, "plan.json", uniform(KEEP6), base_model=str(base))
+    rc, _, err = cli(capfd, "prune", str(base), "--plan", str(plan), "-o", str(folder / "out"))
+    assert rc == 0, err
+    config = json.loads((folder / "out" / "config.json").read_text())
+    assert "auto_map" not in config
+    card = (folder / "out" / "README.md").read_text()
+    assert "modeling_custom.CustomForCausalLM" in card and "dropped" in card
+
+
+# ---- flags reach the efficiency child -----------------------------------------------------------------
+def test_allow_pickle_reaches_the_efficiency_child(capfd, work, bad_models):
+    """Case 7: ``eval --allow-pickle`` on a pickle-only folder measures efficiency in its child
+    process (which loads the model again) instead of failing there."""
+    folder, watch = work
+    rc, out, err = cli(capfd, "eval", str(bad_models["pickle"]), "--allow-pickle", "--ppl", "demo:all", "--samples",
+                       "2", "--seq-len", "32", "--repeats", "1", "--prompt-tokens", "8", "--new-tokens", "2",
+                       "--skip-calib", "none", "--json")
+    assert rc == 0, err
+    eff = json.loads(out)
+    assert eff["efficiency"]["original"]["plain"]["generate_tokens_per_s"] > 0, eff["efficiency"]

@@ -72,6 +72,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")  # kinds and table 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+MIN_FREE_BYTES = 1 << 20  # below this, a computation is refused before it starts
+
+
 class CacheWarning(UserWarning):
     """A cache entry was damaged (and removed), or could not be read."""
 
@@ -473,10 +476,21 @@ class Cache:
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
 
-    def _write_error(self, err: OSError) -> MoescopeError:
-        why = ("no space left on the device" if err.errno == errno.ENOSPC else
-               f"{err.strerror} (read-only or not yours)" if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-               else err.strerror or str(err))
+    def _check_room(self, least: int = MIN_FREE_BYTES) -> None:
+        """Refuse to start a computation whose entry could not be stored: the cache's file system has
+        less than ``least`` bytes free."""
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(self.root).free
+            if free < least:
+                raise self._write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    def _write_error(self, err: Exception) -> MoescopeError:
+        code = getattr(err, "errno", None)
+        if code is None and "os error 28" in str(err) or "No space left" in str(err):
+            code = errno.ENOSPC
+        why = ("no space left on the device" if code == errno.ENOSPC else
+               f"{err.strerror} (read-only or not yours)" if code in (errno.EACCES, errno.EPERM, errno.EROFS)
+               else getattr(err, "strerror", None) or " ".join(str(err).split())[:200])
         return MoescopeError(f"cannot write to the cache at '{self.root}': {why}; nothing was stored. Free space, "
                              f"or set {ENV_VAR} to a writable folder")
 
@@ -713,6 +727,11 @@ class Cache:
         except OSError as err:  # full disk, read-only folder: nothing half-written stays
             shutil.rmtree(tmp, ignore_errors=True)
             raise self._write_error(err) from None
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if type(err).__module__.split(".")[0] in ("safetensors", "pyarrow"):  # their own I/O errors
+                raise self._write_error(err) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -789,6 +808,7 @@ class Cache:
                 self.stats._add("hits", kind)
                 return entry
             self.stats._add("misses", kind)
+            self._check_room()  # before the work, so it is not thrown away when the entry cannot be written
             self.stats._add("computed", kind)
             start = time.perf_counter()
             tensors, tables, meta = _unpack_result(compute())

@@ -22,6 +22,7 @@ from moescope.analysis.core.errors import MoescopeError
 
 MAX_JSON_DEPTH = 64  # nesting of objects/arrays any JSON moescope reads may have (plans are 4 deep)
 TMP_TAG = ".moescope-tmp-"
+SMALL_FILE_BYTES = 64 * 1024  # the free space a plan, a CSV or a few of them need at least
 
 
 # ---- JSON ---------------------------------------------------------------------------------------
@@ -114,8 +115,8 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     except OSError:
         return  # cannot be estimated here
     if needed > free:
-        raise MoescopeError(f"not enough free space for {what}: about {needed / 2**20:,.1f} MiB needed, "
-                            f"{free / 2**20:,.1f} MiB free on '{base}'; free space or choose another place")
+        raise MoescopeError(f"not enough free space for {what}: about {needed / 2**20:,.2f} MiB needed, "
+                            f"{free / 2**20:,.2f} MiB free on '{base}'; free space or choose another place")
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
@@ -131,6 +132,7 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     if out.exists() and not out.is_file():
         raise MoescopeError(f"{what} '{given}' exists and is not a regular file")
     check_writable(out.parent, f"{what} '{given}'")
+    check_free_space(out.parent, SMALL_FILE_BYTES, f"{what} '{given}'")
     return out
 
 
@@ -144,6 +146,7 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
     if out.exists() and not out.is_dir():
         raise MoescopeError(f"{what} '{given}' exists and is not a folder")
     check_writable(out, f"{what} '{given}'")
+    check_free_space(out, SMALL_FILE_BYTES, f"{what} '{given}'")
     return out
 
 

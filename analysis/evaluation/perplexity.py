@@ -79,6 +79,12 @@ def perplexity(model, source: str = "demo:all", samples: int = 96, seq_len: int 
 
     def compute():
         out = window_perplexity(model, windows, batch_size=batch_size, progress=progress)
+        bad = {d: v for d, v in out["ppl"].items() if not math.isfinite(v)}
+        if bad:  # never stored (nor returned) as a result
+            d, v = next(iter(bad.items()))
+            raise MoescopeError(f"the perplexity of '{model.source}' on {windows.source} ({d}) is {v}: the model "
+                                "computes non-finite numbers (NaN or infinite weights or activations); nothing was "
+                                "stored or exported")
         return {"meta": out}
 
     if cache is None:

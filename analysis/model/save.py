@@ -91,7 +91,7 @@ def _keep_aside(tmp: Path, out: Path) -> Path:
     """Rename a finished temporary folder to a visible sibling of ``out`` no sweep removes."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(100):
-        keep = out.parent / f"{out.name}.moescope-{stamp}" + (f"-{i}" if i else "")
+        keep = out.parent / (f"{out.name}.moescope-{stamp}" + (f"-{i}" if i else ""))
         if not os.path.lexists(keep):
             with contextlib.suppress(OSError):
                 os.rename(tmp, keep)
