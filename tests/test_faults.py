@@ -166,3 +166,48 @@ def test_export_killed_leaves_no_partial_folder(prune_runs, tmp_path):
     assert visible(work) == ["exported"]
     assert_complete_export(out)
     assert len(experiments(cache)) == known  # export adds no record
+
+
+# ---- SIGTERM during eval's efficiency child (issue 27) -------------------------------------------------
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_sigterm_stops_the_efficiency_child_at_once_and_removes_its_temp_file(tmp_path):
+    """A SIGTERM'd ``eval`` stops its efficiency child at once (it ran on for ~35 s) and removes the
+    child's spec file; it exits 143 with one line."""
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "MOESCOPE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp)}
+    env.pop("MOESCOPE_FAULT_AT", None)
+    proc = subprocess.Popen([MOESCOPE, "eval", "demo", "--ppl", "demo:all", "--samples", "2", "--seq-len", "32",
+                             "--repeats", "200", "--prompt-tokens", "64", "--new-tokens", "64", "--skip-calib", "none"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    children: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        children = _children(proc.pid)
+        if children and list(tmp.glob("moescope-efficiency-*.json")):
+            break
+        time.sleep(0.2)
+    assert children, f"the efficiency child never started: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
+    time.sleep(2)  # the child is loading or measuring
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err.splitlines()[-1] == "moescope: terminated", (proc.returncode, err[-2000:])
+    time.sleep(0.5)
+    alive = [c for c in children if Path(f"/proc/{c}").exists()
+             and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"the efficiency child {alive} outlived its parent"
+    assert list(tmp.glob("moescope-*")) == [], sorted(p.name for p in tmp.iterdir())  # (torch keeps its own)

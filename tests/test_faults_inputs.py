@@ -481,7 +481,9 @@ def test_dashboard_shows_and_uses_trusted_remote_code(monkeypatch, cache_root):
 import contextlib  # noqa: E402
 import errno  # noqa: E402
 import subprocess  # noqa: E402
+import random  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 
 DEMO_CONFIG = json.loads((demo_model_dir() / "config.json").read_text())
 
@@ -954,29 +956,37 @@ def test_export_into_a_symlinked_folder_follows_the_link(capfd, work):
 
 # ---- named plans under concurrency -----------------------------------------------------------------
 def test_rename_racing_a_save_never_loses_the_save(tmp_path):
-    """Data loss case 2: ``rename_plan("A", "B")`` racing ``save_plan("A", v2)``, 40 times: v2 always
-    survives (as A's newest plan, or moved to B), and v1 is under B."""
+    """Data loss case 2: ``rename_plan("A", "B")`` racing ``save_plan("A", v2)`` in two threads, 40 times,
+    the save started at a random point of the rename: v2 always survives (as A's newest plan, or moved
+    to B), and B exists."""
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.run.named_plans import list_plans, rename_plan, save_plan
 
     cache = Cache(tmp_path / "c")
     v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
     v2 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]})
+    rng = random.Random(0)
+    save_plan("A", v1, "timing", cache)
+    t0 = time.perf_counter()
+    rename_plan("A", "B", "timing", cache)
+    span = time.perf_counter() - t0  # the save lands at a random point of a rename's duration
     for trial in range(40):
         source = f"race-{trial}"
         save_plan("A", v1, source, cache)
         start = threading.Barrier(2)
-        errors = []
+        errors: list[Exception] = []
 
-        def run(fn, *args):
+        def run(start, errors, fn, *args, delay=0.0):
             start.wait()
+            time.sleep(delay)
             try:
                 fn(*args)
             except Exception as err:  # noqa: BLE001
                 errors.append(err)
 
-        threads = [threading.Thread(target=run, args=(rename_plan, "A", "B", source, cache)),
-                   threading.Thread(target=run, args=(save_plan, "A", v2, source, cache))]
+        threads = [threading.Thread(target=run, args=(start, errors, rename_plan, "A", "B", source, cache)),
+                   threading.Thread(target=run, args=(start, errors, save_plan, "A", v2, source, cache),
+                                    kwargs={"delay": rng.uniform(0, span)})]
         for t in threads:
             t.start()
         for t in threads:
@@ -986,6 +996,30 @@ def test_rename_racing_a_save_never_loses_the_save(tmp_path):
         held = [p.to_json()["layers"] for p in plans.values()]
         assert v2.to_json()["layers"] in held, f"trial {trial}: the concurrent save was lost: {plans}"
         assert "B" in plans
+
+
+def test_a_save_landing_inside_a_rename_stays(tmp_path, monkeypatch):
+    """The worst interleaving, made certain: the save of A's v2 lands after the rename read A's
+    revisions and before it removes them. The rename removes only what it read; v2 stays under A."""
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run import named_plans as N
+
+    cache = Cache(tmp_path / "c")
+    v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
+    v2 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]})
+    N.save_plan("A", v1, "demo", cache)
+    save = N.save_plan
+
+    def save_during_rename(name, plan, source, cache=None):
+        if name == "B":  # the rename is storing its copy: the concurrent save of A lands now
+            save("A", v2, source, cache)
+        save(name, plan, source, cache)
+
+    monkeypatch.setattr(N, "save_plan", save_during_rename)
+    N.rename_plan("A", "B", "demo", cache)
+    plans = N.list_plans("demo", cache)
+    assert plans["B"].layers[0].groups == v1.layers[0].groups
+    assert plans["A"].layers[0].groups == v2.layers[0].groups, "the save that landed during the rename was lost"
 
 
 def test_delete_removes_exactly_the_revisions_it_saw(tmp_path):
