@@ -643,7 +643,9 @@ def test_every_float_parameter_of_every_strategy_must_be_finite_and_in_range():
     ["--strategy", "merge", "--keep", "6", "--param", "lr=nan"],
     ["--strategy", "merge", "--keep", "6", "--param", "lr=Infinity"],
     ["--strategy", "merge", "--keep", "6", "--param", "density=1e400"],
-], ids=["lottery-lr-inf", "lottery-lr-NaN", "merge-lr-nan", "merge-lr-Infinity", "merge-density-1e400"])
+    ["--strategy", "lottery", "--keep", "6", "--lr", "1e38"],
+], ids=["lottery-lr-inf", "lottery-lr-NaN", "merge-lr-nan", "merge-lr-Infinity", "merge-density-1e400",
+        "lottery-lr-1e38"])
 def test_non_finite_strategy_parameters_are_refused_before_any_work(capfd, work, argv):
     folder, watch = work
     assert_refused(capfd, "plan", "demo", *argv, "--samples", "2", "--seq-len", "32", "-o", str(folder / "p.json"),
@@ -669,6 +671,23 @@ def test_non_finite_weights_are_never_exported_or_stored(capfd, work):
     assert len(cache.entries("experiment")) == records
     stored = [cache.get_by_key("perplexity", e.key).meta["ppl"] for e in cache.entries("perplexity")]
     assert stored and all(math.isfinite(v) for ppl in stored for v in ppl.values()), stored
+
+
+def test_a_stored_nan_finetune_is_never_applied_or_exported(capfd, work):
+    """Case 4: a lottery finetune that came out NaN (stored by an earlier moescope) is refused when
+    a plan names it: nothing exported."""
+    import torch
+    from moescope.analysis.pruning.prune import FINETUNED_KIND
+
+    folder, watch = work
+    cache = Cache(watch[1])
+    entry = cache.put(FINETUNED_KIND, {"test": "nan-finetune"},
+                      tensors={"L0.experts.gate_up_proj": torch.full((2, 2), math.nan)}, meta={"model_source": "demo"})
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "base_model": "demo", "layers": uniform(KEEP6),
+                                "provenance": {"strategy": "lottery", "finetuned": True, "weights": entry.key}}))
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+                   says=("non-finite",))
 
 
 # ---- eval / dashboard settings ----------------------------------------------------------------------

@@ -72,7 +72,7 @@ def finetune(model, input_ids, tokens: int, lr: float = 1e-4, batch_rows: int = 
           "are kept in the cache and applied with the plan.",
           [dataclasses.replace(CRITERION, default="REAP"), ORDER,
            Param("start_tokens", int, 8192, help="finetune tokens in the first round (doubling after)", minimum=1),
-           Param("lr", float, 1e-4, help="finetune learning rate", minimum=0)])
+           Param("lr", float, 1e-4, help="finetune learning rate", minimum=0, maximum=10)])
 def lottery(ctx, params):
     from moescope.analysis.core.cache import Cache
     from moescope.analysis.pruning.prune import trained_tensors

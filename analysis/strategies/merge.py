@@ -55,7 +55,7 @@ def _merge_params(default_merge: str) -> list[Param]:
         Param("merge_router", bool, True, help="merge router rows with the same coefficients (else the dominant "
                                                  "expert's row)", label="merge router rows too"),
         Param("steps", int, 100, help="learned merge: SGD steps", minimum=1),
-        Param("lr", float, 0.02, help="learned merge: learning rate", minimum=0),
+        Param("lr", float, 0.02, help="learned merge: learning rate", minimum=0, maximum=10),
         Param("seed", int, 0, help="seed (grouping, learned merge)", minimum=0),
     ]
 
