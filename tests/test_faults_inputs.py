@@ -480,8 +480,8 @@ def test_dashboard_shows_and_uses_trusted_remote_code(monkeypatch, cache_root):
 # =================================================================================================
 import contextlib  # noqa: E402
 import errno  # noqa: E402
-import subprocess  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -912,11 +912,21 @@ def test_plan_onto_a_full_disk_keeps_the_old_plan(capfd, work, tmp_path):
     assert old.read_text() == "the old plan" and sorted(p.name for p in folder.iterdir()) == ["plan.json"], line
 
 
-def test_a_folder_made_at_the_output_during_the_export_is_never_deleted(capfd, work, monkeypatch):
-    """Data loss case 1: while the export is written, someone creates ``out/notes.txt``. The
-    placement refuses in one line, notes.txt is intact, the finished export is kept (named in the
-    line, complete, with moescope's marker) and no temporary folder remains; the same with
-    --overwrite, which replaces only moescope's own folders."""
+def _make_folder(out: Path) -> None:
+    out.mkdir(exist_ok=True)
+    (out / "notes.txt").write_text("notes")
+
+
+def _make_file(out: Path) -> None:
+    out.write_text("notes")
+
+
+@pytest.mark.parametrize("make", [_make_folder, _make_file], ids=["folder", "file"])
+def test_what_appears_at_the_output_during_the_export_is_never_deleted(capfd, work, monkeypatch, make):
+    """Data loss case 1: while the export is written, someone creates ``out/notes.txt`` (or a file
+    ``out``). The placement refuses in one line, the notes are intact, the finished export is kept
+    (named in the line, complete, with moescope's marker) and no temporary folder remains; the same
+    with --overwrite, which replaces only moescope's own folders."""
     from moescope.analysis.model.view import MoEModel
 
     folder, watch = work
@@ -926,8 +936,7 @@ def test_a_folder_made_at_the_output_during_the_export_is_never_deleted(capfd, w
 
     def meanwhile(self, tmp, *a, **kw):
         result = write_files(self, tmp, *a, **kw)
-        out.mkdir(exist_ok=True)
-        (out / "notes.txt").write_text("notes")
+        make(out)
         return result
 
     monkeypatch.setattr(MoEModel, "write_files", meanwhile)
@@ -935,31 +944,14 @@ def test_a_folder_made_at_the_output_during_the_export_is_never_deleted(capfd, w
         rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), *extra)
         lines = err.splitlines()
         assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-        assert (out / "notes.txt").read_text() == "notes" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        notes = out / "notes.txt" if out.is_dir() else out
+        assert notes.read_text() == "notes" and (not out.is_dir() or [p.name for p in out.iterdir()] == ["notes.txt"])
         kept = [p for p in folder.iterdir() if p.name.startswith("out.moescope-")]
         assert len(kept) == 1 and str(kept[0]) in lines[0], (lines, sorted(p.name for p in folder.iterdir()))
         assert (kept[0] / ".moescope-export").is_file() and (kept[0] / "config.json").is_file()
         assert not [p for p in folder.iterdir() if p.name.startswith(".out")]
         shutil.rmtree(kept[0])
-        shutil.rmtree(out)
-
-
-def test_a_file_made_at_the_output_during_the_export_is_never_replaced(capfd, work, monkeypatch):
-    from moescope.analysis.model.view import MoEModel
-
-    folder, watch = work
-    plan = plan_file(folder, "plan.json", uniform(KEEP6))
-    out = folder / "out"
-    write_files = MoEModel.write_files
-
-    def meanwhile(self, tmp, *a, **kw):
-        result = write_files(self, tmp, *a, **kw)
-        out.write_text("a file of mine")
-        return result
-
-    monkeypatch.setattr(MoEModel, "write_files", meanwhile)
-    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out))
-    assert rc == 2 and len(err.splitlines()) == 1 and out.read_text() == "a file of mine", err
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
 
 
 def test_export_into_a_symlinked_folder_follows_the_link(capfd, work):
