@@ -134,15 +134,16 @@ def tokenizer_for(model, tokenizer_arg: str | None):
 
 def cmd_analyze(args) -> int:
     from moescope.analysis.core.cache import Cache
+    from moescope.analysis.core.outputs import check_output_folder
     from moescope.analysis.data import parse_source, sample_tokens
     from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
     from moescope.analysis.model import load_moe
     from moescope.analysis.model.loading import check_sampling, load_config
 
     if args.export is not None:  # before the analysis, so it is never thrown away at the end
-        from moescope.analysis.core.outputs import check_output_folder
-
         check_output_folder(args.export, "--export folder")
+    if args.offload is not None:
+        check_output_folder(args.offload, "--offload folder")
     check_device(args.device)
     parse_source(args.calib)  # validate before loading anything heavy
     check_sampling(load_config(args.model, args.trust_remote_code), args.samples, args.seq_len)
