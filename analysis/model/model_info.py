@@ -40,6 +40,20 @@ def config_bytes(source: str) -> bytes:
         raise not_on_hub(source, msg[:200]) from None
 
 
+def _check_raw(raw: bytes, source: str) -> None:
+    import json
+
+    from moescope.analysis.model.config_check import check_config
+
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        return  # loading reports it with the file's name
+    if isinstance(config, dict):
+        _, local = resolve_source(source)
+        check_config(config, str(Path(local) / "config.json") if local is not None else f"the config of '{source}'")
+
+
 def info_parts(raw_config: bytes, dtype: str | None, trust_remote_code: bool) -> dict:
     from importlib.metadata import version  # the installed version, without importing transformers
 
@@ -55,7 +69,9 @@ def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = 
     from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
-    parts = info_parts(config_bytes(source), dtype, trust_remote_code)
+    raw = config_bytes(source)
+    _check_raw(raw, source)  # a broken value is refused here, before torch and transformers are imported
+    parts = info_parts(raw, dtype, trust_remote_code)
     entry = cache.get(KIND, parts)
     if entry is not None and isinstance(entry.meta.get("info"), dict):
         return {**entry.meta["info"], "source": source}
