@@ -1071,3 +1071,24 @@ def test_allow_pickle_reaches_the_efficiency_child(capfd, work, bad_models):
     assert rc == 0, err
     eff = json.loads(out)
     assert eff["efficiency"]["original"]["plain"]["generate_tokens_per_s"] > 0, eff["efficiency"]
+
+
+def test_every_loading_flag_reaches_the_efficiency_child(monkeypatch):
+    """``--trust-remote-code``, ``--allow-pickle`` and ``--device`` are written into the child's spec
+    (the child loads the model with them); the spec file is removed afterwards."""
+    from moescope.analysis.core import processes
+    from moescope.analysis.evaluation import EfficiencyParams, isolated_efficiency
+
+    seen = {}
+
+    def child(cmd, env=None):
+        spec_path = Path(cmd[-1])
+        seen.update(json.loads(spec_path.read_text()), path=spec_path)
+        return subprocess.CompletedProcess(cmd, 0, '{"plain": {}, "skip": null}\n', "")
+
+    monkeypatch.setattr(processes, "run_child", child)
+    out = isolated_efficiency("demo", None, EfficiencyParams(), dtype="float32", device="cpu", trust_remote_code=True,
+                              allow_pickle=True)
+    assert out == {"plain": {}, "skip": None}
+    assert (seen["trust_remote_code"], seen["allow_pickle"], seen["device"]) == (True, True, "cpu")
+    assert not seen["path"].exists()
