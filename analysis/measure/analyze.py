@@ -343,26 +343,22 @@ class AnalysisResult(StoredResult):
         except KeyError:
             raise self._missing("similarity", name, layer, self.similarity_names()) from None
 
-    def routing(self, layer: int, name: str) -> Tensor:
+    def _get(self, layer: int, group: str, name: str, kind: str) -> Tensor:
         try:
-            return self._t[f"L{layer}.routing.{name}"]
+            return self._t[f"L{layer}.{group}.{name}"]
         except KeyError:
-            names = sorted({k.split(".", 2)[2] for k in self._t if ".routing." in k})
-            raise self._missing("routing statistic", name, layer, names) from None
+            names = sorted({k.split(".", 2)[2] for k in self._t if f".{group}." in k})
+            raise self._missing(kind, name, layer, names) from None
+
+    def routing(self, layer: int, name: str) -> Tensor:
+        return self._get(layer, "routing", name, "routing statistic")
 
     def criterion(self, layer: int, name: str) -> Tensor:
-        try:
-            return self._t[f"L{layer}.crit.{name}"]
-        except KeyError:
-            raise self._missing("criterion", name, layer, self.criteria_names()) from None
+        return self._get(layer, "crit", name, "criterion")
 
     def pair(self, layer: int, name: str) -> Tensor:
         """``[E, E]`` matrix of pair criterion ``name`` (ECC: co-selection counts, ETS: shared token ids)."""
-        try:
-            return self._t[f"L{layer}.pair.{name}"]
-        except KeyError:
-            names = sorted({k.split(".", 2)[2] for k in self._t if ".pair." in k})
-            raise self._missing("pair criterion", name, layer, names) from None
+        return self._get(layer, "pair", name, "pair criterion")
 
     def layer_map(self, name: str, group: str = "crit") -> Tensor:
         """``[layers, max E]`` map of a criterion (or routing vector), NaN where a layer has fewer experts."""
