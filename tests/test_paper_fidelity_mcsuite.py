@@ -276,6 +276,10 @@ def test_skipping_a_top1_router_is_refused_before_any_work():
 
     with pytest.raises(MoescopeError, match="skip_beta of layer 0"):
         PruningPlan.from_json({"version": 1, "base_model": "x", "layers": {}, "skip_beta": {"0": 0.4}}).validate_for(model)
+    # an evaluation's "with skipping" efficiency variant is left out for it rather than failing the run
+    from moescope.analysis.run.experiments import _skip_betas
+
+    assert _skip_betas(model, SimpleNamespace(skip_calib="demo:all"), None, None) is None
 
 
 # ---------------------------------------------------------------- lottery (App. C)

@@ -333,7 +333,7 @@ def token_overlap_counts(topk_idx: Tensor, token_ids: Tensor, num_experts: int) 
     MC-Suite eq. 10 with ``X_p`` the (vocabulary) tokens routed to p as in eq. 9 (diagonal: each
     expert's distinct token ids)."""
     ids, inverse = torch.unique(token_ids.reshape(-1), return_inverse=True)
-    seen = torch.zeros(num_experts, ids.numel(), dtype=torch.float64)
+    seen = torch.zeros(num_experts, ids.numel(), dtype=torch.float32)  # counts stay exact below 2²⁴
     for j in range(topk_idx.shape[1]):
         seen[topk_idx[:, j].long(), inverse] = 1.0
     return seen @ seen.T
