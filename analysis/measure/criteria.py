@@ -11,6 +11,12 @@ function here (or in any module imported before the analysis runs)::
     def _exn(s: LayerStats) -> Tensor:  # [E]
         ...
 
+A *pair* criterion (``pair=True``: MC-Suite's ECC eq. 8 and ETS eq. 10) computes an E×E matrix;
+the analysis stores it (``AnalysisResult.pair``) and, as the per-expert map value, the round in which
+the pair rule (:func:`pair_drop_order`) drops each expert at the criterion's default end. Names
+carrying a paper's acronym follow its equation; moescope's own variants carry a suffix
+(``EAN-mean``, ``EAO-frac``, ``EAS-output``, ``ECC-rowsum``, ``ETS-cosine``).
+
 Forward criteria receive a :class:`LayerStats` (one MoE layer's routing, expert outputs and
 weights, each computed once on first use); gradient criteria a :class:`GradientStats`.
 Shapes: E experts, T tokens, d hidden size, k top-k.
