@@ -2,6 +2,7 @@
 variants moescope keeps under their own names (issue #22).
 
     python benchmarks/mcsuite_demo_effects.py [--model demo] [--samples 64] [--seq-len 256]
+                                              [--ppl] [--keep 6 4] [--eval-tokens 2048]
 
 Calibration: ``demo:all`` validation windows (seeded, 64×256 = 16,384 tokens by default). Prints per
 MoE layer: the usage counts; the Spearman rank correlation between each criterion and its variant
@@ -9,6 +10,8 @@ MoE layer: the usage counts; the Spearman rank correlation between each criterio
 either end (the pair criteria ECC / ETS by their pair rule); and for dynamic skipping with the
 calibrated β the fraction of tokens that skip and the relative L2 distance of the layer output
 from the unskipped one, with the kept weights renormalised (the paper) and left as they are.
+``--ppl`` adds the pooled test perplexity (the first ``--eval-tokens`` test tokens of every
+domain, as ``strategy_table.py``) after one-shot dropping by every criterion at both ends.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--ppl", action="store_true", help="also: perplexity after one-shot drops by every criterion")
+    ap.add_argument("--keep", type=int, nargs="+", default=[6, 4])
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="test tokens per domain")
     args = ap.parse_args()
     model = load_moe(args.model)
     batch = sample_tokens("demo:all", tokenizer_for(model, None), args.samples, args.seq_len)
@@ -79,6 +85,34 @@ def main() -> None:
                 err[how] = float((v.combine(x, r) - full).norm() / full.norm())
             print(f"| {l} | {betas[l]:.4f} | {float(skip.any(-1).float().mean()):.3f} | {err['renorm']:.4f} | "
                   f"{err['plain']:.4f} |")
+    if args.ppl:
+        criteria_perplexity(model, batch, args.keep, args.eval_tokens)
+
+
+def criteria_perplexity(model, batch, keeps: list[int], eval_tokens: int) -> None:
+    """Pooled test perplexity after one-shot dropping by every criterion at both ends; the
+    criterion's default end (the paper's better one) is marked with *."""
+    import copy
+
+    from moescope.analysis.evaluation import perplexity_by_domain
+    from moescope.analysis.measure.criteria import CRITERIA
+    from moescope.analysis.pruning.prune import apply
+    from moescope.analysis.strategies import StrategyContext, make_plan
+
+    ctx = StrategyContext(model, batch, Cache(), AnalysisParams())
+    skipping.remove(model)
+    base = perplexity_by_domain(model, "demo:all", max_tokens=eval_tokens)["all"]
+    print(f"\nunpruned: {base:.2f}\n")
+    print("| criterion | " + " | ".join(f"{end} keep {k}" for k in keeps for end in ("min", "max")) + " |")
+    print("|---|" + "---:|" * (2 * len(keeps)))
+    for name, c in CRITERIA.items():
+        cells = []
+        for k in keeps:
+            for end in ("min", "max"):
+                plan = make_plan("criterion", ctx, {"keep": k, "criterion": name, "order": end})
+                ppl = perplexity_by_domain(apply(copy.deepcopy(model), plan), "demo:all", max_tokens=eval_tokens)["all"]
+                cells.append(f"{ppl:.2f}" + ("*" if end == c.drop else ""))
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
