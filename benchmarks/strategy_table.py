@@ -6,7 +6,7 @@
 
 Calibration: demo:all validation split (seeded); evaluation: the first --eval-tokens tokens of
 each domain's test split, in 256-token windows (``all`` pools every evaluated token). Rows: the
-drop strategies (frequency, enumerate, Min-EAN iterative) and group-and-merge with one grouping
+drop strategies (frequency, enumerate, Min-EAN iterative (MC-Suite eq. 13) and Min-EAN-mean iterative) and group-and-merge with one grouping
 (output CKA, greedy) under every alignment (none | weights | activations) × operator (usage,
 learned, TIES), so rows of one operator differ only in the alignment: same groups, same
 coefficients (learned ones are fitted on the aligned weights). Prints one markdown table per
@@ -29,6 +29,7 @@ STRATEGIES = [
     ("frequency", "frequency", {}),
     ("enumerate (layer-wise)", "enumerate", {}),
     ("Min-EAN iterative", "criterion", {"criterion": "EAN", "order": "min", "mode": "iterative"}),
+    ("Min-EAN-mean iterative", "criterion", {"criterion": "EAN-mean", "order": "min", "mode": "iterative"}),
 ] + [
     (f"merge {merge} · align {align}", "merge", {**MERGE, "merge": merge, "align": align})
     for merge in ("usage", "learned", "ties")

@@ -25,7 +25,7 @@ from moescope.analysis.measure.analyze import (
     lookup_analysis,
     run_analysis,
 )
-from moescope.analysis.measure.criteria import CRITERIA
+from moescope.analysis.measure.criteria import CRITERIA, canonical_name
 from moescope.analysis.measure.explore import (
     cluster_order,
     criterion_grid_correlation,
@@ -502,7 +502,7 @@ def even_out_plan(s: Settings, plan: PruningPlan, by: str, count: int | None = N
             raise MoescopeError("no drop grid for these settings yet; compute it on the Drop grid page")
         scores = grid_scores(grid)
     else:
-        c = CRITERIA.get(str(by).upper())
+        c = CRITERIA.get(canonical_name(by))
         if c is None:
             raise MoescopeError(f"unknown criterion '{by}'; accepted: {GRID_SCORES}, {', '.join(CRITERIA)}")
         scores = criterion_scores(_analysis(s), c.name, c.drop)

@@ -34,7 +34,7 @@ def test_every_family_gets_every_metric(family, cache):
     res = A.run_analysis(model, batch(), params, cache=cache)
     assert res.layers == model.moe_layers
     assert set(res.similarity_names()) == set(A.SIMILARITY_NAMES) | set(A.WEIGHT_SIMILARITY_NAMES)
-    assert set(res.criteria_names()) == set(CRITERIA)  # all sixteen plus REAP
+    assert set(res.criteria_names()) == set(CRITERIA)  # all sixteen, REAP and the variants (EAN-mean, …)
     for l in res.layers:
         assert res.similarity(l, "cka_linear").diagonal().sub(1).abs().max() < 1e-5
         assert res.routing(l, "usage").sum().item() == pytest.approx(model.layers[l].top_k)

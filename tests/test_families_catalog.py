@@ -206,7 +206,7 @@ def test_skipping_equals_dropping_the_skipped_terms(family, dtype):
         beta = float(ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
         skip = skipping.skip_mask(hf_w, beta)  # as the patch decides, on the router's own weights
         r.topk_idx = hf_idx.reshape(r.topk_idx.shape)
-        r.topk_weights = (hf_w.float() * scale).to(hf_w.dtype).masked_fill(skip, 0.0)
+        r.topk_weights = skipping.renormalized((hf_w.float() * scale).to(hf_w.dtype), skip)
         want = layer.combine(x, r)
         shared = layer.shared_forward(x)
         want = want if shared is None else want + shared

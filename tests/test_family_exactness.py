@@ -273,16 +273,20 @@ def _poison_freed_memory():
 
 
 def skipped_by_hand(weights: torch.Tensor, beta: float) -> list[list[bool]]:
-    """The skipping rule token by token: sort the top-k weights w₁ ≥ … ≥ w_k and keep the fewest
-    leading j with Σ_{i>j} w_i ≤ β Σ_{i≤j} w_i; the rest are skipped."""
+    """The skipping rule token by token (Lu et al.): sort the top-k weights w₁ ≥ … ≥ w_k; top-2 skips
+    the second when w₂ < β w₁ (§3.3), top-k keeps the fewest leading i with Σ_{m>i} w_m ≤ β Σ_{m≤k} w_m
+    (App. A.2); the rest are skipped."""
     out = []
     for row in weights.double().tolist():
         order = sorted(range(len(row)), key=lambda k: -row[k])
         keep = len(row)
-        for j in range(1, len(row) + 1):
-            if sum(row[k] for k in order[j:]) <= beta * sum(row[k] for k in order[:j]):
-                keep = j
-                break
+        if len(row) == 2:
+            keep = 1 if row[order[1]] < beta * row[order[0]] else 2
+        else:
+            for j in range(1, len(row) + 1):
+                if sum(row[k] for k in order[j:]) <= beta * sum(row):
+                    keep = j
+                    break
         skip = [False] * len(row)
         for k in order[keep:]:
             skip[k] = True
@@ -319,8 +323,11 @@ def test_skipping_matches_the_rule_by_hand_and_undoes_exactly(case):
         assert 0 < skip.sum() < skip.numel()
         t = torch.arange(x.shape[0])
         y = torch.stack([hf_expert(layer, e, x).double() for e in range(layer.num_experts)])
+        wd = w.double()
+        kept_w = wd * ~skip
+        kept_w = kept_w * wd.sum(-1, keepdim=True) / kept_w.sum(-1, keepdim=True)  # renormalised to the k's sum
         want = shared_out(layer, x).double() + sum(
-            (~skip[:, k, None]) * w[:, k, None].double() * y[idx[:, k], t] for k in range(idx.shape[1]))
+            kept_w[:, k, None] * y[idx[:, k], t] for k in range(idx.shape[1]))
         for _ in range(3):  # skipped slots must not read unwritten memory (NaN × 0 = NaN)
             _poison_freed_memory()
             got = block_out(layer, x)

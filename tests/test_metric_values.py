@@ -165,8 +165,11 @@ def test_skip_ratio_median_sorts_each_token_and_needs_two_choices():
     w = torch.tensor([[0.3, 0.6], [0.8, 0.2], [0.1, 0.1], [0.5, 0.4], [0.2, 0.5]])  # unsorted rows
     # ratios small/large: 1/2, 1/4, 1, 4/5, 2/5 -> sorted 1/4, 2/5, 1/2, 4/5, 1 -> median 1/2
     assert M.skip_ratio_median(w) == pytest.approx(0.5)
-    w3 = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])  # w₂/w₁: 1/2, 3/5, 1/3
-    assert M.skip_ratio_median(w3) == pytest.approx(0.5)
+    # top-3 (Lu et al. App. A.2): the ratio is w_k / Σ w: 0.1, 0.2, 0.2 -> median 0.2
+    w3 = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
+    assert M.skip_ratio_median(w3) == pytest.approx(0.2)
+    # an even count: the mean of the two middle ratios, as the authors' np.median (1/4, 1/2 -> 3/8)
+    assert M.skip_ratio_median(torch.tensor([[0.8, 0.2], [0.6, 0.3], [0.5, 0.5], [0.9, 0.09]])) == pytest.approx(0.375)
     assert math.isnan(M.skip_ratio_median(torch.ones(4, 1)))
 
 
@@ -307,8 +310,10 @@ def test_layer_criteria_by_value(layer_case):
     Y, routed, top_i, top_w = n["Y"], n["routed"], n["top_i"].tolist(), n["top_w"].tolist()
     Wg, Wu, down, V = n["Wg"], n["Wu"], n["down"], n["vec"]
     distinct = len(set(token_ids.tolist()))
-    want = {name: [] for name in ("EWS", "RWN", "WSR", "EWN", "EUF", "ECC", "EVC", "ETS",
-                                  "EAS", "EAE", "EAO", "EAN", "REAP")}
+    want = {name: [] for name in ("EWS", "RWN", "WSR", "EWN", "EUF", "ECC-rowsum", "EVC", "ETS-cosine",
+                                  "EAS", "EAS-output", "EAE", "EAO", "EAO-frac", "EAN", "EAN-mean", "REAP")}
+    # each expert's mean unit-normalised routed output, for eq. 11's mean cosine over all pairs
+    unit = {e: (Y[e, routed[e]].double() / Y[e, routed[e]].double().norm(dim=-1, keepdim=True)) for e in range(8)}
     for e in range(8):
         toks = routed[e]
         ye = Y[e, toks]  # its outputs on its routed tokens
@@ -318,21 +323,30 @@ def test_layer_criteria_by_value(layer_case):
         want["WSR"].append((np_stable_rank(Wg[e]) + np_stable_rank(Wu[e]) + np_stable_rank(down[e])) / 3)
         want["EWN"].append(float(V[e].norm()))
         want["EUF"].append(len(toks) / T)
-        want["ECC"].append(sum(len(top_i[t]) - 1 for t in toks) / T)  # partners it was chosen with, per token
+        want["ECC-rowsum"].append(sum(len(top_i[t]) - 1 for t in toks) / T)  # partners it was chosen with, per token
         want["EVC"].append(len({int(token_ids[t]) for t in toks}) / distinct)
         xs = x[toks].double()
         xs = xs / xs.norm(dim=-1, keepdim=True)
         m = len(toks)
-        want["ETS"].append(float(((xs @ xs.T).sum() - m) / (m * (m - 1))))  # mean over pairs a ≠ b
-        want["EAS"].append(sum(token_cos(Y[e], Y[f]) for f in range(8) if f != e) / 7)
+        want["ETS-cosine"].append(float(((xs @ xs.T).sum() - m) / (m * (m - 1))))  # mean over pairs a ≠ b
+        # eq. 11: Σ_{q≠p} mean over (a_m, a_n) ∈ A_p × A_q of cos(a_m, a_n), every pair written out
+        want["EAS"].append(sum(float((unit[e] @ unit[f].T).mean()) for f in range(8) if f != e))
+        want["EAS-output"].append(sum(token_cos(Y[e], Y[f]) for f in range(8) if f != e) / 7)
         want["EAE"].append(float(np.log(np_std(ye)).sum()))
-        want["EAO"].append(np_outliers(ye))
-        want["EAN"].append(float(ye.norm(dim=-1).mean()))
+        want["EAO"].append(np_outliers(ye) * ye.numel())  # a count (§2.4 ③), not a fraction
+        want["EAO-frac"].append(np_outliers(ye))
+        want["EAN"].append(sum(float(ye[:, j].norm()) for j in range(ye.shape[1])))  # eq. 13
+        want["EAN-mean"].append(float(ye.norm(dim=-1).mean()))
         want["REAP"].append(statistics.mean(g * float(ye[i].norm()) for i, g in enumerate(gate_w)))
     assert any(v > 0 for v in want["EAO"]), "the case should have activation outliers"
-    assert set(got.criteria) == set(want)
+    assert set(got.criteria) == set(want) | {"ECC", "ETS"}
     for name, values in want.items():
         assert got.criteria[name].tolist() == pytest.approx(values, rel=2e-4, abs=1e-6), name
+    # the pair criteria: eq. 8 co-selection counts and eq. 10 shared distinct token ids
+    co = [[sum(1 for row in top_i if p in row and q in row) for q in range(8)] for p in range(8)]
+    ids = {e: {int(token_ids[t]) for t in routed[e]} for e in range(8)}
+    assert got.pairs["ECC"].tolist() == co
+    assert got.pairs["ETS"].tolist() == [[len(ids[p] & ids[q]) for q in range(8)] for p in range(8)]
 
 
 def test_an_expert_nobody_routes_to_has_no_activation_criteria():
@@ -342,8 +356,9 @@ def test_an_expert_nobody_routes_to_has_no_activation_criteria():
         view.router.weight[5] = -100 * view.router.weight[5].abs().sum()  # never chosen
     x = rand(T, 32, seed=11).abs()  # keeps the -100·‖w‖₁ logit hugely negative
     got = analyze_layer(view, x, torch.arange(T), AnalysisParams(metrics=("routing", "activations")))
-    assert got.criteria["EUF"][5] == 0 and got.criteria["EVC"][5] == 0 and got.criteria["ECC"][5] == 0
-    for name in ("EAN", "REAP", "EAE", "EAO", "ETS"):
+    assert got.criteria["EUF"][5] == 0 and got.criteria["EVC"][5] == 0 and got.criteria["ECC-rowsum"][5] == 0
+    assert not got.pairs["ECC"][5].any() and not got.pairs["ETS"][5].any()  # in no pair, shares no token
+    for name in ("EAN", "EAN-mean", "REAP", "EAE", "EAO", "EAO-frac", "ETS-cosine", "EAS"):
         assert math.isnan(got.criteria[name][5].item()), name
         assert not math.isnan(got.criteria[name][4].item()), name
 
@@ -402,12 +417,12 @@ def test_skip_ratios_by_the_rule_on_hand_weights(tmp_path):
         "L1.topk_idx": torch.tensor([[0, 1, 2]] * 3, dtype=torch.int32), "L1.topk_weights": w1,
     }, {"0": {"num_experts": 2, "top_k": 2}, "1": {"num_experts": 3, "top_k": 3}})
     got = skip_ratios(RoutingTrace(entry), {0: 0.5, 1: 0.5})
-    # top-2, β = ½: skip the second when w₂ ≤ ½ w₁: tokens 0 (0.3 ≤ 0.35) and 2 (0.1 ≤ 0.45)
+    # top-2 (Lu et al. §3.3), β = ½: skip the second when w₂ < ½ w₁: tokens 0 (0.3 < 0.35) and 2 (0.1 < 0.45)
     assert got[0] == {"beta": 0.5, "tokens": 0.5, "calls": 2 / 8}
-    # top-3: keep the fewest leading j with Σ_{i>j} w ≤ ½ Σ_{i≤j} w.
-    #   token 0: j=1: 0.4 > 0.3; j=2: 0.1 ≤ 0.45 -> skips 1.  token 1: j=2: 0.25 ≤ 0.375 -> skips 1.
-    #   token 2: j=1: 0.2 ≤ 0.4 -> skips 2.
-    assert got[1] == {"beta": 0.5, "tokens": 1.0, "calls": pytest.approx(4 / 9)}
+    # top-3 (App. A.2): keep the fewest leading i with Σ_{m>i} w ≤ ½ Σ_{m≤3} w (= ½ here).
+    #   token 0: i=1: 0.4 ≤ 0.5 -> skips 2.  token 1: i=1: 0.6 > 0.5; i=2: 0.25 ≤ 0.5 -> skips 1.
+    #   token 2: i=1: 0.2 ≤ 0.5 -> skips 2.
+    assert got[1] == {"beta": 0.5, "tokens": 1.0, "calls": pytest.approx(5 / 9)}
 
 
 def test_spearman_matches_scipy_with_ties_and_missing_values():

@@ -109,7 +109,8 @@ def test_lottery_rounds_prune_and_finetune(tmp_path):
     before = model.fingerprint()
     cache = Cache(tmp_path / "cache")
     ctx = StrategyContext(model, batch, cache, AnalysisParams(metrics=("routing",)))
-    plan = make_plan("lottery", ctx, {"keep": 6, "criterion": "EUF", "start_tokens": 128, "lr": 1e-3})
+    plan = make_plan("lottery", ctx, {"keep": 6, "criterion": "EUF", "start_tokens": 128, "lr": 1e-3,
+                                        "batch": 4})
     assert model.fingerprint() == before and model.num_experts() == {0: 8, 1: 8}  # the caller's model is untouched
     assert plan.provenance["finetuned"] and plan.provenance["strategy"] == "lottery:min-EUF"
     assert [r["tokens"] for r in plan.provenance["rounds"]] == [128, 256]  # the budget doubles every round
@@ -125,4 +126,4 @@ def test_lottery_rounds_prune_and_finetune(tmp_path):
     assert fresh.num_experts() == {0: 8, 1: 8}
     # the same request is served from the cache: the same plan
     assert make_plan("lottery", ctx, {"keep": 6, "criterion": "EUF", "start_tokens": 128,
-                                      "lr": 1e-3}).to_json()["layers"] == plan.to_json()["layers"]
+                                      "lr": 1e-3, "batch": 4}).to_json()["layers"] == plan.to_json()["layers"]

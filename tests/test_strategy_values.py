@@ -201,30 +201,35 @@ def scaled_table_model():
 
 
 def test_activation_criteria_pick_by_their_formulas(tmp_path):
-    """EAN (mean ‖y‖ on routed tokens) and REAP (mean routing weight × ‖y‖) computed here from the
-    table: class j's tokens go to its top-2 with renormalised softmax weights of κ·logits."""
+    """EAN (MC-Suite eq. 13: Σ_j ‖A[:, j]‖₂ over the routed tokens), EAN-mean (mean ‖y‖ on routed
+    tokens) and REAP (mean routing weight × ‖y‖) computed here from the table: class j's tokens go
+    to its top-2 with renormalised softmax weights of κ·logits."""
     model = scaled_table_model()
-    ean, reap = {}, {}
+    ean, ean_mean, reap = {}, {}, {}
     with torch.no_grad():
         for e in range(8):
-            norms, weighted = [], []
+            rows, norms, weighted = [], [], []
             for j, (n, ranking, gap) in enumerate(CLASSES):
                 if e not in ranking[:2]:
                     continue
                 x = torch.zeros(D)
                 x[j] = KAPPA
-                y = float(naive_expert(model, e, x).norm())
+                out = naive_expert(model, e, x).double()
+                y = float(out.norm())
                 z = torch.tensor(class_logits(ranking, gap)) * KAPPA
                 top = torch.softmax(z, 0)[ranking[:2]]
                 w = float(top[ranking[:2].index(e)] / top.sum())
+                rows += [out] * n
                 norms += [y] * n
                 weighted += [w * y] * n
             if norms:  # expert 1 is never routed: no value, dropped first
-                ean[e], reap[e] = sum(norms) / len(norms), sum(weighted) / len(weighted)
+                A = torch.stack(rows)  # [routed tokens, hidden units]
+                ean[e] = sum(float(A[:, u].norm()) for u in range(A.shape[1]))
+                ean_mean[e], reap[e] = sum(norms) / len(norms), sum(weighted) / len(weighted)
     assert set(ean) == {0, 2, 3, 4, 5, 6, 7}
     ctx = ctx_for(model, IDS, tmp_path)
     res = ctx.analysis(metrics=("routing", "activations"))
-    for name, want in (("EAN", ean), ("REAP", reap)):
+    for name, want in (("EAN", ean), ("EAN-mean", ean_mean), ("REAP", reap)):
         got = res.criterion(0, name)
         assert math.isnan(float(got[1]))
         for e, v in want.items():
@@ -232,7 +237,7 @@ def test_activation_criteria_pick_by_their_formulas(tmp_path):
         assert kept(make_plan("criterion", ctx, {"keep": 4, "criterion": name, "order": "min"})) == kept_by_score(want, 4)
         largest_dropped = kept_by_score({e: -v for e, v in want.items()}, 4)
         assert kept(make_plan("criterion", ctx, {"keep": 4, "criterion": name, "order": "max"})) == largest_dropped
-    assert kept_by_score(ean, 4) != kept_by_score(reap, 4)  # the routing weight matters here
+    assert kept_by_score(ean_mean, 4) != kept_by_score(reap, 4)  # the routing weight matters here
 
 
 def test_gradient_norm_criterion_equals_autograd_and_drops_the_unrouted_expert(tmp_path):
@@ -480,7 +485,8 @@ def test_lottery_without_learning_equals_iterative_dropping(table_model, tmp_pat
     cache = Cache(tmp_path / "c")
     ctx = StrategyContext(model=table_model, calib=batch, cache=cache,
                           analysis_params=AnalysisParams(metrics=("routing",)))
-    plan = make_plan("lottery", ctx, {"keep": 4, "criterion": "EUF", "order": "min", "start_tokens": 64, "lr": 0.0})
+    plan = make_plan("lottery", ctx, {"keep": 4, "criterion": "EUF", "order": "min", "start_tokens": 64, "lr": 0.0,
+                                        "batch": 4})
     assert kept(plan) == iterative_min_usage(CLASSES, 4) == [2, 4, 5, 7]
     assert [r["tokens"] for r in plan.provenance["rounds"]] == [64, 128, 256, 512]
     assert torch.equal(table_model.layers[0].experts.down_proj.detach(), before)  # the caller's model is untouched

@@ -19,7 +19,7 @@ from moescope.analysis.core.cache import StoredResult
 from moescope.analysis.core.errors import MoescopeError, unknown_name
 from moescope.analysis.measure import metrics as M
 from moescope.analysis.measure.capture import LayerStream, token_nll
-from moescope.analysis.measure.criteria import CRITERIA, GradientStats, LayerStats
+from moescope.analysis.measure.criteria import CRITERIA, GradientStats, LayerStats, pair_drop_position
 from moescope.analysis.measure.metrics import METRICS_VERSION
 from torch import Tensor
 
@@ -69,6 +69,7 @@ class LayerAnalysis:
     top_k: int
     similarity: dict[str, Tensor] = field(default_factory=dict)  # name -> [E, E]
     criteria: dict[str, Tensor] = field(default_factory=dict)  # acronym -> [E]
+    pairs: dict[str, Tensor] = field(default_factory=dict)  # pair criterion (ECC, ETS) -> [E, E]
     routing: dict[str, Tensor] = field(default_factory=dict)  # usage [E], coactivation [E,E], ...
     scalars: dict[str, float] = field(default_factory=dict)  # beta, balance_entropy
     timings: dict[str, float] = field(default_factory=dict)  # seconds per metric family
@@ -153,7 +154,11 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
     for c in CRITERIA.values():
         if c.family in want and c.family != "gradients":
             with _timed(tm, c.family):
-                out.criteria[c.name] = c.compute(stats)
+                value = c.compute(stats)
+                if c.pair:  # the matrix is kept; the map shows the pair rule's drop round at the default end
+                    out.pairs[c.name] = value
+                    value = pair_drop_position(value, counts, c.drop)
+                out.criteria[c.name] = value
     return out
 
 
@@ -208,7 +213,7 @@ def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: C
 
 def _flatten(la: LayerAnalysis) -> dict[str, Tensor]:
     out = {}
-    for group, d in (("sim", la.similarity), ("crit", la.criteria), ("routing", la.routing)):
+    for group, d in (("sim", la.similarity), ("crit", la.criteria), ("pair", la.pairs), ("routing", la.routing)):
         for name, t in d.items():
             out[f"L{la.layer}.{group}.{name}"] = t.detach().float().cpu().contiguous()
     return out
@@ -338,18 +343,22 @@ class AnalysisResult(StoredResult):
         except KeyError:
             raise self._missing("similarity", name, layer, self.similarity_names()) from None
 
-    def routing(self, layer: int, name: str) -> Tensor:
+    def _get(self, layer: int, group: str, name: str, kind: str) -> Tensor:
         try:
-            return self._t[f"L{layer}.routing.{name}"]
+            return self._t[f"L{layer}.{group}.{name}"]
         except KeyError:
-            names = sorted({k.split(".", 2)[2] for k in self._t if ".routing." in k})
-            raise self._missing("routing statistic", name, layer, names) from None
+            names = sorted({k.split(".", 2)[2] for k in self._t if f".{group}." in k})
+            raise self._missing(kind, name, layer, names) from None
+
+    def routing(self, layer: int, name: str) -> Tensor:
+        return self._get(layer, "routing", name, "routing statistic")
 
     def criterion(self, layer: int, name: str) -> Tensor:
-        try:
-            return self._t[f"L{layer}.crit.{name}"]
-        except KeyError:
-            raise self._missing("criterion", name, layer, self.criteria_names()) from None
+        return self._get(layer, "crit", name, "criterion")
+
+    def pair(self, layer: int, name: str) -> Tensor:
+        """``[E, E]`` matrix of pair criterion ``name`` (ECC: co-selection counts, ETS: shared token ids)."""
+        return self._get(layer, "pair", name, "pair criterion")
 
     def layer_map(self, name: str, group: str = "crit") -> Tensor:
         """``[layers, max E]`` map of a criterion (or routing vector), NaN where a layer has fewer experts."""

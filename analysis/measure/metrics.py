@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-METRICS_VERSION = 2
+METRICS_VERSION = 3
 
 # ---------------------------------------------------------------- similarity of expert outputs
 #
@@ -328,13 +328,30 @@ def mean_pairwise_cosine(X: Tensor) -> float:
     return float((s @ s - n) / (n * (n - 1)))
 
 
+def token_overlap_counts(topk_idx: Tensor, token_ids: Tensor, num_experts: int) -> Tensor:
+    """``O[p, q]`` = number of distinct token ids routed to both p and q, ``count(X_p ∩ X_q)`` of
+    MC-Suite eq. 10 with ``X_p`` the (vocabulary) tokens routed to p as in eq. 9 (diagonal: each
+    expert's distinct token ids)."""
+    ids, inverse = torch.unique(token_ids.reshape(-1), return_inverse=True)
+    seen = torch.zeros(num_experts, ids.numel(), dtype=torch.float32)  # counts stay exact below 2²⁴
+    for j in range(topk_idx.shape[1]):
+        seen[topk_idx[:, j].long(), inverse] = 1.0
+    return seen @ seen.T
+
+
 def skip_ratio_median(topk_weights: Tensor) -> float:
-    """Median over tokens of ``w₂ / w₁`` (second over first largest routing weight): the β of
-    dynamic skipping for top-2 routing (Lu et al.)."""
-    w = topk_weights.float().sort(dim=-1, descending=True).values
-    if w.shape[1] < 2:
+    """β of dynamic skipping (Lu et al.): the median over tokens of the ratio the skipping rule
+    compares (:mod:`moescope.analysis.model.skipping`), each token's top-k weights sorted
+    ``w₁ ≥ … ≥ w_k``: ``w₂ / w₁`` for top-2 (§3.3, App. A.3; the authors' ``dynamic_skipping.py``),
+    ``w_k / Σ_{m≤k} w_m`` for k > 2 (App. A.2's ``Σ skipped ≤ β Σ all k``: a token skips at least its
+    last expert exactly when its ratio is ≤ β, so about half the tokens skip). The median of an
+    even count is the mean of the two middle values, as ``np.median``. NaN for top-1."""
+    w = topk_weights.double().sort(dim=-1, descending=True).values
+    k = w.shape[1]
+    if k < 2:
         return float("nan")
-    return float((w[:, 1] / w[:, 0].clamp_min(1e-30)).median())
+    ratio = w[:, 1] / w[:, 0].clamp_min(1e-30) if k == 2 else w[:, -1] / w.sum(-1).clamp_min(1e-30)
+    return float(torch.quantile(ratio, 0.5))
 
 
 def load_balance_entropy(counts: Tensor) -> float:
@@ -362,6 +379,36 @@ def outlier_fraction(A: Tensor) -> float:
     A = A.double()
     mu, sd = A.mean(0), A.std(0)
     return float(((A - mu).abs() > 3 * sd).double().mean())
+
+
+def outlier_count(A: Tensor) -> float:
+    """Number of entries of ``A [n, d]`` outside ``μ_j ± 3σ_j`` of their column j (MC-Suite EAO)."""
+    if A.shape[0] < 2:
+        return float("nan")
+    A = A.double()
+    mu, sd = A.mean(0), A.std(0)
+    return float(((A - mu).abs() > 3 * sd).sum())
+
+
+def unit_norm_sum(A: Tensor) -> float:
+    """``Σ_j ‖A[:, j]‖₂`` for ``A [n, d]``: each column's (hidden unit's) L2 norm over the rows
+    (tokens), summed over the columns (MC-Suite eq. 13, ``sum(norm_l2(A, dim=0))``)."""
+    return float(A.double().norm(dim=0).sum())
+
+
+def routed_similarity_sum(U: Tensor) -> Tensor:
+    """MC-Suite eq. 11 from ``U [E, d]``, each expert's mean unit-normalised routed output
+    ``u_p = (1/|A_p|) Σ_{a∈A_p} a/‖a‖`` (NaN rows: never routed). The mean cosine over all pairs
+    ``(a_m, a_n) ∈ A_p × A_q`` is ``u_p · u_q``; each expert's value is its sum over the other
+    experts q (pairs with an unrouted expert have no pairs and add nothing). ``[E]``, NaN for an
+    unrouted expert."""
+    U = U.double()
+    ok = ~torch.isnan(U).any(-1)
+    Z = torch.where(ok[:, None], U, torch.zeros_like(U))
+    S = Z @ Z.T
+    S.fill_diagonal_(0.0)
+    out = S.sum(1).float()
+    return torch.where(ok, out, torch.full_like(out, float("nan")))
 
 
 def mean_offdiag(S: Tensor) -> Tensor:

@@ -1,11 +1,27 @@
-"""Dynamic expert skipping (Lu et al., "Not All Experts are Equal").
+"""Dynamic expert skipping (Lu et al., "Not All Experts are Equal", §3.3 and App. A.2; the
+authors' ``model/wrapper.py``, ``DynamicSkippingMixtralSparseMoeBlockWrapper``).
 
-At inference a token drops its lower-weighted selected experts when their routing weight is
-small against what it keeps: with the top-k weights sorted ``w₁ ≥ … ≥ w_k``, the token keeps the
-fewest leading experts ``j`` such that ``Σ_{i>j} w_i ≤ β · Σ_{i≤j} w_i`` (for top-2: skip the second
-expert when ``w₂ ≤ β·w₁``). The kept experts keep their weights (the skipped terms are simply not
-computed). β per layer is calibrated as the median of ``w₂ / w₁`` over calibration tokens
-(:func:`analysis.metrics.skip_ratio_median`).
+At inference a token drops some of its lower-weighted selected experts, and the experts it keeps
+share the whole routing weight. With the token's top-k weights sorted ``w₁ ≥ … ≥ w_k``:
+
+- **top-2** (§3.3, the authors' code): the second expert is skipped when ``w₂ < β · w₁``;
+- **top-k, k > 2** (App. A.2): the token keeps the top ``i*`` experts,
+  ``i* = min i ∈ {1, …, k}`` with ``Σ_{m>i} w_m ≤ β · Σ_{m≤k} w_m`` — the candidates for skipping are
+  the tail of the sorted selection (never the first expert), and several can go at once.
+
+(A.2 derives the top-2 form from the general one with β₂ = β/(1 − β), "a little abuse of notation";
+each layer's β is read in the form of its own top-k.) The kept weights are then rescaled to sum to
+what all k selected weights summed to (``w_m · Σ_{m≤k} w / Σ_{kept} w``): for a router that
+renormalises its top-k (Mixtral) this is the authors' ``routing_weights /= routing_weights.sum()``
+after zeroing the skipped weight, A.2's ``ẑ = Σ_{m≤i} w_m f_m / Σ_{m≤i} w_m``; for a router whose
+top-k weights do not sum to 1 (no renormalisation, a routed scaling factor) it keeps the layer's
+output scale, which the paper (Mixtral only) does not discuss.
+
+β per layer is calibrated as the median over calibration tokens of the ratio the rule compares
+(:func:`moescope.analysis.measure.metrics.skip_ratio_median`): ``w₂ / w₁`` for top-2 (the paper's
+and the authors' ``dynamic_skipping.py``, ``np.median``), ``w_k / Σ_{m≤k} w_m`` for k > 2 — so that,
+as App. A.3 intends, about half the tokens skip (at least their last) expert. A top-1 router has
+nothing to skip and is refused.
 
 The thresholds travel with a saved model as ``config.moescope_skip_beta`` ({layer: β}); plain
 ``from_pretrained`` ignores that field (the model then routes as usual), and
@@ -17,23 +33,46 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model.layouts import ROUTER_OUTPUTS
 from torch import Tensor
 
 CONFIG_KEY = "moescope_skip_beta"
 
 
+def refuse_top1(top_k: int, where: str) -> None:
+    """One-line refusal of dynamic skipping on a top-1 router (nothing to skip)."""
+    if int(top_k) < 2:
+        raise MoescopeError(f"{where}: dynamic skipping needs a router that selects at least 2 experts per token; "
+                            f"this one selects {int(top_k)} (nothing to skip)")
+
+
 def skip_mask(weights: Tensor, beta: float) -> Tensor:
-    """``[T, k]`` bool: which selected experts each token skips under threshold ``beta``."""
+    """``[T, k]`` bool: which selected experts each token skips under threshold ``beta`` — for
+    k = 2 the second when ``w₂ < β·w₁`` (§3.3), for k > 2 all but the top ``i*`` (App. A.2, see the
+    module docstring). A top-1 selection is refused."""
+    k = weights.shape[-1]
+    refuse_top1(k, "skip_mask")
     w, order = weights.float().sort(dim=-1, descending=True)
-    kept_mass = w.cumsum(-1)  # Σ_{i≤j}
-    skipped_mass = w.sum(-1, keepdim=True) - kept_mass  # Σ_{i>j}
-    ok = skipped_mass <= beta * kept_mass  # prefix j is enough
-    # first j (0-based) where ok holds; the token keeps experts 0..j of the sorted order
-    first = torch.where(ok.any(-1), ok.float().argmax(-1), torch.full_like(ok[:, 0], w.shape[1] - 1, dtype=torch.long))
-    ranks = torch.arange(w.shape[1], device=w.device).expand_as(w)
-    skip_sorted = ranks > first[:, None]
+    if k == 2:
+        skip_sorted = torch.stack([torch.zeros_like(w[:, 0], dtype=torch.bool), w[:, 1] < beta * w[:, 0]], -1)
+    else:
+        total = w.sum(-1, keepdim=True)
+        tail = total - w.cumsum(-1)  # Σ_{m>i} for i = 1..k (the last is 0: i = k always qualifies)
+        ok = tail <= beta * total
+        first = ok.float().argmax(-1)  # 0-based i*−1: the first i that satisfies the rule
+        ranks = torch.arange(k, device=w.device).expand_as(w)
+        skip_sorted = ranks > first[:, None]
     return torch.zeros_like(skip_sorted).scatter(1, order, skip_sorted)
+
+
+def renormalized(weights: Tensor, skip: Tensor) -> Tensor:
+    """The top-k ``weights`` with the ``skip``ped ones zeroed and the kept ones rescaled to the sum
+    of all k (computed in float32, returned in the weights' dtype)."""
+    w = weights.float()
+    kept = w.masked_fill(skip, 0.0)
+    scale = w.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    return (kept * scale).to(weights.dtype)
 
 
 @dataclass
@@ -50,6 +89,8 @@ class SkipCounter:
 def install(model, betas: dict[int, float]) -> SkipCounter:
     """Patch the routers of ``model`` (an MoEModel) so tokens skip experts by ``betas``; returns the
     counter of expert calls skipped. Calling it again replaces earlier patches."""
+    for l in betas:
+        refuse_top1(model.layers[int(l)].top_k, f"layer {int(l)}")
     remove(model)
     counter = SkipCounter()
     for l, beta in betas.items():
@@ -71,7 +112,7 @@ def install(model, betas: dict[int, float]) -> SkipCounter:
             c = counter.per_layer.setdefault(_l, [0, 0])
             c[0] += n
             c[1] += s
-            weights = weights.masked_fill(skip, 0.0)
+            weights = renormalized(weights, skip)
             if _sentinel:
                 idx = idx.masked_fill(skip, _view.num_experts)  # transformers' experts loop skips this index
             return _pack(out, logits, weights, idx)
@@ -103,5 +144,8 @@ def remove(model) -> None:
 
 
 def calibrate(analysis_result) -> dict[int, float]:
-    """β per MoE layer: the median ``w₂ / w₁`` over the calibration tokens of a stored analysis."""
+    """β per MoE layer from a stored analysis: the median over its calibration tokens of the ratio
+    the rule compares (``w₂ / w₁`` for top-2, ``w_k / Σ w`` for k > 2). A top-1 layer is refused."""
+    for l in analysis_result.layers:
+        refuse_top1(int(analysis_result.meta["layers"][str(l)]["top_k"]), f"layer {l}")
     return {l: float(analysis_result.scalars(l)["beta"]) for l in analysis_result.layers}

@@ -241,6 +241,9 @@ class PruningPlan:
         for l in self.skip_beta:
             if l not in model.layers:
                 raise MoescopeError(f"skip_beta names layer {l}, which is not an MoE layer (MoE layers: {model.moe_layers})")
+            from moescope.analysis.model.skipping import refuse_top1
+
+            refuse_top1(model.layers[l].top_k, f"skip_beta of layer {l}")
 
     def check_base(self, source: str, fingerprint: str | None, force: bool = False) -> None:
         """Refuse to apply the plan to a model other than the one it was made for: its

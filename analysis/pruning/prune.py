@@ -61,8 +61,11 @@ def check_finite_tensors(tensors: dict, what: str) -> None:
                             f"{bad[0]}; nothing was stored or exported")
 
 
-def trained_tensors(model: MoEModel) -> dict:
-    """The routed experts' and routers' weights of every MoE layer (what finetuning changes)."""
+def trained_tensors(model: MoEModel, scope: str = "moe") -> dict:
+    """What finetuning changed: ``scope="moe"`` the routed experts' and routers' weights of every MoE
+    layer; ``"all"`` every parameter of the model (keys ``all.<parameter name>``)."""
+    if scope == "all":
+        return {f"all.{n}": p.detach().cpu().contiguous() for n, p in model.hf.named_parameters()}
     out = {}
     for l, view in model.layers.items():
         for prefix, module in (("experts", view.experts), ("router", view.router)):
@@ -72,7 +75,23 @@ def trained_tensors(model: MoEModel) -> dict:
 
 
 def load_trained_tensors(model: MoEModel, tensors: dict) -> None:
-    """Put :func:`trained_tensors` into ``model`` (already pruned to the same structure), in place."""
+    """Put :func:`trained_tensors` (either scope) into ``model`` (already pruned to the same structure), in place."""
+    import torch
+
+    if any(k.startswith("all.") for k in tensors):
+        params = dict(model.hf.named_parameters())
+        missing = sorted(n for n in params if f"all.{n}" not in tensors)
+        if missing:
+            raise MoescopeError(f"the finetuned weights do not fit this model (no {missing[0]}); make the plan again")
+        wrong = next((n for n, p in params.items() if tuple(tensors[f"all.{n}"].shape) != tuple(p.shape)), None)
+        if wrong is not None:
+            raise MoescopeError(f"the finetuned weights do not fit this model ({wrong} has another shape); "
+                                "make the plan again")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[f"all.{n}"].to(p.device, p.dtype))
+        model.weights_changed()
+        return
     for l, view in model.layers.items():
         for prefix, module in (("experts", view.experts), ("router", view.router)):
             state = {name: tensors[f"L{l}.{prefix}.{name}"] for name in module.state_dict()}

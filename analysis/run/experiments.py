@@ -110,8 +110,8 @@ def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | No
     the spec's calibration source (a routing-only analysis, cached)."""
     if model.skip_beta:
         return dict(model.skip_beta)
-    if not spec.skip_calib:
-        return None
+    if not spec.skip_calib or any(v.top_k < 2 for v in model.layers.values()):
+        return None  # nothing to skip for a top-1 router
     from moescope.analysis.data import sample_tokens
     from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
     from moescope.analysis.model import skipping

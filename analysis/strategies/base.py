@@ -108,7 +108,7 @@ class Strategy:
                 common.append(Param("budget", int, None, help="experts to keep in all MoE layers together",
                                     minimum=1))
         if self.with_skip:
-            common.append(Param("with_skip", bool, False, help="also skip dynamically (β calibrated per layer)"))
+            common.append(Param("with_skip", bool, False, help="also skip dynamically (β calibrated per layer; needs top-k ≥ 2)"))
         return tuple(common) + self.params
 
     def validate(self, params: dict, model) -> tuple[dict, dict]:
@@ -126,6 +126,11 @@ class Strategy:
         full = {p.name: p.default for p in declared.values()} | {k: v for k, v in given.items() if v is not None}
         if self.check is not None:  # cross-parameter checks first: their messages say more
             self.check(full, model)
+        if full.get("with_skip"):
+            from moescope.analysis.model.skipping import refuse_top1
+
+            for l, view in model.layers.items():
+                refuse_top1(view.top_k, f"{self.name} with_skip: layer {l}")
         for p in declared.values():
             allowed = p.allowed(full)
             if allowed is not None and full.get(p.name) is not None and full[p.name] not in allowed:

@@ -1,16 +1,21 @@
-"""MC-Suite (Jaiswal et al.): drop by one per-expert criterion, one-shot or iteratively."""
+"""MC-Suite (Jaiswal et al.): drop by one criterion, one-shot or iteratively.
+
+A per-expert criterion drops the experts with the smallest (``min``) or largest (``max``) values. A
+pair criterion (ECC eq. 8, ETS eq. 10) picks the pair with the min / max value and drops that
+pair's lower-usage member, then repeats on the experts left (one-shot: on the one estimate;
+iterative: one drop per layer per round, the matrix re-estimated on the pruned model)."""
 
 from __future__ import annotations
 
-import torch
-from moescope.analysis.measure.criteria import CRITERIA, criterion_scores, get_criterion
+from moescope.analysis.measure.criteria import CRITERIA, canonical_name, criterion_scores, get_criterion
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import iterative_drop, keep_counts, top
 
-CRITERION = Param("criterion", str, "EAN", choices=lambda p: tuple(CRITERIA), normalize=str.upper,
-                  help="MC-Suite criterion (EAN, EUF, …, REAP)")
+CRITERION = Param("criterion", str, "EAN", choices=lambda p: tuple(CRITERIA), normalize=canonical_name,
+                  help="MC-Suite criterion (EAN, EUF, …, REAP; variants such as EAN-mean)")
 ORDER = Param("order", str, None, choices=("min", "max"),
-              help="drop the experts with the min or max value (default: the criterion's own end)")
+              help="drop the experts (or, for ECC / ETS, pick the pair) with the min or max value "
+                   "(default: the criterion's own end, the paper's better one)")
 
 
 def resolve(params) -> tuple[str, str, tuple[str, ...]]:

@@ -1,10 +1,18 @@
-"""Lottery subnetworks (Jaiswal et al.): rounds of estimate → drop one expert per layer → a short
-task-agnostic next-token finetune, the finetune budget doubling every round.
+"""Lottery subnetworks (Jaiswal et al., MC-Suite §3 and App. C): rounds of estimate → drop one expert
+per layer → a short task-agnostic next-token finetune, the finetune budget doubling every round.
+
+The defaults are App. C's: AdamW with a cosine schedule from a maximum learning rate of 1e-6,
+batches of 8 sequences, 0.2 M training tokens in the first round doubling every round, the
+optimiser (and its schedule) reset every round, and Min-EAN, the paper's best criterion (Tables 1
+and 2). The paper does not say which parameters the finetune trains; it finetunes "the MoE
+subnetwork" with nothing said to be frozen, so the default trains every parameter (``train="all"``;
+``"moe"`` trains only the routers and routed experts). Unstated and kept from common practice:
+no weight decay, no warm-up, gradients clipped to norm 1.
 
 The rounds run on a copy of the model (the caller's model is left as it is). The finetuned
-routers and routed experts are stored in the cache (kind ``lottery``, keyed by model, data and
-parameters, so a repeated request is served from there); the plan names that entry in
-``provenance["weights"]`` and :func:`moescope.analysis.pruning.prune.apply` loads it.
+weights are stored in the cache (kind ``lottery``, keyed by model, data and parameters, so a
+repeated request is served from there); the plan names that entry in ``provenance["weights"]``
+and :func:`moescope.analysis.pruning.prune.apply` loads it.
 """
 
 from __future__ import annotations
@@ -20,20 +28,26 @@ from moescope.analysis.strategies.criterion import CRITERION, ORDER, criterion_s
 from moescope.analysis.strategies.selection import iterative_drop, keep_counts
 
 KIND = FINETUNED_KIND
-LOTTERY_VERSION = 1
+LOTTERY_VERSION = 2
+TRAIN_SCOPES = ("all", "moe")
 
 
-def finetune(model, input_ids, tokens: int, lr: float = 1e-4, batch_rows: int = 4,
-             weight_decay: float = 0.0, progress=None) -> dict:
-    """Task-agnostic next-token finetune of ``model``'s routers and routed experts in place
-    (everything else frozen) for about ``tokens`` training tokens cycled from ``input_ids [N, L]``:
-    AdamW with a cosine schedule over the steps. Returns the first and last batch losses."""
+def finetune(model, input_ids, tokens: int, lr: float = 1e-6, batch_rows: int = 8,
+             weight_decay: float = 0.0, train: str = "all", progress=None) -> dict:
+    """Task-agnostic next-token finetune of ``model`` in place for about ``tokens`` training tokens
+    cycled from ``input_ids [N, L]`` in batches of ``batch_rows`` sequences: a fresh AdamW with a
+    cosine schedule from ``lr`` to 0 over the steps (MC-Suite App. C). ``train``: ``"all"``
+    parameters, or ``"moe"`` (routers and routed experts; everything else frozen). Returns the
+    steps, tokens and the first and last batch losses."""
     import torch
 
     hf = model.hf
-    trainable = []
-    for view in model.layers.values():
-        trainable += list(view.experts.parameters()) + list(view.router.parameters())
+    if train == "all":
+        trainable = [p for p in hf.parameters() if p.dtype.is_floating_point]
+    else:
+        trainable = []
+        for view in model.layers.values():
+            trainable += list(view.experts.parameters()) + list(view.router.parameters())
     saved = {n: p.requires_grad for n, p in hf.named_parameters()}
     for p in hf.parameters():
         p.requires_grad_(False)
@@ -67,12 +81,16 @@ def finetune(model, input_ids, tokens: int, lr: float = 1e-4, batch_rows: int = 
     return {"steps": steps, "tokens": steps * batch_rows * length, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-@register("lottery", "Lottery subnetwork: rounds of estimate → drop one expert per layer by a criterion → a "
-          "short next-token finetune of routers and experts (budget doubling every round). The finetuned weights "
-          "are kept in the cache and applied with the plan.",
-          [dataclasses.replace(CRITERION, default="REAP"), ORDER,
-           Param("start_tokens", int, 8192, help="finetune tokens in the first round (doubling after)", minimum=1),
-           Param("lr", float, 1e-4, help="finetune learning rate", minimum=0, maximum=10)])
+@register("lottery", "Lottery subnetwork (MC-Suite §3, App. C): rounds of estimate → drop one expert per layer by a "
+          "criterion → a short next-token finetune (AdamW, cosine, max lr 1e-6, batch 8, 0.2 M tokens doubling every "
+          "round, optimiser reset). The finetuned weights are kept in the cache and applied with the plan.",
+          [CRITERION, ORDER,
+           Param("start_tokens", int, 200_000, help="finetune tokens in the first round (doubling after)", minimum=1),
+           Param("lr", float, 1e-6, help="maximum finetune learning rate (cosine schedule to 0 in every round)",
+                 minimum=0, maximum=10),
+           Param("batch", int, 8, help="sequences per finetune step", minimum=1),
+           Param("train", str, "all", choices=TRAIN_SCOPES,
+                 help="parameters finetuned: all, or moe (routers and routed experts only)")])
 def lottery(ctx, params):
     from moescope.analysis.core.cache import Cache
     from moescope.analysis.pruning.prune import trained_tensors
@@ -82,6 +100,7 @@ def lottery(ctx, params):
     cache = ctx.cache or Cache()
     parts = {"model": ctx.model.fingerprint(), "data": ctx.calib.fingerprint, "keep": {str(l): c for l, c in counts.items()}, "criterion": name,
              "order": order, "start_tokens": params["start_tokens"], "lr": params["lr"],
+             "batch": params["batch"], "train": params["train"],
              "analysis": (ctx.analysis_params.key() if ctx.analysis_params else None), "version": LOTTERY_VERSION}
 
     def compute():
@@ -91,11 +110,12 @@ def lottery(ctx, params):
 
         def tune(r: int, rounds: int) -> None:
             log.append(finetune(model, ctx.calib.input_ids, params["start_tokens"] * 2**r, lr=params["lr"],
+                                batch_rows=params["batch"], train=params["train"],
                                 progress=(lambda s, d, t: ctx.report(f"round {r + 1}/{rounds}", d, t))))
 
         alive = iterative_drop(work, counts, lambda res: criterion_scores(res, name, order), metrics,
                                after_round=tune, restore=False)
-        tensors = trained_tensors(model)
+        tensors = trained_tensors(model, "all" if params["train"] == "all" else "moe")
         diverged = [r for r in log if not (math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"]))]
         if diverged:
             raise MoescopeError(f"lottery: the finetune diverged (loss {diverged[0]['loss_last']}) with "

@@ -26,6 +26,11 @@ first = c3.number_input("Mark per layer the first", 1, max(1, max_e - min_k), 1,
 st.caption(f"**{criterion}**: {backend.CRITERIA[criterion].description} (dropped by default: the "
            f"{backend.CRITERIA[criterion].drop})")
 
+if backend.CRITERIA[criterion].pair:
+    st.caption(f"{criterion} is a pair criterion (MC-Suite): it picks the pair of experts with the {order} value of "
+               "its expert × expert matrix and drops that pair's lower-usage member, then repeats. The map shows the "
+               f"round in which that rule drops each expert at its default end ({backend.CRITERIA[criterion].drop}; "
+               "1 = first); the hover shows the drop order for the end chosen here.")
 values = backend.layer_map(s, criterion)
 ranks = backend.criterion_drop_ranks(s, criterion, order)
 marks = [(l, e) for i, l in enumerate(layers) for e in range(ranks.shape[1])

@@ -69,9 +69,13 @@ elif view == "Tokens":
                  column_config={"share": st.column_config.ProgressColumn(format="%.2f", min_value=0.0, max_value=1.0)})
 
 else:  # Skipping
+    if min(ov["top_k"].values()) < 2:
+        st.info("This model's router selects one expert per token: dynamic skipping has nothing to skip.")
+        st.stop()
     require_trace(s, "Skip ratios")
-    st.caption("Dynamic skipping (Lu et al.): a token drops its lower-weighted experts when their weight is at most "
-               "β × the weight it keeps (top-2: w₂ ≤ β·w₁). β per layer is calibrated as the median w₂/w₁.")
+    st.caption("Dynamic skipping (Lu et al. §3.3, App. A.2): top-2 tokens skip their second expert when w₂ < β·w₁; "
+               "top-k tokens keep the fewest leading experts with Σ skipped ≤ β · Σ of all k; the kept weights are "
+               "renormalised. β per layer is calibrated as the median of that ratio (w₂/w₁; w_k/Σw for k > 2).")
     same = st.checkbox("One β for every layer", key="route_same_beta")
     beta = st.slider("β", 0.0, 1.0, 0.5, 0.01, key="route_beta") if same else None
     table = backend.skip_table(s, beta)
