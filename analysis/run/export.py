@@ -29,12 +29,67 @@ def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bo
     with ``plan.json``, ``experiment.json`` (when given) and the model card."""
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.write_files(tmp)
-        if plan is not None:
-            plan.save(tmp / "plan.json")
-        if experiment is not None:
-            (tmp / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
+        _write_records(tmp, model, plan, experiment)
     return Path(out_dir)
+
+
+def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overwrite: bool = False,
+                  dtype: str | None = "float32", trust_remote_code: bool = False, progress=None) -> Path:
+    """Write ``plan`` applied to ``source`` as an export folder without loading the model: the
+    checkpoint is rewritten shard by shard (:mod:`analysis.model.stream_export`; the weights are
+    those ``load_moe(dtype) → apply → export`` writes), then config, tokenizer, ``plan.json``,
+    ``experiment.json`` and the model card as :func:`export` writes them. ``dtype=None`` keeps the
+    checkpoint's dtypes. The plan and the folder are checked before anything is written; a plan
+    carrying finetuned weights needs :func:`export` of the model it finetuned."""
+    from moescope.analysis.model import load_moe, resolve_source
+    from moescope.analysis.model import stream_export as stream
+    from moescope.analysis.model.loading import parse_dtype
+
+    check_output_dir(out_dir, overwrite)
+    if (plan.provenance or {}).get("finetuned"):
+        raise MoescopeError("the plan carries finetuned experts and routers (a lottery subnetwork); they are not in "
+                            "the checkpoint, so it is exported from the model in memory, not streamed")
+    torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    skeleton = load_moe(source, dtype=torch_dtype, weights=False, trust_remote_code=trust_remote_code)
+    plan.validate_for(skeleton)
+    folder = resolve_source(source)[1] or hub_snapshot(source)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress)
+        for l, lp in sorted(plan.layers.items()):  # the structure only: the skeleton has no weights
+            skeleton.merge(l, [[g[0]] for g in lp.groups], None)
+        betas = plan.skip_beta or getattr(skeleton.config, "moescope_skip_beta", None)
+        skeleton.skip_beta = {int(k): float(v) for k, v in betas.items()} if betas else {}
+        skeleton.source_dir = folder
+        from moescope.analysis.model.loading import _load_tokenizer
+
+        skeleton.tokenizer = _load_tokenizer(str(folder), trust_remote_code)
+        if skeleton.hf.can_generate() and (folder / "generation_config.json").is_file():
+            from transformers import GenerationConfig  # what from_pretrained reads besides the weights
+
+            skeleton.hf.generation_config = GenerationConfig.from_pretrained(folder)
+        skeleton.write_config_files(tmp, skeleton.hf.dtype)
+        _write_records(tmp, skeleton, plan, experiment)
+    return Path(out_dir)
+
+
+def hub_snapshot(repo: str) -> Path:
+    """The local folder of a hub model's config, safetensors and tokenizer files (downloaded once
+    into the Hugging Face cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                            "*.jinja"]))
+    except Exception as err:  # offline, gated, missing: one line
+        raise MoescopeError(f"cannot download '{repo}' from the hub: {str(err).splitlines()[0][:200]}") from None
+
+
+def _write_records(tmp: Path, model, plan, experiment) -> None:
+    if plan is not None:
+        plan.save(tmp / "plan.json")
+    if experiment is not None:
+        (tmp / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
 
 
 def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
