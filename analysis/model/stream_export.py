@@ -393,7 +393,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     index) into the existing folder ``out``. ``skeleton`` is the source's weightless model
     (``load_moe(..., weights=False)``, unedited; the plan validated against it). ``dtype`` casts
     like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype). ``progress(done,
-    total)`` is called after each source shard. Returns the tensor bytes read and written."""
+    total)`` counts the pieces written (tensors copied, edited layers' experts and routers). Returns the tensor bytes read and written."""
     from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -460,11 +460,10 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         stats["bytes_read"] += tensors[key].nbytes
         return read_tensor(tensors[key])
 
+    done = 0
     for i, f in enumerate(files):
         todo = by_file[f]
         if not todo:
-            if progress:
-                progress(i + 1, len(files))
             continue
         src_header = f.stat().st_size - sum(t.nbytes for t in tensors.values() if t.file == f)
         n_out = sum(1 for _ in todo) + sum(
@@ -473,6 +472,9 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         writer = ShardWriter(path, reserve=2 * src_header + 160 * n_out + 4096)
         try:
             for u in todo:
+                if progress:
+                    progress(done, len(units))
+                done += 1
                 if u.kind == "copy":
                     copy_or_cast(writer, u.key, u.key)
                     continue
@@ -492,8 +494,8 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
             written.append((path, writer.entries))
         else:
             path.unlink()
-        if progress:
-            progress(i + 1, len(files))
+    if progress:
+        progress(len(units), len(units))
     _finish_shards(out, written, skeleton)
     return stats
 

@@ -308,6 +308,8 @@ def cmd_prune(args) -> int:
     if spec is not None:
         spec.validate_for(skeleton.config)
     cache = Cache()
+    if spec is None and not is_finetuned(plan) and (local is None or any(local.glob("*.safetensors"))):
+        return _prune_streamed(args, plan, skeleton, out)
     weights = finetuned_weights(plan, cache) if is_finetuned(plan) else None
     model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                      allow_pickle=args.allow_pickle)
@@ -337,6 +339,32 @@ def cmd_prune(args) -> int:
         if exp:
             print(f"experiment {exp.id}")
             print_quality(exp)
+    return 0
+
+
+def _prune_streamed(args, plan, skeleton, out) -> int:
+    """``prune`` without evaluation: the checkpoint is rewritten shard by shard, never loaded
+    (:func:`~moescope.analysis.run.export.stream_export`), so it runs on models larger than memory."""
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.run.export import stream_export
+
+    before = skeleton.parameter_counts()
+    bars = ProgressBars(quiet=args.json)
+    try:
+        stream_export(args.model, out, plan, overwrite=args.overwrite, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code, progress=lambda done, total: bars("shards", done, total))
+    finally:
+        bars.close()
+    pruned = load_moe(str(out), dtype=None, weights=False)
+    after = pruned.parameter_counts()
+    result = {"output": str(out), "experts": {str(k): v for k, v in pruned.num_experts().items()},
+              "params_before": before, "params_after": after, "streamed": True}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"pruned {args.model}: {plan.summary()} (streamed shard by shard)")
+        print(f"parameters {before['total']:,} -> {after['total']:,} "
+              f"({100 * (1 - after['total'] / before['total']):.1f}% fewer); wrote {out}")
     return 0
 
 

@@ -97,7 +97,7 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it. The experiment and the output folder are checked before any
     weights are read."""
-    from moescope.analysis.model import load_moe
+    from moescope.analysis.model import folder_fingerprint, load_moe, resolve_source
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.pruning.prune import apply
     from moescope.analysis.run import experiments
@@ -109,6 +109,14 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
                             "pruned to export (the original model is its own folder)")
     plan = PruningPlan.from_json(exp.plan)
     check_exportable(exp.model, plan, trust_remote_code)
+    local = resolve_source(exp.model)[1]
+    if not exp.finetuned and local is not None and any(local.glob("*.safetensors")):
+        # streamed: the weights are never loaded; the folder's fingerprint is the one load_moe records
+        if folder_fingerprint(local) != exp.model_fingerprint:
+            raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
+                                f"{folder_fingerprint(local)[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
+        return stream_export(exp.model, out_dir, plan, experiment=exp, overwrite=overwrite, dtype=dtype,
+                             trust_remote_code=trust_remote_code)
     weights = experiments.trained_tensors_of(exp, cache) if exp.finetuned else None
     model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if model.fingerprint() != exp.model_fingerprint:
