@@ -148,9 +148,12 @@ def read_tensor(t: SourceTensor) -> Tensor:
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def _write(fh, data) -> None:
-    """Write ``data`` to the open file ``fh`` (tests replace it to fill the disk)."""
-    fh.write(data)
+def _write(fh, data: memoryview) -> None:
+    """Write all of ``data`` to the unbuffered file ``fh`` (tests replace it to fill the disk)."""
+    data = data.cast("B")
+    while data:
+        n = fh.write(data)
+        data = data[n:]
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
@@ -170,35 +173,49 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
 
 class ShardWriter:
     """A safetensors file written as its tensors come: a header region reserved up front (filled
-    in, padded with spaces, when the file is closed), then each tensor's bytes in turn."""
+    in, padded with spaces, when the file is closed), then each tensor's bytes in turn. Copies of
+    source tensors that lie back to back on disk are joined into one kernel copy."""
 
     def __init__(self, path: Path, reserve: int):
         self.path = path
         self.reserve = -(-reserve // 8) * 8
-        self.fh = open(path, "wb")
+        self.fh = open(path, "wb", buffering=0)
         self.fh.seek(8 + self.reserve)
         self.entries: dict[str, dict] = {}
         self.offset = 0
+        self.pending: list = []  # [file, start, end] of a run of source bytes still to copy
 
     def _record(self, name: str, dtype: str, shape, nbytes: int) -> None:
         self.entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self.offset, self.offset + nbytes]}
         self.offset += nbytes
 
     def add(self, name: str, tensor: Tensor) -> None:
+        self._flush()
         t = tensor.detach().contiguous().cpu()
-        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        self._guard(lambda: _write(self.fh, memoryview(data)))
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        self._guard(lambda: _write(self.fh, data))
         self._record(name, ST_NAMES[t.dtype], t.shape, t.numel() * t.element_size())
 
     def copy(self, name: str, src: SourceTensor) -> None:
         """``src``'s bytes as they are (same dtype), copied by the kernel."""
-        def run():
-            self.fh.flush()
-            with open(src.file, "rb") as s:
-                _copy_range(s.fileno(), self.fh.fileno(), src.start, src.nbytes)
-            self.fh.seek(0, os.SEEK_END)
-        self._guard(run)
+        run = self.pending
+        if run and run[0] == src.file and run[2] == src.start:
+            run[2] = src.end
+        else:
+            self._flush()
+            self.pending = [src.file, src.start, src.end]
         self._record(name, src.dtype, src.shape, src.nbytes)
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        file, start, end = self.pending
+        self.pending = []
+
+        def run():
+            with open(file, "rb") as s:
+                _copy_range(s.fileno(), self.fh.fileno(), start, end - start)
+        self._guard(run)
 
     def _guard(self, run) -> None:
         try:
@@ -208,6 +225,7 @@ class ShardWriter:
 
     def close(self) -> int:
         """Write the header; returns the bytes of tensor data."""
+        self._flush()
         header = {"__metadata__": {"format": "pt"}, **self.entries}
         raw = json.dumps(header, separators=(",", ":")).encode()
         if len(raw) > self.reserve:  # cannot happen with write_pruned's reserve; kept as a guard
@@ -216,7 +234,7 @@ class ShardWriter:
 
         def run():
             self.fh.seek(0)
-            _write(self.fh, struct.pack("<Q", len(raw)) + raw)
+            _write(self.fh, memoryview(struct.pack("<Q", len(raw)) + raw))
             self.fh.close()
         self._guard(run)
         return self.offset
@@ -404,7 +422,9 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         if name in (getattr(skeleton.hf, "_keys_to_ignore_on_save", None) or ()):
             saved.discard(name)
     # checkpoint keys the model does not have (or does not save) are left out, as loading drops them
-    kept_keys = [k for k in tensors if conv.targets[k][0] in saved]
+    # in the order of the bytes on disk, so reads run forward through each shard
+    kept_keys = sorted((k for k in tensors if conv.targets[k][0] in saved),
+                       key=lambda k: (tensors[k].file.name, tensors[k].start))
     covered = {conv.targets[k][0] for k in kept_keys}
     lacking = sorted(saved - covered)
     if lacking:
@@ -485,7 +505,8 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
                                   onehot_of_largest)
                 else:
                     _write_experts(conv, view, lp, coeffs, s, read, partial(emit, writer),
-                                   partial(copy_or_cast, writer), combine_rows)
+                                   partial(copy_or_cast, writer), combine_rows,
+                                   lambda k: (tensors[k].file.name, tensors[k].start))
         except BaseException:
             writer.abort()
             raise
@@ -519,14 +540,16 @@ def _combine(view, lp, fused: dict[str, Tensor], groups, coeffs, perms, combine_
     return {n: combine_rows(t, groups, coeffs) for n, t in fused.items()}
 
 
-def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, combine_rows) -> None:
+def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, combine_rows, offset) -> None:
     attr = view.spec.experts_attr
     plain = not _aligned(lp) and lp.operator == "linear"
     if s.per_expert:
+        kept = [(offset(key), _renumber(key, attr, j), key) for j, (g, c) in enumerate(zip(lp.groups, coeffs, strict=True))
+                if plain and len(g) == 1 and c[0] == 1.0 for key in s.per_expert[g[0]]]
+        for _, name, key in sorted(kept):  # kept experts: their tensors renumbered, in the order on disk
+            copy(name, key)
         for j, (g, c) in enumerate(zip(lp.groups, coeffs, strict=True)):
-            if plain and len(g) == 1 and c[0] == 1.0:  # a kept expert: its tensors, renumbered
-                for key in s.per_expert[g[0]]:
-                    copy(_renumber(key, attr, j), key)
+            if plain and len(g) == 1 and c[0] == 1.0:
                 continue
             # the members, held as experts 0..n-1 of a one-group layer, combined exactly as group j
             mini = {_renumber(key, attr, i): read(key) for i, e in enumerate(g) for key in s.per_expert[e]}
