@@ -9,7 +9,8 @@ expert matrix, one shard per decoder layer), then for each case, side by side in
 * **stream**: ``moescope.analysis.run.export.stream_export`` of a uniform drop plan (``--keep``
   experts of 128 in every layer, spread over the experts), checkpoint dtypes kept, in a child
   process; time from the call to the last output byte on disk (``fsync``), and the child's peak
-  RSS (``wait4`` → ``ru_maxrss``);
+  RSS (``wait4`` → ``ru_maxrss``). The child's start-up (importing torch and transformers'
+  modelling code, 5-15 s on a busy machine, the same for any model size) is timed apart;
 * **copy**: ``cp`` of whole source shards adding up to about the kept bytes, to the same disk, then
   ``sync`` of the copies; its time is scaled to exactly the kept bytes (bytes/s × kept).
 
@@ -126,9 +127,13 @@ def timed_child(argv: list[str]) -> dict:
 
 def child(source: str, out: str, keep: int) -> None:
     """Run in a fresh process: the streamed export, then fsync of what it wrote."""
+    t0 = time.perf_counter()
+    from moescope.analysis.model import load_moe
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.run.export import stream_export
 
+    load_moe(source, dtype=None, weights=False)  # imports transformers' modelling code (start-up, timed apart)
+    startup = time.perf_counter() - t0
     layers = json.loads((Path(source) / "config.json").read_text())["num_hidden_layers"]
     step = E / keep
     kept = sorted({int(i * step) for i in range(keep)})
@@ -141,7 +146,7 @@ def child(source: str, out: str, keep: int) -> None:
         os.fsync(fd)
         os.close(fd)
     elapsed = time.perf_counter() - t0
-    print(json.dumps({"seconds": elapsed}))
+    print(json.dumps({"seconds": elapsed, "startup": startup}))
 
 
 def tensor_sizes(folder: Path) -> list[int]:
@@ -170,7 +175,8 @@ def measure(root: Path, name: str, layers: int, keep: int) -> dict:
     try:
         drop_caches([src])
         run = timed_child([sys.executable, __file__, "--child", str(src), str(out), str(keep)])
-        stream_s = json.loads(run["stdout"].strip().splitlines()[-1])["seconds"]
+        timing = json.loads(run["stdout"].strip().splitlines()[-1])
+        stream_s, startup_s = timing["seconds"], timing["startup"]
         kept = sum(tensor_sizes(out))
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         shutil.rmtree(out)  # free the disk before the copy
@@ -195,7 +201,7 @@ def measure(root: Path, name: str, layers: int, keep: int) -> dict:
         for p in (src, out, cp_dir):
             shutil.rmtree(p, ignore_errors=True)
     return {"case": name, "layers": layers, "model_bytes": size, "kept_bytes": kept, "out_file_bytes": out_bytes,
-            "stream_s": stream_s, "stream_wall_s": run["wall"], "copy_s": cp_s, "ratio": stream_s / cp_s,
+            "stream_s": stream_s, "startup_s": startup_s, "stream_wall_s": run["wall"], "copy_s": cp_s, "ratio": stream_s / cp_s,
             "peak_rss": run["peak"], "largest_tensor": largest, "build_s": built_s}
 
 
@@ -225,12 +231,12 @@ def main() -> None:
     print(f"\nQwen3-30B-A3B dimensions (128 experts × d {D} × I {I}, bf16), keeping {args.keep}/128 experts per "
           f"layer; machine RAM {ram / gib:.1f} GiB, {os.cpu_count()} CPUs; {load}")
     print(f"{'case':6} {'layers':>6} {'model':>10} {'kept':>10} {'stream s':>9} {'copy s':>8} {'ratio':>6} "
-          f"{'peak RSS':>9} {'2×largest+2GiB':>15}")
+          f"{'peak RSS':>9} {'2×largest+2GiB':>15} {'start-up s':>10}")
     for r in rows:
         bound = 2 * r["largest_tensor"] + 2 * gib
         print(f"{r['case']:6} {r['layers']:>6} {r['model_bytes'] / gib:>7.2f}GiB {r['kept_bytes'] / gib:>7.2f}GiB "
               f"{r['stream_s']:>9.1f} {r['copy_s']:>8.1f} {r['ratio']:>6.2f} {r['peak_rss'] / gib:>6.2f}GiB "
-              f"{bound / gib:>12.2f}GiB")
+              f"{bound / gib:>12.2f}GiB {r['startup_s']:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,32 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         count -= n
 
 
+def prefetch(parts: list[SourceTensor]) -> None:
+    """Ask the kernel to start reading ``parts`` now (``POSIX_FADV_WILLNEED``), so the scattered
+    rows of kept experts arrive in large requests while earlier ones are being copied."""
+    runs: list[list] = []
+    for t in sorted(parts, key=lambda t: (t.file.name, t.start)):
+        if runs and runs[-1][0] == t.file and runs[-1][2] == t.start:
+            runs[-1][2] = t.end
+        else:
+            runs.append([t.file, t.start, t.end])
+    by_file: dict[Path, list] = defaultdict(list)
+    for f, a, b in runs:
+        by_file[f].append((a, b))
+    for f, spans in by_file.items():
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            for a, b in spans:
+                os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # advice only
+        finally:
+            os.close(fd)
+
+
 class ShardWriter:
     """A safetensors file written as its tensors come: a header region reserved up front (filled
     in, padded with spaces, when the file is closed), then each tensor's bytes in turn. Copies of
@@ -506,7 +532,8 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
                 else:
                     _write_experts(conv, view, lp, coeffs, s, read, partial(emit, writer),
                                    partial(copy_or_cast, writer), combine_rows,
-                                   lambda k: (tensors[k].file.name, tensors[k].start))
+                                   lambda k: (tensors[k].file.name, tensors[k].start),
+                                   lambda keys: prefetch([tensors[k] for k in keys]))
         except BaseException:
             writer.abort()
             raise
@@ -540,12 +567,13 @@ def _combine(view, lp, fused: dict[str, Tensor], groups, coeffs, perms, combine_
     return {n: combine_rows(t, groups, coeffs) for n, t in fused.items()}
 
 
-def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, combine_rows, offset) -> None:
+def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, combine_rows, offset, prefetch) -> None:
     attr = view.spec.experts_attr
     plain = not _aligned(lp) and lp.operator == "linear"
     if s.per_expert:
         kept = [(offset(key), _renumber(key, attr, j), key) for j, (g, c) in enumerate(zip(lp.groups, coeffs, strict=True))
                 if plain and len(g) == 1 and c[0] == 1.0 for key in s.per_expert[g[0]]]
+        prefetch([key for _, _, key in kept])
         for _, name, key in sorted(kept):  # kept experts: their tensors renumbered, in the order on disk
             copy(name, key)
         for j, (g, c) in enumerate(zip(lp.groups, coeffs, strict=True)):

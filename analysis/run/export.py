@@ -41,8 +41,37 @@ def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overw
     ``experiment.json`` and the model card as :func:`export` writes them. ``dtype=None`` keeps the
     checkpoint's dtypes. The plan and the folder are checked before anything is written; a plan
     carrying finetuned weights needs :func:`export` of the model it finetuned."""
+    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        pruned = _stream_into(tmp, skeleton, folder, plan, torch_dtype, trust_remote_code, progress)
+        _write_records(tmp, pruned, plan, experiment)
+    return Path(out_dir)
+
+
+def stream_prune_and_evaluate(source: str, out_dir: str | Path, plan, spec, offload_dir: str | Path,
+                              overwrite: bool = False, dtype: str | None = "float32", trust_remote_code: bool = False,
+                              cache=None, progress=None):
+    """``prune --offload``: stream the pruned folder (as :func:`stream_export`), evaluate the original
+    and the pruned folder with their decoder layers on disk under ``offload_dir``
+    (:func:`~moescope.analysis.run.experiments.evaluate_offloaded`), then write the record and
+    the card; the folder appears complete or not at all. Returns the (unstored) experiment."""
+    from moescope.analysis.run.experiments import evaluate_offloaded
+
+    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code)
+    spec.validate_for(skeleton.config)
+    if spec.efficiency:
+        raise MoescopeError("--offload measures quality only (memory and tokens/s need the model in memory); "
+                            "add --no-efficiency")
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        pruned = _stream_into(tmp, skeleton, folder, plan, torch_dtype, trust_remote_code, progress)
+        exp = evaluate_offloaded(source, tmp, plan, spec, offload_dir, dtype=dtype, cache=cache, progress=progress,
+                                 trust_remote_code=trust_remote_code)
+        _write_records(tmp, pruned, plan, exp)
+    return exp
+
+
+def _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code):
     from moescope.analysis.model import load_moe, resolve_source
-    from moescope.analysis.model import stream_export as stream
     from moescope.analysis.model.loading import parse_dtype
 
     check_output_dir(out_dir, overwrite)
@@ -52,24 +81,28 @@ def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overw
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     skeleton = load_moe(source, dtype=torch_dtype, weights=False, trust_remote_code=trust_remote_code)
     plan.validate_for(skeleton)
-    folder = resolve_source(source)[1] or hub_snapshot(source)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress)
-        for l, lp in sorted(plan.layers.items()):  # the structure only: the skeleton has no weights
-            skeleton.merge(l, [[g[0]] for g in lp.groups], None)
-        betas = plan.skip_beta or getattr(skeleton.config, "moescope_skip_beta", None)
-        skeleton.skip_beta = {int(k): float(v) for k, v in betas.items()} if betas else {}
-        skeleton.source_dir = folder
-        from moescope.analysis.model.loading import _load_tokenizer
+    return skeleton, resolve_source(source)[1] or hub_snapshot(source), torch_dtype
 
-        skeleton.tokenizer = _load_tokenizer(str(folder), trust_remote_code)
-        if skeleton.hf.can_generate() and (folder / "generation_config.json").is_file():
-            from transformers import GenerationConfig  # what from_pretrained reads besides the weights
 
-            skeleton.hf.generation_config = GenerationConfig.from_pretrained(folder)
-        skeleton.write_config_files(tmp, skeleton.hf.dtype)
-        _write_records(tmp, skeleton, plan, experiment)
-    return Path(out_dir)
+def _stream_into(tmp: Path, skeleton, folder: Path, plan, torch_dtype, trust_remote_code: bool, progress):
+    """Weights, config, generation config and tokenizer of the pruned folder into ``tmp``; returns
+    the skeleton cut to the plan's structure (what the model card describes)."""
+    from moescope.analysis.model import stream_export as stream
+    from moescope.analysis.model.loading import _load_tokenizer
+
+    stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress)
+    for l, lp in sorted(plan.layers.items()):  # the structure only: the skeleton has no weights
+        skeleton.merge(l, [[g[0]] for g in lp.groups], None)
+    betas = plan.skip_beta or getattr(skeleton.config, "moescope_skip_beta", None)
+    skeleton.skip_beta = {int(k): float(v) for k, v in betas.items()} if betas else {}
+    skeleton.source_dir = folder
+    skeleton.tokenizer = _load_tokenizer(str(folder), trust_remote_code)
+    if skeleton.hf.can_generate() and (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig  # what from_pretrained reads besides the weights
+
+        skeleton.hf.generation_config = GenerationConfig.from_pretrained(folder)
+    skeleton.write_config_files(tmp, skeleton.hf.dtype)
+    return skeleton
 
 
 def hub_snapshot(repo: str) -> Path:
