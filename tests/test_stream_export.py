@@ -280,3 +280,38 @@ def test_a_kill_between_shards_leaves_nothing_and_a_rerun_completes(tiny_dirs, t
     assert json.loads(proc.stdout)["streamed"] is True
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # the killed run's temporary folder is gone
     assert_same_folder(in_memory(str(source), plan, tmp_path / "mem"), out)
+
+
+# ---- evaluation layer-streamed, and `export` of its experiment -----------------------------------
+def test_offloaded_evaluation_matches_in_memory_and_export_streams_the_same_folder(demo_available, tmp_path):
+    """``prune --offload``: the perplexities of the original and of the streamed pruned folder,
+    each evaluated with its layers on disk, equal those of the in-memory run; ``export`` of the
+    stored experiment writes (streamed) the same weights again."""
+    if not demo_available:
+        pytest.skip("demo model not built")
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.evaluation import EvalSpec
+    from moescope.analysis.run import experiments
+    from moescope.analysis.run.export import export_experiment, stream_prune_and_evaluate
+
+    cache = Cache(tmp_path / "cache")
+    plan = plan_for("demo", "merge_permuted")
+    spec = EvalSpec(ppl=["demo:all"], samples=4, seq_len=64, efficiency=False)
+    exp = stream_prune_and_evaluate("demo", tmp_path / "streamed", plan, spec, tmp_path / "offload", cache=cache)
+    model = load_moe("demo")
+    mem = experiments.prune_and_evaluate(model, plan, spec, cache=Cache(tmp_path / "cache2"), store=False)
+    for side in ("reference", "result"):
+        got, want = getattr(exp, side)["ppl"]["demo:all"], getattr(mem, side)["ppl"]["demo:all"]
+        assert got == pytest.approx(want, rel=1e-5), side
+    assert exp.result["ppl"]["demo:all"] != exp.reference["ppl"]["demo:all"]
+    assert exp.structure["after"]["experts"] == mem.structure["after"]["experts"]
+    assert json.loads((tmp_path / "streamed" / "experiment.json").read_text())["id"] == exp.id
+    assert list((tmp_path / "offload").iterdir()) == []  # the offload folders are removed
+    experiments.store(exp, cache)
+    again = export_experiment(exp.id, tmp_path / "exported", cache=cache)
+    ta, tb = tensors(tmp_path / "streamed"), tensors(again)
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(MoescopeError, match="--no-efficiency"):
+        stream_prune_and_evaluate("demo", tmp_path / "x", plan, EvalSpec(ppl=["demo:all"]), tmp_path / "offload",
+                                  cache=cache)
+    assert not (tmp_path / "x").exists()

@@ -436,7 +436,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     """Write ``plan`` applied to the checkpoint in ``source_dir`` as safetensors shards (and an
     index) into the existing folder ``out``. ``skeleton`` is the source's weightless model
     (``load_moe(..., weights=False)``, unedited; the plan validated against it). ``dtype`` casts
-    like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype). ``progress(done,
+    like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype). ``progress(stage, done,
     total)`` counts the pieces written (tensors copied, edited layers' experts and routers). Returns the tensor bytes read and written."""
     from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -519,7 +519,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         try:
             for u in todo:
                 if progress:
-                    progress(done, len(units))
+                    progress("stream export", done, len(units))
                 done += 1
                 if u.kind == "copy":
                     copy_or_cast(writer, u.key, u.key)
@@ -543,7 +543,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         else:
             path.unlink()
     if progress:
-        progress(len(units), len(units))
+        progress("stream export", len(units), len(units))
     _finish_shards(out, written, skeleton)
     return stats
 

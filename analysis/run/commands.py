@@ -358,7 +358,7 @@ def _prune_streamed(args, plan, skeleton, out) -> int:
     bars = ProgressBars(quiet=args.json)
     try:
         stream_export(args.model, out, plan, overwrite=args.overwrite, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code, progress=lambda done, total: bars("shards", done, total))
+                      trust_remote_code=args.trust_remote_code, progress=bars)
     finally:
         bars.close()
     pruned = load_moe(str(out), dtype=None, weights=False)
