@@ -159,12 +159,13 @@ def test_sharded_source_gives_sharded_output_with_index(tiny_dirs, tmp_path):
     t = tensors(out)
     assert sorted(index["weight_map"]) == sorted(t)
     assert index["metadata"]["total_size"] == sum(x.numel() * x.element_size() for x in t.values())
+    assert index["metadata"]["total_parameters"] == load_moe(str(out), weights=False).hf.num_parameters()
     assert_same_folder(in_memory(tiny_dirs["mixtral"], plan, tmp_path / "mem"), out)
 
 
 def test_dtype_none_keeps_the_checkpoint_dtypes(tiny_dirs, tmp_path):
     """bf16 checkpoint, ``dtype=None``: every written tensor keeps its source dtype (no upcast), and
-    ``dtype='bfloat16'`` writes what the in-memory path writes in bfloat16."""
+    ``dtype='bfloat16'`` / ``'float32'`` write what the in-memory path writes in that dtype."""
     from moescope.analysis.model.synthetic import tiny_model
 
     src = tmp_path / "bf16"
@@ -173,10 +174,11 @@ def test_dtype_none_keeps_the_checkpoint_dtypes(tiny_dirs, tmp_path):
     kept = tensors(stream_export(str(src), tmp_path / "keep", plan, dtype=None))
     source = tensors(src)
     assert all(kept[k].dtype == source[k].dtype for k in kept if k in source)
-    model = load_moe(str(src), dtype="bfloat16")
-    apply(model, plan)
-    assert_same_folder(export(model, tmp_path / "mem", plan=plan),
-                       stream_export(str(src), tmp_path / "bf", plan, dtype="bfloat16"))
+    for dtype in ("bfloat16", "float32"):  # as asked; float32 (the CLI default) casts every tensor on the way
+        model = load_moe(str(src), dtype=dtype)
+        apply(model, plan)
+        assert_same_folder(export(model, tmp_path / f"mem-{dtype}", plan=plan),
+                           stream_export(str(src), tmp_path / dtype, plan, dtype=dtype))
 
 
 # ---- bad input: one line naming the file, nothing at the output path, the source untouched ------

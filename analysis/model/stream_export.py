@@ -435,7 +435,8 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
                  progress=None) -> dict:
     """Write ``plan`` applied to the checkpoint in ``source_dir`` as safetensors shards (and an
     index) into the existing folder ``out``. ``skeleton`` is the source's weightless model
-    (``load_moe(..., weights=False)``, unedited; the plan validated against it). ``dtype`` casts
+    (``load_moe(..., weights=False)``, unedited; the plan validated against it), which comes back
+    cut to the plan's structure (expert counts, config) for the config and the card. ``dtype`` casts
     like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype). ``progress(stage, done,
     total)`` counts the pieces written (tensors copied, edited layers' experts and routers). Returns the tensor bytes read and written."""
     from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
@@ -544,6 +545,8 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
             path.unlink()
     if progress:
         progress("stream export", len(units), len(units))
+    for l, lp in sorted(layers.items()):  # the skeleton takes the plan's structure (it has no weights)
+        skeleton.merge(l, [[g[0]] for g in lp.groups], None)
     _finish_shards(out, written, skeleton)
     return stats
 

@@ -90,9 +90,7 @@ def _stream_into(tmp: Path, skeleton, folder: Path, plan, torch_dtype, trust_rem
     from moescope.analysis.model import stream_export as stream
     from moescope.analysis.model.loading import _load_tokenizer
 
-    stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress)
-    for l, lp in sorted(plan.layers.items()):  # the structure only: the skeleton has no weights
-        skeleton.merge(l, [[g[0]] for g in lp.groups], None)
+    stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress)  # cuts the skeleton
     betas = plan.skip_beta or getattr(skeleton.config, "moescope_skip_beta", None)
     skeleton.skip_beta = {int(k): float(v) for k, v in betas.items()} if betas else {}
     skeleton.source_dir = folder
