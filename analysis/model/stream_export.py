@@ -437,8 +437,9 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     index) into the existing folder ``out``. ``skeleton`` is the source's weightless model
     (``load_moe(..., weights=False)``, unedited; the plan validated against it), which comes back
     cut to the plan's structure (expert counts, config) for the config and the card. ``dtype`` casts
-    like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype). ``progress(stage, done,
-    total)`` counts the pieces written (tensors copied, edited layers' experts and routers). Returns the tensor bytes read and written."""
+    like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype).
+    ``progress(stage, done, total)`` counts the pieces written (tensors copied, edited layers'
+    experts and routers). Returns the tensor bytes read and written."""
     from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -448,8 +449,8 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     for name in list(saved):
         if name in (getattr(skeleton.hf, "_keys_to_ignore_on_save", None) or ()):
             saved.discard(name)
-    # checkpoint keys the model does not have (or does not save) are left out, as loading drops them
-    # in the order of the bytes on disk, so reads run forward through each shard
+    # checkpoint keys the model does not have (or does not save) are left out, as loading drops them;
+    # the rest in the order of their bytes on disk, so reads run forward through each shard
     kept_keys = sorted((k for k in tensors if conv.targets[k][0] in saved),
                        key=lambda k: (tensors[k].file.name, tensors[k].start))
     covered = {conv.targets[k][0] for k in kept_keys}
@@ -507,12 +508,15 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         stats["bytes_read"] += tensors[key].nbytes
         return read_tensor(tensors[key])
 
+    data_bytes: dict[Path, int] = defaultdict(int)
+    for t in tensors.values():
+        data_bytes[t.file] += t.nbytes
     done = 0
     for i, f in enumerate(files):
         todo = by_file[f]
         if not todo:
             continue
-        src_header = f.stat().st_size - sum(t.nbytes for t in tensors.values() if t.file == f)
+        src_header = f.stat().st_size - data_bytes[f]
         n_out = sum(1 for _ in todo) + sum(
             sum(len(k) for k in sources[u.layer].per_expert.values()) + 8 for u in todo if u.kind != "copy")
         path = out / f"{f.stem}.moescope-part{i:05d}.safetensors"
