@@ -545,13 +545,32 @@ class MoEModel:
         """The files of :meth:`save`, written into the existing folder ``out`` as they are (no
         checks, not atomic: :meth:`save` and :func:`analysis.export.export` write into a temporary
         folder that is renamed into place)."""
-        from moescope.analysis.model import nonuniform
+        self._store_skip_beta()
+        self.hf.save_pretrained(out)
+        self._finish_folder(out)
 
+    def write_config_files(self, out: Path, dtype: torch.dtype) -> None:
+        """The files of :meth:`write_files` but the weights, for weights written otherwise
+        (:mod:`analysis.model.stream_export`): the config as ``save_pretrained`` writes it for a
+        model in ``dtype`` (dtype, architectures, generation config), then as :meth:`write_files`."""
+        self._store_skip_beta()
+        hf = self.hf
+        hf.config.dtype = str(dtype).split(".")[1]
+        hf.config.architectures = [type(hf).__name__.removeprefix("FSDP")]
+        hf.config.save_pretrained(out)
+        if hf.can_generate():
+            hf.generation_config.save_pretrained(out)
+        self._finish_folder(out)
+
+    def _store_skip_beta(self) -> None:
         if self.skip_beta:
             self.config.moescope_skip_beta = {str(k): v for k, v in self.skip_beta.items()}
         elif hasattr(self.config, "moescope_skip_beta"):
             del self.config.moescope_skip_beta
-        self.hf.save_pretrained(out)
+
+    def _finish_folder(self, out: Path) -> None:
+        from moescope.analysis.model import nonuniform
+
         nonuniform.finish_config(self, out)
         self._save_tokenizer(out)
 

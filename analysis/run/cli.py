@@ -148,6 +148,10 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="apply a plan made for another model (or other weights); recorded in the plan's provenance")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--offload", default=None, metavar="DIR",
+                   help="evaluate the original and the pruned model with their decoder layers on disk in DIR, one "
+                        "at a time (models larger than memory; quality only: add --no-efficiency). Without "
+                        "evaluation, prune never loads the model: the checkpoint is rewritten shard by shard")
     p.add_argument("--json", action="store_true")
     eval_args(p)
     p.set_defaults(func=cmd_prune)

@@ -382,6 +382,14 @@ def cmd_prune(args) -> int:
         spec.validate_for(skeleton.config)
     check_output_dir(args.output, args.overwrite, needed_bytes=export_bytes(skeleton, plan, args.dtype))
     cache = Cache()
+    streamable = not is_finetuned(plan) and (local is None or any(local.glob("*.safetensors")))
+    if spec is None and streamable:
+        return _prune_streamed(args, plan, skeleton, out)
+    if args.offload:
+        if not streamable:
+            raise MoescopeError("--offload streams the pruned checkpoint from safetensors; this plan carries finetuned "
+                                "weights or the model has no safetensors: prune it without --offload")
+        return _prune_offloaded(args, plan, spec, skeleton, out, cache)
     weights = finetuned_weights(plan, cache) if is_finetuned(plan) else None
     model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                      allow_pickle=args.allow_pickle)
@@ -411,6 +419,61 @@ def cmd_prune(args) -> int:
         if exp:
             print(f"experiment {exp.id}")
             print_quality(exp)
+    return 0
+
+
+def _prune_streamed(args, plan, skeleton, out) -> int:
+    """``prune`` without evaluation: the checkpoint is rewritten shard by shard, never loaded
+    (:func:`~moescope.analysis.run.export.stream_export`), so it runs on models larger than memory."""
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.run.export import stream_export
+
+    before = skeleton.parameter_counts()
+    bars = ProgressBars(quiet=args.json)
+    try:
+        stream_export(args.model, out, plan, overwrite=args.overwrite, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code, progress=bars)
+    finally:
+        bars.close()
+    pruned = load_moe(str(out), dtype=None, weights=False)
+    after = pruned.parameter_counts()
+    result = {"output": str(out), "experts": {str(k): v for k, v in pruned.num_experts().items()},
+              "params_before": before, "params_after": after, "streamed": True}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"pruned {args.model}: {plan.summary()} (streamed shard by shard)")
+        print(f"parameters {before['total']:,} -> {after['total']:,} "
+              f"({100 * (1 - after['total'] / before['total']):.1f}% fewer); wrote {out}")
+    return 0
+
+
+def _prune_offloaded(args, plan, spec, skeleton, out, cache) -> int:
+    """``prune --offload`` with evaluation: stream the folder, evaluate both models layer-streamed,
+    store the record once the folder is complete."""
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.run import experiments
+    from moescope.analysis.run.export import stream_prune_and_evaluate
+
+    bars = ProgressBars(quiet=args.json)
+    try:
+        exp = stream_prune_and_evaluate(args.model, out, plan, spec, args.offload, overwrite=args.overwrite,
+                                        dtype=args.dtype, trust_remote_code=args.trust_remote_code, cache=cache,
+                                        progress=bars)
+    finally:
+        bars.close()
+    experiments.store(exp, cache)
+    pruned = load_moe(str(out), dtype=None, weights=False)
+    before, after = skeleton.parameter_counts(), pruned.parameter_counts()
+    if args.json:
+        print(json.dumps({"output": str(out), "experts": {str(k): v for k, v in pruned.num_experts().items()},
+                          "params_before": before, "params_after": after, "streamed": True,
+                          **experiment_json(exp)}, indent=2))
+        return 0
+    print(f"pruned {args.model}: {plan.summary()} (streamed; evaluated with layers offloaded to {args.offload})")
+    print(f"parameters {before['total']:,} -> {after['total']:,}; wrote {out}")
+    print(f"experiment {exp.id}")
+    print_quality(exp)
     return 0
 
 

@@ -242,6 +242,45 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
     return exp
 
 
+def evaluate_offloaded(source: str, pruned_dir, plan, spec: EvalSpec, offload_dir, dtype: str | None = None,
+                       cache=None, progress: Progress | None = None, trust_remote_code: bool = False,
+                       label: str | None = None) -> Experiment:
+    """The quality of ``source`` and of its pruned folder ``pruned_dir`` (written by the streaming
+    export), each loaded with its decoder layers on disk in a fresh folder under ``offload_dir`` and
+    evaluated layer by layer, so neither needs to fit in memory. Memory and speed need the model in
+    memory and are not measured. The experiment is returned unstored (:func:`store`)."""
+    import tempfile
+    from pathlib import Path
+
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.evaluation import evaluate_quality
+    from moescope.analysis.model import load_moe
+
+    spec.validate()
+    cache = cache or Cache()
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    measured = {}
+    for name, where in (("original", source), ("pruned", str(pruned_dir))):
+        if progress:
+            progress(f"evaluate {name}", 0, 1)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=offload_dir, prefix=f"moescope-offload-{name}-") as d:
+            model = load_moe(where, dtype=dtype, offload_dir=d, trust_remote_code=trust_remote_code)
+            measured[name] = (model_structure(model), model.fingerprint(),
+                              evaluate_quality(model, spec, cache=cache, progress=progress))
+            del model
+        timings[f"evaluate_{name}_s"] = time.perf_counter() - t0
+    (before, base_fp, reference), (after, pruned_fp, result) = measured["original"], measured["pruned"]
+    timings["total_s"] = sum(timings.values())
+    return Experiment(
+        id=new_id(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        label=label or _label(plan), model=source, model_fingerprint=base_fp, pruned_fingerprint=pruned_fp,
+        plan=plan.to_json(), eval=spec.to_json(), reference=reference, result=result, efficiency={},
+        structure={"before": before, "after": after}, timings=timings, versions=software_versions(), finetuned=False,
+    )
+
+
 def store(exp: Experiment, cache=None):
     """Store an experiment that :func:`prune_and_evaluate` left unstored (``store=False``), with
     its finetuned weights when it has them."""

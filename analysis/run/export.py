@@ -30,12 +30,98 @@ def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bo
     check_finite_weights(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.write_files(tmp)
-        if plan is not None:
-            plan.save(tmp / "plan.json")
-        if experiment is not None:
-            (tmp / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
+        _write_records(tmp, model, plan, experiment)
     return Path(out_dir)
+
+
+def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overwrite: bool = False,
+                  dtype: str | None = "float32", trust_remote_code: bool = False, progress=None) -> Path:
+    """Write ``plan`` applied to ``source`` as an export folder without loading the model: the
+    checkpoint is rewritten shard by shard (:mod:`analysis.model.stream_export`; the weights are
+    those ``load_moe(dtype) → apply → export`` writes), then config, tokenizer, ``plan.json``,
+    ``experiment.json`` and the model card as :func:`export` writes them. ``dtype=None`` keeps the
+    checkpoint's dtypes. The plan and the folder are checked before anything is written; a plan
+    carrying finetuned weights needs :func:`export` of the model it finetuned."""
+    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        pruned = _stream_into(tmp, skeleton, folder, plan, torch_dtype, trust_remote_code, progress)
+        _write_records(tmp, pruned, plan, experiment)
+    return Path(out_dir)
+
+
+def stream_prune_and_evaluate(source: str, out_dir: str | Path, plan, spec, offload_dir: str | Path,
+                              overwrite: bool = False, dtype: str | None = "float32", trust_remote_code: bool = False,
+                              cache=None, progress=None):
+    """``prune --offload``: stream the pruned folder (as :func:`stream_export`), evaluate the original
+    and the pruned folder with their decoder layers on disk under ``offload_dir``
+    (:func:`~moescope.analysis.run.experiments.evaluate_offloaded`), then write the record and
+    the card; the folder appears complete or not at all. Returns the (unstored) experiment."""
+    from moescope.analysis.run.experiments import evaluate_offloaded
+
+    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code)
+    spec.validate_for(skeleton.config)
+    if spec.efficiency:
+        raise MoescopeError("--offload measures quality only (memory and tokens/s need the model in memory); "
+                            "add --no-efficiency")
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        pruned = _stream_into(tmp, skeleton, folder, plan, torch_dtype, trust_remote_code, progress)
+        exp = evaluate_offloaded(source, tmp, plan, spec, offload_dir, dtype=dtype, cache=cache, progress=progress,
+                                 trust_remote_code=trust_remote_code)
+        _write_records(tmp, pruned, plan, exp)
+    return exp
+
+
+def _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code):
+    from moescope.analysis.model import load_moe, resolve_source
+    from moescope.analysis.model.loading import parse_dtype
+
+    check_output_dir(out_dir, overwrite)
+    if (plan.provenance or {}).get("finetuned"):
+        raise MoescopeError("the plan carries finetuned experts and routers (a lottery subnetwork); they are not in "
+                            "the checkpoint, so it is exported from the model in memory, not streamed")
+    torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    skeleton = load_moe(source, dtype=torch_dtype, weights=False, trust_remote_code=trust_remote_code)
+    plan.validate_for(skeleton)
+    return skeleton, resolve_source(source)[1] or hub_snapshot(source), torch_dtype
+
+
+def _stream_into(tmp: Path, skeleton, folder: Path, plan, torch_dtype, trust_remote_code: bool, progress):
+    """Weights, config, generation config and tokenizer of the pruned folder into ``tmp``; returns
+    the skeleton cut to the plan's structure (what the model card describes)."""
+    from moescope.analysis.model import stream_export as stream
+    from moescope.analysis.model.loading import _load_tokenizer
+
+    stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress)  # cuts the skeleton
+    betas = plan.skip_beta or getattr(skeleton.config, "moescope_skip_beta", None)
+    skeleton.skip_beta = {int(k): float(v) for k, v in betas.items()} if betas else {}
+    skeleton.source_dir = folder
+    skeleton.tokenizer = _load_tokenizer(str(folder), trust_remote_code)
+    if skeleton.hf.can_generate() and (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig  # what from_pretrained reads besides the weights
+
+        skeleton.hf.generation_config = GenerationConfig.from_pretrained(folder)
+    skeleton.write_config_files(tmp, skeleton.hf.dtype)
+    return skeleton
+
+
+def hub_snapshot(repo: str) -> Path:
+    """The local folder of a hub model's config, safetensors and tokenizer files (downloaded once
+    into the Hugging Face cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                            "*.jinja"]))
+    except Exception as err:  # offline, gated, missing: one line
+        raise MoescopeError(f"cannot download '{repo}' from the hub: {str(err).splitlines()[0][:200]}") from None
+
+
+def _write_records(tmp: Path, model, plan, experiment) -> None:
+    if plan is not None:
+        plan.save(tmp / "plan.json")
+    if experiment is not None:
+        (tmp / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
 
 
 def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
@@ -43,7 +129,7 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it. The experiment and the output folder are checked before any
     weights are read."""
-    from moescope.analysis.model import load_moe
+    from moescope.analysis.model import folder_fingerprint, load_moe, resolve_source
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.pruning.prune import apply
     from moescope.analysis.run import experiments
@@ -56,6 +142,14 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     plan = PruningPlan.from_json(exp.plan)
     skeleton = check_exportable(exp.model, plan, trust_remote_code)
     check_output_dir(out_dir, overwrite, needed_bytes=export_bytes(skeleton, plan, dtype))
+    local = resolve_source(exp.model)[1]
+    if not exp.finetuned and local is not None and any(local.glob("*.safetensors")):
+        # streamed: the weights are never loaded; the folder's fingerprint is the one load_moe records
+        if folder_fingerprint(local) != exp.model_fingerprint:
+            raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
+                                f"{folder_fingerprint(local)[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
+        return stream_export(exp.model, out_dir, plan, experiment=exp, overwrite=overwrite, dtype=dtype,
+                             trust_remote_code=trust_remote_code)
     weights = experiments.trained_tensors_of(exp, cache) if exp.finetuned else None
     model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if model.fingerprint() != exp.model_fingerprint:
