@@ -927,19 +927,19 @@ def test_what_appears_at_the_output_during_the_export_is_never_deleted(capfd, wo
     ``out``). The placement refuses in one line, the notes are intact, the finished export is kept
     (named in the line, complete, with moescope's marker) and no temporary folder remains; the same
     with --overwrite, which replaces only moescope's own folders."""
-    from moescope.analysis.model.view import MoEModel
+    from moescope.analysis.run import export
 
     folder, watch = work
     plan = plan_file(folder, "plan.json", uniform(KEEP6))
     out = folder / "out"
-    write_files = MoEModel.write_files
+    write_records = export._write_records  # the last step of every export, streamed or in memory
 
-    def meanwhile(self, tmp, *a, **kw):
-        result = write_files(self, tmp, *a, **kw)
+    def meanwhile(tmp, *a, **kw):
+        result = write_records(tmp, *a, **kw)
         make(out)
         return result
 
-    monkeypatch.setattr(MoEModel, "write_files", meanwhile)
+    monkeypatch.setattr(export, "_write_records", meanwhile)
     for extra in ([], ["--overwrite"]):
         rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), *extra)
         lines = err.splitlines()

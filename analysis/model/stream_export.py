@@ -490,6 +490,9 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     written: list[tuple[Path, dict]] = []
 
     def emit(writer: ShardWriter, name: str, t: Tensor) -> None:
+        # a computed tensor (a merge, a cast) holding NaN or infinity is never written as a result
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MoescopeError(f"{name} holds non-finite values (NaN or infinity) after pruning; nothing was exported")
         writer.add(name, t)
         stats["bytes_written"] += t.numel() * t.element_size()
 
