@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import torch
 from moescope.analysis.measure.criteria import CRITERIA, criterion_scores, get_criterion
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import iterative_drop, keep_counts, top
 
 CRITERION = Param("criterion", str, "EAN", choices=lambda p: tuple(CRITERIA), normalize=str.upper,
-                  help="MC-Suite criterion (EAN, EUF, …, REAP)")
+                  help="MC-Suite criterion (EAN, EUF, …, REAP)", affects_key=False)
 ORDER = Param("order", str, None, choices=("min", "max"),
-              help="drop the experts with the min or max value (default: the criterion's own end)")
+              help="drop the experts with the min or max value (default: the criterion's own end)",
+              affects_key=False)
 
 
 def resolve(params) -> tuple[str, str, tuple[str, ...]]:

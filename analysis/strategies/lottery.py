@@ -69,7 +69,8 @@ def finetune(model, input_ids, tokens: int, lr: float = 1e-4, batch_rows: int = 
 @register("lottery", "Lottery subnetwork: rounds of estimate → drop one expert per layer by a criterion → a "
           "short next-token finetune of routers and experts (budget doubling every round). The finetuned weights "
           "are kept in the cache and applied with the plan.",
-          [dataclasses.replace(CRITERION, default="REAP"), ORDER,
+          [dataclasses.replace(CRITERION, default="REAP", affects_key=True),
+           dataclasses.replace(ORDER, affects_key=True),
            Param("start_tokens", int, 8192, help="finetune tokens in the first round (doubling after)", minimum=1),
            Param("lr", float, 1e-4, help="finetune learning rate", minimum=0)])
 def lottery(ctx, params):
