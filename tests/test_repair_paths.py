@@ -117,3 +117,19 @@ def test_activation_matching_on_more_tokens_than_allowed_uses_evenly_strided_one
     assert full[0] is None  # the reference (largest coefficient) is never permuted
     with pytest.raises(Exception, match="needs calibration tokens"):
         align_group(view, [0, 3], [0.5, 0.5], "activations", None)
+
+
+def test_a_strategy_that_reads_data_refuses_a_context_without_it(tmp_path):
+    """merge with weights only still reads routing statistics: without calibration tokens it is one
+    MoescopeError (it was an AttributeError from deep inside the analysis)."""
+    from conftest import fresh_tiny
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.strategies import StrategyContext, make_plan
+
+    ctx = StrategyContext(fresh_tiny("mixtral"), None, Cache(tmp_path))
+    for name, params in [("merge", {"keep": 4, "representation": "weights", "similarity": "cosine"}),
+                         ("frequency", {"keep": 4})]:
+        with pytest.raises(MoescopeError, match=f"strategy {name} needs calibration tokens"):
+            make_plan(name, ctx, params)
+    assert make_plan("random", ctx, {"keep": 4}).experts_after(ctx.model) == {0: 4, 1: 4}

@@ -204,6 +204,8 @@ def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
     """Run strategy ``name`` (parameters validated first) and validate its plan against the model."""
     strategy = get_strategy(name)
     given, full = strategy.validate(dict(params), ctx.model)
+    if strategy.needs_data and ctx.calib is None:
+        raise MoescopeError(f"strategy {name} needs calibration tokens (a TokenBatch); the context has none")
     with_skip = bool(full.pop("with_skip", False))
     given.pop("with_skip", None)
     plan = strategy.run(dataclasses.replace(ctx, given=given), full)
