@@ -38,7 +38,8 @@ def repo_state() -> set[str] | None:
 
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--ignored",
-                              "--untracked-files=all"], capture_output=True, text=True, timeout=120)
+                              "--untracked-files=all", "--", ".", ":(exclude).venv", ":(exclude)venv"],
+                             capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
