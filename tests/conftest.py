@@ -62,7 +62,8 @@ def pytest_sessionfinish(session, exitstatus):
         lines = changed[:20] + ([f"… and {len(changed) - 20} more"] if len(changed) > 20 else [])
         report = session.config.pluginmanager.get_plugin("terminalreporter")
         write = report.write_line if report is not None else print
-        write(f"the test run changed the repository ({REPO_ROOT}): a test wrote outside its temp folders")
+        write(f"the test run changed the repository ({REPO_ROOT}): a test wrote outside its temp folders "
+              "(or the checkout was edited while the suite ran)")
         for line in lines:
             write(f"  {line}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -133,3 +133,28 @@ def test_a_strategy_that_reads_data_refuses_a_context_without_it(tmp_path):
         with pytest.raises(MoescopeError, match=f"strategy {name} needs calibration tokens"):
             make_plan(name, ctx, params)
     assert make_plan("random", ctx, {"keep": 4}).experts_after(ctx.model) == {0: 4, 1: 4}
+
+
+def test_a_budget_over_a_model_with_a_dense_layer_between_moe_layers(tmp_path):
+    """Enumeration's budget allocation passes over a layer without experts (Qwen2-MoE's tiny model
+    has a dense MLP in layer 1): the budget is shared by the MoE layers alone, each keeping the
+    best subset enumeration finds at its count."""
+    from conftest import fresh_tiny
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.data import TokenBatch
+    from moescope.analysis.measure.sensitivity import enumerate_layer
+    from moescope.analysis.strategies import StrategyContext, make_plan
+
+    model = fresh_tiny("qwen2_moe")
+    assert model.moe_layers == [0, 2] and model.num_hidden_layers == 3  # layer 1 is dense
+    ids = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = TokenBatch(input_ids=ids, domains=("s",) * 4, source="synthetic", fingerprint="synthetic-dense")
+    plan = make_plan("enumerate", StrategyContext(model, batch, Cache(tmp_path)), {"budget": 11})
+    counts = plan.experts_after(model)
+    assert set(counts) == {0, 2} and sum(counts.values()) == 11
+    from moescope.analysis.measure.capture import LayerStream
+
+    inputs = {l: x for l, x in LayerStream(model, ids).layers() if x is not None}
+    assert set(inputs) == {0, 2}
+    for l, c in counts.items():
+        assert plan.layers[l].kept() == enumerate_layer(model.layers[l], inputs[l], keep=c).keep
