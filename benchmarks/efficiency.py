@@ -5,6 +5,11 @@ and the pruned model alternate for ``--rounds`` rounds so that drifts in machine
 and the table prints the median of the rounds and the pruned/original ratios.
 
     python benchmarks/efficiency.py [--keep 6] [--rounds 3] [--new-tokens 64]
+
+``--load`` instead measures what the machine-load reading sees: this process spinning alone
+(not counted: about 0 cores on a quiet machine) and a child process spinning beside it (about 1
+core), printed side by side; a figure needs a quiet machine to mean anything, so it is a
+benchmark, not a test (the tests check the arithmetic on given readings).
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--load", action="store_true", help="measure the machine-load reading instead")
     args = ap.parse_args()
+    if args.load:
+        return machine_load()
 
     from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import sample_tokens
@@ -61,6 +69,30 @@ def main() -> None:
         print(f"{label:34}{o:>12.4g}{p:>12.4g}{p / o:>8.3f}")
     o_plain, o_skip = med("original", "plain", "generate_tokens_per_s"), med("original", "skip", "generate_tokens_per_s")
     print(f"\nskipping speed-up on the original: {o_skip / o_plain:.3f}×")
+
+
+def machine_load(seconds: float = 1.0) -> None:
+    """Cores the load reading counts while this process spins, then while a child spins too."""
+    import subprocess
+    import sys
+    import time
+
+    from moescope.analysis.evaluation.efficiency import MachineLoad
+
+    def spin():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            pass
+
+    with MachineLoad() as alone:
+        spin()
+    child = subprocess.Popen([sys.executable, "-c", f"import time\nt=time.time()\nwhile time.time()-t<{seconds + 0.5}: pass"])
+    time.sleep(0.2)
+    with MachineLoad() as beside:
+        spin()
+    child.wait()
+    print(f"other processes' busy cores while this one spins alone: {alone.cores:.2f} (expected about 0)")
+    print(f"... while one child process spins beside it:           {beside.cores:.2f} (expected about 1)")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,73 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # per forward of a tiny Mixtral)
 torch.set_num_threads(1)
 
-from moescope.analysis.core.paths import demo_model_dir  # noqa: E402
+from moescope.analysis.core.paths import REPO_ROOT, demo_model_dir  # noqa: E402
 from moescope.analysis.model.synthetic import TINY_CONFIGS, save_tiny  # noqa: E402
+
+# ---------------------------------------------------------------- the repository stays as it was
+# Every test writes only under its temp folders: the cache goes to a session temp folder (below),
+# and the run fails when the checkout differs afterwards from before (tracked, untracked and
+# ignored files alike, e.g. entries left in the repository's cache/), except what Python and the
+# runners themselves leave (bytecode, pytest's and coverage's own files).
+RUNNER_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".venv", "venv"}
+
+
+def _runner_file(path: str) -> bool:
+    parts = path.rstrip("/").split("/")
+    return bool(RUNNER_PARTS.intersection(parts)) or parts[-1].startswith(".coverage")
+
+
+def repo_state() -> set[str] | None:
+    """``git status --porcelain --ignored`` of the checkout, less the runners' own files; None
+    outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--ignored",
+                              "--untracked-files=all", "--", ".", ":(exclude).venv", ":(exclude)venv"],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line for line in out.stdout.splitlines() if line and not _runner_file(line[3:])}
+
+
+def pytest_sessionstart(session):
+    session.config._repo_before = repo_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when the checkout changed (printed with what changed)."""
+    before = getattr(session.config, "_repo_before", None)
+    after = repo_state() if before is not None else None
+    if after is None:
+        return
+    changed = sorted(after ^ before)
+    if changed:
+        lines = changed[:20] + ([f"… and {len(changed) - 20} more"] if len(changed) > 20 else [])
+        report = session.config.pluginmanager.get_plugin("terminalreporter")
+        write = report.write_line if report is not None else print
+        write(f"the test run changed the repository ({REPO_ROOT}): a test wrote outside its temp folders "
+              "(or the checkout was edited while the suite ran)")
+        for line in lines:
+            write(f"  {line}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test (and every ``moescope`` process a test starts with ``os.environ``) uses a cache in
+    a session temp folder, never the repository's ``cache/``; a test that needs its own empty cache
+    still sets ``MOESCOPE_CACHE`` itself."""
+    root = tmp_path_factory.mktemp("moescope-cache")
+    saved = os.environ.get("MOESCOPE_CACHE")
+    os.environ["MOESCOPE_CACHE"] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop("MOESCOPE_CACHE", None)
+    else:
+        os.environ["MOESCOPE_CACHE"] = saved
 
 FAMILIES = sorted(TINY_CONFIGS)
 # one family per distinct mechanism (routing rule, expert layout, where router tensors live, shared

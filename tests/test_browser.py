@@ -4,7 +4,8 @@ the analysis, compute the drop grid, make a plan by strategy and by clicking hea
 it as a background job, see it in Compare, and export it: the hand-made plan keeps different
 expert counts per layer, so Export writes the per-layer folder);
 screenshots go to
-``test-artifacts/screenshots/``.
+``$MOESCOPE_TEST_ARTIFACTS/screenshots/`` (default: ``moescope-test-artifacts`` in the system's
+temporary folder; a test run never writes into the repository).
 
 Uses Debian's ``/usr/bin/chromium`` through Playwright's ``executable_path`` (no browser download).
 Without it the test is skipped with the reason in pytest's summary, except under ``CI=true``,
@@ -19,6 +20,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +29,8 @@ import pytest
 
 CHROMIUM = Path(os.environ.get("MOESCOPE_CHROMIUM", "/usr/bin/chromium"))
 REPO = Path(__file__).resolve().parents[1]
-SHOTS = REPO / "test-artifacts" / "screenshots"
+SHOTS = Path(os.environ.get("MOESCOPE_TEST_ARTIFACTS")
+             or Path(tempfile.gettempdir()) / "moescope-test-artifacts") / "screenshots"
 
 
 def _missing() -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import FAMILIES, fresh_tiny
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.measure.sensitivity import SubsetScorer, enumerate_layer, naive_subset_loss
@@ -30,6 +31,7 @@ from test_families import hf_route
 REQUIRED = ["glm4_moe", "qwen3_next", "qwen3_5_moe", "llama4_text", "ernie4_5_moe", "minimax_m2", "deepseek_v2",
             "granitemoe", "hunyuan_v1_moe"]
 README = Path(__file__).resolve().parent.parent / "README.md"
+CONSTRAINTS = README.parent / "constraints.txt"
 
 
 # ---------------------------------------------------------------- the catalog
@@ -65,9 +67,33 @@ def test_cli_families_json_markdown_and_the_readme_table(capsys):
     assert re.search(r"^deepseek_v4\s+refused\s+hash-routed", text, re.M)
     assert main(["families", "--markdown"]) == 0
     table = capsys.readouterr().out
-    # the README's family table is this output, verbatim
+    assert f"from transformers {transformers.__version__})." in table.splitlines()[0]
+
+
+def locked_version(package: str) -> str:
+    """The version constraints.txt pins ``package`` to."""
+    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.partition("==")
+        if sep and name.strip().lower() == package:
+            return version.strip()
+    raise AssertionError(f"constraints.txt pins no {package}")
+
+
+def test_the_readme_family_table_is_the_locked_transformers_table(capsys):
+    """The README's table is generated from the transformers version constraints.txt locks (the one a
+    fresh clone's install command puts in place), and under that version it is the output verbatim.
+    Under another transformers (installed without the lock) the table may list other model types:
+    that is not a fault of the checkout, so the verbatim comparison is skipped with the reason."""
+    locked = locked_version("transformers")
     readme = README.read_text(encoding="utf-8")
-    assert table.strip() in readme, "README family table is stale: regenerate with `moescope families --markdown`"
+    assert f"from transformers {locked})." in readme, (
+        f"README family table was not generated from the locked transformers {locked}: run bash .ci/refresh-lock")
+    if transformers.__version__ != locked:
+        pytest.skip(f"transformers {transformers.__version__} is installed, the lock says {locked} "
+                    "(pip install -c constraints.txt -e '.[dev]' installs it)")
+    assert main(["families", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.strip() in readme, "README family table is stale: run bash .ci/refresh-lock"
 
 
 def test_refused_and_not_yet_families_are_refused_at_load_with_their_reason(tmp_path):

@@ -71,3 +71,35 @@ def test_predicted_cost_is_the_pruned_models_size_and_proxy_perplexity(tmp_path)
     m = predict_cost(model, merge, batch, cache=Cache(tmp_path))
     assert m.experts_after == 31 and m.proxy_ppl_after == pytest.approx(
         perplexity(apply(load_moe("demo"), merge), batch.input_ids), rel=1e-6)
+
+
+def test_the_proxy_windows_are_the_first_windows_of_the_test_split():
+    """The batch the test above takes its expected numbers from is itself checked against an
+    independent statement: by fingerprint, it is sample_tokens' first 8 × 128 windows of demo:all's
+    test split (not validation); and by content, every row's text comes from the demo corpus'
+    test.txt files and from none of the validation.txt files."""
+    from types import SimpleNamespace
+
+    from moescope.analysis.core.paths import demo_model_dir
+    from moescope.analysis.data import sample_tokens, separator_id
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model_dir()))
+    batch = proxy_batch(SimpleNamespace(tokenizer=tok))
+    assert batch.input_ids.shape == (8, 128) and batch.split == "test" and batch.sampling == "first"
+    test = sample_tokens("demo:all", tok, 8, 128, sampling="first", split="test")
+    validation = sample_tokens("demo:all", tok, 8, 128, sampling="first", split="validation")
+    assert batch.fingerprint == test.fingerprint != validation.fingerprint
+    corpus = demo_model_dir().parent / "corpus"
+    sep = separator_id(tok)
+    for row, domain in zip(batch.input_ids.tolist(), batch.domains):
+        test_text = (corpus / domain / "test.txt").read_text(encoding="utf-8")
+        validation_text = (corpus / domain / "validation.txt").read_text(encoding="utf-8")
+        pieces = [[]]
+        for t in row:
+            pieces.append([]) if t == sep else pieces[-1].append(t)
+        # whole tokens inside a document (the edge tokens may be parts of a character)
+        texts = [tok.decode(p[2:-2]).strip() for p in pieces if len(p) > 12]
+        assert texts, f"a proxy row of {domain} holds no document text"
+        for text in texts:
+            assert text in test_text and text not in validation_text, (domain, text[:60])

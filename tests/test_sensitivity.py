@@ -58,6 +58,36 @@ def test_drop_grid_equals_separately_pruned_models(family):
     assert model.num_experts() == {l: 8 for l in model.moe_layers}  # the model is restored
 
 
+def test_drop_grid_cells_whose_first_affected_token_is_mid_sequence_equal_the_pruned_model():
+    """The fast loop's check of the grid's token boundary (the slow test above checks every cell of
+    four families): in layer 0 of a tiny Mixtral (attention follows), cells where some sequence's
+    first re-routed token lies after its start, so the tokens before it keep their baseline loss
+    and the ones from it on are recomputed; each cell equals the separately pruned model."""
+    from moescope.analysis.measure.sensitivity import _routing_changed
+
+    model = wrap_model(tiny_model("mixtral"))
+    grid = drop_grid(model, IDS)
+    view = model.layers[0]
+    flat = layer_input(model, 0).reshape(-1, view.hidden_size if hasattr(view, "hidden_size") else
+                                        model.hf.config.hidden_size)
+    full = view.route(flat)
+    checked = 0
+    for e in range(8):
+        allowed = torch.ones(8, dtype=torch.bool)
+        allowed[e] = False
+        hit = _routing_changed(full, view.route(flat, allowed=allowed)).reshape(IDS.shape)
+        firsts = [int(h.nonzero()[0]) for h in hit if h.any()]
+        if not any(f > 0 for f in firsts):
+            continue
+        pruned = wrap_model(copy.deepcopy(model.hf))
+        pruned.keep(0, [k for k in range(8) if k != e])
+        assert grid.ppl[0][e] == pytest.approx(naive_ppl(pruned.hf, IDS), rel=1e-5), f"expert {e}"
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3, "this input no longer re-routes a token after a sequence's start: pick another"
+
+
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "gpt_oss", "phimoe"])
 def test_subset_scores_equal_running_the_pruned_block(family):
     model = wrap_model(tiny_model(family))

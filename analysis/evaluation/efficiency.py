@@ -57,17 +57,25 @@ def _own_cpu_seconds() -> float:
 
 class MachineLoad:
     """How busy the rest of the machine was during a measurement: CPU seconds spent by every
-    other process per wall-clock second (in cores), from ``/proc/stat`` minus this process."""
+    other process per wall-clock second (in cores), from ``/proc/stat`` minus this process.
+
+    The three readings (the machine's busy CPU seconds, this process's, the wall clock) are
+    arguments so the arithmetic can be checked on given numbers; measuring it on a real machine is
+    ``benchmarks/efficiency.py --load``."""
+
+    def __init__(self, machine=_busy_cpu_seconds, own=_own_cpu_seconds, clock=time.perf_counter):
+        self._machine, self._own, self._clock = machine, own, clock
+        self.cores: float | None = None
 
     def __enter__(self):
-        self.busy, self.own, self.wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+        self.busy, self.own, self.wall = self._machine(), self._own(), self._clock()
         return self
 
     def __exit__(self, *exc):
-        wall = max(time.perf_counter() - self.wall, 1e-9)
-        busy = _busy_cpu_seconds()
+        wall = max(self._clock() - self.wall, 1e-9)
+        busy = self._machine()
         self.cores = (None if busy is None or self.busy is None
-                      else max(0.0, (busy - self.busy) - (_own_cpu_seconds() - self.own)) / wall)
+                      else max(0.0, (busy - self.busy) - (self._own() - self.own)) / wall)
 
 
 # a figure measured while other processes kept this many cores busy is not trusted as a speed-up

@@ -32,7 +32,14 @@ TYPES = {int: "int", float: "float", str: "str", bool: "bool", dict: "json"}
 class Param:
     """One strategy parameter: its name, type (int, float, str, bool or dict), default, allowed
     values (a tuple, or a function of the other parameters giving one), help, and how the CLI
-    parses it from text (``parse``; default: the type)."""
+    parses it from text (``parse``; default: the type).
+
+    ``affects_key``: whether the parameter is an input of what the strategy stores in the cache (a
+    drop grid's windows, a lottery's finetuned weights), so that changing it must change the keys
+    of the entries the strategy reads. ``False`` declares that it acts only on measurements already
+    read (an order, a seed, a keep count). ``tests/test_strategy_keys.py`` checks every registered
+    strategy both ways: a parameter declared as affecting the key changes the keys read, and for
+    every parameter a plan made with a cache warmed by another value equals one made cold."""
 
     name: str
     type: type = str
@@ -44,6 +51,7 @@ class Param:
     minimum: float | None = None
     label: str | None = None  # the dashboard's label (default: the name)
     maximum: float | None = None
+    affects_key: bool = True
 
     def allowed(self, params: dict) -> tuple | None:
         return self.choices(params) if callable(self.choices) else self.choices
@@ -103,12 +111,14 @@ class Strategy:
         """The declared parameters plus the common ones (target and ``with_skip``)."""
         common = []
         if self.target:
-            common.append(Param("keep", int, None, help="experts to keep in every MoE layer", minimum=1))
+            common.append(Param("keep", int, None, help="experts to keep in every MoE layer", minimum=1,
+                                affects_key=False))
             if self.budget:
                 common.append(Param("budget", int, None, help="experts to keep in all MoE layers together",
-                                    minimum=1))
+                                    minimum=1, affects_key=False))
         if self.with_skip:
-            common.append(Param("with_skip", bool, False, help="also skip dynamically (β calibrated per layer; needs top-k ≥ 2)"))
+            common.append(Param("with_skip", bool, False, help="also skip dynamically (β calibrated per layer; needs top-k ≥ 2)",
+                                 affects_key=False))
         return tuple(common) + self.params
 
     def validate(self, params: dict, model) -> tuple[dict, dict]:
@@ -213,6 +223,8 @@ def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
     """Run strategy ``name`` (parameters validated first) and validate its plan against the model."""
     strategy = get_strategy(name)
     given, full = strategy.validate(dict(params), ctx.model)
+    if strategy.needs_data and ctx.calib is None:
+        raise MoescopeError(f"strategy {name} needs calibration tokens (a TokenBatch); the context has none")
     with_skip = bool(full.pop("with_skip", False))
     given.pop("with_skip", None)
     plan = strategy.run(dataclasses.replace(ctx, given=given), full)

@@ -12,10 +12,11 @@ from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import iterative_drop, keep_counts, top
 
 CRITERION = Param("criterion", str, "EAN", choices=lambda p: tuple(CRITERIA), normalize=canonical_name,
-                  help="MC-Suite criterion (EAN, EUF, …, REAP; variants such as EAN-mean)")
+                  help="MC-Suite criterion (EAN, EUF, …, REAP; variants such as EAN-mean)", affects_key=False)
 ORDER = Param("order", str, None, choices=("min", "max"),
               help="drop the experts (or, for ECC / ETS, pick the pair) with the min or max value "
-                   "(default: the criterion's own end, the paper's better one)")
+                   "(default: the criterion's own end, the paper's better one)",
+              affects_key=False)
 
 
 def resolve(params) -> tuple[str, str, tuple[str, ...]]:

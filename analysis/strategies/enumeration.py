@@ -40,10 +40,12 @@ def budget_allocation(ctx, params) -> tuple[dict[int, int], dict[int, list[int]]
           "calibration inputs; layer-wise (inputs of the original model) or progressive (inputs that already "
           "went through the pruned earlier layers). A budget is allocated greedily across layers on the "
           "reconstruction losses (relative to each layer's output norm).",
-          [Param("mode", str, "layer-wise", choices=("layer-wise", "progressive"), help="which inputs each layer sees"),
-           Param("method", str, "auto", choices=ENUMERATION_METHODS, help="subset search", label="search"),
+          [Param("mode", str, "layer-wise", choices=("layer-wise", "progressive"), help="which inputs each layer sees",
+                 affects_key=False),
+           Param("method", str, "auto", choices=ENUMERATION_METHODS, help="subset search", label="search",
+                 affects_key=False),
            Param("max_subsets", int, 5000, help="exact search up to this many subsets, else greedy/beam",
-                 minimum=1)],
+                 minimum=1, affects_key=False)],
           budget=True, edits_model=lambda p: p.get("mode") == "progressive")
 def enumerate_subsets(ctx, params):
     mode = params["mode"]

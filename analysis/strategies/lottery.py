@@ -84,7 +84,7 @@ def finetune(model, input_ids, tokens: int, lr: float = 1e-6, batch_rows: int = 
 @register("lottery", "Lottery subnetwork (MC-Suite §3, App. C): rounds of estimate → drop one expert per layer by a "
           "criterion → a short next-token finetune (AdamW, cosine, max lr 1e-6, batch 8, 0.2 M tokens doubling every "
           "round, optimiser reset). The finetuned weights are kept in the cache and applied with the plan.",
-          [CRITERION, ORDER,
+          [dataclasses.replace(CRITERION, affects_key=True), dataclasses.replace(ORDER, affects_key=True),
            Param("start_tokens", int, 200_000, help="finetune tokens in the first round (doubling after)", minimum=1),
            Param("lr", float, 1e-6, help="maximum finetune learning rate (cosine schedule to 0 in every round)",
                  minimum=0, maximum=10),

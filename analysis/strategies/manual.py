@@ -37,10 +37,13 @@ def _check(params, model) -> None:
 
 @register("manual", "A drop set (drop: {layer: [experts]}) or explicit groups (groups: {layer: [[...]]} with "
           "optional coefficients), as given by a person.",
-          [Param("drop", dict, None, help="LAYER:E,E;LAYER:E — experts to drop", parse=parse_drop),
-           Param("groups", dict, None, help='JSON {"0": [[0, 5], [1], ...]} — output experts as groups', parse=parse_json),
-           Param("coefficients", dict, None, help="JSON {layer: [[c, ...], ...]} for groups", parse=parse_json),
-           Param("merge_router", bool, True, help="merge router rows of a group (else the dominant expert's row)")],
+          [Param("drop", dict, None, help="LAYER:E,E;LAYER:E — experts to drop", parse=parse_drop, affects_key=False),
+           Param("groups", dict, None, help='JSON {"0": [[0, 5], [1], ...]} — output experts as groups', parse=parse_json,
+                 affects_key=False),
+           Param("coefficients", dict, None, help="JSON {layer: [[c, ...], ...]} for groups", parse=parse_json,
+                 affects_key=False),
+           Param("merge_router", bool, True, help="merge router rows of a group (else the dominant expert's row)",
+                 affects_key=False)],
           target=False, needs_data=False, merges=True, manual=True, check=_check)
 def manual(ctx, params):
     if params.get("groups") is not None:

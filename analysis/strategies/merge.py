@@ -45,18 +45,19 @@ def _merge_params(default_merge: str) -> list[Param]:
     return [
         Param("merge", str, default_merge, choices=MERGES,
               help="merge coefficients / operator: max | uniform | usage | frequency (= usage) | learned | ties "
-                   "(usage-weighted, sign consensus)"),
+                   "(usage-weighted, sign consensus)", affects_key=False),
         Param("align", str, "activations", choices=ALIGNMENTS, label="align experts first",
               help="permute every member's intermediate neurons onto the group's reference expert before "
                    "combining: none | weights (weight matching) | activations (activation matching on the "
-                   "calibration tokens; weights where there are none)"),
+                   "calibration tokens; weights where there are none)", affects_key=False),
         Param("density", float, 0.2, help="ties: fraction of each member's difference from the mean kept, in (0, 1]",
-              label="TIES density", minimum=0, maximum=1),
+              label="TIES density", minimum=0, maximum=1, affects_key=False),
         Param("merge_router", bool, True, help="merge router rows with the same coefficients (else the dominant "
-                                                 "expert's row)", label="merge router rows too"),
-        Param("steps", int, 100, help="learned merge: SGD steps", minimum=1),
-        Param("lr", float, 0.02, help="learned merge: learning rate", minimum=0, maximum=10),
-        Param("seed", int, 0, help="seed (grouping, learned merge)", minimum=0),
+                                                 "expert's row)", label="merge router rows too",
+              affects_key=False),
+        Param("steps", int, 100, help="learned merge: SGD steps", minimum=1, affects_key=False),
+        Param("lr", float, 0.02, help="learned merge: learning rate", minimum=0, maximum=10, affects_key=False),
+        Param("seed", int, 0, help="seed (grouping, learned merge)", minimum=0, affects_key=False),
     ]
 
 
@@ -157,8 +158,9 @@ def _check_similarity(params, model) -> None:
           [Param("representation", str, "outputs", choices=tuple(REPRESENTATIONS),
                  help="expert representation: outputs (data-centric) | weights | surrogate"),
            Param("similarity", str, "cka_linear", choices=lambda p: REPRESENTATIONS.get(p.get("representation"), ()),
-                 help="cka_linear | cka_rbf | cosine | mse (weights/surrogate: cosine | mse)"),
-           Param("grouping", str, "spectral", choices=GROUPINGS, help="spectral | greedy | agglomerative"),
+                 help="cka_linear | cka_rbf | cosine | mse (weights/surrogate: cosine | mse)", affects_key=False),
+           Param("grouping", str, "spectral", choices=GROUPINGS, help="spectral | greedy | agglomerative",
+                 affects_key=False),
            *_merge_params("uniform")],
           merges=True, budget=True, check=_check_similarity)
 def group_and_merge(ctx, params):

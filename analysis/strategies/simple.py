@@ -8,7 +8,7 @@ from moescope.analysis.strategies.selection import keep_counts, top
 
 
 @register("random", "Keep a seeded random subset of experts in every layer (a baseline).",
-          [Param("seed", int, 0, help="random seed", minimum=0)], budget=True, needs_data=False)
+          [Param("seed", int, 0, help="random seed", minimum=0, affects_key=False)], budget=True, needs_data=False)
 def random_subset(ctx, params):
     g = torch.Generator().manual_seed(params["seed"])
     counts = keep_counts(ctx.model, params)
