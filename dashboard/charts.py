@@ -258,3 +258,72 @@ def selected_cells(event) -> list[tuple[int, int]]:
         if cell not in out:
             out.append(cell)
     return out
+
+
+ORIGINAL_SYMBOLS = ["diamond", "square", "cross", "triangle-up", "star"]
+
+
+def _num(v) -> float | None:
+    """A finite float, or None (missing, NaN, text)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _error(table, column: str, i: int) -> tuple[float, float] | None:
+    """(minus, plus) of row ``i``'s 95 % range of ``column``, None without one."""
+    low = _num(table[f"{column} low"].iloc[i]) if f"{column} low" in table.columns else None
+    high = _num(table[f"{column} high"].iloc[i]) if f"{column} high" in table.columns else None
+    value = _num(table[column].iloc[i])
+    if low is None or high is None or value is None:
+        return None
+    return value - low, high - value
+
+
+def compare_scatter(table, x: str, y: str, colours: dict[str, str], noisy: set[int], height: int = 460) -> go.Figure:
+    """Quality ``y`` against cost ``x``, one trace per row of a comparison table (named in the
+    legend, no labels on the points to overlap): error bars for the 95 % ranges on both axes,
+    hollow markers for rows in ``noisy`` (within noise of their original), the originals as grey
+    diamonds (squares, … for a second setting)."""
+    fig = go.Figure()
+    groups = list(dict.fromkeys(table["group"]))
+    for i in range(len(table)):
+        name = table["name"].iloc[i]
+        vx, vy = _num(table[x].iloc[i]), _num(table[y].iloc[i])
+        if vx is None or vy is None:
+            continue
+        original = table["experiment"].iloc[i] == "original"
+        if original:
+            symbol = ORIGINAL_SYMBOLS[groups.index(table["group"].iloc[i]) % len(ORIGINAL_SYMBOLS)]
+        else:
+            symbol = "circle-open" if i in noisy else "circle"
+        ex, ey = _error(table, x, i), _error(table, y, i)
+        colour = colours.get(name, "#1c7ed6")
+        fig.add_trace(go.Scatter(
+            x=[vx], y=[vy], mode="markers", name=name + (" (within noise)" if i in noisy else ""),
+            marker=dict(color=colour, size=16 if original else 13, symbol=symbol, line=dict(width=2, color=colour)),
+            error_x=dict(type="data", symmetric=False, array=[ex[1]], arrayminus=[ex[0]], color=colour, width=3)
+            if ex else None,
+            error_y=dict(type="data", symmetric=False, array=[ey[1]], arrayminus=[ey[0]], color=colour, width=3)
+            if ey else None,
+            hovertext=[f"{name} · {table['experiment'].iloc[i]}"], hoverinfo="text+x+y"))
+    fig.update_layout(xaxis_title=x, yaxis_title=y, legend=dict(title="experiment"))
+    return _layout(fig, None, height)
+
+
+def domain_bars(sub, colours: dict[str, str], height: int = 420) -> go.Figure:
+    """Perplexity per domain, one bar group per domain and a bar per experiment (originals in grey),
+    each with its 95 % per-window range as an error bar."""
+    fig = go.Figure()
+    for name in dict.fromkeys(sub["experiment"]):
+        rows = sub[sub["experiment"] == name]
+        has = rows["low"].notna() & rows["high"].notna()
+        fig.add_trace(go.Bar(
+            x=list(rows["detail"]), y=list(rows["value"]), name=name, marker_color=colours.get(name, "#1c7ed6"),
+            error_y=dict(type="data", symmetric=False, array=list((rows["high"] - rows["value"]).where(has, 0)),
+                         arrayminus=list((rows["value"] - rows["low"]).where(has, 0)))))
+    fig.update_layout(barmode="group", xaxis_title="domain", yaxis_title="perplexity (lower is better)",
+                      legend=dict(title="experiment"))
+    return _layout(fig, None, height)

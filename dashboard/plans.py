@@ -90,7 +90,7 @@ def layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> tuple
 
 
 def add_to_plan(s: Settings, current: dict | None, drops: dict[int, list[int]] | None = None,
-                merges: dict[int, list[tuple[int, int]]] | None = None) -> PruningPlan:
+                merges: dict[int, list[tuple[int, int]]] | None = None, action: str | None = None) -> PruningPlan:
     """The current plan (a JSON dict, or none yet) with ``drops`` added to each layer's dropped
     experts and the pairs in ``merges`` merged (joined with the groups already there); validated
     against the model, so a result that leaves fewer experts than top-k is refused in one line."""
@@ -112,6 +112,8 @@ def add_to_plan(s: Settings, current: dict | None, drops: dict[int, list[int]] |
     plan.provenance = dict(plan.provenance or {"strategy": "manual"})
     if plan.provenance.get("strategy", "manual") != "manual":
         plan.provenance["edited_by_hand"] = True  # a strategy's plan, then changed from an analysis view
+    if action:  # the analysis actions that built it (the model card names them as the plan's origin)
+        plan.provenance["actions"] = [*plan.provenance.get("actions", []), action]
     return validate_plan(s, plan)
 
 

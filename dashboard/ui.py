@@ -114,10 +114,12 @@ def plan_layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> 
     return plans.layer_state(plan, layer, num_experts)
 
 
-def add_to_plan(drops=None, merges=None, what: str = "") -> None:
-    """An analysis page's action: add ``drops`` / ``merges`` to the current plan, or show why not."""
+def add_to_plan(drops=None, merges=None, what: str = "", page: str = "") -> None:
+    """An analysis page's action: add ``drops`` / ``merges`` to the current plan (recording the
+    action, ``page: what``, in its provenance), or show why not."""
     try:
-        plan = plans.add_to_plan(settings(), st.session_state.get("plan"), drops, merges)
+        plan = plans.add_to_plan(settings(), st.session_state.get("plan"), drops, merges,
+                                 action=f"{page}: {what}" if page else what)
     except MoescopeError as err:
         st.error(str(err))
         return

@@ -112,7 +112,9 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     assert not at.exception
     table = at.dataframe[0].value
     exp = X.load(st.experiment)
-    assert list(table["name"]) == ["original", exp.label]  # named by the run's label (the plan's name)
+    # the original named by its evaluation setting, the run by its label (the plan's name)
+    assert list(table["name"]) == ["original · ppl demo:python, demo:spanish 4×64 · moescope_demo_continuation ≤6",
+                                   exp.label]
     assert table.loc[1, "ppl demo:spanish"] == pytest.approx(exp.result["ppl"]["demo:spanish"])
     full = X.compare([exp])
     assert full.loc[1, "experts L3"] == 7 and full.loc[0, "experts L3"] == 8
@@ -122,10 +124,11 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     at = _page("export")
     at.run()
     assert not at.exception
-    default = Path(at.text_input(key="export_dir").value)
-    assert default == Path.home() / "moescope-exports" / st.experiment  # outside the repository
+    default = Path(at.text_input(key=f"export_dir_{st.experiment}").value)
+    # outside the repository, named for the plan and the experiment
+    assert default == Path.home() / "moescope-exports" / f"page-run-{st.experiment}"
     assert Path(__file__).resolve().parents[1] not in default.parents
-    at.text_input(key="export_dir").set_value(str(out))
+    at.text_input(key=f"export_dir_{st.experiment}").set_value(str(out))
     at.button(key="export_go").click().run()
     assert not at.exception and at.success and "README.md" in at.success[0].value
     # the card renders as Markdown: its YAML header shown as YAML, not as the first paragraph
@@ -146,7 +149,7 @@ def test_different_expert_counts_export_with_the_loading_note_and_refusals_show_
     out = tmp_path / "x"
     at = _page("export")
     at.run()
-    at.text_input(key="export_dir").set_value(str(out))
+    at.text_input(key=f"export_dir_{at.selectbox(key='export_id').value}").set_value(str(out))
     at.button(key="export_go").click().run()
     assert not at.exception and not at.error
     assert at.success and "modeling_moescope.py" in at.success[0].value

@@ -52,17 +52,34 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert a.structure["after"]["experts"] == {"0": 6, "1": 8, "2": 7, "3": 8}
     assert a.plan["provenance"]["strategy"] == "A" and a.versions["torch"] == torch.__version__
     table = X.compare([a, b])
-    assert list(table["experiment"]) == ["original", a.id, b.id]
+    # best headline (perplexity on demo:python, the first source) first, under the one original
+    order = sorted([a, b], key=lambda e: e.result["ppl"]["demo:python"])
+    assert list(table["experiment"]) == ["original"] + [e.id for e in order]
+    table = X.compare([a, b]).set_index("experiment").loc[["original", a.id, b.id]].reset_index()
     ref = a.reference["ppl"]["demo:all"]
     assert table.loc[0, "ppl demo:all"] == ref and table.loc[0, "Δ% ppl demo:all"] == 0
     assert table.loc[1, "Δ% ppl demo:all"] == pytest.approx(100 * (a.result["ppl"]["demo:all"] / ref - 1))
     assert table.loc[1, "params ratio"] == pytest.approx(a.structure["after"]["params"]["total"]
                                                          / a.structure["before"]["params"]["total"])
+    # every perplexity carries its per-window 95 % range, around the value
+    for i in range(3):
+        assert table.loc[i, "ppl demo:all low"] < table.loc[i, "ppl demo:all"] < table.loc[i, "ppl demo:all high"]
+    assert list(a.result["ppl_interval"]["demo:all"]["all"]) == [table.loc[1, "ppl demo:all low"],
+                                                                 table.loc[1, "ppl demo:all high"]]
     # experts per layer: one integer column per layer and the total (no mixed "6/7/8" column)
     assert [int(table.loc[1, f"experts L{l}"]) for l in range(4)] == [6, 8, 7, 8]
     assert table.loc[1, "experts kept"] == 29 and table.loc[0, "experts kept"] == 32
     assert table["experts L0"].dtype.kind == "i" and "experts/layer" not in table.columns
-    assert list(table["name"]) == ["original", a.label, b.label]
+    setting = "ppl demo:python, demo:all 6×64"
+    assert list(table["name"]) == [f"original · {setting}", a.label, b.label]
+    assert set(table["setting"]) == {setting} and set(table["group"]) == {0}
+    # a run under another evaluation setting gets its own original, named by that setting
+    c = X.run_experiment("demo", drop_plan({3: [2]}, "C"), EvalSpec(**{**SPEC, "samples": 4}), cache=cache)
+    both = X.compare([a, c, b])
+    assert list(both["experiment"]) == ["original"] + [e.id for e in order] + ["original", c.id]
+    assert list(both["name"])[3] == "original · ppl demo:python, demo:all 4×64"
+    assert list(both["group"]) == [0, 0, 0, 1, 1]
+    table = X.compare([a, b])
     with pytest.raises(MoescopeError, match="no experiment 'nope'"):
         X.load("nope", cache)
 
@@ -83,15 +100,33 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert view.better["ppl demo:all"] == "lower" and view.better["params ratio"] == "lower"
     styler = runs.styled(table, view, view.columns)
     html = styler.to_html()
-    best = 1 if table.loc[1, "ppl demo:all"] < table.loc[2, "ppl demo:all"] else 2
-    assert f"{table.loc[best, 'ppl demo:all']:.2f}" in html and "+" in html and "×" in html
+    assert "+" in html and "×" in html
     marked = styler._compute().ctx  # (row, column position) -> CSS of the marked cells
     col = view.columns.index("ppl demo:all")
-    assert [r for (r, c), css in marked.items() if c == col and css] == [best]
-    colours = runs.colour_map(list(table["name"]))
-    assert colours["original"] == "#868e96" and len(set(colours.values())) == 3
+    # bold only where the best is clear of the other beyond both per-window ranges
+    clear = X.best_marks(table, "ppl demo:all", "lower")
+    lo = table["ppl demo:all low"]
+    hi = table["ppl demo:all high"]
+    beyond = hi[1] < lo[2] or hi[2] < lo[1]
+    assert bool(clear) == beyond
+    assert sorted(r for (r, c), css in marked.items() if c == col and css == [("font-weight", "bold"),
+                                                                                ("color", "#2b8a3e")]) == sorted(clear)
+    # the page shows every experiment of the model (a, b and c), c under its own original
+    assert len(shown) == 5 and sum(n.startswith("original · ") for n in shown["name"]) == 2
+    colours = runs.experiment_colours(X.compare([a, b, c]), [a.id, b.id, c.id])
+    assert colours[table.loc[0, "name"]] == "#868e96" and len(set(colours.values())) == 4
     scatter = json.loads(at.get("plotly_chart")[0].proto.spec)
-    assert {t["name"]: t["marker"]["color"] for t in scatter["data"]} == colours
+    # one trace per row, named in the legend (no text labels on the points), the colours fixed per experiment
+    assert {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for t in scatter["data"]} == colours
+    assert all(t.get("mode") == "markers" for t in scatter["data"])
+    # an experiment keeps its colour when the selection narrows
+    at.text_input(key="compare_filter").set_value(b.label).run()
+    assert list(at.dataframe[0].value["name"]) == [table.loc[0, "name"], b.label]
+    assert any("Showing **1 of 3**" in cap.value and "2 hidden by the filter" in cap.value for cap in at.caption)
+    narrowed = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for t in narrowed["data"]}[b.label] \
+        == colours[b.label]
+    at.text_input(key="compare_filter").set_value("").run()
     at.checkbox(key="compare_all").check().run()
     assert "experts L0" in at.dataframe[0].value.columns
 

@@ -7,7 +7,13 @@ import json
 import sys
 
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.run.report import ProgressBars, experiment_json, format_info, print_quality
+from moescope.analysis.run.report import (
+    ProgressBars,
+    compare_text,
+    experiment_json,
+    format_info,
+    print_quality,
+)
 
 
 def cmd_info(args) -> int:
@@ -396,8 +402,8 @@ def cmd_experiments(args) -> int:
         return 0
     import pandas as pd
 
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
-        print(table.set_index("experiment").T.to_string())
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+        print(compare_text(table))
     return 0
 
 

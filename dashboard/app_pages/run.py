@@ -13,9 +13,9 @@ model = st.session_state.get("model", "demo")
 plan = st.session_state.get("plan")
 queue = st.session_state.get("run_queue") or []
 if queue:  # named plans sent from the Plan page: one job each
-    c1, c2 = st.columns([5, 1], vertical_alignment="center")
+    c1, c2 = st.columns([3, 2], vertical_alignment="center")
     c1.markdown("Plans sent from the Plan page, one job each: " + ", ".join(f"**{n}**" for n in queue))
-    if c2.button("Run only the current plan", key="run_clear_queue"):
+    if c2.button("Run only the current plan", key="run_clear_queue", width="stretch"):
         st.session_state["run_queue"] = []
         st.rerun()
 elif plan:
@@ -66,13 +66,35 @@ if submitted:
 
 
 STAGE_NAMES = {"load": "loading the model", "perplexity": "perplexity windows",
-               "lm-eval": "lm-eval tasks (one call, no steps to count)", "efficiency": "memory and speed runs",
+               "lm-eval requests": "lm-eval requests", "efficiency": "memory and speed runs",
                "skip calibration": "calibrating dynamic skipping (β)"}
+SLOT_WAIT = "waiting for the speed slot"  # analysis.evaluation.efficiency.SLOT_WAIT
 
 
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def stage_text(job) -> str:
+    """A running job's line: its stage (a wait for the speed slot with how long it has waited),
+    the steps done, time so far, and what is left of the stage and of the whole job."""
+    if job.stage == SLOT_WAIT:
+        text = (f"waiting for the speed slot (another job is measuring speed; one measurement at a time keeps "
+                f"the figures clean) for {_clock(job.stage_elapsed())}")
+    elif job.total:
+        text = f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}"
+    else:
+        text = job.state
+    text += f" · {_clock(job.elapsed())} so far"
+    eta = job.stage_eta()
+    text += f" · about {_clock(eta)} left in this stage" if eta is not None and job.stage != SLOT_WAIT else ""
+    whole = job.job_eta()
+    if whole is not None:
+        text += f" · whole job about {_clock(whole)} left (estimate {_clock(job.estimate_s)} from earlier runs)"
+    elif job.estimate_s is None:
+        text += " · no whole-job estimate yet (first run of this setting)"
+    return text
 
 
 def _jobs_panel() -> None:
@@ -102,11 +124,8 @@ def _jobs_panel() -> None:
                     c1.error(job.error.splitlines()[0])
             else:
                 c1.markdown(title)
-                eta = job.stage_eta()
-                text = (f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}" if job.total else job.state)
-                text += f" · {_clock(job.elapsed())} so far"
-                text += f" · about {_clock(eta)} left in this stage" if eta is not None else ""
-                c1.progress(job.fraction, text=text)
+                text = stage_text(job)
+                c1.progress(job.fraction if job.stage != SLOT_WAIT else 0.0, text=text)
                 if c2.button("Cancel", key=f"cancel-{job.id}"):
                     runs.cancel_job(job.id)
                     st.rerun()

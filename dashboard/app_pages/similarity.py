@@ -95,7 +95,7 @@ with left:
     st.caption(f"{len(beyond)} pair{'s' if len(beyond) != 1 else ''} beyond the threshold in layer {layer}")
     if st.button(f"Merge the outlined pairs of layer {layer}", key="sim_add", disabled=not beyond,
                  help="add them to the current plan as merges (overlapping pairs form one group)"):
-        add_to_plan(merges={layer: beyond}, what=f"merge {', '.join(f'{i}+{j}' for i, j in beyond)} in layer {layer}")
+        add_to_plan(page="Similarity", merges={layer: beyond}, what=f"merge {', '.join(f'{i}+{j}' for i, j in beyond)} in layer {layer}")
     fig = charts.similarity_heatmap(mats[layer], name, distance=distance, zrange=zrange, outlined=beyond,
                                     groups=groups if overlay else None, dropped=dropped if overlay else None,
                                     title=f"layer {layer} · {name}", order=order,
