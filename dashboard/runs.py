@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 from moescope.analysis.core.cache import Cache
 from moescope.analysis.evaluation import EfficiencyParams, EvalSpec, local_task_names
+from moescope.analysis.evaluation.efficiency import SLOT_WAIT
 from moescope.analysis.run import experiments as X
 from moescope.analysis.run import jobs
 
@@ -259,3 +260,34 @@ def noise_rows(table: pd.DataFrame, columns: list[str]) -> set[int]:
     for c in columns:
         out |= X.noise_marks(full, c)
     return out
+
+
+STAGE_NAMES = {"load": "loading the model", "perplexity": "perplexity windows",
+               "lm-eval requests": "lm-eval requests", "efficiency": "memory and speed runs",
+               "skip calibration": "calibrating dynamic skipping (β)"}
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def stage_text(job) -> str:
+    """A running job's line: its stage (a wait for the speed slot with how long it has waited),
+    the steps done, time so far, and what is left of the stage and of the whole job."""
+    if job.stage == SLOT_WAIT:
+        text = (f"waiting for the speed slot (another job is measuring speed; one measurement at a time keeps "
+                f"the figures clean) for {clock(job.stage_elapsed())}")
+    elif job.total:
+        text = f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}"
+    else:
+        text = job.state
+    text += f" · {clock(job.elapsed())} so far"
+    eta = job.stage_eta()
+    text += f" · about {clock(eta)} left in this stage" if eta is not None and job.stage != SLOT_WAIT else ""
+    whole = job.job_eta()
+    if whole is not None:
+        text += f" · whole job about {clock(whole)} left (estimate {clock(job.estimate_s)} from earlier runs)"
+    elif job.estimate_s is None:
+        text += " · no whole-job estimate yet (first run of this setting)"
+    return text

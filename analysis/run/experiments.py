@@ -255,9 +255,8 @@ def estimate_seconds(model: str, spec: dict, with_plan: bool, cache=None) -> flo
     pruned-only stages left out for an evaluation without a plan. None without an earlier run."""
     import statistics
 
-    key = repr(sorted((k, repr(v)) for k, v in spec.items()))
-    past = [e for e in list_experiments(cache) if e.model == model
-            and repr(sorted((k, repr(v)) for k, v in e.eval.items())) == key]
+    key = spec_key(spec)
+    past = [e for e in list_experiments(cache) if e.model == model and spec_key(e.eval) == key]
     if not past:
         return None
     total = 0.0
@@ -371,8 +370,15 @@ def setting_name(spec: dict) -> str:
     return " · ".join(parts) or "no evaluation"
 
 
+def spec_key(spec: dict) -> str:
+    """An evaluation spec as one canonical string (stored records come back with sorted keys)."""
+    import json
+
+    return json.dumps(spec, sort_keys=True)
+
+
 def _setting_key(exp: Experiment) -> tuple:
-    return exp.model_fingerprint, repr(sorted((k, repr(v)) for k, v in exp.eval.items()))
+    return exp.model_fingerprint, spec_key(exp.eval)
 
 
 def headline(table) -> tuple[str, str] | None:

@@ -65,38 +65,6 @@ if submitted:
         st.toast(f"Started {len(started)} job{'s' if len(started) > 1 else ''}: {', '.join(started)}")
 
 
-STAGE_NAMES = {"load": "loading the model", "perplexity": "perplexity windows",
-               "lm-eval requests": "lm-eval requests", "efficiency": "memory and speed runs",
-               "skip calibration": "calibrating dynamic skipping (β)"}
-SLOT_WAIT = "waiting for the speed slot"  # analysis.evaluation.efficiency.SLOT_WAIT
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-def stage_text(job) -> str:
-    """A running job's line: its stage (a wait for the speed slot with how long it has waited),
-    the steps done, time so far, and what is left of the stage and of the whole job."""
-    if job.stage == SLOT_WAIT:
-        text = (f"waiting for the speed slot (another job is measuring speed; one measurement at a time keeps "
-                f"the figures clean) for {_clock(job.stage_elapsed())}")
-    elif job.total:
-        text = f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}"
-    else:
-        text = job.state
-    text += f" · {_clock(job.elapsed())} so far"
-    eta = job.stage_eta()
-    text += f" · about {_clock(eta)} left in this stage" if eta is not None and job.stage != SLOT_WAIT else ""
-    whole = job.job_eta()
-    if whole is not None:
-        text += f" · whole job about {_clock(whole)} left (estimate {_clock(job.estimate_s)} from earlier runs)"
-    elif job.estimate_s is None:
-        text += " · no whole-job estimate yet (first run of this setting)"
-    return text
-
-
 def _jobs_panel() -> None:
     jobs = runs.job_list()
     if not jobs:
@@ -107,7 +75,7 @@ def _jobs_panel() -> None:
             c1, c2 = st.columns([5, 1])
             title = f"**{job.label or 'job'}** on `{job.model}` · {job.id}"
             if job.state == "done":
-                c1.markdown(f"{title} · done in {_clock(job.elapsed())} → experiment `{job.experiment}` (see Compare)")
+                c1.markdown(f"{title} · done in {runs.clock(job.elapsed())} → experiment `{job.experiment}` (see Compare)")
                 r = job.result or {}
                 facts = []
                 if r.get("ppl") is not None and r.get("ppl_original"):
@@ -124,8 +92,8 @@ def _jobs_panel() -> None:
                     c1.error(job.error.splitlines()[0])
             else:
                 c1.markdown(title)
-                text = stage_text(job)
-                c1.progress(job.fraction if job.stage != SLOT_WAIT else 0.0, text=text)
+                text = runs.stage_text(job)
+                c1.progress(job.fraction if job.stage != runs.SLOT_WAIT else 0.0, text=text)
                 if c2.button("Cancel", key=f"cancel-{job.id}"):
                     runs.cancel_job(job.id)
                     st.rerun()
