@@ -610,6 +610,12 @@ def test_drop_grid_action_drops_the_least_needed_experts_of_every_layer(analysed
     for l in range(4):
         least = sorted(np.argsort(delta[l], kind="stable")[:2].tolist())
         assert _kept(plan, l) == [[e] for e in range(8) if e not in least]
+    # the sidebar says so in the same run (not "No plan yet"), and the plan remembers the action that built it
+    assert any("Plan (manual): L0→6" in c.value for c in at.sidebar.caption), [c.value for c in at.sidebar.caption]
+    assert plan["provenance"]["actions"][0].startswith("Drop grid: drop L0: ")
+    from moescope.analysis.run.export import plan_origin
+
+    assert plan_origin(plan["provenance"]).startswith("analysis actions: Drop grid: drop L0: ")
 
 
 def test_expert_maps_action_drops_the_marked_experts(analysed):
