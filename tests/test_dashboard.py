@@ -661,3 +661,49 @@ def test_by_hand_picker_colours_by_any_criterion_and_states_the_gesture(analysed
     want = [values[i, e] for i in range(4) for e in range(8) if np.isfinite(values[i, e])]
     assert np.allclose(array(picker["marker"]["color"]), want)
     assert any("Shift+click" in c.value and "box" in c.value for c in at.caption)
+
+
+def test_building_shows_its_stages_time_and_last_duration_while_the_work_runs_in_a_worker():
+    def script():
+        import time
+
+        import streamlit as st
+        from moescope.dashboard.backend import Settings
+        from moescope.dashboard.ui import run_with_progress
+
+        def build(s, progress):
+            for i in range(3):
+                time.sleep(0.4)  # long enough for the page to draw between the steps
+                progress("layers", i + 1, 3)
+            return "plan"
+
+        st.session_state["out"] = run_with_progress("Running merge…", build, Settings(), "merge plan ready")
+        st.session_state["took"] = dict(st.session_state["_took"])
+
+    at = AppTest.from_function(script, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["out"] == "plan"
+    took = at.session_state["took"]["Running merge…"]
+    assert took >= 1.2
+    status = at.status[0]
+    assert status.label.startswith("merge plan ready (") and status.state == "complete"
+    bars = [p.proto.text for p in at.get("progress")]
+    assert any(t.startswith("decoder layers: 3 / 3 · ") for t in bars), bars
+
+
+def test_a_refusal_in_the_worker_is_one_line():
+    def script():
+        from moescope.analysis.core.errors import MoescopeError
+        from moescope.dashboard.backend import Settings
+        from moescope.dashboard.ui import run_with_progress
+
+        def build(s, progress):
+            raise MoescopeError("keep must be at least 2\nsecond line")
+
+        run_with_progress("Running merge…", build, Settings(), "ready")
+
+    at = AppTest.from_function(script, default_timeout=60)
+    at.run()
+    assert not at.exception and [e.value for e in at.error] == ["keep must be at least 2"]
+    assert at.status[0].state == "error"

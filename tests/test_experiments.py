@@ -241,8 +241,9 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     rc, out, err = run(capsys, "experiments", "compare", *ids, "--csv")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("experiment,name,label,")
-    assert lines[1].startswith("original,original,demo,") and lines[2].startswith(ids[0]) and lines[3].startswith(ids[1])
+    assert lines[0].startswith("experiment,name,label,group,setting,")
+    assert lines[1].startswith("original,original · ppl demo:all 6×64 · moescope_demo_continuation, moescope_demo_ppl_docs ≤8,demo,")
+    assert {lines[2].split(",")[0], lines[3].split(",")[0]} == set(ids)
     assert "Δ moescope_demo_continuation acc" in lines[0]
     # export of an experiment refuses a non-empty folder, then writes with --overwrite
     rc, _, err = run(capsys, "export", ids[1], "-o", str(tmp_path / "enumerate"))
@@ -266,3 +267,45 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
                           ("moescope_demo_ppl_docs", ("word_perplexity", "byte_perplexity", "bits_per_byte"))):
         for metric in metrics:
             assert cli[task][f"{metric},none"] == pytest.approx(recorded[task][metric], rel=1e-5), (task, metric)
+
+
+def test_the_cli_compares_under_the_original_of_each_setting_and_states_every_speed_with_its_verdict(capsys, demo_dir):
+    import dataclasses
+
+    from moescope.analysis.run.report import print_quality
+
+    a = X.run_experiment("demo", drop_plan({0: [0]}, "A"), EvalSpec(**SPEC))
+    b = X.run_experiment("demo", drop_plan({1: [1]}, "B"), EvalSpec(**SPEC))
+    c = X.run_experiment("demo", drop_plan({2: [2]}, "C"), EvalSpec(**{**SPEC, "samples": 4}))
+    rc, out, err = run(capsys, "experiments", "compare", a.id, c.id, b.id)
+    assert rc == 0, err
+    blocks = out.split("measured against: ")[1:]
+    assert len(blocks) == 2
+    assert blocks[0].startswith("original · ppl demo:python, demo:all 6×64")
+    assert a.id in blocks[0] and b.id in blocks[0] and c.id not in blocks[0]
+    assert blocks[1].startswith("original · ppl demo:python, demo:all 4×64") and c.id in blocks[1]
+    assert "*: best beyond the uncertainty; ~: within noise of the original" in out
+    assert "nan" not in out.lower()
+
+    def side(prefill, generate, busy=0.0):
+        return {"plain": {"params_total": 1, "params_active": 1, "weight_bytes": 4, "peak_memory_bytes": 8,
+                          "prefill_tokens_per_s": sorted(prefill)[1], "prefill_tokens_runs": prefill,
+                          "generate_tokens_per_s": sorted(generate)[1], "generate_tokens_runs": generate,
+                          "busy_cores": busy}, "skip": None}
+
+    quiet = dataclasses.replace(a, efficiency={"original": side([100.0, 101.0, 102.0], [10.0, 10.1, 10.2]),
+                                               "pruned": side([150.0, 151.0, 152.0], [9.9, 10.1, 10.3])})
+    capsys.readouterr()
+    print_quality(quiet)
+    out = capsys.readouterr().out
+    assert "evaluated on: ppl demo:python, demo:all 6×64" in out
+    assert "speed against the original: prefill 1.50× (1.47–1.52×); generate within noise: the repeats' range " in out
+    busy = dataclasses.replace(quiet, efficiency={**quiet.efficiency,
+                                                  "pruned": side([150.0, 151.0, 152.0], [12.0, 12.1, 12.2], 1.3)})
+    print_quality(busy)
+    out = capsys.readouterr().out
+    assert "(measured while other processes kept 1.3 cores busy)" in out
+    assert "prefill within noise: measured while other processes kept 1.3 cores busy" in out
+    # every perplexity is printed with its per-window range
+    lo, hi = a.result["ppl_interval"]["demo:all"]["all"]
+    assert f"[95% {lo:.3f}–{hi:.3f}]" in out

@@ -400,7 +400,8 @@ HIGHER_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mc1", "mc2")
 def compare(experiments: list[Experiment]):
     """One table: for each evaluation setting (base model and evaluation spec), its original as a
     reference row named by the setting (``setting`` column, ``group`` number), then the experiments
-    measured against that original, best headline metric first (:func:`headline`). Columns: quality
+    measured against that original, best headline metric first (:func:`headline`); an evaluation
+    without a plan is that original row itself. Columns: quality
     per source/task with its 95 % interval (``… low`` / ``… high``: per-window for perplexity,
     lm-eval's standard error for task scores) and the change against the original, parameter,
     weight-byte and peak-memory ratios, prefill and generation speed ratios with the repeats' range
@@ -425,12 +426,14 @@ def compare(experiments: list[Experiment]):
                    eff.get("original") or {}, ref_eff, first.structure.get("before", {}), f"original · {setting}")
         rows = []
         for exp in members:
+            if exp.plan is None:  # an evaluation without a plan is this setting's original row itself
+                continue
             e_eff = exp.efficiency or {}
             r_eff = (e_eff.get("original") or {}).get("plain") or {}
             rows.append(_row(exp.id, exp.label, exp.structure.get("after", {}), exp.result, exp.reference,
                              e_eff.get("pruned") or {}, r_eff, exp.structure.get("before", {}), names[exp.id]))
         body = pd.DataFrame(rows)
-        key = headline(body)
+        key = headline(body) if rows else None
         if key is not None and key[0] in body.columns and len(body) > 1:
             body = body.sort_values(key[0], ascending=key[1] == "lower", kind="stable", na_position="last")
         part = pd.concat([pd.DataFrame([ref]), body], ignore_index=True)

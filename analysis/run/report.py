@@ -195,7 +195,7 @@ def compare_text(table) -> str:
                     best, noise = marks[c]
                     text += " *" if i in best else " ~" if i in noise else ""
                 cells[c] = text
-            rows[row["name"] if row["experiment"] == "original" else f"{row['name']} ({row['experiment']})"] = cells
+            rows["original" if row["experiment"] == "original" else f"{row['name']} ({row['experiment']})"] = cells
         frame = pd.DataFrame(rows)
         frame = frame.loc[[c for c in frame.index if (frame.loc[c] != "").any()]]
         blocks.append(f"measured against: {table['name'].iloc[pos[0]]}\n" + frame.to_string())
