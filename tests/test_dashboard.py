@@ -567,10 +567,15 @@ def test_named_plans_save_open_rename_delete_and_survive_a_new_session(analysed,
     assert not at.exception
     table = next(d.value for d in at.dataframe if "proxy ppl" in d.value.columns)
     batch = proxy_batch(demo_model)
+    # the original first (what every plan is measured against), then each plan
+    original, table = table.iloc[0], table.iloc[1:]
+    assert original["plan"] == "original (no plan)" and original["experts"] == 32 and original["proxy Δ%"] == 0
     for _, row in table.iterrows():
         want = predict_cost(demo_model, stored[row["plan"]], batch)
         assert row["proxy ppl"] == pytest.approx(want.proxy_ppl_after)
         assert row["params Δ%"] == pytest.approx(100 * (want.params_after / want.params_before - 1))
+        assert original["proxy ppl"] == pytest.approx(want.proxy_ppl_before)
+        assert row["skipping"] == "none" and row["grid Σ Δppl"] == "— (no drop grid stored)"
     assert list(table["experts"]) == [31, 24]
     assert demo_model.num_experts() == {0: 8, 1: 8, 2: 8, 3: 8}  # predictions restored the shared model
 
