@@ -21,6 +21,18 @@ def _layout(fig: go.Figure, title: str | None, height: int) -> go.Figure:
     return fig
 
 
+def offdiag_quantile(mats, q: float) -> float | None:
+    """The ``q`` quantile of the off-diagonal finite entries of square matrices (None when there
+    are none), e.g. a threshold that the most alike ``1 - q`` of the pairs reach."""
+    vals = []
+    for M in mats:
+        M = np.asarray(M, dtype=float)
+        v = M[~np.eye(M.shape[0], dtype=bool)]
+        vals.append(v[np.isfinite(v)])
+    v = np.concatenate(vals) if vals else np.array([])
+    return float(np.quantile(v, q)) if v.size else None
+
+
 def offdiag_range(mats) -> tuple[float, float]:
     """Colour range over the off-diagonal finite entries of square matrices (the diagonal, an
     expert with itself, would otherwise wash the scale out)."""

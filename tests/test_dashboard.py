@@ -206,13 +206,13 @@ def test_similarity_overlays_the_current_plan(analysed):
     plan = {"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 5], [1], [2], [3], [4], [6]]}}}
     at = app("similarity", plan=plan)
     assert at.checkbox(key="sim_overlay").value is True
-    traces = figures(at)[0]["data"]
+    traces = [t for t in figures(at)[0]["data"] if t.get("name") != "beyond the threshold"]  # the default outlines pairs
     names = [t.get("name") for t in traces[1:]]
     assert names == ["merged 0+5", "dropped"]
     assert array(traces[2]["x"]).tolist() == [7]
     assert "merge 0+5; drop 7" in " ".join(c.value for c in at.caption)
     at.checkbox(key="sim_overlay").uncheck().run()
-    assert len(figures(at)[0]["data"]) == 1
+    assert [t.get("name") for t in figures(at)[0]["data"][1:]] in ([], ["beyond the threshold"])
 
 
 def test_similarity_threshold_outlines_the_pairs_and_choices_survive_a_page_switch(analysed):
@@ -251,7 +251,8 @@ def test_similarity_in_clustered_order_names_the_experts_and_keeps_the_overlay(a
     assert np.allclose(array(heat["z"]), S[np.ix_(order, order)])  # drawn in the clustered order
     assert fig["layout"]["xaxis"]["ticktext"] == [str(e) for e in order]  # ticks name the experts
     pos = {e: i for i, e in enumerate(order)}
-    merged, dropped = fig["data"][1], fig["data"][2]
+    by_name = {t.get("name"): t for t in fig["data"][1:]}  # (the default threshold also outlines pairs)
+    merged, dropped = by_name["merged 0+5"], by_name["dropped"]
     assert sorted(zip(array(merged["x"]).tolist(), array(merged["y"]).tolist())) == sorted(
         (pos[j], pos[i]) for i in (0, 5) for j in (0, 5))
     assert array(dropped["x"]).tolist() == [pos[7]]
@@ -712,3 +713,18 @@ def test_a_refusal_in_the_worker_is_one_line():
     at.run()
     assert not at.exception and [e.value for e in at.error] == ["keep must be at least 2"]
     assert at.status[0].state == "error"
+
+
+def test_similarity_starts_at_a_threshold_that_outlines_pairs_of_this_model(analysed):
+    # the demo's CKA stays far below 0.9: the default outlines its most alike pairs, so merging starts enabled
+    res, _ = analysed
+    at = app("similarity")
+    assert not at.exception
+    t = at.slider(key="sim_threshold").value
+    assert t < 0.9
+    S = res.similarity(0, "cka_linear")
+    layer0 = {(i, j) for i in range(8) for j in range(i + 1, 8) if S[i, j] >= t}
+    assert any(f"{len(layer0)} pair" in c.value for c in at.caption)
+    assert not at.button(key="sim_add").disabled or not layer0
+    assert any(len({(i, j) for i in range(8) for j in range(i + 1, 8) if res.similarity(l, "cka_linear")[i, j] >= t})
+               for l in res.layers)

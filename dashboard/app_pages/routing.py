@@ -71,7 +71,10 @@ elif view == "Tokens":
 else:  # Skipping
     require_trace(s, "Skip ratios")
     st.caption("Dynamic skipping (Lu et al.): a token drops its lower-weighted experts when their weight is at most "
-               "β × the weight it keeps (top-2: w₂ ≤ β·w₁). β per layer is calibrated as the median w₂/w₁.")
+               "β × the weight it keeps (top-2: w₂ ≤ β·w₁). β per layer is calibrated as the median w₂/w₁, so at "
+               "the calibrated β about half the calibration tokens skip an expert (a quarter of the calls with "
+               "top-2). Compare's *skipped expert calls* counts something else: the calls skipped while generating "
+               "the speed prompts, at the β of the evaluation's skip calibration.")
     same = st.checkbox("One β for every layer", key="route_same_beta")
     beta = st.slider("β", 0.0, 1.0, 0.5, 0.01, key="route_beta") if same else None
     table = backend.skip_table(s, beta)
