@@ -181,6 +181,22 @@ def layer_bars(layers, series: dict[str, list[float]], *, yaxis: str, fmt: str =
     return _layout(fig, title, 320)
 
 
+def robust_range(values, name: str) -> tuple[float | None, float | None, str]:
+    """``(cmin, cmax, colour-bar title)``: the values' own range, or, where outliers stretch it
+    (beyond Tukey's far fence, Q3 + 3·IQR, or below Q1 − 3·IQR), the range of the other values, so
+    that one extreme cell does not make all the others look alike; the title then says so (the
+    hover keeps every cell's true value)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if v.size < 4:
+        return None, None, name
+    q1, q3 = np.quantile(v, [0.25, 0.75])
+    inside = v[(v >= q1 - 3 * (q3 - q1)) & (v <= q3 + 3 * (q3 - q1))]
+    lo, hi = float(inside.min()), float(inside.max())
+    if inside.size == v.size or hi <= lo:
+        return float(v.min()), float(v.max()), name
+    return lo, hi, f"{name}<br>(colours capped to {lo:.3g}–{hi:.3g};<br>extremes {v.min():.3g}, {v.max():.3g})"
+
+
 def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: int | None = None) -> go.Figure:
     """Layer × expert cells as square markers that can be clicked or box/lasso-selected
     (plotly heatmaps cannot be selected); ``state[(layer, expert)]`` = "dropped" | "merged"
@@ -197,10 +213,11 @@ def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: i
     height = height or min(900, 140 + 40 * len(layers))
     # one square per cell without overlap: bounded by the row height and by ~1000 px across the experts
     size = max(3, min(34, (height - 120) / max(len(layers), 1) * 0.85, 1000 / max(M.shape[1], 1) * 0.85))
+    cmin, cmax, title = robust_range(zs, name)
     fig = go.Figure(go.Scatter(
         x=xs, y=ys, mode="markers", customdata=cd, name=name, showlegend=False,
-        marker=dict(symbol="square", size=size, color=zs, colorscale=SIMILAR,
-                    colorbar=dict(title=name, thickness=12)),
+        marker=dict(symbol="square", size=size, color=zs, colorscale=SIMILAR, cmin=cmin, cmax=cmax,
+                    colorbar=dict(title=title, thickness=12)),
         hovertemplate=f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{name} %{{marker.color:{fmt}}}<extra></extra>",
     ))
     for what, symbol, colour in (("dropped", "x-thin-open", "#c92a2a"), ("merged", "circle-open", "#212529")):

@@ -728,3 +728,16 @@ def test_similarity_starts_at_a_threshold_that_outlines_pairs_of_this_model(anal
     assert not at.button(key="sim_add").disabled or not layer0
     assert any(len({(i, j) for i in range(8) for j in range(i + 1, 8) if res.similarity(l, "cka_linear")[i, j] >= t})
                for l in res.layers)
+
+
+def test_the_picker_colour_scale_is_capped_where_one_outlier_would_flatten_it():
+    from moescope.dashboard import charts
+
+    M = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 46.0]])  # the one drop-grid cell at 46
+    fig = charts.cell_picker(M, [0, 1], "Δ perplexity")
+    marker = fig.data[0].marker
+    # Q1 0.275, Q3 0.625: the far fence 0.625 + 3 × 0.35 = 1.675 leaves 46 out; colours span 0.1–0.7
+    assert marker.cmin == pytest.approx(0.1) and marker.cmax == pytest.approx(0.7)
+    assert "capped to 0.1–0.7" in marker.colorbar.title.text and "46" in marker.colorbar.title.text
+    even = charts.cell_picker(np.array([[0.1, 0.2], [0.3, 0.4]]), [0, 1], "x").data[0].marker
+    assert (even.cmin, even.cmax) == (pytest.approx(0.1), pytest.approx(0.4)) and even.colorbar.title.text == "x"
