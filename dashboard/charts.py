@@ -129,7 +129,9 @@ def similarity_small_multiples(mats: dict, metric: str, *, distance: bool = Fals
     fig.update_layout(coloraxis=dict(colorscale=SIMILAR, reversescale=distance, cmin=lo, cmax=hi,
                                      colorbar=dict(title=metric, thickness=12)))
     fig.update_annotations(font=dict(size=12))
-    return _layout(fig, None, 360 * rows + 60)
+    fig = _layout(fig, None, 360 * rows + 60)
+    fig.update_layout(margin=dict(t=40))  # room for the first row's panel titles (10 px clipped them)
+    return fig
 
 
 def layer_expert_heatmap(M, layers, name: str, *, colorscale=SIMILAR, reverse: bool = False, zmid=None,

@@ -191,6 +191,9 @@ def test_similarity_small_multiples_share_one_colour_scale(analysed):
     at.radio(key="sim_view").set_value("All layers").run()
     fig = figures(at)[0]
     assert len(fig["data"]) == 4 and {t["coloraxis"] for t in fig["data"]} == {"coloraxis"}
+    # the panel titles sit above the plot area: the top margin leaves them room
+    assert [a["text"] for a in fig["layout"]["annotations"]] == [f"layer {l}" for l in range(4)]
+    assert fig["layout"]["margin"]["t"] >= 30
     # absolute by default: CKA on its whole 0-1 range, so a low similarity never looks bright
     assert (fig["layout"]["coloraxis"]["cmin"], fig["layout"]["coloraxis"]["cmax"]) == (0.0, 1.0)
     at.radio(key="sim_scale").set_value("relative").run()
