@@ -50,6 +50,7 @@ def cmd_dashboard(args) -> int:
     # "demo" names the shipped model even where a demo/ folder sits in the working directory
     model = (str(Path(args.model).resolve()) if args.model not in DEMO_SOURCES and Path(args.model).exists()
              else args.model)
+    check_port_free(args.address, args.port)
     app = REPO_ROOT / "dashboard" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--", "--model", model]
@@ -58,6 +59,27 @@ def cmd_dashboard(args) -> int:
     os.chdir(REPO_ROOT)  # so .streamlit/config.toml (theme, localhost binding) applies
     os.execv(sys.executable, cmd)
     return 0
+
+
+def _port_free(address: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((address, port))
+    except OSError:
+        return False
+    return True
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Refuse a port something already listens on (another dashboard?) in one line that names the
+    next free one, instead of Streamlit's own exit."""
+    if _port_free(address, port):
+        return
+    free = next((p for p in range(port + 1, port + 50) if _port_free(address, p)), None)
+    hint = f"; start it on a free one with `moescope dashboard --port {free}`" if free else "; pick another with --port"
+    raise MoescopeError(f"port {port} on {address} is in use (another moescope dashboard?){hint}")
 
 
 def tokenizer_for(model, tokenizer_arg: str | None):
