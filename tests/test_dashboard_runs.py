@@ -113,7 +113,7 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     table = at.dataframe[0].value
     exp = X.load(st.experiment)
     # the original named by its evaluation setting, the run by its label (the plan's name)
-    assert list(table["name"]) == ["original · ppl demo:python, demo:spanish 4×64 · moescope_demo_continuation ≤6",
+    assert list(table["name"]) == ["original · ppl demo:python+demo:spanish 4×64 · moescope_demo_continuation ≤6",
                                    exp.label]
     assert table.loc[1, "ppl demo:spanish"] == pytest.approx(exp.result["ppl"]["demo:spanish"])
     full = X.compare([exp])

@@ -70,14 +70,14 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert [int(table.loc[1, f"experts L{l}"]) for l in range(4)] == [6, 8, 7, 8]
     assert table.loc[1, "experts kept"] == 29 and table.loc[0, "experts kept"] == 32
     assert table["experts L0"].dtype.kind == "i" and "experts/layer" not in table.columns
-    setting = "ppl demo:python, demo:all 6×64"
+    setting = "ppl demo:python+demo:all 6×64"
     assert list(table["name"]) == [f"original · {setting}", a.label, b.label]
     assert set(table["setting"]) == {setting} and set(table["group"]) == {0}
     # a run under another evaluation setting gets its own original, named by that setting
     c = X.run_experiment("demo", drop_plan({3: [2]}, "C"), EvalSpec(**{**SPEC, "samples": 4}), cache=cache)
     both = X.compare([a, c, b])
     assert list(both["experiment"]) == ["original"] + [e.id for e in order] + ["original", c.id]
-    assert list(both["name"])[3] == "original · ppl demo:python, demo:all 4×64"
+    assert list(both["name"])[3] == "original · ppl demo:python+demo:all 4×64"
     assert list(both["group"]) == [0, 0, 0, 1, 1]
     table = X.compare([a, b])
     with pytest.raises(MoescopeError, match="no experiment 'nope'"):
@@ -242,7 +242,7 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("experiment,name,label,group,setting,")
-    assert lines[1].startswith("original,original · ppl demo:all 6×64 · moescope_demo_continuation, moescope_demo_ppl_docs ≤8,demo,")
+    assert lines[1].startswith("original,original · ppl demo:all 6×64 · moescope_demo_continuation+moescope_demo_ppl_docs ≤8,demo,")
     assert {lines[2].split(",")[0], lines[3].split(",")[0]} == set(ids)
     assert "Δ moescope_demo_continuation acc" in lines[0]
     # export of an experiment refuses a non-empty folder, then writes with --overwrite
@@ -281,9 +281,9 @@ def test_the_cli_compares_under_the_original_of_each_setting_and_states_every_sp
     assert rc == 0, err
     blocks = out.split("measured against: ")[1:]
     assert len(blocks) == 2
-    assert blocks[0].startswith("original · ppl demo:python, demo:all 6×64")
+    assert blocks[0].startswith("original · ppl demo:python+demo:all 6×64")
     assert a.id in blocks[0] and b.id in blocks[0] and c.id not in blocks[0]
-    assert blocks[1].startswith("original · ppl demo:python, demo:all 4×64") and c.id in blocks[1]
+    assert blocks[1].startswith("original · ppl demo:python+demo:all 4×64") and c.id in blocks[1]
     assert "*: best beyond the uncertainty; ~: within noise of the original" in out
     assert "nan" not in out.lower()
 
@@ -298,7 +298,7 @@ def test_the_cli_compares_under_the_original_of_each_setting_and_states_every_sp
     capsys.readouterr()
     print_quality(quiet)
     out = capsys.readouterr().out
-    assert "evaluated on: ppl demo:python, demo:all 6×64" in out
+    assert "evaluated on: ppl demo:python+demo:all 6×64" in out
     assert "speed against the original: prefill 1.50× (1.47–1.52×); generate within noise: the repeats' range " in out
     busy = dataclasses.replace(quiet, efficiency={**quiet.efficiency,
                                                   "pruned": side([150.0, 151.0, 152.0], [12.0, 12.1, 12.2], 1.3)})

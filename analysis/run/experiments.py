@@ -358,12 +358,12 @@ def setting_name(spec: dict) -> str:
         extra = "".join([f" stride {spec['stride']}" if spec.get("stride") else "",
                          f" {spec['sampling']} seed {spec.get('seed', 0)}" if spec.get("sampling", "first") != "first"
                          else ""])
-        parts.append(f"ppl {', '.join(spec['ppl'])} {window}{extra}")
+        parts.append(f"ppl {'+'.join(spec['ppl'])} {window}{extra}")
     if spec.get("tasks"):
         limit = spec.get("limit")
         limit = "" if limit is None else f" ≤{limit:g}"
         shots = "" if spec.get("num_fewshot") is None else f" {spec['num_fewshot']}-shot"
-        parts.append(f"{', '.join(spec['tasks'])}{limit}{shots}")
+        parts.append(f"{'+'.join(spec['tasks'])}{limit}{shots}")
     if spec.get("efficiency"):
         eff = spec.get("efficiency_params") or {}
         parts.append(f"speed ×{eff.get('repeats', '?')}")
