@@ -291,3 +291,24 @@ def stage_text(job) -> str:
     elif job.estimate_s is None:
         text += " · no whole-job estimate yet (first run of this setting)"
     return text
+
+
+def verdicts(table: pd.DataFrame, view: CompareView) -> list[str]:
+    """One line per quality column (and speed ratio) and evaluation setting: the experiment that is
+    best beyond the uncertainty, or that none is (the leaders' ranges overlap)."""
+    full = table.reset_index(drop=True)
+    columns = [c for c in view.quality + ["prefill speed ratio", "generate speed ratio"]
+               if c in full.columns and c in view.better]
+    several = full["group"].nunique() > 1
+    lines = []
+    for c in columns:
+        best = X.best_marks(full, c, view.better[c])
+        for g in full["group"].unique():
+            rows = [i for i in range(len(full)) if full["group"].iloc[i] == g and full["experiment"].iloc[i] != "original"]
+            if len(rows) < 2:
+                continue
+            where = f" ({full['setting'].iloc[rows[0]]})" if several else ""
+            won = [full["name"].iloc[i] for i in rows if i in best]
+            lines.append(f"{c}{where}: **{won[0]}** is best beyond the uncertainty" if won else
+                         f"{c}{where}: no clear best (the leaders are within each other's 95 % range)")
+    return lines

@@ -111,6 +111,13 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert bool(clear) == beyond
     assert sorted(r for (r, c), css in marked.items() if c == col and css == [("font-weight", "bold"),
                                                                                 ("color", "#2b8a3e")]) == sorted(clear)
+    # the page says which is best per column and setting, only beyond the uncertainty
+    verdict = next(m.value for m in at.markdown if m.value.startswith("**Which is best?**"))
+    full = X.compare([a, b, c])
+    won = X.best_marks(full, "ppl demo:all", "lower")
+    want = (f"ppl demo:all (ppl demo:python+demo:all 6×64): **{full['name'].iloc[next(iter(won))]}** is best beyond "
+            "the uncertainty" if won else "ppl demo:all (ppl demo:python+demo:all 6×64): no clear best")
+    assert want in verdict, verdict
     # the page shows every experiment of the model (a, b and c), c under its own original
     assert len(shown) == 5 and sum(n.startswith("original · ") for n in shown["name"]) == 2
     colours = runs.experiment_colours(X.compare([a, b, c]), [a.id, b.id, c.id])

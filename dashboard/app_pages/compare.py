@@ -57,6 +57,10 @@ st.caption(
                if c in shown and not show_all))
 st.dataframe(runs.styled(table, view, shown), hide_index=True, width="stretch",
              column_config={c: st.column_config.Column(help=view.help[c]) for c in shown if c in view.help})
+lines = runs.verdicts(table, view)
+if lines:
+    st.markdown("**Which is best?** " + " · ".join(lines), help="best of the experiments under the same original, "
+                "only where its 95 % range is clear of every other's")
 st.download_button("Download CSV (every column)", table.to_csv(index=False), file_name="moescope-compare.csv",
                    mime="text/csv")
 
