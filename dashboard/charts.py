@@ -21,27 +21,27 @@ def _layout(fig: go.Figure, title: str | None, height: int) -> go.Figure:
     return fig
 
 
-def offdiag_quantile(mats, q: float) -> float | None:
-    """The ``q`` quantile of the off-diagonal finite entries of square matrices (None when there
-    are none), e.g. a threshold that the most alike ``1 - q`` of the pairs reach."""
+def _offdiag_values(mats) -> np.ndarray:
+    """Every off-diagonal finite entry of square matrices, in one flat array."""
     vals = []
     for M in mats:
         M = np.asarray(M, dtype=float)
         v = M[~np.eye(M.shape[0], dtype=bool)]
         vals.append(v[np.isfinite(v)])
-    v = np.concatenate(vals) if vals else np.array([])
+    return np.concatenate(vals) if vals else np.array([])
+
+
+def offdiag_quantile(mats, q: float) -> float | None:
+    """The ``q`` quantile of the off-diagonal finite entries of square matrices (None when there
+    are none), e.g. a threshold that the most alike ``1 - q`` of the pairs reach."""
+    v = _offdiag_values(mats)
     return float(np.quantile(v, q)) if v.size else None
 
 
 def offdiag_range(mats) -> tuple[float, float]:
     """Colour range over the off-diagonal finite entries of square matrices (the diagonal, an
     expert with itself, would otherwise wash the scale out)."""
-    vals = []
-    for M in mats:
-        M = np.asarray(M, dtype=float)
-        v = M[~np.eye(M.shape[0], dtype=bool)]
-        vals.append(v[np.isfinite(v)])
-    v = np.concatenate(vals) if vals else np.array([])
+    v = _offdiag_values(mats)
     if v.size == 0:
         return 0.0, 1.0
     lo, hi = float(v.min()), float(v.max())

@@ -178,25 +178,6 @@ PALETTE = ["#1c7ed6", "#e8590c", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#c
 ORIGINAL_GREY = "#868e96"
 
 
-def colour_map(names: list[str], order: list[str] | None = None) -> dict[str, str]:
-    """One colour per experiment name for every chart on the page, the originals in grey. With
-    ``order`` (every experiment name of the model, oldest first) an experiment's colour is fixed by
-    its place there, so it keeps its colour whatever else is selected."""
-    out, k = {}, 0
-    place = {n: i for i, n in enumerate(order or [])}
-    for n in names:
-        if n in out:
-            continue
-        if n.startswith("original"):
-            out[n] = ORIGINAL_GREY
-        elif n in place:
-            out[n] = PALETTE[place[n] % len(PALETTE)]
-        else:
-            out[n] = PALETTE[k % len(PALETTE)]
-            k += 1
-    return out
-
-
 def domain_table(ids: list[str]) -> pd.DataFrame:
     """Tidy perplexity per (experiment, source, domain) with its 95 % per-window range (``low``,
     ``high``), each original as its own rows named as in :func:`compare_table` (by its evaluation

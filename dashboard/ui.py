@@ -7,6 +7,7 @@ from collections.abc import Callable
 import streamlit as st
 from moescope.dashboard import backend, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan, Settings
+from moescope.dashboard.runs import clock
 
 STAGES = {"layers": "decoder layers", "gradients": "gradient chunks", "trace": "routing trace",
           "cells": "drop-grid cells", "rounds": "rounds"}
@@ -28,11 +29,6 @@ def guarded(fn: Callable, *args, **kwargs):
         return fn(*args, **kwargs)
     except MoescopeError as err:
         fail(err)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 class Progress:
@@ -58,9 +54,9 @@ class Progress:
             bar = self.bars[stage] = self.status.progress(0.0)
             self.started[stage] = now
         spent = now - self.started[stage]
-        text = f"{STAGES.get(stage, stage)}: {done} / {total} · {_clock(spent)}"
+        text = f"{STAGES.get(stage, stage)}: {done} / {total} · {clock(spent)}"
         if 0 < done < total:
-            text += f" · about {_clock(spent / done * (total - done))} left"
+            text += f" · about {clock(spent / done * (total - done))} left"
         bar.progress(min(1.0, done / max(total, 1)), text=text)
 
     def tick(self) -> None:
@@ -68,10 +64,10 @@ class Progress:
         import time
 
         spent = time.monotonic() - self.t0
-        text = f"{self.label} {_clock(spent)}"
+        text = f"{self.label} {clock(spent)}"
         if self.estimate:
-            text += (f" · about {_clock(self.estimate - spent)} left (took {_clock(self.estimate)} last time)"
-                     if spent < self.estimate else f" · took {_clock(self.estimate)} last time")
+            text += (f" · about {clock(self.estimate - spent)} left (took {clock(self.estimate)} last time)"
+                     if spent < self.estimate else f" · took {clock(self.estimate)} last time")
         self.status.update(label=text)
 
     def done(self, label: str) -> None:
@@ -128,7 +124,7 @@ def run_with_progress(label: str, fn: Callable, s: Settings, done_label: str):
             fail(box["err"])
         raise box["err"]
     took[label] = time.monotonic() - t0
-    progress.done(f"{done_label} ({_clock(took[label])})")
+    progress.done(f"{done_label} ({clock(took[label])})")
     return box["out"]
 
 

@@ -13,7 +13,6 @@ from moescope.analysis.evaluation.uncertainty import (
     differs,
     mean_loss_se,
     perplexity_interval,
-    speed_interval,
     stderr_interval,
 )
 from moescope.analysis.run import experiments as X
@@ -38,14 +37,10 @@ def test_unequal_windows_use_the_ratio_estimator():
     assert mean_loss_se([6.0], [3]) == (2.0, None)
 
 
-def test_task_scores_use_lm_eval_standard_error_and_speed_the_repeats_range():
+def test_task_scores_use_lm_eval_standard_error():
     iv = stderr_interval(0.33, 0.047)
     assert (iv.low, iv.high) == (pytest.approx(0.33 - Z95 * 0.047), pytest.approx(0.33 + Z95 * 0.047))
     assert stderr_interval(0.5, None) == Interval(0.5, 0.5, 0.5)
-    v = {"ratio": 1.2, "low": 1.1, "high": 1.3, "busy_cores": 0.0, "noise": None}
-    assert speed_interval(v) == Interval(1.2, 1.1, 1.3)
-    busy = {**v, "busy_cores": 1.3, "noise": "measured while other processes kept 1.3 cores busy"}
-    assert speed_interval(busy).noisy.startswith("measured while")
 
 
 def test_best_only_where_it_exceeds_the_uncertainty():

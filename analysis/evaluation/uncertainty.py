@@ -36,9 +36,6 @@ class Interval:
     def overlaps(self, other: Interval) -> bool:
         return self.low <= other.high and other.low <= self.high
 
-    def to_json(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high, "noisy": self.noisy}
-
 
 def mean_loss_se(sums: Sequence[float], counts: Sequence[int]) -> tuple[float, float | None]:
     """``(m, se)``: the pooled mean loss ``Σ s_i / Σ c_i`` of windows and its ratio-estimator
@@ -70,15 +67,6 @@ def stderr_interval(value: float, stderr: float | None) -> Interval:
     if stderr is None or not isinstance(stderr, int | float) or math.isnan(stderr):
         return Interval(value, value, value)
     return Interval(value, value - Z95 * stderr, value + Z95 * stderr)
-
-
-def speed_interval(verdict: dict | None) -> Interval | None:
-    """A speed ratio as an interval from :func:`speed_verdict` (the repeats' range), ``noisy`` with
-    the verdict's reason where it is within noise (measured on a busy machine, or a range that
-    covers 1.0×: no change is shown at all)."""
-    if verdict is None:
-        return None
-    return Interval(verdict["ratio"], verdict["low"], verdict["high"], verdict.get("noise"))
 
 
 def best_beyond_noise(values: dict[str, Interval | None], direction: str) -> str | None:
