@@ -32,6 +32,11 @@ def eval_spec(ppl: list[str], samples: int, seq_len: int, tasks: list[str], limi
     return spec.to_json()
 
 
+def with_name(plan: dict, name: str) -> dict:
+    """A named plan's JSON with its name in the provenance (the model card names it)."""
+    return {**plan, "provenance": {**(plan.get("provenance") or {}), "name": name}}
+
+
 def start_job(model: str, plan: dict | None, spec: dict, label: str | None) -> str:
     return jobs.start(model, plan, spec, label=label, cache=cache())
 

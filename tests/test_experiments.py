@@ -174,6 +174,17 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
     clear = dataclasses.replace(exp, efficiency={"original": side([100.0, 101.0, 102.0]),
                                                  "pruned": side([120.0, 121.0, 122.0])})
     text = model_card(model, plan, clear)
+    # the card names the plan (the experiment's label: the named plan's name) and where it came from
+    assert f"Plan: **{exp.label}**" in text and "Origin: edited by hand (no strategy)" in text
+    from moescope.analysis.run.export import plan_origin
+
+    action = "Drop grid: drop L0: 5, 6"
+    assert plan_origin({"strategy": "manual", "actions": [action]}) == f"analysis actions: {action}"
+    assert plan_origin({"strategy": "frequency", "edited_by_hand": True}) == "strategy **frequency**, then edited by hand"
+    named = dataclasses.replace(plan, provenance={**plan.provenance, "name": "grid plan", "actions": [action]})
+    card = model_card(model, named, clear)
+    assert "Plan: **grid plan**" in card and f"Origin: analysis actions: {action}" in card
+    assert "Strategy: **manual**" not in card
     assert "| generation tokens/s | 101 | 121 | +19.8% (repeats: 1.18–1.22×) |" in text, text
     assert "| prefill tokens/s | 1000 | 1000 | within noise (the repeats' range 0.98–1.02× covers 1.0×) |" in text
     loaded = dataclasses.replace(exp, efficiency={"original": side([100.0, 101.0, 102.0], busy=1.5),

@@ -53,8 +53,8 @@ if submitted:
                               float(limit) or None, bool(efficiency), seed=int(st.session_state.get("seed", 0)))
         if queue:
             named = plans.named_plans(settings())
-            started = [runs.start_job(model, named[n].to_json(), spec, n if not label else f"{label} · {n}")
-                       for n in queue if n in named]
+            started = [runs.start_job(model, runs.with_name(named[n].to_json(), n), spec,
+                                      n if not label else f"{label} · {n}") for n in queue if n in named]
             st.session_state["run_queue"] = []
         else:
             started = [runs.start_job(model, plan, spec, label or None)]
