@@ -56,7 +56,8 @@ st.caption(
     + " ".join(f"{c}: {'lower' if d == 'lower' else 'higher'} is better." for c, d in view.better.items()
                if c in shown and not show_all))
 st.dataframe(runs.styled(table, view, shown), hide_index=True, width="stretch",
-             column_config={c: st.column_config.Column(help=view.help[c]) for c in shown if c in view.help})
+             column_config={c: st.column_config.Column(help=view.help[c], width="large" if c == "name" else None)
+                            for c in shown if c in view.help})
 lines = runs.verdicts(table, view)
 if lines:
     st.markdown("**Which is best?** " + " · ".join(lines), help="best of the experiments under the same original, "
