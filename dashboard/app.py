@@ -61,12 +61,21 @@ with st.sidebar:
     if st.session_state["trust_remote_code"]:
         st.warning("Remote code is trusted: the model's own Python code from its folder or hub repository "
                    "runs when it loads (`--trust-remote-code`).", icon=":material/warning:")
+    # drawn now and again after the page ran: a page may change the plan ("Add to the plan") after
+    # the sidebar was drawn; a page that stops early keeps the line as it was when it began
+    plan_line = st.empty()
+
+
+def _draw_plan_line() -> None:
     plan = st.session_state.get("plan")
     if plan:
         changed = ", ".join(f"L{l}→{len(lp['groups'])}" for l, lp in plan.get("layers", {}).items()) or "no layer changed"
-        st.caption(f"Plan ({plan.get('provenance', {}).get('strategy', 'manual')}): {changed}")
+        plan_line.caption(f"Plan ({plan.get('provenance', {}).get('strategy', 'manual')}): {changed}")
     else:
-        st.caption("No plan yet (build one on the Plan page)")
+        plan_line.caption("No plan yet (build one on the Plan page)")
+
+
+_draw_plan_line()
 
 # choices on the analysis pages survive switching pages: Streamlit forgets the state of a widget a
 # run does not draw unless its key is written back before the page runs (its documented pattern);
@@ -78,3 +87,4 @@ for _key in PERSISTENT:
         st.session_state[_key] = st.session_state[_key]
 
 pg.run()
+_draw_plan_line()

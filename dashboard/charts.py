@@ -21,15 +21,27 @@ def _layout(fig: go.Figure, title: str | None, height: int) -> go.Figure:
     return fig
 
 
-def offdiag_range(mats) -> tuple[float, float]:
-    """Colour range over the off-diagonal finite entries of square matrices (the diagonal, an
-    expert with itself, would otherwise wash the scale out)."""
+def _offdiag_values(mats) -> np.ndarray:
+    """Every off-diagonal finite entry of square matrices, in one flat array."""
     vals = []
     for M in mats:
         M = np.asarray(M, dtype=float)
         v = M[~np.eye(M.shape[0], dtype=bool)]
         vals.append(v[np.isfinite(v)])
-    v = np.concatenate(vals) if vals else np.array([])
+    return np.concatenate(vals) if vals else np.array([])
+
+
+def offdiag_quantile(mats, q: float) -> float | None:
+    """The ``q`` quantile of the off-diagonal finite entries of square matrices (None when there
+    are none), e.g. a threshold that the most alike ``1 - q`` of the pairs reach."""
+    v = _offdiag_values(mats)
+    return float(np.quantile(v, q)) if v.size else None
+
+
+def offdiag_range(mats) -> tuple[float, float]:
+    """Colour range over the off-diagonal finite entries of square matrices (the diagonal, an
+    expert with itself, would otherwise wash the scale out)."""
+    v = _offdiag_values(mats)
     if v.size == 0:
         return 0.0, 1.0
     lo, hi = float(v.min()), float(v.max())
@@ -117,7 +129,9 @@ def similarity_small_multiples(mats: dict, metric: str, *, distance: bool = Fals
     fig.update_layout(coloraxis=dict(colorscale=SIMILAR, reversescale=distance, cmin=lo, cmax=hi,
                                      colorbar=dict(title=metric, thickness=12)))
     fig.update_annotations(font=dict(size=12))
-    return _layout(fig, None, 360 * rows + 60)
+    fig = _layout(fig, None, 360 * rows + 60)
+    fig.update_layout(margin=dict(t=40))  # room for the first row's panel titles (10 px clipped them)
+    return fig
 
 
 def layer_expert_heatmap(M, layers, name: str, *, colorscale=SIMILAR, reverse: bool = False, zmid=None,
@@ -169,6 +183,22 @@ def layer_bars(layers, series: dict[str, list[float]], *, yaxis: str, fmt: str =
     return _layout(fig, title, 320)
 
 
+def robust_range(values, name: str) -> tuple[float | None, float | None, str]:
+    """``(cmin, cmax, colour-bar title)``: the values' own range, or, where outliers stretch it
+    (beyond Tukey's far fence, Q3 + 3·IQR, or below Q1 − 3·IQR), the range of the other values, so
+    that one extreme cell does not make all the others look alike; the title then says so (the
+    hover keeps every cell's true value)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if v.size < 4:
+        return None, None, name
+    q1, q3 = np.quantile(v, [0.25, 0.75])
+    inside = v[(v >= q1 - 3 * (q3 - q1)) & (v <= q3 + 3 * (q3 - q1))]
+    lo, hi = float(inside.min()), float(inside.max())
+    if inside.size == v.size or hi <= lo:
+        return float(v.min()), float(v.max()), name
+    return lo, hi, f"{name}<br>(colours capped to {lo:.3g}–{hi:.3g};<br>extremes {v.min():.3g}, {v.max():.3g})"
+
+
 def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: int | None = None) -> go.Figure:
     """Layer × expert cells as square markers that can be clicked or box/lasso-selected
     (plotly heatmaps cannot be selected); ``state[(layer, expert)]`` = "dropped" | "merged"
@@ -185,10 +215,11 @@ def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: i
     height = height or min(900, 140 + 40 * len(layers))
     # one square per cell without overlap: bounded by the row height and by ~1000 px across the experts
     size = max(3, min(34, (height - 120) / max(len(layers), 1) * 0.85, 1000 / max(M.shape[1], 1) * 0.85))
+    cmin, cmax, title = robust_range(zs, name)
     fig = go.Figure(go.Scatter(
         x=xs, y=ys, mode="markers", customdata=cd, name=name, showlegend=False,
-        marker=dict(symbol="square", size=size, color=zs, colorscale=SIMILAR,
-                    colorbar=dict(title=name, thickness=12)),
+        marker=dict(symbol="square", size=size, color=zs, colorscale=SIMILAR, cmin=cmin, cmax=cmax,
+                    colorbar=dict(title=title, thickness=12)),
         hovertemplate=f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{name} %{{marker.color:{fmt}}}<extra></extra>",
     ))
     for what, symbol, colour in (("dropped", "x-thin-open", "#c92a2a"), ("merged", "circle-open", "#212529")):
@@ -258,3 +289,72 @@ def selected_cells(event) -> list[tuple[int, int]]:
         if cell not in out:
             out.append(cell)
     return out
+
+
+ORIGINAL_SYMBOLS = ["diamond", "square", "cross", "triangle-up", "star"]
+
+
+def _num(v) -> float | None:
+    """A finite float, or None (missing, NaN, text)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _error(table, column: str, i: int) -> tuple[float, float] | None:
+    """(minus, plus) of row ``i``'s 95 % range of ``column``, None without one."""
+    low = _num(table[f"{column} low"].iloc[i]) if f"{column} low" in table.columns else None
+    high = _num(table[f"{column} high"].iloc[i]) if f"{column} high" in table.columns else None
+    value = _num(table[column].iloc[i])
+    if low is None or high is None or value is None:
+        return None
+    return value - low, high - value
+
+
+def compare_scatter(table, x: str, y: str, colours: dict[str, str], noisy: set[int], height: int = 460) -> go.Figure:
+    """Quality ``y`` against cost ``x``, one trace per row of a comparison table (named in the
+    legend, no labels on the points to overlap): error bars for the 95 % ranges on both axes,
+    hollow markers for rows in ``noisy`` (within noise of their original), the originals as grey
+    diamonds (squares, … for a second setting)."""
+    fig = go.Figure()
+    groups = list(dict.fromkeys(table["group"]))
+    for i in range(len(table)):
+        name = table["name"].iloc[i]
+        vx, vy = _num(table[x].iloc[i]), _num(table[y].iloc[i])
+        if vx is None or vy is None:
+            continue
+        original = table["experiment"].iloc[i] == "original"
+        if original:
+            symbol = ORIGINAL_SYMBOLS[groups.index(table["group"].iloc[i]) % len(ORIGINAL_SYMBOLS)]
+        else:
+            symbol = "circle-open" if i in noisy else "circle"
+        ex, ey = _error(table, x, i), _error(table, y, i)
+        colour = colours.get(name, "#1c7ed6")
+        fig.add_trace(go.Scatter(
+            x=[vx], y=[vy], mode="markers", name=name + (" (within noise)" if i in noisy else ""),
+            marker=dict(color=colour, size=16 if original else 13, symbol=symbol, line=dict(width=2, color=colour)),
+            error_x=dict(type="data", symmetric=False, array=[ex[1]], arrayminus=[ex[0]], color=colour, width=3)
+            if ex else None,
+            error_y=dict(type="data", symmetric=False, array=[ey[1]], arrayminus=[ey[0]], color=colour, width=3)
+            if ey else None,
+            hovertext=[f"{name} · {table['experiment'].iloc[i]}"], hoverinfo="text+x+y"))
+    fig.update_layout(xaxis_title=x, yaxis_title=y, legend=dict(title="experiment"))
+    return _layout(fig, None, height)
+
+
+def domain_bars(sub, colours: dict[str, str], height: int = 420) -> go.Figure:
+    """Perplexity per domain, one bar group per domain and a bar per experiment (originals in grey),
+    each with its 95 % per-window range as an error bar."""
+    fig = go.Figure()
+    for name in dict.fromkeys(sub["experiment"]):
+        rows = sub[sub["experiment"] == name]
+        has = rows["low"].notna() & rows["high"].notna()
+        fig.add_trace(go.Bar(
+            x=list(rows["detail"]), y=list(rows["value"]), name=name, marker_color=colours.get(name, "#1c7ed6"),
+            error_y=dict(type="data", symmetric=False, array=list((rows["high"] - rows["value"]).where(has, 0)),
+                         arrayminus=list((rows["value"] - rows["low"]).where(has, 0)))))
+    fig.update_layout(barmode="group", xaxis_title="domain", yaxis_title="perplexity (lower is better)",
+                      legend=dict(title="experiment"))
+    return _layout(fig, None, height)

@@ -63,12 +63,22 @@ def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFram
     plans = named_plans(s)
     rows = []
     for k, name in enumerate(names):
-        c = predict_cost(model, plans[name], batch, grid=grid, cache=s.cache())
+        plan = plans[name]
+        c = predict_cost(model, plan, batch, grid=grid, cache=s.cache())
+        if not rows:  # the original first: what every plan is measured against
+            rows.append({"plan": "original (no plan)", "experts": c.experts_before, "params Δ%": 0.0,
+                         "weight bytes Δ%": 0.0, "proxy ppl": c.proxy_ppl_before, "proxy Δ%": 0.0,
+                         "grid Σ Δppl": "—", "skipping": "—", "seconds": None})
+        merges = any(not lp.is_pure_keep() for lp in plan.layers.values())
+        grid_text = (f"{c.grid_sum:+.3f}" if c.grid_sum is not None else
+                     "— (merges: the grid prices drops only)" if merges else "— (no drop grid stored)")
         rows.append({"plan": name, "experts": c.experts_after,
                      "params Δ%": 100 * (c.params_after / c.params_before - 1),
                      "weight bytes Δ%": 100 * (c.bytes_after / c.bytes_before - 1),
                      "proxy ppl": c.proxy_ppl_after, "proxy Δ%": None if c.proxy_change is None else 100 * c.proxy_change,
-                     "grid Σ Δppl": c.grid_sum, "seconds": c.seconds})
+                     "grid Σ Δppl": grid_text,
+                     "skipping": "plan has β; not applied in the proxy" if plan.skip_beta else "none",
+                     "seconds": c.seconds})
         if progress:
             progress("plans", k + 1, len(names))
     table = pd.DataFrame(rows)
@@ -90,7 +100,7 @@ def layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> tuple
 
 
 def add_to_plan(s: Settings, current: dict | None, drops: dict[int, list[int]] | None = None,
-                merges: dict[int, list[tuple[int, int]]] | None = None) -> PruningPlan:
+                merges: dict[int, list[tuple[int, int]]] | None = None, action: str | None = None) -> PruningPlan:
     """The current plan (a JSON dict, or none yet) with ``drops`` added to each layer's dropped
     experts and the pairs in ``merges`` merged (joined with the groups already there); validated
     against the model, so a result that leaves fewer experts than top-k is refused in one line."""
@@ -112,6 +122,8 @@ def add_to_plan(s: Settings, current: dict | None, drops: dict[int, list[int]] |
     plan.provenance = dict(plan.provenance or {"strategy": "manual"})
     if plan.provenance.get("strategy", "manual") != "manual":
         plan.provenance["edited_by_hand"] = True  # a strategy's plan, then changed from an analysis view
+    if action:  # the analysis actions that built it (the model card names them as the plan's origin)
+        plan.provenance["actions"] = [*plan.provenance.get("actions", []), action]
     return validate_plan(s, plan)
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 from moescope.analysis.core.cache import Cache
 from moescope.analysis.evaluation import EfficiencyParams, EvalSpec, local_task_names
+from moescope.analysis.evaluation.efficiency import SLOT_WAIT
 from moescope.analysis.run import experiments as X
 from moescope.analysis.run import jobs
 
@@ -29,6 +30,11 @@ def eval_spec(ppl: list[str], samples: int, seq_len: int, tasks: list[str], limi
                     efficiency=efficiency, efficiency_params=EfficiencyParams(repeats=3))
     spec.validate()
     return spec.to_json()
+
+
+def with_name(plan: dict, name: str) -> dict:
+    """A named plan's JSON with its name in the provenance (the model card names it)."""
+    return {**plan, "provenance": {**(plan.get("provenance") or {}), "name": name}}
 
 
 def start_job(model: str, plan: dict | None, spec: dict, label: str | None) -> str:
@@ -65,12 +71,13 @@ class CompareView:
     cost: list[str]
 
 
-_HIGHER_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mc1", "mc2")
 _RATIO_HELP = "pruned ÷ original; 1.00× = unchanged"
+_HIDDEN_SUFFIXES = (" low", " high", " noise")
 
 
 def compare_view(table: pd.DataFrame) -> CompareView:
-    cols, better, help_ = ["name"], {}, {"name": "the plan's name (the original: the model before pruning)"}
+    cols, better, help_ = ["name"], {}, {"name": "the plan's name; each original is named by the evaluation "
+                                                 "setting its experiments (below it) were measured on"}
 
     def add(col: str, direction: str | None, text: str) -> None:
         if col in table.columns and col not in cols:
@@ -85,27 +92,30 @@ def compare_view(table: pd.DataFrame) -> CompareView:
     quality, cost = [], [c for c in ("params ratio", "weight bytes ratio", "peak memory ratio", "prefill speed ratio",
                                      "generate speed ratio", "generate speed ratio (skip)") if c in table.columns]
     for c in table.columns:
+        if c.endswith(_HIDDEN_SUFFIXES):
+            continue
         if c.startswith("ppl "):
-            add(c, "lower", f"perplexity on {c[4:]}")
+            add(c, "lower", f"perplexity on {c[4:]}; its 95 % per-window range is in the chart and the CSV")
             add(f"Δ% ppl {c[4:]}", "lower", "change of perplexity against the original, in %")
             quality.append(c)
-        elif " " in c and not c.startswith(("Δ", "experts", "params", "weight", "peak", "prefill", "generate",
-                                            "skipped")) and c not in ("name", "label", "experiment"):
+        elif c.startswith("task: "):
             metric = c.split(" ")[-1]
-            direction = "higher" if metric in _HIGHER_METRICS else "lower"
-            add(c, direction, f"lm-eval {c}")
-            add(f"Δ {c}", direction, "change against the original (absolute)")
+            direction = "higher" if metric in X.HIGHER_METRICS else "lower"
+            add(c, direction, f"lm-eval {c[6:]}; ± 1.96 × lm-eval's standard error in the chart and the CSV")
+            add(f"Δ {c[6:]}", direction, "change against the original (absolute)")
             quality.append(c)
-    add("generate speed", None, "generation tokens/s, pruned ÷ original with the range over the repeats; "
-                                "'within noise' when measured while other processes were busy or when the range "
-                                "covers 1.0× (higher is better)")
+    add("prefill speed", None, "prompt tokens/s, pruned ÷ original with the range over the repeats; "
+                               "'within noise' when measured while other processes were busy or when the range "
+                               "covers 1.0× (higher is better)")
+    add("generate speed", None, "generation tokens/s, as 'prefill speed' (higher is better)")
     for c in table.columns:  # help for the columns shown only with "every column"
         help_.setdefault(c, {"peak memory ratio": "peak memory while generating, " + _RATIO_HELP,
                              "prefill speed ratio": "prompt tokens/s, " + _RATIO_HELP,
                              "generate speed ratio (skip)": "generation tokens/s with dynamic skipping, "
                                                             + _RATIO_HELP,
-                             "skipped fraction": "expert calls skipped by dynamic skipping",
-                             "prefill speed": "prompt tokens/s verdict, as 'generate speed'",
+                             "skipped expert calls": SKIPPED_HELP,
+                             "setting": "the evaluation setting (the original each experiment is measured against)",
+                             "group": "which original (evaluation setting) the row belongs to",
                              "params": "parameters", "experiment": "experiment id", "label": "the run's label"}
                          .get(c, "experts kept in this layer" if c.startswith("experts L") else c))
     for c in ("peak memory ratio",):
@@ -115,10 +125,20 @@ def compare_view(table: pd.DataFrame) -> CompareView:
     return CompareView(cols, better, help_, quality, cost)
 
 
+SKIPPED_HELP = ("share of (token, selected expert) calls that dynamic skipping left out while generating the speed "
+                "prompts; the Routing page's skipping view counts tokens that skip at least one expert, and calls, "
+                "on the calibration data, so the numbers differ by what and where they count")
+
+BEST_CSS = "font-weight: bold; color: #2b8a3e"
+NOISE_CSS = "color: #868e96; font-style: italic"
+
+
 def styled(table: pd.DataFrame, view: CompareView, columns: list[str] | None = None):
-    """The table formatted for reading: changes signed with %, ratios as ×, the best pruned value of
-    each column with a known better end in bold green (the original row is the reference, never
-    marked)."""
+    """The table formatted for reading: changes signed with %, ratios as ×. In bold green the best
+    value of a column among the experiments measured against the same original, only where it is
+    better than every other beyond the uncertainty (:func:`analysis.run.experiments.best_marks`);
+    in grey italics a value within noise of its original (:func:`~analysis.run.experiments.noise_marks`).
+    Originals are the reference, never marked."""
     fmt = {}
     for c in columns or table.columns:
         if c.startswith("Δ%"):
@@ -129,62 +149,65 @@ def styled(table: pd.DataFrame, view: CompareView, columns: list[str] | None = N
             fmt[c] = "{:.2f}×"
         elif c.startswith("ppl ") or c == "generate tok/s":
             fmt[c] = "{:.2f}"
+        elif c.startswith("task: ") and not c.endswith(" noise"):
+            fmt[c] = "{:.3f}"
         elif c == "params":
             fmt[c] = lambda v: f"{v / 1e6:.2f} M" if pd.notna(v) else ""
-        elif c == "skipped fraction":
+        elif c == "skipped expert calls":
             fmt[c] = "{:.1%}"
-    pruned = table.index[table["experiment"] != "original"]
-    table = table[columns] if columns is not None else table
+    full = table.reset_index(drop=True)
+    marks = {}
+    for c, direction in view.better.items():
+        if c in full.columns:
+            marks[c] = (X.best_marks(full, c, direction), X.noise_marks(full, c))
+    # a change column carries the marks of the value it is the change of
+    for c in list(full.columns):
+        if c.startswith("Δ% ppl ") and f"ppl {c[7:]}" in marks:
+            marks[c] = marks[f"ppl {c[7:]}"]
+        elif c.startswith("Δ ") and f"task: {c[2:]}" in marks:
+            marks[c] = marks[f"task: {c[2:]}"]
+    for what in ("prefill", "generate"):
+        if f"{what} speed ratio" in marks:
+            marks[f"{what} speed"] = marks[f"{what} speed ratio"]
+    shown = full[columns] if columns is not None else full
 
-    def best(col: pd.Series):
-        style = [""] * len(col)
-        direction = view.better.get(col.name)
-        vals = pd.to_numeric(col.loc[col.index.intersection(pruned)], errors="coerce").dropna()
-        if direction and len(vals) > 1 and vals.nunique() > 1:
-            target = vals.min() if direction == "lower" else vals.max()
-            for k, idx in enumerate(col.index):
-                if idx in vals.index and vals[idx] == target:
-                    style[k] = "font-weight: bold; color: #2b8a3e"
-        return style
+    def paint(col: pd.Series):
+        best, noise = marks.get(col.name, (set(), set()))
+        return [BEST_CSS if i in best else NOISE_CSS if i in noise else "" for i in range(len(col))]
 
-    return table.style.format(fmt, na_rep="").apply(best, axis=0)
+    return shown.style.format(fmt, na_rep="").apply(paint, axis=0)
 
 
-def colour_map(names: list[str]) -> dict[str, str]:
-    """One colour per experiment name for every chart on the page; the original in grey."""
-    palette = ["#1c7ed6", "#e8590c", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#c2255c", "#5c940d",
-               "#6741d9", "#e03131"]
-    out, k = {}, 0
-    for n in names:
-        if n in out:
-            continue
-        if n.startswith("original"):
-            out[n] = "#868e96"
-        else:
-            out[n] = palette[k % len(palette)]
-            k += 1
-    return out
+PALETTE = ["#1c7ed6", "#e8590c", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#c2255c", "#5c940d",
+           "#6741d9", "#e03131", "#1098ad", "#d6336c"]
+ORIGINAL_GREY = "#868e96"
 
 
 def domain_table(ids: list[str]) -> pd.DataFrame:
-    """Tidy perplexity per (experiment, source, domain), the original as its own rows; experiments
-    named as in :func:`compare_table` (their plan's name)."""
+    """Tidy perplexity per (experiment, source, domain) with its 95 % per-window range (``low``,
+    ``high``), each original as its own rows named as in :func:`compare_table` (by its evaluation
+    setting), experiments by their plan's name."""
     c = cache()
     exps = [X.load(i, c) for i in ids]
     names = X.display_names(exps)
+    models = {e.model_fingerprint for e in exps}
     rows, seen = [], set()
     for exp in exps:
-        for r in exp.quality_rows():
-            if r["kind"] != "ppl":
-                continue
-            if r["variant"] == "original":
-                key = (exp.model_fingerprint, r["name"], r["detail"])
-                if key in seen:
-                    continue
-                seen.add(key)
-                rows.append({"experiment": "original", **r})
-            else:
-                rows.append({"experiment": names[exp.id], **r})
+        setting = X.setting_name(exp.eval) + (f" · {exp.model}" if len(models) > 1 else "")
+        for variant, q in (("original", exp.reference), ("pruned", exp.result)):
+            for src, domains in q.get("ppl_domains", {}).items():
+                ranges = (q.get("ppl_interval") or {}).get(src) or {}
+                for domain, value in domains.items():
+                    low, high = ranges.get(domain) or (None, None)
+                    row = {"variant": variant, "name": src, "detail": domain, "value": value, "low": low, "high": high}
+                    if variant == "original":
+                        key = (exp.model_fingerprint, setting, src, domain)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        rows.append({"experiment": f"original · {setting}", **row})
+                    else:
+                        rows.append({"experiment": names[exp.id], **row})
     return pd.DataFrame(rows)
 
 
@@ -200,3 +223,78 @@ def plan_json(ident: str) -> str | None:
 
     exp = X.load(ident, cache())
     return json.dumps(exp.plan, indent=2) if exp.plan else None
+
+
+def experiment_colours(table: pd.DataFrame, order: list[str]) -> dict[str, str]:
+    """``{row name: colour}`` for a comparison table: an experiment's colour is fixed by its place
+    in ``order`` (every experiment id of the model, oldest first), so narrowing the selection never
+    recolours it; originals in grey."""
+    place = {ident: i for i, ident in enumerate(order)}
+    out = {}
+    for ident, name in zip(table["experiment"], table["name"]):
+        if ident == "original":
+            out[name] = ORIGINAL_GREY
+        else:
+            out[name] = PALETTE[place.get(ident, len(out)) % len(PALETTE)]
+    return out
+
+
+def noise_rows(table: pd.DataFrame, columns: list[str]) -> set[int]:
+    """Row positions within noise of their original in any of ``columns``."""
+    full = table.reset_index(drop=True)
+    out: set[int] = set()
+    for c in columns:
+        out |= X.noise_marks(full, c)
+    return out
+
+
+STAGE_NAMES = {"load": "loading the model", "perplexity": "perplexity windows",
+               "lm-eval requests": "lm-eval requests", "efficiency": "memory and speed runs",
+               "skip calibration": "calibrating dynamic skipping (β)"}
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def stage_text(job) -> str:
+    """A running job's line: its stage (a wait for the speed slot with how long it has waited),
+    the steps done, time so far, and what is left of the stage and of the whole job."""
+    if job.stage == SLOT_WAIT:
+        text = (f"waiting for the speed slot (another job is measuring speed; one measurement at a time keeps "
+                f"the figures clean) for {clock(job.stage_elapsed())}")
+    elif job.total:
+        text = f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}"
+    else:
+        text = job.state
+    text += f" · {clock(job.elapsed())} so far"
+    eta = job.stage_eta()
+    text += f" · about {clock(eta)} left in this stage" if eta is not None and job.stage != SLOT_WAIT else ""
+    whole = job.job_eta()
+    if whole is not None:
+        text += f" · whole job about {clock(whole)} left (estimate {clock(job.estimate_s)} from earlier runs)"
+    elif job.estimate_s is None:
+        text += " · no whole-job estimate yet (first run of this setting)"
+    return text
+
+
+def verdicts(table: pd.DataFrame, view: CompareView) -> list[str]:
+    """One line per quality column (and speed ratio) and evaluation setting: the experiment that is
+    best beyond the uncertainty, or that none is (the leaders' ranges overlap)."""
+    full = table.reset_index(drop=True)
+    columns = [c for c in view.quality + ["prefill speed ratio", "generate speed ratio"]
+               if c in full.columns and c in view.better]
+    several = full["group"].nunique() > 1
+    lines = []
+    for c in columns:
+        best = X.best_marks(full, c, view.better[c])
+        for g in full["group"].unique():
+            rows = [i for i in range(len(full)) if full["group"].iloc[i] == g and full["experiment"].iloc[i] != "original"]
+            if len(rows) < 2:
+                continue
+            where = f" ({full['setting'].iloc[rows[0]]})" if several else ""
+            won = [full["name"].iloc[i] for i in rows if i in best]
+            lines.append(f"{c}{where}: **{won[0]}** is best beyond the uncertainty" if won else
+                         f"{c}{where}: no clear best (the leaders are within each other's 95 % range)")
+    return lines

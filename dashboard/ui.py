@@ -7,6 +7,7 @@ from collections.abc import Callable
 import streamlit as st
 from moescope.dashboard import backend, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan, Settings
+from moescope.dashboard.runs import clock
 
 STAGES = {"layers": "decoder layers", "gradients": "gradient chunks", "trace": "routing trace",
           "cells": "drop-grid cells", "rounds": "rounds"}
@@ -31,17 +32,43 @@ def guarded(fn: Callable, *args, **kwargs):
 
 
 class Progress:
-    """A ``progress(stage, done, total)`` callback drawing one bar per stage inside ``st.status``."""
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage inside ``st.status``,
+    each with its time so far and, from its pace, the time left; the box's label counts the
+    seconds and says how long the same work took last time (the whole-build estimate)."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, estimate: float | None = None):
+        import time
+
+        self.label, self.estimate = label, estimate
         self.status = st.status(label, expanded=True)
         self.bars: dict = {}
+        self.started: dict[str, float] = {}
+        self.t0 = time.monotonic()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = self.status.progress(0.0)
-        bar.progress(min(1.0, done / max(total, 1)), text=f"{STAGES.get(stage, stage)}: {done} / {total}")
+            self.started[stage] = now
+        spent = now - self.started[stage]
+        text = f"{STAGES.get(stage, stage)}: {done} / {total} · {clock(spent)}"
+        if 0 < done < total:
+            text += f" · about {clock(spent / done * (total - done))} left"
+        bar.progress(min(1.0, done / max(total, 1)), text=text)
+
+    def tick(self) -> None:
+        """Refresh the box's label with the time so far (and the estimate's time left)."""
+        import time
+
+        spent = time.monotonic() - self.t0
+        text = f"{self.label} {clock(spent)}"
+        if self.estimate:
+            text += (f" · about {clock(self.estimate - spent)} left (took {clock(self.estimate)} last time)"
+                     if spent < self.estimate else f" · took {clock(self.estimate)} last time")
+        self.status.update(label=text)
 
     def done(self, label: str) -> None:
         self.status.update(label=label, state="complete", expanded=False)
@@ -51,15 +78,54 @@ class Progress:
 
 
 def run_with_progress(label: str, fn: Callable, s: Settings, done_label: str):
-    """Run ``fn(s, progress)`` inside a status box; a :class:`MoescopeError` becomes one line."""
-    progress = Progress(label)
-    try:
-        out = fn(s, progress)
-    except MoescopeError as err:
-        progress.failed("Failed")
-        fail(err)
-    progress.done(done_label)
-    return out
+    """Run ``fn(s, progress)`` in a worker thread while this script run draws its progress: the
+    stages it reports, a clock, and how long the same work (``label``) took last time in this
+    session. The worker never calls Streamlit; a :class:`MoescopeError` becomes one line."""
+    import threading
+    import time
+
+    from streamlit.runtime.scriptrunner import add_script_run_ctx
+
+    took = st.session_state.setdefault("_took", {})
+    progress = Progress(label, took.get(label))
+    events: list[tuple[str, int, int]] = []
+    lock = threading.Lock()
+    box: dict = {}
+
+    def record(stage: str, done: int, total: int) -> None:
+        with lock:
+            events.append((stage, done, total))
+
+    def work() -> None:
+        try:
+            box["out"] = fn(s, record)
+        except BaseException as err:  # noqa: BLE001 - handed to the script thread, which raises it
+            box["err"] = err
+
+    worker = threading.Thread(target=work, daemon=True)
+    add_script_run_ctx(worker)  # the backend's st.cache_* wrappers run in it (it draws nothing)
+    t0 = time.monotonic()
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=0.5)
+        with lock:
+            latest = {}
+            for stage, done, total in events:
+                latest[stage] = (done, total)
+            events.clear()
+        for stage, (done, total) in latest.items():
+            progress(stage, done, total)
+        progress.tick()
+    for stage, done, total in events:
+        progress(stage, done, total)
+    if "err" in box:
+        if isinstance(box["err"], MoescopeError):
+            progress.failed("Failed")
+            fail(box["err"])
+        raise box["err"]
+    took[label] = time.monotonic() - t0
+    progress.done(f"{done_label} ({clock(took[label])})")
+    return box["out"]
 
 
 def require_stored(find: Callable, compute: Callable, s: Settings, message: str, button: str, key: str,
@@ -114,10 +180,12 @@ def plan_layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> 
     return plans.layer_state(plan, layer, num_experts)
 
 
-def add_to_plan(drops=None, merges=None, what: str = "") -> None:
-    """An analysis page's action: add ``drops`` / ``merges`` to the current plan, or show why not."""
+def add_to_plan(drops=None, merges=None, what: str = "", page: str = "") -> None:
+    """An analysis page's action: add ``drops`` / ``merges`` to the current plan (recording the
+    action, ``page: what``, in its provenance), or show why not."""
     try:
-        plan = plans.add_to_plan(settings(), st.session_state.get("plan"), drops, merges)
+        plan = plans.add_to_plan(settings(), st.session_state.get("plan"), drops, merges,
+                                 action=f"{page}: {what}" if page else what)
     except MoescopeError as err:
         st.error(str(err))
         return

@@ -1,7 +1,9 @@
 """The real dashboard server in headless Chromium: every analysis page of the demo model loads
 without an exception or error, driven the way a person would (set small calibration sizes, run
-the analysis, compute the drop grid, make a plan by strategy and by clicking heatmap cells, run
-it as a background job, see it in Compare, and export it: the hand-made plan keeps different
+the analysis, compute the drop grid, make five named plans (by strategy, from the drop grid's
+action, by clicking heatmap cells, frequency and merge), run them as background jobs, see all
+five in Compare against one original with "best" said only beyond the uncertainty, and export
+one: the default folder follows the chosen experiment; the hand-made plan keeps different
 expert counts per layer, so Export writes the per-layer folder);
 screenshots go to
 ``$MOESCOPE_TEST_ARTIFACTS/screenshots/`` (default: ``moescope-test-artifacts`` in the system's
@@ -31,6 +33,7 @@ CHROMIUM = Path(os.environ.get("MOESCOPE_CHROMIUM", "/usr/bin/chromium"))
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get("MOESCOPE_TEST_ARTIFACTS")
              or Path(tempfile.gettempdir()) / "moescope-test-artifacts") / "screenshots"
+SERVER_CACHE: dict = {}
 
 
 def _missing() -> str | None:
@@ -64,6 +67,7 @@ def _free_port() -> int:
 def server(chromium_present, tmp_path_factory):
     """``streamlit run dashboard/app.py`` on a free port with an empty throw-away cache."""
     cache = tmp_path_factory.mktemp("browser-cache")
+    SERVER_CACHE["root"] = cache  # the test reads the experiments the server stored
     # one torch thread: Chromium and the server share the cores, and two OpenMP threads that must
     # meet at every barrier slow down many times over when another process holds a core
     env = {**os.environ, "MOESCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -287,23 +291,40 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
     assert "Plan (manual): L0→7, L1→7" in sidebar, sidebar  # layer 0 merged 2+5, layer 1 dropped 0
     _save_plan(page, "hand plan")
+    page.get_by_role("button", name="Clear the plan").click()
+    _settle(page)
 
-    # the three named plans, their predicted cost, and two of them sent to Run
+    # two more by strategy: frequency, and a merge (its build shows its stages while it runs)
+    page.get_by_text("Strategy", exact=True).first.click()
+    _settle(page)
+    for strategy in ("frequency", "merge"):
+        _select(page, "Strategy", strategy)
+        page.get_by_role("button", name="Make the plan").click()
+        _check(page, f"6-plan-{strategy}", f"Valid plan ({strategy}")  # merge names its recipe too
+        _save_plan(page, f"{strategy} plan")
+        page.get_by_role("button", name="Clear the plan").click()
+        _settle(page)
+    plans = ["strategy plan", "grid plan", "hand plan", "frequency plan", "merge plan"]
+
+    # the five named plans, their predicted cost (the original as the first row), all sent to Run
     page.get_by_role("button", name="Predict every plan's cost").click()
     _check(page, "6-plan-predicted", "Proxy: perplexity on")
-    # the table is drawn on a canvas; its rows are the options of "Send to Run" (all three offered)
+    # the table is drawn on a canvas; its rows are the options of "Send to Run" (all five offered)
     _open_choices(page, "stMultiSelect", "Send to Run")
     offered = page.get_by_role("option").all_text_contents()
-    assert {"strategy plan", "grid plan", "hand plan"} <= set(offered), offered
+    assert set(plans) <= set(offered), offered
     page.keyboard.press("Escape")
-    _multiselect(page, "Send to Run", ["grid plan", "hand plan"])
+    _multiselect(page, "Send to Run", plans)
+    chosen = page.locator('[data-testid="stMultiSelect"]').filter(
+        has=page.get_by_label("Send to Run", exact=True)).first.inner_text()
+    assert all(p in chosen for p in plans), chosen
     page.get_by_role("button", name="Send", exact=True).click()
-    _settle(page)
+    _check(page, "7-run-queued", "Plans sent from the Plan page")  # Send switches to Run
 
     _go(page, "Similarity")
     _check(page, "2-similarity-with-plan", "Overlay the current plan", charts=1)
 
-    # Run the two plans sent from the Plan page (one job each), then compare them with the original
+    # Run the five plans sent from the Plan page (one job each), then compare them with the original
     _go(page, "Run")
     _check(page, "7-run", "Plans sent from the Plan page")
     for label, value in (("Windows", 4), ("Tokens per window", 64), ("Samples per task (0: all)", 6)):
@@ -312,27 +333,53 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
         box.press("Tab")  # Enter would submit the form before every field is set
     page.get_by_text("Measure memory and tokens/s", exact=False).click()
     page.get_by_role("button", name="Run prune + evaluate").click()
-    deadline = time.time() + 300
-    while page.get_by_text("→ experiment", exact=False).count() < 2 and time.time() < deadline:
-        page.wait_for_timeout(500)
+    deadline = time.time() + 900
+    while page.get_by_text("→ experiment", exact=False).count() < 5 and time.time() < deadline:
+        page.wait_for_timeout(1000)
     _check(page, "7-run-done", "→ experiment")
-    assert page.get_by_text("→ experiment", exact=False).count() == 2
+    assert page.get_by_text("→ experiment", exact=False).count() == 5
 
+    # Compare: all five by default, under one original named by the evaluation setting
     _go(page, "Compare")
     _check(page, "8-compare", "Download CSV", charts=2)
-    # the scatter labels each point by its name: the original and the two runs (their plans' names)
-    labels = page.locator(".js-plotly-plot").first.locator("text").all_text_contents()
-    assert {"original", "grid plan", "hand plan"} <= set(labels), labels
+    main = page.locator('[data-testid="stMain"]').inner_text()
+    assert "Showing 5 of 5 experiments of demo" in main, main[:800]
+    legend = [t.replace(" (within noise)", "")
+              for t in page.locator(".js-plotly-plot").first.locator(".legendtext").all_text_contents()]
+    originals = [t for t in legend if t.startswith("original")]
+    assert originals == ["original · ppl demo:all 4×64 · moescope_demo_continuation ≤6"], legend
+    assert set(plans) <= set(legend), legend
+    # "best" only where it exceeds the uncertainty: the page's verdict is the one the stored numbers give
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.run import experiments as X
+
+    stored = [e for e in X.list_experiments(Cache(SERVER_CACHE["root"])) if e.plan]
+    assert sorted(e.label for e in stored) == sorted(plans)
+    table = X.compare(stored)
+    assert list(table["experiment"]).count("original") == 1
+    won = X.best_marks(table, "ppl demo:all", "lower")
+    if won:
+        i = next(iter(won))
+        assert f"ppl demo:all: {table['name'].iloc[i]} is best beyond the uncertainty" in main, main
+        others = [j for j in range(1, len(table)) if j != i]
+        assert all(table["ppl demo:all high"].iloc[i] < table["ppl demo:all low"].iloc[j] for j in others)
+    else:
+        assert "ppl demo:all: no clear best" in main, main
 
     # the named plans survive a reload (a new session reads them from the cache)
     page.goto(server)  # a fresh load of the app: a new session
     page.get_by_text("Structure").first.wait_for(timeout=90_000)
     _go(page, "Plan")
-    _check(page, "6-plan-after-reload", "Named plans (3 saved")
+    _check(page, "6-plan-after-reload", "Named plans (5 saved")
 
     _go(page, "Export")
     _check(page, "9-export", "Download plan JSON")
-    _select(page, "Experiment", "hand plan")
+    ids = {e.label: e.id for e in stored}
+    # the default folder follows the chosen experiment (named for its plan and id)
+    for label in ("grid plan", "hand plan"):
+        _select(page, "Experiment", label)
+        folder = page.get_by_label("Output folder", exact=True).input_value()
+        assert folder.endswith(f"{label.replace(' ', '-')}-{ids[label]}"), (label, folder)
     # the hand-made plan keeps 7/7/8/8 experts: Export writes the per-layer folder and says how it loads
     out = tmp_path / "hand-made"
     box = page.get_by_label("Output folder", exact=True)

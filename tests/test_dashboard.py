@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,9 @@ def test_similarity_small_multiples_share_one_colour_scale(analysed):
     at.radio(key="sim_view").set_value("All layers").run()
     fig = figures(at)[0]
     assert len(fig["data"]) == 4 and {t["coloraxis"] for t in fig["data"]} == {"coloraxis"}
+    # the panel titles sit above the plot area: the top margin leaves them room
+    assert [a["text"] for a in fig["layout"]["annotations"]] == [f"layer {l}" for l in range(4)]
+    assert fig["layout"]["margin"]["t"] >= 30
     # absolute by default: CKA on its whole 0-1 range, so a low similarity never looks bright
     assert (fig["layout"]["coloraxis"]["cmin"], fig["layout"]["coloraxis"]["cmax"]) == (0.0, 1.0)
     at.radio(key="sim_scale").set_value("relative").run()
@@ -206,13 +210,13 @@ def test_similarity_overlays_the_current_plan(analysed):
     plan = {"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 5], [1], [2], [3], [4], [6]]}}}
     at = app("similarity", plan=plan)
     assert at.checkbox(key="sim_overlay").value is True
-    traces = figures(at)[0]["data"]
+    traces = [t for t in figures(at)[0]["data"] if t.get("name") != "beyond the threshold"]  # the default outlines pairs
     names = [t.get("name") for t in traces[1:]]
     assert names == ["merged 0+5", "dropped"]
     assert array(traces[2]["x"]).tolist() == [7]
     assert "merge 0+5; drop 7" in " ".join(c.value for c in at.caption)
     at.checkbox(key="sim_overlay").uncheck().run()
-    assert len(figures(at)[0]["data"]) == 1
+    assert [t.get("name") for t in figures(at)[0]["data"][1:]] in ([], ["beyond the threshold"])
 
 
 def test_similarity_threshold_outlines_the_pairs_and_choices_survive_a_page_switch(analysed):
@@ -251,7 +255,8 @@ def test_similarity_in_clustered_order_names_the_experts_and_keeps_the_overlay(a
     assert np.allclose(array(heat["z"]), S[np.ix_(order, order)])  # drawn in the clustered order
     assert fig["layout"]["xaxis"]["ticktext"] == [str(e) for e in order]  # ticks name the experts
     pos = {e: i for i, e in enumerate(order)}
-    merged, dropped = fig["data"][1], fig["data"][2]
+    by_name = {t.get("name"): t for t in fig["data"][1:]}  # (the default threshold also outlines pairs)
+    merged, dropped = by_name["merged 0+5"], by_name["dropped"]
     assert sorted(zip(array(merged["x"]).tolist(), array(merged["y"]).tolist())) == sorted(
         (pos[j], pos[i]) for i in (0, 5) for j in (0, 5))
     assert array(dropped["x"]).tolist() == [pos[7]]
@@ -567,10 +572,17 @@ def test_named_plans_save_open_rename_delete_and_survive_a_new_session(analysed,
     assert not at.exception
     table = next(d.value for d in at.dataframe if "proxy ppl" in d.value.columns)
     batch = proxy_batch(demo_model)
+    # the original first (what every plan is measured against), then each plan
+    original, table = table.iloc[0], table.iloc[1:]
+    assert original["plan"] == "original (no plan)" and original["experts"] == 32 and original["proxy Δ%"] == 0
     for _, row in table.iterrows():
         want = predict_cost(demo_model, stored[row["plan"]], batch)
         assert row["proxy ppl"] == pytest.approx(want.proxy_ppl_after)
         assert row["params Δ%"] == pytest.approx(100 * (want.params_after / want.params_before - 1))
+        assert original["proxy ppl"] == pytest.approx(want.proxy_ppl_before)
+        # drop-only plans: the grid's sum where this session's tests stored a grid, else why there is none
+        assert row["skipping"] == "none"
+        assert re.fullmatch(r"[+-]\d+\.\d{3}|— \(no drop grid stored\)", row["grid Σ Δppl"]), row["grid Σ Δppl"]
     assert list(table["experts"]) == [31, 24]
     assert demo_model.num_experts() == {0: 8, 1: 8, 2: 8, 3: 8}  # predictions restored the shared model
 
@@ -610,6 +622,12 @@ def test_drop_grid_action_drops_the_least_needed_experts_of_every_layer(analysed
     for l in range(4):
         least = sorted(np.argsort(delta[l], kind="stable")[:2].tolist())
         assert _kept(plan, l) == [[e] for e in range(8) if e not in least]
+    # the sidebar says so in the same run (not "No plan yet"), and the plan remembers the action that built it
+    assert any("Plan (manual): L0→6" in c.value for c in at.sidebar.caption), [c.value for c in at.sidebar.caption]
+    assert plan["provenance"]["actions"][0].startswith("Drop grid: drop L0: ")
+    from moescope.analysis.run.export import plan_origin
+
+    assert plan_origin(plan["provenance"]).startswith("analysis actions: Drop grid: drop L0: ")
 
 
 def test_expert_maps_action_drops_the_marked_experts(analysed):
@@ -655,3 +673,77 @@ def test_by_hand_picker_colours_by_any_criterion_and_states_the_gesture(analysed
     want = [values[i, e] for i in range(4) for e in range(8) if np.isfinite(values[i, e])]
     assert np.allclose(array(picker["marker"]["color"]), want)
     assert any("Shift+click" in c.value and "box" in c.value for c in at.caption)
+
+
+def test_building_shows_its_stages_time_and_last_duration_while_the_work_runs_in_a_worker():
+    def script():
+        import time
+
+        import streamlit as st
+        from moescope.dashboard.backend import Settings
+        from moescope.dashboard.ui import run_with_progress
+
+        def build(s, progress):
+            for i in range(3):
+                time.sleep(0.4)  # long enough for the page to draw between the steps
+                progress("layers", i + 1, 3)
+            return "plan"
+
+        st.session_state["out"] = run_with_progress("Running merge…", build, Settings(), "merge plan ready")
+        st.session_state["took"] = dict(st.session_state["_took"])
+
+    at = AppTest.from_function(script, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["out"] == "plan"
+    took = at.session_state["took"]["Running merge…"]
+    assert took >= 1.2
+    status = at.status[0]
+    assert status.label.startswith("merge plan ready (") and status.state == "complete"
+    bars = [p.proto.text for p in at.get("progress")]
+    assert any(t.startswith("decoder layers: 3 / 3 · ") for t in bars), bars
+
+
+def test_a_refusal_in_the_worker_is_one_line():
+    def script():
+        from moescope.analysis.core.errors import MoescopeError
+        from moescope.dashboard.backend import Settings
+        from moescope.dashboard.ui import run_with_progress
+
+        def build(s, progress):
+            raise MoescopeError("keep must be at least 2\nsecond line")
+
+        run_with_progress("Running merge…", build, Settings(), "ready")
+
+    at = AppTest.from_function(script, default_timeout=60)
+    at.run()
+    assert not at.exception and [e.value for e in at.error] == ["keep must be at least 2"]
+    assert at.status[0].state == "error"
+
+
+def test_similarity_starts_at_a_threshold_that_outlines_pairs_of_this_model(analysed):
+    # the demo's CKA stays far below 0.9: the default outlines its most alike pairs, so merging starts enabled
+    res, _ = analysed
+    at = app("similarity")
+    assert not at.exception
+    t = at.slider(key="sim_threshold").value
+    assert t < 0.9
+    S = res.similarity(0, "cka_linear")
+    layer0 = {(i, j) for i in range(8) for j in range(i + 1, 8) if S[i, j] >= t}
+    assert any(f"{len(layer0)} pair" in c.value for c in at.caption)
+    assert not at.button(key="sim_add").disabled or not layer0
+    assert any(len({(i, j) for i in range(8) for j in range(i + 1, 8) if res.similarity(l, "cka_linear")[i, j] >= t})
+               for l in res.layers)
+
+
+def test_the_picker_colour_scale_is_capped_where_one_outlier_would_flatten_it():
+    from moescope.dashboard import charts
+
+    M = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 46.0]])  # the one drop-grid cell at 46
+    fig = charts.cell_picker(M, [0, 1], "Δ perplexity")
+    marker = fig.data[0].marker
+    # Q1 0.275, Q3 0.625: the far fence 0.625 + 3 × 0.35 = 1.675 leaves 46 out; colours span 0.1–0.7
+    assert marker.cmin == pytest.approx(0.1) and marker.cmax == pytest.approx(0.7)
+    assert "capped to 0.1–0.7" in marker.colorbar.title.text and "46" in marker.colorbar.title.text
+    even = charts.cell_picker(np.array([[0.1, 0.2], [0.3, 0.4]]), [0, 1], "x").data[0].marker
+    assert (even.cmin, even.cmax) == (pytest.approx(0.1), pytest.approx(0.4)) and even.colorbar.title.text == "x"

@@ -112,7 +112,9 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     assert not at.exception
     table = at.dataframe[0].value
     exp = X.load(st.experiment)
-    assert list(table["name"]) == ["original", exp.label]  # named by the run's label (the plan's name)
+    # the original named by its evaluation setting, the run by its label (the plan's name)
+    assert list(table["name"]) == ["original · ppl demo:python+demo:spanish 4×64 · moescope_demo_continuation ≤6",
+                                   exp.label]
     assert table.loc[1, "ppl demo:spanish"] == pytest.approx(exp.result["ppl"]["demo:spanish"])
     full = X.compare([exp])
     assert full.loc[1, "experts L3"] == 7 and full.loc[0, "experts L3"] == 8
@@ -122,10 +124,11 @@ def test_run_compare_and_export_pages_end_to_end(demo_dir, tmp_path):
     at = _page("export")
     at.run()
     assert not at.exception
-    default = Path(at.text_input(key="export_dir").value)
-    assert default == Path.home() / "moescope-exports" / st.experiment  # outside the repository
+    default = Path(at.text_input(key=f"export_dir_{st.experiment}").value)
+    # outside the repository, named for the plan and the experiment
+    assert default == Path.home() / "moescope-exports" / f"page-run-{st.experiment}"
     assert Path(__file__).resolve().parents[1] not in default.parents
-    at.text_input(key="export_dir").set_value(str(out))
+    at.text_input(key=f"export_dir_{st.experiment}").set_value(str(out))
     at.button(key="export_go").click().run()
     assert not at.exception and at.success and "README.md" in at.success[0].value
     # the card renders as Markdown: its YAML header shown as YAML, not as the first paragraph
@@ -146,7 +149,7 @@ def test_different_expert_counts_export_with_the_loading_note_and_refusals_show_
     out = tmp_path / "x"
     at = _page("export")
     at.run()
-    at.text_input(key="export_dir").set_value(str(out))
+    at.text_input(key=f"export_dir_{at.selectbox(key='export_id').value}").set_value(str(out))
     at.button(key="export_go").click().run()
     assert not at.exception and not at.error
     assert at.success and "modeling_moescope.py" in at.success[0].value
@@ -156,3 +159,74 @@ def test_different_expert_counts_export_with_the_loading_note_and_refusals_show_
     at.button(key="export_go").click().run()
     assert at.error and "not empty" in at.error[0].value
     assert all(not box.error for box in [*at.status, *at.expander]), "the refusal sits inside a collapsible box"
+
+
+def test_the_job_line_says_it_waits_for_the_speed_slot_and_what_is_left_of_the_whole_job():
+    from moescope.dashboard import runs
+
+    waiting = jobs.JobStatus(id="x", state="running", stage=runs.SLOT_WAIT, done=0, total=1, started=100.0,
+                             stage_started=160.0, estimate_s=300.0)
+    text = runs.stage_text(waiting)
+    assert "waiting for the speed slot" in text and "another job is measuring speed" in text
+    assert waiting.stage_elapsed(now=190.0) == 30.0
+    assert waiting.job_eta(now=190.0) == 300.0 - 90.0  # the estimate less the time spent so far
+    # the stage's own pace wins when the job runs past its estimate
+    late = jobs.JobStatus(id="x", state="running", stage="perplexity", done=3, total=12, started=100.0,
+                          stage_started=130.0, estimate_s=50.0)
+    assert late.job_eta(now=160.0) == pytest.approx(90.0)
+    first = jobs.JobStatus(id="x", state="running", stage="lm-eval requests", done=40, total=80, started=1.0,
+                           stage_started=2.0)
+    line = runs.stage_text(first)
+    assert "lm-eval requests: 40 / 80" in line and "no whole-job estimate yet" in line
+
+
+def test_a_whole_job_estimate_comes_from_the_stages_of_earlier_runs_of_its_setting(demo_dir):
+    import dataclasses
+
+    spec = EvalSpec(ppl=["demo:python"], samples=4, seq_len=64).to_json()
+    assert X.estimate_seconds("demo", spec, True) is None  # nothing to learn from yet
+    base = X.Experiment(id="", created="", label="x", model="demo", model_fingerprint="f", pruned_fingerprint=None,
+                        plan=None, eval=spec, reference={}, result={})
+    runs_ = [(1, {"load_s": 2.0, "evaluate_original_s": 30.0, "prune_s": 1.0, "evaluate_pruned_s": 20.0,
+                  "efficiency_s": 10.0, "speed_wait_s": 100.0}),
+             (2, {"load_s": 4.0, "evaluate_original_s": 0.5, "prune_s": 3.0, "evaluate_pruned_s": 40.0,
+                  "efficiency_s": 30.0, "speed_wait_s": 0.0}),
+             (3, {"load_s": 3.0, "evaluate_original_s": 0.7, "prune_s": 2.0, "evaluate_pruned_s": 30.0,
+                  "efficiency_s": 20.0})]
+    for k, timings in runs_:
+        X.save(dataclasses.replace(base, id=f"2026-0{k}", timings=timings))
+    other = dataclasses.replace(base, id="2026-09", eval={**spec, "samples": 8}, timings={"load_s": 1000.0})
+    X.save(other)  # another setting: not counted
+    # medians 3 + 2 + 30 + 20, the original's least (a cached result once measured) 0.5; waits left out
+    assert X.estimate_seconds("demo", spec, True) == pytest.approx(3 + 0.5 + 2 + 30 + 20)
+    assert X.estimate_seconds("demo", spec, False) == pytest.approx(3 + 0.5 + 20)
+
+
+@pytest.mark.slow
+def test_jobs_wait_for_the_speed_slot_visibly_and_reuse_the_originals_measurement(demo_dir):
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.evaluation.efficiency import SLOT_WAIT, measurement_slot
+
+    spec = {**SMALL, "efficiency": True, "skip_calib": None,
+            "efficiency_params": {"prompt_tokens": 16, "new_tokens": 3, "repeats": 1, "warmup": 0,
+                                  "batch_size": 1, "source": "demo:all"}}
+    cache = Cache()
+    with measurement_slot(str(cache.root)):  # another measurement holds the slot
+        job = jobs.start("demo", drop_plan({0: [1]}), spec)
+        deadline = time.monotonic() + 120
+        while jobs.status(job).stage != SLOT_WAIT and time.monotonic() < deadline:
+            assert jobs.status(job).running, jobs.status(job).error
+            time.sleep(0.2)
+        assert jobs.status(job).stage == SLOT_WAIT  # the label says so while it waits
+        time.sleep(1.0)
+    first = jobs.wait(job, timeout=300)
+    assert first.state == "done", first.error
+    second = jobs.wait(jobs.start("demo", drop_plan({1: [2]}), spec), timeout=300)
+    assert second.state == "done", second.error
+    a, b = X.load(first.experiment), X.load(second.experiment)
+    assert a.timings["speed_wait_s"] >= 1.0 and b.timings["speed_wait_s"] < a.timings["speed_wait_s"]
+    # the original was measured once: the second job read the first one's figures
+    assert a.efficiency["original"] == b.efficiency["original"]
+    assert len(cache.entries("efficiency-original")) == 1
+    assert a.efficiency["pruned"] != b.efficiency["pruned"]
+    assert second.estimate_s is not None and first.estimate_s is None

@@ -93,10 +93,20 @@ def test_local_multiple_choice_accuracy_matches_a_hand_computation(demo):
     text = {d: "\n".join(docs) for d, docs in load_texts("demo:all", split="test").items()}
     assert all(i["context"] + i["choices"][i["label"]] in text[i["domain"]] for i in items)
     n = 12
-    res = E.run_tasks(demo, ["moescope_demo_continuation"], limit=n)["moescope_demo_continuation"]
+    seen = []
+    res = E.run_tasks(demo, ["moescope_demo_continuation"], limit=n,
+                      progress=lambda *a: seen.append(a))["moescope_demo_continuation"]
     want = multiple_choice_metrics(demo.hf, demo.tokenizer, items[:n])
     assert res["samples"] == n
     assert res["acc"] == pytest.approx(want["acc"]) and res["acc_norm"] == pytest.approx(want["acc_norm"])
+    # lm-eval's standard error of a mean of 0/1 scores: sample sd / √n = √(p (1 − p) / (n − 1))
+    for metric in ("acc", "acc_norm"):
+        p = want[metric]
+        assert res[f"{metric}_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+    # lm-eval's own progress over its requests: one loglikelihood request per choice, counted to the end
+    counted = [(d, t) for stage, d, t in seen if stage == "lm-eval requests"]
+    assert counted[0] == (0, 4 * n) and counted[-1] == (4 * n, 4 * n)
+    assert [d for d, _ in counted] == sorted(d for d, _ in counted)
 
 
 @pytest.mark.slow

@@ -52,17 +52,34 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert a.structure["after"]["experts"] == {"0": 6, "1": 8, "2": 7, "3": 8}
     assert a.plan["provenance"]["strategy"] == "A" and a.versions["torch"] == torch.__version__
     table = X.compare([a, b])
-    assert list(table["experiment"]) == ["original", a.id, b.id]
+    # best headline (perplexity on demo:python, the first source) first, under the one original
+    order = sorted([a, b], key=lambda e: e.result["ppl"]["demo:python"])
+    assert list(table["experiment"]) == ["original"] + [e.id for e in order]
+    table = X.compare([a, b]).set_index("experiment").loc[["original", a.id, b.id]].reset_index()
     ref = a.reference["ppl"]["demo:all"]
     assert table.loc[0, "ppl demo:all"] == ref and table.loc[0, "Δ% ppl demo:all"] == 0
     assert table.loc[1, "Δ% ppl demo:all"] == pytest.approx(100 * (a.result["ppl"]["demo:all"] / ref - 1))
     assert table.loc[1, "params ratio"] == pytest.approx(a.structure["after"]["params"]["total"]
                                                          / a.structure["before"]["params"]["total"])
+    # every perplexity carries its per-window 95 % range, around the value
+    for i in range(3):
+        assert table.loc[i, "ppl demo:all low"] < table.loc[i, "ppl demo:all"] < table.loc[i, "ppl demo:all high"]
+    assert list(a.result["ppl_interval"]["demo:all"]["all"]) == [table.loc[1, "ppl demo:all low"],
+                                                                 table.loc[1, "ppl demo:all high"]]
     # experts per layer: one integer column per layer and the total (no mixed "6/7/8" column)
     assert [int(table.loc[1, f"experts L{l}"]) for l in range(4)] == [6, 8, 7, 8]
     assert table.loc[1, "experts kept"] == 29 and table.loc[0, "experts kept"] == 32
     assert table["experts L0"].dtype.kind == "i" and "experts/layer" not in table.columns
-    assert list(table["name"]) == ["original", a.label, b.label]
+    setting = "ppl demo:python+demo:all 6×64"
+    assert list(table["name"]) == [f"original · {setting}", a.label, b.label]
+    assert set(table["setting"]) == {setting} and set(table["group"]) == {0}
+    # a run under another evaluation setting gets its own original, named by that setting
+    c = X.run_experiment("demo", drop_plan({3: [2]}, "C"), EvalSpec(**{**SPEC, "samples": 4}), cache=cache)
+    both = X.compare([a, c, b])
+    assert list(both["experiment"]) == ["original"] + [e.id for e in order] + ["original", c.id]
+    assert list(both["name"])[3] == "original · ppl demo:python+demo:all 4×64"
+    assert list(both["group"]) == [0, 0, 0, 1, 1]
+    table = X.compare([a, b])
     with pytest.raises(MoescopeError, match="no experiment 'nope'"):
         X.load("nope", cache)
 
@@ -83,15 +100,40 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert view.better["ppl demo:all"] == "lower" and view.better["params ratio"] == "lower"
     styler = runs.styled(table, view, view.columns)
     html = styler.to_html()
-    best = 1 if table.loc[1, "ppl demo:all"] < table.loc[2, "ppl demo:all"] else 2
-    assert f"{table.loc[best, 'ppl demo:all']:.2f}" in html and "+" in html and "×" in html
+    assert "+" in html and "×" in html
     marked = styler._compute().ctx  # (row, column position) -> CSS of the marked cells
     col = view.columns.index("ppl demo:all")
-    assert [r for (r, c), css in marked.items() if c == col and css] == [best]
-    colours = runs.colour_map(list(table["name"]))
-    assert colours["original"] == "#868e96" and len(set(colours.values())) == 3
+    # bold only where the best is clear of the other beyond both per-window ranges
+    clear = X.best_marks(table, "ppl demo:all", "lower")
+    lo = table["ppl demo:all low"]
+    hi = table["ppl demo:all high"]
+    beyond = hi[1] < lo[2] or hi[2] < lo[1]
+    assert bool(clear) == beyond
+    assert sorted(r for (r, c), css in marked.items() if c == col and css == [("font-weight", "bold"),
+                                                                                ("color", "#2b8a3e")]) == sorted(clear)
+    # the page says which is best per column and setting, only beyond the uncertainty
+    verdict = next(m.value for m in at.markdown if m.value.startswith("**Which is best?**"))
+    full = X.compare([a, b, c])
+    won = X.best_marks(full, "ppl demo:all", "lower")
+    want = (f"ppl demo:all (ppl demo:python+demo:all 6×64): **{full['name'].iloc[next(iter(won))]}** is best beyond "
+            "the uncertainty" if won else "ppl demo:all (ppl demo:python+demo:all 6×64): no clear best")
+    assert want in verdict, verdict
+    # the page shows every experiment of the model (a, b and c), c under its own original
+    assert len(shown) == 5 and sum(n.startswith("original · ") for n in shown["name"]) == 2
+    colours = runs.experiment_colours(X.compare([a, b, c]), [a.id, b.id, c.id])
+    assert colours[table.loc[0, "name"]] == "#868e96" and len(set(colours.values())) == 4
     scatter = json.loads(at.get("plotly_chart")[0].proto.spec)
-    assert {t["name"]: t["marker"]["color"] for t in scatter["data"]} == colours
+    # one trace per row, named in the legend (no text labels on the points), the colours fixed per experiment
+    assert {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for t in scatter["data"]} == colours
+    assert all(t.get("mode") == "markers" for t in scatter["data"])
+    # an experiment keeps its colour when the selection narrows
+    at.text_input(key="compare_filter").set_value(b.label).run()
+    assert list(at.dataframe[0].value["name"]) == [table.loc[0, "name"], b.label]
+    assert any("Showing **1 of 3**" in cap.value and "2 hidden by the filter" in cap.value for cap in at.caption)
+    narrowed = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for t in narrowed["data"]}[b.label] \
+        == colours[b.label]
+    at.text_input(key="compare_filter").set_value("").run()
     at.checkbox(key="compare_all").check().run()
     assert "experts L0" in at.dataframe[0].value.columns
 
@@ -132,6 +174,17 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
     clear = dataclasses.replace(exp, efficiency={"original": side([100.0, 101.0, 102.0]),
                                                  "pruned": side([120.0, 121.0, 122.0])})
     text = model_card(model, plan, clear)
+    # the card names the plan (the experiment's label: the named plan's name) and where it came from
+    assert f"Plan: **{exp.label}**" in text and "Origin: edited by hand (no strategy)" in text
+    from moescope.analysis.run.export import plan_origin
+
+    action = "Drop grid: drop L0: 5, 6"
+    assert plan_origin({"strategy": "manual", "actions": [action]}) == f"analysis actions: {action}"
+    assert plan_origin({"strategy": "frequency", "edited_by_hand": True}) == "strategy **frequency**, then edited by hand"
+    named = dataclasses.replace(plan, provenance={**plan.provenance, "name": "grid plan", "actions": [action]})
+    card = model_card(model, named, clear)
+    assert "Plan: **grid plan**" in card and f"Origin: analysis actions: {action}" in card
+    assert "Strategy: **manual**" not in card
     assert "| generation tokens/s | 101 | 121 | +19.8% (repeats: 1.18–1.22×) |" in text, text
     assert "| prefill tokens/s | 1000 | 1000 | within noise (the repeats' range 0.98–1.02× covers 1.0×) |" in text
     loaded = dataclasses.replace(exp, efficiency={"original": side([100.0, 101.0, 102.0], busy=1.5),
@@ -206,8 +259,9 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
     rc, out, err = run(capsys, "experiments", "compare", *ids, "--csv")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("experiment,name,label,")
-    assert lines[1].startswith("original,original,demo,") and lines[2].startswith(ids[0]) and lines[3].startswith(ids[1])
+    assert lines[0].startswith("experiment,name,label,group,setting,")
+    assert lines[1].startswith("original,original · ppl demo:all 6×64 · moescope_demo_continuation+moescope_demo_ppl_docs ≤8,demo,")
+    assert {lines[2].split(",")[0], lines[3].split(",")[0]} == set(ids)
     assert "Δ moescope_demo_continuation acc" in lines[0]
     # export of an experiment refuses a non-empty folder, then writes with --overwrite
     rc, _, err = run(capsys, "export", ids[1], "-o", str(tmp_path / "enumerate"))
@@ -231,3 +285,45 @@ def test_two_strategies_prune_eval_export_compare_and_lm_eval_cli(capsys, demo_d
                           ("moescope_demo_ppl_docs", ("word_perplexity", "byte_perplexity", "bits_per_byte"))):
         for metric in metrics:
             assert cli[task][f"{metric},none"] == pytest.approx(recorded[task][metric], rel=1e-5), (task, metric)
+
+
+def test_the_cli_compares_under_the_original_of_each_setting_and_states_every_speed_with_its_verdict(capsys, demo_dir):
+    import dataclasses
+
+    from moescope.analysis.run.report import print_quality
+
+    a = X.run_experiment("demo", drop_plan({0: [0]}, "A"), EvalSpec(**SPEC))
+    b = X.run_experiment("demo", drop_plan({1: [1]}, "B"), EvalSpec(**SPEC))
+    c = X.run_experiment("demo", drop_plan({2: [2]}, "C"), EvalSpec(**{**SPEC, "samples": 4}))
+    rc, out, err = run(capsys, "experiments", "compare", a.id, c.id, b.id)
+    assert rc == 0, err
+    blocks = out.split("measured against: ")[1:]
+    assert len(blocks) == 2
+    assert blocks[0].startswith("original · ppl demo:python+demo:all 6×64")
+    assert a.id in blocks[0] and b.id in blocks[0] and c.id not in blocks[0]
+    assert blocks[1].startswith("original · ppl demo:python+demo:all 4×64") and c.id in blocks[1]
+    assert "*: best beyond the uncertainty; ~: within noise of the original" in out
+    assert "nan" not in out.lower()
+
+    def side(prefill, generate, busy=0.0):
+        return {"plain": {"params_total": 1, "params_active": 1, "weight_bytes": 4, "peak_memory_bytes": 8,
+                          "prefill_tokens_per_s": sorted(prefill)[1], "prefill_tokens_runs": prefill,
+                          "generate_tokens_per_s": sorted(generate)[1], "generate_tokens_runs": generate,
+                          "busy_cores": busy}, "skip": None}
+
+    quiet = dataclasses.replace(a, efficiency={"original": side([100.0, 101.0, 102.0], [10.0, 10.1, 10.2]),
+                                               "pruned": side([150.0, 151.0, 152.0], [9.9, 10.1, 10.3])})
+    capsys.readouterr()
+    print_quality(quiet)
+    out = capsys.readouterr().out
+    assert "evaluated on: ppl demo:python+demo:all 6×64" in out
+    assert "speed against the original: prefill 1.50× (1.47–1.52×); generate within noise: the repeats' range " in out
+    busy = dataclasses.replace(quiet, efficiency={**quiet.efficiency,
+                                                  "pruned": side([150.0, 151.0, 152.0], [12.0, 12.1, 12.2], 1.3)})
+    print_quality(busy)
+    out = capsys.readouterr().out
+    assert "(measured while other processes kept 1.3 cores busy)" in out
+    assert "prefill within noise: measured while other processes kept 1.3 cores busy" in out
+    # every perplexity is printed with its per-window range
+    lo, hi = a.result["ppl_interval"]["demo:all"]["all"]
+    assert f"[95% {lo:.3f}–{hi:.3f}]" in out

@@ -83,6 +83,7 @@ BUSY_CORES = 0.25
 
 
 SLOT_KIND = "efficiency-slot"  # the cache kind whose one lock orders speed measurements
+SLOT_WAIT = "waiting for the speed slot"  # the progress stage while another job measures speed
 
 
 @contextlib.contextmanager
@@ -92,7 +93,7 @@ def measurement_slot(cache_root: str | None = None, progress: Progress | None = 
     from moescope.analysis.core.cache import Cache, cache_key
 
     cache = Cache(cache_root) if cache_root else Cache()
-    wait = (lambda: progress("waiting for another speed measurement", 0, 1)) if progress else None
+    wait = (lambda: progress(SLOT_WAIT, 0, 1)) if progress else None
     with cache.lock(SLOT_KIND, cache_key(SLOT_KIND, {"slot": "speed"}), on_wait=wait):
         yield
 

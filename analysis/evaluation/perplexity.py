@@ -47,9 +47,13 @@ def perplexity_windows(source: str, tokenizer, samples: int = 96, seq_len: int =
 
 @torch.no_grad()
 def window_perplexity(model, windows: TokenBatch, batch_size: int = 8, progress: Progress | None = None) -> dict:
-    """``{"ppl": {domain: ppl, ["all": pooled]}, "tokens": {domain: predicted tokens}}``."""
+    """``{"ppl": {domain: ppl, ["all": pooled]}, "tokens": {domain: predicted tokens},
+    "interval": {domain|"all": [low, high]}, "windows": {"nll": [per-window loss sum], "tokens": [...],
+    "domains": [...]}}``; the interval is the per-window 95 % one of
+    :func:`~moescope.analysis.evaluation.uncertainty.perplexity_interval`."""
     device = next(model.hf.parameters()).device
     sums: dict[str, list[float]] = {}
+    per_window: dict[str, list] = {"nll": [], "tokens": [], "domains": []}
     n = windows.input_ids.shape[0]
     starts = score_from(windows)
     for i in range(0, n, batch_size):
@@ -60,12 +64,37 @@ def window_perplexity(model, windows: TokenBatch, batch_size: int = 8, progress:
             acc = sums.setdefault(domain, [0.0, 0])
             acc[0] += float(scored.double().sum())
             acc[1] += scored.numel()
+            per_window["nll"].append(float(scored.double().sum()))
+            per_window["tokens"].append(scored.numel())
+            per_window["domains"].append(domain)
         if progress:
             progress("perplexity", min(i + batch_size, n), n)
     ppl = {d: math.exp(s / c) for d, (s, c) in sorted(sums.items())}
     if len(ppl) > 1:
         ppl["all"] = math.exp(sum(s for s, _ in sums.values()) / sum(c for _, c in sums.values()))
-    return {"ppl": ppl, "tokens": {d: c for d, (_, c) in sorted(sums.items())}}
+    return {"ppl": ppl, "tokens": {d: c for d, (_, c) in sorted(sums.items())},
+            "interval": window_intervals(per_window), "windows": per_window}
+
+
+def window_intervals(windows: dict) -> dict[str, list[float]]:
+    """``{domain: [low, high], "all": [low, high] (several domains)}``: the per-window 95 % interval
+    of each domain's perplexity and of the pooled one; None for a domain of a single window (one
+    window gives no spread to measure)."""
+    from moescope.analysis.evaluation.uncertainty import perplexity_interval
+
+    groups: dict[str, tuple[list, list]] = {}
+    for s, c, d in zip(windows["nll"], windows["tokens"], windows["domains"]):
+        groups.setdefault(d, ([], []))
+        groups[d][0].append(s)
+        groups[d][1].append(c)
+    out = {}
+    for d, (s, c) in sorted(groups.items()):
+        iv = perplexity_interval(s, c)
+        out[d] = [iv.low, iv.high] if len(s) > 1 else None
+    if len(groups) > 1:
+        iv = perplexity_interval(windows["nll"], windows["tokens"])
+        out["all"] = [iv.low, iv.high]
+    return out
 
 
 def perplexity(model, source: str = "demo:all", samples: int = 96, seq_len: int = 256, sampling: str = "first",
@@ -73,8 +102,9 @@ def perplexity(model, source: str = "demo:all", samples: int = 96, seq_len: int 
                cache=None, progress: Progress | None = None) -> dict:
     """Perplexity of ``model`` on ``source`` (see :func:`perplexity_windows`), cached when a
     :class:`~moescope.analysis.core.cache.Cache` is given. Returns ``{"ppl": {domain: ppl, "all": …},
-    "tokens": {…}, "data": description, "value": headline perplexity}`` where ``value`` is the
-    pooled ``all`` for a multi-domain source, else the single domain's."""
+    "tokens": {…}, "interval": {domain: [low, high]}, "windows": per-window sums, "data": description,
+    "value": headline perplexity}`` where ``value`` is the pooled ``all`` for a multi-domain source,
+    else the single domain's."""
     windows = perplexity_windows(source, tokenizer or model.tokenizer, samples, seq_len, sampling, seed, stride, split)
 
     def compute():
@@ -91,9 +121,9 @@ def perplexity(model, source: str = "demo:all", samples: int = 96, seq_len: int 
         out = compute()["meta"]
     else:
         parts = {"model": model.fingerprint(), "skip_beta": skip_key(model),
-                 "windows": windows_fingerprint(windows), "version": EVAL_VERSION}
+                 "windows": windows_fingerprint(windows), "version": EVAL_VERSION, "per_window": 1}
         entry = cache.get_or_compute("perplexity", parts, compute, label=f"{model.source}-{windows.source}")
-        out = {"ppl": entry.meta["ppl"], "tokens": entry.meta["tokens"]}
+        out = {k: entry.meta[k] for k in ("ppl", "tokens", "interval", "windows")}
     ppl = out["ppl"]
     return {**out, "data": windows.describe(), "value": ppl.get("all", next(iter(ppl.values())))}
 

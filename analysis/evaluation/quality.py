@@ -69,9 +69,10 @@ class EvalSpec:
 
 
 def evaluate_quality(model, spec: EvalSpec, cache=None, progress: Progress | None = None) -> dict:
-    """``{"ppl": {source: value}, "ppl_domains": {source: {domain: ppl}}, "tasks": {task: {metric: v}},
-    "timings": {...}}`` for ``model`` as it is now."""
-    out: dict = {"ppl": {}, "ppl_domains": {}, "ppl_data": {}, "tasks": {}, "timings": {}}
+    """``{"ppl": {source: value}, "ppl_domains": {source: {domain: ppl}}, "ppl_interval": {source:
+    {domain: [low, high]}}, "tasks": {task: {metric: v, metric_stderr: se}}, "timings": {...}}`` for
+    ``model`` as it is now."""
+    out: dict = {"ppl": {}, "ppl_domains": {}, "ppl_interval": {}, "ppl_data": {}, "tasks": {}, "timings": {}}
     for src in spec.ppl:
         t0 = time.perf_counter()
         res = perplexity(model, src, samples=spec.samples, seq_len=spec.seq_len, sampling=spec.sampling,
@@ -79,16 +80,15 @@ def evaluate_quality(model, spec: EvalSpec, cache=None, progress: Progress | Non
                          progress=progress)
         out["ppl"][src] = res["value"]
         out["ppl_domains"][src] = res["ppl"]
+        out["ppl_interval"][src] = res["interval"]  # per domain and "all": the per-window 95 % range
         out["ppl_data"][src] = res["data"]
         out["timings"][f"ppl {src}"] = time.perf_counter() - t0
     if spec.tasks:
         t0 = time.perf_counter()
-        if progress:
-            progress("lm-eval", 0, 1)
+        if progress:  # until lm-eval has built its requests (then "lm-eval requests" counts them)
+            progress("lm-eval: preparing the requests", 0, 1)
         out["tasks"] = cached_tasks(model, spec.tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
-                                    batch_size=spec.batch_size, seed=spec.seed, cache=cache)
-        if progress:
-            progress("lm-eval", 1, 1)
+                                    batch_size=spec.batch_size, seed=spec.seed, cache=cache, progress=progress)
         out["timings"]["tasks"] = time.perf_counter() - t0
     return out
 

@@ -5,13 +5,15 @@ included."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
+import os
 from pathlib import Path
 
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.evaluation.keys import EVAL_VERSION, skip_key
+from moescope.analysis.evaluation.keys import EVAL_VERSION, Progress, skip_key
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
@@ -45,11 +47,57 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# lm-eval's standard errors: the closed form ``sd / √n`` for a mean (acc, exact_match), a bootstrap of
+# this many draws for the others (perplexity-like aggregations); 0 would skip them all
+STDERR_BOOTSTRAP = 100
+
+
+@contextlib.contextmanager
+def _request_progress(progress: Progress | None):
+    """Report lm-eval's own progress over its requests (the tqdm bar its HF model wrapper draws
+    over loglikelihood and generation requests) as ``progress("lm-eval requests", done, total)``;
+    the bar itself stays quiet. lm-eval's bootstrap of standard errors runs in this process
+    (``DISABLE_MULTIPROC``) instead of a pool of one process per core."""
+    import io
+
+    import lm_eval.models.huggingface as hf_module
+
+    original = hf_module.tqdm
+    env = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+
+    class Reporting(original):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = False
+            kwargs["file"] = io.StringIO()
+            super().__init__(*args, **kwargs)
+            if progress and self.total:
+                progress("lm-eval requests", 0, int(self.total))
+
+        def update(self, n=1):
+            out = super().update(n)
+            if progress and self.total:
+                progress("lm-eval requests", int(self.n), int(self.total))
+            return out
+
+    hf_module.tqdm = Reporting
+    try:
+        yield
+    finally:
+        hf_module.tqdm = original
+        if env is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = env
+
+
 def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
-              batch_size: int = 8, seed: int = 0, verbose: bool = False) -> dict[str, dict[str, float]]:
+              batch_size: int = 8, seed: int = 0, verbose: bool = False,
+              progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks`` (hub task names need the network;
     ``moescope_demo_*`` are local). Returns ``{task: {metric: value}}`` with lm-eval's metric
-    names stripped of their filter suffix (``acc,none`` → ``acc``, stderr as ``acc_stderr``)."""
+    names stripped of their filter suffix (``acc,none`` → ``acc``, lm-eval's standard error as
+    ``acc_stderr``). ``progress`` gets lm-eval's requests done / total."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -69,10 +117,11 @@ def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: in
     was_cache = hf.config.use_cache
     lm = HFLM(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size, max_length=_max_length(hf.config))
     try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed, verbosity="ERROR" if not verbose else None)
+        with _request_progress(progress):
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP,
+                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                          fewshot_random_seed=seed, verbosity="ERROR" if not verbose else None)
     except (ConnectionError, OSError) as err:
         raise MoescopeError(f"lm-eval could not load the data of {', '.join(tasks)}: {err}; hub tasks need the "
                             "network (the moescope_demo_* tasks run offline)") from None
@@ -107,18 +156,20 @@ def _local_tasks_hash() -> str:
 
 
 def cached_tasks(model, tasks: list[str], num_fewshot=None, limit=None, batch_size: int = 8, seed: int = 0,
-                 cache=None) -> dict[str, dict[str, float]]:
+                 cache=None, progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """:func:`run_tasks`, stored under the cache by model (and skip thresholds), tasks, shots,
     limit and seed, so the original model of many experiments is evaluated once."""
     if cache is None:
-        return run_tasks(model, tasks, num_fewshot, limit, batch_size, seed)
+        return run_tasks(model, tasks, num_fewshot, limit, batch_size, seed, progress=progress)
     import lm_eval
 
     parts = {"model": model.fingerprint(), "skip_beta": skip_key(model),
              "tasks": sorted(tasks), "num_fewshot": num_fewshot, "limit": limit, "seed": seed,
-             "lm_eval": getattr(lm_eval, "__version__", "?"), "local_tasks": _local_tasks_hash(), "version": EVAL_VERSION}
+             "lm_eval": getattr(lm_eval, "__version__", "?"), "local_tasks": _local_tasks_hash(), "version": EVAL_VERSION,
+             "stderr_bootstrap": STDERR_BOOTSTRAP}
     entry = cache.get_or_compute(
-        "lm_eval", parts, lambda: {"meta": {"results": run_tasks(model, tasks, num_fewshot, limit, batch_size, seed)}},
+        "lm_eval", parts,
+        lambda: {"meta": {"results": run_tasks(model, tasks, num_fewshot, limit, batch_size, seed, progress=progress)}},
         label=f"{model.source}-{'-'.join(sorted(tasks))}")
     return entry.meta["results"]
 

@@ -84,9 +84,13 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     def data_args(p, flag: str, default: str, samples: int, seq_len: int) -> None:
         p.add_argument(flag, default=default, help=f"data source (default {default}): demo:DOMAIN | demo:all | "
                        "file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
-        p.add_argument("--samples", type=int, default=samples)
-        p.add_argument("--seq-len", type=int, default=seq_len)
-        p.add_argument("--sampling", default="random", choices=["random", "first"])
+        p.add_argument("--samples", type=int, default=samples,
+                       help=f"token windows read from the data source (default {samples}); more windows give "
+                            "steadier numbers and a different plan or grid than fewer")
+        p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
+        p.add_argument("--sampling", default="random", choices=["random", "first"],
+                       help="random: seeded window offsets (default); first: consecutive windows from each "
+                            "domain's start")
         p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--device", default=None)

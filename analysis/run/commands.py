@@ -8,7 +8,13 @@ import json
 import sys
 
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.run.report import ProgressBars, experiment_json, format_info, print_quality
+from moescope.analysis.run.report import (
+    ProgressBars,
+    compare_text,
+    experiment_json,
+    format_info,
+    print_quality,
+)
 
 
 def cmd_info(args) -> int:
@@ -77,21 +83,27 @@ def check_listen(address: str, port: int) -> None:
             s.bind(where)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise MoescopeError(f"port {port} on {address} is in use (another dashboard?); pass --port with a "
-                                    f"free one, e.g. --port {_free_port(address)}") from None
+                free = _next_free_port(where, port)
+                hint = (f"; start it on a free one with `moescope dashboard --port {free}`" if free
+                        else "; pick another with --port")
+                raise MoescopeError(f"port {port} on {address} is in use (another moescope dashboard?){hint}") from None
             raise MoescopeError(f"cannot listen on {address}:{port} ({err.strerror or err}); pass another "
                                 "--address or --port") from None
 
 
-def _free_port(address: str) -> int:
+def _next_free_port(where: tuple, port: int) -> int | None:
+    """The first port after ``port`` that binds on the same address, within 50."""
     import socket
 
-    with socket.socket() as s:
-        try:
-            s.bind((address, 0))
-        except OSError:
-            return 8502
-        return s.getsockname()[1]
+    for candidate in range(port + 1, min(port + 50, 65536)):
+        family = socket.AF_INET6 if len(where) == 4 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((where[0], candidate, *where[2:]))
+            except OSError:
+                continue
+            return candidate
+    return None
 
 
 def check_device(device: str | None) -> None:
@@ -538,8 +550,8 @@ def cmd_experiments(args) -> int:
         return 0
     import pandas as pd
 
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
-        print(table.set_index("experiment").T.to_string())
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+        print(compare_text(table))
     return 0
 
 

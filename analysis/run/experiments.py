@@ -216,11 +216,15 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         betas_pruned = _skip_betas(model, spec, cache, progress) if plan is not None else betas_original
         # one speed measurement at a time on this machine (other jobs wait), original and pruned
         # back to back, each recording how busy the rest of the machine was
+        t_wait = time.perf_counter()
         with measurement_slot(str(cache.root), progress):
+            timings["speed_wait_s"] = time.perf_counter() - t_wait  # another job's measurement went first
+            t0 += timings["speed_wait_s"]  # efficiency_s: the stage's own work, not the wait
             if progress:
                 progress("efficiency", 0, 1)
             flags = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
-            efficiency["original"] = isolated_efficiency(source, None, p, betas_original, dtype, device, **flags)
+            efficiency["original"] = original_efficiency(model, source, p, betas_original, dtype, device, cache,
+                                                         base_fp, **flags)
             if plan is None:
                 efficiency["pruned"] = efficiency["original"]
             else:
@@ -279,6 +283,50 @@ def evaluate_offloaded(source: str, pruned_dir, plan, spec: EvalSpec, offload_di
         plan=plan.to_json(), eval=spec.to_json(), reference=reference, result=result, efficiency={},
         structure={"before": before, "after": after}, timings=timings, versions=software_versions(), finetuned=False,
     )
+
+
+def original_efficiency(model, source: str, params, betas: dict | None, dtype, device, cache, fingerprint: str,
+                        **flags) -> dict:
+    """The original model's size and speed for these efficiency settings: measured once (in a fresh
+    process, see :func:`~moescope.analysis.evaluation.efficiency.isolated_efficiency`) and then read
+    from the cache by every later experiment of the same model, settings, skip thresholds, dtype,
+    device and thread count (each figure keeps how busy the machine was while it was taken). ``flags``
+    (``trust_remote_code``, ``allow_pickle``) reach the child process that measures."""
+    import torch
+    from moescope.analysis.evaluation import isolated_efficiency
+    from moescope.analysis.evaluation.keys import EVAL_VERSION
+
+    parts = {"model": fingerprint, "params": asdict(params), "skip_beta": {str(k): v for k, v in (betas or {}).items()},
+             "dtype": dtype, "device": device, "threads": torch.get_num_threads(), "version": EVAL_VERSION}
+    entry = cache.get_or_compute(
+        "efficiency-original", parts,
+        lambda: {"meta": {"efficiency": isolated_efficiency(source, None, params, betas, dtype, device, **flags)}},
+        label=f"{source}-original")
+    return entry.meta["efficiency"]
+
+
+_STAGE_TIMINGS = ("load_s", "evaluate_original_s", "prune_s", "evaluate_pruned_s", "efficiency_s")
+
+
+def estimate_seconds(model: str, spec: dict, with_plan: bool, cache=None) -> float | None:
+    """A whole job's expected seconds from the stages' costs in earlier experiments of the same
+    model source and evaluation setting: the median of each stage's time, except the original's
+    evaluation, whose least time is taken (it is a cached result once measured), and the
+    pruned-only stages left out for an evaluation without a plan. None without an earlier run."""
+    import statistics
+
+    key = spec_key(spec)
+    past = [e for e in list_experiments(cache) if e.model == model and spec_key(e.eval) == key]
+    if not past:
+        return None
+    total = 0.0
+    for stage in _STAGE_TIMINGS:
+        if not with_plan and stage in ("prune_s", "evaluate_pruned_s"):
+            continue
+        seen = [e.timings[stage] for e in past if isinstance(e.timings.get(stage), int | float)]
+        if seen:
+            total += min(seen) if stage == "evaluate_original_s" else statistics.median(seen)
+    return total
 
 
 def store(exp: Experiment, cache=None):
@@ -360,30 +408,177 @@ def _ratio(a, b):
     return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
 
 
+def setting_name(spec: dict) -> str:
+    """A short name of an evaluation setting (what the original row of a comparison is measured
+    on): perplexity sources with windows × tokens, tasks with their sample limit and shots, and the
+    speed measurement's repeats, e.g. ``ppl demo:all 48×256 · moescope_demo_continuation ≤100 · speed ×3``."""
+    parts = []
+    if spec.get("ppl"):
+        window = f"{spec.get('samples')}×{spec.get('seq_len')}"
+        extra = "".join([f" stride {spec['stride']}" if spec.get("stride") else "",
+                         f" {spec['sampling']} seed {spec.get('seed', 0)}" if spec.get("sampling", "first") != "first"
+                         else ""])
+        parts.append(f"ppl {'+'.join(spec['ppl'])} {window}{extra}")
+    if spec.get("tasks"):
+        limit = spec.get("limit")
+        limit = "" if limit is None else f" ≤{limit:g}"
+        shots = "" if spec.get("num_fewshot") is None else f" {spec['num_fewshot']}-shot"
+        parts.append(f"{'+'.join(spec['tasks'])}{limit}{shots}")
+    if spec.get("efficiency"):
+        eff = spec.get("efficiency_params") or {}
+        parts.append(f"speed ×{eff.get('repeats', '?')}")
+    return " · ".join(parts) or "no evaluation"
+
+
+def spec_key(spec: dict) -> str:
+    """An evaluation spec as one canonical string (stored records come back with sorted keys)."""
+    import json
+
+    return json.dumps(spec, sort_keys=True)
+
+
+def _setting_key(exp: Experiment) -> tuple:
+    return exp.model_fingerprint, spec_key(exp.eval)
+
+
+def headline(table) -> tuple[str, str] | None:
+    """``(column, better end)`` a comparison is sorted by: the pooled perplexity of the first
+    source, else the first lm-eval score, else the parameter ratio."""
+    cols = list(table.columns)
+    for c in cols:
+        if c.startswith("ppl ") and not c.endswith((" low", " high")):
+            return c, "lower"
+    for c in cols:
+        if c.startswith("task:") and not c.endswith((" low", " high")):
+            return c, "higher" if c.split(" ")[-1] in HIGHER_METRICS else "lower"
+    return ("params ratio", "lower") if "params ratio" in cols else None
+
+
+HIGHER_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mc1", "mc2")
+
+
 def compare(experiments: list[Experiment]):
-    """One table, a row per experiment plus the original as the reference row (one per distinct
-    base model and evaluation), columns: quality per source/task with the change against that
-    original, parameter, weight-byte and peak-memory ratios, prefill and generation speed ratios
-    (plain and with dynamic skipping)."""
+    """One table: for each evaluation setting (base model and evaluation spec), its original as a
+    reference row named by the setting (``setting`` column, ``group`` number), then the experiments
+    measured against that original, best headline metric first (:func:`headline`); an evaluation
+    without a plan is that original row itself. Columns: quality
+    per source/task with its 95 % interval (``… low`` / ``… high``: per-window for perplexity,
+    lm-eval's standard error for task scores) and the change against the original, parameter,
+    weight-byte and peak-memory ratios, prefill and generation speed ratios with the repeats' range
+    and the verdict (plain and with dynamic skipping). See :func:`best_marks` and
+    :func:`noise_marks` for what may be called best and what is within noise."""
     import pandas as pd
 
     if not experiments:
         raise MoescopeError("nothing to compare: give at least one experiment id")
     names = display_names(experiments)
-    rows = []
-    seen_refs = set()
+    groups: dict[tuple, list[Experiment]] = {}
     for exp in experiments:
-        ref_key = (exp.model_fingerprint, repr(sorted(exp.eval.items())))
-        eff = exp.efficiency or {}
+        groups.setdefault(_setting_key(exp), []).append(exp)
+    models = {e.model_fingerprint for e in experiments}
+    frames = []
+    for g, members in enumerate(groups.values()):
+        first = members[0]
+        eff = first.efficiency or {}
         ref_eff = (eff.get("original") or {}).get("plain") or {}
-        if ref_key not in seen_refs:
-            seen_refs.add(ref_key)
-            rows.append(_row("original", exp.model, exp.structure.get("before", {}), exp.reference, exp.reference,
-                             eff.get("original") or {}, ref_eff, exp.structure.get("before", {}),
-                             "original" if len(seen_refs) == 1 else f"original {exp.model}"))
-        rows.append(_row(exp.id, exp.label, exp.structure.get("after", {}), exp.result, exp.reference,
-                         eff.get("pruned") or {}, ref_eff, exp.structure.get("before", {}), names[exp.id]))
-    return pd.DataFrame(rows)
+        setting = setting_name(first.eval) + (f" · {first.model}" if len(models) > 1 else "")
+        ref = _row("original", first.model, first.structure.get("before", {}), first.reference, first.reference,
+                   eff.get("original") or {}, ref_eff, first.structure.get("before", {}), f"original · {setting}")
+        rows = []
+        for exp in members:
+            if exp.plan is None:  # an evaluation without a plan is this setting's original row itself
+                continue
+            e_eff = exp.efficiency or {}
+            r_eff = (e_eff.get("original") or {}).get("plain") or {}
+            rows.append(_row(exp.id, exp.label, exp.structure.get("after", {}), exp.result, exp.reference,
+                             e_eff.get("pruned") or {}, r_eff, exp.structure.get("before", {}), names[exp.id]))
+        body = pd.DataFrame(rows)
+        key = headline(body) if rows else None
+        if key is not None and key[0] in body.columns and len(body) > 1:
+            body = body.sort_values(key[0], ascending=key[1] == "lower", kind="stable", na_position="last")
+        part = pd.concat([pd.DataFrame([ref]), body], ignore_index=True)
+        part.insert(0, "group", g)
+        part.insert(1, "setting", setting)
+        frames.append(part)
+    table = pd.concat(frames, ignore_index=True)
+    front = ["experiment", "name", "label", "group", "setting"]
+    return table[front + [c for c in table.columns if c not in front]]
+
+
+def quality_intervals(table, column: str) -> list:
+    """The 95 % interval of every row's value of a quality or speed-ratio column (None where the
+    table has none), from its ``… low`` / ``… high`` columns and, for a speed ratio, its verdict."""
+    import math
+
+    from moescope.analysis.evaluation.uncertainty import Interval
+
+    def missing(v) -> bool:
+        return v is None or (isinstance(v, float) and math.isnan(v))
+
+    out = []
+    low_c, high_c = f"{column} low", f"{column} high"
+    noise_c = f"{column} noise"
+    ranged = low_c in table.columns  # a measured quantity (else exact, e.g. a parameter ratio)
+    for _, row in table.iterrows():
+        value = row.get(column)
+        if not isinstance(value, int | float) or missing(value):
+            out.append(None)
+            continue
+        low, high = row.get(low_c), row.get(high_c)
+        noise = row.get(noise_c)
+        noise = noise if isinstance(noise, str) and noise else None
+        if missing(low) or missing(high):
+            low = high = value
+            if ranged and noise is None:  # a measured value without a range cannot be called better
+                noise = "no range measured"
+        out.append(Interval(float(value), float(low), float(high), noise))
+    return out
+
+
+def best_marks(table, column: str, direction: str) -> set[int]:
+    """Row positions of ``table`` (from :func:`compare`) whose ``column`` value is the best of the
+    experiments measured against the same original *beyond the uncertainty*: its interval lies
+    clear of every other experiment's of that setting
+    (:func:`~moescope.analysis.evaluation.uncertainty.best_beyond_noise`). Originals are never marked."""
+    from moescope.analysis.evaluation.uncertainty import best_beyond_noise
+
+    if column not in table.columns:
+        return set()
+    intervals = quality_intervals(table, column)
+    marked = set()
+    for g in table["group"].unique():
+        pos = [i for i in range(len(table)) if table["group"].iloc[i] == g and table["experiment"].iloc[i] != "original"]
+        best = best_beyond_noise({i: intervals[i] for i in pos}, direction)
+        if best is not None:
+            marked.add(best)
+    return marked
+
+
+def noise_marks(table, column: str) -> set[int]:
+    """Row positions whose ``column`` value cannot be told from its original's: the intervals
+    overlap, or the value is within noise itself (a speed ratio on a busy machine or with a range
+    covering 1.0×)."""
+    from moescope.analysis.evaluation.uncertainty import differs
+
+    if column not in table.columns:
+        return set()
+    intervals = quality_intervals(table, column)
+    ratio = column.endswith("ratio") or column.endswith("ratio (skip)")
+    out = set()
+    ref = None
+    for i in range(len(table)):
+        if table["experiment"].iloc[i] == "original":
+            ref = intervals[i]
+            continue
+        v = intervals[i]
+        if v is None:
+            continue
+        if ratio:  # a ratio's reference is 1.0× and its verdict already says whether it differs
+            if v.noisy:
+                out.add(i)
+        elif differs(v, ref) is False:
+            out.add(i)
+    return out
 
 
 def display_names(experiments: list[Experiment]) -> dict[str, str]:
@@ -393,6 +588,16 @@ def display_names(experiments: list[Experiment]) -> dict[str, str]:
     for exp in experiments:
         counts[exp.label] = counts.get(exp.label, 0) + 1
     return {exp.id: exp.label if counts[exp.label] == 1 else f"{exp.label} ({exp.id[:8]})" for exp in experiments}
+
+
+def speed_text(verdict: dict | None) -> str:
+    """A speed ratio as the CLI, the dashboard and the model card say it: ``1.20× (1.18–1.22×)``,
+    or ``within noise: <why>``; empty without a figure."""
+    if verdict is None:
+        return ""
+    if verdict["noise"]:
+        return f"within noise: {verdict['noise']}"
+    return f"{verdict['ratio']:.2f}× ({verdict['low']:.2f}–{verdict['high']:.2f}×)"
 
 
 def _row(ident, label, structure, quality, reference, eff, ref_eff, ref_structure, name) -> dict:
@@ -405,14 +610,23 @@ def _row(ident, label, structure, quality, reference, eff, ref_eff, ref_structur
     params = (structure.get("params") or {}).get("total")
     row["params"] = params
     row["params ratio"] = _ratio(params, (ref_structure.get("params") or {}).get("total"))
+    from moescope.analysis.evaluation.uncertainty import stderr_interval
+
     for src, value in quality.get("ppl", {}).items():
         row[f"ppl {src}"] = value
+        domains = (quality.get("ppl_interval") or {}).get(src) or {}
+        iv = domains.get("all") or (next(iter(domains.values())) if len(domains) == 1 else None)
+        row[f"ppl {src} low"], row[f"ppl {src} high"] = (iv[0], iv[1]) if iv else (None, None)
         row[f"Δ% ppl {src}"] = 100 * (value / reference["ppl"][src] - 1) if src in reference.get("ppl", {}) else None
     for task, metrics in quality.get("tasks", {}).items():
         for metric, value in metrics.items():
             if metric.endswith("_stderr") or metric == "samples":
                 continue
-            row[f"{task} {metric}"] = value
+            col = f"task: {task} {metric}"
+            row[col] = value
+            se = metrics.get(f"{metric}_stderr")
+            iv = stderr_interval(value, se)
+            row[f"{col} low"], row[f"{col} high"] = (iv.low, iv.high) if se is not None else (None, None)
             ref = reference.get("tasks", {}).get(task, {}).get(metric)
             row[f"Δ {task} {metric}"] = value - ref if isinstance(ref, int | float) else None
     plain, skip = eff.get("plain") or {}, eff.get("skip") or {}
@@ -426,10 +640,19 @@ def _row(ident, label, structure, quality, reference, eff, ref_eff, ref_structur
 
         for what, key in (("prefill", "prefill_tokens_per_s"), ("generate", "generate_tokens_per_s")):
             v = speed_verdict(plain, ref_eff, key) if ident != "original" else None
-            row[f"{what} speed"] = ("" if v is None else f"within noise: {v['noise']}" if v["noise"] else
-                                    f"{v['ratio']:.2f}× ({v['low']:.2f}–{v['high']:.2f}×)")
+            row[f"{what} speed"] = speed_text(v)
+            if v is not None:
+                row[f"{what} speed ratio low"], row[f"{what} speed ratio high"] = v["low"], v["high"]
+                row[f"{what} speed ratio noise"] = v["noise"] or ""
     if skip:
+        from moescope.analysis.evaluation.efficiency import speed_verdict
+
         row["generate speed ratio (skip)"] = _ratio(skip.get("generate_tokens_per_s"),
                                                     ref_eff.get("generate_tokens_per_s"))
-        row["skipped fraction"] = skip.get("skipped_fraction")
+        v = speed_verdict(skip, ref_eff, "generate_tokens_per_s") if ident != "original" else None
+        if v is not None:
+            row["generate speed ratio (skip) low"], row["generate speed ratio (skip) high"] = v["low"], v["high"]
+            row["generate speed ratio (skip) noise"] = v["noise"] or ""
+        # share of the (token, selected expert) calls that dynamic skipping left out while generating
+        row["skipped expert calls"] = skip.get("skipped_fraction")
     return row

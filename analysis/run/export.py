@@ -233,6 +233,25 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def plan_origin(prov: dict) -> str:
+    """Where a plan came from, in words: the strategy that chose it (and whether it was edited by hand
+    afterwards), the analysis actions that built it (e.g. the drop grid's "drop the least needed"),
+    or a hand edit on the Plan page."""
+    strategy = prov.get("strategy") or "manual"
+    actions = [str(a) for a in prov.get("actions") or []]
+    if strategy != "manual":
+        text = f"strategy **{strategy}**"
+        if actions:
+            text += ", then analysis actions: " + "; ".join(actions)
+        elif prov.get("edited_by_hand"):
+            text += ", then edited by hand"
+        return text
+    if actions:
+        return "analysis actions: " + "; ".join(actions) + ("" if not prov.get("edited_by_hand") else
+                                                             ", then edited by hand")
+    return "edited by hand (no strategy)"
+
+
 def model_card(model, plan, experiment=None) -> str:
     """The README of an exported folder (Markdown with hub front matter)."""
     base = plan.base_model if plan is not None else model.source
@@ -248,7 +267,11 @@ def model_card(model, plan, experiment=None) -> str:
     if plan is None:
         out.append("No plan: the model as loaded.")
     else:
-        out.append(f"Strategy: **{prov.get('strategy', 'unknown')}**")
+        name = prov.get("name") or (experiment.label if experiment is not None else None)
+        if name:
+            out.append(f"Plan: **{name}**")
+            out.append("")
+        out.append(f"Origin: {plan_origin(prov)}")
         params = prov.get("params") or {}
         if params:
             out += ["", "Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in sorted(params.items())]

@@ -57,6 +57,7 @@ class JobStatus:
     stage_started: float = 0.0  # when the current stage began
     finished: float = 0.0
     result: dict | None = None  # the finished experiment in brief (see _brief)
+    estimate_s: float | None = None  # the whole job's expected seconds (from earlier runs of its setting)
 
     @property
     def running(self) -> bool:
@@ -72,6 +73,18 @@ class JobStatus:
             return 0.0
         end = self.finished if not self.running and self.finished else (now or time.time())
         return max(0.0, end - self.started)
+
+    def stage_elapsed(self, now: float | None = None) -> float:
+        """Seconds in the current stage (e.g. how long it has waited for the speed slot)."""
+        return max(0.0, (now or time.time()) - self.stage_started) if self.stage_started and self.running else 0.0
+
+    def job_eta(self, now: float | None = None) -> float | None:
+        """Seconds left of the whole job by its estimate (None without one); never below the
+        current stage's own estimate."""
+        if not self.running or self.estimate_s is None:
+            return None
+        left = max(0.0, self.estimate_s - self.elapsed(now))
+        return max(left, self.stage_eta(now) or 0.0)
 
     def stage_eta(self, now: float | None = None) -> float | None:
         """Seconds left in the current stage, from its pace so far (None before its first step)."""
@@ -196,13 +209,18 @@ def _run(folder: Path) -> int:
 
     def progress(stage: str, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] > 0.2 or done == total:
+        # a new stage is always written (a wait that follows a finished stage must show at once)
+        if now - last[0] > 0.2 or done == total or stage != base.get("stage"):
             last[0] = now
             report(state="running", stage=stage, done=done, total=total)
 
     base["started"] = time.time()
     report(state="running", stage="load", done=0, total=1)
     try:
+        from moescope.analysis.run.experiments import estimate_seconds
+
+        base["estimate_s"] = estimate_seconds(spec["model"], spec["eval"], spec["plan"] is not None,
+                                              cache=Cache(spec["cache"]))
         plan = PruningPlan.from_json(spec["plan"]) if spec["plan"] is not None else None
         exp = run_experiment(spec["model"], plan, EvalSpec.from_json(spec["eval"]), cache=Cache(spec["cache"]),
                              progress=progress, label=spec.get("label") or None)

@@ -97,17 +97,35 @@ def experiment_json(exp) -> dict:
             "efficiency": exp.efficiency, "structure": exp.structure, "timings": exp.timings}
 
 
+def _interval(quality: dict, src: str) -> str:
+    domains = (quality.get("ppl_interval") or {}).get(src) or {}
+    iv = domains.get("all") or (next(iter(domains.values())) if len(domains) == 1 else None)
+    return f" [95% {iv[0]:.3f}–{iv[1]:.3f}]" if iv else ""
+
+
 def print_quality(exp) -> None:
+    """The experiment's numbers as the dashboard states them: each with its uncertainty (the
+    per-window interval of a perplexity, lm-eval's standard error of a score), and every speed of
+    a pruned model with its verdict (the change with the repeats' range, or within noise and why)."""
+    from moescope.analysis.evaluation.efficiency import BUSY_CORES, speed_verdict
+    from moescope.analysis.run.experiments import setting_name, speed_text
+
+    print(f"evaluated on: {setting_name(exp.eval)}")
     for src, value in exp.result["ppl"].items():
         ref = exp.reference["ppl"][src]
-        change = f" (original {ref:.3f}, {100 * (value / ref - 1):+.1f}%)" if exp.plan else ""
-        print(f"perplexity {src}: {value:.3f}{change}")
+        change = (f" (original {ref:.3f}{_interval(exp.reference, src)}, {100 * (value / ref - 1):+.1f}%)"
+                  if exp.plan else "")
+        print(f"perplexity {src}: {value:.3f}{_interval(exp.result, src)}{change}")
         domains = {d: v for d, v in exp.result["ppl_domains"][src].items() if d != "all"}
         if len(domains) > 1:
             print("    " + ", ".join(f"{d} {v:.2f}" for d, v in domains.items()))
     for task, metrics in exp.result["tasks"].items():
         shown = {k: v for k, v in metrics.items() if not k.endswith("_stderr") and k != "samples"}
-        print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        print(f"{task}: " + ", ".join(
+            f"{k} {v:.4g}" + (f" ± {metrics[k + '_stderr']:.2g}" if isinstance(metrics.get(k + "_stderr"), float) else "")
+            for k, v in shown.items()) + (" (± lm-eval's standard error)" if any(k.endswith("_stderr") for k in metrics)
+                                          else ""))
+    ref_plain = ((exp.efficiency.get("original") or {}).get("plain")) or {}
     for variant, eff in exp.efficiency.items():
         if variant == "pruned" and not exp.plan:
             continue
@@ -117,4 +135,70 @@ def print_quality(exp) -> None:
                 f"prefill {plain['prefill_tokens_per_s']:.0f} tok/s, generate {plain['generate_tokens_per_s']:.1f} tok/s")
         if skip:
             line += f"; with skipping {skip['generate_tokens_per_s']:.1f} tok/s ({100 * skip['skipped_fraction']:.1f}% calls skipped)"
+        busy = plain.get("busy_cores") or 0.0
+        if busy >= BUSY_CORES:
+            line += f" (measured while other processes kept {busy:.1f} cores busy)"
         print(line)
+        if variant == "pruned":
+            verdicts = [f"{what} {speed_text(speed_verdict(plain, ref_plain, key)) or 'no figure'}"
+                        for what, key in (("prefill", "prefill_tokens_per_s"), ("generate", "generate_tokens_per_s"))]
+            if skip:
+                verdicts.append("generate with skipping "
+                                + (speed_text(speed_verdict(skip, ref_plain, "generate_tokens_per_s")) or "no figure"))
+            print("speed against the original: " + "; ".join(verdicts))
+
+
+def _better(column: str) -> str | None:
+    from moescope.analysis.run.experiments import HIGHER_METRICS
+
+    if column.startswith("ppl ") or column in ("params ratio", "weight bytes ratio", "peak memory ratio"):
+        return "lower"
+    if column.startswith("task: "):
+        return "higher" if column.split(" ")[-1] in HIGHER_METRICS else "lower"
+    if "speed ratio" in column:
+        return "higher"
+    return None
+
+
+def compare_text(table) -> str:
+    """A comparison (:func:`~moescope.analysis.run.experiments.compare`) as text: one block per
+    evaluation setting, headed by its original, the experiments measured against it below, best
+    headline first. Values carry their 95 % range; ``*`` marks the best of a column only where it is
+    better than every other beyond the uncertainty, ``~`` a value within noise of the original."""
+    import math
+
+    import pandas as pd
+    from moescope.analysis.run.experiments import best_marks, noise_marks
+
+    value_cols = [c for c in table.columns if _better(c) and not c.endswith((" low", " high", " noise"))]
+    marks = {c: (best_marks(table, c, _better(c)), noise_marks(table, c)) for c in value_cols}
+    blocks = []
+    for g in table["group"].unique():
+        pos = [i for i in range(len(table)) if table["group"].iloc[i] == g]
+        rows = {}
+        for i in pos:
+            row = table.iloc[i]
+            cells = {}
+            for c in ["experts kept"] + value_cols + ["prefill speed", "generate speed"]:
+                v = row.get(c)
+                if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+                    cells[c] = ""
+                    continue
+                if isinstance(v, str):
+                    cells[c] = v
+                    continue
+                text = f"{v:.4g}"
+                low, high = row.get(f"{c} low"), row.get(f"{c} high")
+                if isinstance(low, float) and isinstance(high, float) and not (math.isnan(low) or math.isnan(high)):
+                    text += f" [{low:.4g}–{high:.4g}]"
+                if c in marks:
+                    best, noise = marks[c]
+                    text += " *" if i in best else " ~" if i in noise else ""
+                cells[c] = text
+            rows["original" if row["experiment"] == "original" else f"{row['name']} ({row['experiment']})"] = cells
+        frame = pd.DataFrame(rows)
+        frame = frame.loc[[c for c in frame.index if (frame.loc[c] != "").any()]]
+        blocks.append(f"measured against: {table['name'].iloc[pos[0]]}\n" + frame.to_string())
+    legend = ("[low–high]: 95% range (perplexity: per-window; lm-eval: ±1.96 standard errors; speed: the repeats). "
+              "*: best beyond the uncertainty; ~: within noise of the original.")
+    return "\n\n".join(blocks) + "\n\n" + legend

@@ -194,7 +194,7 @@ class StrategyContext:
     def analysis(self, metrics=("routing", "activations", "weights", "similarity")):
         params = self.analysis_params or AnalysisParams()
         params = AnalysisParams(**{**params.key(), "metrics": tuple(metrics)})
-        return run_analysis(self.model, self.calib, params, cache=self.cache)
+        return run_analysis(self.model, self.calib, params, cache=self.cache, progress=self.progress)
 
     def report(self, stage: str, done: int, total: int) -> None:
         if self.progress:

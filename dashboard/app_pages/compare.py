@@ -1,26 +1,42 @@
-"""Compare: experiments side by side, the original as the reference row; a short table of changes
-with the best value per column marked, charts in one colour per experiment, and the full CSV."""
+"""Compare: every experiment of the model, grouped under the original of the evaluation setting it
+was measured on (one original per setting, named by it), best headline metric first; a short
+table of changes where a value is bold only when it is the best beyond the uncertainty and grey
+when it is within noise of its original; charts with error bars and hollow markers for values
+within noise, one fixed colour per experiment; the full CSV."""
 
 from __future__ import annotations
 
-import plotly.express as px
 import streamlit as st
 from moescope.analysis.core.errors import MoescopeError
-from moescope.dashboard import runs
+from moescope.dashboard import charts, runs
 
 st.header("Compare")
-experiments = runs.experiment_list()
-if not experiments:
+model = st.session_state.get("model", "demo")
+everything = runs.experiment_list()
+if not everything:
     st.info("No experiments yet: run one on the Run page (or `moescope prune … --ppl demo:all`).")
     st.stop()
-labels = {e.id: f"{e.label} · {e.id} · {e.model}" for e in experiments}
-default = [e.id for e in experiments[-3:]]
-ids = st.multiselect("Experiments", list(labels), default=default, format_func=labels.get, key="compare_ids")
-if not ids:
-    st.info("Pick at least one experiment.")
+c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+query = c1.text_input("Filter (part of a name, strategy or id; empty: every experiment)", value="",
+                      key="compare_filter")
+other_models = c2.checkbox("Other models too", value=False, key="compare_other_models",
+                           help=f"experiments of models other than {model}")
+pool = [e for e in everything if other_models or e.model == model]
+if not pool:
+    st.info(f"No experiments of `{model}` yet ({len(everything)} of other models: tick *Other models too*).")
+    st.stop()
+needle = query.strip().lower()
+chosen = [e for e in pool if not needle or needle in f"{e.label} {e.id} {e.model}".lower()]
+hidden = len(pool) - len(chosen)
+st.caption(f"Showing **{len(chosen)} of {len(pool)}** experiments of "
+           + ("every model" if other_models else f"`{model}`")
+           + (f" ({hidden} hidden by the filter '{query.strip()}')" if hidden else "")
+           + (f"; {len(everything) - len(pool)} more of other models" if len(everything) > len(pool) else ""))
+if not chosen:
+    st.info("The filter matches no experiment.")
     st.stop()
 try:
-    table = runs.compare_table(ids)
+    table = runs.compare_table([e.id for e in chosen])
 except MoescopeError as err:
     st.error(str(err))
     st.stop()
@@ -28,36 +44,41 @@ except MoescopeError as err:
 view = runs.compare_view(table)
 show_all = st.checkbox("Every column", value=False, key="compare_all",
                        help="the short view shows the changes that decide; every column adds raw values, "
-                            "per-layer expert counts and every speed figure")
+                            "the 95 % ranges, per-layer expert counts and every speed figure")
 shown = list(table.columns) if show_all else view.columns
-st.caption("Changes are against the original (first row). **Bold green**: the best pruned value of a column. "
-           + " ".join(f"{c}: {'lower' if d == 'lower' else 'higher'} is better." for c, d in view.better.items()
-                      if c in shown and not show_all))
+n_settings = table["group"].nunique()
+st.caption(
+    ("Each experiment sits under the original of its evaluation setting; changes are against that original. "
+     if n_settings > 1 else "Changes are against the original (first row). ")
+    + "Sorted by the headline metric. **Bold green**: the best of a column among the experiments under the same "
+      "original, *only where it is better than every other beyond the uncertainty* (95 % ranges: per-window "
+      "perplexity, lm-eval's standard error, the speed repeats). *Grey italics*: within noise of the original. "
+    + " ".join(f"{c}: {'lower' if d == 'lower' else 'higher'} is better." for c, d in view.better.items()
+               if c in shown and not show_all))
 st.dataframe(runs.styled(table, view, shown), hide_index=True, width="stretch",
-             column_config={c: st.column_config.Column(help=view.help[c]) for c in shown if c in view.help})
+             column_config={c: st.column_config.Column(help=view.help[c], width="large" if c == "name" else None)
+                            for c in shown if c in view.help})
+lines = runs.verdicts(table, view)
+if lines:
+    st.markdown("**Which is best?** " + " · ".join(lines), help="best of the experiments under the same original, "
+                "only where its 95 % range is clear of every other's")
 st.download_button("Download CSV (every column)", table.to_csv(index=False), file_name="moescope-compare.csv",
                    mime="text/csv")
 
-colours = runs.colour_map(list(table["name"]))
+colours = runs.experiment_colours(table, [e.id for e in pool])
 quality = [c for c in view.quality if c in table.columns]
 cost = [c for c in view.cost if c in table.columns]
 if quality and cost:
     c1, c2 = st.columns(2)
     q = c1.selectbox("Quality", quality, key="compare_quality")
     x = c2.selectbox("Against", cost, key="compare_cost")
-    fig = px.scatter(table, x=x, y=q, color="name", text="name", hover_name="experiment", height=440,
-                     color_discrete_map=colours, category_orders={"name": list(colours)},
-                     labels={"name": "experiment"})
-    fig.update_traces(textposition="top center", marker={"size": 14})
-    fig.update_traces(marker={"symbol": "diamond", "size": 16}, selector={"name": "original"})
-    st.plotly_chart(fig, width="stretch")
+    st.plotly_chart(charts.compare_scatter(table, x, q, colours, runs.noise_rows(table, [x, q])), width="stretch")
+    st.caption("Bars: 95 % ranges. Hollow markers: a value within noise of its original (a point to read as "
+               "'no measurable change', not as a result). Diamonds and squares: the originals, one per setting.")
 
-domains = runs.domain_table(ids)
+domains = runs.domain_table([e.id for e in chosen])
 if not domains.empty:
     src = st.selectbox("Perplexity per domain of", sorted(domains["name"].unique()), key="compare_source")
     sub = domains[(domains["name"] == src) & (domains["detail"] != "all")]
     if not sub.empty:
-        fig = px.bar(sub, x="detail", y="value", color="experiment", barmode="group", height=420,
-                     color_discrete_map=colours, category_orders={"experiment": list(colours)},
-                     labels={"detail": "domain", "value": "perplexity (lower is better)"})
-        st.plotly_chart(fig, width="stretch")
+        st.plotly_chart(charts.domain_bars(sub, colours), width="stretch")

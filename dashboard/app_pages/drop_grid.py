@@ -68,4 +68,4 @@ n_drop = int(c1.number_input("Least-needed experts per layer", 1, most, 1, key="
                              help="by this grid: the experts whose removal alone raises perplexity least"))
 if c2.button(f"Drop the {n_drop} least needed in every layer", key="grid_add"):
     drops = guarded(plans.least_needed, s, n_drop)
-    add_to_plan(drops=drops, what="drop " + "; ".join(f"L{l}: {', '.join(map(str, e))}" for l, e in drops.items()))
+    add_to_plan(page="Drop grid", drops=drops, what="drop " + "; ".join(f"L{l}: {', '.join(map(str, e))}" for l, e in drops.items()))

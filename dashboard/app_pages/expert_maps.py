@@ -44,7 +44,7 @@ if st.button(f"Drop the marked experts ({len(marks)})", key="map_add", disabled=
     drops: dict[int, list[int]] = {}
     for l, e in marks:
         drops.setdefault(int(l), []).append(int(e))
-    add_to_plan(drops=drops, what=f"drop the first {first} by {order} {criterion} in every layer")
+    add_to_plan(page="Expert maps", drops=drops, what=f"drop the first {first} by {order} {criterion} in every layer")
 missing = int(np.isnan(values).sum() - sum(max_e - n for n in ov["num_experts"].values()))
 if missing > 0:
     st.caption(f"{missing} expert(s) have no value (never routed a calibration token); "

@@ -9,6 +9,15 @@ from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.run.export import split_front_matter
 from moescope.dashboard import runs
 
+
+def default_folder(exp) -> str:
+    """``~/moescope-exports/<plan name>-<experiment id>``: the folder says which plan it holds."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", exp.label).strip("-.")[:40] or "plan"
+    return str(Path.home() / "moescope-exports" / f"{slug}-{exp.id}")
+
+
 st.header("Export")
 experiments = [e for e in runs.experiment_list() if e.plan]
 if not experiments:
@@ -33,8 +42,10 @@ if ppl:
 plan_text = runs.plan_json(ident)
 st.download_button("Download plan JSON", plan_text, file_name=f"plan-{ident}.json", mime="application/json")
 
-# outside the repository (the dashboard runs from it): the user's home, one folder per experiment
-out = st.text_input("Output folder", value=str(Path.home() / "moescope-exports" / ident), key="export_dir",
+# outside the repository (the dashboard runs from it): the user's home, one folder per experiment,
+# named for the experiment chosen now (the widget's key follows the experiment, so choosing another
+# one never keeps the previous one's folder; an edited folder is kept per experiment)
+out = st.text_input("Output folder", value=default_folder(exp), key=f"export_dir_{ident}",
                     help="a new or empty folder (an earlier moescope export with Overwrite); the weights, "
                          "config, tokenizer, plan.json, experiment.json and the model card README.md")
 overwrite = st.checkbox("Overwrite a non-empty folder", value=False, key="export_overwrite")

@@ -190,7 +190,7 @@ def _plans_section() -> None:
             st.rerun()
         table = st.session_state.get("plan_costs")
         if table is not None and len(table):
-            table = table[table["plan"].isin(list(saved))]
+            table = table[table["plan"].isin(list(saved)) | (table["plan"] == "original (no plan)")]
             st.caption(f"Proxy: perplexity on {table.attrs.get('batch', 'a small evaluation batch')}, with each plan "
                        "applied to the loaded model (a full run evaluates many more windows). "
                        + ("Grid Σ: the drop grid's single-drop changes of the dropped experts, added up "
@@ -203,10 +203,14 @@ def _plans_section() -> None:
                 "proxy ppl": st.column_config.NumberColumn(format="%.2f", help="perplexity on the proxy batch"),
                 "proxy Δ%": st.column_config.NumberColumn(format="%+.1f%%",
                                                           help="against the original on the same batch"),
-                "grid Σ Δppl": st.column_config.NumberColumn(format="%+.3f", help="sum of single-drop deltas"),
+                "grid Σ Δppl": st.column_config.TextColumn(help="sum of the dropped experts' single-drop perplexity "
+                                                                "changes (drop-only plans with a stored drop grid)"),
+                "skipping": st.column_config.TextColumn(help="whether dynamic skipping is part of the estimate: the "
+                                                             "proxy prices the kept experts only; a plan's β applies "
+                                                             "in a full run"),
                 "seconds": st.column_config.NumberColumn(format="%.1f", help="time the prediction took")})
             c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-            send = c1.multiselect("Send to Run", list(table["plan"]), key="plan_send",
+            send = c1.multiselect("Send to Run", [p for p in table["plan"] if p in saved], key="plan_send",
                                   help="the Run page runs each of them as its own job")
             if c2.button("Send", key="plan_send_go", disabled=not send, width="stretch"):
                 st.session_state["run_queue"] = list(send)

@@ -75,7 +75,10 @@ else:  # Skipping
     require_trace(s, "Skip ratios")
     st.caption("Dynamic skipping (Lu et al. §3.3, App. A.2): top-2 tokens skip their second expert when w₂ < β·w₁; "
                "top-k tokens keep the fewest leading experts with Σ skipped ≤ β · Σ of all k; the kept weights are "
-               "renormalised. β per layer is calibrated as the median of that ratio (w₂/w₁; w_k/Σw for k > 2).")
+               "renormalised. β per layer is calibrated as the median of that ratio (w₂/w₁; w_k/Σw for k > 2), so "
+               "at the calibrated β about half the calibration tokens skip an expert. Compare's *skipped expert calls* "
+               "counts something else: the calls skipped while generating the speed prompts, at the β of the "
+               "evaluation's skip calibration.")
     same = st.checkbox("One β for every layer", key="route_same_beta")
     beta = st.slider("β", 0.0, 1.0, 0.5, 0.01, key="route_beta") if same else None
     table = backend.skip_table(s, beta)

@@ -13,9 +13,9 @@ model = st.session_state.get("model", "demo")
 plan = st.session_state.get("plan")
 queue = st.session_state.get("run_queue") or []
 if queue:  # named plans sent from the Plan page: one job each
-    c1, c2 = st.columns([5, 1], vertical_alignment="center")
+    c1, c2 = st.columns([3, 2], vertical_alignment="center")
     c1.markdown("Plans sent from the Plan page, one job each: " + ", ".join(f"**{n}**" for n in queue))
-    if c2.button("Run only the current plan", key="run_clear_queue"):
+    if c2.button("Run only the current plan", key="run_clear_queue", width="stretch"):
         st.session_state["run_queue"] = []
         st.rerun()
 elif plan:
@@ -53,8 +53,8 @@ if submitted:
                               float(limit) or None, bool(efficiency), seed=int(st.session_state.get("seed", 0)))
         if queue:
             named = plans.named_plans(settings())
-            started = [runs.start_job(model, named[n].to_json(), spec, n if not label else f"{label} · {n}")
-                       for n in queue if n in named]
+            started = [runs.start_job(model, runs.with_name(named[n].to_json(), n), spec,
+                                      n if not label else f"{label} · {n}") for n in queue if n in named]
             st.session_state["run_queue"] = []
         else:
             started = [runs.start_job(model, plan, spec, label or None)]
@@ -63,16 +63,6 @@ if submitted:
     else:
         st.session_state["run_last_job"] = started[-1]
         st.toast(f"Started {len(started)} job{'s' if len(started) > 1 else ''}: {', '.join(started)}")
-
-
-STAGE_NAMES = {"load": "loading the model", "perplexity": "perplexity windows",
-               "lm-eval": "lm-eval tasks (one call, no steps to count)", "efficiency": "memory and speed runs",
-               "skip calibration": "calibrating dynamic skipping (β)"}
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def _jobs_panel() -> None:
@@ -85,7 +75,7 @@ def _jobs_panel() -> None:
             c1, c2 = st.columns([5, 1])
             title = f"**{job.label or 'job'}** on `{job.model}` · {job.id}"
             if job.state == "done":
-                c1.markdown(f"{title} · done in {_clock(job.elapsed())} → experiment `{job.experiment}` (see Compare)")
+                c1.markdown(f"{title} · done in {runs.clock(job.elapsed())} → experiment `{job.experiment}` (see Compare)")
                 r = job.result or {}
                 facts = []
                 if r.get("ppl") is not None and r.get("ppl_original"):
@@ -102,11 +92,8 @@ def _jobs_panel() -> None:
                     c1.error(job.error.splitlines()[0])
             else:
                 c1.markdown(title)
-                eta = job.stage_eta()
-                text = (f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}" if job.total else job.state)
-                text += f" · {_clock(job.elapsed())} so far"
-                text += f" · about {_clock(eta)} left in this stage" if eta is not None else ""
-                c1.progress(job.fraction, text=text)
+                text = runs.stage_text(job)
+                c1.progress(job.fraction if job.stage != runs.SLOT_WAIT else 0.0, text=text)
                 if c2.button("Cancel", key=f"cancel-{job.id}"):
                     runs.cancel_job(job.id)
                     st.rerun()

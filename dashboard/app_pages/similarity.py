@@ -4,6 +4,8 @@ on one colour scale, with the current plan's grouping overlaid."""
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 from moescope.dashboard import backend, charts
 from moescope.dashboard.ui import (
@@ -51,8 +53,14 @@ zrange = bounds if scale == "absolute" else None
 lo_all, hi_all = charts.offdiag_range(mats.values())
 t_lo, t_hi = bounds if bounds else (0.0, max(hi_all, 1e-12))
 if st.session_state.get("sim_threshold") is None or not t_lo <= st.session_state["sim_threshold"] <= t_hi:
-    # a starting point: CKA 0.9 / cosine 0.9 (near-duplicates), MSE: the lowest tenth of its range
-    st.session_state["sim_threshold"] = 0.9 if bounds else lo_all + 0.1 * (hi_all - lo_all)
+    # a starting point: near-duplicates (CKA / cosine 0.9) where any pair is that alike, else the most
+    # alike 5 % of this model's pairs (the demo's CKA stays below 0.4: 0.9 would outline nothing and
+    # leave the merge action disabled); MSE: the lowest tenth of its range
+    top = charts.offdiag_quantile(mats.values(), 0.95)
+    step = (t_hi - t_lo) / 200
+    st.session_state["sim_threshold"] = ((0.9 if hi_all >= 0.9 or top is None else
+                                          t_lo + math.floor((top - t_lo) / step) * step) if bounds
+                                         else lo_all + 0.1 * (hi_all - lo_all))
 threshold = c5.slider(("Outline pairs at or below" if distance else "Outline pairs at or above"),
                       float(t_lo), float(t_hi), key="sim_threshold", step=(t_hi - t_lo) / 200,
                       format="%.3g",
@@ -95,7 +103,7 @@ with left:
     st.caption(f"{len(beyond)} pair{'s' if len(beyond) != 1 else ''} beyond the threshold in layer {layer}")
     if st.button(f"Merge the outlined pairs of layer {layer}", key="sim_add", disabled=not beyond,
                  help="add them to the current plan as merges (overlapping pairs form one group)"):
-        add_to_plan(merges={layer: beyond}, what=f"merge {', '.join(f'{i}+{j}' for i, j in beyond)} in layer {layer}")
+        add_to_plan(page="Similarity", merges={layer: beyond}, what=f"merge {', '.join(f'{i}+{j}' for i, j in beyond)} in layer {layer}")
     fig = charts.similarity_heatmap(mats[layer], name, distance=distance, zrange=zrange, outlined=beyond,
                                     groups=groups if overlay else None, dropped=dropped if overlay else None,
                                     title=f"layer {layer} · {name}", order=order,
