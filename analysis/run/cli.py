@@ -65,7 +65,11 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
                    help="comma-separated metric families: similarity, weights, routing, activations, gradients "
                         "(the one that needs a backward pass), or all (default)")
     p.add_argument("--similarity-tokens", type=int, default=8192, help="tokens used for output similarities")
-    p.add_argument("--augment", type=float, default=0.0, help="add this × T mixed-token rows (group-and-merge augmentation)")
+    p.add_argument("--augment", type=float, default=0.0,
+                   help="add this × T mixed rows to the output similarities (group-and-merge augmentation)")
+    p.add_argument("--augment-mode", default="embeddings", choices=["embeddings", "hidden_states"],
+                   help="what is mixed: embeddings (Algorithm 1's mixup of two sequences' token embeddings, run "
+                        "through the model) or hidden_states (each layer's input rows; cheaper)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (accelerate device map)")

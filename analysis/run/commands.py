@@ -89,7 +89,8 @@ def cmd_analyze(args) -> int:
               "model in memory)", file=sys.stderr)
     params = AnalysisParams(
         metrics=metrics,
-        similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, seed=args.seed,
+        similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, augment=args.augment_mode,
+        seed=args.seed,
     )
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                      offload_dir=args.offload, allow_pickle=args.allow_pickle)
