@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -176,30 +177,45 @@ def rbf_cka_minibatch_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int 
     return (total / len(batches)).float()
 
 
-def _sq_distance_rows(Ye: Tensor, sq: Tensor, r0: int, r1: int) -> Tensor:
-    """``‖y_s − y_t‖²`` for the rows ``s ∈ [r0, r1)`` against every token t: ``[r1 − r0, n]``."""
-    return (sq[r0:r1, None] + sq[None, :] - 2 * (Ye[r0:r1] @ Ye.T)).clamp_min_(0)
+def _upper_sq_distances(Ye: Tensor, sq: Tensor, r0: int, r1: int) -> Tensor:
+    """``‖y_s − y_t‖²`` for the rows ``s ∈ [r0, r1)`` against the tokens ``t ≥ r0`` only:
+    ``[r1 − r0, n − r0]`` (the pairs below the diagonal block are another block's, by symmetry)."""
+    return (sq[r0:r1, None] + sq[None, r0:] - 2 * (Ye[r0:r1] @ Ye[r0:].T)).clamp_min_(0)
+
+
+RBF_BLOCK_ROWS = 256  # rows of a Gram block in the RBF passes (small blocks stay in cache)
+
+
+def _upper_blocks(n: int, rows: int):
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows)
 
 
 @torch.no_grad()
 def rbf_bandwidths(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
     """``σ² [E]``: per expert, the square of the lower median of its off-diagonal token distances
-    ``‖y_s − y_t‖`` over all ``n(n − 1)/2`` pairs (the median heuristic of the RBF kernel), exact
-    (the pairs of one expert are gathered a block of rows at a time: ``n²/2`` floats alive)."""
+    ``‖y_s − y_t‖`` over all ``n(n − 1)/2`` pairs (the median heuristic of the RBF kernel), exact:
+    the pairs of one expert are gathered a block of rows at a time (``n²/2`` floats alive, the
+    upper triangle only) and the median taken by selection (the median of the squared distances
+    is the square of the median distance: the same element)."""
     E, n, _ = Y.shape
-    out = torch.empty(E, dtype=torch.float64)
-    b = _rows_per_chunk(n * 4, n, work_bytes)
+    out = torch.ones(E, dtype=torch.float64)
+    if n < 2:
+        return out
+    b = min(RBF_BLOCK_ROWS, _rows_per_chunk(n * 4, n, work_bytes))
+    above = torch.ones(b, b, dtype=torch.bool, device=Y.device).triu_(1)
     for e in range(E):
         Ye = Y[e].to(_acc_dtype(Y))
         sq = (Ye * Ye).sum(-1)
         parts = []
-        for r0 in range(0, n, b):
-            r1 = min(n, r0 + b)
-            d2 = _sq_distance_rows(Ye, sq, r0, r1)
-            upper = torch.arange(n, device=d2.device)[None, :] > torch.arange(r0, r1, device=d2.device)[:, None]
-            parts.append(d2[upper].float().cpu())
-        # the median of the squared distances is the square of the median distance (same element)
-        out[e] = float(torch.cat(parts).median()) if n > 1 else 1.0
+        for r0, r1 in _upper_blocks(n, b):
+            d2 = _upper_sq_distances(Ye, sq, r0, r1)
+            w = r1 - r0
+            parts += [d2[:, :w][above[:w, :w]].float().cpu(), d2[:, w:].float().reshape(-1).cpu()]
+        pairs = torch.cat(parts).numpy()
+        del parts
+        k = (pairs.size - 1) // 2  # the lower median, by selection (numpy's introselect: linear time)
+        out[e] = float(np.partition(pairs, k)[k])
     return out.clamp_min(1e-12)
 
 
@@ -210,35 +226,30 @@ def rbf_cka_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
     one kernel estimate over the whole batch of n tokens: ``K_st = exp(−‖y_s − y_t‖² / (2σ²))``
     with σ each expert's median off-diagonal distance (:func:`rbf_bandwidths`).
 
-    Exact, never subsampled: the n×n Grams (1 GiB each at 16k tokens in float32) are never held.
-    Pass 1 finds the bandwidths, pass 2 every Gram's row means (``K`` is symmetric, so they are
-    also its column means), pass 3 builds a block of rows of every expert's centred Gram
-    ``K − r 1ᵀ − 1 rᵀ + m`` and adds the block's ``[E, b·n] @ [b·n, E]`` inner products (float64
-    accumulation); only ``work_bytes`` of Gram rows are alive."""
+    Exact, never subsampled, and no n×n Gram is held (1 GiB each at 16k tokens in float32). With
+    ``H = I − 11ᵀ/n``, ``tr(K_i H K_j H) = ⟨K_i, K_j⟩ − (2/n) r_i·r_j + (g_i g_j)/n²`` where ``r`` are
+    the Gram's row sums and ``g`` its total, so one pass over blocks of rows (the upper triangle:
+    ``K`` is symmetric) accumulates the Frobenius products, row sums and totals of every expert's
+    Gram at once (float64), after the bandwidth pass; only ``work_bytes`` of Gram rows are alive."""
     E, n, _ = Y.shape
     acc = _acc_dtype(Y)
     sigma2 = rbf_bandwidths(Y, work_bytes).to(device=Y.device, dtype=acc)
-    b = _rows_per_chunk(E * n * torch.finfo(acc).bits // 8, n, work_bytes)
-    def experts():  # every expert's outputs in the accumulation dtype with their squared norms
+    b = min(RBF_BLOCK_ROWS, _rows_per_chunk(E * n * 8, n, work_bytes))
+    sqs = [(Y[e].to(acc) * Y[e].to(acc)).sum(-1) for e in range(E)]
+    frob = torch.zeros(E, E, dtype=torch.float64)
+    rows = torch.zeros(E, n, dtype=torch.float64)
+    for r0, r1 in _upper_blocks(n, b):
+        w = r1 - r0
+        K = torch.empty(E, w, n - r0, dtype=acc, device=Y.device)
         for e in range(E):
-            Ye = Y[e].to(acc)
-            yield e, Ye, (Ye * Ye).sum(-1)
-
-    row_mean = torch.zeros(E, n, dtype=acc, device=Y.device)
-    for e, Ye, sq in experts():
-        for r0 in range(0, n, b):
-            r1 = min(n, r0 + b)
-            row_mean[e, r0:r1] = torch.exp(-_sq_distance_rows(Ye, sq, r0, r1) / (2 * sigma2[e])).mean(1)
-    grand = row_mean.mean(1)
-    hsic = torch.zeros(E, E, dtype=torch.float64)
-    K = torch.empty(E, b, n, dtype=acc, device=Y.device)
-    for r0 in range(0, n, b):
-        r1 = min(n, r0 + b)
-        for e, Ye, sq in experts():
-            blk = torch.exp(-_sq_distance_rows(Ye, sq, r0, r1) / (2 * sigma2[e]))
-            K[e, : r1 - r0] = blk - row_mean[e, r0:r1, None] - row_mean[e, None, :] + grand[e]
-        F = K[:, : r1 - r0].reshape(E, -1)
-        hsic += (F @ F.T).double().cpu()
+            K[e] = torch.exp(-_upper_sq_distances(Y[e].to(acc), sqs[e], r0, r1) / (2 * sigma2[e]))
+        square, rest = K[:, :, :w].reshape(E, -1), K[:, :, w:].reshape(E, -1)
+        frob += (square.double() @ square.double().T).cpu() + 2 * (rest.double() @ rest.double().T).cpu()
+        rows[:, r0:r1] += K.sum(2).double().cpu()  # the block's rows: the square and the rest
+        rows[:, r1:] += K[:, :, w:].sum(1).double().cpu()  # the rest's columns are the later rows' (symmetry)
+        del K, square, rest
+    total = rows.sum(1)
+    hsic = frob - (2.0 / n) * (rows @ rows.T) + torch.outer(total, total) / n**2
     return _cka_from_hsic(hsic).float()
 
 
