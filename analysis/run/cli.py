@@ -96,8 +96,11 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grid)
 
     p = model_command("plan", "Choose experts to drop or merge with a strategy; write a PruningPlan JSON.")
-    p.add_argument("--strategy", required=True, help="a registered strategy (see `moescope strategies`)")
-    data_args(p, "--calib", "demo:all", 32, 256)
+    p.add_argument("--strategy", default=None, help="a registered strategy (see `moescope strategies`)")
+    p.add_argument("--preset", default=None,
+                   help="a paper's recipe: a named set of a strategy's parameters, each overridable by its flag "
+                        "(see `moescope strategies`); its calibration size is the --samples default")
+    data_args(p, "--calib", "demo:all", None, 256)
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (and the strategy's seed)")
     for name, param in (strategy_flag_names() if strategy_flags else {}).items():  # one per strategy parameter
         flag = "--" + name.replace("_", "-")
