@@ -31,6 +31,9 @@ ALL = [
     ("merge", {"keep": 4, "representation": "surrogate", "similarity": "mse", "grouping": "agglomerative", "merge": "max"}),
     ("merge", {"keep": 4, "merge": "learned", "epochs": 1}),
     ("router-guided", {"keep": 4}),
+    ("merge", {"keep": 4, "representation": "mean_output", "similarity": "euclidean", "grouping": "agglomerative",
+               "merge": "frequency"}),
+    ("merge", {"keep": 4, "augment": "embeddings", "augment_ratio": 0.5, "grouping": "spectral_discretize"}),
 ]
 
 
