@@ -149,7 +149,7 @@ def test_spectral_grouping_is_mc_smoes_kmeans_call():
 
     g = torch.Generator().manual_seed(11)
     differs = 0
-    for trial in range(30):
+    for _ in range(30):
         X = torch.rand(10, 3, generator=g, dtype=torch.float64)
         A = (X @ X.T) / (X.norm(dim=1)[:, None] * X.norm(dim=1)[None, :])
         A.fill_diagonal_(1.0)
