@@ -315,3 +315,32 @@ def test_a_preset_that_cannot_apply_is_refused_from_the_config_in_one_line():
         validate_preset("hc-smoe", {"keep": 1}, mixtral())
     with pytest.raises(MoescopeError, match="unknown preset 'hc_smoe'"):
         validate_preset("hc_smoe", {"keep": 4}, mixtral())
+
+
+def test_cli_lists_presets_and_plans_from_one_with_overrides(capsys, tmp_path, monkeypatch, demo_dir):
+    import json
+
+    from moescope.analysis.run.cli import main
+
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main(["strategies", "--json"]) == 0
+    listed = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+    merge_presets = {p["name"]: p for p in listed["merge"]["presets"]}
+    assert merge_presets["gam-data"]["params"]["augment"] == "embeddings" and merge_presets["gam-data"]["calib_samples"] == 128
+    assert {"mc-smoe"} == {p["name"] for p in listed["router-guided"]["presets"]}
+    assert main(["strategies"]) == 0
+    assert "preset hc-smoe: --representation mean_output --similarity euclidean" in capsys.readouterr().out
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "demo", "--preset", "max-rwn", "--keep", "6", "--mode", "iterative", "--samples", "4",
+               "--seq-len", "32", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plan = PruningPlan.load(out)
+    assert plan.provenance["preset"] == "max-rwn"
+    assert plan.provenance["params"] == {"criterion": "RWN", "order": "max", "mode": "iterative", "keep": 6}
+    assert main(["plan", "demo", "--preset", "hc-smoe", "--keep", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moescope: error: preset hc-smoe: keep=1 is not possible in layer 0: it must be between top-k (2) "
+                   "and the layer's 8 experts"]
+    assert main(["plan", "demo", "--preset", "hc-smoe", "--strategy", "enumerate", "--keep", "4", "-o", str(out)]) == 2
+    assert "preset hc-smoe is a merge recipe" in capsys.readouterr().err

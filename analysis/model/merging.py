@@ -45,6 +45,7 @@ DISTANCES = ("mse", "euclidean")  # similarity names that are distances (smaller
 
 
 def is_distance(kind: str) -> bool:
+    """Whether a similarity matrix named ``kind`` is a distance (MSE, Euclidean: smaller = more alike)."""
     return any(d in kind for d in DISTANCES)
 
 
