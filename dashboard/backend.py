@@ -49,10 +49,10 @@ from moescope.analysis.model import load_moe
 from moescope.analysis.model.skipping import calibrate
 from moescope.analysis.pruning.plan import PruningPlan, edit_layer
 from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strategy, make_plan
-from moescope.analysis.strategies.presets import PRESETS, get_preset
 from moescope.analysis.strategies.criterion import criterion_scores
 from moescope.analysis.strategies.grid import grid_scores
 from moescope.analysis.strategies.merge import REPRESENTATIONS, similarity_name
+from moescope.analysis.strategies.presets import PRESETS, get_preset
 from moescope.analysis.strategies.selection import even_out, uniform_count
 
 __all__ = ["CRITERIA", "PRESETS", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
