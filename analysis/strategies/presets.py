@@ -64,7 +64,7 @@ _add(Preset(
      "merge_router": True, "align": "none", "augment": "embeddings", "augment_ratio": 1.0},
     "group-and-merge, data-centric: CKA of the experts' outputs on shared calibration tokens (router bypassed, "
     "mixup of token embeddings), spectral grouping, uniform souping of experts and router rows",
-    f"{GAM} §3.4–3.5, eq. 3 (CKA), eq. 4 (grouping), eq. 5 (merge, α = 1/|V|), Algorithm 1; 128 C4 samples (§4.1)",
+    f"{GAM} §3.4–3.5, eq. 3 (CKA), eq. 4 (grouping), eq. 5 (merge, uniform α), Algorithm 1; 128 C4 samples (§4.1)",
     calib_samples=128,
     note="linear kernel (App. B/D figures; the paper also shows RBF); spectral clustering (App. G names it "
          "first, greedy is the faster alternative); mixup ratio 1 mixed sequence per calibration sequence with "
