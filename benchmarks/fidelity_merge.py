@@ -1,6 +1,7 @@
 """What the published definitions of issue #22 (part B) change on the demos, measured side by side.
 
-    python benchmarks/fidelity_merge.py [--models demo demo-upcycled] [--calib-samples 64] [--skip-learned]
+    python benchmarks/fidelity_merge.py [--models demo demo-upcycled] [--calib-samples 64]
+                                        [--similarity-tokens 8192] [--skip-learned]
 
 Per model, on ``--calib-samples`` × 256 ``demo:all`` calibration tokens (seeded), every MoE layer and
 every group count r = 2 … E−1, how often the grouping moescope used before equals the published one:
@@ -38,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["demo", "demo-upcycled"])
     ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--similarity-tokens", type=int, default=8192, help="tokens of the output similarities")
     ap.add_argument("--skip-learned", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
@@ -55,7 +57,8 @@ def main() -> None:
         model = load_moe(source)
         calib = sample_tokens("demo:all", model.tokenizer, args.calib_samples, 256, seed=0)
         print(f"\n## {source} (calibration {calib.describe()})", flush=True)
-        res = run_analysis(model, calib, AnalysisParams(metrics=("routing", "similarity")), cache=cache)
+        params = AnalysisParams(metrics=("routing", "similarity"), similarity_tokens=args.similarity_tokens)
+        res = run_analysis(model, calib, params, cache=cache)
         cases = [(l, r) for l in res.layers for r in range(2, res.num_experts(l))]
 
         def grouped(l, name, r, method, res=res):
@@ -82,7 +85,8 @@ def main() -> None:
             print(f"layer {l}: RBF CKA full batch vs 4×512 mini-batch mean: max |Δ| {diff:.4f}; spectral groups "
                   f"equal in {_count(rbf)} r")
         aug = run_analysis(model, calib, AnalysisParams(metrics=("routing", "similarity"), augment_ratio=1.0,
-                                                        augment="embeddings"), cache=cache)
+                                                        augment="embeddings", similarity_tokens=args.similarity_tokens),
+                           cache=cache)
         same = []
         for l, r in cases:
             A0, A1 = affinity(res.similarity(l, "cka_linear"), "cka"), affinity(aug.similarity(l, "cka_linear"), "cka")
@@ -105,7 +109,7 @@ def main() -> None:
                   f"now {float((new - want).abs().max()):.2e}")
 
         if not args.skip_learned:
-            ctx = StrategyContext(model, calib, cache, AnalysisParams(metrics=("routing", "similarity")))
+            ctx = StrategyContext(model, calib, cache, params)
             plan = make_plan("merge", ctx, {"keep": 6, "merge": "learned", "grouping": "greedy"})
             for l, lp in sorted(plan.layers.items()):
                 info = plan.provenance["learned"][str(l)]
