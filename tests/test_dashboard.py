@@ -135,7 +135,9 @@ def test_model_page_runs_the_analysis_once_then_reuses_it(cache_dir):
     assert [b.label for b in at.button] == ["Run the analysis"]
     at.button(key="run_analysis").click().run()
     assert not at.exception and not errors(at)
-    assert at.success[0].value.startswith("Cached analysis: 4 MoE layers, 8 similarities, 17 criteria")
+    # 10 similarities: cka_linear, cka_rbf (full batch), cka_rbf_minibatch, cosine, mse, HC-SMoE's
+    # mean_output_euclidean and the four weight/surrogate ones
+    assert at.success[0].value.startswith("Cached analysis: 4 MoE layers, 10 similarities, 17 criteria")
     summary = table(at, "most similar pair")
     assert list(summary["layer"]) == [0, 1, 2, 3] and summary["most similar pair"].str.match(r"\d–\d").all()
     listed = table(at, "compute s")
