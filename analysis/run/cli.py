@@ -82,7 +82,9 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     def data_args(p, flag: str, default: str, samples: int, seq_len: int) -> None:
         p.add_argument(flag, default=default, help=f"data source (default {default}): demo:DOMAIN | demo:all | "
                        "file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
-        p.add_argument("--samples", type=int, default=samples)
+        p.add_argument("--samples", type=int, default=samples,
+                       help=f"sequences (default {samples})" if samples is not None else
+                       "calibration sequences (default: the preset's calibration size, else 32)")
         p.add_argument("--seq-len", type=int, default=seq_len)
         p.add_argument("--sampling", default="random", choices=["random", "first"])
         p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")
