@@ -47,7 +47,7 @@ def main() -> None:
                     help="SGD epochs fitting the learned coefficients (group-and-merge App. A: 50)")
     ap.add_argument("--presets", nargs="*", default=[], help="also a row per preset (e.g. gam-data hc-smoe mc-smoe)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--only", nargs="*", help="subset of strategy labels")
+    ap.add_argument("--only", nargs="*", help="subset of strategy labels (--presets rows always run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -70,7 +70,7 @@ def main() -> None:
             rows = []
             table = STRATEGIES + [(f"preset {p}", *expand(p)) for p in args.presets]
             for label, name, params in table:
-                if args.only and label not in args.only and label != "original":
+                if args.only and label not in args.only and label != "original" and not label.startswith("preset "):
                     continue
                 if name is None and keep != args.keep[0]:
                     rows.append(first_original)
