@@ -1,16 +1,17 @@
 """Both demo models pruned by several strategies at r experts per layer: test perplexity per domain.
 
     python benchmarks/strategy_table.py [--models demo demo-upcycled] [--keep 6 4]
-                                        [--calib-samples 32] [--eval-tokens 2048] [--learned-steps 100]
-                                        [--only LABEL ...]
+                                        [--calib-samples 32] [--eval-tokens 2048] [--learned-epochs 50]
+                                        [--presets NAME ...] [--only LABEL ...]
 
 Calibration: demo:all validation split (seeded); evaluation: the first --eval-tokens tokens of
 each domain's test split, in 256-token windows (``all`` pools every evaluated token). Rows: the
 drop strategies (frequency, enumerate, Min-EAN iterative (MC-Suite eq. 13) and Min-EAN-mean iterative) and group-and-merge with one grouping
 (output CKA, greedy) under every alignment (none | weights | activations) × operator (usage,
 learned, TIES), so rows of one operator differ only in the alignment: same groups, same
-coefficients (learned ones are fitted on the aligned weights). Prints one markdown table per
-model and r; ``plan s`` is the strategy's time, ``eval s`` the evaluation's.
+coefficients (learned ones are fitted on the aligned weights), then one row per ``--presets`` name
+(a paper's recipe, ``analysis/strategies/presets.py``, on the same calibration batch). Prints one
+markdown table per model and r; ``plan s`` is the strategy's time, ``eval s`` the evaluation's.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def main() -> None:
     ap.add_argument("--keep", type=int, nargs="+", default=[6, 4])
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-tokens", type=int, default=2048, help="test tokens per domain")
-    ap.add_argument("--learned-steps", type=int, default=100, help="Adam steps fitting the learned coefficients")
+    ap.add_argument("--learned-epochs", type=int, default=50,
+                    help="SGD epochs fitting the learned coefficients (group-and-merge App. A: 50)")
+    ap.add_argument("--presets", nargs="*", default=[], help="also a row per preset (e.g. gam-data hc-smoe mc-smoe)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--only", nargs="*", help="subset of strategy labels")
+    ap.add_argument("--only", nargs="*", help="subset of strategy labels (--presets rows always run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -56,6 +59,7 @@ def main() -> None:
     from moescope.analysis.model import load_moe, wrap_model
     from moescope.analysis.pruning.prune import apply
     from moescope.analysis.strategies import StrategyContext, make_plan
+    from moescope.analysis.strategies.presets import expand
 
     cache = Cache(tempfile.mkdtemp(prefix="moescope-strategy-table-"))
     for source in args.models:
@@ -65,8 +69,9 @@ def main() -> None:
               "per domain", flush=True)
         for keep in args.keep:
             rows = []
-            for label, name, params in STRATEGIES:
-                if args.only and label not in args.only and label != "original":
+            table = STRATEGIES + [(f"preset {p}", *expand(p)) for p in args.presets]
+            for label, name, params in table:
+                if args.only and label not in args.only and label != "original" and not label.startswith("preset "):
                     continue
                 if name is None and keep != args.keep[0]:
                     rows.append(first_original)
@@ -76,7 +81,7 @@ def main() -> None:
                 if name is not None:
                     ctx = StrategyContext(model, calib, cache,
                                           AnalysisParams(metrics=("routing", "activations", "similarity")))
-                    extra = {"steps": args.learned_steps} if params.get("merge") == "learned" else {}
+                    extra = {"epochs": args.learned_epochs} if params.get("merge") == "learned" else {}
                     apply(model, make_plan(name, ctx, {"keep": keep, **params, **extra}))
                 t1 = time.perf_counter()
                 ppl = perplexity_by_domain(model, "demo:all", max_tokens=args.eval_tokens)

@@ -52,9 +52,10 @@ from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strate
 from moescope.analysis.strategies.criterion import criterion_scores
 from moescope.analysis.strategies.grid import grid_scores
 from moescope.analysis.strategies.merge import REPRESENTATIONS, similarity_name
+from moescope.analysis.strategies.presets import PRESETS, get_preset
 from moescope.analysis.strategies.selection import even_out, uniform_count
 
-__all__ = ["CRITERIA", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
+__all__ = ["CRITERIA", "PRESETS", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
            "is_distance", "similarity_name"]
 
 
@@ -253,11 +254,15 @@ def similarity_matrices(s: Settings, name: str) -> dict[int, np.ndarray]:
 FRIENDLY = {
     "representation": {"outputs": "Data-centric: expert outputs",
                        "weights": "Model-centric: weights concat(W_gate, W_up, W_down)",
-                       "surrogate": "Model-centric: surrogate W_down·(W_gate ⊙ W_up)"},
-    "similarity": {"cka_linear": "CKA (linear)", "cka_rbf": "CKA (RBF)", "cosine": "cosine", "mse": "MSE",
+                       "surrogate": "Model-centric: surrogate W_down·(W_gate ⊙ W_up)",
+                       "mean_output": "HC-SMoE: mean output over all tokens"},
+    "similarity": {"cka_linear": "CKA (linear)", "cka_rbf": "CKA (RBF)",
+                   "cka_rbf_minibatch": "CKA (RBF, mini-batch mean)", "cosine": "cosine", "mse": "MSE",
+                   "euclidean": "Euclidean distance", "mean_output_euclidean": "mean outputs: Euclidean",
                    "weight_cosine": "weights: cosine", "weight_mse": "weights: MSE",
                    "surrogate_cosine": "surrogate: cosine", "surrogate_mse": "surrogate: MSE"},
-    "grouping": {"spectral": "spectral clustering", "greedy": "greedy (most alike first)",
+    "grouping": {"spectral": "spectral clustering", "spectral_discretize": "spectral clustering (discretize labels)",
+                 "greedy": "greedy (most alike first)",
                  "agglomerative": "agglomerative (average linkage)"},
     "mode": {"layer-wise": "layer-wise (original inputs)", "progressive": "progressive (through the pruned layers)",
              "one-shot": "one-shot", "iterative": "iterative (re-estimated each round)"},
@@ -268,6 +273,10 @@ FRIENDLY = {
               "frequency": "frequency-weighted (= usage)", "learned": "learned (fitted to the layer output)",
               "ties": "TIES (sign consensus)"},
     "align": {"none": "none", "weights": "weight matching", "activations": "activation matching"},
+    "augment": {"none": "none", "embeddings": "mixup of token embeddings (Algorithm 1)",
+                "hidden_states": "mix each layer's inputs"},
+    "router_similarity": {"cosine": "cosine of raw router logits (MC-SMoE)",
+                          "correlation": "correlation of router logits"},
 }
 
 
@@ -418,16 +427,26 @@ def empty_plan(s: Settings) -> PruningPlan:
     return PruningPlan(s.model, {}, provenance={"strategy": "manual"})
 
 
-def run_strategy(s: Settings, name: str, params: dict, progress=None) -> PruningPlan:
+def run_strategy(s: Settings, name: str, params: dict, progress=None, preset: str | None = None) -> PruningPlan:
     """``moescope plan --strategy NAME`` on the calibration batch of these settings (reusing the
     stored analyses). A strategy that edits the model while it runs gets its own copy of the
-    shared model."""
+    shared model. ``preset``: the preset the parameters started from (recorded in the provenance)."""
     strategy = get_strategy(name)
     model = load_model(s.model)
     if strategy.edits_model(params):
         model = copy.deepcopy(model)
     batch = calib_batch(s) if strategy.needs_data else None
-    return make_plan(name, StrategyContext(model, batch, s.cache(), progress=progress), params)
+    plan = make_plan(name, StrategyContext(model, batch, s.cache(), progress=progress), params)
+    if preset is not None and get_preset(preset).strategy == name:
+        plan.provenance["preset"] = preset
+    return plan
+
+
+def preset_widgets(name: str) -> tuple[str, dict]:
+    """(the strategy, its parameter values) of preset ``name``: what choosing it on the Plan page
+    puts in the strategy's widgets (the page keeps every value editable)."""
+    p = get_preset(name)
+    return p.strategy, dict(p.params)
 
 
 def set_drops(plan: PruningPlan, cells, layers: dict[int, tuple[int, int]], drop: bool = True) -> PruningPlan:

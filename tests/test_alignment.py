@@ -14,7 +14,6 @@ import torch
 from conftest import CORE_FAMILIES, FAMILIES, fresh_tiny
 from moescope.analysis.core.cache import Cache
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.data import TokenBatch
 from moescope.analysis.model import wrap_model
 from moescope.analysis.model.alignment import (
     activation_matching,
@@ -45,7 +44,7 @@ def _copy_permuted(view, src: int, dst: int, q: torch.Tensor) -> None:
     """Make expert ``dst`` a copy of expert ``src`` with its intermediate neurons permuted by ``q``."""
     with torch.no_grad():
         params = dict(view.experts.named_parameters(recurse=False))
-        for name, p in params.items():
+        for p in params.values():
             p[dst].copy_(p[src])
         permute_expert_in_place(view, dst, q)
 
@@ -203,7 +202,7 @@ def test_every_merge_setting_applies_saves_and_loads_with_plain_from_pretrained(
     ctx = StrategyContext(model, BATCH, Cache(tmp_path / "c"), FAST)
     ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(5))
     for i, params in enumerate(({"keep": 4, "align": "activations", "merge": "ties", "density": 0.5},
-                                {"keep": 4, "align": "weights", "merge": "learned", "steps": 2})):
+                                {"keep": 4, "align": "weights", "merge": "learned", "epochs": 1})):
         params = {**params, "representation": "weights", "similarity": "cosine", "grouping": "greedy"}
         plan = make_plan("merge", ctx, params)
         assert plan.provenance["align"] == params["align"]
@@ -327,7 +326,10 @@ def test_align_and_density_are_generated_cli_flags():
     merge = get_strategy("merge")
     declared = {p["name"]: p for p in merge.describe()["params"]}
     assert declared["align"]["choices"] == ["none", "weights", "activations"]
-    assert declared["align"]["default"] == "activations" and declared["density"]["default"] == 0.2
+    # group-and-merge merges raw weights (alignment is MC-SMoE's addition, on by default in router-guided)
+    assert declared["align"]["default"] == "none" and declared["density"]["default"] == 0.2
+    router_guided = {p["name"]: p for p in get_strategy("router-guided").describe()["params"]}
+    assert router_guided["align"]["default"] == "activations" and router_guided["merge"]["default"] == "frequency"
     assert {"frequency", "ties"} <= set(declared["merge"]["choices"])
     args = build_parser().parse_args(["plan", "demo", "--strategy", "merge", "--keep", "6", "--align", "weights",
                                       "--merge", "ties", "--density", "0.5", "-o", "p.json"])

@@ -136,7 +136,9 @@ def test_model_page_runs_the_analysis_once_then_reuses_it(cache_dir):
     assert [b.label for b in at.button] == ["Run the analysis"]
     at.button(key="run_analysis").click().run()
     assert not at.exception and not errors(at)
-    assert at.success[0].value.startswith("Cached analysis: 4 MoE layers, 8 similarities, 22 criteria")  # the sixteen, REAP and five variants
+    # 10 similarities: cka_linear, cka_rbf (full batch), cka_rbf_minibatch, cosine, mse, HC-SMoE's
+    # mean_output_euclidean and the four weight/surrogate ones; 22 criteria: the sixteen, REAP and five variants
+    assert at.success[0].value.startswith("Cached analysis: 4 MoE layers, 10 similarities, 22 criteria")
     summary = table(at, "most similar pair")
     assert list(summary["layer"]) == [0, 1, 2, 3] and summary["most similar pair"].str.match(r"\d–\d").all()
     listed = table(at, "compute s")
@@ -435,8 +437,9 @@ def test_strategy_plan_from_the_registry(analysed):
     # alignment and TIES density are declared merge parameters, so the page shows them
     at.selectbox(key="plan_strategy").select("merge").run()
     align = at.selectbox(key="plan_merge_align")
-    # options read as on the analysis pages (friendly names), the values stay the registry's
-    assert align.value == "activations"
+    # options read as on the analysis pages (friendly names), the values stay the registry's; the
+    # group-and-merge paper merges raw weights (alignment is MC-SMoE's addition)
+    assert align.value == "none"
     assert list(align.options) == ["none", "weight matching", "activation matching"]
     assert align.label == "Align experts first" and not at.exception
     assert "TIES (sign consensus)" in at.selectbox(key="plan_merge_merge").options
@@ -444,6 +447,31 @@ def test_strategy_plan_from_the_registry(analysed):
     assert rep.value == "outputs" and "Data-centric: expert outputs" in rep.options
     assert "CKA (linear)" in at.selectbox(key="plan_merge_similarity").options
     assert at.number_input(key="plan_merge_density").value == 0.2
+
+
+def test_a_preset_fills_its_strategys_widgets_and_is_recorded(analysed):
+    at = app("plan")
+    at.selectbox(key="plan_preset").select("hc-smoe").run()
+    assert not at.exception and at.selectbox(key="plan_strategy").value == "merge"
+    assert at.selectbox(key="plan_merge_representation").value == "mean_output"
+    assert at.selectbox(key="plan_merge_similarity").value == "euclidean"
+    assert at.selectbox(key="plan_merge_grouping").value == "agglomerative"
+    assert at.selectbox(key="plan_merge_merge").value == "frequency"
+    assert any("HC-SMoE" in c.value for c in at.caption)
+    at.selectbox(key="plan_merge_merge").select("uniform").run()  # every value stays editable
+    at.number_input(key="plan_keep").set_value(6).run()
+    at.button(key="plan_make").click().run()
+    assert not at.exception and not errors(at)
+    plan = at.session_state["plan"]
+    assert plan["provenance"]["preset"] == "hc-smoe" and plan["provenance"]["strategy"].startswith("merge:mean_output")
+    given = plan["provenance"]["params"]  # the page passes what differs from the strategy's defaults
+    assert given["representation"] == "mean_output" and "merge" not in given  # uniform: the default again
+    groups = plan["layers"]["0"]["groups"]
+    assert plan["layers"]["0"]["coefficients"] == [[1 / len(g)] * len(g) for g in groups]
+    at.selectbox(key="plan_preset").select("max-rwn").run()
+    assert at.selectbox(key="plan_strategy").value == "criterion"
+    assert at.selectbox(key="plan_criterion_criterion").value == "RWN"
+    assert at.selectbox(key="plan_criterion_order").value == "max"
 
 
 def test_plan_shows_counts_and_export_form_and_evens_out(analysed, demo_model, cache_dir):

@@ -17,7 +17,7 @@ from moescope.analysis.data import (
     token_streams,
     tokenizer_fingerprint,
 )
-from moescope.analysis.measure.augment import mix_token_embeddings
+from moescope.analysis.measure.augment import mix_hidden_rows
 
 EOT = "<|endoftext|>"
 SAMPLE_TEXT = [
@@ -414,13 +414,13 @@ def test_describe_is_short_and_informative(corpus, tok):
 
 
 # ---- augmentation ----------------------------------------------------------------------------
-def test_mix_token_embeddings_appends_convex_mixtures():
+def test_mix_hidden_rows_appends_convex_mixtures():
     hidden = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
-    out = mix_token_embeddings(hidden, ratio=1.5, seed=7)
+    out = mix_hidden_rows(hidden, ratio=1.5, seed=7)
     assert out.shape == (6 + 9, 5)
     assert torch.equal(out[:6], hidden)
-    assert torch.equal(out, mix_token_embeddings(hidden, ratio=1.5, seed=7))
-    assert not torch.equal(out, mix_token_embeddings(hidden, ratio=1.5, seed=8))
+    assert torch.equal(out, mix_hidden_rows(hidden, ratio=1.5, seed=7))
+    assert not torch.equal(out, mix_hidden_rows(hidden, ratio=1.5, seed=8))
     for row in out[6:]:
         found = False
         for i in range(6):
@@ -432,12 +432,12 @@ def test_mix_token_embeddings_appends_convex_mixtures():
                 if 0.0 <= lam <= 1.0 and torch.allclose(hidden[j] + lam * diff, row, atol=1e-5):
                     found = True
         assert found, row
-    assert mix_token_embeddings(hidden, ratio=0.0).shape == (6, 5)
-    assert mix_token_embeddings(hidden.to(torch.bfloat16), 0.5).dtype == torch.bfloat16
+    assert mix_hidden_rows(hidden, ratio=0.0).shape == (6, 5)
+    assert mix_hidden_rows(hidden.to(torch.bfloat16), 0.5).dtype == torch.bfloat16
     with pytest.raises(MoescopeError, match="ratio must be a number ≥ 0"):
-        mix_token_embeddings(hidden, ratio=-1)
+        mix_hidden_rows(hidden, ratio=-1)
     with pytest.raises(MoescopeError, match=r"expects hidden states \[T, d\]"):
-        mix_token_embeddings(hidden[0], ratio=1)
+        mix_hidden_rows(hidden[0], ratio=1)
 
 
 # ---- the demo tokenizer and corpus -----------------------------------------------------------

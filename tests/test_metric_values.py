@@ -116,7 +116,7 @@ def nonlinear_pair(n=T, seed=0):
 def test_rbf_cka_equals_a_naive_hsic_with_a_median_bandwidth_and_differs_from_linear():
     X, Z = nonlinear_pair()
     want = naive_rbf_cka(X, Z)
-    got = M.rbf_cka_matrix(torch.stack([X, Z, X]), batch_tokens=T)
+    got = M.rbf_cka_matrix(torch.stack([X, Z, X]))
     assert got[0, 1].item() == pytest.approx(want, rel=1e-4)
     assert got[1, 0].item() == pytest.approx(want, rel=1e-4)
     assert got[0, 2].item() == pytest.approx(1.0, abs=1e-6)
@@ -130,11 +130,11 @@ def test_rbf_cka_bandwidth_is_the_median_distance_not_a_fixed_one():
     # scaling one representation by 10 leaves a median-bandwidth RBF CKA unchanged; a fixed σ would not
     X, Z = nonlinear_pair(seed=4)
     want = naive_rbf_cka(X, Z)
-    got = M.rbf_cka_matrix(torch.stack([X, 10 * Z]), batch_tokens=T)[0, 1].item()
+    got = M.rbf_cka_matrix(torch.stack([X, 10 * Z]))[0, 1].item()
     assert got == pytest.approx(want, rel=1e-4)
 
 
-def test_rbf_cka_averages_the_documented_seeded_token_minibatches():
+def test_rbf_cka_minibatch_averages_the_documented_seeded_token_minibatches():
     X, Z = nonlinear_pair(n=200, seed=7)
     b, n_batches, seed = 43, 3, 5  # 43·42/2 is odd: single-valued medians
     g = torch.Generator().manual_seed(seed)
@@ -143,7 +143,7 @@ def test_rbf_cka_averages_the_documented_seeded_token_minibatches():
         idx = torch.randperm(200, generator=g)[:b]
         per_batch.append(naive_rbf_cka(X[idx], Z[idx]))
     assert max(per_batch) - min(per_batch) > 1e-3  # the batches really differ
-    got = M.rbf_cka_matrix(torch.stack([X, Z]), batch_tokens=b, n_batches=n_batches, seed=seed)[0, 1].item()
+    got = M.rbf_cka_minibatch_matrix(torch.stack([X, Z]), batch_tokens=b, n_batches=n_batches, seed=seed)[0, 1].item()
     assert got == pytest.approx(sum(per_batch) / n_batches, rel=1e-4)
 
 
@@ -296,8 +296,12 @@ def test_layer_routing_statistics_by_value(layer_case):
     vocab = [len({int(token_ids[t]) for t in n["routed"][e]}) for e in range(8)]
     assert got.routing["vocab_coverage"].tolist() == vocab
     assert torch.allclose(got.routing["mean_logit"].double(), logits.mean(0), atol=1e-6)
-    Lc = logits - logits.mean(0)
+    # MC-SMoE's router-guided similarity: cosine of the raw logit columns; centred: its own name
     assert torch.allclose(got.routing["logit_similarity"].double(),
+                          torch.tensor(_pairwise(lambda i, j: cos(logits[:, i], logits[:, j])), dtype=torch.float64),
+                          atol=1e-5)
+    Lc = logits - logits.mean(0)
+    assert torch.allclose(got.routing["logit_correlation"].double(),
                           torch.tensor(_pairwise(lambda i, j: cos(Lc[:, i], Lc[:, j])), dtype=torch.float64), atol=1e-5)
     ratios = [float(min(r) / max(r)) for r in top_w.tolist()]
     assert got.scalars["beta"] == pytest.approx(statistics.median(ratios), rel=1e-5)

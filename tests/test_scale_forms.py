@@ -60,7 +60,9 @@ def test_bfloat16_outputs_give_the_matrices_of_their_upcast(outputs):
     Yf = Yb.float()
     for fn in (M.linear_cka_matrix, M.output_cosine_matrix, M.output_mse_matrix):
         torch.testing.assert_close(fn(Yb), fn(Yf), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(M.rbf_cka_matrix(Yb, batch_tokens=16), M.rbf_cka_matrix(Yf, batch_tokens=16))
+    torch.testing.assert_close(M.rbf_cka_matrix(Yb), M.rbf_cka_matrix(Yf))
+    torch.testing.assert_close(M.rbf_cka_minibatch_matrix(Yb, batch_tokens=16),
+                               M.rbf_cka_minibatch_matrix(Yf, batch_tokens=16))
 
 
 def _rbf_gram(X):
@@ -74,8 +76,8 @@ def _center_gram(K):
     return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
 
 
-def test_rbf_cka_batched_inner_products_equal_the_pair_loop(outputs):
-    got = M.rbf_cka_matrix(outputs, batch_tokens=20, n_batches=3, seed=5)
+def test_rbf_cka_minibatch_batched_inner_products_equal_the_pair_loop(outputs):
+    got = M.rbf_cka_minibatch_matrix(outputs, batch_tokens=20, n_batches=3, seed=5)
     g = torch.Generator().manual_seed(5)
     want = torch.zeros(6, 6, dtype=torch.float64)
     for _ in range(3):
@@ -130,16 +132,19 @@ def test_linear_and_rbf_cka_from_shared_grams_equal_the_separate_functions(work_
     Y = rand(5, 40, 64, seed=4) + rand(5, 1, 64, seed=5)
     Y[2] = 2 * Y[1] + 0.05 * rand(40, 64, seed=6)
     for batch_tokens, n_batches in ((24, 2), (40, 3)):
-        linear, rbf = M.output_cka_matrices(Y, batch_tokens=batch_tokens, n_batches=n_batches, seed=3,
-                                            work_bytes=work_bytes)
+        linear, full, rbf = M.output_cka_matrices(Y, batch_tokens=batch_tokens, n_batches=n_batches, seed=3,
+                                                  work_bytes=work_bytes)
         torch.testing.assert_close(linear, M.linear_cka_matrix(Y), atol=2e-6, rtol=0)
-        torch.testing.assert_close(rbf, M.rbf_cka_matrix(Y, batch_tokens, n_batches, seed=3), atol=2e-5, rtol=0)
+        torch.testing.assert_close(full, M.rbf_cka_matrix(Y), atol=2e-6, rtol=0)
+        torch.testing.assert_close(rbf, M.rbf_cka_minibatch_matrix(Y, batch_tokens, n_batches, seed=3), atol=2e-5,
+                                   rtol=0)
         assert rbf[1, 2] > 0.9 and rbf.diagonal().sub(1).abs().max() < 1e-5
     # where the feature form is the cheaper (few wide... here: many tokens, 3 dims) both take their own path
     Z = rand(4, 50, 3, seed=7)
-    linear, rbf = M.output_cka_matrices(Z, batch_tokens=20, n_batches=2)
+    linear, full, rbf = M.output_cka_matrices(Z, batch_tokens=20, n_batches=2)
     torch.testing.assert_close(linear, M.linear_cka_matrix(Z, form="feature"))
-    torch.testing.assert_close(rbf, M.rbf_cka_matrix(Z, 20, 2))
+    torch.testing.assert_close(full, M.rbf_cka_matrix(Z))
+    torch.testing.assert_close(rbf, M.rbf_cka_minibatch_matrix(Z, 20, 2))
 
 
 def test_spectral_groups_are_repaired_to_the_asked_count():

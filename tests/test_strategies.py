@@ -29,8 +29,11 @@ ALL = [
     ("merge", {"keep": 4}),
     ("merge", {"keep": 4, "similarity": "cka_rbf", "grouping": "greedy", "merge": "usage", "merge_router": False}),
     ("merge", {"keep": 4, "representation": "surrogate", "similarity": "mse", "grouping": "agglomerative", "merge": "max"}),
-    ("merge", {"keep": 4, "merge": "learned", "steps": 5}),
+    ("merge", {"keep": 4, "merge": "learned", "epochs": 1}),
     ("router-guided", {"keep": 4}),
+    ("merge", {"keep": 4, "representation": "mean_output", "similarity": "euclidean", "grouping": "agglomerative",
+               "merge": "frequency"}),
+    ("merge", {"keep": 4, "augment": "embeddings", "augment_ratio": 0.5, "grouping": "spectral_discretize"}),
 ]
 
 
@@ -92,9 +95,9 @@ def test_merge_groups_duplicated_experts_together(tmp_path):
 
 def test_learned_coefficients_beat_uniform_on_held_out_tokens(tmp_path):
     ctx = ctx_for("mixtral", tmp_path)
-    plan = make_plan("merge", ctx, {"keep": 4, "merge": "learned", "steps": 40})
+    plan = make_plan("merge", ctx, {"keep": 4, "merge": "learned", "epochs": 3, "lr": 0.01})
     for info in plan.provenance["learned"].values():
-        assert info["kept"] and info["val_loss_end"] < info["val_loss_start"]
+        assert info["kept"] and info["held_loss_end"] < info["held_loss_start"]
 
 
 @pytest.mark.parametrize("name, params, match", [

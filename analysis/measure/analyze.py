@@ -27,7 +27,7 @@ METRIC_FAMILIES = ("similarity", "weights", "routing", "activations", "gradients
 DEFAULT_METRICS = METRIC_FAMILIES
 FORWARD_METRICS = ("similarity", "weights", "routing", "activations")  # everything but the backward pass
 
-SIMILARITY_NAMES = ("cka_linear", "cka_rbf", "cosine", "mse")
+SIMILARITY_NAMES = ("cka_linear", "cka_rbf", "cka_rbf_minibatch", "cosine", "mse", "mean_output_euclidean")
 WEIGHT_SIMILARITY_NAMES = ("weight_cosine", "weight_mse", "surrogate_cosine", "surrogate_mse")
 
 
@@ -37,9 +37,10 @@ class AnalysisParams:
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
     similarity_tokens: int = 8192  # tokens (subsampled, seeded) for output similarities
-    rbf_batch_tokens: int = 512  # RBF CKA mini-batch size (T×T only per mini-batch)
-    rbf_batches: int = 4
-    augment_ratio: float = 0.0  # group-and-merge augmentation: extra mixed-token rows, × T
+    rbf_batch_tokens: int = 512  # cka_rbf_minibatch: tokens per mini-batch (cka_rbf uses them all)
+    rbf_batches: int = 4  # cka_rbf_minibatch: mini-batches averaged
+    augment_ratio: float = 0.0  # group-and-merge augmentation: extra mixed rows for similarities, × T
+    augment: str = "embeddings"  # what is mixed: embeddings (Algorithm 1's mixup) | hidden_states
     chunk_size: int = 8  # sequences per decoder-layer forward
     seed: int = 0
 
@@ -53,6 +54,10 @@ class AnalysisParams:
             raise MoescopeError(f"similarity_tokens must be at least 4, got {self.similarity_tokens}")
         if not 0 <= self.augment_ratio <= 4:
             raise MoescopeError(f"augment_ratio must be in [0, 4], got {self.augment_ratio}")
+        from moescope.analysis.measure.augment import AUGMENTS
+
+        if self.augment not in AUGMENTS:
+            raise unknown_name("augmentation", self.augment, AUGMENTS)
 
     def key(self) -> dict:
         d = asdict(self)
@@ -87,10 +92,13 @@ def _timed(timings: dict, name: str):
 
 
 @torch.no_grad()
-def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) -> LayerAnalysis:
+def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
+                  x_aug: Tensor | None = None) -> LayerAnalysis:
     """All metrics of one MoE layer from its block input ``x [T, d]`` and the token ids ``[T]``:
     routing statistics, similarities, and every criterion of :data:`~moescope.analysis.measure.criteria.CRITERIA`
-    whose metric family is asked for (gradient criteria come from :func:`gradient_criteria`)."""
+    whose metric family is asked for (gradient criteria come from :func:`gradient_criteria`).
+    ``x_aug`` is the block input of the mixed-embedding sequences (``augment=embeddings``, see
+    :func:`augmented_stream`); augmented rows enter the output similarities only."""
     E, T = view.num_experts, x.shape[0]
     out = LayerAnalysis(layer=view.index, num_experts=E, top_k=view.top_k)
     want = {"routing", *params.metrics}
@@ -108,8 +116,11 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
             "coactivation": coact.float(),
             "vocab_coverage": M.vocabulary_coverage(idx, token_ids.cpu(), E).float(),
             "mean_logit": r.logits.float().mean(0).cpu(),
-            # cosine between experts' router-logit columns over the tokens (router-guided merging)
-            "logit_similarity": M.flat_cosine_matrix((r.logits.float() - r.logits.float().mean(0)).T.cpu()),
+            # MC-SMoE's router-guided similarity: cosine between experts' raw router-logit columns
+            # over the tokens (its grouping_mixtral.py, similarity_base "router-logits")
+            "logit_similarity": M.flat_cosine_matrix(r.logits.float().T.cpu()),
+            # the same after centring each column: a Pearson correlation (moescope's variant)
+            "logit_correlation": M.flat_cosine_matrix((r.logits.float() - r.logits.float().mean(0)).T.cpu()),
         }
         out.scalars = {
             "beta": M.skip_ratio_median(w),
@@ -123,25 +134,35 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
             n = min(T, params.similarity_tokens)
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
             xs = x[sel.to(x.device)]
-            if params.augment_ratio > 0:
-                from moescope.analysis.measure.augment import mix_token_embeddings
+            if params.augment_ratio > 0 and params.augment == "hidden_states":
+                from moescope.analysis.measure.augment import mix_hidden_rows
 
-                xs = mix_token_embeddings(xs, params.augment_ratio, seed=params.seed + view.index)
-            # [E, n, d] in the model's dtype on the model's device (bfloat16 outputs are exact in
-            # bfloat16); the similarity functions read it a chunk at a time in float32
+                xs = mix_hidden_rows(xs, params.augment_ratio, seed=params.seed + view.index)
+            elif params.augment_ratio > 0 and x_aug is not None and len(x_aug):
+                m = min(len(x_aug), round(params.augment_ratio * n))
+                pick = torch.randperm(len(x_aug), generator=g)[:m].to(x_aug.device)
+                xs = torch.cat([xs, x_aug[pick].to(xs.dtype)])
+            # [E, n (+ augmented rows), d] in the model's dtype on the model's device (bfloat16
+            # outputs are exact in bfloat16); the similarity functions read it a chunk at a time
             Y = torch.empty(E, xs.shape[0], xs.shape[1], dtype=xs.dtype, device=xs.device)
             for e in range(E):
                 Y[e] = view.expert_forward(e, xs)
 
-    stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"], Y)
+    # criteria see the calibration tokens only, never the augmented rows
+    stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"],
+                       Y[:, :n] if Y is not None else None)
     if "similarity" in want:
         with _timed(tm, "similarity"):
-            # linear and RBF CKA share the token Grams (one pass over the outputs)
-            out.similarity["cka_linear"], out.similarity["cka_rbf"] = M.output_cka_matrices(
+            # linear and mini-batch RBF CKA share the token Grams (one pass over the outputs)
+            (out.similarity["cka_linear"], out.similarity["cka_rbf"],
+             out.similarity["cka_rbf_minibatch"]) = M.output_cka_matrices(
                 Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches, seed=params.seed
             )
-            out.similarity["cosine"] = stats.output_cosine
+            out.similarity["cosine"] = stats.output_cosine if Y.shape[1] == n else M.output_cosine_matrix(Y)
             out.similarity["mse"] = M.output_mse_matrix(Y)
+            # HC-SMoE: every expert's mean output over all T calibration tokens, Euclidean distance
+            means = Y.float().mean(1).cpu() if n == T and Y.shape[1] == T else M.mean_outputs(view, x)
+            out.similarity["mean_output_euclidean"] = M.euclidean_distance_matrix(means)
 
     if "weights" in want:
         with _timed(tm, "weights"):
@@ -160,6 +181,29 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams) ->
                     value = pair_drop_position(value, counts, c.drop)
                 out.criteria[c.name] = value
     return out
+
+
+def augmented_stream(model, input_ids: Tensor, params: AnalysisParams) -> LayerStream | None:
+    """The mixup sequences of group-and-merge's Algorithm 1 (line 5, ``f_i(Mixup(D))``; §3.5
+    "randomly mixing token embeddings"), as a :class:`LayerStream` beside the calibration one:
+    ``M = round(augment_ratio · N)`` sequences whose token embeddings are
+    ``λ · e(a) + (1 − λ) · e(b)`` for two calibration sequences (:func:`~.augment.mixup_pairs`),
+    run through every layer like real text, so each MoE layer sees the mixtures' own hidden
+    states. None unless ``augment=embeddings`` with a ratio above 0."""
+    if params.augment != "embeddings" or params.augment_ratio <= 0:
+        return None
+    from moescope.analysis.measure.augment import mix_embeddings, mixup_pairs
+    from moescope.analysis.measure.capture import record_layer_kwargs
+
+    a, b, lam = mixup_pairs(input_ids.shape[0], params.augment_ratio, params.seed)
+    if len(a) == 0:
+        return None
+    stream = LayerStream(model, input_ids[a], chunk_size=params.chunk_size)
+    cs = params.chunk_size
+    for c, h in enumerate(stream.hidden):
+        emb_b, _ = record_layer_kwargs(model, input_ids[b[c * cs : (c + 1) * cs]].to(stream.device))
+        stream.hidden[c] = mix_embeddings(h, emb_b, lam[c * cs : (c + 1) * cs])
+    return stream
 
 
 def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: Callable | None = None) -> dict[int, dict[str, Tensor]]:
@@ -266,14 +310,16 @@ def run_analysis(
         tensors: dict[str, Tensor] = {}
         layers_meta = {}
         stream = LayerStream(model, batch.input_ids, chunk_size=params.chunk_size)
+        mixed = augmented_stream(model, batch.input_ids, params) if "similarity" in params.metrics else None
         n_layers = model.num_hidden_layers
         token_ids = stream.token_ids
         t_start = time.perf_counter()
         for l, x in stream.layers():
+            x_aug = mixed.step() if mixed is not None else None
             if x is not None:
                 t0 = time.perf_counter()
                 with model.materialized(model.layers[l].block):
-                    la = analyze_layer(model.layers[l], x, token_ids, params)
+                    la = analyze_layer(model.layers[l], x, token_ids, params, x_aug)
                 if model.offloaded:
                     from moescope.analysis.model import release_mapped_weights
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from moescope.analysis.core.cache import StoredResult
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model.merging import is_distance  # MSE and Euclidean: smaller = more alike
 from torch import Tensor
 
 TRACE_VERSION = 1
@@ -236,12 +237,6 @@ def drop_ranks(result, criterion: str, order: str) -> Tensor:
         for r, e in enumerate(ranking):
             out[i, e] = r
     return out
-
-
-def is_distance(similarity: str) -> bool:
-    """Whether a similarity matrix is a distance (MSE: smaller = more alike), as
-    :func:`analysis.merging.affinity` reads it."""
-    return "mse" in similarity
 
 
 def similarity_bounds(similarity: str) -> tuple[float, float] | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-METRICS_VERSION = 3
+METRICS_VERSION = 3  # 3: MC-Suite criteria as published (EAN eq. 13, EAO count, EAS eq. 11, ECC/ETS pairs), raw
+#   router-logit cosine, full-batch RBF CKA, mean-output distances
 
 # ---------------------------------------------------------------- similarity of expert outputs
 #
@@ -139,7 +141,8 @@ def _cka_from_hsic(hsic: Tensor) -> Tensor:
 
 
 def _rbf_batches(T: int, batch_tokens: int, n_batches: int, seed: int) -> list[Tensor]:
-    """The token mini-batches RBF CKA averages over (seeded; one batch of all tokens if they fit)."""
+    """The token mini-batches :func:`rbf_cka_minibatch_matrix` averages over (seeded; one batch of
+    all tokens if they fit)."""
     g = torch.Generator().manual_seed(seed)
     b = min(batch_tokens, T)
     return [torch.randperm(T, generator=g)[:b] for _ in range(1 if b == T else n_batches)]
@@ -158,12 +161,12 @@ def _rbf_cka_of_distances(d2: Tensor) -> Tensor:
     return _cka_from_hsic((grams @ grams.T).cpu())
 
 
-def rbf_cka_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0) -> Tensor:
-    """RBF-kernel CKA, ``HSIC(K_i, K_j) / sqrt(HSIC(K_i, K_i) HSIC(K_j, K_j))`` with centred Gram
-    matrices ``K`` over ``batch_tokens`` tokens (median-distance bandwidth per expert), averaged over
-    ``n_batches`` random token mini-batches so that it stays tractable (T×T only per mini-batch).
-    The E centred Grams of a mini-batch are flattened and their inner products taken as one
-    ``[E, b²] @ [b², E]`` product in float64."""
+def rbf_cka_minibatch_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0) -> Tensor:
+    """``cka_rbf_minibatch``: the mean over ``n_batches`` random token mini-batches of
+    ``batch_tokens`` tokens of the RBF CKA of each mini-batch (median-distance bandwidth per expert
+    and mini-batch). moescope's cheap variant, not the CKA definition: the definition is one kernel
+    estimate over the whole batch (:func:`rbf_cka_matrix`). The E centred Grams of a mini-batch are
+    flattened and their inner products taken as one ``[E, b²] @ [b², E]`` product in float64."""
     E, T, _ = Y.shape
     batches = _rbf_batches(T, batch_tokens, n_batches, seed)
     total = torch.zeros(E, E, dtype=torch.float64)
@@ -175,17 +178,96 @@ def rbf_cka_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed:
     return (total / len(batches)).float()
 
 
+def _upper_sq_distances(Ye: Tensor, sq: Tensor, r0: int, r1: int) -> Tensor:
+    """``‖y_s − y_t‖²`` for the rows ``s ∈ [r0, r1)`` against the tokens ``t ≥ r0`` only:
+    ``[r1 − r0, n − r0]`` (the pairs below the diagonal block are another block's, by symmetry)."""
+    return (sq[r0:r1, None] + sq[None, r0:] - 2 * (Ye[r0:r1] @ Ye[r0:].T)).clamp_min_(0)
+
+
+RBF_BLOCK_ROWS = 256  # rows of a Gram block in the RBF passes (small blocks stay in cache)
+
+
+def _upper_blocks(n: int, rows: int):
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows)
+
+
+@torch.no_grad()
+def rbf_bandwidths(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+    """``σ² [E]``: per expert, the square of the lower median of its off-diagonal token distances
+    ``‖y_s − y_t‖`` over all ``n(n − 1)/2`` pairs (the median heuristic of the RBF kernel), exact:
+    the pairs of one expert are gathered a block of rows at a time (``n²/2`` floats alive, the
+    upper triangle only) and the median taken by selection (the median of the squared distances
+    is the square of the median distance: the same element)."""
+    E, n, _ = Y.shape
+    out = torch.ones(E, dtype=torch.float64)
+    if n < 2:
+        return out
+    b = min(RBF_BLOCK_ROWS, _rows_per_chunk(n * 4, n, work_bytes))
+    above = torch.ones(b, b, dtype=torch.bool, device=Y.device).triu_(1)
+    for e in range(E):
+        Ye = Y[e].to(_acc_dtype(Y))
+        sq = (Ye * Ye).sum(-1)
+        parts = []
+        for r0, r1 in _upper_blocks(n, b):
+            d2 = _upper_sq_distances(Ye, sq, r0, r1)
+            w = r1 - r0
+            parts += [d2[:, :w][above[:w, :w]].float().cpu(), d2[:, w:].float().reshape(-1).cpu()]
+        pairs = torch.cat(parts).numpy()
+        del parts
+        k = (pairs.size - 1) // 2  # the lower median, by selection (numpy's introselect: linear time)
+        out[e] = float(np.partition(pairs, k)[k])
+    return out.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def rbf_cka_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+    """RBF-kernel CKA as the CKA definition has it (group-and-merge eq. 3, Kornblith et al.):
+    ``HSIC(K_i, K_j) / sqrt(HSIC(K_i, K_i) HSIC(K_j, K_j))`` with ``HSIC(K, L) ∝ tr(K H L H)`` and
+    one kernel estimate over the whole batch of n tokens: ``K_st = exp(−‖y_s − y_t‖² / (2σ²))``
+    with σ each expert's median off-diagonal distance (:func:`rbf_bandwidths`).
+
+    Exact, never subsampled, and no n×n Gram is held (1 GiB each at 16k tokens in float32). With
+    ``H = I − 11ᵀ/n``, ``tr(K_i H K_j H) = ⟨K_i, K_j⟩ − (2/n) r_i·r_j + (g_i g_j)/n²`` where ``r`` are
+    the Gram's row sums and ``g`` its total, so one pass over blocks of rows (the upper triangle:
+    ``K`` is symmetric) accumulates the Frobenius products, row sums and totals of every expert's
+    Gram at once (float64), after the bandwidth pass; only ``work_bytes`` of Gram rows are alive."""
+    E, n, _ = Y.shape
+    acc = _acc_dtype(Y)
+    sigma2 = rbf_bandwidths(Y, work_bytes).to(device=Y.device, dtype=acc)
+    b = min(RBF_BLOCK_ROWS, _rows_per_chunk(E * n * 8, n, work_bytes))
+    sqs = [(Y[e].to(acc) * Y[e].to(acc)).sum(-1) for e in range(E)]
+    frob = torch.zeros(E, E, dtype=torch.float64)
+    rows = torch.zeros(E, n, dtype=torch.float64)
+    for r0, r1 in _upper_blocks(n, b):
+        w = r1 - r0
+        K = torch.empty(E, w, n - r0, dtype=acc, device=Y.device)
+        for e in range(E):
+            K[e] = torch.exp(-_upper_sq_distances(Y[e].to(acc), sqs[e], r0, r1) / (2 * sigma2[e]))
+        square, rest = K[:, :, :w].reshape(E, -1), K[:, :, w:].reshape(E, -1)
+        frob += (square.double() @ square.double().T).cpu() + 2 * (rest.double() @ rest.double().T).cpu()
+        rows[:, r0:r1] += K.sum(2).double().cpu()  # the block's rows: the square and the rest
+        rows[:, r1:] += K[:, :, w:].sum(1).double().cpu()  # the rest's columns are the later rows' (symmetry)
+        del K, square, rest
+    total = rows.sum(1)
+    hsic = frob - (2.0 / n) * (rows @ rows.T) + torch.outer(total, total) / n**2
+    return _cka_from_hsic(hsic).float()
+
+
 def output_cka_matrices(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0,
-                        work_bytes: int = WORK_BYTES) -> tuple[Tensor, Tensor]:
-    """Linear CKA (:func:`linear_cka_matrix`) and RBF CKA (:func:`rbf_cka_matrix`) together. Where
-    the Gram form is the cheaper (every real model), the RBF mini-batches' distances are read off
-    the centred token Grams the linear CKA builds anyway (``‖y_s − y_t‖² = K_ss + K_tt − 2K_st``,
-    centring does not move distances), so the RBF costs no second pass over the outputs; otherwise
-    the two are computed separately. Same values as the two functions (to float32 rounding)."""
+                        work_bytes: int = WORK_BYTES) -> tuple[Tensor, Tensor, Tensor]:
+    """Linear CKA (:func:`linear_cka_matrix`), RBF CKA over the whole batch (:func:`rbf_cka_matrix`)
+    and the mini-batch mean of RBF CKA (:func:`rbf_cka_minibatch_matrix`). Where the Gram form is
+    the cheaper (every real model), the mini-batches' distances are read off the centred token
+    Grams the linear CKA builds anyway (``‖y_s − y_t‖² = K_ss + K_tt − 2K_st``, centring does not
+    move distances), so the mini-batch RBF costs no second pass over the outputs. Same values as
+    the separate functions (to float32 rounding)."""
     E, n, d = Y.shape
+    rbf = rbf_cka_matrix(Y, work_bytes)
     cost = linear_cka_cost(E, n, d)
     if cost["gram"] > cost["feature"]:
-        return linear_cka_matrix(Y, "feature", work_bytes), rbf_cka_matrix(Y, batch_tokens, n_batches, seed)
+        return (linear_cka_matrix(Y, "feature", work_bytes), rbf,
+                rbf_cka_minibatch_matrix(Y, batch_tokens, n_batches, seed))
     batches = _rbf_batches(n, batch_tokens, n_batches, seed)
     hsic, blocks = _gram_form_hsic(Y, work_bytes, batches)
     linear = _cka_from_hsic(hsic).float().cpu()
@@ -195,7 +277,7 @@ def output_cka_matrices(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, 
         d2 = diag[:, :, None] + diag[:, None, :] - 2 * blk
         total += _rbf_cka_of_distances(d2)
         del d2
-    return linear, (total / len(blocks)).float()
+    return linear, rbf, (total / len(blocks)).float()
 
 
 def _token_chunks(Y: Tensor, work_bytes: int):
@@ -436,3 +518,27 @@ def stable_rank(W: Tensor) -> float:
     """``Σ σ_i² / σ_1² = ‖W‖_F² / ‖W‖_2²`` (:func:`spectral_norm` for σ₁)."""
     fro2 = float((W.detach().float() ** 2).sum(dtype=torch.float64))
     return fro2 / max(spectral_norm(W) ** 2, 1e-30)
+
+
+# ---------------------------------------------------------------- HC-SMoE's representation
+
+
+@torch.no_grad()
+def mean_outputs(view, x: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+    """``[E, d]``: every expert's output averaged over all the tokens ``x [T, d]``, router bypassed
+    (HC-SMoE's expert representation, its authors' ``expert-output`` similarity base), a block of
+    tokens at a time, accumulated in float64."""
+    E, (T, d) = view.num_experts, x.shape
+    b = _rows_per_chunk(d * 8, T, work_bytes)
+    out = torch.zeros(E, d, dtype=torch.float64)
+    for e in range(E):
+        for t0 in range(0, T, b):
+            out[e] += view.expert_forward(e, x[t0 : t0 + b]).double().sum(0).cpu()
+    return (out / max(T, 1)).float()
+
+
+def euclidean_distance_matrix(V: Tensor) -> Tensor:
+    """``‖v_i − v_j‖₂`` between the rows of ``V [E, d]`` (float64 differences, no Gram shortcut, so
+    near-equal rows give 0 and not rounding noise)."""
+    V = V.double()
+    return torch.cdist(V, V, compute_mode="donot_use_mm_for_euclid_dist").float()

@@ -3,12 +3,13 @@ choosing the merge coefficients of each group, and the operators that combine a 
 experts into one.
 
 Grouping N experts into r groups: spectral clustering on the similarity as a precomputed
-affinity (scikit-learn), greedy merging of the most similar pair of groups (average linkage)
-until r remain, or average-linkage agglomerative clustering (scikit-learn). Merging a group:
-``max`` keeps its most-used expert, ``uniform`` averages, ``usage`` weights by usage frequency,
-``learned`` fits the coefficients by gradient descent so that the merged layer reproduces the
-original layer's output on calibration tokens (3:1 train / validation split; kept only when it
-beats the uniform start on the validation tokens); ``frequency`` is ``usage`` under the name
+affinity (scikit-learn, k-means label assignment as MC-SMoE's code; ``spectral_discretize`` the
+discretize assignment), greedy merging of the most similar pair of groups (average linkage)
+until r remain, or average-linkage agglomerative clustering (scikit-learn; HC-SMoE). Merging a
+group: ``max`` keeps its most-used expert, ``uniform`` averages, ``usage`` weights by usage
+frequency, ``learned`` fits group-and-merge eq. 6 (``λ Σ α_i θ_i``, ``Σ α = 1``, router rows
+``Σ α_i W_i``) by SGD so that the merged layer reproduces the original layer's output
+(:func:`learn_coefficients`); ``frequency`` is ``usage`` under the name
 MC-SMoE and HC-SMoE give it (frequency-weighted average); ``ties`` weights by usage and combines
 with the TIES operator below.
 
@@ -18,8 +19,11 @@ TIES-style sign-consensus merging (Yadav et al. 2023) of the members' difference
 weighted mean: with ``w = c / Σc``, ``m = Σ_i w_i W_i`` and ``τ_i = W_i − m``, each ``τ_i`` keeps
 its largest-magnitude ``density`` fraction (trim), the elected sign is ``sign(Σ_i w_i τ̂_i)`` (none where that sum is 0 up to rounding), and
 the merged difference is the ``w``-weighted mean of the trimmed differences that agree with it
-(disjoint mean): ``W = Σc · (m + δ)``. For a group of two, ``τ_1`` and ``τ_2`` are opposite with
-proportional magnitudes, no sign wins and TIES gives the weighted average; it differs from
+(disjoint mean): ``W = Σc · (m + δ)``. For a group of two, ``τ_1 = w_2 (W_1 − W_2)`` and
+``τ_2 = −w_1 (W_1 − W_2)`` are opposite with proportional magnitudes, so the elected mass
+``w_1 τ_1 + w_2 τ_2`` is exactly 0 everywhere and no sign wins: TIES of two members *is* the
+weighted mean ``Σ c_i W_i``, and :func:`ties_merge` defines it so (computing the mass in floating
+point instead elects signs from rounding noise where the weights are skewed). It differs from
 ``linear`` only for groups of three or more.
 """
 
@@ -32,18 +36,26 @@ from moescope.analysis.core.errors import MoescopeError, unknown_name
 from moescope.analysis.model.routing import ROUTING_RULES, RouterParams, mix
 from torch import Tensor
 
-GROUPINGS = ("spectral", "greedy", "agglomerative")
+GROUPINGS = ("spectral", "spectral_discretize", "greedy", "agglomerative")
 MERGES = ("max", "uniform", "usage", "frequency", "learned", "ties")
 OPERATORS = ("linear", "ties")
+
+
+DISTANCES = ("mse", "euclidean")  # similarity names that are distances (smaller = more alike)
+
+
+def is_distance(kind: str) -> bool:
+    """Whether a similarity matrix named ``kind`` is a distance (MSE, Euclidean: smaller = more alike)."""
+    return any(d in kind for d in DISTANCES)
 
 
 def affinity(S: Tensor, kind: str) -> Tensor:
     """A symmetric affinity in [0, 1] from a similarity or distance matrix.
 
-    CKA: clamped to [0, 1]; cosine: ``(1 + cos) / 2``; MSE (a distance): ``exp(−mse / median)``
-    with the median over off-diagonal entries."""
+    CKA: clamped to [0, 1]; cosine (and router logits, as MC-SMoE maps them): ``(1 + cos) / 2``;
+    MSE or Euclidean (distances): ``exp(−dist / median)`` with the median over off-diagonal entries."""
     S = S.double()
-    if "mse" in kind:
+    if is_distance(kind):
         off = S[~torch.eye(S.shape[0], dtype=torch.bool)]
         scale = off.median().clamp_min(1e-30)
         A = torch.exp(-S / scale)
@@ -56,8 +68,15 @@ def affinity(S: Tensor, kind: str) -> Tensor:
     return A
 
 
-def group_experts(A: Tensor, r: int, method: str, seed: int = 0) -> list[list[int]]:
-    """Partition ``A``'s experts into ``r`` groups (each sorted; groups ordered by first member)."""
+def group_experts(A: Tensor, r: int, method: str, seed: int = 0, distance: Tensor | None = None) -> list[list[int]]:
+    """Partition ``A``'s experts into ``r`` groups (each sorted; groups ordered by first member).
+
+    ``spectral`` is MC-SMoE's call (its ``merging/grouping.py``): scikit-learn's
+    ``SpectralClustering(affinity="precomputed", assign_labels="kmeans", random_state=seed)`` on
+    ``A``; ``spectral_discretize`` the same with ``assign_labels="discretize"``. ``agglomerative``
+    is average linkage (HC-SMoE) on ``distance`` when given (the representation's own distance,
+    e.g. Euclidean between mean outputs: average linkage is not invariant to remapping distances),
+    else on ``1 − A``. ``greedy`` merges the pair of groups with the highest mean affinity."""
     n = A.shape[0]
     if not 1 <= r <= n:
         raise MoescopeError(f"cannot form {r} groups from {n} experts")
@@ -80,16 +99,20 @@ def group_experts(A: Tensor, r: int, method: str, seed: int = 0) -> list[list[in
         return sorted(groups)
     import numpy as np
 
-    if method == "spectral":
+    if method in ("spectral", "spectral_discretize"):
         from sklearn.cluster import SpectralClustering
 
         labels = SpectralClustering(n_clusters=r, affinity="precomputed", random_state=seed,
-                                    assign_labels="discretize").fit_predict(A.numpy())
+                                    assign_labels="kmeans" if method == "spectral" else "discretize"
+                                    ).fit_predict(A.numpy())
     else:
         from sklearn.cluster import AgglomerativeClustering
 
+        D = (1 - A).clamp_min(0) if distance is None else distance.double().clamp_min(0)
+        D = (D + D.T) / 2
+        D.fill_diagonal_(0.0)
         labels = AgglomerativeClustering(n_clusters=r, metric="precomputed", linkage="average").fit_predict(
-            (1 - A).clamp_min(0).numpy())
+            D.numpy())
     groups = [sorted(np.flatnonzero(labels == k).tolist()) for k in np.unique(labels)]
     groups = [g for g in groups if g]
     # spectral clustering may leave clusters empty (many clusters, or near-uniform affinities such as
@@ -156,11 +179,13 @@ def ties_merge(P: Tensor, coeffs, density: float = 0.2) -> Tensor:
     """TIES-style merge of the members ``P [m, ...]`` with coefficients ``coeffs [m]`` (see the
     module docstring): trim each member's difference from the weighted mean to its top
     ``density`` fraction by magnitude, elect the sign by weighted mass, average the agreeing
-    differences, and scale by ``Σ coeffs``."""
+    differences, and scale by ``Σ coeffs``. One or two members: ``Σ c_i P_i`` exactly."""
     if not 0 < density <= 1:
         raise MoescopeError(f"ties density must be in (0, 1], got {density}")
     P = P.float()
     c = torch.as_tensor(coeffs, dtype=torch.float32)
+    if P.shape[0] <= 2:  # the elected mass of two members is exactly zero: the weighted mean (module docstring)
+        return (c.reshape((-1,) + (1,) * (P.dim() - 1)) * P).sum(0)
     total = c.sum()
     w = c / total if float(total) != 0 else torch.full_like(c, 1 / len(c))
     shape = (-1,) + (1,) * (P.dim() - 1)
@@ -240,39 +265,69 @@ def _layer_output(view, x: Tensor, tensors, rows) -> Tensor:
     return mix(Y, idx, view.mix_weights(w))
 
 
-def learn_coefficients(view, x: Tensor, groups: list[list[int]], init: list[list[float]],
-                       merge_router: bool = True, steps: int = 100, lr: float = 0.02,
-                       seed: int = 0, tensors: dict[str, Tensor] | None = None) -> tuple[list[list[float]], dict]:
-    """Fit each group's coefficients (free, so their sum also learns the scale λ) by Adam on
-    ``‖F_merged(x) − F(x)‖²`` over 3/4 of the tokens; return them if they beat ``init`` on the
-    held-out quarter, else ``init``; plus the train/validation losses. ``tensors`` are the
+def learned_merge_coefficients(beta: list[Tensor], lam: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Group-and-merge eq. 6's parameterisation: per group ``α = softmax(β)`` (so ``Σ α = 1``) and
+    one scale ``λ``. Returns (the experts' coefficients ``λ · α``, the router rows' ``α``)."""
+    alphas = [torch.softmax(b, 0) for b in beta]
+    return [lam[i] * a for i, a in enumerate(alphas)], alphas
+
+
+def learn_coefficients(view, x: Tensor, groups: list[list[int]], seq_len: int, merge_router: bool = True,
+                       epochs: int = 50, lr: float = 1e-3, batch_sequences: int = 1, seed: int = 0,
+                       tensors: dict[str, Tensor] | None = None
+                       ) -> tuple[list[list[float]], list[list[float]], dict]:
+    """The learned merge of group-and-merge (eq. 6, App. A): every group's experts become
+    ``θ̂ = λ Σ_i α_i θ_i`` and its router row ``Ŵ = Σ_i α_i W_i`` with ``Σ_i α_i = 1`` (``α =
+    softmax(β)``), ``λ`` and ``β`` of every group fitted jointly by plain SGD (learning rate
+    ``lr``, 1e-3 in App. A) on ``L = ‖y − F(x; Θ̂, Ŵ)‖`` (Frobenius norm), ``y`` the original
+    layer's output. The calibration sequences (``x`` is ``[N · seq_len, d]``) are split 3:1 into
+    training and evaluation sequences (App. A); an epoch is one pass over the training sequences in
+    a seeded random order, one SGD step per ``batch_sequences`` sequences; ``epochs`` (50 in App. A)
+    passes. Starts from ``α`` uniform and ``λ = 1`` (uniform souping). Returns the fitted
+    (experts' coefficients ``λ α``, router coefficients ``α``) when they beat the start on the
+    evaluation sequences, else uniform souping's; plus the start/end losses. ``tensors`` are the
     members' aligned expert tensors (default: the layer's own)."""
+    if x.shape[0] % seq_len:
+        raise MoescopeError(f"learned merge: {x.shape[0]} tokens are not whole sequences of {seq_len}")
+    n = x.shape[0] // seq_len
+    seqs = x.float().reshape(n, seq_len, -1)
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(x.shape[0], generator=g)
-    cut = max(1, (3 * x.shape[0]) // 4)
-    x_train, x_val = x[perm[:cut]].float(), x[perm[cut:]].float()
+    order = torch.randperm(n, generator=g)
+    cut = max(1, (3 * n) // 4) if n > 1 else 1
+    train, held = seqs[order[:cut]], seqs[order[cut:]]
     with torch.no_grad():
-        target_train = view.combine(x_train, view.route(x_train)).float()
-        target_val = view.combine(x_val, view.route(x_val)).float() if len(x_val) else None
-    coeffs = [torch.tensor(c, dtype=torch.float32, requires_grad=True) for c in init]
-    opt = torch.optim.Adam(coeffs, lr=lr)
+        target = torch.stack([view.combine(s, view.route(s)).float() for s in train])
+        target_held = torch.stack([view.combine(s, view.route(s)).float() for s in held]) if len(held) else None
+    beta = [torch.zeros(len(gr), requires_grad=True) for gr in groups]
+    lam = torch.ones(len(groups), requires_grad=True)
+    opt = torch.optim.SGD([*beta, lam], lr=lr)
 
-    def loss_on(xs, target):
-        out = _layer_output(view, xs, _merged_tensors(view, groups, coeffs, tensors),
-                            _merged_router(view, groups, coeffs, merge_router))
-        return (out - target).pow(2).mean()
+    def loss_on(xs, ys):
+        xs, ys = xs.reshape(-1, xs.shape[-1]), ys.reshape(-1, ys.shape[-1])
+        experts, router = learned_merge_coefficients(beta, lam)
+        out = _layer_output(view, xs, _merged_tensors(view, groups, experts, tensors),
+                            _merged_router(view, groups, router, merge_router))
+        return torch.linalg.vector_norm(out - ys)
 
     with torch.no_grad():
-        start_val = float(loss_on(x_val, target_val)) if target_val is not None else math.nan
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_on(x_train, target_train)
-        loss.backward()
-        opt.step()
+        start = float(loss_on(held, target_held)) if target_held is not None else math.nan
+    steps = 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(train), generator=g)
+        for b0 in range(0, len(train), batch_sequences):
+            idx = perm[b0 : b0 + batch_sequences]
+            opt.zero_grad()
+            loss_on(train[idx], target[idx]).backward()
+            opt.step()
+            steps += 1
     with torch.no_grad():
-        end_val = float(loss_on(x_val, target_val)) if target_val is not None else math.nan
-        end_train = float(loss_on(x_train, target_train))
-    learned = [c.detach().tolist() for c in coeffs]
-    better = not (end_val > start_val)
-    info = {"val_loss_start": start_val, "val_loss_end": end_val, "train_loss_end": end_train, "kept": better}
-    return (learned if better else init), info
+        end = float(loss_on(held, target_held)) if target_held is not None else math.nan
+        end_train = float(loss_on(train, target))
+        experts, router = learned_merge_coefficients(beta, lam)
+    kept = not (end > start)
+    info = {"held_loss_start": start, "held_loss_end": end, "train_loss_end": end_train, "kept": kept,
+            "steps": steps, "lambda": lam.detach().tolist()}
+    if not kept:
+        uniform = [[1.0 / len(gr)] * len(gr) for gr in groups]
+        return uniform, uniform, info
+    return [c.detach().tolist() for c in experts], [c.detach().tolist() for c in router], info

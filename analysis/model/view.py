@@ -376,6 +376,7 @@ class MoEModel:
         permutations: list[list[list[int] | None] | None] | None = None,
         operator: str = "linear",
         density: float | None = None,
+        router_coeffs: list[list[float]] | None = None,
     ) -> None:
         """Replace ``layer``'s experts by one expert per group: ``W_new = Σ_i c_i W_{g_i}`` for every
         fused expert tensor (and bias). Router rows (and router / score biases) are merged with the
@@ -384,9 +385,12 @@ class MoEModel:
         average otherwise. A group of one with coefficient 1 is exactly keeping that expert.
         ``permutations`` (per group, per member: None or a permutation of the I intermediate
         neurons) aligns members onto their group's reference first, and ``operator='ties'``
-        combines by sign consensus with ``density`` (:func:`analysis.merging.combine_tensors`)."""
+        combines by sign consensus with ``density`` (:func:`analysis.merging.combine_tensors`).
+        ``router_coeffs`` are the router rows' own coefficients when they differ from the experts'
+        (the learned merge of group-and-merge eq. 6 scales the experts by λ, not the router rows)."""
         view = self._layer(layer)
         coeffs = validate_groups(view, groups, coeffs)
+        router_coeffs = coeffs if router_coeffs is None else validate_groups(view, groups, router_coeffs)
         aligned = permutations is not None and any(p is not None for ps in permutations for p in (ps or []))
         if aligned:
             from moescope.analysis.model.alignment import check_permutations
@@ -405,7 +409,7 @@ class MoEModel:
                 new = combine_rows(old, groups, coeffs) if combined is None else combined[name].to(old.dtype).contiguous()
                 setattr(ex, name, nn.Parameter(new, requires_grad=old.requires_grad))
             router = view.router
-            row_coeffs = coeffs if merge_router else onehot_of_largest(coeffs)
+            row_coeffs = router_coeffs if merge_router else onehot_of_largest(router_coeffs)
             for attr in self._router_paths():
                 old = resolve(view.block, router, attr)
                 if old is None:

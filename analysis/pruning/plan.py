@@ -15,7 +15,9 @@ CLI produce one; :func:`analysis.prune.apply` consumes one; an export stores the
 Layer keys are decoder-layer indices; a layer not listed is left as it is; a group of one with
 no coefficients keeps that expert; new experts are numbered in the order of ``groups``.
 
-A merged layer may also carry ``permutations`` (per group, per member: ``null`` or a permutation
+A merged layer may also carry ``router_coefficients`` (the router rows' own coefficients where they
+differ from the experts', as in the learned merge of group-and-merge eq. 6: experts ``λ Σ α_i θ_i``,
+router rows ``Σ α_i W_i``), ``permutations`` (per group, per member: ``null`` or a permutation
 of the expert's intermediate neurons that aligns it onto the group's reference before combining,
 :mod:`analysis.alignment`) and ``operator`` (``linear``, the default, or ``ties`` with
 ``density``, :func:`analysis.merging.combine_tensors`).
@@ -43,6 +45,7 @@ class LayerPlan:
     permutations: list[list[list[int] | None]] | None = None  # per group, per member; None = identity
     operator: str = "linear"
     density: float | None = None  # ties: fraction of each member's difference kept
+    router_coefficients: list[list[float]] | None = None  # router rows' coefficients (default: coefficients)
 
     @property
     def num_out(self) -> int:
@@ -68,6 +71,8 @@ class LayerPlan:
             out["coefficients"] = [list(c) for c in self.coefficients]
         if any(len(g) > 1 for g in self.groups):
             out["merge_router"] = self.merge_router
+        if self.router_coefficients is not None:
+            out["router_coefficients"] = [list(c) for c in self.router_coefficients]
         if self.permutations is not None and any(p is not None for ps in self.permutations for p in (ps or [])):
             out["permutations"] = [None if ps is None else [None if p is None else list(p) for p in ps]
                                    for ps in self.permutations]
@@ -149,10 +154,11 @@ class PruningPlan:
             if not isinstance(raw, dict) or "groups" not in raw:
                 raise MoescopeError(f"{where}: layer {key} must be an object with 'groups'")
             extra = sorted(set(raw) - {"groups", "coefficients", "merge_router", "permutations", "operator",
-                                       "density"})
+                                       "density", "router_coefficients"})
             if extra:
                 raise MoescopeError(f"{where}: layer {key} has unknown key(s) {extra}; allowed: groups, "
-                                    "coefficients, merge_router, permutations, operator, density")
+                                    "coefficients, merge_router, permutations, operator, density, "
+                                    "router_coefficients")
             groups = raw["groups"]
             if groups == []:
                 raise MoescopeError(f"{where}: layer {key} keeps no experts; every MoE layer keeps at least top-k")
@@ -168,6 +174,15 @@ class PruningPlan:
                     raise MoescopeError(f"{where}: layer {key}: 'coefficients' must have the same shape as 'groups'")
                 coeffs = [[_as_float(w, where, key) for w in c] for c in coeffs]
                 _check_coefficients(coeffs, groups, where, key, signed_coefficients(data.get("provenance")))
+            router_coeffs = raw.get("router_coefficients")
+            if router_coeffs is not None:
+                if (not isinstance(router_coeffs, list) or len(router_coeffs) != len(groups)
+                        or any(not isinstance(c, list) or len(c) != len(g) for c, g in zip(router_coeffs, groups))
+                        or any(not isinstance(w, int | float) or isinstance(w, bool) for c in router_coeffs for w in c)):
+                    raise MoescopeError(f"{where}: layer {key}: 'router_coefficients' must have the same shape as "
+                                        "'groups'")
+                router_coeffs = [[float(w) for w in c] for c in router_coeffs]
+                _check_coefficients(router_coeffs, groups, where, key, signed_coefficients(data.get("provenance")))
             merge_router = raw.get("merge_router", True)
             if not isinstance(merge_router, bool):
                 raise MoescopeError(f"{where}: layer {key}: 'merge_router' must be true or false")
@@ -189,7 +204,7 @@ class PruningPlan:
                                         or not 0 < density <= 1):
                 raise MoescopeError(f"{where}: layer {key}: 'density' must be a number in (0, 1], got {density!r}")
             layers[l] = LayerPlan([[int(e) for e in g] for g in groups], coeffs, merge_router, perms, operator,
-                                  None if density is None else float(density))
+                                  None if density is None else float(density), router_coeffs)
         skip = {}
         skip_raw = data.get("skip_beta") or {}
         if not isinstance(skip_raw, dict):
@@ -326,9 +341,14 @@ def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=(
         if any(tuple(g) in old_coeffs for g in groups):
             coeffs = [list(old_coeffs.get(tuple(g), [1.0 / len(g)] * len(g))) for g in groups]
         perms = [old_perms.get(tuple(g)) for g in groups] if old_perms else None
+        router = None
+        if old is not None and old.router_coefficients is not None:  # kept groups keep their router rows' coefficients
+            old_router = {tuple(g): c for g, c in zip(old.groups, old.router_coefficients)}
+            fallback = coeffs or [[1.0 / len(g)] * len(g) for g in groups]
+            router = [list(old_router.get(tuple(g), c)) for g, c in zip(groups, fallback)]
         layers[int(layer)] = LayerPlan(groups, coeffs, old.merge_router if old is not None else True, perms,
                                        old.operator if old is not None else "linear",
-                                       old.density if old is not None else None)
+                                       old.density if old is not None else None, router)
     provenance = {"strategy": "manual"}
     previous = plan.provenance.get("strategy")
     if previous and previous != "manual":

@@ -71,7 +71,11 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
                    help="comma-separated metric families: similarity, weights, routing, activations, gradients "
                         "(the one that needs a backward pass), or all (default)")
     p.add_argument("--similarity-tokens", type=int, default=8192, help="tokens used for output similarities")
-    p.add_argument("--augment", type=float, default=0.0, help="add this × T mixed-token rows (group-and-merge augmentation)")
+    p.add_argument("--augment", type=float, default=0.0,
+                   help="add this × T mixed rows to the output similarities (group-and-merge augmentation)")
+    p.add_argument("--augment-mode", default="embeddings", choices=["embeddings", "hidden_states"],
+                   help="what is mixed: embeddings (Algorithm 1's mixup of two sequences' token embeddings, run "
+                        "through the model) or hidden_states (each layer's input rows; cheaper)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder/hub id when MODEL has none")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (accelerate device map)")
@@ -85,8 +89,10 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
         p.add_argument(flag, default=default, help=f"data source (default {default}): demo:DOMAIN | demo:all | "
                        "file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
         p.add_argument("--samples", type=int, default=samples,
-                       help=f"token windows read from the data source (default {samples}); more windows give "
-                            "steadier numbers and a different plan or grid than fewer")
+                       help=(f"token windows read from the data source (default {samples})" if samples is not None
+                             else "calibration windows read from the data source (default: the preset's calibration "
+                                  "size, else 32)") + "; more windows give steadier numbers and a different plan or "
+                            "grid than fewer")
         p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
         p.add_argument("--sampling", default="random", choices=["random", "first"],
                        help="random: seeded window offsets (default); first: consecutive windows from each "
@@ -102,8 +108,11 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grid)
 
     p = model_command("plan", "Choose experts to drop or merge with a strategy; write a PruningPlan JSON.")
-    p.add_argument("--strategy", required=True, help="a registered strategy (see `moescope strategies`)")
-    data_args(p, "--calib", "demo:all", 32, 256)
+    p.add_argument("--strategy", default=None, help="a registered strategy (see `moescope strategies`)")
+    p.add_argument("--preset", default=None,
+                   help="a paper's recipe: a named set of a strategy's parameters, each overridable by its flag "
+                        "(see `moescope strategies`); its calibration size is the --samples default")
+    data_args(p, "--calib", "demo:all", None, 256)
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (and the strategy's seed)")
     for name, param in (strategy_flag_names() if strategy_flags else {}).items():  # one per strategy parameter
         flag = "--" + name.replace("_", "-")

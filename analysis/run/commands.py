@@ -168,7 +168,8 @@ def cmd_analyze(args) -> int:
               "model in memory)", file=sys.stderr)
     params = AnalysisParams(
         metrics=metrics,
-        similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, seed=args.seed,
+        similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, augment=args.augment_mode,
+        seed=args.seed,
     )
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                      offload_dir=args.offload, allow_pickle=args.allow_pickle)
@@ -279,16 +280,28 @@ def cmd_plan(args) -> int:
     from moescope.analysis.data import parse_source
     from moescope.analysis.model import load_moe
     from moescope.analysis.strategies import StrategyContext, get_strategy, make_plan, validate_request
+    from moescope.analysis.strategies.presets import get_preset, validate_preset
 
     check_output_file(args.output, "plan file")  # before any work, so none is thrown away at the end
     check_device(args.device)
-    strategy = get_strategy(args.strategy)
+    preset = get_preset(args.preset) if args.preset else None
+    if preset is None and args.strategy is None:
+        raise MoescopeError("plan needs --strategy NAME or --preset NAME (see `moescope strategies`)")
+    if preset is not None and args.strategy not in (None, preset.strategy):
+        raise MoescopeError(f"preset {preset.name} is a {preset.strategy} recipe; drop --strategy {args.strategy} "
+                            f"or give --strategy {preset.strategy}")
+    strategy = get_strategy(preset.strategy if preset is not None else args.strategy)
     params = strategy_params(args, strategy)
+    if args.samples is None:
+        args.samples = preset.calib_samples if preset is not None and preset.calib_samples else 32
     if strategy.needs_data:
         parse_source(args.calib)
     # everything about the request is checked against the config before any weights are read
     skeleton = load_moe(args.model, dtype=None, weights=False, trust_remote_code=args.trust_remote_code)
-    validate_request(strategy.name, params, skeleton)
+    if preset is not None:
+        params = validate_preset(preset.name, params, skeleton)[1]
+    else:
+        validate_request(strategy.name, params, skeleton)
     if strategy.needs_data:
         from moescope.analysis.model.loading import check_sampling
 
@@ -301,11 +314,13 @@ def cmd_plan(args) -> int:
         plan = make_plan(strategy.name, StrategyContext(model, batch, Cache(), progress=bars), params)
     finally:
         bars.close()
+    if preset is not None:
+        plan.provenance["preset"] = preset.name
     path = plan.save(args.output)
     if args.json:
         print(json.dumps({"plan": str(path), **plan.to_json()}, indent=2))
     else:
-        print(f"{args.strategy}: {plan.summary()}")
+        print(f"{preset.name + ' (' + strategy.name + ')' if preset is not None else strategy.name}: {plan.summary()}")
         print(f"wrote {path}")
     return 0
 
@@ -313,8 +328,10 @@ def cmd_plan(args) -> int:
 def cmd_strategies(args) -> int:
     """Every registered strategy with its parameters (from the one declaration)."""
     from moescope.analysis.strategies import STRATEGIES
+    from moescope.analysis.strategies.presets import presets_of
 
-    described = [s.describe() for s in STRATEGIES.values()]
+    described = [{**s.describe(), "presets": [p.describe() for p in presets_of(s.name)]}
+                 for s in STRATEGIES.values()]
     if args.json:
         print(json.dumps(described, indent=2, default=str))
         return 0
@@ -326,6 +343,11 @@ def cmd_strategies(args) -> int:
             choices = f" {{{', '.join(map(str, p['choices']))}}}" if p["choices"] else ""
             default = f" (default {p['default']})" if p["default"] is not None else ""
             print(f"    --{p['name'].replace('_', '-')} {p['type']}{choices}{default}: {p['help']}")
+        for p in d["presets"]:
+            values = " ".join(f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool)
+                              else f"--{k.replace('_', '-')} {v}" for k, v in p["params"].items())
+            samples = f" --samples {p['calib_samples']}" if p["calib_samples"] else ""
+            print(f"    preset {p['name']}: {values}{samples}  ({p['source']})")
     return 0
 
 

@@ -180,7 +180,8 @@ def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> Pred
                 stack.enter_context(model.temporary_edit(l))
             for l, lp in sorted(plan.layers.items()):
                 model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router,
-                            permutations=lp.permutations, operator=lp.operator, density=lp.density)
+                            permutations=lp.permutations, operator=lp.operator, density=lp.density,
+                            router_coeffs=lp.router_coefficients)
             after = _size(model)
             ppl = None if is_finetuned(plan) else perplexity(model, batch.input_ids)
         meta = {"experts_before": before[0], "experts_after": after[0], "params_before": before[1],

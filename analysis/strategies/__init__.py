@@ -26,5 +26,9 @@ for _name in _BUILTIN + tuple(sorted(m.name for m in pkgutil.iter_modules(__path
     if not _name.startswith("_"):
         importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["STRATEGIES", "Param", "Strategy", "StrategyContext", "get_strategy", "keep_counts", "make_plan",
-           "register", "validate_request"]
+from moescope.analysis.strategies.presets import PRESETS, check_presets, get_preset  # noqa: E402
+
+check_presets()  # every preset names a registered strategy and only parameters it declares
+
+__all__ = ["PRESETS", "STRATEGIES", "Param", "Strategy", "StrategyContext", "get_preset", "get_strategy",
+           "keep_counts", "make_plan", "register", "validate_request"]

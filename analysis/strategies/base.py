@@ -191,9 +191,11 @@ class StrategyContext:
     progress: Progress | None = None
     given: dict = field(default_factory=dict)  # the parameters as the caller gave them (for provenance)
 
-    def analysis(self, metrics=("routing", "activations", "weights", "similarity")):
+    def analysis(self, metrics=("routing", "activations", "weights", "similarity"), **overrides):
+        """The cached analysis of the context's model and data for ``metrics`` (``overrides``: other
+        :class:`AnalysisParams` fields a strategy's own parameters set, e.g. augmentation)."""
         params = self.analysis_params or AnalysisParams()
-        params = AnalysisParams(**{**params.key(), "metrics": tuple(metrics)})
+        params = AnalysisParams(**{**params.key(), **overrides, "metrics": tuple(metrics)})
         return run_analysis(self.model, self.calib, params, cache=self.cache, progress=self.progress)
 
     def report(self, stage: str, done: int, total: int) -> None:

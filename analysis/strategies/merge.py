@@ -1,5 +1,6 @@
-"""Group-and-merge (Zhang et al.) and router-guided merging: experts grouped, each group's members
-aligned onto its reference expert (``align``: none | weights | activations, :mod:`analysis.alignment`)
+"""Group-and-merge (Zhang et al.), HC-SMoE and router-guided (MC-SMoE) merging: experts grouped,
+each group's members optionally aligned onto its reference expert (``align``: none | weights |
+activations, :mod:`analysis.alignment`; MC-SMoE's addition, off in group-and-merge as published)
 and merged into one output expert (``merge``: max | uniform | usage | frequency | learned | ties,
 TIES keeping a ``density`` fraction of each member's difference)."""
 
@@ -15,6 +16,7 @@ from moescope.analysis.model.merging import (
     affinity,
     group_coefficients,
     group_experts,
+    is_distance,
     learn_coefficients,
     router_guided_groups,
 )
@@ -23,40 +25,52 @@ from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import keep_counts
 
 REPRESENTATIONS = {
-    "outputs": ("cka_linear", "cka_rbf", "cosine", "mse"),
+    "outputs": ("cka_linear", "cka_rbf", "cka_rbf_minibatch", "cosine", "mse"),
     "weights": ("cosine", "mse"),
     "surrogate": ("cosine", "mse"),
+    "mean_output": ("euclidean",),
 }
+AUGMENT_CHOICES = ("none", "embeddings", "hidden_states")
 
 
 def similarity_name(representation: str, similarity: str) -> str:
-    """The stored similarity matrix of a representation (outputs | weights | surrogate) and a
-    similarity (cka_linear | cka_rbf | cosine | mse), e.g. ``weights`` + ``cosine`` → ``weight_cosine``."""
+    """The stored similarity matrix of a representation (outputs | weights | surrogate |
+    mean_output) and a similarity (cka_linear | cka_rbf | cka_rbf_minibatch | cosine | mse |
+    euclidean), e.g. ``weights`` + ``cosine`` → ``weight_cosine``, ``mean_output`` + ``euclidean`` →
+    ``mean_output_euclidean`` (HC-SMoE's representation and distance)."""
     if representation not in REPRESENTATIONS:
         raise unknown_name("representation", representation, REPRESENTATIONS)
     allowed = REPRESENTATIONS[representation]
     if similarity not in allowed:
         raise MoescopeError(f"similarity '{similarity}' is not available for the {representation} representation; "
                             f"accepted: {', '.join(allowed)}")
-    return similarity if representation == "outputs" else f"{'weight' if representation == 'weights' else 'surrogate'}_{similarity}"
+    if representation == "outputs":
+        return similarity
+    prefix = {"weights": "weight", "surrogate": "surrogate", "mean_output": "mean_output"}[representation]
+    return f"{prefix}_{similarity}"
 
 
-def _merge_params(default_merge: str) -> list[Param]:
+def _merge_params(default_merge: str, default_align: str) -> list[Param]:
     return [
         Param("merge", str, default_merge, choices=MERGES,
-              help="merge coefficients / operator: max | uniform | usage | frequency (= usage) | learned | ties "
-                   "(usage-weighted, sign consensus)", affects_key=False),
-        Param("align", str, "activations", choices=ALIGNMENTS, label="align experts first",
+              help="merge coefficients / operator: max | uniform | usage | frequency (= usage) | learned "
+                   "(group-and-merge eq. 6) | ties (usage-weighted, sign consensus)", affects_key=False),
+        Param("align", str, default_align, choices=ALIGNMENTS, label="align experts first",
               help="permute every member's intermediate neurons onto the group's reference expert before "
-                   "combining: none | weights (weight matching) | activations (activation matching on the "
-                   "calibration tokens; weights where there are none)", affects_key=False),
+                   "combining (MC-SMoE's addition): none | weights (weight matching) | activations (activation "
+                   "matching on the calibration tokens; weights where there are none)", affects_key=False),
         Param("density", float, 0.2, help="ties: fraction of each member's difference from the mean kept, in (0, 1]",
               label="TIES density", minimum=0, maximum=1, affects_key=False),
         Param("merge_router", bool, True, help="merge router rows with the same coefficients (else the dominant "
                                                  "expert's row)", label="merge router rows too",
               affects_key=False),
-        Param("steps", int, 100, help="learned merge: SGD steps", minimum=1, affects_key=False),
-        Param("lr", float, 0.02, help="learned merge: learning rate", minimum=0, maximum=10, affects_key=False),
+        Param("epochs", int, 50, help="learned merge: passes over the training 3/4 of the calibration sequences "
+                                        "(50 in group-and-merge App. A)", minimum=1,
+              affects_key=False),
+        Param("lr", float, 1e-3, help="learned merge: SGD learning rate (1e-3 in group-and-merge App. A)", minimum=0,
+              maximum=10, affects_key=False),
+        Param("batch_sequences", int, 1, help="learned merge: calibration sequences per SGD step", minimum=1,
+              affects_key=False),
         Param("seed", int, 0, help="seed (grouping, learned merge)", minimum=0, affects_key=False),
     ]
 
@@ -83,21 +97,22 @@ def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], r
     align = _alignment(ctx, params)
     layers, learned = {}, {}
     xs = _layer_inputs(ctx) if merge == "learned" or align == "activations" else {}
+    seq_len = ctx.calib.input_ids.shape[1] if ctx.calib is not None else None
     for l, groups in groups_by_layer.items():
         view = ctx.model.layers[l]
         coeffs = group_coefficients(groups, "uniform" if merge == "learned" else merge, res.routing(l, "usage"))
-        perms = None
+        perms, router_coeffs = None, None
         if align != "none":
             # members with coefficient 0 (merge=max) take no part: no permutation for them
             perms = [[p if c[i] != 0 else None for i, p in enumerate(align_group(view, g, c, align, xs.get(l)))]
                      if sum(ci != 0 for ci in c) > 1 else [None] * len(g) for g, c in zip(groups, coeffs)]
         if merge == "learned":
-            coeffs, learned[str(l)] = learn_coefficients(
-                view, xs[l], groups, coeffs, merge_router=merge_router,
-                steps=params["steps"], lr=params["lr"], seed=params["seed"],
+            coeffs, router_coeffs, learned[str(l)] = learn_coefficients(
+                view, xs[l], groups, seq_len, merge_router=merge_router, epochs=params["epochs"], lr=params["lr"],
+                batch_sequences=params["batch_sequences"], seed=params["seed"],
                 tensors=aligned_tensors(view, groups, perms) if perms is not None else None)
         layers[l] = LayerPlan(groups, coeffs, merge_router, perms, "ties" if merge == "ties" else "linear",
-                              params["density"] if merge == "ties" else None)
+                              params["density"] if merge == "ties" else None, router_coeffs)
         ctx.report("merge layers", len(layers), len(groups_by_layer))
     prov = ctx.provenance(name, **extra)
     prov["align"] = align
@@ -151,49 +166,78 @@ def _check_merge(params, model) -> None:
 
 def _check_similarity(params, model) -> None:
     similarity_name(params["representation"], params["similarity"])
+    if params["augment"] != "none" and params["representation"] != "outputs":
+        raise MoescopeError(f"augment={params['augment']} mixes calibration data for the outputs representation; "
+                            f"the {params['representation']} representation reads no outputs (use augment=none)")
+    if params["augment"] != "none" and not 0 < params["augment_ratio"] <= 4:
+        raise MoescopeError(f"augment_ratio must be in (0, 4] when augmenting, got {params['augment_ratio']:g}")
     _check_merge(params, model)
+
+
+def _analysis_overrides(params) -> dict:
+    """The analysis parameters the strategy's augmentation asks for (none: no mixed rows)."""
+    if params["augment"] == "none":
+        return {"augment_ratio": 0.0}
+    return {"augment_ratio": float(params["augment_ratio"]), "augment": params["augment"]}
 
 
 @register("merge", "Group-and-merge: representation × similarity × grouping × merge × router merging.",
           [Param("representation", str, "outputs", choices=tuple(REPRESENTATIONS),
-                 help="expert representation: outputs (data-centric) | weights | surrogate"),
+                 help="expert representation: outputs (data-centric) | weights | surrogate (model-centric) | "
+                      "mean_output (HC-SMoE: mean output over all calibration tokens)"),
            Param("similarity", str, "cka_linear", choices=lambda p: REPRESENTATIONS.get(p.get("representation"), ()),
-                 help="cka_linear | cka_rbf | cosine | mse (weights/surrogate: cosine | mse)", affects_key=False),
-           Param("grouping", str, "spectral", choices=GROUPINGS, help="spectral | greedy | agglomerative",
-                 affects_key=False),
-           *_merge_params("uniform")],
+                 help="outputs: cka_linear | cka_rbf | cka_rbf_minibatch | cosine | mse; weights/surrogate: "
+                      "cosine | mse; mean_output: euclidean", affects_key=False),
+           Param("grouping", str, "spectral", choices=GROUPINGS,
+                 help="spectral (k-means labels, MC-SMoE's call) | spectral_discretize | greedy | agglomerative "
+                      "(average linkage on the representation's distance, HC-SMoE)", affects_key=False),
+           Param("augment", str, "none", choices=AUGMENT_CHOICES, label="augmentation",
+                 help="outputs: mix calibration data into the similarity: none | embeddings (Algorithm 1's mixup of "
+                      "two sequences' token embeddings) | hidden_states (each layer's input rows; moescope's)"),
+           Param("augment_ratio", float, 1.0, help="mixed rows per calibration token when augmenting", minimum=0,
+                 label="augmentation ratio"),
+           *_merge_params("uniform", "none")],
           merges=True, budget=True, check=_check_similarity)
 def group_and_merge(ctx, params):
     _alignment(ctx, params)  # refuse align=activations without data before any work
     representation, similarity, grouping = params["representation"], params["similarity"], params["grouping"]
     sim_name = similarity_name(representation, similarity)
-    metrics = ("routing", "similarity") if representation == "outputs" else ("routing", "weights")
-    res = ctx.analysis(metrics=metrics)
+    metrics = ("routing", "weights") if representation in ("weights", "surrogate") else ("routing", "similarity")
+    res = ctx.analysis(metrics=metrics, **_analysis_overrides(params))
     seed = params["seed"]
     affinities = {l: affinity(res.similarity(l, sim_name), sim_name) for l in res.layers}
     counts = merge_counts(ctx, params, affinities)
     groups = {}
     for l in res.layers:
         A = affinities[l]
+        D = res.similarity(l, sim_name) if is_distance(sim_name) else None
 
-        def cluster(A_sub, r, members, method=grouping):
-            return [[members[i] for i in g] for g in group_experts(A_sub, r, method, seed)]
+        def cluster(A_sub, r, members, method=grouping, D=D):
+            sub_d = D[members][:, members] if D is not None else None
+            return [[members[i] for i in g] for g in group_experts(A_sub, r, method, seed, sub_d)]
 
         groups[l] = per_routing_group(ctx.model.layers[l], A, counts[l], cluster)
     return merge_plan(ctx, params, f"merge:{representation}-{similarity}-{grouping}", groups, res)
 
 
-@register("router-guided", "Merge-then-compress style: the most-used experts lead their groups and every other "
-          "expert joins the leader with the most similar router logits; usage-weighted merge by default.",
-          _merge_params("usage"), merges=True, budget=True, check=_check_merge)
+ROUTER_SIMILARITIES = {"cosine": "logit_similarity", "correlation": "logit_correlation"}
+
+
+@register("router-guided", "MC-SMoE: the most-used experts lead their groups and every other expert joins the "
+          "leader with the most similar router logits (cosine over calibration tokens); frequency-weighted merge.",
+          [Param("router_similarity", str, "cosine", choices=tuple(ROUTER_SIMILARITIES),
+                 help="cosine of the raw router-logit columns (MC-SMoE) | correlation (each column centred first: "
+                      "a Pearson correlation; moescope's)"),
+           *_merge_params("frequency", "activations")],
+          merges=True, budget=True, check=_check_merge)
 def router_guided(ctx, params):
     _alignment(ctx, params)
     res = ctx.analysis(metrics=("routing",))
-    counts = merge_counts(ctx, params, {l: affinity(res.routing(l, "logit_similarity"), "router_logits")
-                                        for l in res.layers})
+    stat = ROUTER_SIMILARITIES[params["router_similarity"]]
+    counts = merge_counts(ctx, params, {l: affinity(res.routing(l, stat), "router_logits") for l in res.layers})
     groups = {}
     for l in res.layers:
-        usage, sim = res.routing(l, "usage"), res.routing(l, "logit_similarity")
+        usage, sim = res.routing(l, "usage"), res.routing(l, stat)
 
         def cluster(A_sub, r, members, usage=usage, sim=sim):
             sub = router_guided_groups(usage[members], sim[members][:, members], r)

@@ -224,8 +224,33 @@ mode = st.radio("Build", ["Strategy", "By hand"], horizontal=True, key="plan_mod
 
 # ---------------------------------------------------------------- by a strategy
 
+def _on_preset() -> None:
+    """Choosing a preset fills its strategy's widgets with the preset's values (all stay editable)."""
+    preset = st.session_state.get("plan_preset")
+    if not preset or preset == "none":
+        return
+    strategy, values = backend.preset_widgets(preset)
+    st.session_state["plan_strategy"] = strategy
+    declared = {p.name: p for p in backend.STRATEGIES[strategy].params}
+    for key in [k for k in st.session_state if k.startswith(f"plan_{strategy}_")]:
+        del st.session_state[key]  # parameters the preset does not name go back to their defaults
+    for param, value in values.items():
+        if param == "with_skip":
+            st.session_state["plan_with_skip"] = bool(value)
+        elif param in declared:
+            st.session_state[f"plan_{strategy}_{param}"] = value
+
+
 if mode == "Strategy":
     names = [n for n, strat in backend.STRATEGIES.items() if not strat.manual]
+    preset = st.selectbox("Preset (a paper's recipe)", ["none", *backend.PRESETS], key="plan_preset",
+                          on_change=_on_preset, help="fills the strategy's parameters below with a paper's values; "
+                                                     "change any of them freely")
+    if preset != "none":
+        p = backend.PRESETS[preset]
+        samples = f" The paper calibrates on {p.calib_samples} sequences." if p.calib_samples else ""
+        st.caption(f"**{preset}** — {p.help}. Source: {p.source}.{samples}" + (f" Chosen here: {p.note}." if p.note
+                                                                                 else ""))
     name = st.selectbox("Strategy", names, key="plan_strategy")
     strategy = backend.STRATEGIES[name]
     st.caption(strategy.help)
@@ -251,24 +276,33 @@ if mode == "Strategy":
         # choices may depend on earlier parameters (merge: the similarities of the representation),
         # which hold their defaults unless changed
         choices = param.allowed({**{p.name: p.default for p in strategy.params}, **params})
+        # a value a preset put in the session state is the widget's value (no second default)
+        preset_set = key in st.session_state
         if param.name == "criterion":  # the criteria the registry declares, with their descriptions
             choices = tuple(backend.CRITERIA)
-            value = col.selectbox(label, choices, index=choices.index(param.default), key=key, help=param.help,
+            value = col.selectbox(label, choices, key=key, help=param.help,
+                                  **({} if preset_set else {"index": choices.index(param.default)}),
                                   format_func=lambda c: f"{c} — {backend.CRITERIA[c].description.split(':')[0]}")
         elif choices is not None:
             options = list(choices) if param.default is not None else ["default", *choices]
+            if preset_set and st.session_state[key] not in options:  # e.g. a similarity of another representation
+                del st.session_state[key]
+                preset_set = False
             default = options.index(param.default) if param.default in options else 0
-            value = col.selectbox(label, options, index=default, key=key, help=param.help,
+            value = col.selectbox(label, options, key=key, help=param.help, **({} if preset_set else {"index": default}),
                                   format_func=lambda v, _p=param.name: backend.friendly(v, _p))
             value = None if value == "default" else value
         elif param.type is bool:
-            value = col.checkbox(label, bool(param.default), key=key, help=param.help)
+            value = col.checkbox(label, **({} if preset_set else {"value": bool(param.default)}), key=key,
+                                 help=param.help)
         elif param.type is int:
             value = int(col.number_input(label, min_value=int(param.minimum) if param.minimum is not None else None,
-                                         value=int(param.default), key=key, help=param.help))
+                                         **({} if preset_set else {"value": int(param.default)}), key=key,
+                                         help=param.help))
         elif param.type is float:
             value = float(col.number_input(label, min_value=float(param.minimum) if param.minimum is not None else None,
-                                           value=float(param.default), key=key, help=param.help, format="%g"))
+                                           **({} if preset_set else {"value": float(param.default)}), key=key,
+                                           help=param.help, format="%g"))
         else:
             continue  # free-form parameters are given by hand or on the command line
         if value is not None and value != param.default:
@@ -276,7 +310,9 @@ if mode == "Strategy":
     if strategy.with_skip and st.checkbox("Also skip dynamically (β calibrated per layer)", key="plan_with_skip"):
         params["with_skip"] = True
     if st.button("Make the plan", type="primary", key="plan_make"):
-        plan = run_with_progress(f"Running {name}…", lambda s_, p: backend.run_strategy(s_, name, params, p), s,
+        chosen = preset if preset != "none" else None
+        plan = run_with_progress(f"Running {name}…",
+                                 lambda s_, p: backend.run_strategy(s_, name, params, p, preset=chosen), s,
                                  f"{name} plan ready")
         commit(plan)
         st.rerun()

@@ -1,0 +1,215 @@
+"""Presets: each paper's whole recipe as one named set of a strategy's declared parameters.
+
+A preset is data, never a second code path: it names a registered strategy and the values of some
+of that strategy's parameters (every one of them declared by the strategy, checked at import by
+:func:`check_presets`), plus the number of calibration sequences the paper used. Expanding it
+(:func:`expand`) gives ``{**preset.params, **overrides}``: anything a person gives wins, so a preset
+is visible (``moescope strategies``, the Plan page) and overridable flag by flag. A preset that
+cannot apply to a model (a group count below top-k, skipping on a top-1 router) is refused by
+:func:`validate_preset` from the model's structure alone, before any weights are read, in one line
+naming the preset and the reason.
+
+Where a paper leaves a setting open the preset says what moescope chose (``note``); README
+"Presets" lists them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.strategies.base import STRATEGIES, get_strategy
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    strategy: str
+    params: dict
+    help: str
+    source: str  # the paper and equation, or the authors' file, the values come from
+    calib_samples: int | None = None  # calibration sequences the paper used (the CLI's --samples default)
+    note: str = ""  # what the paper leaves open and moescope chose
+    refuse: tuple[Callable[[object, dict], str | None], ...] = field(default=())  # (model, params) -> reason
+
+    def describe(self) -> dict:
+        return {"name": self.name, "strategy": self.strategy, "params": dict(self.params), "help": self.help,
+                "source": self.source, "calib_samples": self.calib_samples, "note": self.note}
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _add(preset: Preset) -> None:
+    PRESETS[preset.name] = preset
+
+
+def _needs_top2(model, params) -> str | None:
+    """Dynamic skipping drops a token's lower-weighted experts: it needs at least two per token."""
+    if not params.get("with_skip"):
+        return None
+    top1 = sorted(l for l, v in model.layers.items() if v.top_k < 2)
+    if top1:
+        return (f"dynamic skipping needs top-k ≥ 2 routing, and layer {top1[0]} routes each token to one expert; "
+                "give --no-with-skip or another preset")
+    return None
+
+
+# ---- group-and-merge (Zhang et al. 2024) -------------------------------------------------------
+GAM = "group-and-merge (Zhang et al. 2024)"
+_add(Preset(
+    "gam-data", "merge",
+    {"representation": "outputs", "similarity": "cka_linear", "grouping": "spectral", "merge": "uniform",
+     "merge_router": True, "align": "none", "augment": "embeddings", "augment_ratio": 1.0},
+    "group-and-merge, data-centric: CKA of the experts' outputs on shared calibration tokens (router bypassed, "
+    "mixup of token embeddings), spectral grouping, uniform souping of experts and router rows",
+    f"{GAM} §3.4–3.5, eq. 3 (CKA), eq. 4 (grouping), eq. 5 (merge, uniform α), Algorithm 1; 128 C4 samples (§4.1)",
+    calib_samples=128,
+    note="linear kernel (App. B/D figures; the paper also shows RBF); spectral clustering (App. G names it "
+         "first, greedy is the faster alternative); mixup ratio 1 mixed sequence per calibration sequence with "
+         "λ ~ U(0, 1) per sequence (the paper gives neither)"))
+_add(Preset(
+    "gam-model", "merge",
+    {"representation": "surrogate", "similarity": "mse", "grouping": "spectral", "merge": "uniform",
+     "merge_router": True, "align": "none", "augment": "none"},
+    "group-and-merge, model-centric: surrogate weights W_down(W_gate ⊙ W_up), MSE, spectral grouping, uniform "
+    "souping of experts and router rows (no data)",
+    f"{GAM} §3.5 (surrogate weights ♠, MSE 'which we adopt in the model-centric method', App. G), eq. 5",
+    note="surrogate rather than vectorised weights (App. D: 'more stable'); MSE turned into an affinity "
+         "exp(−mse / median) for spectral clustering"))
+_add(Preset(
+    "gam-learned", "merge",
+    {"representation": "outputs", "similarity": "cka_linear", "grouping": "spectral", "merge": "learned",
+     "merge_router": True, "align": "none", "augment": "embeddings", "augment_ratio": 1.0, "epochs": 50,
+     "lr": 1e-3},
+    "group-and-merge, data-centric with learned coefficients: eq. 6 (λ Σ α θ, Σ α = 1, router rows Σ α W) by "
+    "SGD, lr 1e-3, 50 epochs, 3:1 train/evaluation sequences",
+    f"{GAM} eq. 6, App. A", calib_samples=128,
+    note="an epoch is one pass over the training sequences, one SGD step per sequence; α = softmax(β) "
+         "starting uniform, λ = 1; loss ‖y − F‖ (Frobenius) as written"))
+
+# ---- enumeration and dynamic skipping (Lu et al. 2024) -----------------------------------------
+LU = "enumeration (Lu et al. 2024)"
+_add(Preset("enumerate", "enumerate", {"mode": "layer-wise"},
+            "Lu et al.: per layer the kept subset with the smallest reconstruction loss, every layer on the "
+            "original model's inputs",
+            f"{LU} §3.1, §4.1 (128 C4 sequences)", calib_samples=128))
+_add(Preset("enumerate-skip", "enumerate", {"mode": "layer-wise", "with_skip": True},
+            "Lu et al.: layer-wise enumeration, and dynamic skipping with β per layer the median w₂/w₁",
+            f"{LU} §3.1 and §3.2 (β = median of w_{{e1}}/w_{{e0}})", calib_samples=128, refuse=(_needs_top2,)))
+
+# ---- MC-SMoE, HC-SMoE, REAP ----------------------------------------------------------------------
+_add(Preset("mc-smoe", "router-guided",
+            {"router_similarity": "cosine", "align": "activations", "merge": "frequency", "merge_router": True},
+            "MC-SMoE: most-used experts lead, the others join the leader with the most similar raw router logits, "
+            "activation-matching alignment, frequency-weighted merge",
+            "MC-SMoE (Li et al. 2024), authors' mcsmoe/merging/grouping_mixtral.py (router-logits similarity, "
+            "usage-frequency-weighted merge) and permutation.py (activation matching)",
+            note="MC-SMoE keeps every member's router row pointing at the merged expert; a plan has one router row "
+                 "per output expert, so the rows are merged with the same frequency weights"))
+_add(Preset("hc-smoe", "merge",
+            {"representation": "mean_output", "similarity": "euclidean", "grouping": "agglomerative",
+             "merge": "frequency", "merge_router": True, "align": "none", "augment": "none"},
+            "HC-SMoE: each expert's mean output over all calibration tokens, Euclidean distance, average-linkage "
+            "hierarchical clustering, frequency-weighted merge",
+            "HC-SMoE (Chen et al. 2025), authors' hcsmoe/merging/clustering.py (pairwise Euclidean distances, "
+            "average linkage) and scripts/mixtral/run.sh (expert-output, 32 sentences)",
+            calib_samples=32,
+            note="router rows merged with the same frequency weights (HC-SMoE keeps the original router and maps "
+                 "members to the merged expert)"))
+_add(Preset("reap", "criterion", {"criterion": "REAP", "order": "min", "mode": "one-shot"},
+            "REAP: drop the experts with the smallest router-weighted expert activation norm",
+            "REAP (Lasby et al. 2025), the authors' saliency score (mean over routed tokens of gate × ‖output‖)"))
+
+# ---- MC-Suite (Jaiswal et al.): each criterion at its best end, one-shot -----------------------
+# The end the paper's text supports; Figure 4 itself is an image, so for EWS, EWN, EAS, EAO, EGS, EGO and
+# EGN the end is chosen by analogy (similarity: the most redundant expert goes; norms and counts: the
+# least active one goes), and said so.
+MCS = "MC-Suite (Jaiswal et al.)"
+BEST_ENDS = {
+    "EAN": ("min", "Table 1 (best criterion), eq. 13"),
+    "EGE": ("min", "Table 1, eq. 15"),
+    "RWN": ("max", "Table 1, eq. 4"),
+    "ETS": ("max", "Table 1, eq. 10, Fig. 11"),
+    "ECC": ("max", "Fig. 10 ('highest collaboration'), eq. 8"),
+    "EVC": ("min", "Fig. 8 and §3 finding ③, eq. 9"),
+    "EUF": ("min", "Fig. 9, eq. 7"),
+    "WSR": ("max", "§3 finding ④ (dominant experts have lower stable rank), eq. 5"),
+    "EAE": ("min", "§1 and §3 finding ⑤ (dominant experts have higher entropy), eq. 12"),
+    "EWS": ("max", "eq. 3; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
+    "EAS": ("max", "eq. 11; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
+    "EGS": ("max", "eq. 14; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
+    "EWN": ("min", "eq. 6; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
+    "EGN": ("min", "eq. 16; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
+    "EAO": ("min", "§2.4 ③; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
+    "EGO": ("min", "§2.5 ③; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
+}
+for _crit, (_end, _where) in BEST_ENDS.items():
+    _add(Preset(f"{_end}-{_crit.lower()}", "criterion", {"criterion": _crit, "order": _end, "mode": "one-shot"},
+                f"MC-Suite {_end.capitalize()}-{_crit}, one-shot",
+                f"{MCS} {_where}; 256 C4 samples (App. C)", calib_samples=256))
+_add(Preset("min-ean-iterative", "criterion", {"criterion": "EAN", "order": "min", "mode": "iterative"},
+            "MC-Suite Min-EAN, iterative: one expert per layer per round, re-estimated",
+            f"{MCS} §3, Fig. 3(b), Table 2", calib_samples=256))
+_add(Preset("min-ean-lottery", "lottery", {"criterion": "EAN", "order": "min", "start_tokens": 200_000, "lr": 1e-6},
+            "MC-Suite Min-EAN lottery subnetwork: iterative drop with a task-agnostic next-token finetune after "
+            "every round, 0.2 M tokens doubling each round, peak lr 1e-6",
+            f"{MCS} §3, Fig. 3(c), App. C (AdamW, cosine schedule, lr 1e-6, 0.2 M tokens doubling)",
+            calib_samples=256))
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise unknown_name("preset", name, PRESETS) from None
+
+
+def presets_of(strategy: str) -> list[Preset]:
+    return [p for p in PRESETS.values() if p.strategy == strategy]
+
+
+def expand(name: str, overrides: dict | None = None) -> tuple[str, dict]:
+    """(the preset's strategy, its parameters with ``overrides`` on top)."""
+    preset = get_preset(name)
+    return preset.strategy, {**preset.params, **(overrides or {})}
+
+
+def validate_preset(name: str, overrides: dict, model) -> tuple[str, dict]:
+    """Expand preset ``name`` with ``overrides`` and check the request against ``model`` (which may be
+    built from the config alone): the strategy's own validation, then the preset's refusals. Any
+    refusal is one line naming the preset. Returns (strategy, the given parameters, coerced)."""
+    preset = get_preset(name)
+    strategy, params = expand(name, overrides)
+    try:
+        given, full = get_strategy(strategy).validate(params, model)
+        for refuse in preset.refuse:
+            reason = refuse(model, full)
+            if reason:
+                raise MoescopeError(reason)
+    except MoescopeError as e:
+        raise MoescopeError(f"preset {name}: {e}") from None
+    return strategy, given
+
+
+def make_preset_plan(name: str, ctx, overrides: dict | None = None):
+    """The plan of preset ``name`` (with ``overrides``), its provenance naming the preset."""
+    from moescope.analysis.strategies.base import make_plan
+
+    strategy, params = validate_preset(name, dict(overrides or {}), ctx.model)
+    plan = make_plan(strategy, ctx, params)
+    plan.provenance["preset"] = name
+    return plan
+
+
+def check_presets() -> None:
+    """Every preset names a registered strategy and only parameters that strategy declares."""
+    for p in PRESETS.values():
+        strategy = STRATEGIES.get(p.strategy)
+        if strategy is None:
+            raise MoescopeError(f"preset {p.name}: unknown strategy {p.strategy!r}")
+        declared = {q.name for q in strategy.all_params()}
+        extra = sorted(set(p.params) - declared)
+        if extra:
+            raise MoescopeError(f"preset {p.name}: {extra} are not parameters of strategy {p.strategy}")
