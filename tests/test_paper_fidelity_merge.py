@@ -307,7 +307,7 @@ def test_presets_are_declared_parameters_and_overridable():
 
 def test_a_preset_that_cannot_apply_is_refused_from_the_config_in_one_line():
     top1 = wrap_model(tiny_model("mixtral", num_experts_per_tok=1), source="tiny-top1")
-    with pytest.raises(MoescopeError, match=r"^preset enumerate-skip: dynamic skipping needs top-k ≥ 2"):
+    with pytest.raises(MoescopeError, match=r"^preset enumerate-skip: .*dynamic skipping needs a router that selects at least 2 experts"):
         validate_preset("enumerate-skip", {"keep": 4}, top1)
     assert validate_preset("enumerate-skip", {"keep": 4, "with_skip": False}, top1)[0] == "enumerate"
     with pytest.raises(MoescopeError, match=r"^preset hc-smoe: keep=1 is not possible in layer 0: it must be "

@@ -29,20 +29,22 @@ BATCH = TokenBatch(input_ids=IDS, domains=("s",) * 6, source="synthetic", finger
 # the request each strategy starts from (small where a parameter costs time)
 BASE = {
     "manual": {"drop": {"0": [1, 3]}},
-    "merge": {"keep": 4, "similarity": "mse", "steps": 3},
-    "router-guided": {"keep": 4, "steps": 3},
+    "merge": {"keep": 4, "similarity": "mse", "epochs": 1},
+    "router-guided": {"keep": 4, "epochs": 1},
     "lottery": {"keep": 6, "start_tokens": 64},
     "drop-grid": {"keep": 4, "grid_samples": 2},
 }
 # another value of every parameter whose alternative the declaration does not give (choices give
 # one, a bool its negation); keyed by (strategy, parameter) or by the parameter alone
 ALTERNATIVE = {
-    "keep": 5, "budget": 11, "seed": 3, "grid_samples": 4, "batch": 4, "max_subsets": 3, "density": 0.5, "steps": 5,
+    "keep": 5, "budget": 11, "seed": 3, "grid_samples": 4, "batch": 4, "max_subsets": 3, "density": 0.5, "epochs": 2, "batch_sequences": 2, "augment_ratio": 0.5,
     ("merge", "lr"): 0.2, ("router-guided", "lr"): 0.2, ("lottery", "lr"): 1e-3, "start_tokens": 128,
     "criterion": "EUF", "drop": {"0": [2], "1": [0, 4]},
     "groups": {"0": [[0, 1], [2], [3], [4], [5], [6], [7]]},
     "coefficients": {"0": [[0.25, 0.75], [1.0], [1.0], [1.0], [1.0], [1.0], [1.0]]},
 }
+# a parameter that acts only when another one is set: both requests (before and after the change) carry it
+BASE_FOR = {("merge", "augment_ratio"): {"augment": "embeddings"}}
 # parameters that only make sense together with another one
 TOGETHER = {("manual", "coefficients"): {"groups": ALTERNATIVE["groups"]}, ("manual", "groups"): {"drop": None},
             ("manual", "merge_router"): {"groups": ALTERNATIVE["groups"], "drop": None}}
@@ -97,7 +99,7 @@ def test_every_registered_strategy_and_parameter_is_covered():
 def test_a_changed_parameter_is_never_served_a_stale_entry(name, param, tmp_path):
     strategy = STRATEGIES[name]
     p = {q.name: q for q in strategy.all_params()}[param]
-    base = dict(BASE.get(name, {"keep": 4}))
+    base = {**BASE.get(name, {"keep": 4}), **BASE_FOR.get((name, param), {})}
     changed = {**base, **TOGETHER.get((name, param), {}), param: alternative(strategy, p, base)}
     if param == "budget":
         changed.pop("keep")

@@ -227,7 +227,7 @@ ROUTER_SIMILARITIES = {"cosine": "logit_similarity", "correlation": "logit_corre
           "leader with the most similar router logits (cosine over calibration tokens); frequency-weighted merge.",
           [Param("router_similarity", str, "cosine", choices=tuple(ROUTER_SIMILARITIES),
                  help="cosine of the raw router-logit columns (MC-SMoE) | correlation (each column centred first: "
-                      "a Pearson correlation; moescope's)"),
+                      "a Pearson correlation; moescope's)", affects_key=False),
            *_merge_params("frequency", "activations")],
           merges=True, budget=True, check=_check_merge)
 def router_guided(ctx, params):
