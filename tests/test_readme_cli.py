@@ -74,7 +74,7 @@ def test_the_readme_cli_walkthrough_runs_as_written(tmp_path):
             assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
             continue
         assert run.returncode == 0, f"{line}\nexit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
-    for name in ("plan.json", "merge.json", "ties.json", "ean.json", "manual.json", "lottery.json",
+    for name in ("plan.json", "merge.json", "ties.json", "ean.json", "manual.json", "lottery.json", "gam.json", "hc.json",
                  "compare.csv", "pruned/config.json", "pruned-eval/config.json", "pruned-enum/plan.json",
                  "pruned-enum/README.md"):
         assert (scratch / name).is_file(), name
