@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from moescope.analysis.evaluation.efficiency import BUSY_CORES, MachineLoad, measurement_slot, speed_verdict
+from moescope.analysis.evaluation.efficiency import BUSY_CORES, SLOT_WAIT, MachineLoad, measurement_slot, speed_verdict
 
 
 def eff(runs, busy=0.0):
@@ -94,4 +94,4 @@ def test_speed_measurements_take_turns(tmp_path):
         order.append("b in")
         order.append("b out")
     thread.join()
-    assert order == ["a in", "b waiting for another speed measurement", "a out", "b in", "b out"]
+    assert order == ["a in", f"b {SLOT_WAIT}", "a out", "b in", "b out"]
