@@ -24,9 +24,15 @@ from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model import atomic_output_dir, check_output_dir
 
 
-def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False) -> Path:
+def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False,
+           transformers_only: bool = False) -> Path:
     """Write ``model`` (already pruned by ``plan``, or None for the model as loaded) to ``out_dir``
-    with ``plan.json``, ``experiment.json`` (when given) and the model card."""
+    with ``plan.json``, ``experiment.json`` (when given) and the model card. A non-uniform model of a
+    family moescope's vLLM plugin does not serve is refused before anything is written, unless
+    ``transformers_only`` (:func:`~moescope.analysis.model.nonuniform.check_servable`)."""
+    from moescope.analysis.model.nonuniform import check_servable
+
+    check_servable(model.family.name, model.num_experts(), transformers_only)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.write_files(tmp)
         if plan is not None:
@@ -38,7 +44,8 @@ def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bo
 
 
 def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
-                      dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+                      dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+                      transformers_only: bool = False) -> Path:
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it. The experiment and the output folder are checked before any
     weights are read."""
@@ -53,24 +60,27 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
         raise MoescopeError(f"experiment {exp.id} evaluated '{exp.model}' without a plan; there is nothing "
                             "pruned to export (the original model is its own folder)")
     plan = PruningPlan.from_json(exp.plan)
-    check_exportable(exp.model, plan, trust_remote_code)
+    check_exportable(exp.model, plan, trust_remote_code, transformers_only)
     weights = experiments.trained_tensors_of(exp, cache) if exp.finetuned else None
     model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if model.fingerprint() != exp.model_fingerprint:
         raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
                             f"{model.fingerprint()[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
     apply(model, plan, weights=weights)
-    return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite)
+    return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite, transformers_only=transformers_only)
 
 
-def check_exportable(source: str, plan, trust_remote_code: bool = False):
-    """Refuse, from the config alone (no weights read), a plan that does not fit ``source`` (a plan
-    whose layers keep different counts exports in the per-layer format, :mod:`analysis.nonuniform`).
-    Returns the weightless model it was checked against."""
+def check_exportable(source: str, plan, trust_remote_code: bool = False, transformers_only: bool = False):
+    """Refuse, from the config alone (no weights read), a plan that does not fit ``source``, and a
+    plan whose layers keep different counts for a family vLLM cannot serve (the per-layer format,
+    :mod:`analysis.nonuniform`, is served through moescope's vLLM plugin) unless
+    ``transformers_only``. Returns the weightless model it was checked against."""
     from moescope.analysis.model import load_moe
+    from moescope.analysis.model.nonuniform import check_servable
 
     skeleton = load_moe(source, dtype=None, weights=False, trust_remote_code=trust_remote_code)
     plan.validate_for(skeleton)
+    check_servable(skeleton.family.name, plan.experts_after(skeleton), transformers_only)
     return skeleton
 
 
@@ -222,6 +232,29 @@ def _use_section(model) -> list[str]:
             f"model = AutoModelForCausalLM.from_pretrained(\"PATH\"{trust})",
             "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
             "```", "", "```bash", f"lm_eval --model hf --model_args pretrained=PATH{trust_arg} --tasks TASKS", "```", ""]
+    return out + _vllm_section(model, uniform)
+
+
+def _vllm_section(model, uniform: bool) -> list[str]:
+    """How vLLM serves the folder: its own class for a uniform model; moescope's plugin (the
+    architecture ``config.moescope_vllm`` names) for per-layer counts."""
+    from moescope.analysis.model.nonuniform import VLLM_KEY, base_class_name, class_name, vllm_servable
+
+    base = base_class_name(model.hf)
+    out = ["## Serving with vLLM", ""]
+    if uniform:
+        out += [f"Every MoE layer keeps the same number of experts, so the config names vLLM's own `{base}`:", "",
+                "```bash", "vllm serve PATH", "```", ""]
+    elif vllm_servable(base):
+        out += [f"vLLM builds `{class_name(base)}` (`config.{VLLM_KEY}`) through moescope's vLLM plugin, which "
+                "builds every MoE layer at its own expert count and loads the stored tensors as they are (no "
+                "padding). Install moescope into vLLM's environment (the plugin is the entry point `moescope` "
+                "in the `vllm.general_plugins` group); no `--trust-remote-code` is needed:", "",
+                "```bash", "pip install --no-deps moescope   # in vLLM's environment", "vllm serve PATH",
+                "lm_eval --model vllm --model_args pretrained=PATH --tasks TASKS", "```", ""]
+    else:
+        out += [f"vLLM cannot serve this folder: its layers keep different expert counts and moescope's vLLM plugin "
+                f"does not serve `{base}` (it was exported for transformers only).", ""]
     return out
 
 
