@@ -36,7 +36,7 @@ def engine(path: str, dtype: str = "float32"):
 def weight_bytes(llm) -> tuple[int, int]:
     """(bytes of the tensors the model holds, of which buffers) as vLLM holds them after its own
     processing: parameters, buffers and tensors kept as plain attributes (vLLM's MLA keeps its
-    absorbed projections so), each storage counted once."""
+    absorbed projections so), each storage counted once; never the KV cache."""
     def count(model):
         import torch
 
@@ -44,7 +44,8 @@ def weight_bytes(llm) -> tuple[int, int]:
         for module in model.modules():
             tensors = [(t, False) for t in module._parameters.values() if t is not None]
             tensors += [(t, True) for t in module._buffers.values() if t is not None]
-            tensors += [(t, False) for k, t in vars(module).items() if isinstance(t, torch.Tensor)]
+            tensors += [(t, False) for k, t in vars(module).items()
+                        if isinstance(t, torch.Tensor) and "cache" not in k]  # not the KV cache
             for t, is_buffer in tensors:
                 key = t.untyped_storage().data_ptr()
                 if key in seen:
