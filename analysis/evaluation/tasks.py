@@ -46,10 +46,12 @@ def _quiet_lm_eval() -> None:
 
 
 def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
-              batch_size: int = 8, seed: int = 0, verbose: bool = False) -> dict[str, dict[str, float]]:
+              batch_size: int = 8, seed: int = 0, verbose: bool = False,
+              max_length: int | None = None) -> dict[str, dict[str, float]]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks`` (hub task names need the network;
     ``moescope_demo_*`` are local). Returns ``{task: {metric: value}}`` with lm-eval's metric
-    names stripped of their filter suffix (``acc,none`` → ``acc``, stderr as ``acc_stderr``)."""
+    names stripped of their filter suffix (``acc,none`` → ``acc``, stderr as ``acc_stderr``).
+    ``max_length`` (default: the model's context) bounds lm-eval's windows."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -67,7 +69,8 @@ def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: in
                             "any task of `lm_eval ls tasks` works where its data set can be downloaded")
     hf = model.hf
     was_cache = hf.config.use_cache
-    lm = HFLM(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size, max_length=_max_length(hf.config))
+    lm = HFLM(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size,
+              max_length=max_length or _max_length(hf.config))
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False, bootstrap_iters=0,
