@@ -136,7 +136,50 @@ def tiny_exports(out: Path, only) -> dict[str, dict]:
         folder = out / name.replace(" ", "_")
         export(model, folder, plan=plan)
         result[name] = {"path": str(folder), "demo": False, "dtype": dtype}
+        if fam == "deepseek_v3":  # the engine against itself: the plugin's export and vLLM's own class
+            twin = padded_twin(folder, out / f"{name}_padded_twin".replace(" ", "_"))
+            result[f"{name} padded twin"] = {"path": str(twin), "demo": False, "dtype": dtype, "twin_of": name}
     return result
+
+
+def padded_twin(folder: Path, out: Path) -> Path:
+    """A uniform folder computing what the non-uniform DeepSeek-V3 export ``folder`` computes: every
+    layer padded to the largest count with dead experts (zero weights, router row zero and a
+    score-correction bias of -1e4, so that no token ever selects them, and group scores, sums of each
+    group's two best, are unchanged), each routing group padded at its end. vLLM's own class serves
+    it; the plugin serving ``folder`` must give its tokens."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    counts = {int(k): v for k, v in cfg.pop("moescope_num_experts_per_layer").items()}
+    for key in ("moescope_moe_layout", "moescope_vllm", "auto_map"):
+        cfg.pop(key, None)
+    full, n_group = cfg["n_routed_experts"], cfg["n_group"]
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    for l, n in counts.items():
+        if n == full:
+            continue
+        per, per_full = n // n_group, full // n_group
+        where = {g * per + i: g * per_full + i for g in range(n_group) for i in range(per)}  # old -> new index
+        head = f"model.layers.{l}.mlp."
+        old = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(head + "experts.")]}
+        for k, t in old.items():
+            e, rest = k[len(head + "experts."):].split(".", 1)
+            tensors[f"{head}experts.{where[int(e)]}.{rest}"] = t
+        shapes = {rest: t.shape for k, t in old.items() for rest in [k[len(head + "experts."):].split(".", 1)[1]]}
+        for new in set(range(full)) - set(where.values()):
+            for rest, shape in shapes.items():
+                tensors[f"{head}experts.{new}.{rest}"] = torch.zeros(shape)
+        w, b = tensors[head + "gate.weight"], tensors[head + "gate.e_score_correction_bias"]
+        w2, b2 = torch.zeros(full, w.shape[1]), torch.full((full,), -1e4)
+        for o, nw in where.items():
+            w2[nw], b2[nw] = w[o], b[o]
+        tensors[head + "gate.weight"], tensors[head + "gate.e_score_correction_bias"] = w2, b2
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
 
 
 def prompts_for(path: str, demo: bool, n: int) -> list[list[int]]:
@@ -201,6 +244,20 @@ def compare(hf, vl) -> tuple[bool, float, int]:
             if ht != vt:
                 break
     return same, worst, steps
+
+
+def compare_engine(ref, got) -> tuple[bool, float]:
+    """(tokens identical, largest |Δ log-prob| over the tokens both runs report) of two vLLM runs."""
+    same, worst = True, 0.0
+    for r, g in zip(ref, got):
+        same &= r["tokens"] == g["tokens"]
+        for i, (rt, gt) in enumerate(zip(r["tokens"], g["tokens"])):
+            for tok, lp in g["logprobs"][i].items():
+                if tok in r["logprobs"][i]:
+                    worst = max(worst, abs(r["logprobs"][i][tok] - lp))
+            if rt != gt:
+                break
+    return same, worst
 
 
 def experts_per_layer(path: str) -> str:
@@ -277,6 +334,13 @@ def main() -> int:
             if base is not None and not base.get("tokens_identical", False) and "tokens_identical" in row:
                 row["baseline_diff"] = base.get("max_abs_logprob_diff")
                 row["ok"] = base["ok"] = None  # shown, not asserted
+        for name, e in exports.items():  # the plugin's export against vLLM's own class on its padded twin
+            if "twin_of" not in e or "outputs" not in got.get(name, {}) or "outputs" not in got.get(e["twin_of"], {}):
+                continue
+            row = next(r for r in rows if r["export"] == e["twin_of"])
+            same, worst = compare_engine(got[name]["outputs"], got[e["twin_of"]]["outputs"])
+            row.update(twin_tokens_identical=same, twin_max_abs_logprob_diff=worst, ok=same and worst <= args.tol)
+            next(r for r in rows if r["export"] == name)["ok"] = None  # a reference, not under test
         ok = all(r["ok"] is not False for r in rows)
         report(rows, args)
         if "speed_error" in got:
@@ -297,6 +361,10 @@ def report(rows, args) -> None:
     for r in rows:
         if "tokens_identical" in r:
             verdict = "tokens identical" if r["tokens_identical"] else "**tokens differ**"
+            if "twin_tokens_identical" in r:
+                verdict += ("; against vLLM's own class on its padded twin: "
+                            + ("tokens identical" if r["twin_tokens_identical"] else "**tokens differ**")
+                            + f", Δ {r['twin_max_abs_logprob_diff']:.2e}")
             if "baseline_diff" in r:
                 verdict += (f" (as vLLM's own class on the unpruned model, Δ {r['baseline_diff']:.2e}: not "
                             "comparable on this engine build)")
