@@ -243,7 +243,8 @@ def _vllm_section(model, uniform: bool) -> list[str]:
     base = base_class_name(model.hf)
     out = ["## Serving with vLLM", ""]
     if uniform:
-        out += [f"Every MoE layer keeps the same number of experts, so the config names vLLM's own `{base}`:", "",
+        out += [f"Every MoE layer keeps the same number of experts, so the config names the family's own `{base}`, "
+                "which vLLM serves with its own class where it has one for the family:", "",
                 "```bash", "vllm serve PATH", "```", ""]
     elif vllm_servable(base):
         out += [f"vLLM builds `{class_name(base)}` (`config.{VLLM_KEY}`) through moescope's vLLM plugin, which "
