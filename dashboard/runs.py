@@ -211,10 +211,10 @@ def domain_table(ids: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def export_experiment(ident: str, out_dir: str, overwrite: bool) -> list[str]:
+def export_experiment(ident: str, out_dir: str, overwrite: bool, transformers_only: bool = False) -> list[str]:
     from moescope.analysis.run.export import export_experiment as export
 
-    out = export(ident, out_dir, overwrite=overwrite, cache=cache())
+    out = export(ident, out_dir, overwrite=overwrite, cache=cache(), transformers_only=transformers_only)
     return sorted(p.name for p in out.iterdir())
 
 

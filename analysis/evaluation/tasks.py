@@ -93,11 +93,12 @@ def _request_progress(progress: Progress | None):
 
 def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
               batch_size: int = 8, seed: int = 0, verbose: bool = False,
-              progress: Progress | None = None) -> dict[str, dict[str, float]]:
+              progress: Progress | None = None, max_length: int | None = None) -> dict[str, dict[str, float]]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks`` (hub task names need the network;
     ``moescope_demo_*`` are local). Returns ``{task: {metric: value}}`` with lm-eval's metric
     names stripped of their filter suffix (``acc,none`` → ``acc``, lm-eval's standard error as
-    ``acc_stderr``). ``progress`` gets lm-eval's requests done / total."""
+    ``acc_stderr``). ``progress`` gets lm-eval's requests done / total; ``max_length`` (default:
+    the model's context) bounds lm-eval's windows."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -115,7 +116,8 @@ def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: in
                             "any task of `lm_eval ls tasks` works where its data set can be downloaded")
     hf = model.hf
     was_cache = hf.config.use_cache
-    lm = HFLM(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size, max_length=_max_length(hf.config))
+    lm = HFLM(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size,
+              max_length=max_length or _max_length(hf.config))
     try:
         with _request_progress(progress):
             res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,

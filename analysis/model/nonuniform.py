@@ -7,6 +7,12 @@ remote module needs (attribute names from the :class:`FamilySpec`), ``auto_map``
 :mod:`analysis.modeling_moescope`; the family's count key holds the largest layer's count. A
 uniform model's config is the plain family one (no moescope keys, no ``auto_map`` entry).
 
+Serving: vLLM builds such a folder only through moescope's plugin (:mod:`.vllm_plugin`), which
+serves the families in ``vllm_plugin.SERVED``; the config says so under :data:`VLLM_KEY` (the
+architecture to use with the plugin, and that there is none without it), and
+:func:`check_servable` refuses at export time a non-uniform plan of any other family unless the
+caller asks for a transformers-only folder.
+
 Reading (:func:`model_class`): moescope recognises its own format and builds the same class from
 its own copy of the module, so ``load_moe`` needs no ``trust_remote_code``.
 """
@@ -17,12 +23,15 @@ import json
 from pathlib import Path
 
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.model import modeling_moescope
+from moescope.analysis.model import modeling_moescope, vllm_plugin
 
-COUNTS_KEY = "moescope_num_experts_per_layer"
+COUNTS_KEY = vllm_plugin.COUNTS_KEY  # "moescope_num_experts_per_layer"
 LAYOUT_KEY = "moescope_moe_layout"
 MODULE_NAME = "modeling_moescope"
 MODULE_FILE = f"{MODULE_NAME}.py"
+VLLM_KEY = "moescope_vllm"  # {"with_plugin": architecture or null, "without_plugin": null, "plugin": how}
+VLLM_PLUGIN_NOTE = ("moescope's vLLM plugin: pip install moescope into vLLM's environment "
+                    "(entry point 'moescope' in the vllm.general_plugins group)")
 
 
 def is_uniform(counts: dict[int, int]) -> bool:
@@ -57,7 +66,34 @@ def layout(model) -> dict:
 
 
 def class_name(base: str) -> str:
-    return f"Moescope{base}"
+    return vllm_plugin.architecture(base)
+
+
+def vllm_servable(base: str) -> bool:
+    """Whether moescope's vLLM plugin serves a non-uniform export of transformers class ``base``."""
+    return base in vllm_plugin.SERVED
+
+
+def check_servable(family: str, counts: dict[int, int], transformers_only: bool = False) -> None:
+    """Refuse, before anything is written, a non-uniform export that vLLM could not serve: the
+    plugin serves the families of ``vllm_plugin.SERVED`` (a layer keeping fewer experts than top-k is
+    refused earlier, by the plan's own validation). ``transformers_only`` accepts it anyway, for a
+    folder meant for transformers alone."""
+    if transformers_only or is_uniform(counts) or family in vllm_plugin.SERVED_FAMILIES:
+        return
+    per_layer = "/".join(str(n) for _, n in sorted(counts.items()))
+    raise MoescopeError(f"this {family} plan keeps different expert counts per layer ({per_layer}); vLLM serves such "
+                        f"a folder only through moescope's plugin, which serves {', '.join(vllm_plugin.SERVED_FAMILIES)}: "
+                        "keep the same count in every layer (a uniform plan exports to the plain class), or export "
+                        "for transformers only (--transformers-only)")
+
+
+def vllm_config(base: str) -> dict:
+    """The :data:`VLLM_KEY` entry of a non-uniform export of ``base``: the architecture vLLM builds
+    with moescope's plugin (None where the plugin does not serve the family) and without it (none:
+    vLLM's own classes hold one expert count per model)."""
+    return {"with_plugin": class_name(base) if vllm_servable(base) else None, "without_plugin": None,
+            "plugin": VLLM_PLUGIN_NOTE}
 
 
 def finish_config(model, out: Path) -> None:
@@ -72,6 +108,7 @@ def finish_config(model, out: Path) -> None:
     auto_map = {}
     cfg.pop(COUNTS_KEY, None)
     cfg.pop(LAYOUT_KEY, None)
+    cfg.pop(VLLM_KEY, None)
     cfg.pop("auto_map", None)
     cfg["architectures"] = [base]
     if not is_uniform(counts):
@@ -79,6 +116,7 @@ def finish_config(model, out: Path) -> None:
         cfg[model.family.num_experts_key] = max(counts.values())
         cfg[COUNTS_KEY] = {str(i): n for i, n in sorted(counts.items())}
         cfg[LAYOUT_KEY] = layout(model)
+        cfg[VLLM_KEY] = vllm_config(base)
         auto_map["AutoModelForCausalLM"] = f"{MODULE_NAME}.{cls}"
         cfg["architectures"] = [cls]
         (out / MODULE_FILE).write_text(module_source(base), encoding="utf-8")

@@ -33,6 +33,8 @@ from moescope.analysis.run.report import ProgressBars
 
 ALLOW_PICKLE_HELP = ("UNSAFE: also load pickled weights (pytorch_model.bin); unpickling a crafted file runs code. "
                      "Off by default: moescope reads safetensors only")
+TRANSFORMERS_ONLY_HELP = ("accept a plan with different expert counts per layer for a family moescope's vLLM plugin "
+                          "does not serve: the folder loads in transformers (trust_remote_code=True) but not in vLLM")
 
 
 def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
@@ -160,6 +162,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
                    help="replace the output folder (only a folder moescope wrote: it carries .moescope-export)")
     p.add_argument("--force", action="store_true",
                    help="apply a plan made for another model (or other weights); recorded in the plan's provenance")
+    p.add_argument("--transformers-only", action="store_true", help=TRANSFORMERS_ONLY_HELP)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--offload", default=None, metavar="DIR",
                    help="evaluate the original and the pruned model with their decoder layers on disk in DIR, one "
@@ -182,6 +185,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("experiment", metavar="ID", help="experiment id (or a unique prefix); see `moescope experiments ls`")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--transformers-only", action="store_true", help=TRANSFORMERS_ONLY_HELP)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)

@@ -409,7 +409,7 @@ def cmd_prune(args) -> int:
     out = check_output_dir(args.output, args.overwrite)
     plan = PruningPlan.load(args.plan)
     spec = eval_spec(args, None) if evaluating(args) else None
-    skeleton = check_exportable(args.model, plan, args.trust_remote_code)
+    skeleton = check_exportable(args.model, plan, args.trust_remote_code, args.transformers_only)
     local = resolve_source(args.model)[1]
     plan.check_base(args.model, folder_fingerprint(local) if local is not None else None, force=args.force)
     if spec is not None:
@@ -438,7 +438,7 @@ def cmd_prune(args) -> int:
             bars.close()
     else:
         apply(model, plan, weights=weights)
-    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite)
+    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite, transformers_only=args.transformers_only)
     if exp is not None:
         experiments.store(exp, cache)
     after = model.parameter_counts()
@@ -466,7 +466,8 @@ def _prune_streamed(args, plan, skeleton, out) -> int:
     bars = ProgressBars(quiet=args.json)
     try:
         stream_export(args.model, out, plan, overwrite=args.overwrite, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code, progress=bars)
+                      trust_remote_code=args.trust_remote_code, progress=bars,
+                      transformers_only=args.transformers_only)
     finally:
         bars.close()
     pruned = load_moe(str(out), dtype=None, weights=False)
@@ -493,7 +494,7 @@ def _prune_offloaded(args, plan, spec, skeleton, out, cache) -> int:
     try:
         exp = stream_prune_and_evaluate(args.model, out, plan, spec, args.offload, overwrite=args.overwrite,
                                         dtype=args.dtype, trust_remote_code=args.trust_remote_code, cache=cache,
-                                        progress=bars)
+                                        progress=bars, transformers_only=args.transformers_only)
     finally:
         bars.close()
     experiments.store(exp, cache)
@@ -516,6 +517,7 @@ def cmd_export(args) -> int:
     from moescope.analysis.run.export import export_experiment
 
     out = export_experiment(args.experiment, args.output, overwrite=args.overwrite, cache=Cache(), dtype=args.dtype,
+                            transformers_only=args.transformers_only,
                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     files = sorted(p.name for p in out.iterdir())
     if args.json:

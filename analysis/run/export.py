@@ -24,9 +24,15 @@ from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model import atomic_output_dir, check_output_dir
 
 
-def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False) -> Path:
+def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False,
+           transformers_only: bool = False) -> Path:
     """Write ``model`` (already pruned by ``plan``, or None for the model as loaded) to ``out_dir``
-    with ``plan.json``, ``experiment.json`` (when given) and the model card."""
+    with ``plan.json``, ``experiment.json`` (when given) and the model card. A non-uniform model of a
+    family moescope's vLLM plugin does not serve is refused before anything is written, unless
+    ``transformers_only`` (:func:`~moescope.analysis.model.nonuniform.check_servable`)."""
+    from moescope.analysis.model.nonuniform import check_servable
+
+    check_servable(model.family.name, model.num_experts(), transformers_only)
     check_finite_weights(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.write_files(tmp)
@@ -35,14 +41,16 @@ def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bo
 
 
 def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overwrite: bool = False,
-                  dtype: str | None = "float32", trust_remote_code: bool = False, progress=None) -> Path:
+                  dtype: str | None = "float32", trust_remote_code: bool = False, progress=None,
+                  transformers_only: bool = False) -> Path:
     """Write ``plan`` applied to ``source`` as an export folder without loading the model: the
     checkpoint is rewritten shard by shard (:mod:`analysis.model.stream_export`; the weights are
     those ``load_moe(dtype) → apply → export`` writes), then config, tokenizer, ``plan.json``,
     ``experiment.json`` and the model card as :func:`export` writes them. ``dtype=None`` keeps the
     checkpoint's dtypes. The plan and the folder are checked before anything is written; a plan
     carrying finetuned weights needs :func:`export` of the model it finetuned."""
-    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code)
+    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code,
+                                                   transformers_only)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         pruned = _stream_into(tmp, skeleton, folder, plan, torch_dtype, trust_remote_code, progress)
         _write_records(tmp, pruned, plan, experiment)
@@ -51,14 +59,15 @@ def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overw
 
 def stream_prune_and_evaluate(source: str, out_dir: str | Path, plan, spec, offload_dir: str | Path,
                               overwrite: bool = False, dtype: str | None = "float32", trust_remote_code: bool = False,
-                              cache=None, progress=None):
+                              cache=None, progress=None, transformers_only: bool = False):
     """``prune --offload``: stream the pruned folder (as :func:`stream_export`), evaluate the original
     and the pruned folder with their decoder layers on disk under ``offload_dir``
     (:func:`~moescope.analysis.run.experiments.evaluate_offloaded`), then write the record and
     the card; the folder appears complete or not at all. Returns the (unstored) experiment."""
     from moescope.analysis.run.experiments import evaluate_offloaded
 
-    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code)
+    skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code,
+                                                   transformers_only)
     spec.validate_for(skeleton.config)
     if spec.efficiency:
         raise MoescopeError("--offload measures quality only (memory and tokens/s need the model in memory); "
@@ -71,9 +80,10 @@ def stream_prune_and_evaluate(source: str, out_dir: str | Path, plan, spec, offl
     return exp
 
 
-def _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code):
+def _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code, transformers_only=False):
     from moescope.analysis.model import load_moe, resolve_source
     from moescope.analysis.model.loading import parse_dtype
+    from moescope.analysis.model.nonuniform import check_servable
 
     check_output_dir(out_dir, overwrite)
     if (plan.provenance or {}).get("finetuned"):
@@ -82,6 +92,7 @@ def _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code):
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     skeleton = load_moe(source, dtype=torch_dtype, weights=False, trust_remote_code=trust_remote_code)
     plan.validate_for(skeleton)
+    check_servable(skeleton.family.name, plan.experts_after(skeleton), transformers_only)
     return skeleton, resolve_source(source)[1] or hub_snapshot(source), torch_dtype
 
 
@@ -125,7 +136,8 @@ def _write_records(tmp: Path, model, plan, experiment) -> None:
 
 
 def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
-                      dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+                      dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+                      transformers_only: bool = False) -> Path:
     """Rebuild experiment ``ident``'s model (its base model with its plan; finetuned weights from
     the record) and export it. The experiment and the output folder are checked before any
     weights are read."""
@@ -140,7 +152,7 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
         raise MoescopeError(f"experiment {exp.id} evaluated '{exp.model}' without a plan; there is nothing "
                             "pruned to export (the original model is its own folder)")
     plan = PruningPlan.from_json(exp.plan)
-    skeleton = check_exportable(exp.model, plan, trust_remote_code)
+    skeleton = check_exportable(exp.model, plan, trust_remote_code, transformers_only)
     check_output_dir(out_dir, overwrite, needed_bytes=export_bytes(skeleton, plan, dtype))
     local = resolve_source(exp.model)[1]
     if not exp.finetuned and local is not None and any(local.glob("*.safetensors")):
@@ -149,14 +161,14 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
             raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
                                 f"{folder_fingerprint(local)[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
         return stream_export(exp.model, out_dir, plan, experiment=exp, overwrite=overwrite, dtype=dtype,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, transformers_only=transformers_only)
     weights = experiments.trained_tensors_of(exp, cache) if exp.finetuned else None
     model = load_moe(exp.model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if model.fingerprint() != exp.model_fingerprint:
         raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
                             f"{model.fingerprint()[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
     apply(model, plan, weights=weights)
-    return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite)
+    return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite, transformers_only=transformers_only)
 
 
 def check_finite_weights(model) -> None:
@@ -188,14 +200,17 @@ def export_bytes(skeleton, plan, dtype: str | None) -> int:
     return params * width
 
 
-def check_exportable(source: str, plan, trust_remote_code: bool = False):
-    """Refuse, from the config alone (no weights read), a plan that does not fit ``source`` (a plan
-    whose layers keep different counts exports in the per-layer format, :mod:`analysis.nonuniform`).
-    Returns the weightless model it was checked against."""
+def check_exportable(source: str, plan, trust_remote_code: bool = False, transformers_only: bool = False):
+    """Refuse, from the config alone (no weights read), a plan that does not fit ``source``, and a
+    plan whose layers keep different counts for a family vLLM cannot serve (the per-layer format,
+    :mod:`analysis.nonuniform`, is served through moescope's vLLM plugin) unless
+    ``transformers_only``. Returns the weightless model it was checked against."""
     from moescope.analysis.model import load_moe
+    from moescope.analysis.model.nonuniform import check_servable
 
     skeleton = load_moe(source, dtype=None, weights=False, trust_remote_code=trust_remote_code)
     plan.validate_for(skeleton)
+    check_servable(skeleton.family.name, plan.experts_after(skeleton), transformers_only)
     return skeleton
 
 
@@ -385,6 +400,30 @@ def _use_section(model) -> list[str]:
             f"model = AutoModelForCausalLM.from_pretrained(\"PATH\"{trust})",
             "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
             "```", "", "```bash", f"lm_eval --model hf --model_args pretrained=PATH{trust_arg} --tasks TASKS", "```", ""]
+    return out + _vllm_section(model, uniform)
+
+
+def _vllm_section(model, uniform: bool) -> list[str]:
+    """How vLLM serves the folder: its own class for a uniform model; moescope's plugin (the
+    architecture ``config.moescope_vllm`` names) for per-layer counts."""
+    from moescope.analysis.model.nonuniform import VLLM_KEY, base_class_name, class_name, vllm_servable
+
+    base = base_class_name(model.hf)
+    out = ["## Serving with vLLM", ""]
+    if uniform:
+        out += [f"Every MoE layer keeps the same number of experts, so the config names the family's own `{base}`, "
+                "which vLLM serves with its own class where it has one for the family:", "",
+                "```bash", "vllm serve PATH", "```", ""]
+    elif vllm_servable(base):
+        out += [f"vLLM builds `{class_name(base)}` (`config.{VLLM_KEY}`) through moescope's vLLM plugin, which "
+                "builds every MoE layer at its own expert count and loads the stored tensors as they are (no "
+                "padding). Install moescope into vLLM's environment (the plugin is the entry point `moescope` "
+                "in the `vllm.general_plugins` group); no `--trust-remote-code` is needed:", "",
+                "```bash", "pip install --no-deps moescope   # in vLLM's environment", "vllm serve PATH",
+                "lm_eval --model vllm --model_args pretrained=PATH --tasks TASKS", "```", ""]
+    else:
+        out += [f"vLLM cannot serve this folder: its layers keep different expert counts and moescope's vLLM plugin "
+                f"does not serve `{base}` (it was exported for transformers only).", ""]
     return out
 
 

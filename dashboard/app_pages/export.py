@@ -49,11 +49,14 @@ out = st.text_input("Output folder", value=default_folder(exp), key=f"export_dir
                     help="a new or empty folder (an earlier moescope export with Overwrite); the weights, "
                          "config, tokenizer, plan.json, experiment.json and the model card README.md")
 overwrite = st.checkbox("Overwrite a non-empty folder", value=False, key="export_overwrite")
+transformers_only = st.checkbox("For transformers only", value=False, key="export_transformers_only",
+                                help="accept different expert counts per layer for a family moescope's vLLM plugin "
+                                     "does not serve (the folder then loads in transformers, not in vLLM)")
 if st.button("Export", type="primary", key="export_go"):
     refusal, files = None, []
     with st.status("Exporting…", expanded=False) as status:
         try:
-            files = runs.export_experiment(ident, out, overwrite)
+            files = runs.export_experiment(ident, out, overwrite, transformers_only)
         except MoescopeError as err:
             refusal = str(err)
             status.update(label="Export refused", state="error")
@@ -66,7 +69,8 @@ if st.button("Export", type="primary", key="export_go"):
         if "modeling_moescope.py" in files:
             st.info("The layers keep different expert counts, so the folder carries `modeling_moescope.py`: "
                     "load it with `AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)` "
-                    "(lm-eval: `--model_args pretrained=PATH,trust_remote_code=True`); moescope loads it as is.")
+                    "(lm-eval: `--model_args pretrained=PATH,trust_remote_code=True`); moescope loads it as is; "
+                    "vLLM serves it with moescope's plugin installed (the model card's Serving section).")
         with st.expander("Model card (README.md)"):
             header, body = split_front_matter((Path(out) / "README.md").read_text(encoding="utf-8"))
             if header:
