@@ -104,3 +104,20 @@ def test_per_layer_exports_pair_each_layer_with_its_count(shape, counts, tmp_pat
                                    rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.hf(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_exported_file_has_the_mode_a_plain_file_gets(tmp_path):
+    """transformers' safetensors writer creates 0600 files; an export's files and folders all get
+    what ``open``/``mkdir`` give under the umask (0644 / 0755 under the usual 022), so the weights
+    are as readable as the config beside them."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = export(wrap_model(tiny_model("mixtral"), source="tiny-mixtral"), tmp_path / "out")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert "model.safetensors" in modes
+    assert all(m == (0o755 if (out / n).is_dir() else 0o644) for n, m in modes.items()), modes

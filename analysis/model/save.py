@@ -132,6 +132,31 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
         raise
 
 
+def _ordinary_modes(folder: Path) -> None:
+    """Give every file and folder written into ``folder`` the mode a plain ``open``/``mkdir`` gets
+    under this process's umask: some writers (safetensors through transformers) create 0600 files,
+    which would leave an export's weights unreadable to the group while its config is readable."""
+    umask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (``os.umask`` sets it
+    while reading, a moment another thread could create files in)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out_dir`` to write into; when the block finishes,
@@ -150,6 +175,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool, needed_bytes: int | 
     tmp.mkdir()
     try:
         yield tmp
+        _ordinary_modes(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps({"written_by": "moescope"}) + "\n", encoding="utf-8")
         _place(tmp, out, overwrite)
     except MoescopeError:
