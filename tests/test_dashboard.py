@@ -446,7 +446,15 @@ def test_strategy_plan_from_the_registry(analysed):
     rep = at.selectbox(key="plan_merge_representation")
     assert rep.value == "outputs" and "Data-centric: expert outputs" in rep.options
     assert "CKA (linear)" in at.selectbox(key="plan_merge_similarity").options
-    assert at.number_input(key="plan_merge_density").value == 0.2
+    # TIES density and the learned merge's SGD act only with their operator: hidden for a uniform merge
+    shown = {w.key for w in at.number_input}
+    assert "plan_merge_density" not in shown and "plan_merge_epochs" not in shown and "plan_merge_lr" not in shown
+    at.selectbox(key="plan_merge_merge").select("ties").run()
+    assert at.number_input(key="plan_merge_density").value == 0.2 and not at.exception
+    at.selectbox(key="plan_merge_merge").select("learned").run()
+    shown = {w.key for w in at.number_input}
+    assert {"plan_merge_epochs", "plan_merge_lr"} <= shown and "plan_merge_density" not in shown
+    assert at.number_input(key="plan_merge_epochs").value == 50
 
 
 def test_a_preset_fills_its_strategys_widgets_and_is_recorded(analysed):

@@ -52,6 +52,9 @@ class Param:
     label: str | None = None  # the dashboard's label (default: the name)
     maximum: float | None = None
     affects_key: bool = True
+    # where the parameter acts at all, given the others (e.g. TIES density only for merge=ties): the
+    # Plan page shows its widget only then; the CLI and validation take it always
+    when: Callable[[dict], bool] | None = None
 
     def allowed(self, params: dict) -> tuple | None:
         return self.choices(params) if callable(self.choices) else self.choices

@@ -50,6 +50,10 @@ def similarity_name(representation: str, similarity: str) -> str:
     return f"{prefix}_{similarity}"
 
 
+def _learned(params: dict) -> bool:
+    return params.get("merge") == "learned"
+
+
 def _merge_params(default_merge: str, default_align: str) -> list[Param]:
     return [
         Param("merge", str, default_merge, choices=MERGES,
@@ -60,17 +64,18 @@ def _merge_params(default_merge: str, default_align: str) -> list[Param]:
                    "combining (MC-SMoE's addition): none | weights (weight matching) | activations (activation "
                    "matching on the calibration tokens; weights where there are none)", affects_key=False),
         Param("density", float, 0.2, help="ties: fraction of each member's difference from the mean kept, in (0, 1]",
-              label="TIES density", minimum=0, maximum=1, affects_key=False),
+              label="TIES density", minimum=0, maximum=1, affects_key=False,
+              when=lambda p: p.get("merge") == "ties"),
         Param("merge_router", bool, True, help="merge router rows with the same coefficients (else the dominant "
                                                  "expert's row)", label="merge router rows too",
               affects_key=False),
         Param("epochs", int, 50, help="learned merge: passes over the training 3/4 of the calibration sequences "
                                         "(50 in group-and-merge App. A)", minimum=1,
-              affects_key=False),
+              affects_key=False, when=_learned),
         Param("lr", float, 1e-3, help="learned merge: SGD learning rate (1e-3 in group-and-merge App. A)", minimum=0,
-              maximum=10, affects_key=False),
+              maximum=10, affects_key=False, when=_learned),
         Param("batch_sequences", int, 1, help="learned merge: calibration sequences per SGD step", minimum=1,
-              affects_key=False),
+              affects_key=False, when=_learned),
         Param("seed", int, 0, help="seed (grouping, learned merge)", minimum=0, affects_key=False),
     ]
 
@@ -195,7 +200,8 @@ def _analysis_overrides(params) -> dict:
                  help="outputs: mix calibration data into the similarity: none | embeddings (Algorithm 1's mixup of "
                       "two sequences' token embeddings) | hidden_states (each layer's input rows; moescope's)"),
            Param("augment_ratio", float, 1.0, help="mixed rows per calibration token when augmenting", minimum=0,
-                 label="augmentation ratio"),
+                 label="augmentation ratio",
+                 when=lambda p: p.get("augment") not in (None, "none")),
            *_merge_params("uniform", "none")],
           merges=True, budget=True, check=_check_similarity)
 def group_and_merge(ctx, params):

@@ -275,7 +275,10 @@ if mode == "Strategy":
         label = label[:1].upper() + label[1:]
         # choices may depend on earlier parameters (merge: the similarities of the representation),
         # which hold their defaults unless changed
-        choices = param.allowed({**{p.name: p.default for p in strategy.params}, **params})
+        current = {**{p.name: p.default for p in strategy.params}, **params}
+        if param.when is not None and not param.when(current):
+            continue  # acts only with other choices (TIES density, the learned merge's SGD, …)
+        choices = param.allowed(current)
         # a value a preset put in the session state is the widget's value (no second default)
         preset_set = key in st.session_state
         if param.name == "criterion":  # the criteria the registry declares, with their descriptions
