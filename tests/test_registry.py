@@ -139,6 +139,12 @@ def test_every_registered_strategy_gets_its_declared_widgets(demo_dir, tmp_path,
         at.selectbox(key="plan_strategy").select(name).run()
         assert not at.exception, (name, [e.value for e in at.exception])
         keys = {w.key for kind in ("selectbox", "checkbox", "number_input") for w in at.get(kind)}
-        declared = {f"plan_{name}_{p.name}" for p in strategy.params if p.type is not dict}
+        # every declared parameter that acts with the defaults has its widget; one that acts only with
+        # other choices (Param.when) has none until they are made
+        defaults = {p.name: p.default for p in strategy.params}
+        acting = [p for p in strategy.params if p.when is None or p.when(defaults)]
+        declared = {f"plan_{name}_{p.name}" for p in acting if p.type is not dict}
         assert declared <= keys, (name, declared - keys)
+        hidden = {f"plan_{name}_{p.name}" for p in strategy.params if p not in acting}
+        assert not hidden & keys, (name, hidden & keys)
         assert ("plan_keep" in keys) == strategy.target
