@@ -85,7 +85,7 @@ def main() -> None:
                     ctx = StrategyContext(model, calib, cache,
                                           AnalysisParams(metrics=("routing", "activations", "similarity")))
                     extra = {"epochs": args.learned_epochs} if params.get("merge") == "learned" else {}
-                    apply(model, make_plan(name, ctx, {"keep": keep, **params, **extra}))
+                    apply(model, make_plan(name, ctx, {"keep": keep, **params, **extra}), cache=cache)
                 t1 = time.perf_counter()
                 ppl = perplexity_by_domain(model, "demo:all", max_tokens=args.eval_tokens)
                 rows.append((label, ppl, t1 - t0, time.perf_counter() - t1))
