@@ -95,8 +95,8 @@ def _next_free_port(where: tuple, port: int) -> int | None:
     """The first port after ``port`` that binds on the same address, within 50."""
     import socket
 
+    family = socket.AF_INET6 if len(where) == 4 else socket.AF_INET
     for candidate in range(port + 1, min(port + 50, 65536)):
-        family = socket.AF_INET6 if len(where) == 4 else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.bind((where[0], candidate, *where[2:]))

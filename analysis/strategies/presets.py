@@ -45,17 +45,6 @@ def _add(preset: Preset) -> None:
     PRESETS[preset.name] = preset
 
 
-def _needs_top2(model, params) -> str | None:
-    """Dynamic skipping drops a token's lower-weighted experts: it needs at least two per token."""
-    if not params.get("with_skip"):
-        return None
-    top1 = sorted(l for l, v in model.layers.items() if v.top_k < 2)
-    if top1:
-        return (f"dynamic skipping needs top-k ≥ 2 routing, and layer {top1[0]} routes each token to one expert; "
-                "give --no-with-skip or another preset")
-    return None
-
-
 # ---- group-and-merge (Zhang et al. 2024) -------------------------------------------------------
 GAM = "group-and-merge (Zhang et al. 2024)"
 _add(Preset(
@@ -97,7 +86,7 @@ _add(Preset("enumerate", "enumerate", {"mode": "layer-wise"},
             f"{LU} §3.1, §4.1 (128 C4 sequences)", calib_samples=128))
 _add(Preset("enumerate-skip", "enumerate", {"mode": "layer-wise", "with_skip": True},
             "Lu et al.: layer-wise enumeration, and dynamic skipping with β per layer the median w₂/w₁",
-            f"{LU} §3.1 and §3.2 (β = median of w_{{e1}}/w_{{e0}})", calib_samples=128, refuse=(_needs_top2,)))
+            f"{LU} §3.1 and §3.2 (β = median of w_{{e1}}/w_{{e0}})", calib_samples=128))
 
 # ---- MC-SMoE, HC-SMoE, REAP ----------------------------------------------------------------------
 _add(Preset("mc-smoe", "router-guided",
