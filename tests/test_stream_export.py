@@ -178,10 +178,10 @@ def test_dtype_none_keeps_the_checkpoint_dtypes(tiny_dirs, tmp_path):
     kept = tensors(stream_export(str(src), tmp_path / "keep", plan, dtype=None))
     source = tensors(src)
     assert all(kept[k].dtype == source[k].dtype for k in kept if k in source)
-    for dtype in ("bfloat16", "float32"):  # as asked; float32 (the CLI default) casts every tensor on the way
+    for dtype in ("bfloat16", "float32"):  # as asked: float32 casts every tensor on the way
         model = load_moe(str(src), dtype=dtype)
         apply(model, plan)
-        assert_same_folder(export(model, tmp_path / f"mem-{dtype}", plan=plan),
+        assert_same_folder(export(model, tmp_path / f"mem-{dtype}", plan=plan, dtype=dtype),
                            stream_export(str(src), tmp_path / dtype, plan, dtype=dtype))
 
 

@@ -208,6 +208,7 @@ def load_moe(
     location, local = resolve_source(source)
     config = load_config(source, trust_remote_code)
     family = family_for(config)
+    declared_dtype = config_dtype(config)  # before from_pretrained sets the working dtype on the config
     per_layer_class = nonuniform.model_class(config)  # moescope's own export with per-layer counts
     if not weights:
         torch_dtype = parse_dtype(dtype) if dtype is not None else (config_dtype(config) or torch.float32)
@@ -216,7 +217,9 @@ def load_moe(
                 hf = per_layer_class._from_config(config, dtype=torch_dtype)
             else:
                 hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        return MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
+        skeleton = MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
+        skeleton.checkpoint_dtype = declared_dtype
+        return skeleton
     torch_dtype = parse_dtype(dtype or "float32")
     if local is not None:
         check_weight_files(local, allow_pickle)
@@ -259,6 +262,7 @@ def load_moe(
     tokenizer = _load_tokenizer(location, trust_remote_code) if load_tokenizer else None
     model = MoEModel(hf, family, source, tokenizer=tokenizer, source_dir=local)
     model.offloaded = offload_dir is not None
+    model.checkpoint_dtype = declared_dtype
     if model.offloaded:
         release_mapped_weights()
     if local is not None:  # unedited weights: the files identify them (cheap, and offload-proof)

@@ -251,6 +251,9 @@ class MoEModel:
         self.offloaded = False
         self.skip_beta: dict[int, float] = {}  # dynamic-skipping thresholds installed (analysis.skipping)
         self.skip_counter = None
+        # the dtype the checkpoint declares (config.dtype), recorded by load_moe before the weights are
+        # cast to the working dtype: an export writes it back unless another is asked for
+        self.checkpoint_dtype: torch.dtype | None = None
         decoder_layers = attr_path(hf_model, family.layers_path)
         self.layers: dict[int, MoELayer] = {}
         for i, layer in enumerate(decoder_layers):
@@ -552,6 +555,26 @@ class MoEModel:
         self._store_skip_beta()
         self.hf.save_pretrained(out)
         self._finish_folder(out)
+
+    def cast_for_export(self, dtype: torch.dtype | None = None) -> torch.dtype | None:
+        """Cast the saved weights (parameters and persistent buffers) to what an export writes:
+        ``dtype`` when given, else the checkpoint's own :attr:`checkpoint_dtype` (a bfloat16 model
+        analysed in float32 is written in bfloat16 again, never larger than it came). Tensors that
+        transformers' ``from_pretrained`` keeps in float32 at that dtype (the class's keep-in-fp32
+        modules, e.g. DeepSeek-V3's router and score-correction bias) stay float32, so the folder
+        is what loading the checkpoint in its own dtype and pruning it would hold. Returns the dtype
+        cast to (None: nothing to cast to, the weights stay as they are)."""
+        target = dtype or self.checkpoint_dtype
+        if target is None:
+            return None
+        plan = getattr(self.hf, "_get_dtype_plan", None)
+        keep32 = tuple(plan(target)) if callable(plan) else ()
+        for name, t in self.hf.state_dict(keep_vars=True).items():
+            if t.is_floating_point() and t.device.type != "meta":
+                want = torch.float32 if any(k in name for k in keep32) else target
+                if t.dtype != want:
+                    t.data = t.data.to(want)
+        return target
 
     def write_config_files(self, out: Path, dtype: torch.dtype) -> None:
         """The files of :meth:`write_files` but the weights, for weights written otherwise

@@ -35,6 +35,8 @@ ALLOW_PICKLE_HELP = ("UNSAFE: also load pickled weights (pytorch_model.bin); unp
                      "Off by default: moescope reads safetensors only")
 TRANSFORMERS_ONLY_HELP = ("accept a plan with different expert counts per layer for a family moescope's vLLM plugin "
                           "does not serve: the folder loads in transformers (trust_remote_code=True) but not in vLLM")
+EXPORT_DTYPE_HELP = ("dtype of the exported weights: float32, bfloat16 or float16 (default: the checkpoint's own, "
+                     "tensor by tensor, so a pruned model is never larger than what it keeps)")
 
 
 def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
@@ -163,7 +165,8 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="apply a plan made for another model (or other weights); recorded in the plan's provenance")
     p.add_argument("--transformers-only", action="store_true", help=TRANSFORMERS_ONLY_HELP)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help=EXPORT_DTYPE_HELP + "; evaluation runs in this dtype too, else in "
+                   "float32")
     p.add_argument("--offload", default=None, metavar="DIR",
                    help="evaluate the original and the pruned model with their decoder layers on disk in DIR, one "
                         "at a time (models larger than memory; quality only: add --no-efficiency). Without "
@@ -186,7 +189,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--transformers-only", action="store_true", help=TRANSFORMERS_ONLY_HELP)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help=EXPORT_DTYPE_HELP)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.add_argument("--json", action="store_true")

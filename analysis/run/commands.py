@@ -425,20 +425,22 @@ def cmd_prune(args) -> int:
                                 "weights or the model has no safetensors: prune it without --offload")
         return _prune_offloaded(args, plan, spec, skeleton, out, cache)
     weights = finetuned_weights(plan, cache) if is_finetuned(plan) else None
-    model = load_moe(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+    work_dtype = args.dtype or "float32"  # evaluated in float32 unless asked; written in the checkpoint's dtype
+    model = load_moe(args.model, dtype=work_dtype, trust_remote_code=args.trust_remote_code,
                      allow_pickle=args.allow_pickle)
     before = model.parameter_counts()
     exp = None
     if spec is not None:
         bars = ProgressBars(quiet=args.json)
         try:
-            exp = experiments.prune_and_evaluate(model, plan, spec, cache=cache, progress=bars, dtype=args.dtype,
+            exp = experiments.prune_and_evaluate(model, plan, spec, cache=cache, progress=bars, dtype=work_dtype,
                                                  store=False)
         finally:
             bars.close()
     else:
         apply(model, plan, weights=weights)
-    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite, transformers_only=args.transformers_only)
+    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite, transformers_only=args.transformers_only,
+           dtype=args.dtype)
     if exp is not None:
         experiments.store(exp, cache)
     after = model.parameter_counts()

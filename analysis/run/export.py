@@ -25,15 +25,22 @@ from moescope.analysis.model import atomic_output_dir, check_output_dir
 
 
 def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False,
-           transformers_only: bool = False) -> Path:
+           transformers_only: bool = False, dtype: str | None = None) -> Path:
     """Write ``model`` (already pruned by ``plan``, or None for the model as loaded) to ``out_dir``
-    with ``plan.json``, ``experiment.json`` (when given) and the model card. A non-uniform model of a
+    with ``plan.json``, ``experiment.json`` (when given) and the model card. The weights are written
+    in the checkpoint's own dtype (a bfloat16 checkpoint analysed in float32 comes out bfloat16)
+    unless ``dtype`` is given; ``model`` is cast in place to it
+    (:meth:`~moescope.analysis.model.view.MoEModel.cast_for_export`). A non-uniform model of a
     family moescope's vLLM plugin does not serve is refused before anything is written, unless
     ``transformers_only`` (:func:`~moescope.analysis.model.nonuniform.check_servable`)."""
+    from moescope.analysis.model.loading import parse_dtype
     from moescope.analysis.model.nonuniform import check_servable
 
     check_servable(model.family.name, model.num_experts(), transformers_only)
+    target = parse_dtype(dtype) if dtype is not None else None
     check_finite_weights(model)
+    model.cast_for_export(target)
+    check_finite_weights(model)  # a float32 merge beyond the checkpoint dtype's range is not written as infinity
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.write_files(tmp)
         _write_records(tmp, model, plan, experiment)
@@ -132,7 +139,45 @@ def _write_records(tmp: Path, model, plan, experiment) -> None:
         plan.save(tmp / "plan.json")
     if experiment is not None:
         (tmp / "experiment.json").write_text(json.dumps(experiment.to_json(), indent=2) + "\n", encoding="utf-8")
-    (tmp / "README.md").write_text(model_card(model, plan, experiment), encoding="utf-8")
+    weights = {"export": weights_on_disk(tmp), "source": weights_on_disk(model.source_dir)}
+    (tmp / "README.md").write_text(model_card(model, plan, experiment, weights), encoding="utf-8")
+
+
+def weights_on_disk(folder: Path | None) -> dict[str, dict[str, int]] | None:
+    """``{safetensors dtype: {"tensors": n, "bytes": b}}`` of a model folder's weight files, read from
+    their headers (None for a folder without safetensors, or none at all)."""
+    from moescope.analysis.model.stream_export import source_tensors
+
+    if folder is None or not any(Path(folder).glob("*.safetensors")):
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for t in source_tensors(Path(folder)).values():
+        row = out.setdefault(t.dtype, {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += t.nbytes
+    return out
+
+
+def _weights_section(weights: dict | None) -> list[str]:
+    """The card's statement of the dtypes and bytes written, against the source's."""
+    from moescope.analysis.core.units import format_bytes
+
+    if not weights or not weights.get("export"):
+        return []
+    exp, src = weights["export"], weights.get("source") or {}
+
+    def said(by_dtype: dict) -> str:
+        return ", ".join(f"{d} {format_bytes(v['bytes'])} ({v['tensors']:,} tensors)" for d, v in sorted(by_dtype.items()))
+
+    total = sum(v["bytes"] for v in exp.values())
+    line = f"Weights written: {said(exp)}; {format_bytes(total)} in all"
+    if src:
+        src_total = sum(v["bytes"] for v in src.values())
+        line += (f", against the source's {format_bytes(src_total)} ({said(src)}): "
+                 f"{100 * total / src_total:.1f} % of it")
+        if set(exp) - set(src):
+            line += f"; {', '.join(sorted(set(exp) - set(src)))} is not a dtype of the source (asked with --dtype)"
+    return ["", "## Weights on disk", "", line + "."]
 
 
 def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, cache=None,
@@ -168,7 +213,8 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
         raise MoescopeError(f"'{exp.model}' has changed since experiment {exp.id} was run (fingerprint "
                             f"{model.fingerprint()[:12]} ≠ {exp.model_fingerprint[:12]}); re-run the experiment")
     apply(model, plan, weights=weights)
-    return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite, transformers_only=transformers_only)
+    return export(model, out_dir, plan=plan, experiment=exp, overwrite=overwrite, transformers_only=transformers_only,
+                  dtype=dtype)
 
 
 def check_finite_weights(model) -> None:
@@ -267,8 +313,9 @@ def plan_origin(prov: dict) -> str:
     return "edited by hand (no strategy)"
 
 
-def model_card(model, plan, experiment=None) -> str:
-    """The README of an exported folder (Markdown with hub front matter)."""
+def model_card(model, plan, experiment=None, weights: dict | None = None) -> str:
+    """The README of an exported folder (Markdown with hub front matter); ``weights`` the dtypes and
+    bytes of the export and its source (:func:`weights_on_disk`)."""
     base = plan.base_model if plan is not None else model.source
     prov = (plan.provenance if plan is not None else None) or {}
     hub_base = base if "/" in base and not Path(base).exists() else None
@@ -346,6 +393,7 @@ def model_card(model, plan, experiment=None) -> str:
                 f"Tasks: lm-eval {experiment.versions.get('lm_eval')}, "
                 f"{spec.get('num_fewshot') or 0}-shot, limit {spec.get('limit') or 'none'}. "
                 f"Experiment `{experiment.id}`, {experiment.created}."]
+    out += _weights_section(weights)
     out += _use_section(model)
     return "\n".join(out)
 
