@@ -103,3 +103,49 @@ def test_prune_with_evaluation_evaluates_in_float32_and_writes_bf16(demo_availab
     want = pruned.hf(ids).logits
     got = load_moe(str(out), dtype="bfloat16").hf(ids).logits
     assert torch.equal(want, got)
+
+
+def with_large_weight(tmp_path: Path) -> tuple[Path, Path]:
+    """A bf16 Qwen3-MoE checkpoint whose first attention projection holds 1e5 (99,840 in bfloat16, beyond float16's
+    65,504), and a plan for it."""
+    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 1e5
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    plan = plan_for(str(src), "uniform_drop")
+    plan.save(tmp_path / "plan.json")
+    return src, tmp_path / "plan.json"
+
+
+def test_a_cast_beyond_the_dtypes_range_is_refused_on_both_paths(tmp_path):
+    """``--dtype float16`` of a bf16 weight of 99,840 would write infinity: refused in one line naming
+    the tensor and the range, nothing at the output path, the in-memory model left as it was."""
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.export import stream_export
+
+    src, plan_file = with_large_weight(tmp_path)
+    plan = PruningPlan.load(plan_file)
+    with pytest.raises(MoescopeError, match=r"self_attn\.q_proj\.weight holds 9.984e\+04, beyond float16's range") as err:
+        stream_export(str(src), tmp_path / "stream", plan, dtype="float16")
+    assert "\n" not in str(err.value) and not (tmp_path / "stream").exists()
+    model = load_moe(str(src))
+    apply(model, plan)
+    before = {k: v.clone() for k, v in model.hf.state_dict().items()}
+    with pytest.raises(MoescopeError, match=r"q_proj\.weight holds 9.984e\+04, beyond float16's range"):
+        export(model, tmp_path / "mem", plan=plan, dtype="float16")
+    assert not (tmp_path / "mem").exists()
+    after = model.hf.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    export(model, tmp_path / "kept", plan=plan)  # the checkpoint's own bfloat16 holds it
+    assert float(tensors(tmp_path / "kept")["model.layers.0.self_attn.q_proj.weight"][0, 0]) == 99840.0
+
+
+def test_the_cli_refuses_a_lossy_dtype_in_one_line(tmp_path, capfd):
+    src, plan_file = with_large_weight(tmp_path)
+    capfd.readouterr()
+    assert main(["prune", str(src), "--plan", str(plan_file), "-o", str(tmp_path / "out"), "--dtype", "float16"]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("moescope: error:")]
+    assert len(err) == 1 and "beyond float16's range" in err[0] and "--dtype" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model.dtypes import cast_for_writing
 from torch import Tensor
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -505,7 +506,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
             stats["bytes_written"] += src.nbytes
             stats["copied_bytes"] += src.nbytes
         else:
-            emit(writer, out_name, read_tensor(src).to(want))
+            emit(writer, out_name, cast_for_writing(read_tensor(src), want, out_name))
 
     def read(key: str) -> Tensor:
         stats["bytes_read"] += tensors[key].nbytes

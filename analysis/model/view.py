@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.model.dtypes import cast_for_writing
 from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
 from moescope.analysis.model.families import FamilySpec
 from moescope.analysis.model.layouts import LAYOUTS, ExpertWeights, assign, owner, resolve
@@ -569,11 +570,14 @@ class MoEModel:
             return None
         plan = getattr(self.hf, "_get_dtype_plan", None)
         keep32 = tuple(plan(target)) if callable(plan) else ()
+        cast = []  # every cast checked before any is applied: a refused one leaves the model as it was
         for name, t in self.hf.state_dict(keep_vars=True).items():
             if t.is_floating_point() and t.device.type != "meta":
                 want = torch.float32 if any(k in name for k in keep32) else target
                 if t.dtype != want:
-                    t.data = t.data.to(want)
+                    cast.append((t, cast_for_writing(t.data, want, name)))
+        for t, new in cast:
+            t.data = new
         return target
 
     def write_config_files(self, out: Path, dtype: torch.dtype) -> None:
