@@ -606,10 +606,14 @@ def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, co
 
 
 def _write_router(conv, view, lp, coeffs, s: LayerSources, read, emit, combine_rows, onehot_of_largest) -> None:
+    from moescope.analysis.model.edits import validate_groups
+
     current = conv.forward({k: read(k) for k in s.router})
     targets = router_targets(view, view.index)
-    row_coeffs = coeffs if lp.merge_router else onehot_of_largest(coeffs)
     groups = [list(g) for g in lp.groups]
+    # the router rows' own coefficients where the plan gives them (the learned merge), as MoEModel.merge
+    rows = coeffs if lp.router_coefficients is None else validate_groups(view, groups, lp.router_coefficients)
+    row_coeffs = rows if lp.merge_router else onehot_of_largest(rows)
     new = {}
     for attr, name in targets.items():
         old = current[name]
