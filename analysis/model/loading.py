@@ -209,17 +209,23 @@ def load_moe(
     config = load_config(source, trust_remote_code)
     family = family_for(config)
     per_layer_class = nonuniform.model_class(config)  # moescope's own export with per-layer counts
-    if not weights:
-        torch_dtype = parse_dtype(dtype) if dtype is not None else (config_dtype(config) or torch.float32)
+
+    def skeleton(torch_dtype):
         with torch.device("meta"):
             if per_layer_class is not None:
-                hf = per_layer_class._from_config(config, dtype=torch_dtype)
-            else:
-                hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        return MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
+                return per_layer_class._from_config(config, dtype=torch_dtype)
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+    if not weights:
+        torch_dtype = parse_dtype(dtype) if dtype is not None else (config_dtype(config) or torch.float32)
+        return MoEModel(skeleton(torch_dtype).eval(), family, source, tokenizer=None, source_dir=local)
     torch_dtype = parse_dtype(dtype or "float32")
     if local is not None:
         check_weight_files(local, allow_pickle)
+        if any(local.glob("*.safetensors")):  # the streamed export's validation, before the model is built
+            from moescope.analysis.model.checkpoint import validate_checkpoint
+
+            validate_checkpoint(local, skeleton(torch_dtype))
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
