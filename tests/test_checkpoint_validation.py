@@ -204,7 +204,7 @@ def _without(*names):
 SET_CASES = {  # id: (tensors, words)
     "missing-k-proj": (lambda: _without("model.layers.1.self_attn.k_proj.weight"),
                        ("layers.1.self_attn.k_proj", "random")),
-    "wrong-shaped-q-proj": (lambda: {**STATE, Q: STATE[Q][:64].contiguous()}, ("q_proj", "[64, 128]")),
+    "wrong-shaped-q-proj": (lambda: {**STATE, Q: STATE[Q][:64].contiguous()}, ("q_proj", "[64, 128] in the checkpoint")),
     "ten-experts-of-8": (lambda: {**STATE, **{f"model.layers.2.block_sparse_moe.experts.{e}.{w}.weight":
                                               STATE[f"model.layers.2.block_sparse_moe.experts.0.{w}.weight"]
                                               for e in (8, 9) for w in ("w1", "w2", "w3")}},

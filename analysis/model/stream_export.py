@@ -50,6 +50,7 @@ from moescope.analysis.model.checkpoint import (  # noqa: F401 (re-exported: the
     ST_NAMES,
     Conversions,
     SourceTensor,
+    all_finite,
     check_finite,
     read_header,
     read_tensor,
@@ -318,7 +319,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
 
     def emit(writer: ShardWriter, name: str, t: Tensor) -> None:
         # a computed tensor (a merge, a cast) holding NaN or infinity is never written as a result
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise MoescopeError(f"{name} holds non-finite values (NaN or infinity) after pruning; nothing was exported")
         writer.add(name, t)
         stats["bytes_written"] += t.numel() * t.element_size()
