@@ -23,8 +23,11 @@ Output shards follow the source's (each written tensor goes to the shard of its 
 tensor), with a ``model.safetensors.index.json`` when there are several. Memory holds one merged
 group (or one fused layer tensor) at a time; copies never enter the process.
 
-Errors name the file: a shard the index names that is missing or lacks a tensor the index places
-in it, a tensor missing for a layer the plan edits, a write that fails (a full disk). The caller
+Before the first byte is written the source passes :func:`analysis.model.checkpoint.validate_checkpoint`,
+the validation the in-memory loader runs too (every header as safetensors checks it, the index
+matching its shards, the tensor set and shapes the config implies); every tensor written, copied
+ones included, is refused if it holds NaN or infinity. Errors name the file: a damaged or
+ambiguous source, a write that fails (a full disk). The caller
 writes into :func:`analysis.save.atomic_output_dir`'s temporary folder, so nothing half-written is
 ever left at the output path, and the source is only read.
 """
