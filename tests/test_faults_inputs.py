@@ -524,6 +524,21 @@ CONFIG_CASES = {  # id: (config values, words the one line must say)
     "layout-text": ({"moescope_num_experts_per_layer": {"0": 6}, "moescope_moe_layout": "x"},
                     ("moescope_moe_layout",)),
     "layout-missing": ({"moescope_num_experts_per_layer": {"0": 6}}, ("moescope_moe_layout",)),
+    # issue 31: values transformers computes with, and types it reads without checking
+    "rope-theta-nan": ({"rope_parameters": {"rope_type": "default", "rope_theta": math.nan}},
+                       ("rope_parameters.rope_theta", "nan")),
+    "rope-theta-neg": ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+                       ("rope_parameters.rope_theta", "positive")),
+    "routed-scaling-nan": ({"routed_scaling_factor": math.nan}, ("routed_scaling_factor",)),
+    "swiglu-limit-nan": ({"swiglu_limit": math.nan}, ("swiglu_limit",)),
+    "swiglu-limit-inf": ({"swiglu_limit": math.inf}, ("swiglu_limit", "finite")),
+    "topk-group-5-of-2": ({"n_group": 2, "topk_group": 5}, ("topk_group", "n_group = 2")),
+    "n-group-0": ({"n_group": 0}, ("n_group",)),
+    "n-group-3-of-8": ({"n_group": 3}, ("n_group", "divisor")),
+    "sparse-step-0": ({"decoder_sparse_step": 0}, ("decoder_sparse_step",)),
+    "experts-list": ({"num_local_experts": [8, 8]}, ("num_local_experts", "[8, 8]")),
+    "norm-topk-text": ({"norm_topk_prob": "false"}, ("norm_topk_prob", "boolean")),
+    "first-dense-minus-1": ({"first_k_dense_replace": -1}, ("first_k_dense_replace",)),
 }
 
 

@@ -88,9 +88,11 @@ def check_sampling(config, samples: int, seq_len: int) -> None:
 
 def read_config_json(folder: Path) -> dict:
     """``folder/config.json`` as a dict, or one line naming the file and what is wrong with it."""
+    from moescope.analysis.core.outputs import loads_json
+
     path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+    try:  # deep nesting and a key given twice refused in one line (JSON keeps the last one silently)
+        raw = loads_json(path.read_text(encoding="utf-8"), f"'{path}'", unique_keys=True)
     except (OSError, UnicodeDecodeError) as err:
         raise MoescopeError(f"cannot read '{path}': {getattr(err, 'strerror', None) or err}") from None
     except json.JSONDecodeError as err:
