@@ -607,6 +607,12 @@ PLAN_TEXTS = {
                               '[5],[6]], "coefficients": [[0.5, "x"],[1],[1],[1],[1],[1]]}}}', ("coefficients",)),
     "coefficients-short": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
                            '[5],[6]], "coefficients": [[0.5],[1]]}}}', ("coefficients",)),
+    # issue 31: a 400-digit router coefficient (was an OverflowError), coefficients that overflow the weights
+    "huge-int-router-coefficient": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],'
+                                    '[4],[5],[6]], "router_coefficients": [[1' + "0" * 400 + ', 1],[1],[1],[1],[1],'
+                                    '[1]]}}}', ("router coefficient", "too large")),
+    "coefficients-1e38": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
+                          '[5],[6]], "coefficients": [[1e38, 1e38],[1],[1],[1],[1],[1]]}}}', ("1e+38", "too large")),
 }
 
 

@@ -301,6 +301,26 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+COPIED_FILES = ("generation_config.json", *TOKENIZER_FILES)  # what an export copies besides config and weights
+
+
+def files_fingerprint(folder: Path | None) -> str | None:
+    """sha256 of the files an export copies from a model folder besides its config and weights
+    (generation config and tokenizer files: names and bytes), so an export of a stored experiment
+    notices a tokenizer edited since; None for a model without a folder."""
+    import hashlib
+
+    if folder is None:
+        return None
+    h = hashlib.sha256()
+    for name in COPIED_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            h.update(f"{name}|{path.stat().st_size}|".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _load_tokenizer(location: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
