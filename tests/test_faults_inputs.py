@@ -1030,9 +1030,10 @@ def test_rename_racing_a_save_never_loses_the_save(tmp_path):
         assert "B" in plans
 
 
-def test_a_save_landing_inside_a_rename_stays(tmp_path, monkeypatch):
-    """The worst interleaving, made certain: the save of A's v2 lands after the rename read A's
-    revisions and before it removes them. The rename removes only what it read; v2 stays under A."""
+def test_a_save_started_inside_a_rename_waits_for_it_and_stays(tmp_path, monkeypatch):
+    """The worst interleaving, made certain: a save of A (another thread) starts while the rename
+    A→B is storing its copy. The name is locked: the save waits until the rename is done (the
+    rename removes only what it read), then lands as A's plan; nothing is lost."""
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.run import named_plans as N
 
@@ -1040,18 +1041,83 @@ def test_a_save_landing_inside_a_rename_stays(tmp_path, monkeypatch):
     v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
     v2 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]})
     N.save_plan("A", v1, "demo", cache)
-    save = N.save_plan
+    store = N._store
+    saver: list[threading.Thread] = []
 
-    def save_during_rename(name, plan, source, cache=None):
-        if name == "B":  # the rename is storing its copy: the concurrent save of A lands now
-            save("A", v2, source, cache)
-        save(name, plan, source, cache)
+    def store_during_rename(name, plan, source, cache):
+        if name == "B":  # the rename is storing its copy: the concurrent save of A starts now
+            saver.append(threading.Thread(target=N.save_plan, args=("A", v2, source, cache)))
+            saver[0].start()
+            saver[0].join(timeout=0.5)
+            assert saver[0].is_alive(), "the save of A did not wait for the rename holding A"
+        store(name, plan, source, cache)
 
-    monkeypatch.setattr(N, "save_plan", save_during_rename)
+    monkeypatch.setattr(N, "_store", store_during_rename)
     N.rename_plan("A", "B", "demo", cache)
+    saver[0].join()
     plans = N.list_plans("demo", cache)
     assert plans["B"].layers[0].groups == v1.layers[0].groups
-    assert plans["A"].layers[0].groups == v2.layers[0].groups, "the save that landed during the rename was lost"
+    assert plans["A"].layers[0].groups == v2.layers[0].groups, "the save started during the rename was lost"
+
+
+def _race(*calls) -> list:
+    """Run ``calls`` ((fn, args…)) in threads released together; each one's exception or None."""
+    start = threading.Barrier(len(calls))
+    results: list = [None] * len(calls)
+
+    def run(i, fn, *args):
+        start.wait()
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i, *call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_renames_of_one_plan_never_duplicate_it(tmp_path):
+    """Issue 31: renames A→B and A→C at once, 20 times: exactly one succeeds, the other says there
+    is no plan A (one line); the plan exists once, under B or C."""
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.named_plans import list_plans, rename_plan, save_plan
+
+    cache = Cache(tmp_path / "c")
+    v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
+    for trial in range(20):
+        source = f"renames-{trial}"
+        save_plan("A", v1, source, cache)
+        errors = _race((rename_plan, "A", "B", source, cache), (rename_plan, "A", "C", source, cache))
+        failed = [e for e in errors if e is not None]
+        assert len(failed) == 1 and isinstance(failed[0], MoescopeError), errors
+        assert "no plan named 'A'" in str(failed[0])
+        assert len(list_plans(source, cache)) == 1, f"trial {trial}: {list(list_plans(source, cache))}"
+
+
+def test_a_save_racing_a_rename_onto_its_name_is_never_hidden(tmp_path):
+    """Issue 31, data loss case 2: rename A→B racing save(B), 20 times: whichever runs first, B's
+    plan is the one saved (the rename either finds B and refuses, or runs first and the save then
+    replaces it); never the renamed plan in front of a save that reported success."""
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.named_plans import list_plans, rename_plan, save_plan
+
+    cache = Cache(tmp_path / "c")
+    v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
+    v2 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]})
+    for trial in range(20):
+        source = f"onto-{trial}"
+        save_plan("A", v1, source, cache)
+        rename_err, save_err = _race((rename_plan, "A", "B", source, cache), (save_plan, "B", v2, source, cache))
+        assert save_err is None and (rename_err is None or isinstance(rename_err, MoescopeError)), (rename_err, save_err)
+        plans = list_plans(source, cache)
+        assert plans["B"].layers[0].groups == v2.layers[0].groups, f"trial {trial}: the saved B is hidden"
+        assert ("A" in plans) == (rename_err is not None)
 
 
 def test_delete_removes_exactly_the_revisions_it_saw(tmp_path):
