@@ -39,7 +39,7 @@ def cli(capfd, *argv: str) -> tuple[int, str, str]:
         try:
             rc = main(list(argv))
         except SystemExit as exit_:  # argparse
-            rc = exit_.code if isinstance(exit_.code, int) else 1
+            rc, tb = (exit_.code if isinstance(exit_.code, int) else 1), ""
         except BaseException:  # noqa: BLE001 - what the interpreter would print, then exit 1
             rc, tb = 1, traceback.format_exc()
         else:
@@ -1179,3 +1179,163 @@ def test_every_loading_flag_reaches_the_efficiency_child(monkeypatch):
     assert out == {"plain": {}, "skip": None}
     assert (seen["trust_remote_code"], seen["allow_pickle"], seen["device"]) == (True, True, "cpu")
     assert not seen["path"].exists()
+
+
+# ---- issue 31: the last unclear messages, usage dumps and silent results ---------------------------------
+def test_a_config_nested_5000_levels_or_with_a_key_twice_is_one_line(capfd, work, tmp_path):
+    """config.json nested 5,000 levels (was a RecursionError) and with num_local_experts given twice
+    (JSON keeps the last one silently): one line naming the file."""
+    folder, watch = work
+    deep = config_folder(tmp_path, "deep")
+    (deep / "config.json").write_text(json.dumps(DEMO_CONFIG)[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    assert_refused(capfd, "info", str(deep), watch=(*watch, deep), says=("config.json", "nested"))
+    twice = config_folder(tmp_path, "twice")
+    (twice / "config.json").write_text(json.dumps(DEMO_CONFIG)[:-1] + ', "num_local_experts": 4}')
+    assert_refused(capfd, "info", str(twice), watch=(*watch, twice), says=("config.json", "num_local_experts", "twice"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "demo", "--strategy", "random", "--keep", "6", "--seed", "-1"],
+    ["analyze", "demo", "--seed", "-1"], ["grid", "demo", "--seed", "-1"], ["eval", "demo", "--seed", "-1"],
+], ids=["plan", "analyze", "grid", "eval"])
+def test_a_negative_seed_is_one_line(capfd, work, argv):
+    folder, watch = work
+    out = ["-o", str(folder / "p.json")] if argv[0] == "plan" else []
+    assert_refused(capfd, *argv, *out, watch=watch, says=("--seed", "-1", "4294967295"))
+
+
+USAGE_CASES = {  # (argv, what the line names): what argparse refused with up to 22 lines of usage first
+    **{f"keep-{v or 'empty'}": (["plan", "demo", "--strategy", "random", "--keep", v, "-o", "p.json"], "--keep")
+       for v in ("inf", "nan", "1e309", "0x6", "", "6.0")},
+    "samples-1e309": (["eval", "demo", "--samples", "1e309"], "--samples"),
+    "seq-len-nan": (["eval", "demo", "--seq-len", "nan"], "--seq-len"),
+    "epochs-1e9": (["plan", "demo", "--strategy", "merge", "--keep", "6", "--epochs", "1e9", "-o", "p.json"], "--epochs"),
+    "port-abc": (["dashboard", "--port", "abc"], "--port"),
+    "experiments-rm": (["experiments", "rm"], "'rm'"),
+    "no-command": ([], "COMMAND"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_CASES))
+def test_argparse_errors_are_one_line_pointing_to_help(capfd, work, case):
+    folder, watch = work
+    argv, names = USAGE_CASES[case]
+    line = assert_refused(capfd, *argv, watch=watch, says=(names, "--help"))
+    assert "usage:" not in line
+
+
+def test_a_full_disk_while_the_tokenizer_is_written_names_the_tokenizer(capfd, work, monkeypatch):
+    """ENOSPC raised by the tokenizer's save without a file name: the line says it was the tokenizer
+    files, nothing is left at the output."""
+    from moescope.analysis.model import view
+
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(view, "drop_tokenizer_auto_map", full)  # the last step of writing the tokenizer
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+                   says=("tokenizer", "no space left"))
+
+
+def test_a_moescope_export_appearing_mid_run_is_said_so(capfd, work, monkeypatch):
+    """Another moescope run finishes an export at the same output while this one works: the line says
+    so (not "no .moescope-export"); nothing is replaced, the finished folder is kept aside."""
+    from moescope.analysis.run import export
+
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    out = folder / "out"
+    write_records = export._write_records
+
+    def meanwhile(tmp, *a, **kw):
+        result = write_records(tmp, *a, **kw)
+        shutil.copytree(tmp, out)  # a complete moescope folder (its marker comes with the copy below)
+        (out / ".moescope-export").write_text(json.dumps({"written_by": "moescope", "files": sorted(
+            p.name for p in out.iterdir())}))
+        return result
+
+    monkeypatch.setattr(export, "_write_records", meanwhile)
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out))
+    assert rc == 2 and len(err.splitlines()) == 1 and "another moescope run" in err and "no .moescope" not in err, err
+    assert (out / ".moescope-export").is_file()
+    assert len([p for p in folder.iterdir() if p.name.startswith("out.moescope-")]) == 1
+
+
+def test_overwrite_never_deletes_what_the_user_put_into_an_export(capfd, work):
+    """Data loss case 1 of issue 31: NOTES.txt and my_results/ put into an earlier export; prune
+    --overwrite onto it is refused naming them, and both are intact. An export of only moescope's
+    files is still replaced."""
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    out = folder / "out"
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out))
+    assert rc == 0, err
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite")
+    assert rc == 0, err  # moescope's own folder: replaced
+    (out / "NOTES.txt").write_text("mine")
+    (out / "my_results").mkdir()
+    (out / "my_results" / "r.csv").write_text("1,2")
+    line = assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite",
+                          watch=(*watch[1:], out), says=("NOTES.txt", "my_results/", "did not write"))
+    assert "--overwrite" in line
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "my_results" / "r.csv").read_text() == "1,2"
+
+
+def test_prune_offload_onto_a_read_only_folder_names_that_folder(capfd, work, tmp_path):
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    with _Place.broken(tmp_path / "ro", errno.EROFS) as place:
+        line = assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), "--offload",
+                              str(place), "--ppl", "demo:all", "--samples", "1", "--seq-len", "16", "--no-efficiency",
+                              watch=watch, says=("--offload folder", str(place)))
+        assert str(folder / "out") not in line
+
+
+def test_an_exported_tokenizer_carries_no_foreign_auto_map(capfd, work, tmp_path):
+    """tokenizer_config.json's auto_map (custom tokenizer code the export does not carry) is dropped
+    like the config's, streamed and in memory; AutoTokenizer(trust_remote_code=True) loads the export."""
+    from transformers import AutoTokenizer
+
+    folder, watch = work
+    base = config_folder(tmp_path, "tok-auto-map", weights=True)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoTokenizer": ["evil.EvilTok", None]}}))
+    plan = plan_file(folder, "plan.json", uniform(KEEP6), base_model=str(base))
+    for name, extra in (("streamed", []), ("in-memory", ["--ppl", "demo:all", "--samples", "1", "--seq-len", "16",
+                                                        "--no-efficiency"])):
+        out = folder / name
+        rc, _, err = cli(capfd, "prune", str(base), "--plan", str(plan), "-o", str(out), *extra)
+        assert rc == 0, err
+        assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text()), name
+        AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+
+
+def test_export_of_an_experiment_refuses_a_tokenizer_edited_since(capfd, work, tmp_path):
+    """prune --ppl records the experiment; tokenizer.json edited afterwards; export ID is refused in
+    one line (the fingerprint covers every file an export copies), nothing written."""
+    folder, watch = work
+    base = config_folder(tmp_path, "tok-edit", weights=True)
+    plan = plan_file(folder, "plan.json", uniform(KEEP6), base_model=str(base))
+    rc, out, err = cli(capfd, "prune", str(base), "--plan", str(plan), "-o", str(folder / "first"), "--ppl",
+                       "demo:all", "--samples", "1", "--seq-len", "16", "--no-efficiency", "--json")
+    assert rc == 0, err
+    ident = json.loads(out)["experiment"]
+    tok = json.loads((base / "tokenizer.json").read_text())
+    tok["added_tokens"] = [*tok.get("added_tokens", []), {"id": 99999, "content": "<edited>", "single_word": False,
+                                                           "lstrip": False, "rstrip": False, "normalized": False,
+                                                           "special": True}]
+    (base / "tokenizer.json").write_text(json.dumps(tok))
+    assert_refused(capfd, "export", ident, "-o", str(folder / "again"), watch=watch,
+                   says=("tokenizer", "changed", ident))
+
+
+def test_max_ecc_on_a_top_1_router_is_refused(capfd, work, tmp_path):
+    """A top-1 router never selects two experts together: ECC's pair matrix is all zeros, so the max
+    pair is a tie broken by index. The preset is refused in one line instead of writing that plan."""
+    folder, watch = work
+    top1 = config_folder(tmp_path, "top1", weights=True, num_experts_per_tok=1)
+    assert_refused(capfd, "plan", str(top1), "--preset", "max-ecc", "--keep", "4", "--samples", "2", "--seq-len", "32",
+                   "-o", str(folder / "plan.json"), watch=watch, says=("ECC", "every pair", "top-1"))
