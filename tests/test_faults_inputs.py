@@ -272,9 +272,13 @@ def test_force_applies_another_models_plan_records_it_and_overwrite_replaces_onl
     assert (out / ".moescope-export").is_file()
     (out / "leftover.txt").write_text("from the first export")
     plan = plan_file(folder, "plan.json", uniform([[0], [1], [2], [3]]))
+    # issue 31: a file put into moescope's folder since is not moescope's; --overwrite never deletes it
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite",
+                   watch=(watch[1], out), says=("leftover.txt",))
+    assert (out / "leftover.txt").read_text() == "from the first export"
+    (out / "leftover.txt").unlink()
     rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite")
     assert rc == 0, err
-    assert not (out / "leftover.txt").exists()
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 4
     assert sorted(p.name for p in folder.iterdir()) == ["out", "plan.json"]
 
@@ -673,25 +677,35 @@ def test_non_finite_strategy_parameters_are_refused_before_any_work(capfd, work,
                    watch=watch)
 
 
-def test_non_finite_weights_are_never_exported_or_stored(capfd, work):
-    """Learned-merge coefficients of 1e300 overflow float32 weights to infinity: prune without
-    evaluation refuses to export them, prune with evaluation refuses the NaN perplexity; nothing is
-    written and no experiment is stored."""
+def test_non_finite_weights_are_never_exported_or_stored(capfd, work, tmp_path):
+    """A NaN in an expert the plan merges: prune without evaluation (streamed) refuses to export it,
+    prune with evaluation refuses it before building the model's results; nothing is written and no
+    experiment is stored. (Coefficients that would overflow the weights, such as learned ones of
+    1e300, are refused with the plan itself.)"""
+    from safetensors.torch import load_file, save_file
+
     folder, watch = work
-    plan = folder / "plan.json"
-    plan.write_text(json.dumps({"version": 1, "base_model": "demo",
-                                "layers": uniform([[0, 1], [2], [3], [4], [5], [6]],
-                                                  [[1e300, 1e300], [1], [1], [1], [1], [1]]),
-                                "provenance": {"strategy": "merge", "params": {"merge": "learned"}}}))
-    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+    base = config_folder(tmp_path, "nan-expert")
+    state = load_file(demo_model_dir() / "model.safetensors")
+    state["model.layers.0.block_sparse_moe.experts.1.w1.weight"][3, 4] = math.nan
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    plan = plan_file(folder, "plan.json", uniform([[0, 1], [2], [3], [4], [5], [6]]), base_model=str(base))
+    assert_refused(capfd, "prune", str(base), "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
                    says=("non-finite",))
     cache = Cache(watch[1])
     records = len(cache.entries("experiment"))
-    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), "--ppl", "demo:all",
+    assert_refused(capfd, "prune", str(base), "--plan", str(plan), "-o", str(folder / "out"), "--ppl", "demo:all",
                    "--samples", "2", "--seq-len", "32", "--no-efficiency", watch=(folder,), says=("non-finite",))
     assert len(cache.entries("experiment")) == records
     stored = [cache.get_by_key("perplexity", e.key).meta["ppl"] for e in cache.entries("perplexity")]
-    assert stored and all(math.isfinite(v) for ppl in stored for v in ppl.values()), stored
+    assert all(math.isfinite(v) for ppl in stored for v in ppl.values()), stored
+    learned = folder / "learned.json"
+    learned.write_text(json.dumps({"version": 1, "base_model": "demo",
+                                   "layers": uniform([[0, 1], [2], [3], [4], [5], [6]],
+                                                     [[1e300, 1e300], [1], [1], [1], [1], [1]]),
+                                   "provenance": {"strategy": "merge", "params": {"merge": "learned"}}}))
+    assert_refused(capfd, "prune", "demo", "--plan", str(learned), "-o", str(folder / "out"), watch=watch,
+                   says=("1e+300", "too large"))
 
 
 def test_a_stored_nan_finetune_is_never_applied_or_exported(capfd, work):
