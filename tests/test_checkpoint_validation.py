@@ -260,3 +260,21 @@ def test_check_finite_reads_in_chunks(tmp_path, monkeypatch):
     path = raw_file(tmp_path / "bad.safetensors", {"t": t})
     with pytest.raises(MoescopeError, match="non-finite"):
         checkpoint.check_finite(checkpoint.read_header(path)["t"])
+
+
+def test_tensors_transformers_ignores_on_load_are_accepted_and_left_out(capfd, work, tmp_path):
+    """An old checkpoint's rotary table (``rotary_emb.inv_freq``, a buffer transformers ignores on
+    load for every model) is not an extra weight: both paths accept the folder, the export leaves it
+    out (as loading does)."""
+    from test_faults_inputs import cli
+
+    d = demo_copy(tmp_path, "inv-freq")
+    raw_file(d / "model.safetensors", {**STATE, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(16)})
+    out, plan, _ = work
+    rc, _, err = cli(capfd, "prune", str(d), "--plan", str(plan), "-o", str(out / "o"))
+    assert rc == 0, err
+    with safe_open(str(out / "o" / "model.safetensors"), "pt") as fh:
+        assert not [k for k in fh.keys() if "inv_freq" in k]
+    from moescope.analysis.model import load_moe
+
+    load_moe(str(d), load_tokenizer=False)

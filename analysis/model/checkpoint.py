@@ -358,7 +358,10 @@ def check_tensor_set(conv: Conversions, tensors: dict[str, SourceTensor], folder
     the config's once transformers' conversions (renamings, expert fusions) are applied. Returns
     the checkpoint keys the model ignores (left out of an export, as loading leaves them out)."""
     hf = conv.hf
-    skip_unexpected = _ignored(getattr(hf, "_keys_to_ignore_on_load_unexpected", None))
+    # what the class ignores on load, and the buffers transformers itself ignores for every model (old
+    # checkpoints saved rotary tables and position ids, now non-persistent)
+    skip_unexpected = _ignored([*(getattr(hf, "_keys_to_ignore_on_load_unexpected", None) or ()),
+                                r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"])
     skip_missing = _ignored(getattr(hf, "_keys_to_ignore_on_load_missing", None))
     where = f"the checkpoint in '{folder}'"
     ignored = {k for k in tensors if skip_unexpected is not None
