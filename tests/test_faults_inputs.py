@@ -39,7 +39,7 @@ def cli(capfd, *argv: str) -> tuple[int, str, str]:
         try:
             rc = main(list(argv))
         except SystemExit as exit_:  # argparse
-            rc = exit_.code if isinstance(exit_.code, int) else 1
+            rc, tb = (exit_.code if isinstance(exit_.code, int) else 1), ""
         except BaseException:  # noqa: BLE001 - what the interpreter would print, then exit 1
             rc, tb = 1, traceback.format_exc()
         else:
@@ -272,9 +272,13 @@ def test_force_applies_another_models_plan_records_it_and_overwrite_replaces_onl
     assert (out / ".moescope-export").is_file()
     (out / "leftover.txt").write_text("from the first export")
     plan = plan_file(folder, "plan.json", uniform([[0], [1], [2], [3]]))
+    # issue 31: a file put into moescope's folder since is not moescope's; --overwrite never deletes it
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite",
+                   watch=(watch[1], out), says=("leftover.txt",))
+    assert (out / "leftover.txt").read_text() == "from the first export"
+    (out / "leftover.txt").unlink()
     rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite")
     assert rc == 0, err
-    assert not (out / "leftover.txt").exists()
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 4
     assert sorted(p.name for p in folder.iterdir()) == ["out", "plan.json"]
 
@@ -524,6 +528,21 @@ CONFIG_CASES = {  # id: (config values, words the one line must say)
     "layout-text": ({"moescope_num_experts_per_layer": {"0": 6}, "moescope_moe_layout": "x"},
                     ("moescope_moe_layout",)),
     "layout-missing": ({"moescope_num_experts_per_layer": {"0": 6}}, ("moescope_moe_layout",)),
+    # issue 31: values transformers computes with, and types it reads without checking
+    "rope-theta-nan": ({"rope_parameters": {"rope_type": "default", "rope_theta": math.nan}},
+                       ("rope_parameters.rope_theta", "nan")),
+    "rope-theta-neg": ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+                       ("rope_parameters.rope_theta", "positive")),
+    "routed-scaling-nan": ({"routed_scaling_factor": math.nan}, ("routed_scaling_factor",)),
+    "swiglu-limit-nan": ({"swiglu_limit": math.nan}, ("swiglu_limit",)),
+    "swiglu-limit-inf": ({"swiglu_limit": math.inf}, ("swiglu_limit", "finite")),
+    "topk-group-5-of-2": ({"n_group": 2, "topk_group": 5}, ("topk_group", "n_group = 2")),
+    "n-group-0": ({"n_group": 0}, ("n_group",)),
+    "n-group-3-of-8": ({"n_group": 3}, ("n_group", "divisor")),
+    "sparse-step-0": ({"decoder_sparse_step": 0}, ("decoder_sparse_step",)),
+    "experts-list": ({"num_local_experts": [8, 8]}, ("num_local_experts", "[8, 8]")),
+    "norm-topk-text": ({"norm_topk_prob": "false"}, ("norm_topk_prob", "boolean")),
+    "first-dense-minus-1": ({"first_k_dense_replace": -1}, ("first_k_dense_replace",)),
 }
 
 
@@ -592,6 +611,12 @@ PLAN_TEXTS = {
                               '[5],[6]], "coefficients": [[0.5, "x"],[1],[1],[1],[1],[1]]}}}', ("coefficients",)),
     "coefficients-short": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
                            '[5],[6]], "coefficients": [[0.5],[1]]}}}', ("coefficients",)),
+    # issue 31: a 400-digit router coefficient (was an OverflowError), coefficients that overflow the weights
+    "huge-int-router-coefficient": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],'
+                                    '[4],[5],[6]], "router_coefficients": [[1' + "0" * 400 + ', 1],[1],[1],[1],[1],'
+                                    '[1]]}}}', ("router coefficient", "too large")),
+    "coefficients-1e38": ('{"version": 1, "base_model": "demo", "layers": {"0": {"groups": [[0, 1],[2],[3],[4],'
+                          '[5],[6]], "coefficients": [[1e38, 1e38],[1],[1],[1],[1],[1]]}}}', ("1e+38", "too large")),
 }
 
 
@@ -652,25 +677,35 @@ def test_non_finite_strategy_parameters_are_refused_before_any_work(capfd, work,
                    watch=watch)
 
 
-def test_non_finite_weights_are_never_exported_or_stored(capfd, work):
-    """Learned-merge coefficients of 1e300 overflow float32 weights to infinity: prune without
-    evaluation refuses to export them, prune with evaluation refuses the NaN perplexity; nothing is
-    written and no experiment is stored."""
+def test_non_finite_weights_are_never_exported_or_stored(capfd, work, tmp_path):
+    """A NaN in an expert the plan merges: prune without evaluation (streamed) refuses to export it,
+    prune with evaluation refuses it before building the model's results; nothing is written and no
+    experiment is stored. (Coefficients that would overflow the weights, such as learned ones of
+    1e300, are refused with the plan itself.)"""
+    from safetensors.torch import load_file, save_file
+
     folder, watch = work
-    plan = folder / "plan.json"
-    plan.write_text(json.dumps({"version": 1, "base_model": "demo",
-                                "layers": uniform([[0, 1], [2], [3], [4], [5], [6]],
-                                                  [[1e300, 1e300], [1], [1], [1], [1], [1]]),
-                                "provenance": {"strategy": "merge", "params": {"merge": "learned"}}}))
-    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+    base = config_folder(tmp_path, "nan-expert")
+    state = load_file(demo_model_dir() / "model.safetensors")
+    state["model.layers.0.block_sparse_moe.experts.1.w1.weight"][3, 4] = math.nan
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    plan = plan_file(folder, "plan.json", uniform([[0, 1], [2], [3], [4], [5], [6]]), base_model=str(base))
+    assert_refused(capfd, "prune", str(base), "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
                    says=("non-finite",))
     cache = Cache(watch[1])
     records = len(cache.entries("experiment"))
-    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), "--ppl", "demo:all",
+    assert_refused(capfd, "prune", str(base), "--plan", str(plan), "-o", str(folder / "out"), "--ppl", "demo:all",
                    "--samples", "2", "--seq-len", "32", "--no-efficiency", watch=(folder,), says=("non-finite",))
     assert len(cache.entries("experiment")) == records
     stored = [cache.get_by_key("perplexity", e.key).meta["ppl"] for e in cache.entries("perplexity")]
-    assert stored and all(math.isfinite(v) for ppl in stored for v in ppl.values()), stored
+    assert all(math.isfinite(v) for ppl in stored for v in ppl.values()), stored
+    learned = folder / "learned.json"
+    learned.write_text(json.dumps({"version": 1, "base_model": "demo",
+                                   "layers": uniform([[0, 1], [2], [3], [4], [5], [6]],
+                                                     [[1e300, 1e300], [1], [1], [1], [1], [1]]),
+                                   "provenance": {"strategy": "merge", "params": {"merge": "learned"}}}))
+    assert_refused(capfd, "prune", "demo", "--plan", str(learned), "-o", str(folder / "out"), watch=watch,
+                   says=("1e+300", "too large"))
 
 
 def test_a_stored_nan_finetune_is_never_applied_or_exported(capfd, work):
@@ -1009,9 +1044,10 @@ def test_rename_racing_a_save_never_loses_the_save(tmp_path):
         assert "B" in plans
 
 
-def test_a_save_landing_inside_a_rename_stays(tmp_path, monkeypatch):
-    """The worst interleaving, made certain: the save of A's v2 lands after the rename read A's
-    revisions and before it removes them. The rename removes only what it read; v2 stays under A."""
+def test_a_save_started_inside_a_rename_waits_for_it_and_stays(tmp_path, monkeypatch):
+    """The worst interleaving, made certain: a save of A (another thread) starts while the rename
+    A→B is storing its copy. The name is locked: the save waits until the rename is done (the
+    rename removes only what it read), then lands as A's plan; nothing is lost."""
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.run import named_plans as N
 
@@ -1019,18 +1055,83 @@ def test_a_save_landing_inside_a_rename_stays(tmp_path, monkeypatch):
     v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
     v2 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]})
     N.save_plan("A", v1, "demo", cache)
-    save = N.save_plan
+    store = N._store
+    saver: list[threading.Thread] = []
 
-    def save_during_rename(name, plan, source, cache=None):
-        if name == "B":  # the rename is storing its copy: the concurrent save of A lands now
-            save("A", v2, source, cache)
-        save(name, plan, source, cache)
+    def store_during_rename(name, plan, source, cache):
+        if name == "B":  # the rename is storing its copy: the concurrent save of A starts now
+            saver.append(threading.Thread(target=N.save_plan, args=("A", v2, source, cache)))
+            saver[0].start()
+            saver[0].join(timeout=0.5)
+            assert saver[0].is_alive(), "the save of A did not wait for the rename holding A"
+        store(name, plan, source, cache)
 
-    monkeypatch.setattr(N, "save_plan", save_during_rename)
+    monkeypatch.setattr(N, "_store", store_during_rename)
     N.rename_plan("A", "B", "demo", cache)
+    saver[0].join()
     plans = N.list_plans("demo", cache)
     assert plans["B"].layers[0].groups == v1.layers[0].groups
-    assert plans["A"].layers[0].groups == v2.layers[0].groups, "the save that landed during the rename was lost"
+    assert plans["A"].layers[0].groups == v2.layers[0].groups, "the save started during the rename was lost"
+
+
+def _race(*calls) -> list:
+    """Run ``calls`` ((fn, args…)) in threads released together; each one's exception or None."""
+    start = threading.Barrier(len(calls))
+    results: list = [None] * len(calls)
+
+    def run(i, fn, *args):
+        start.wait()
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i, *call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_renames_of_one_plan_never_duplicate_it(tmp_path):
+    """Issue 31: renames A→B and A→C at once, 20 times: exactly one succeeds, the other says there
+    is no plan A (one line); the plan exists once, under B or C."""
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.named_plans import list_plans, rename_plan, save_plan
+
+    cache = Cache(tmp_path / "c")
+    v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
+    for trial in range(20):
+        source = f"renames-{trial}"
+        save_plan("A", v1, source, cache)
+        errors = _race((rename_plan, "A", "B", source, cache), (rename_plan, "A", "C", source, cache))
+        failed = [e for e in errors if e is not None]
+        assert len(failed) == 1 and isinstance(failed[0], MoescopeError), errors
+        assert "no plan named 'A'" in str(failed[0])
+        assert len(list_plans(source, cache)) == 1, f"trial {trial}: {list(list_plans(source, cache))}"
+
+
+def test_a_save_racing_a_rename_onto_its_name_is_never_hidden(tmp_path):
+    """Issue 31, data loss case 2: rename A→B racing save(B), 20 times: whichever runs first, B's
+    plan is the one saved (the rename either finds B and refuses, or runs first and the save then
+    replaces it); never the renamed plan in front of a save that reported success."""
+    from moescope.analysis.core.errors import MoescopeError
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.named_plans import list_plans, rename_plan, save_plan
+
+    cache = Cache(tmp_path / "c")
+    v1 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]})
+    v2 = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3]})
+    for trial in range(20):
+        source = f"onto-{trial}"
+        save_plan("A", v1, source, cache)
+        rename_err, save_err = _race((rename_plan, "A", "B", source, cache), (save_plan, "B", v2, source, cache))
+        assert save_err is None and (rename_err is None or isinstance(rename_err, MoescopeError)), (rename_err, save_err)
+        plans = list_plans(source, cache)
+        assert plans["B"].layers[0].groups == v2.layers[0].groups, f"trial {trial}: the saved B is hidden"
+        assert ("A" in plans) == (rename_err is not None)
 
 
 def test_delete_removes_exactly_the_revisions_it_saw(tmp_path):
@@ -1092,3 +1193,163 @@ def test_every_loading_flag_reaches_the_efficiency_child(monkeypatch):
     assert out == {"plain": {}, "skip": None}
     assert (seen["trust_remote_code"], seen["allow_pickle"], seen["device"]) == (True, True, "cpu")
     assert not seen["path"].exists()
+
+
+# ---- issue 31: the last unclear messages, usage dumps and silent results ---------------------------------
+def test_a_config_nested_5000_levels_or_with_a_key_twice_is_one_line(capfd, work, tmp_path):
+    """config.json nested 5,000 levels (was a RecursionError) and with num_local_experts given twice
+    (JSON keeps the last one silently): one line naming the file."""
+    folder, watch = work
+    deep = config_folder(tmp_path, "deep")
+    (deep / "config.json").write_text(json.dumps(DEMO_CONFIG)[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    assert_refused(capfd, "info", str(deep), watch=(*watch, deep), says=("config.json", "nested"))
+    twice = config_folder(tmp_path, "twice")
+    (twice / "config.json").write_text(json.dumps(DEMO_CONFIG)[:-1] + ', "num_local_experts": 4}')
+    assert_refused(capfd, "info", str(twice), watch=(*watch, twice), says=("config.json", "num_local_experts", "twice"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "demo", "--strategy", "random", "--keep", "6", "--seed", "-1"],
+    ["analyze", "demo", "--seed", "-1"], ["grid", "demo", "--seed", "-1"], ["eval", "demo", "--seed", "-1"],
+], ids=["plan", "analyze", "grid", "eval"])
+def test_a_negative_seed_is_one_line(capfd, work, argv):
+    folder, watch = work
+    out = ["-o", str(folder / "p.json")] if argv[0] == "plan" else []
+    assert_refused(capfd, *argv, *out, watch=watch, says=("--seed", "-1", "4294967295"))
+
+
+USAGE_CASES = {  # (argv, what the line names): what argparse refused with up to 22 lines of usage first
+    **{f"keep-{v or 'empty'}": (["plan", "demo", "--strategy", "random", "--keep", v, "-o", "p.json"], "--keep")
+       for v in ("inf", "nan", "1e309", "0x6", "", "6.0")},
+    "samples-1e309": (["eval", "demo", "--samples", "1e309"], "--samples"),
+    "seq-len-nan": (["eval", "demo", "--seq-len", "nan"], "--seq-len"),
+    "epochs-1e9": (["plan", "demo", "--strategy", "merge", "--keep", "6", "--epochs", "1e9", "-o", "p.json"], "--epochs"),
+    "port-abc": (["dashboard", "--port", "abc"], "--port"),
+    "experiments-rm": (["experiments", "rm"], "'rm'"),
+    "no-command": ([], "COMMAND"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_CASES))
+def test_argparse_errors_are_one_line_pointing_to_help(capfd, work, case):
+    folder, watch = work
+    argv, names = USAGE_CASES[case]
+    line = assert_refused(capfd, *argv, watch=watch, says=(names, "--help"))
+    assert "usage:" not in line
+
+
+def test_a_full_disk_while_the_tokenizer_is_written_names_the_tokenizer(capfd, work, monkeypatch):
+    """ENOSPC raised by the tokenizer's save without a file name: the line says it was the tokenizer
+    files, nothing is left at the output."""
+    from moescope.analysis.model import view
+
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(view, "drop_tokenizer_auto_map", full)  # the last step of writing the tokenizer
+    assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), watch=watch,
+                   says=("tokenizer", "no space left"))
+
+
+def test_a_moescope_export_appearing_mid_run_is_said_so(capfd, work, monkeypatch):
+    """Another moescope run finishes an export at the same output while this one works: the line says
+    so (not "no .moescope-export"); nothing is replaced, the finished folder is kept aside."""
+    from moescope.analysis.run import export
+
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    out = folder / "out"
+    write_records = export._write_records
+
+    def meanwhile(tmp, *a, **kw):
+        result = write_records(tmp, *a, **kw)
+        shutil.copytree(tmp, out)  # a complete moescope folder (its marker comes with the copy below)
+        (out / ".moescope-export").write_text(json.dumps({"written_by": "moescope", "files": sorted(
+            p.name for p in out.iterdir())}))
+        return result
+
+    monkeypatch.setattr(export, "_write_records", meanwhile)
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out))
+    assert rc == 2 and len(err.splitlines()) == 1 and "another moescope run" in err and "no .moescope" not in err, err
+    assert (out / ".moescope-export").is_file()
+    assert len([p for p in folder.iterdir() if p.name.startswith("out.moescope-")]) == 1
+
+
+def test_overwrite_never_deletes_what_the_user_put_into_an_export(capfd, work):
+    """Data loss case 1 of issue 31: NOTES.txt and my_results/ put into an earlier export; prune
+    --overwrite onto it is refused naming them, and both are intact. An export of only moescope's
+    files is still replaced."""
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    out = folder / "out"
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out))
+    assert rc == 0, err
+    rc, _, err = cli(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite")
+    assert rc == 0, err  # moescope's own folder: replaced
+    (out / "NOTES.txt").write_text("mine")
+    (out / "my_results").mkdir()
+    (out / "my_results" / "r.csv").write_text("1,2")
+    line = assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(out), "--overwrite",
+                          watch=(*watch[1:], out), says=("NOTES.txt", "my_results/", "did not write"))
+    assert "--overwrite" in line
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "my_results" / "r.csv").read_text() == "1,2"
+
+
+def test_prune_offload_onto_a_read_only_folder_names_that_folder(capfd, work, tmp_path):
+    folder, watch = work
+    plan = plan_file(folder, "plan.json", uniform(KEEP6))
+    with _Place.broken(tmp_path / "ro", errno.EROFS) as place:
+        line = assert_refused(capfd, "prune", "demo", "--plan", str(plan), "-o", str(folder / "out"), "--offload",
+                              str(place), "--ppl", "demo:all", "--samples", "1", "--seq-len", "16", "--no-efficiency",
+                              watch=watch, says=("--offload folder", str(place)))
+        assert str(folder / "out") not in line
+
+
+def test_an_exported_tokenizer_carries_no_foreign_auto_map(capfd, work, tmp_path):
+    """tokenizer_config.json's auto_map (custom tokenizer code the export does not carry) is dropped
+    like the config's, streamed and in memory; AutoTokenizer(trust_remote_code=True) loads the export."""
+    from transformers import AutoTokenizer
+
+    folder, watch = work
+    base = config_folder(tmp_path, "tok-auto-map", weights=True)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoTokenizer": ["evil.EvilTok", None]}}))
+    plan = plan_file(folder, "plan.json", uniform(KEEP6), base_model=str(base))
+    for name, extra in (("streamed", []), ("in-memory", ["--ppl", "demo:all", "--samples", "1", "--seq-len", "16",
+                                                        "--no-efficiency"])):
+        out = folder / name
+        rc, _, err = cli(capfd, "prune", str(base), "--plan", str(plan), "-o", str(out), *extra)
+        assert rc == 0, err
+        assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text()), name
+        AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+
+
+def test_export_of_an_experiment_refuses_a_tokenizer_edited_since(capfd, work, tmp_path):
+    """prune --ppl records the experiment; tokenizer.json edited afterwards; export ID is refused in
+    one line (the fingerprint covers every file an export copies), nothing written."""
+    folder, watch = work
+    base = config_folder(tmp_path, "tok-edit", weights=True)
+    plan = plan_file(folder, "plan.json", uniform(KEEP6), base_model=str(base))
+    rc, out, err = cli(capfd, "prune", str(base), "--plan", str(plan), "-o", str(folder / "first"), "--ppl",
+                       "demo:all", "--samples", "1", "--seq-len", "16", "--no-efficiency", "--json")
+    assert rc == 0, err
+    ident = json.loads(out)["experiment"]
+    tok = json.loads((base / "tokenizer.json").read_text())
+    tok["added_tokens"] = [*tok.get("added_tokens", []), {"id": 99999, "content": "<edited>", "single_word": False,
+                                                           "lstrip": False, "rstrip": False, "normalized": False,
+                                                           "special": True}]
+    (base / "tokenizer.json").write_text(json.dumps(tok))
+    assert_refused(capfd, "export", ident, "-o", str(folder / "again"), watch=watch,
+                   says=("tokenizer", "changed", ident))
+
+
+def test_max_ecc_on_a_top_1_router_is_refused(capfd, work, tmp_path):
+    """A top-1 router never selects two experts together: ECC's pair matrix is all zeros, so the max
+    pair is a tie broken by index. The preset is refused in one line instead of writing that plan."""
+    folder, watch = work
+    top1 = config_folder(tmp_path, "top1", weights=True, num_experts_per_tok=1)
+    assert_refused(capfd, "plan", str(top1), "--preset", "max-ecc", "--keep", "4", "--samples", "2", "--seq-len", "32",
+                   "-o", str(folder / "plan.json"), watch=watch, says=("ECC", "every pair", "top-1"))

@@ -11,7 +11,7 @@ import importlib
 
 _EXPORTS = {
     "validate_groups": "edits",
-    "folder_fingerprint": "loading", "load_config": "loading", "load_moe": "loading",
+    "files_fingerprint": "loading", "folder_fingerprint": "loading", "load_config": "loading", "load_moe": "loading",
     "resolve_source": "loading", "wrap_model": "loading",
     "release_mapped_weights": "offload",
     "MARKER_FILE": "save", "TOKENIZER_FILES": "save", "atomic_output_dir": "save", "check_output_dir": "save",

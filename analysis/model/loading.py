@@ -88,9 +88,11 @@ def check_sampling(config, samples: int, seq_len: int) -> None:
 
 def read_config_json(folder: Path) -> dict:
     """``folder/config.json`` as a dict, or one line naming the file and what is wrong with it."""
+    from moescope.analysis.core.outputs import loads_json
+
     path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+    try:  # deep nesting and a key given twice refused in one line (JSON keeps the last one silently)
+        raw = loads_json(path.read_text(encoding="utf-8"), f"'{path}'", unique_keys=True)
     except (OSError, UnicodeDecodeError) as err:
         raise MoescopeError(f"cannot read '{path}': {getattr(err, 'strerror', None) or err}") from None
     except json.JSONDecodeError as err:
@@ -210,19 +212,25 @@ def load_moe(
     family = family_for(config)
     declared_dtype = config_dtype(config)  # before from_pretrained sets the working dtype on the config
     per_layer_class = nonuniform.model_class(config)  # moescope's own export with per-layer counts
-    if not weights:
-        torch_dtype = parse_dtype(dtype) if dtype is not None else (config_dtype(config) or torch.float32)
+
+    def skeleton(torch_dtype):
         with torch.device("meta"):
             if per_layer_class is not None:
-                hf = per_layer_class._from_config(config, dtype=torch_dtype)
-            else:
-                hf = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        skeleton = MoEModel(hf.eval(), family, source, tokenizer=None, source_dir=local)
-        skeleton.checkpoint_dtype = declared_dtype
-        return skeleton
+                return per_layer_class._from_config(config, dtype=torch_dtype)
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+    if not weights:
+        torch_dtype = parse_dtype(dtype) if dtype is not None else (config_dtype(config) or torch.float32)
+        model = MoEModel(skeleton(torch_dtype).eval(), family, source, tokenizer=None, source_dir=local)
+        model.checkpoint_dtype = declared_dtype
+        return model
     torch_dtype = parse_dtype(dtype or "float32")
     if local is not None:
         check_weight_files(local, allow_pickle)
+        if any(local.glob("*.safetensors")):  # the streamed export's validation, before the model is built
+            from moescope.analysis.model.checkpoint import validate_checkpoint
+
+            validate_checkpoint(local, skeleton(torch_dtype))
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -294,6 +302,26 @@ def folder_fingerprint(folder: Path) -> str:
             for i in range(4096):
                 fh.seek(i * step)
                 h.update(fh.read(1024))
+    return h.hexdigest()
+
+
+COPIED_FILES = ("generation_config.json", *TOKENIZER_FILES)  # what an export copies besides config and weights
+
+
+def files_fingerprint(folder: Path | None) -> str | None:
+    """sha256 of the files an export copies from a model folder besides its config and weights
+    (generation config and tokenizer files: names and bytes), so an export of a stored experiment
+    notices a tokenizer edited since; None for a model without a folder."""
+    import hashlib
+
+    if folder is None:
+        return None
+    h = hashlib.sha256()
+    for name in COPIED_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            h.update(f"{name}|{path.stat().st_size}|".encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 

@@ -32,6 +32,33 @@ MARKER_FILE = ".moescope-export"  # written last into every folder moescope save
 _TMP_TAG, _OLD_TAG = ".moescope-tmp-", ".moescope-old-"
 
 
+# what an export of an older moescope (whose marker lists no files) may hold: anything else in it is not moescope's
+_EXPORT_NAMES = frozenset({"config.json", "generation_config.json", "model.safetensors.index.json", "plan.json",
+                           "experiment.json", "README.md", "modeling_moescope.py", *TOKENIZER_FILES})
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of moescope's folder ``out`` that moescope did not write (a person's notes, a
+    results folder put in it since): those its marker does not list, or for an older marker without
+    a list, those that are not an export's own files. ``--overwrite`` refuses a folder holding any."""
+    try:
+        listed = json.loads((out / MARKER_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        listed = None
+    names = sorted(p.name for p in out.iterdir() if p.name != MARKER_FILE)
+    if isinstance(listed, list):
+        return [n for n in names if n not in set(listed)]
+    return [n for n in names if n not in _EXPORT_NAMES and not (n.endswith(".safetensors") and (out / n).is_file())]
+
+
+def _refuse_foreign(out: Path, given) -> None:
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(n + ("/" if (out / n).is_dir() else "") for n in foreign[:3]) + (" …" if len(foreign) > 3 else "")
+        raise MoescopeError(f"output folder '{given}' holds {shown}, which moescope did not write; --overwrite "
+                            "replaces only moescope's own files: move them out or choose another folder")
+
+
 def _follow(out_dir: str | Path) -> Path:
     """The output folder's path with a symlink followed (moescope writes the folder a link points to
     and leaves the link in place; it never replaces a link with a folder)."""
@@ -62,6 +89,7 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, needed_bytes: int | N
         if not (out / MARKER_FILE).is_file():
             raise MoescopeError(f"output folder '{given}' was not written by moescope (it has no {MARKER_FILE}); "
                                 "--overwrite only replaces moescope's own folders: choose another folder")
+        _refuse_foreign(out, given)
     check_writable(out.parent, f"output folder '{given}'")
     if needed_bytes:
         check_free_space(out.parent, needed_bytes, f"the output folder '{given}'")
@@ -99,8 +127,13 @@ def _keep_aside(tmp: Path, out: Path) -> Path:
     return tmp
 
 
-def _appeared(out: Path, tmp: Path) -> MoescopeError:
+def _appeared(out: Path, tmp: Path, overwrite: bool = False) -> MoescopeError:
     keep = _keep_aside(tmp, out)
+    if out.is_dir() and not out.is_symlink() and (out / MARKER_FILE).is_file():
+        why = ("another moescope run wrote a folder there while this one worked, and it holds files moescope did not "
+               "write" if overwrite else "another moescope run wrote a folder there while this one worked (pass "
+               "--overwrite to replace such a folder)")
+        return MoescopeError(f"'{out}': {why}; nothing was replaced: the finished output is in '{keep}'")
     return MoescopeError(f"'{out}' appeared while moescope was writing it and is not a folder moescope wrote "
                          f"(no {MARKER_FILE}); nothing was replaced: the finished output is in '{keep}'")
 
@@ -112,8 +145,8 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> None:
     if os.path.islink(out) or (os.path.lexists(out) and not out.is_dir()):
         raise _appeared(out, tmp)
     if out.is_dir() and any(out.iterdir()):
-        if not (overwrite and (out / MARKER_FILE).is_file()):
-            raise _appeared(out, tmp)
+        if not (overwrite and (out / MARKER_FILE).is_file() and not foreign_entries(out)):
+            raise _appeared(out, tmp, overwrite)
         old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
         os.replace(out, old)
         try:
@@ -176,7 +209,8 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool, needed_bytes: int | 
     try:
         yield tmp
         _ordinary_modes(tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps({"written_by": "moescope"}) + "\n", encoding="utf-8")
+        files = sorted(p.name for p in tmp.iterdir())  # what --overwrite may later replace, and nothing else
+        (tmp / MARKER_FILE).write_text(json.dumps({"written_by": "moescope", "files": files}) + "\n", encoding="utf-8")
         _place(tmp, out, overwrite)
     except MoescopeError:
         if tmp.exists() and not (tmp / MARKER_FILE).is_file():  # a finished folder is never removed

@@ -23,8 +23,11 @@ Output shards follow the source's (each written tensor goes to the shard of its 
 tensor), with a ``model.safetensors.index.json`` when there are several. Memory holds one merged
 group (or one fused layer tensor) at a time; copies never enter the process.
 
-Errors name the file: a shard the index names that is missing or lacks a tensor the index places
-in it, a tensor missing for a layer the plan edits, a write that fails (a full disk). The caller
+Before the first byte is written the source passes :func:`analysis.model.checkpoint.validate_checkpoint`,
+the validation the in-memory loader runs too (every header as safetensors checks it, the index
+matching its shards, the tensor set and shapes the config implies); every tensor written, copied
+ones included, is refused if it holds NaN or infinity. Errors name the file: a damaged or
+ambiguous source, a write that fails (a full disk). The caller
 writes into :func:`analysis.save.atomic_output_dir`'s temporary folder, so nothing half-written is
 ever left at the output path, and the source is only read.
 """
@@ -44,108 +47,21 @@ from pathlib import Path
 import torch
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model.dtypes import cast_for_writing
+from moescope.analysis.model.checkpoint import (  # noqa: F401 (re-exported: the names this module always had)
+    INDEX_FILE,
+    SINGLE_FILE,
+    ST_DTYPES,
+    ST_NAMES,
+    Conversions,
+    SourceTensor,
+    all_finite,
+    check_finite,
+    read_header,
+    read_tensor,
+    source_tensors,
+    validate_checkpoint,
+)
 from torch import Tensor
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-# safetensors dtype names ⇄ torch dtypes
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-
-
-# ---- reading ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SourceTensor:
-    """Where one tensor's bytes lie in a source shard."""
-
-    name: str
-    file: Path
-    dtype: str  # safetensors name (BF16, F32, ...)
-    shape: tuple[int, ...]
-    start: int  # absolute offsets in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def read_header(path: Path) -> dict[str, SourceTensor]:
-    """The tensors of one safetensors file (its header only), or one line naming the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100 * 2**20):
-                raise ValueError("its header length is larger than the file")
-            header = json.loads(fh.read(n))
-    except FileNotFoundError:
-        raise MoescopeError(f"'{path}' is missing; the model folder is incomplete") from None
-    except OSError as err:
-        raise MoescopeError(f"cannot read '{path}': {err.strerror or err}") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MoescopeError(f"'{path}' is not a safetensors file ({err})") from None
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in ST_DTYPES or base + end > size:
-            raise MoescopeError(f"'{path}' is damaged: tensor {name} ({info['dtype']}) lies beyond the file's end "
-                                "or has an unknown dtype")
-        out[name] = SourceTensor(name, path, info["dtype"], tuple(info["shape"]), base + begin, base + end)
-    return out
-
-
-def source_tensors(folder: Path) -> dict[str, SourceTensor]:
-    """Every tensor of a model folder's safetensors: through ``model.safetensors.index.json`` when
-    there is one (each file it names must exist and hold the tensors it places there), else
-    ``model.safetensors``."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise MoescopeError(f"'{index}' is not a safetensors index (a JSON object with weight_map): {err}") from None
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for name, file in weight_map.items():
-            by_file[file].append(name)
-        out: dict[str, SourceTensor] = {}
-        for file, names in sorted(by_file.items()):
-            header = read_header(folder / file)
-            lacking = [n for n in names if n not in header]
-            if lacking:
-                raise MoescopeError(f"'{folder / file}' does not hold {lacking[0]}"
-                                    + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else "")
-                                    + f", which '{index.name}' places there; the shards do not match their index")
-            out.update(header)
-        return out
-    if (folder / SINGLE_FILE).is_file():
-        return read_header(folder / SINGLE_FILE)
-    raise MoescopeError(f"'{folder}' holds no {SINGLE_FILE} or {INDEX_FILE}; streaming export reads safetensors "
-                        "checkpoints")
-
-
-def read_tensor(t: SourceTensor) -> Tensor:
-    """One tensor's bytes from disk, as a torch tensor owning its memory."""
-    with open(t.file, "rb") as fh:
-        fh.seek(t.start)
-        buf = bytearray(t.nbytes)
-        if fh.readinto(buf) != t.nbytes:
-            raise MoescopeError(f"'{t.file}' ends inside tensor {t.name}; the file is truncated")
-    dtype = ST_DTYPES[t.dtype]
-    if not buf:
-        return torch.empty(t.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(t.shape)
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -272,82 +188,6 @@ class ShardWriter:
 
 
 # ---- transformers' checkpoint conversions, applied to a few tensors at a time ------------------
-class Conversions:
-    """transformers 5's load-time key conversions of ``hf`` (a weightless skeleton of the source's
-    class), decided once from the source's key names as ``from_pretrained`` decides them; then
-    :meth:`forward` (checkpoint → in-memory form) and :meth:`revert` (back, as ``save_pretrained``
-    does) on any subset of tensors."""
-
-    def __init__(self, hf, keys, dtype: torch.dtype | None):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, build_glob_alternation
-
-        self.hf = hf
-        self.transforms = get_model_conversion_mapping(hf)
-        self.renamings = [t for t in self.transforms if isinstance(t, WeightRenaming)]
-        self.converters = [t for t in self.transforms if isinstance(t, WeightConverter)]
-        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
-        self.meta = hf.state_dict()
-        self.prefix = getattr(hf, "base_model_prefix", None)
-        self.dtype = dtype
-        plan = hf._get_dtype_plan(dtype) if dtype is not None else {}
-        self.dtype_plan = plan
-        self._plan_re = build_glob_alternation(list(plan)) if plan else None
-        self.targets = {k: self.target(k) for k in keys}  # marks the transforms that match, as loading does
-        hf._weight_conversions = [t for t in self.transforms if t.was_used()]  # what save_pretrained reverts
-
-    def target(self, key: str) -> tuple[str, str | None]:
-        """The in-memory name of checkpoint ``key`` and the converter pattern it matched (or None)."""
-        from transformers.core_model_loading import rename_source_key
-
-        name, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta)
-        if name not in self.meta and key in self.meta:
-            name, pattern = rename_source_key(key, [], [], self.prefix, self.meta)
-        return name, pattern
-
-    def target_dtype(self, name: str, source_dtype: torch.dtype) -> torch.dtype:
-        """The dtype ``from_pretrained(dtype=...)`` gives in-memory tensor ``name`` (the checkpoint's
-        own dtype when no dtype is asked for)."""
-        if self.dtype is None:
-            return source_dtype
-        if self._plan_re is not None:
-            alt, groups, _ = self._plan_re
-            m = alt.search(name)
-            if m is not None:
-                return self.dtype_plan[groups[m.lastgroup]]
-        meta = self.meta.get(name)
-        if meta is not None and meta.dtype != self.dtype:
-            return meta.dtype
-        return self.dtype
-
-    def forward(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Checkpoint tensors (names as on disk) → in-memory tensors, cast as loading casts them."""
-        from copy import deepcopy
-
-        from transformers.core_model_loading import WeightRenaming, dot_natural_key
-
-        mappings: dict = {}
-        for key, t in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
-            name, pattern = self.target(key)
-            if pattern is not None:
-                mapping = mappings.setdefault(name, deepcopy(self.by_pattern[pattern]))
-            else:
-                mapping = mappings.setdefault(name, WeightRenaming(key, name))
-                pattern = key
-            mapping.add_tensor(name, key, pattern, t.to(self.target_dtype(name, t.dtype)))
-        out = {}
-        for first, mapping in mappings.items():
-            for name, value in mapping.convert(first, model=self.hf, config=self.hf.config).items():
-                out[name] = value[0] if isinstance(value, list) else value
-        return out
-
-    def revert(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """In-memory tensors → checkpoint names and form, exactly as ``save_pretrained`` writes them."""
-        from transformers.core_model_loading import revert_weight_conversion
-
-        return revert_weight_conversion(self.hf, dict(tensors))
-
-
 # ---- the plan, layer by layer ----------------------------------------------------------------
 def _block_path(spec, layer: int) -> str:
     return f"{spec.layers_path}.{layer}.{spec.mlp_attr}"
@@ -441,25 +281,16 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype).
     ``progress(stage, done, total)`` counts the pieces written (tensors copied, edited layers'
     experts and routers). Returns the tensor bytes read and written."""
+    from moescope.analysis.model.checkpoint import saved_names
     from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    tensors = source_tensors(source_dir)
-    conv = Conversions(skeleton.hf, list(tensors), dtype)
-    saved = set(remove_tied_weights_from_state_dict(dict(conv.meta), skeleton.hf))
-    for name in list(saved):
-        if name in (getattr(skeleton.hf, "_keys_to_ignore_on_save", None) or ()):
-            saved.discard(name)
-    # checkpoint keys the model does not have (or does not save) are left out, as loading drops them;
+    # every header and the tensor set against the config, before the first byte is written
+    tensors, conv = validate_checkpoint(source_dir, skeleton.hf, dtype)
+    saved = saved_names(skeleton.hf)
+    # checkpoint keys the model does not save (tied weights) are left out, as saving leaves them out;
     # the rest in the order of their bytes on disk, so reads run forward through each shard
     kept_keys = sorted((k for k in tensors if conv.targets[k][0] in saved),
                        key=lambda k: (tensors[k].file.name, tensors[k].start))
-    covered = {conv.targets[k][0] for k in kept_keys}
-    lacking = sorted(saved - covered)
-    if lacking:
-        raise MoescopeError(f"'{source_dir}' has no tensor for {lacking[0]}"
-                            + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else "")
-                            + "; the checkpoint is incomplete (or not of the model its config.json describes)")
 
     layers = {int(l): lp for l, lp in plan.layers.items()}
     sources = {l: layer_sources(conv, skeleton.layers[l], l, {k: tensors[k] for k in kept_keys}, source_dir)
@@ -492,7 +323,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
 
     def emit(writer: ShardWriter, name: str, t: Tensor) -> None:
         # a computed tensor (a merge, a cast) holding NaN or infinity is never written as a result
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise MoescopeError(f"{name} holds non-finite values (NaN or infinity) after pruning; nothing was exported")
         writer.add(name, t)
         stats["bytes_written"] += t.numel() * t.element_size()
@@ -502,6 +333,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         want = conv.target_dtype(conv.targets[key][0], ST_DTYPES[src.dtype])
         stats["bytes_read"] += src.nbytes
         if ST_NAMES.get(want) == src.dtype:
+            check_finite(src, "; nothing was exported")  # a copy is checked as a computed tensor is
             writer.copy(out_name, src)
             stats["bytes_written"] += src.nbytes
             stats["copied_bytes"] += src.nbytes
@@ -607,10 +439,14 @@ def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, co
 
 
 def _write_router(conv, view, lp, coeffs, s: LayerSources, read, emit, combine_rows, onehot_of_largest) -> None:
+    from moescope.analysis.model.edits import validate_groups
+
     current = conv.forward({k: read(k) for k in s.router})
     targets = router_targets(view, view.index)
-    row_coeffs = coeffs if lp.merge_router else onehot_of_largest(coeffs)
     groups = [list(g) for g in lp.groups]
+    # the router rows' own coefficients where the plan gives them (the learned merge), as MoEModel.merge
+    rows = coeffs if lp.router_coefficients is None else validate_groups(view, groups, lp.router_coefficients)
+    row_coeffs = rows if lp.merge_router else onehot_of_largest(rows)
     new = {}
     for attr, name in targets.items():
         old = current[name]

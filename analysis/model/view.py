@@ -606,9 +606,34 @@ class MoEModel:
         self._save_tokenizer(out)
 
     def _save_tokenizer(self, out: Path) -> None:
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(out)
-        elif self.source_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (self.source_dir / name).is_file():
-                    shutil.copy2(self.source_dir / name, out / name)
+        from moescope.analysis.core.outputs import write_error
+
+        try:
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(out)
+            elif self.source_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (self.source_dir / name).is_file():
+                        shutil.copy2(self.source_dir / name, out / name)
+            drop_tokenizer_auto_map(out)
+        except OSError as err:  # a full disk: say which files (transformers' error may name none)
+            raise write_error(err, "the tokenizer files (tokenizer.json, tokenizer_config.json) of the export") from None
+
+
+def drop_tokenizer_auto_map(folder: Path) -> dict:
+    """Remove ``auto_map`` from ``folder/tokenizer_config.json``: it names tokenizer code of the base
+    model's repository that an export does not carry (``AutoTokenizer(…, trust_remote_code=True)``
+    would look for the module file and fail), as the config's foreign ``auto_map`` is removed.
+    Returns what was removed."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or "auto_map" not in data:
+        return {}
+    dropped = data.pop("auto_map")
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return dropped if isinstance(dropped, dict) else {"auto_map": dropped}

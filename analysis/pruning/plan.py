@@ -181,7 +181,7 @@ class PruningPlan:
                         or any(not isinstance(w, int | float) or isinstance(w, bool) for c in router_coeffs for w in c)):
                     raise MoescopeError(f"{where}: layer {key}: 'router_coefficients' must have the same shape as "
                                         "'groups'")
-                router_coeffs = [[float(w) for w in c] for c in router_coeffs]
+                router_coeffs = [[_as_float(w, where, key, "router coefficient") for w in c] for c in router_coeffs]
                 _check_coefficients(router_coeffs, groups, where, key, signed_coefficients(data.get("provenance")))
             merge_router = raw.get("merge_router", True)
             if not isinstance(merge_router, bool):
@@ -380,11 +380,20 @@ def signed_coefficients(provenance) -> bool:
     return isinstance(params, dict) and params.get("merge") == "learned"
 
 
+MAX_COEFFICIENT = 1e4  # |coefficient| beyond this scales weights towards overflow (1e38 · w is inf in float32)
+
+
 def _check_coefficients(coeffs: list[list[float]], groups, where: str, key, signed: bool) -> None:
-    for j, (c, g) in enumerate(zip(coeffs, groups, strict=True)):
+    for c, g in zip(coeffs, groups, strict=True):
         bad = [w for w in c if not math.isfinite(w)]
         if bad:
             raise MoescopeError(f"{where}: layer {key}, group {g}: merge coefficient {bad[0]} is not a finite number")
+        huge = [w for w in c if abs(w) > MAX_COEFFICIENT]
+        if huge or sum(abs(w) for w in c) > MAX_COEFFICIENT:
+            shown = huge[0] if huge else f"sum {sum(abs(w) for w in c):g}"
+            raise MoescopeError(f"{where}: layer {key}, group {g}: merge coefficient {shown} is too large; "
+                                f"coefficients are at most {MAX_COEFFICIENT:g} in size (larger ones overflow the "
+                                "merged weights)")
         if signed:
             continue
         if any(w < 0 for w in c):
@@ -415,9 +424,9 @@ def _layer_key(key, where) -> int:
     return int(key)
 
 
-def _as_float(w, where: str, key) -> float:
+def _as_float(w, where: str, key, what: str = "merge coefficient") -> float:
     try:
         return float(w)
     except OverflowError:
-        raise MoescopeError(f"{where}: layer {key}: merge coefficient {str(w)[:20]}… is too large to be a "
+        raise MoescopeError(f"{where}: layer {key}: {what} {str(w)[:20]}… is too large to be a "
                             "number") from None

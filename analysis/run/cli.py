@@ -39,10 +39,33 @@ EXPORT_DTYPE_HELP = ("dtype of the exported weights: float32, bfloat16 or float1
                      "tensor by tensor, so a pruned model is never larger than what it keeps)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors one line (``moescope: error: …``, exit 2) pointing to the command's
+    ``--help`` instead of dumping the usage first; subcommands inherit it."""
+
+    def error(self, message: str):
+        message = " ".join(str(message).split())
+        self.exit(2, f"moescope: error: {message}; see `{self.prog} --help`\n")
+
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take 0 .. 2^32 - 1
+
+
+def seed_value(text: str) -> int:
+    """``--seed``: a whole number from 0 to 2^32 − 1 (a negative one is refused here, not by numpy)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: a whole number from 0 to {MAX_SEED}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"invalid seed {value}: a whole number from 0 to {MAX_SEED}")
+    return value
+
+
 def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     """The whole parser. ``strategy_flags=False`` leaves out the ``plan`` flags generated from the
     strategy registry, whose import pulls in torch (:func:`main` adds them only for ``plan``)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moescope",
         description="Find, drop and merge redundant experts in Mixture-of-Experts language models.",
     )
@@ -69,7 +92,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
                    "hf:NAME[:CONFIG]:SPLIT[:FIELD] (default demo:all)")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--sampling", default="random", choices=["random", "first"])
     p.add_argument("--metrics", default="all",
                    help="comma-separated metric families: similarity, weights, routing, activations, gradients "
@@ -108,7 +131,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
 
     p = model_command("grid", "Single-expert-drop perplexity grid (layer × expert), cached.")
     data_args(p, "--eval", "demo:all", 16, 256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.set_defaults(func=cmd_grid)
 
     p = model_command("plan", "Choose experts to drop or merge with a strategy; write a PruningPlan JSON.")
@@ -117,7 +140,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
                    help="a paper's recipe: a named set of a strategy's parameters, each overridable by its flag "
                         "(see `moescope strategies`); its calibration size is the --samples default")
     data_args(p, "--calib", "demo:all", None, 256)
-    p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (and the strategy's seed)")
+    p.add_argument("--seed", type=seed_value, default=None, help="calibration sampling seed (and the strategy's seed)")
     for name, param in (strategy_flag_names() if strategy_flags else {}).items():  # one per strategy parameter
         flag = "--" + name.replace("_", "-")
         if param.type is bool:
@@ -142,7 +165,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
         g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
         g.add_argument("--sampling", default="first", choices=["first", "random"],
                        help="first: consecutive windows from each domain's start (default); random: seeded offsets")
-        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--seed", type=seed_value, default=0)
         g.add_argument("--stride", type=int, default=None, help="slide windows by this many tokens (default: no overlap)")
         g.add_argument("--tasks", nargs="*", default=[], metavar="TASK",
                        help="lm-eval tasks (local: moescope_demo_continuation, moescope_demo_ppl, "

@@ -400,6 +400,7 @@ def cmd_prune(args) -> int:
     with the plan passed explicitly → only then store the experiment record, so a killed run
     leaves neither a partial folder nor a record without its export."""
     from moescope.analysis.core.cache import Cache
+    from moescope.analysis.core.outputs import check_output_folder
     from moescope.analysis.model import check_output_dir, folder_fingerprint, load_moe, resolve_source
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.pruning.prune import apply, finetuned_weights, is_finetuned
@@ -414,6 +415,8 @@ def cmd_prune(args) -> int:
     plan.check_base(args.model, folder_fingerprint(local) if local is not None else None, force=args.force)
     if spec is not None:
         spec.validate_for(skeleton.config)
+    if args.offload is not None and spec is not None:  # a read-only or full --offload folder is named, not the output
+        check_output_folder(args.offload, "--offload folder")
     check_output_dir(args.output, args.overwrite, needed_bytes=export_bytes(skeleton, plan, args.dtype))
     cache = Cache()
     streamable = not is_finetuned(plan) and (local is None or any(local.glob("*.safetensors")))

@@ -62,6 +62,7 @@ class Experiment:
     timings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     finetuned: bool = False  # the pruned weights were trained (stored with the record)
+    files_fingerprint: str | None = None  # the base folder's tokenizer and generation config (what an export copies)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -173,6 +174,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
     from moescope.analysis.core.cache import Cache
     from moescope.analysis.evaluation import EvalSpec, evaluate_quality, isolated_efficiency
     from moescope.analysis.evaluation.efficiency import measurement_slot
+    from moescope.analysis.model.loading import files_fingerprint
     from moescope.analysis.pruning.prune import apply, finetuned_weights, is_finetuned
 
     spec = spec or EvalSpec()
@@ -239,7 +241,7 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         pruned_fingerprint=model.fingerprint() if plan is not None else None,
         plan=plan.to_json() if plan is not None else None, eval=spec.to_json(), reference=reference, result=result,
         efficiency=efficiency, structure={"before": before, "after": model_structure(model)}, timings=timings,
-        versions=software_versions(), finetuned=finetuned,
+        versions=software_versions(), finetuned=finetuned, files_fingerprint=files_fingerprint(model.source_dir),
     )
     if store:
         save(exp, cache, tensors=trained)
@@ -258,7 +260,8 @@ def evaluate_offloaded(source: str, pruned_dir, plan, spec: EvalSpec, offload_di
 
     from moescope.analysis.core.cache import Cache
     from moescope.analysis.evaluation import evaluate_quality
-    from moescope.analysis.model import load_moe
+    from moescope.analysis.model import load_moe, resolve_source
+    from moescope.analysis.model.loading import files_fingerprint
 
     spec.validate()
     cache = cache or Cache()
@@ -282,6 +285,7 @@ def evaluate_offloaded(source: str, pruned_dir, plan, spec: EvalSpec, offload_di
         label=label or _label(plan), model=source, model_fingerprint=base_fp, pruned_fingerprint=pruned_fp,
         plan=plan.to_json(), eval=spec.to_json(), reference=reference, result=result, efficiency={},
         structure={"before": before, "after": after}, timings=timings, versions=software_versions(), finetuned=False,
+        files_fingerprint=files_fingerprint(resolve_source(source)[1]),
     )
 
 

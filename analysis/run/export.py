@@ -187,6 +187,7 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     the record) and export it. The experiment and the output folder are checked before any
     weights are read."""
     from moescope.analysis.model import folder_fingerprint, load_moe, resolve_source
+    from moescope.analysis.model.loading import COPIED_FILES, files_fingerprint
     from moescope.analysis.pruning.plan import PruningPlan
     from moescope.analysis.pruning.prune import apply
     from moescope.analysis.run import experiments
@@ -200,6 +201,10 @@ def export_experiment(ident: str, out_dir: str | Path, overwrite: bool = False, 
     skeleton = check_exportable(exp.model, plan, trust_remote_code, transformers_only)
     check_output_dir(out_dir, overwrite, needed_bytes=export_bytes(skeleton, plan, dtype))
     local = resolve_source(exp.model)[1]
+    if exp.files_fingerprint is not None and files_fingerprint(local) != exp.files_fingerprint:
+        raise MoescopeError(f"the tokenizer or generation config of '{exp.model}' has changed since experiment {exp.id} "
+                            f"was run (the files an export copies: {', '.join(COPIED_FILES[:3])}, …); re-run the "
+                            "experiment")
     if not exp.finetuned and local is not None and any(local.glob("*.safetensors")):
         # streamed: the weights are never loaded; the folder's fingerprint is the one load_moe records
         if folder_fingerprint(local) != exp.model_fingerprint:

@@ -59,12 +59,31 @@ def list_plans(model_source: str, cache=None) -> dict[str, PruningPlan]:
     return {n: PruningPlan.from_json(newest[n][1], where=f"plan '{n}'") for n in sorted(newest, key=first.get)}
 
 
+@contextlib.contextmanager
+def _names_locked(cache, model_source: str, *names: str):
+    """Hold the inter-process lock of each plan name of ``model_source`` (taken in one order, so two
+    renames never wait on each other): a save, a delete or a rename of a name runs alone, and a
+    rename's "does the new name exist" check and its write are one step."""
+    import hashlib
+
+    keys = sorted({hashlib.sha256(f"named-plan-lock\0{model_source}\0{n}".encode()).hexdigest() for n in names})
+    with contextlib.ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(cache.lock(KIND, key))
+        yield
+
+
 def save_plan(name: str, plan: PruningPlan, model_source: str, cache=None) -> None:
     """Store ``plan`` under ``name`` (a new revision; the name's older ones stay until deleted)."""
     from moescope.analysis.core.cache import Cache
 
     name = check_name(name)
     cache = cache or Cache()
+    with _names_locked(cache, model_source, name):
+        _store(name, plan, model_source, cache)
+
+
+def _store(name: str, plan: PruningPlan, model_source: str, cache) -> None:
     data = plan.to_json()
     # when it was saved and a random part: two saves of one name are two entries, the newest wins
     cache.put(KIND, {"model": model_source, "name": name, "revision": uuid.uuid4().hex},
@@ -79,6 +98,11 @@ def delete_plan(name: str, model_source: str, cache=None, keys=None) -> int:
     from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
+    with _names_locked(cache, model_source, name):
+        return _remove(name, model_source, cache, keys)
+
+
+def _remove(name: str, model_source: str, cache, keys=None) -> int:
     if keys is None:
         keys = [key for n, _, key, _ in _entries(model_source, cache) if n == name]
     return sum(cache.remove(KIND, key) for key in keys)
@@ -86,12 +110,18 @@ def delete_plan(name: str, model_source: str, cache=None, keys=None) -> int:
 
 def rename_plan(old: str, new: str, model_source: str, cache=None) -> None:
     """Store ``old``'s newest plan under ``new`` and remove the revisions of ``old`` this rename
-    read, and only those: a save of ``old`` that lands while the rename runs stays under ``old``
-    (it is never lost)."""
+    read, and only those. Both names are locked for the whole rename: a save of either name, another
+    rename of ``old`` (A→B racing A→C: one of them finds no A) or of anything onto ``new`` waits for
+    it, so no plan is duplicated and no save is hidden behind the renamed plan."""
     from moescope.analysis.core.cache import Cache
 
     cache = cache or Cache()
     new = check_name(new)
+    with _names_locked(cache, model_source, old, new):
+        _rename(old, new, model_source, cache)
+
+
+def _rename(old: str, new: str, model_source: str, cache) -> None:
     seen = _entries(model_source, cache)  # one listing: what is renamed is exactly what is removed
     names = {n for n, _, _, _ in seen}
     if old not in names:
@@ -100,9 +130,9 @@ def rename_plan(old: str, new: str, model_source: str, cache=None) -> None:
         raise MoescopeError(f"a plan named '{new}' exists already; delete it or pick another name")
     mine = [(saved, key, plan) for n, saved, key, plan in seen if n == old]
     newest = max(mine, key=lambda m: m[0])[2]
-    save_plan(new, PruningPlan.from_json(newest, where=f"plan '{old}'"), model_source, cache)
+    _store(new, PruningPlan.from_json(newest, where=f"plan '{old}'"), model_source, cache)
     if new != old:
-        delete_plan(old, model_source, cache, keys=[key for _, key, _ in mine])
+        _remove(old, model_source, cache, keys=[key for _, key, _ in mine])
 
 
 def unique_name(base: str, taken) -> str:
