@@ -47,7 +47,7 @@ from moescope.analysis.measure.explore import (
 from moescope.analysis.measure.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.model import load_moe
 from moescope.analysis.model.skipping import calibrate
-from moescope.analysis.pruning.plan import PruningPlan, edit_layer
+from moescope.analysis.pruning.plan import PruningPlan, edit_layer, unused_kept_note
 from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strategy, make_plan
 from moescope.analysis.strategies.criterion import criterion_scores
 from moescope.analysis.strategies.grid import grid_scores
@@ -56,7 +56,7 @@ from moescope.analysis.strategies.presets import PRESETS, get_preset
 from moescope.analysis.strategies.selection import even_out, uniform_count
 
 __all__ = ["CRITERIA", "PRESETS", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
-           "is_distance", "similarity_name"]
+           "is_distance", "similarity_name", "unused_kept_note"]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from moescope.analysis.core.errors import MoescopeError, unknown_name
 from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
-from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.pruning.plan import UNUSED_KEY, PruningPlan, unused_kept
 from moescope.analysis.strategies.selection import keep_counts
 
 Progress = Callable[[str, int, int], None]
@@ -239,4 +239,8 @@ def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
         plan.skip_beta = calibrate(ctx.analysis(metrics=("routing",)))
         plan.provenance["with_skip"] = True
     plan.validate_for(ctx.model)
+    if ctx.calib is not None:  # say so where the plan keeps experts no calibration token reached
+        res = ctx.analysis(metrics=("routing",))
+        plan.provenance[UNUSED_KEY] = unused_kept(plan, {l: res.routing(l, "usage_count").tolist()
+                                                         for l in res.layers})
     return plan

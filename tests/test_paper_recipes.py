@@ -1,0 +1,66 @@
+"""Presets as their authors ran them, and plans that keep experts no calibration token reached.
+
+Each test takes its expected answer from the authors' code path or from a case worked out by hand in
+its docstring: MC-SMoE's global group allocation (``msmoe-merging-mixtral.py`` →
+``grouping_mixtral.py: _assign_num_groups_per_layer``), the enumeration authors' per-batch objective
+(``Expert_Sparsity/model/wrapper.py``), and the unused-expert flag (MC-Suite's pair rule never picks an
+unrouted expert, so Max-ECC can keep one).
+"""
+
+from __future__ import annotations
+
+import json
+
+from moescope.analysis.pruning.plan import (
+    UNUSED_KEY,
+    PruningPlan,
+    unused_kept,
+    unused_kept_note,
+    unused_kept_short,
+)
+from moescope.analysis.run.export import model_card
+from moescope.analysis.strategies import make_plan
+from test_strategy_values import CLASSES, IDS, class_logits, controlled, ctx_for, kept
+
+# ---------------------------------------------------------------- experts without calibration tokens
+
+
+def test_unused_kept_names_dead_experts_kept_alone_while_used_ones_go():
+    """Layer 0: expert 1 got no token and is kept alone, 0 and 4 (used) are dropped, 2 and 5 merged:
+    flagged. Layer 3: expert 6 (unused) is dropped: nothing to say. Layer 5: an unused expert kept,
+    but no used expert removed (keep-all): nothing to say either."""
+    plan = PruningPlan.from_json({"version": 1, "base_model": "m", "layers": {
+        "0": {"groups": [[1], [2, 5], [3], [6], [7]]},
+        "3": {"groups": [[0], [1], [2], [3], [4], [5], [7]]},
+        "5": {"groups": [[e] for e in range(8)]}}})
+    counts = {0: [3, 0, 5, 1, 2, 9, 4, 4], 3: [1, 1, 1, 1, 1, 1, 0, 1], 5: [0, 1, 1, 1, 1, 1, 1, 1]}
+    assert unused_kept(plan, counts) == {"0": {"kept": [1], "removed": [0, 2, 4, 5]}}
+    plan.provenance[UNUSED_KEY] = unused_kept(plan, counts)
+    assert unused_kept_note(plan) == ("keeps 1 expert that no calibration token reached (layer 0: 1) while it drops "
+                                      "or merges experts that tokens were routed to (layer 0: 0, 2, 4, 5)")
+    assert unused_kept_short(plan) == "1 (L0: 1)"
+    plan.provenance[UNUSED_KEY] = {}
+    assert unused_kept_note(plan) is None and unused_kept_short(plan) == "none"
+    del plan.provenance[UNUSED_KEY]
+    assert unused_kept_short(plan) == "— (not checked)"
+
+
+def test_max_ecc_keeps_the_unrouted_expert_and_the_plan_says_so(tmp_path):
+    """The table model of tests/test_strategy_values.py routes no token to expert 1 (usage 0:21, 1:0,
+    2:31, 3:10, 4:18, 5:15, 6:8, 7:25). One-shot Max-ECC at keep 5 keeps [1, 2, 3, 6, 7] (eq. 8's pair
+    rule, worked out in test_paper_fidelity_mcsuite.py): expert 1 stays, used 0, 4, 5 go. Min-EUF
+    drops expert 1 first and keeps no dead expert."""
+    ctx = ctx_for(controlled([class_logits(r, g) for _, r, g in CLASSES]), IDS, tmp_path)
+    plan = make_plan("criterion", ctx, {"keep": 5, "criterion": "ECC", "order": "max"})
+    assert kept(plan) == [1, 2, 3, 6, 7]
+    assert plan.provenance[UNUSED_KEY] == {"0": {"kept": [1], "removed": [0, 4, 5]}}
+    assert "layer 0: 1)" in unused_kept_note(plan)
+    euf = make_plan("criterion", ctx, {"keep": 5, "criterion": "EUF", "order": "min"})
+    assert 1 not in kept(euf) and euf.provenance[UNUSED_KEY] == {}
+    # the flag survives the plan's JSON round trip (what the Plan page, the cost table and the card read)
+    again = PruningPlan.from_json(json.loads(plan.dumps()))
+    assert unused_kept_short(again) == "1 (L0: 1)"
+    card = model_card(ctx.model, again)
+    assert ("**Warning:** the plan keeps 1 expert that no calibration token reached (layer 0: 1) while it drops or "
+            "merges experts that tokens were routed to (layer 0: 0, 4, 5)") in card
+    assert "Warning" not in model_card(ctx.model, euf)
