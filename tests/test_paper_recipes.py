@@ -10,7 +10,11 @@ unrouted expert, so Max-ECC can keep one).
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import pytest
+import torch
+from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.pruning.plan import (
     UNUSED_KEY,
     PruningPlan,
@@ -20,6 +24,7 @@ from moescope.analysis.pruning.plan import (
 )
 from moescope.analysis.run.export import model_card
 from moescope.analysis.strategies import make_plan
+from moescope.analysis.strategies.selection import usage_threshold_counts
 from test_strategy_values import CLASSES, IDS, class_logits, controlled, ctx_for, kept
 
 # ---------------------------------------------------------------- experts without calibration tokens
@@ -64,3 +69,48 @@ def test_max_ecc_keeps_the_unrouted_expert_and_the_plan_says_so(tmp_path):
     assert ("**Warning:** the plan keeps 1 expert that no calibration token reached (layer 0: 1) while it drops or "
             "merges experts that tokens were routed to (layer 0: 0, 4, 5)") in card
     assert "Warning" not in model_card(ctx.model, euf)
+
+
+# ---------------------------------------------------------------- MC-SMoE's global group allocation
+
+
+def _layers(top_k: int, n: int = 2):
+    return SimpleNamespace(layers={l: SimpleNamespace(top_k=top_k, num_experts=4) for l in range(n)})
+
+
+def test_usage_threshold_allocation_follows_the_authors_rule_on_a_hand_made_table():
+    """grouping_mixtral.py ``_assign_num_groups_per_layer``: per layer usage / Σ usage, the most-used set
+    to 1; all values sorted descending; threshold = sorted[total]; a layer gets its experts strictly
+    above it. Layer 0 counts (50, 30, 15, 5) → (1, .3, .15, .05); layer 1 (10, 10, 40, 40) → (.1, .1, 1, .4)
+    (argmax: the first of the two 40s). Sorted: 1, 1, .4, .3, .15, .1, .1, .05.
+    total 4 → threshold .15 → 2 + 2; total 5 → .1 → 3 + 2; total 6 → .1 again (the two .1s tie) → 3 + 2,
+    one short of 6; total 2 → .4 → 1 + 1; all 8 → position 7 (.05) → 3 + 4; total 1 → threshold 1:
+    refused. With top-k 2, total 3 (threshold .3 → 1 + 2) leaves layer 0 below top-k: refused."""
+    counts = {0: torch.tensor([50.0, 30, 15, 5]), 1: torch.tensor([10.0, 10, 40, 40])}
+    alloc = {total: usage_threshold_counts(_layers(1), counts, total) for total in (2, 4, 5, 6, 8)}
+    assert alloc == {2: {0: 1, 1: 1}, 4: {0: 2, 1: 2}, 5: {0: 3, 1: 2}, 6: {0: 3, 1: 2}, 8: {0: 3, 1: 4}}
+    with pytest.raises(MoescopeError, match="more than the rule can give"):
+        usage_threshold_counts(_layers(1), counts, 1)
+    with pytest.raises(MoescopeError, match=r"^usage-threshold allocation leaves layer 0 1 group\(s\), fewer than "
+                                            r"its top-k \(2\)"):
+        usage_threshold_counts(_layers(2), counts, 3)
+
+
+def test_mc_smoe_preset_is_the_mixtral_script_unaligned_with_global_allocation(capsys, tmp_path, monkeypatch):
+    """The `mc-smoe` preset on `demo` with 64×256 calibration tokens: the usage threshold spreads
+    keep 4 × 4 layers = 16 groups as 6/3/3/4 and keep 6 as 8/5/6/5 (measured from outside with the
+    authors' rule on the same tokens); no member is permuted (the script merges raw weights)."""
+    from moescope.analysis.run.cli import main
+
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+    got = {}
+    for keep in (4, 6):
+        out = tmp_path / f"mc{keep}.json"
+        assert main(["plan", "demo", "--preset", "mc-smoe", "--keep", str(keep), "--samples", "64", "--seq-len", "256",
+                     "-o", str(out)]) == 0
+        plan = PruningPlan.load(out)
+        got[keep] = [plan.layers[l].num_out if l in plan.layers else 8 for l in range(4)]
+        assert plan.provenance["groups_per_layer"] == {str(l): c for l, c in enumerate(got[keep])}
+        assert all(lp.permutations is None for lp in plan.layers.values())
+    assert got == {4: [6, 3, 3, 4], 6: [8, 5, 6, 5]}
+    assert capsys.readouterr().err == ""  # a target was given: no headline note; the demo's context fits 256
