@@ -433,7 +433,7 @@ def run_strategy(s: Settings, name: str, params: dict, progress=None, preset: st
     shared model. ``preset``: the preset the parameters started from (recorded in the provenance)."""
     strategy = get_strategy(name)
     model = load_model(s.model)
-    if strategy.edits_model(params):
+    if strategy.edits(params):
         model = copy.deepcopy(model)
     batch = calib_batch(s) if strategy.needs_data else None
     plan = make_plan(name, StrategyContext(model, batch, s.cache(), progress=progress), params)

@@ -9,12 +9,19 @@ unrouted expert, so Max-ECC can keep one).
 
 from __future__ import annotations
 
+import itertools
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from moescope.analysis.core.cache import Cache
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.data import TokenBatch
+from moescope.analysis.measure.capture import LayerStream
+from moescope.analysis.measure.sensitivity import SubsetScorer, naive_subset_loss
+from moescope.analysis.model import wrap_model
+from moescope.analysis.model.synthetic import tiny_model
 from moescope.analysis.pruning.plan import (
     UNUSED_KEY,
     PruningPlan,
@@ -23,7 +30,7 @@ from moescope.analysis.pruning.plan import (
     unused_kept_short,
 )
 from moescope.analysis.run.export import model_card
-from moescope.analysis.strategies import make_plan
+from moescope.analysis.strategies import StrategyContext, make_plan
 from moescope.analysis.strategies.selection import usage_threshold_counts
 from test_strategy_values import CLASSES, IDS, class_logits, controlled, ctx_for, kept
 
@@ -114,3 +121,64 @@ def test_mc_smoe_preset_is_the_mixtral_script_unaligned_with_global_allocation(c
         assert all(lp.permutations is None for lp in plan.layers.values())
     assert got == {4: [6, 3, 3, 4], 6: [8, 5, 6, 5]}
     assert capsys.readouterr().err == ""  # a target was given: no headline note; the demo's context fits 256
+
+
+# ---------------------------------------------------------------- the enumeration authors' objective
+
+
+def test_per_batch_objective_is_the_authors_sum_of_batch_norms_and_can_pick_another_subset(tmp_path):
+    """Lu et al. eq. 3 minimises one Frobenius norm over all calibration tokens; the authors'
+    ``model/wrapper.py`` ``enumerate`` sums, over the cached forward batches, each batch's norm. On a
+    tiny Mixtral (seed 1, 4 sequences of 24 tokens, one sequence per batch) layer 0 at keep 4 the two
+    objectives, each computed naively by running the pruned block, pick different subsets:
+    eq. 3 keeps [1, 4, 5, 7], the per-batch sum [2, 4, 5, 7]; the strategy follows each."""
+    model = wrap_model(tiny_model("mixtral", seed=1), source="tiny-seed1")
+    ids = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    x = next(x for l, x in LayerStream(model, ids).layers() if l == 0)
+    subsets = list(itertools.combinations(range(8), 4))
+    eq3 = {C: naive_subset_loss(model, 0, x, list(C)) for C in subsets}
+    per_batch = {C: sum(naive_subset_loss(model, 0, x[b * 24:(b + 1) * 24], list(C)) for b in range(4)) for C in subsets}
+    assert min(eq3, key=eq3.get) == (1, 4, 5, 7) and min(per_batch, key=per_batch.get) == (2, 4, 5, 7)
+    fast = SubsetScorer(model.layers[0], x, chunk_tokens=37, batch_tokens=24).losses(subsets)  # chunks cross batches
+    for s in (0, 17, 42, 69):
+        assert fast[s].item() == pytest.approx(per_batch[subsets[s]], rel=1e-4)
+
+    batch = TokenBatch(input_ids=ids, domains=("s",) * 4, source="s", fingerprint="seed1-ids")
+    ctx = StrategyContext(model, batch, Cache(tmp_path / "cache"))
+    assert make_plan("enumerate", ctx, {"keep": 4}).layers[0].kept() == [1, 4, 5, 7]
+    plan = make_plan("enumerate", ctx, {"keep": 4, "objective": "per-batch", "objective_batch": 1})
+    assert plan.layers[0].kept() == [2, 4, 5, 7]
+
+
+def test_with_skip_calibrates_beta_on_the_pruned_model_as_the_authors_pipeline_does(tmp_path):
+    """The authors' ``method/dynamic_skipping.py`` sets β per layer to ``np.median`` of w₂/w₁ over the
+    tokens of the model it is run on, and writes it into that model's config: combined with pruning,
+    that is the pruned model. So β here is the median over the calibration tokens of the pruned
+    model's own routing (about half its tokens skip), computed below by running the pruned copy; the
+    original router's median (what moescope took before) differs; the shared model is left as it was."""
+    import copy
+
+    import numpy as np
+    from moescope.analysis.pruning.prune import apply
+
+    model = wrap_model(tiny_model("mixtral", seed=1), source="tiny-seed1")
+    ids = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    before = model.fingerprint()
+    ctx = StrategyContext(model, TokenBatch(input_ids=ids, domains=("s",) * 4, source="s", fingerprint="seed1-ids"),
+                          Cache(tmp_path / "cache"))
+    plan = make_plan("enumerate", ctx, {"keep": 4, "with_skip": True})
+    assert model.fingerprint() == before
+
+    def medians(m):
+        out = {}
+        for l, x in LayerStream(m, ids).layers():
+            if x is not None:
+                w = m.layers[l].route(x).topk_weights.double().sort(-1, descending=True).values
+                out[l] = float(np.median((w[:, 1] / w[:, 0]).detach().numpy()))
+        return out
+
+    pruned = apply(copy.deepcopy(model), PruningPlan.from_json({**plan.to_json(), "skip_beta": {}}))
+    want = medians(pruned)
+    assert plan.skip_beta == pytest.approx(want, abs=1e-6)
+    original = medians(model)
+    assert any(abs(original[l] - want[l]) > 1e-3 for l in want)

@@ -97,14 +97,17 @@ _add(Preset(
 
 # ---- enumeration and dynamic skipping (Lu et al. 2024) -----------------------------------------
 LU = "enumeration (Lu et al. 2024)"
-_add(Preset("enumerate", "enumerate", {"mode": "layer-wise"},
+_add(Preset("enumerate", "enumerate", {"mode": "layer-wise", "objective": "per-batch"},
             "Lu et al.: per layer the kept subset with the smallest reconstruction loss, every layer on the "
-            "original model's inputs",
-            f"{LU} §3.1, §4.1 (128 C4 sequences of 2048 tokens)", calib_samples=128, calib_seq_len=2048,
+            "original model's inputs; the loss as the authors' code sums it (one norm per batch of 8 sequences)",
+            f"{LU} §3.1, §4.1 (128 C4 sequences of 2048 tokens); authors' model/wrapper.py enumerate (Σ over "
+            "batches of ‖F' − F‖_F, --batch_size 8)", calib_samples=128, calib_seq_len=2048,
             keep_fraction=0.75, target_source="§3.3 (1.2–1.3× speed-up 'with r = 6'), Table 2: r = 6 of 8 (r = 4 too)"))
-_add(Preset("enumerate-skip", "enumerate", {"mode": "layer-wise", "with_skip": True},
-            "Lu et al.: layer-wise enumeration, and dynamic skipping with β per layer the median w₂/w₁",
-            f"{LU} §3.1 and §3.2 (β = median of w_{{e1}}/w_{{e0}}); 128 C4 sequences of 2048 tokens (§4.1)",
+_add(Preset("enumerate-skip", "enumerate", {"mode": "layer-wise", "objective": "per-batch", "with_skip": True},
+            "Lu et al.: layer-wise enumeration, and dynamic skipping with β per layer the median w₂/w₁ of the "
+            "pruned model",
+            f"{LU} §3.1 and §3.2 (β = median of w_{{e1}}/w_{{e0}}); 128 C4 sequences of 2048 tokens (§4.1); authors' "
+            "model/wrapper.py enumerate and method/dynamic_skipping.py (β from the model it is run on)",
             calib_samples=128, calib_seq_len=2048,
             keep_fraction=0.75, target_source="§3.3 (1.2–1.3× speed-up 'with r = 6'), Table 2: r = 6 of 8 (r = 4 too)"))
 
