@@ -182,3 +182,50 @@ def test_with_skip_calibrates_beta_on_the_pruned_model_as_the_authors_pipeline_d
     assert plan.skip_beta == pytest.approx(want, abs=1e-6)
     original = medians(model)
     assert any(abs(original[l] - want[l]) > 1e-3 for l in want)
+
+
+# ---------------------------------------------------------------- each paper's calibration length and target
+
+
+def test_a_preset_without_a_target_takes_its_papers_headline_and_length_capped_at_the_context(capsys, tmp_path,
+                                                                                              monkeypatch):
+    """`moescope plan demo --preset min-euf -o x.json`: MC-Suite's 2048-token sequences (App. C) do not fit
+    the demo's 512 positions, so 512 with a note; no --keep or --budget, so the paper's 50 % (Tables 4
+    and 7): 4 of 8 per layer, with a note. Both notes come before any weights load, one line each."""
+    from moescope.analysis.run.cli import main
+
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "x.json"
+    assert main(["plan", "demo", "--preset", "min-euf", "--samples", "4", "-o", str(out)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "note: preset min-euf: the paper's 2048-token calibration sequences exceed the model's 512 positions; "
+        "using 512",
+        "note: preset min-euf: no target given, so the paper's headline: keep 4 of 8 experts per layer (Tables 4 "
+        "and 7: 50 % expert sparsity (4 of 8 per layer))"]
+    plan = PruningPlan.load(out)
+    assert {l: lp.num_out for l, lp in plan.layers.items()} == {0: 4, 1: 4, 2: 4, 3: 4}
+    assert "4×512 tokens" in plan.provenance["data_description"]
+    # a length given wins, silently; a preset whose paper states none keeps moescope's 256
+    assert main(["plan", "demo", "--preset", "min-euf", "--samples", "2", "--seq-len", "64", "--keep", "6",
+                 "-o", str(out)]) == 0
+    assert capsys.readouterr().err == "" and "2×64 tokens" in PruningPlan.load(out).provenance["data_description"]
+    assert main(["plan", "demo", "--preset", "gam-model", "-o", str(out)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "note: preset gam-model: no target given, so the paper's headline: keep 6 of 8 experts per layer (§4.2: "
+        "Mixtral's 8 experts pruned to 6 and to 4 per layer (6 first))"]
+
+
+def test_every_preset_states_its_calibration_and_target_in_the_listing(capsys):
+    from moescope.analysis.run.cli import main
+    from moescope.analysis.strategies.presets import PRESETS
+
+    assert main(["strategies", "--json"]) == 0
+    listed = {p["name"]: p for s in json.loads(capsys.readouterr().out) for p in s["presets"]}
+    assert set(listed) == set(PRESETS)
+    assert all(p["keep_fraction"] for p in listed.values())  # every preset plans without a target given
+    assert {n: (p["calib_samples"], p["calib_seq_len"]) for n, p in listed.items()
+            if n in ("enumerate", "hc-smoe", "min-ean", "mc-smoe")} == {
+        "enumerate": (128, 2048), "hc-smoe": (32, 2048), "min-ean": (256, 2048), "mc-smoe": (None, 512)}
+    assert main(["strategies"]) == 0
+    assert ("preset hc-smoe: --representation mean_output --similarity euclidean --grouping agglomerative --merge "
+            "frequency --merge-router --align none --augment none --samples 32 --seq-len 2048") in capsys.readouterr().out

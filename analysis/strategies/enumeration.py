@@ -19,7 +19,6 @@ from moescope.analysis.measure.sensitivity import (
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import keep_counts
 
-
 OBJECTIVES = ("eq3", "per-batch")
 
 
