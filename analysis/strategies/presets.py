@@ -157,22 +157,24 @@ _add(Preset("reap", "criterion", {"criterion": "REAP", "order": "min", "mode": "
                                              "the experts pruned)"))
 
 # ---- MC-Suite (Jaiswal et al.): each criterion at its best end, one-shot -----------------------
-# The end the paper's text supports; Figure 4 itself is an image, so for EWS, EWN, EAS, EAO, EGS, EGO and
-# EGN the end is chosen by analogy (similarity: the most redundant expert goes; norms and counts: the
-# least active one goes), and said so.
+# The end the paper's text supports (the captions of Figs. 8–15 included); Figure 4 itself is an image,
+# so for EWN, EAO, EGS, EGO and EGN the end is chosen by analogy (similarity: the most redundant expert
+# goes; norms and counts: the least active one goes), and said so.
 MCS = "MC-Suite (Jaiswal et al.)"
 BEST_ENDS = {
     "EAN": ("min", "Table 1 (best criterion), eq. 13"),
     "EGE": ("min", "Table 1, eq. 15"),
     "RWN": ("max", "Table 1, eq. 4"),
     "ETS": ("max", "Table 1, eq. 10, Fig. 11"),
-    "ECC": ("max", "Fig. 10 ('highest collaboration'), eq. 8"),
+    "ECC": ("max", "Fig. 10 ('highest collaboration'), eq. 8 and the pair rule after it (the caption reads per "
+                   "expert, 'with rest of other experts': that is the row sum, ECC-rowsum, which the pair rule is not)"),
     "EVC": ("min", "Fig. 8 and §3 finding ③, eq. 9"),
     "EUF": ("min", "Fig. 9, eq. 7"),
     "WSR": ("max", "§3 finding ④ (dominant experts have lower stable rank), eq. 5"),
     "EAE": ("min", "§1 and §3 finding ⑤ (dominant experts have higher entropy), eq. 12"),
-    "EWS": ("max", "eq. 3; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
-    "EAS": ("max", "eq. 11; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
+    "EWS": ("max", "eq. 3, Fig. 15's caption ('highest weight similarity … better candidate for expert dropping')"),
+    "EAS": ("max", "eq. 11, Fig. 12's caption ('highest similarity with rest of other experts' are the least "
+                   "dominant)"),
     "EGS": ("max", "eq. 14; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
     "EWN": ("min", "eq. 6; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
     "EGN": ("min", "eq. 16; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
