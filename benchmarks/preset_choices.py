@@ -11,6 +11,11 @@ Calibration: ``demo:all`` validation windows, seed 0 (64×256 tokens by default)
 * EGE (eq. 15, "the accumulated gradients" of the expert's weights; moescope takes W_down's): the
   first two experts Min-EGE drops per layer, W_down alone against all three matrices (eq. 15 over
   the hidden dimensions of the three gradients side by side, i.e. the sum of their entropies).
+* CKA (group-and-merge eq. 3 is printed HSIC(K,L) / (HSIC(K,K)·HSIC(L,L)), without the square root
+  of the definition it cites): on the first ``--cka-tokens`` calibration tokens of every MoE layer
+  (experts run on the same tokens, router bypassed), the spectral groups (r = 2…7) of linear CKA
+  against those of the literal eq. 3 (scaled to a maximum of 1; spectral clustering's normalised
+  Laplacian ignores a global scale): how many of the (layer, r) cases give the same partition.
 * The learned merge (group-and-merge eq. 6, ``gam-learned`` at keep 6 on ``--learned-samples``
   sequences): λ of every single-expert group (eq. 6 read literally scales every output expert, a
   kept one too), and the pooled test perplexity (2048 test tokens per domain) with those λ and with
@@ -48,17 +53,45 @@ def first_two(values: torch.Tensor, end: str) -> list[int]:
     return sorted(range(len(values)), key=lambda e: (sign * float(values[e]), e))[:2]
 
 
+@torch.no_grad()
+def cka_comparison(model, batch, tokens: int) -> None:
+    from moescope.analysis.measure.capture import LayerStream
+    from moescope.analysis.measure.metrics import _cka_from_hsic, _feature_form_hsic
+    from moescope.analysis.model.merging import affinity, group_experts
+
+    same = total = 0
+    for l, x in LayerStream(model, batch.input_ids).layers():
+        if x is None:
+            continue
+        Y = model.layers[l].expert_outputs(x[:tokens]).float()  # [E, t, d], router bypassed
+        hsic = _feature_form_hsic(Y, 512 * 2**20).double()
+        standard = affinity(_cka_from_hsic(hsic).float(), "cka_linear")
+        literal = hsic / (hsic.diagonal()[:, None] * hsic.diagonal()[None, :])
+        literal = literal / literal.max()
+        for r in range(2, model.layers[l].num_experts):
+            a, b = group_experts(standard, r, "spectral"), group_experts(literal, r, "spectral")
+            same += sorted(a) == sorted(b)
+            total += 1
+    print(f"linear CKA (with the square root) and eq. 3 as printed give the same spectral groups in {same} of "
+          f"{total} (layer, r = 2…7) cases, on {tokens} tokens per layer\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--learned-samples", type=int, default=16)
+    ap.add_argument("--cka-tokens", type=int, default=4096)
+    ap.add_argument("--cka-only", action="store_true", help="only the CKA comparison")
     args = ap.parse_args()
     model = load_moe(args.model)
     tok = tokenizer_for(model, None)
     batch = sample_tokens("demo:all", tok, args.samples, args.seq_len)
     print(f"{args.model}: {batch.describe()}\n")
+    cka_comparison(model, batch, args.cka_tokens)
+    if args.cka_only:
+        return
 
     print("Max-WSR, first two drops per layer")
     print("| matrices | " + " | ".join(f"layer {l}" for l in model.layers) + " |")

@@ -229,3 +229,30 @@ def test_every_preset_states_its_calibration_and_target_in_the_listing(capsys):
     assert main(["strategies"]) == 0
     assert ("preset hc-smoe: --representation mean_output --similarity euclidean --grouping agglomerative --merge "
             "frequency --merge-router --align none --augment none --samples 32 --seq-len 2048") in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- MC-SMoE's activation matching tokens
+
+
+def test_routed_activation_matching_uses_the_tokens_routed_to_the_member_or_the_reference():
+    """MC-SMoE ``permutation.py`` (``compute_switch_permutation_by_activation_matching``): the hidden
+    states "gathered from tokens routed to both reference_mlp and target_mlp" — the reference's routed
+    tokens followed by the member's — then the Pearson correlation of the intermediate activations and
+    a linear assignment. Here the routed rows are picked by hand from the top-2 of the router's
+    logits, and the permutation found on them is the one ``routed-activations`` gives; on a tiny
+    Mixtral it differs from matching on all tokens for at least one member."""
+    from moescope.analysis.model.alignment import activation_matching, align_group
+
+    model = wrap_model(tiny_model("mixtral", seed=1), source="tiny-seed1")
+    ids = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    x = next(x for l, x in LayerStream(model, ids).layers() if l == 0)
+    view = model.layers[0]
+    top2 = torch.topk(view.router_logits(x), 2, dim=-1).indices
+    group, coeffs = [2, 4, 5, 7], [0.4, 0.3, 0.2, 0.1]  # reference: expert 2, the largest coefficient
+    got = align_group(view, group, coeffs, "routed-activations", x)
+    shared = align_group(view, group, coeffs, "activations", x)
+    assert got[0] is None
+    for e, perm in zip(group[1:], got[1:]):
+        rows = torch.cat([x[(top2 == 2).any(-1)], x[(top2 == e).any(-1)]])
+        assert perm == activation_matching(view, 2, e, rows).tolist()
+    assert got != shared

@@ -62,7 +62,9 @@ def _merge_params(default_merge: str, default_align: str) -> list[Param]:
         Param("align", str, default_align, choices=ALIGNMENTS, label="align experts first",
               help="permute every member's intermediate neurons onto the group's reference expert before "
                    "combining (MC-SMoE's addition): none | weights (weight matching) | activations (activation "
-                   "matching on the calibration tokens; weights where there are none)", affects_key=False),
+                   "matching on the calibration tokens; weights where there are none) | routed-activations "
+                   "(activation matching on the tokens routed to the member or the reference, MC-SMoE's)",
+              affects_key=False),
         Param("density", float, 0.2, help="ties: fraction of each member's difference from the mean kept, in (0, 1]",
               label="TIES density", minimum=0, maximum=1, affects_key=False,
               when=lambda p: p.get("merge") == "ties"),
@@ -88,9 +90,9 @@ def _layer_inputs(ctx) -> dict[int, torch.Tensor]:
 def _alignment(ctx, params) -> str:
     """``align`` as given; the default (activations) falls back to weights without calibration data."""
     align = params["align"]
-    if align == "activations" and ctx.calib is None:
+    if align in ("activations", "routed-activations") and ctx.calib is None:
         if "align" in ctx.given:
-            raise MoescopeError("align=activations needs calibration data; use align=weights or align=none")
+            raise MoescopeError(f"align={align} needs calibration data; use align=weights or align=none")
         return "weights"
     return align
 
@@ -101,7 +103,7 @@ def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], r
     merge, merge_router = params["merge"], params["merge_router"]
     align = _alignment(ctx, params)
     layers, learned = {}, {}
-    xs = _layer_inputs(ctx) if merge == "learned" or align == "activations" else {}
+    xs = _layer_inputs(ctx) if merge == "learned" or align in ("activations", "routed-activations") else {}
     seq_len = ctx.calib.input_ids.shape[1] if ctx.calib is not None else None
     for l, groups in groups_by_layer.items():
         view = ctx.model.layers[l]

@@ -136,8 +136,9 @@ _add(Preset("mc-smoe-aligned", "router-guided",
             "MC-SMoE (Li et al. 2024) §3 and the authors' mcsmoe/merging/permutation.py (activation matching, their "
             "Switch-Transformer path); grouping_mixtral.py (router-logits similarity)",
             calib_seq_len=512, **MC_T,
-            note="alignment matches neurons on the calibration tokens every member sees (router bypassed), not only "
-                 "the tokens routed to the group; keep gives every layer the same count"))
+            note="alignment matches neurons on the calibration tokens every member sees (router bypassed); "
+                 "align=routed-activations uses the tokens routed to the member or the reference, as permutation.py "
+                 "gathers them; keep gives every layer the same count"))
 _add(Preset("hc-smoe", "merge",
             {"representation": "mean_output", "similarity": "euclidean", "grouping": "agglomerative",
              "merge": "frequency", "merge_router": True, "align": "none", "augment": "none"},
