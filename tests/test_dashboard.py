@@ -440,7 +440,8 @@ def test_strategy_plan_from_the_registry(analysed):
     # options read as on the analysis pages (friendly names), the values stay the registry's; the
     # group-and-merge paper merges raw weights (alignment is MC-SMoE's addition)
     assert align.value == "none"
-    assert list(align.options) == ["none", "weight matching", "activation matching"]
+    assert list(align.options) == ["none", "weight matching", "activation matching",
+                                   "activation matching on routed tokens (MC-SMoE)"]
     assert align.label == "Align experts first" and not at.exception
     assert "TIES (sign consensus)" in at.selectbox(key="plan_merge_merge").options
     rep = at.selectbox(key="plan_merge_representation")
