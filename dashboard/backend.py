@@ -47,7 +47,7 @@ from moescope.analysis.measure.explore import (
 from moescope.analysis.measure.sensitivity import cached_drop_grid, lookup_drop_grid
 from moescope.analysis.model import load_moe
 from moescope.analysis.model.skipping import calibrate
-from moescope.analysis.pruning.plan import PruningPlan, edit_layer
+from moescope.analysis.pruning.plan import PruningPlan, edit_layer, unused_kept_note
 from moescope.analysis.strategies import STRATEGIES, StrategyContext, get_strategy, make_plan
 from moescope.analysis.strategies.criterion import criterion_scores
 from moescope.analysis.strategies.grid import grid_scores
@@ -56,7 +56,7 @@ from moescope.analysis.strategies.presets import PRESETS, get_preset
 from moescope.analysis.strategies.selection import even_out, uniform_count
 
 __all__ = ["CRITERIA", "PRESETS", "REPRESENTATIONS", "STRATEGIES", "SIMILARITY_NAMES", "WEIGHT_SIMILARITY_NAMES", "MoescopeError", "PruningPlan",
-           "is_distance", "similarity_name"]
+           "is_distance", "similarity_name", "unused_kept_note"]
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,11 @@ FRIENDLY = {
     "merge": {"max": "max (the most-used member)", "uniform": "uniform average", "usage": "usage-weighted",
               "frequency": "frequency-weighted (= usage)", "learned": "learned (fitted to the layer output)",
               "ties": "TIES (sign consensus)"},
-    "align": {"none": "none", "weights": "weight matching", "activations": "activation matching"},
+    "align": {"none": "none", "weights": "weight matching", "activations": "activation matching",
+              "routed-activations": "activation matching on routed tokens (MC-SMoE)"},
+    "allocation": {"distinctness": "same count per layer (budget: by distinctness)",
+                   "usage-threshold": "global usage threshold (MC-SMoE's Mixtral script)"},
+    "objective": {"eq3": "one norm over all tokens (eq. 3)", "per-batch": "sum of per-batch norms (authors' code)"},
     "augment": {"none": "none", "embeddings": "mixup of token embeddings (Algorithm 1)",
                 "hidden_states": "mix each layer's inputs"},
     "router_similarity": {"cosine": "cosine of raw router logits (MC-SMoE)",
@@ -433,7 +437,7 @@ def run_strategy(s: Settings, name: str, params: dict, progress=None, preset: st
     shared model. ``preset``: the preset the parameters started from (recorded in the provenance)."""
     strategy = get_strategy(name)
     model = load_model(s.model)
-    if strategy.edits_model(params):
+    if strategy.edits(params):
         model = copy.deepcopy(model)
     batch = calib_batch(s) if strategy.needs_data else None
     plan = make_plan(name, StrategyContext(model, batch, s.cache(), progress=progress), params)

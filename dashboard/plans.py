@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from moescope.analysis.pruning.plan import edit_layer
+from moescope.analysis.pruning.plan import edit_layer, unused_kept_short
 from moescope.dashboard.backend import (
     MoescopeError,
     PruningPlan,
@@ -68,7 +68,7 @@ def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFram
         if not rows:  # the original first: what every plan is measured against
             rows.append({"plan": "original (no plan)", "experts": c.experts_before, "params Δ%": 0.0,
                          "weight bytes Δ%": 0.0, "proxy ppl": c.proxy_ppl_before, "proxy Δ%": 0.0,
-                         "grid Σ Δppl": "—", "skipping": "—", "seconds": None})
+                         "grid Σ Δppl": "—", "skipping": "—", "unused experts kept": "—", "seconds": None})
         merges = any(not lp.is_pure_keep() for lp in plan.layers.values())
         grid_text = (f"{c.grid_sum:+.3f}" if c.grid_sum is not None else
                      "— (merges: the grid prices drops only)" if merges else "— (no drop grid stored)")
@@ -78,6 +78,8 @@ def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFram
                      "proxy ppl": c.proxy_ppl_after, "proxy Δ%": None if c.proxy_change is None else 100 * c.proxy_change,
                      "grid Σ Δppl": grid_text,
                      "skipping": "plan has β; not applied in the proxy" if plan.skip_beta else "none",
+                     # experts no calibration token reached, kept while used ones go (count and which)
+                     "unused experts kept": unused_kept_short(plan),
                      "seconds": c.seconds})
         if progress:
             progress("plans", k + 1, len(names))

@@ -440,7 +440,8 @@ def test_strategy_plan_from_the_registry(analysed):
     # options read as on the analysis pages (friendly names), the values stay the registry's; the
     # group-and-merge paper merges raw weights (alignment is MC-SMoE's addition)
     assert align.value == "none"
-    assert list(align.options) == ["none", "weight matching", "activation matching"]
+    assert list(align.options) == ["none", "weight matching", "activation matching",
+                                   "activation matching on routed tokens (MC-SMoE)"]
     assert align.label == "Align experts first" and not at.exception
     assert "TIES (sign consensus)" in at.selectbox(key="plan_merge_merge").options
     rep = at.selectbox(key="plan_merge_representation")
@@ -620,6 +621,8 @@ def test_named_plans_save_open_rename_delete_and_survive_a_new_session(analysed,
         assert row["skipping"] == "none"
         assert re.fullmatch(r"[+-]\d+\.\d{3}|— \(no drop grid stored\)", row["grid Σ Δppl"]), row["grid Σ Δppl"]
     assert list(table["experts"]) == [31, 24]
+    # the hand-made plan was never checked for experts without calibration tokens; frequency keeps none
+    assert list(table["unused experts kept"]) == ["— (not checked)", "none"]
     assert demo_model.num_experts() == {0: 8, 1: 8, 2: 8, 3: 8}  # predictions restored the shared model
 
     # rename, duplicate, delete

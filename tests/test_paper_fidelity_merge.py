@@ -31,7 +31,7 @@ from moescope.analysis.model.merging import (
     ties_merge,
 )
 from moescope.analysis.model.synthetic import tiny_model
-from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.pruning.plan import PruningPlan, unused_kept_note
 from moescope.analysis.pruning.prune import apply
 from moescope.analysis.strategies import StrategyContext, get_strategy, make_plan
 from moescope.analysis.strategies.presets import PRESETS, expand, make_preset_plan, validate_preset
@@ -302,7 +302,8 @@ def test_presets_are_declared_parameters_and_overridable():
     assert PRESETS["gam-data"].calib_samples == 128 and PRESETS["enumerate"].calib_samples == 128
     assert expand("max-rwn")[1]["order"] == "max" and expand("min-ean")[1]["order"] == "min"  # Table 1
     assert expand("max-ets")[1]["order"] == "max" and expand("max-ecc")[1]["order"] == "max"
-    assert expand("mc-smoe")[1]["align"] == "activations"
+    # MC-SMoE's Mixtral script merges unaligned weights; the paper's permutation alignment has its own name
+    assert expand("mc-smoe")[1]["align"] == "none" and expand("mc-smoe-aligned")[1]["align"] == "activations"
 
 
 def test_a_preset_that_cannot_apply_is_refused_from_the_config_in_one_line():
@@ -328,15 +329,20 @@ def test_cli_lists_presets_and_plans_from_one_with_overrides(capsys, tmp_path, m
     listed = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
     merge_presets = {p["name"]: p for p in listed["merge"]["presets"]}
     assert merge_presets["gam-data"]["params"]["augment"] == "embeddings" and merge_presets["gam-data"]["calib_samples"] == 128
-    assert {"mc-smoe"} == {p["name"] for p in listed["router-guided"]["presets"]}
+    assert {"mc-smoe", "mc-smoe-aligned"} == {p["name"] for p in listed["router-guided"]["presets"]}
     assert main(["strategies"]) == 0
     assert "preset hc-smoe: --representation mean_output --similarity euclidean" in capsys.readouterr().out
     out = tmp_path / "plan.json"
     rc = main(["plan", "demo", "--preset", "max-rwn", "--keep", "6", "--mode", "iterative", "--samples", "4",
                "--seq-len", "32", "-o", str(out)])
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
     plan = PruningPlan.load(out)
     assert plan.provenance["preset"] == "max-rwn"
+    # on these 4×32 tokens Max-RWN keeps an expert no token reached: the CLI says which, in one line
+    flagged = plan.provenance["unused_kept"]
+    assert flagged and all(set(v["kept"]) <= set(plan.layers[int(l)].kept()) for l, v in flagged.items())
+    assert err.strip().splitlines() == [f"warning: max-rwn (criterion) {unused_kept_note(plan)}"]
     assert plan.provenance["params"] == {"criterion": "RWN", "order": "max", "mode": "iterative", "keep": 6}
     assert main(["plan", "demo", "--preset", "hc-smoe", "--keep", "1", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

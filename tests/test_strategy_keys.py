@@ -39,12 +39,12 @@ BASE = {
 ALTERNATIVE = {
     "keep": 5, "budget": 11, "seed": 3, "grid_samples": 4, "batch": 4, "max_subsets": 3, "density": 0.5, "epochs": 2, "batch_sequences": 2, "augment_ratio": 0.5,
     ("merge", "lr"): 0.2, ("router-guided", "lr"): 0.2, ("lottery", "lr"): 1e-3, "start_tokens": 128,
-    "criterion": "EUF", "drop": {"0": [2], "1": [0, 4]},
+    "criterion": "EUF", "drop": {"0": [2], "1": [0, 4]}, "objective_batch": 2,
     "groups": {"0": [[0, 1], [2], [3], [4], [5], [6], [7]]},
     "coefficients": {"0": [[0.25, 0.75], [1.0], [1.0], [1.0], [1.0], [1.0], [1.0]]},
 }
 # a parameter that acts only when another one is set: both requests (before and after the change) carry it
-BASE_FOR = {("merge", "augment_ratio"): {"augment": "embeddings"}}
+BASE_FOR = {("merge", "augment_ratio"): {"augment": "embeddings"}, ("enumerate", "objective_batch"): {"objective": "per-batch"}}
 # parameters that only make sense together with another one
 TOGETHER = {("manual", "coefficients"): {"groups": ALTERNATIVE["groups"]}, ("manual", "groups"): {"drop": None},
             ("manual", "merge_router"): {"groups": ALTERNATIVE["groups"], "drop": None}}

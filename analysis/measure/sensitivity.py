@@ -164,10 +164,15 @@ class SubsetScorer:
     :meth:`losses_after_drop` scores the children ``C − {j}`` of a subset by re-scoring only the
     tokens that chose ``j`` (k rows per token instead of |C|). Chunks (``[t, E, E]`` Grams) are kept
     in memory up to ``max_bytes`` and recomputed per call beyond that.
+
+    ``batch_tokens``: the loss is the sum over consecutive blocks of that many tokens of each
+    block's Frobenius norm, ``Σ_b ‖F'(x_b, C) − F(x_b)‖_F`` — what the enumeration authors' code
+    minimises (``Expert_Sparsity/model/wrapper.py`` ``enumerate``: one norm per cached forward
+    batch, summed) — instead of eq. 3's one norm over all tokens (None, the default).
     """
 
     def __init__(self, view, x: Tensor, chunk_tokens: int = 4096, max_bytes: int = 2 * 2**30,
-                 work_bytes: int = 512 * 2**20):
+                 work_bytes: int = 512 * 2**20, batch_tokens: int | None = None):
         from moescope.analysis.model.routing import unchosen_removal_is_local
 
         self.view = view
@@ -181,6 +186,7 @@ class SubsetScorer:
         self.local = unchosen_removal_is_local(view.spec.routing, self.params)
         self.keep_in_memory = T * E * E * 4 <= max_bytes
         self._chunks: list | None = None
+        self.batch_tokens = batch_tokens
 
     def _compute_chunk(self, xc: Tensor):
         view = self.view
@@ -250,14 +256,19 @@ class SubsetScorer:
         masks = torch.zeros(len(subsets), E, dtype=torch.bool)
         for s, C in enumerate(subsets):
             masks[s, list(C)] = True
-        sq = torch.zeros(len(subsets), dtype=torch.float64)
+        per = self.batch_tokens or self.x.shape[0]
+        n_blocks = max(1, -(-self.x.shape[0] // per))
+        sq = torch.zeros(len(subsets), n_blocks, dtype=torch.float64)  # squared loss per subset and block
+        start = 0
         for chunk in self._iter_chunks():
             t, dev = chunk[0].shape[0], chunk[0].device
             tok = torch.arange(t, device=dev).repeat(len(subsets))
             owner = torch.arange(len(subsets), device=dev).repeat_interleave(t)
             rows, _ = self._routed_rows(chunk, tok, masks.to(dev), owner)
-            sq += rows.reshape(len(subsets), t).sum(1).cpu()
-        return sq.sqrt()
+            block = (torch.arange(start, start + t) // per).repeat(len(subsets))
+            sq.index_put_((torch.arange(len(subsets)).repeat_interleave(t), block), rows.cpu(), accumulate=True)
+            start += t
+        return sq.sqrt().sum(1)
 
     @torch.no_grad()
     def losses_after_drop(self, parents: list[tuple[int, ...]],
@@ -269,7 +280,7 @@ class SubsetScorer:
         (With low-precision router logits a token whose k-th and (k+1)-th scores tie may flip
         between them when any expert is masked, as topk breaks ties by position; here such a token
         keeps its routing, as it would in the pruned model if the tie were broken the same way.)"""
-        if not self.local:
+        if not self.local or self.batch_tokens is not None:  # per-block norms do not subtract: score children
             children = sorted({tuple(c for c in C if c != j) for C in parents for j in C})
             children = [C for C in children if wanted is None or wanted(C)]
             return dict(zip(children, self.losses(children).tolist()))
@@ -313,13 +324,14 @@ ENUMERATION_METHODS = ("auto", "exact", "greedy", "beam")
 
 def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subsets: int = 5000,
                     beam_width: int = 4, chunk_tokens: int = 4096,
-                    scorer: SubsetScorer | None = None) -> EnumerationResult:
+                    scorer: SubsetScorer | None = None, batch_tokens: int | None = None) -> EnumerationResult:
     """Choose ``keep`` experts of a layer minimising the reconstruction loss.
 
     ``method``: ``exact`` scores all C(E, keep) subsets; ``greedy`` removes, one at a time, the
     expert whose removal costs least; ``beam`` keeps the ``beam_width`` best subsets at each size;
     ``auto`` is exact when C(E, keep) ≤ ``max_subsets``, otherwise beam. ``scorer``: a
     :class:`SubsetScorer` of the same layer and inputs to reuse (its expert outputs are kept).
+    ``batch_tokens``: the authors' objective, a sum of per-block norms (:class:`SubsetScorer`).
     """
     E = view.num_experts
     if not view.top_k <= keep <= E:
@@ -329,7 +341,7 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
         method = "exact" if n_subsets <= max_subsets else "beam"
     if method not in ("exact", "greedy", "beam"):
         raise MoescopeError(f"unknown enumeration method '{method}'; accepted: auto, exact, greedy, beam")
-    scorer = scorer or SubsetScorer(view, x, chunk_tokens=chunk_tokens)
+    scorer = scorer or SubsetScorer(view, x, chunk_tokens=chunk_tokens, batch_tokens=batch_tokens)
     groups_ok = _routing_group_filter(view)
     reachable = _routing_group_filter(view, keep)
     if method == "exact":
@@ -366,14 +378,15 @@ def _best_children(scorer: SubsetScorer, beam: list[tuple[int, ...]], width: int
 
 
 def loss_curve(view, x: Tensor, min_keep: int | None = None, method: str = "auto", max_subsets: int = 5000,
-               beam_width: int = 4, chunk_tokens: int = 4096) -> tuple[dict[int, EnumerationResult], float]:
+               beam_width: int = 4, chunk_tokens: int = 4096,
+               batch_tokens: int | None = None) -> tuple[dict[int, EnumerationResult], float]:
     """The best subset of every size from ``min_keep`` (default: top-k) to all ``E`` experts, and
     ``‖F(x)‖_F`` (to make losses of different layers comparable): ``{size: EnumerationResult}``.
     Sizes with at most ``max_subsets`` subsets are searched exactly (``auto``/``exact``); the
     others by one greedy/beam pass from ``E`` down, which visits every size on the way."""
     E = view.num_experts
     min_keep = view.top_k if min_keep is None else min_keep
-    scorer = SubsetScorer(view, x, chunk_tokens=chunk_tokens)
+    scorer = SubsetScorer(view, x, chunk_tokens=chunk_tokens, batch_tokens=batch_tokens)
     out = {E: EnumerationResult(view.index, list(range(E)), 0.0, "exact", [(list(range(E)), 0.0)])}
     sizes = range(min_keep, E)
     exact = [k for k in sizes if method == "exact" or (method == "auto" and math.comb(E, k) <= max_subsets)]

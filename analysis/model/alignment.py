@@ -30,7 +30,7 @@ from moescope.analysis.core.errors import MoescopeError, unknown_name
 from moescope.analysis.model.layouts import LAYOUTS
 from torch import Tensor
 
-ALIGNMENTS = ("none", "weights", "activations")
+ALIGNMENTS = ("none", "weights", "activations", "routed-activations")
 OUTPUT_SIDE = ("down_proj_bias",)  # per-expert tensors that do not depend on the neuron order
 
 
@@ -151,29 +151,47 @@ def reference_position(coeffs: list[float]) -> int:
     return max(range(len(coeffs)), key=lambda i: (coeffs[i], -i))
 
 
+def routed_pair_tokens(view, ref: int, e: int, x: Tensor) -> Tensor:
+    """MC-SMoE's tokens for matching ``e`` onto ``ref`` (``permutation.py``: "gathered from tokens
+    routed to both reference_mlp and target_mlp"): the rows of ``x`` routed to ``ref`` followed by those
+    routed to ``e`` (a token routed to both appears twice, as the authors' concatenation has it)."""
+    idx = view.route(x).topk_idx
+    return torch.cat([x[(idx == ref).any(-1)], x[(idx == e).any(-1)]])
+
+
 def align_group(view, group: list[int], coeffs: list[float], method: str, x: Tensor | None = None,
                 max_tokens: int = 8192) -> list[list[int] | None]:
     """One permutation per member of ``group`` (None for the reference and with ``none``) that maps
     it onto the reference expert. ``activations`` needs ``x [T, d]`` (the layer's calibration
-    inputs; at most ``max_tokens`` of them, evenly strided, are used)."""
+    inputs; at most ``max_tokens`` of them, evenly strided, are used), every member seeing the same
+    tokens; ``routed-activations`` matches each member on the tokens routed to it or to the reference
+    (:func:`routed_pair_tokens`; MC-SMoE's), the identity where fewer than two such tokens exist."""
     if method not in ALIGNMENTS:
         raise unknown_name("alignment", method, ALIGNMENTS)
     if method == "none" or len(group) == 1:
         return [None] * len(group)
     check_alignable(view)
     ref = group[reference_position(coeffs)]
-    if method == "activations":
+    if method in ("activations", "routed-activations"):
         if x is None:
-            raise MoescopeError("align=activations needs calibration tokens; use align=weights without them")
+            raise MoescopeError(f"align={method} needs calibration tokens; use align=weights without them")
         x = x.reshape(-1, x.shape[-1])
-        if x.shape[0] > max_tokens:
+        if method == "activations" and x.shape[0] > max_tokens:
             x = x[:: -(-x.shape[0] // max_tokens)]
     out: list[list[int] | None] = []
     for e in group:
         if e == ref:
             out.append(None)
             continue
-        perm = weight_matching(view, ref, e) if method == "weights" else activation_matching(view, ref, e, x)
+        if method == "weights":
+            perm = weight_matching(view, ref, e)
+        elif method == "activations":
+            perm = activation_matching(view, ref, e, x)
+        else:
+            xe = routed_pair_tokens(view, ref, e, x)
+            if xe.shape[0] > max_tokens:
+                xe = xe[:: -(-xe.shape[0] // max_tokens)]
+            perm = activation_matching(view, ref, e, xe) if xe.shape[0] >= 2 else torch.arange(intermediate_size(view))
         out.append(perm.tolist())
     return out
 

@@ -430,3 +430,57 @@ def _as_float(w, where: str, key, what: str = "merge coefficient") -> float:
     except OverflowError:
         raise MoescopeError(f"{where}: layer {key}: {what} {str(w)[:20]}… is too large to be a "
                             "number") from None
+
+
+# ---- experts no calibration token reached ------------------------------------------------------
+UNUSED_KEY = "unused_kept"  # provenance key of :func:`unused_kept`'s finding
+
+
+def unused_kept(plan: PruningPlan, usage_counts: dict[int, list[float]]) -> dict[str, dict[str, list[int]]]:
+    """Where ``plan`` keeps, as an output expert of its own, an expert that no calibration token was
+    routed to while it removes (drops, or merges into another) experts that tokens were routed to.
+
+    ``usage_counts``: per MoE layer, the number of calibration tokens routed to each expert.
+    Returns ``{layer: {"kept": [unused experts kept alone], "removed": [used experts dropped or
+    merged]}}`` for the layers where both lists are non-empty (``{}``: no such layer). A rule that
+    keeps a dead expert (MC-Suite's pair rule never picks an unrouted expert, so Max-ECC and
+    Max-ETS can keep one) is followed literally; this says so."""
+    out = {}
+    for l, lp in sorted(plan.layers.items()):
+        counts = usage_counts.get(l)
+        if counts is None:
+            continue
+        alone = {g[0] for g in lp.groups if len(g) == 1}
+        kept = sorted(e for e in alone if counts[e] == 0)
+        removed = sorted(e for e in range(len(counts)) if counts[e] > 0 and e not in alone)
+        if kept and removed:
+            out[str(l)] = {"kept": kept, "removed": removed}
+    return out
+
+
+def unused_kept_note(plan: PruningPlan) -> str | None:
+    """One line saying which experts without calibration tokens ``plan`` keeps while removing used
+    ones (from its provenance, :func:`unused_kept`), or None when it keeps none (or was not checked)."""
+    found = (plan.provenance or {}).get(UNUSED_KEY) or {}
+    if not found:
+        return None
+    n = sum(len(v["kept"]) for v in found.values())
+    kept = "; ".join(f"layer {l}: {', '.join(map(str, v['kept']))}" for l, v in sorted(found.items(), key=lambda t: int(t[0])))
+    removed = "; ".join(f"layer {l}: {', '.join(map(str, v['removed']))}"
+                        for l, v in sorted(found.items(), key=lambda t: int(t[0])))
+    return (f"keeps {n} expert{'s' if n != 1 else ''} that no calibration token reached ({kept}) while it drops "
+            f"or merges experts that tokens were routed to ({removed})")
+
+
+def unused_kept_short(plan: PruningPlan) -> str:
+    """The finding of :func:`unused_kept` for a table cell: ``none``, ``2 (L1: 4, 7)``, or ``— (not
+    checked)`` for a plan made without calibration tokens (by hand, or before this check existed)."""
+    prov = plan.provenance or {}
+    if UNUSED_KEY not in prov:
+        return "— (not checked)"
+    found = prov[UNUSED_KEY] or {}
+    if not found:
+        return "none"
+    n = sum(len(v["kept"]) for v in found.values())
+    where = "; ".join(f"L{l}: {', '.join(map(str, v['kept']))}" for l, v in sorted(found.items(), key=lambda t: int(t[0])))
+    return f"{n} ({where})"

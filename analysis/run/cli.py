@@ -120,7 +120,10 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
                              else "calibration windows read from the data source (default: the preset's calibration "
                                   "size, else 32)") + "; more windows give steadier numbers and a different plan or "
                             "grid than fewer")
-        p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
+        p.add_argument("--seq-len", type=int, default=seq_len,
+                       help=f"tokens per window (default {seq_len})" if seq_len is not None else
+                       "tokens per calibration window (default: the preset paper's length, capped at the model's "
+                       "positions, else 256)")
         p.add_argument("--sampling", default="random", choices=["random", "first"],
                        help="random: seeded window offsets (default); first: consecutive windows from each "
                             "domain's start")
@@ -138,8 +141,10 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None, help="a registered strategy (see `moescope strategies`)")
     p.add_argument("--preset", default=None,
                    help="a paper's recipe: a named set of a strategy's parameters, each overridable by its flag "
-                        "(see `moescope strategies`); its calibration size is the --samples default")
-    data_args(p, "--calib", "demo:all", None, 256)
+                        "(see `moescope strategies`); its calibration size and length are the --samples and "
+                        "--seq-len defaults, and its paper's headline target applies when neither --keep nor "
+                        "--budget is given")
+    data_args(p, "--calib", "demo:all", None, None)
     p.add_argument("--seed", type=seed_value, default=None, help="calibration sampling seed (and the strategy's seed)")
     for name, param in (strategy_flag_names() if strategy_flags else {}).items():  # one per strategy parameter
         flag = "--" + name.replace("_", "-")

@@ -279,8 +279,14 @@ def cmd_plan(args) -> int:
     from moescope.analysis.core.outputs import check_output_file
     from moescope.analysis.data import parse_source
     from moescope.analysis.model import load_moe
+    from moescope.analysis.pruning.plan import unused_kept_note
     from moescope.analysis.strategies import StrategyContext, get_strategy, make_plan, validate_request
-    from moescope.analysis.strategies.presets import get_preset, validate_preset
+    from moescope.analysis.strategies.presets import (
+        calibration_length,
+        fill_target,
+        get_preset,
+        validate_preset,
+    )
 
     check_output_file(args.output, "plan file")  # before any work, so none is thrown away at the end
     check_device(args.device)
@@ -298,10 +304,21 @@ def cmd_plan(args) -> int:
         parse_source(args.calib)
     # everything about the request is checked against the config before any weights are read
     skeleton = load_moe(args.model, dtype=None, weights=False, trust_remote_code=args.trust_remote_code)
+    notes = []
+    if args.seq_len is None:
+        from moescope.analysis.model.loading import max_positions
+
+        length, capped = calibration_length(preset.name, max_positions(skeleton.config)) if preset else (None, None)
+        args.seq_len = length or 256
+        notes += [capped] if capped else []
     if preset is not None:
+        params, headline = fill_target(preset.name, params, skeleton)
+        notes += [headline] if headline else []
         params = validate_preset(preset.name, params, skeleton)[1]
     else:
         validate_request(strategy.name, params, skeleton)
+    for note in notes:  # what the preset filled in, said before any weights load
+        print(f"note: {note}", file=sys.stderr)
     if strategy.needs_data:
         from moescope.analysis.model.loading import check_sampling
 
@@ -317,11 +334,15 @@ def cmd_plan(args) -> int:
     if preset is not None:
         plan.provenance["preset"] = preset.name
     path = plan.save(args.output)
+    label = f"{preset.name} ({strategy.name})" if preset is not None else strategy.name
     if args.json:
         print(json.dumps({"plan": str(path), **plan.to_json()}, indent=2))
     else:
-        print(f"{preset.name + ' (' + strategy.name + ')' if preset is not None else strategy.name}: {plan.summary()}")
+        print(f"{label}: {plan.summary()}")
         print(f"wrote {path}")
+    note = unused_kept_note(plan)
+    if note:  # a literal rule kept a dead expert: the plan stays as chosen, and the user is told
+        print(f"warning: {label} {note}", file=sys.stderr)
     return 0
 
 
@@ -347,7 +368,10 @@ def cmd_strategies(args) -> int:
             values = " ".join(f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool)
                               else f"--{k.replace('_', '-')} {v}" for k, v in p["params"].items())
             samples = f" --samples {p['calib_samples']}" if p["calib_samples"] else ""
-            print(f"    preset {p['name']}: {values}{samples}  ({p['source']})")
+            samples += f" --seq-len {p['calib_seq_len']}" if p["calib_seq_len"] else ""
+            target = (f"; target when none is given: keep {p['keep_fraction']:.0%} of each layer's experts "
+                      f"({p['target_source']})" if p["keep_fraction"] else "")
+            print(f"    preset {p['name']}: {values}{samples}  ({p['source']}{target})")
     return 0
 
 

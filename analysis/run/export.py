@@ -22,6 +22,7 @@ from pathlib import Path
 
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.model import atomic_output_dir, check_output_dir
+from moescope.analysis.pruning.plan import unused_kept_note
 
 
 def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False,
@@ -344,6 +345,9 @@ def model_card(model, plan, experiment=None, weights: dict | None = None) -> str
             out += ["", "Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in sorted(params.items())]
         if prov.get("data"):
             out += ["", f"Calibration data fingerprint: `{str(prov['data'])[:16]}`"]
+        note = unused_kept_note(plan)
+        if note:
+            out += ["", f"**Warning:** the plan {note}: its rule keeps them as written."]
         if prov.get("finetuned"):
             out += ["", "The kept experts and routers were finetuned (lottery subnetwork rounds)."]
         if plan.skip_beta:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from moescope.analysis.core.errors import MoescopeError, unknown_name
 from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
-from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.pruning.plan import UNUSED_KEY, PruningPlan, unused_kept
 from moescope.analysis.strategies.selection import keep_counts
 
 Progress = Callable[[str, int, int], None]
@@ -109,6 +109,11 @@ class Strategy:
     with_skip: bool = True  # accepts with_skip (prune, and also skip dynamically)
     check: Callable[[dict, object], None] | None = None  # cross-parameter checks against the model
     edits_model: Callable[[dict], bool] = field(default=lambda params: False)
+
+    def edits(self, params: dict) -> bool:
+        """Whether making a plan edits the model for a while (restored after): the strategy's own
+        edits, or dynamic skipping's β measured on the pruned model (:func:`pruned_beta`)."""
+        return bool(self.edits_model(params) or params.get("with_skip"))
 
     def all_params(self) -> tuple[Param, ...]:
         """The declared parameters plus the common ones (target and ``with_skip``)."""
@@ -224,6 +229,31 @@ def validate_request(name: str, params: dict, model) -> dict:
     return get_strategy(name).validate(params, model)[0]
 
 
+def pruned_beta(ctx: StrategyContext, plan: PruningPlan) -> dict[int, float]:
+    """Dynamic skipping's β per layer (the median of the ratio the rule compares) measured on the
+    model ``plan`` makes, so that about half the pruned model's tokens skip (Lu et al. App. A.3). The
+    authors' ``method/dynamic_skipping.py`` takes β from whatever model it is run on, and their
+    pipeline runs it on the pruned checkpoint; the original router's β is not the pruned router's
+    (its softmax spans experts that are gone). The plan is applied inside temporary edits, which
+    restore the model exactly; a finetuned plan (its weights live in the cache) takes β from the
+    original routing."""
+    import contextlib
+
+    from moescope.analysis.model.skipping import calibrate
+    from moescope.analysis.pruning.prune import is_finetuned
+
+    if is_finetuned(plan) or not plan.layers:
+        return calibrate(ctx.analysis(metrics=("routing",)))
+    model = ctx.model
+    with contextlib.ExitStack() as stack:
+        for l in sorted(plan.layers):
+            stack.enter_context(model.temporary_edit(l))
+        for l, lp in sorted(plan.layers.items()):
+            model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router, permutations=lp.permutations,
+                        operator=lp.operator, density=lp.density, router_coeffs=lp.router_coefficients)
+        return calibrate(ctx.analysis(metrics=("routing",)))
+
+
 def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
     """Run strategy ``name`` (parameters validated first) and validate its plan against the model."""
     strategy = get_strategy(name)
@@ -233,10 +263,12 @@ def make_plan(name: str, ctx: StrategyContext, params: dict) -> PruningPlan:
     with_skip = bool(full.pop("with_skip", False))
     given.pop("with_skip", None)
     plan = strategy.run(dataclasses.replace(ctx, given=given), full)
-    if with_skip and not plan.skip_beta:  # prune and also skip dynamically (β from the original routing)
-        from moescope.analysis.model.skipping import calibrate
-
-        plan.skip_beta = calibrate(ctx.analysis(metrics=("routing",)))
+    if with_skip and not plan.skip_beta:  # prune and also skip dynamically
+        plan.skip_beta = pruned_beta(ctx, plan)
         plan.provenance["with_skip"] = True
     plan.validate_for(ctx.model)
+    if ctx.calib is not None:  # say so where the plan keeps experts no calibration token reached
+        res = ctx.analysis(metrics=("routing",))
+        plan.provenance[UNUSED_KEY] = unused_kept(plan, {l: res.routing(l, "usage_count").tolist()
+                                                         for l in res.layers})
     return plan

@@ -19,6 +19,15 @@ from moescope.analysis.measure.sensitivity import (
 from moescope.analysis.strategies.base import Param, register
 from moescope.analysis.strategies.selection import keep_counts
 
+OBJECTIVES = ("eq3", "per-batch")
+
+
+def batch_tokens(ctx, params) -> int | None:
+    """Tokens per block of the per-batch objective (None: eq. 3's one norm)."""
+    if params["objective"] != "per-batch":
+        return None
+    return params["objective_batch"] * ctx.calib.input_ids.shape[1]
+
 
 def budget_allocation(ctx, params) -> tuple[dict[int, int], dict[int, list[int]], dict[int, dict[int, float]]]:
     """(experts per layer for ``params["budget"]``, the best layer-wise subset at that count,
@@ -28,7 +37,8 @@ def budget_allocation(ctx, params) -> tuple[dict[int, int], dict[int, list[int]]
     n = model.num_hidden_layers
     for l, x in LayerStream(model, ctx.calib.input_ids).layers():
         if x is not None:
-            results, norm = loss_curve(model.layers[l], x, method=params["method"], max_subsets=params["max_subsets"])
+            results, norm = loss_curve(model.layers[l], x, method=params["method"], max_subsets=params["max_subsets"],
+                                       batch_tokens=batch_tokens(ctx, params))
             curves[l] = {k: r.loss / max(norm, 1e-30) for k, r in results.items()}
             best[l] = {k: r.keep for k, r in results.items()}
         ctx.report("layers", l + 1, n)
@@ -45,7 +55,13 @@ def budget_allocation(ctx, params) -> tuple[dict[int, int], dict[int, list[int]]
            Param("method", str, "auto", choices=ENUMERATION_METHODS, help="subset search", label="search",
                  affects_key=False),
            Param("max_subsets", int, 5000, help="exact search up to this many subsets, else greedy/beam",
-                 minimum=1, affects_key=False)],
+                 minimum=1, affects_key=False),
+           Param("objective", str, "eq3", choices=OBJECTIVES, affects_key=False,
+                 help="eq3: one Frobenius norm over all calibration tokens (the paper's eq. 3) | per-batch: the sum "
+                      "over batches of objective_batch sequences of each batch's norm (the authors' wrapper.py)"),
+           Param("objective_batch", int, 8, minimum=1, affects_key=False, label="sequences per batch",
+                 help="per-batch objective: calibration sequences per batch (8, the authors' --batch_size default)",
+                 when=lambda p: p.get("objective") == "per-batch")],
           budget=True, edits_model=lambda p: p.get("mode") == "progressive")
 def enumerate_subsets(ctx, params):
     mode = params["mode"]
@@ -70,7 +86,7 @@ def enumerate_subsets(ctx, params):
             x = stream.step(capture_moe_input=True)
             if x is not None:
                 keep[l] = enumerate_layer(model.layers[l], x, counts[l], method=params["method"],
-                                          max_subsets=params["max_subsets"]).keep
+                                          max_subsets=params["max_subsets"], batch_tokens=batch_tokens(ctx, params)).keep
                 if before is not None:
                     # later layers see this layer pruned: edit it (restored on exit) and redo its output
                     stack.enter_context(model.temporary_edit(l))

@@ -22,7 +22,7 @@ from moescope.analysis.model.merging import (
 )
 from moescope.analysis.pruning.plan import LayerPlan, PruningPlan
 from moescope.analysis.strategies.base import Param, register
-from moescope.analysis.strategies.selection import keep_counts
+from moescope.analysis.strategies.selection import keep_counts, usage_threshold_counts
 
 REPRESENTATIONS = {
     "outputs": ("cka_linear", "cka_rbf", "cka_rbf_minibatch", "cosine", "mse"),
@@ -62,7 +62,9 @@ def _merge_params(default_merge: str, default_align: str) -> list[Param]:
         Param("align", str, default_align, choices=ALIGNMENTS, label="align experts first",
               help="permute every member's intermediate neurons onto the group's reference expert before "
                    "combining (MC-SMoE's addition): none | weights (weight matching) | activations (activation "
-                   "matching on the calibration tokens; weights where there are none)", affects_key=False),
+                   "matching on the calibration tokens; weights where there are none) | routed-activations "
+                   "(activation matching on the tokens routed to the member or the reference, MC-SMoE's)",
+              affects_key=False),
         Param("density", float, 0.2, help="ties: fraction of each member's difference from the mean kept, in (0, 1]",
               label="TIES density", minimum=0, maximum=1, affects_key=False,
               when=lambda p: p.get("merge") == "ties"),
@@ -88,9 +90,9 @@ def _layer_inputs(ctx) -> dict[int, torch.Tensor]:
 def _alignment(ctx, params) -> str:
     """``align`` as given; the default (activations) falls back to weights without calibration data."""
     align = params["align"]
-    if align == "activations" and ctx.calib is None:
+    if align in ("activations", "routed-activations") and ctx.calib is None:
         if "align" in ctx.given:
-            raise MoescopeError("align=activations needs calibration data; use align=weights or align=none")
+            raise MoescopeError(f"align={align} needs calibration data; use align=weights or align=none")
         return "weights"
     return align
 
@@ -101,7 +103,7 @@ def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], r
     merge, merge_router = params["merge"], params["merge_router"]
     align = _alignment(ctx, params)
     layers, learned = {}, {}
-    xs = _layer_inputs(ctx) if merge == "learned" or align == "activations" else {}
+    xs = _layer_inputs(ctx) if merge == "learned" or align in ("activations", "routed-activations") else {}
     seq_len = ctx.calib.input_ids.shape[1] if ctx.calib is not None else None
     for l, groups in groups_by_layer.items():
         view = ctx.model.layers[l]
@@ -229,18 +231,37 @@ def group_and_merge(ctx, params):
 ROUTER_SIMILARITIES = {"cosine": "logit_similarity", "correlation": "logit_correlation"}
 
 
+ALLOCATIONS = ("distinctness", "usage-threshold")
+
+
+def _check_router_guided(params, model) -> None:
+    _check_merge(params, model)
+    if params["allocation"] == "usage-threshold" and any(v.spec.group_limited for v in model.layers.values()):
+        raise MoescopeError("allocation=usage-threshold gives layers different group counts, which a group-limited "
+                            "router cannot split evenly; use allocation=distinctness with keep")
+
+
 @register("router-guided", "MC-SMoE: the most-used experts lead their groups and every other expert joins the "
           "leader with the most similar router logits (cosine over calibration tokens); frequency-weighted merge.",
           [Param("router_similarity", str, "cosine", choices=tuple(ROUTER_SIMILARITIES),
                  help="cosine of the raw router-logit columns (MC-SMoE) | correlation (each column centred first: "
                       "a Pearson correlation; moescope's)", affects_key=False),
+           Param("allocation", str, "distinctness", choices=ALLOCATIONS, label="groups per layer",
+                 help="distinctness: keep gives every layer the same count, a budget is ranked by router-logit "
+                      "distinctness (moescope's) | usage-threshold: keep × layers (or the budget) groups spread by one "
+                      "global usage threshold (MC-SMoE's Mixtral script; layers get different counts)",
+                 affects_key=False),
            *_merge_params("frequency", "activations")],
-          merges=True, budget=True, check=_check_merge)
+          merges=True, budget=True, check=_check_router_guided)
 def router_guided(ctx, params):
     _alignment(ctx, params)
     res = ctx.analysis(metrics=("routing",))
     stat = ROUTER_SIMILARITIES[params["router_similarity"]]
-    counts = merge_counts(ctx, params, {l: affinity(res.routing(l, stat), "router_logits") for l in res.layers})
+    if params["allocation"] == "usage-threshold":
+        total = params["budget"] if params.get("budget") is not None else params["keep"] * len(res.layers)
+        counts = usage_threshold_counts(ctx.model, {l: res.routing(l, "usage_count") for l in res.layers}, total)
+    else:
+        counts = merge_counts(ctx, params, {l: affinity(res.routing(l, stat), "router_logits") for l in res.layers})
     groups = {}
     for l in res.layers:
         usage, sim = res.routing(l, "usage"), res.routing(l, stat)
@@ -250,4 +271,7 @@ def router_guided(ctx, params):
             return [[members[i] for i in g] for g in sub]
 
         groups[l] = per_routing_group(ctx.model.layers[l], sim, counts[l], cluster)
-    return merge_plan(ctx, params, "router-guided", groups, res, merge=params["merge"])
+    plan = merge_plan(ctx, params, "router-guided", groups, res, merge=params["merge"])
+    if params["allocation"] == "usage-threshold":
+        plan.provenance["groups_per_layer"] = {str(l): c for l, c in counts.items()}
+    return plan

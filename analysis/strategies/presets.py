@@ -32,10 +32,23 @@ class Preset:
     calib_samples: int | None = None  # calibration sequences the paper used (the CLI's --samples default)
     note: str = ""  # what the paper leaves open and moescope chose
     refuse: tuple[Callable[[object, dict], str | None], ...] = field(default=())  # (model, params) -> reason
+    calib_seq_len: int | None = None  # tokens per calibration sequence in the paper (the CLI's --seq-len default)
+    keep_fraction: float | None = None  # the paper's headline target: the share of each layer's experts kept
+    target_source: str = ""  # where the headline target comes from
 
     def describe(self) -> dict:
         return {"name": self.name, "strategy": self.strategy, "params": dict(self.params), "help": self.help,
-                "source": self.source, "calib_samples": self.calib_samples, "note": self.note}
+                "source": self.source, "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
+                "keep_fraction": self.keep_fraction, "target_source": self.target_source, "note": self.note}
+
+    def headline_keep(self, model) -> int | None:
+        """The paper's headline target on ``model`` (built from its config alone will do): ``keep_fraction``
+        of the experts of its smallest MoE layer, rounded, and never below any layer's top-k."""
+        if self.keep_fraction is None:
+            return None
+        layers = model.layers.values()
+        smallest = min(v.num_experts for v in layers)
+        return max(int(self.keep_fraction * smallest + 0.5), max(v.top_k for v in layers))
 
 
 PRESETS: dict[str, Preset] = {}
@@ -54,8 +67,9 @@ _add(Preset(
     "group-and-merge, data-centric: CKA of the experts' outputs on shared calibration tokens (router bypassed, "
     "mixup of token embeddings), spectral grouping, uniform souping of experts and router rows",
     f"{GAM} §3.4–3.5, eq. 3 (CKA), eq. 4 (grouping), eq. 5 (merge, uniform α), Algorithm 1; 128 C4 samples (§4.1)",
-    calib_samples=128,
-    note="linear kernel (App. B/D figures; the paper also shows RBF); spectral clustering (App. G names it "
+    calib_samples=128, keep_fraction=0.75,
+    target_source="§4.2: Mixtral's 8 experts pruned to 6 and to 4 per layer (6 first)",
+    note="sequence length not stated (moescope's 256); linear kernel (App. B/D figures; the paper also shows RBF); spectral clustering (App. G names it "
          "first, greedy is the faster alternative); mixup ratio 1 mixed sequence per calibration sequence with "
          "λ ~ U(0, 1) per sequence (the paper gives neither)"))
 _add(Preset(
@@ -65,6 +79,8 @@ _add(Preset(
     "group-and-merge, model-centric: surrogate weights W_down(W_gate ⊙ W_up), MSE, spectral grouping, uniform "
     "souping of experts and router rows (no data)",
     f"{GAM} §3.5 (surrogate weights ♠, MSE 'which we adopt in the model-centric method', App. G), eq. 5",
+    keep_fraction=0.75,
+    target_source="§4.2: Mixtral's 8 experts pruned to 6 and to 4 per layer (6 first)",
     note="surrogate rather than vectorised weights (App. D: 'more stable'); MSE turned into an affinity "
          "exp(−mse / median) for spectral clustering"))
 _add(Preset(
@@ -74,60 +90,92 @@ _add(Preset(
      "lr": 1e-3},
     "group-and-merge, data-centric with learned coefficients: eq. 6 (λ Σ α θ, Σ α = 1, router rows Σ α W) by "
     "SGD, lr 1e-3, 50 epochs, 3:1 train/evaluation sequences",
-    f"{GAM} eq. 6, App. A", calib_samples=128,
-    note="an epoch is one pass over the training sequences, one SGD step per sequence; α = softmax(β) "
+    f"{GAM} eq. 6, App. A", calib_samples=128, keep_fraction=0.75,
+    target_source="§4.2: Mixtral's 8 experts pruned to 6 and to 4 per layer (6 first)",
+    note="sequence length not stated (moescope's 256); an epoch is one pass over the training sequences, one SGD step per sequence; α = softmax(β) "
          "starting uniform, λ = 1; loss ‖y − F‖ (Frobenius) as written"))
 
 # ---- enumeration and dynamic skipping (Lu et al. 2024) -----------------------------------------
 LU = "enumeration (Lu et al. 2024)"
-_add(Preset("enumerate", "enumerate", {"mode": "layer-wise"},
+_add(Preset("enumerate", "enumerate", {"mode": "layer-wise", "objective": "per-batch"},
             "Lu et al.: per layer the kept subset with the smallest reconstruction loss, every layer on the "
-            "original model's inputs",
-            f"{LU} §3.1, §4.1 (128 C4 sequences)", calib_samples=128))
-_add(Preset("enumerate-skip", "enumerate", {"mode": "layer-wise", "with_skip": True},
-            "Lu et al.: layer-wise enumeration, and dynamic skipping with β per layer the median w₂/w₁",
-            f"{LU} §3.1 and §3.2 (β = median of w_{{e1}}/w_{{e0}})", calib_samples=128))
+            "original model's inputs; the loss as the authors' code sums it (one norm per batch of 8 sequences)",
+            f"{LU} §3.1, §4.1 (128 C4 sequences of 2048 tokens); authors' model/wrapper.py enumerate (Σ over "
+            "batches of ‖F' − F‖_F, --batch_size 8)", calib_samples=128, calib_seq_len=2048,
+            keep_fraction=0.75, target_source="§3.3 (1.2–1.3× speed-up 'with r = 6'), Table 2: r = 6 of 8 (r = 4 too)"))
+_add(Preset("enumerate-skip", "enumerate", {"mode": "layer-wise", "objective": "per-batch", "with_skip": True},
+            "Lu et al.: layer-wise enumeration, and dynamic skipping with β per layer the median w₂/w₁ of the "
+            "pruned model",
+            f"{LU} §3.1 and §3.2 (β = median of w_{{e1}}/w_{{e0}}); 128 C4 sequences of 2048 tokens (§4.1); authors' "
+            "model/wrapper.py enumerate and method/dynamic_skipping.py (β from the model it is run on)",
+            calib_samples=128, calib_seq_len=2048,
+            keep_fraction=0.75, target_source="§3.3 (1.2–1.3× speed-up 'with r = 6'), Table 2: r = 6 of 8 (r = 4 too)"))
 
 # ---- MC-SMoE, HC-SMoE, REAP ----------------------------------------------------------------------
+MC_T = dict(keep_fraction=0.5, target_source="the script takes num_average_groups without a default; 4 of 8, the "
+                                                  "count HC-SMoE's Mixtral script (scripts/mixtral/run.sh) compares at")
 _add(Preset("mc-smoe", "router-guided",
-            {"router_similarity": "cosine", "align": "activations", "merge": "frequency", "merge_router": True},
-            "MC-SMoE: most-used experts lead, the others join the leader with the most similar raw router logits, "
-            "activation-matching alignment, frequency-weighted merge",
-            "MC-SMoE (Li et al. 2024), authors' mcsmoe/merging/grouping_mixtral.py (router-logits similarity, "
-            "usage-frequency-weighted merge) and permutation.py (activation matching)",
-            note="MC-SMoE keeps every member's router row pointing at the merged expert; a plan has one router row "
-                 "per output expert, so the rows are merged with the same frequency weights"))
+            {"router_similarity": "cosine", "allocation": "usage-threshold", "align": "none", "merge": "frequency",
+             "merge_router": True},
+            "MC-SMoE's Mixtral recipe: groups spread over the layers by one global usage threshold, the most-used "
+            "experts lead, the others join the leader with the most similar raw router logits, frequency-weighted "
+            "merge of the unaligned weights",
+            "MC-SMoE (Li et al. 2024), authors' mcsmoe/msmoe-merging-mixtral.py → merging/grouping_mixtral.py "
+            "(group_experts_globally_from_dominant_experts: usage-threshold allocation, router-logits similarity; "
+            "merge_by_groups_with_usage_weighted: no permutation); MiniPile blocks of 512 tokens",
+            calib_seq_len=512, **MC_T,
+            note="keep N asks for N × layers groups in all (the script's num_average_groups), --budget for a total; "
+                 "the script reads 10 % of MiniPile, far more than moescope's default 32 sequences; MC-SMoE keeps every "
+                 "member's router row pointing at the merged expert, a plan has one router row per output expert, "
+                 "merged with the same frequency weights; a layer the threshold leaves below top-k is refused"))
+_add(Preset("mc-smoe-aligned", "router-guided",
+            {"router_similarity": "cosine", "allocation": "distinctness", "align": "activations", "merge": "frequency",
+             "merge_router": True},
+            "MC-SMoE grouping with the paper's permutation alignment (activation matching) before the frequency-"
+            "weighted merge, the same number of groups in every layer (moescope's variant of the Mixtral recipe)",
+            "MC-SMoE (Li et al. 2024) §3 and the authors' mcsmoe/merging/permutation.py (activation matching, their "
+            "Switch-Transformer path); grouping_mixtral.py (router-logits similarity)",
+            calib_seq_len=512, **MC_T,
+            note="alignment matches neurons on the calibration tokens every member sees (router bypassed); "
+                 "align=routed-activations uses the tokens routed to the member or the reference, as permutation.py "
+                 "gathers them; keep gives every layer the same count"))
 _add(Preset("hc-smoe", "merge",
             {"representation": "mean_output", "similarity": "euclidean", "grouping": "agglomerative",
              "merge": "frequency", "merge_router": True, "align": "none", "augment": "none"},
             "HC-SMoE: each expert's mean output over all calibration tokens, Euclidean distance, average-linkage "
             "hierarchical clustering, frequency-weighted merge",
             "HC-SMoE (Chen et al. 2025), authors' hcsmoe/merging/clustering.py (pairwise Euclidean distances, "
-            "average linkage) and scripts/mixtral/run.sh (expert-output, 32 sentences)",
-            calib_samples=32,
-            note="router rows merged with the same frequency weights (HC-SMoE keeps the original router and maps "
+            "average linkage) and scripts/mixtral/run.sh (expert-output, 32 C4 sentences of 2048 tokens)",
+            calib_samples=32, calib_seq_len=2048, keep_fraction=0.5,
+            target_source="scripts/mixtral/run.sh: num_average_groups=4 of Mixtral's 8",
+            note="the script's merge is fix-dom-same (a many-to-one neuron fold onto the dominant expert), not yet "
+                 "in moescope: the preset merges by frequency weights; router rows merged with the same frequency weights (HC-SMoE keeps the original router and maps "
                  "members to the merged expert)"))
 _add(Preset("reap", "criterion", {"criterion": "REAP", "order": "min", "mode": "one-shot"},
             "REAP: drop the experts with the smallest router-weighted expert activation norm",
-            "REAP (Lasby et al. 2025), the authors' saliency score (mean over routed tokens of gate × ‖output‖)"))
+            "REAP (Lasby et al. 2025), the authors' saliency score (mean over routed tokens of gate × ‖output‖)",
+            keep_fraction=0.5, target_source="the paper's larger of its two compression levels (25 % and 50 % of "
+                                             "the experts pruned)"))
 
 # ---- MC-Suite (Jaiswal et al.): each criterion at its best end, one-shot -----------------------
-# The end the paper's text supports; Figure 4 itself is an image, so for EWS, EWN, EAS, EAO, EGS, EGO and
-# EGN the end is chosen by analogy (similarity: the most redundant expert goes; norms and counts: the
-# least active one goes), and said so.
+# The end the paper's text supports (the captions of Figs. 8–15 included); Figure 4 itself is an image,
+# so for EWN, EAO, EGS, EGO and EGN the end is chosen by analogy (similarity: the most redundant expert
+# goes; norms and counts: the least active one goes), and said so.
 MCS = "MC-Suite (Jaiswal et al.)"
 BEST_ENDS = {
     "EAN": ("min", "Table 1 (best criterion), eq. 13"),
     "EGE": ("min", "Table 1, eq. 15"),
     "RWN": ("max", "Table 1, eq. 4"),
     "ETS": ("max", "Table 1, eq. 10, Fig. 11"),
-    "ECC": ("max", "Fig. 10 ('highest collaboration'), eq. 8"),
+    "ECC": ("max", "Fig. 10 ('highest collaboration'), eq. 8 and the pair rule after it (the caption reads per "
+                   "expert, 'with rest of other experts': that is the row sum, ECC-rowsum, which the pair rule is not)"),
     "EVC": ("min", "Fig. 8 and §3 finding ③, eq. 9"),
     "EUF": ("min", "Fig. 9, eq. 7"),
     "WSR": ("max", "§3 finding ④ (dominant experts have lower stable rank), eq. 5"),
     "EAE": ("min", "§1 and §3 finding ⑤ (dominant experts have higher entropy), eq. 12"),
-    "EWS": ("max", "eq. 3; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
-    "EAS": ("max", "eq. 11; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
+    "EWS": ("max", "eq. 3, Fig. 15's caption ('highest weight similarity … better candidate for expert dropping')"),
+    "EAS": ("max", "eq. 11, Fig. 12's caption ('highest similarity with rest of other experts' are the least "
+                   "dominant)"),
     "EGS": ("max", "eq. 14; end by analogy with ETS (the text is silent; Fig. 4 is an image)"),
     "EWN": ("min", "eq. 6; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
     "EGN": ("min", "eq. 16; end by analogy with EAN (the text is silent; Fig. 4 is an image)"),
@@ -137,15 +185,19 @@ BEST_ENDS = {
 for _crit, (_end, _where) in BEST_ENDS.items():
     _add(Preset(f"{_end}-{_crit.lower()}", "criterion", {"criterion": _crit, "order": _end, "mode": "one-shot"},
                 f"MC-Suite {_end.capitalize()}-{_crit}, one-shot",
-                f"{MCS} {_where}; 256 C4 samples (App. C)", calib_samples=256))
+                f"{MCS} {_where}; 256 C4 samples of 2048 tokens (App. C)", calib_samples=256, calib_seq_len=2048,
+                keep_fraction=0.5, target_source="Tables 4 and 7: 50 % expert sparsity (4 of 8 per layer)"))
 _add(Preset("min-ean-iterative", "criterion", {"criterion": "EAN", "order": "min", "mode": "iterative"},
             "MC-Suite Min-EAN, iterative: one expert per layer per round, re-estimated",
-            f"{MCS} §3, Fig. 3(b), Table 2", calib_samples=256))
+            f"{MCS} §3, Fig. 3(b), Table 2; 256 C4 samples of 2048 tokens (App. C)", calib_samples=256,
+            calib_seq_len=2048,
+            keep_fraction=0.5, target_source="Tables 4 and 7: 50 % expert sparsity (4 of 8 per layer)"))
 _add(Preset("min-ean-lottery", "lottery", {"criterion": "EAN", "order": "min", "start_tokens": 200_000, "lr": 1e-6},
             "MC-Suite Min-EAN lottery subnetwork: iterative drop with a task-agnostic next-token finetune after "
             "every round, 0.2 M tokens doubling each round, peak lr 1e-6",
-            f"{MCS} §3, Fig. 3(c), App. C (AdamW, cosine schedule, lr 1e-6, 0.2 M tokens doubling)",
-            calib_samples=256))
+            f"{MCS} §3, Fig. 3(c), App. C (AdamW, cosine schedule, lr 1e-6, 0.2 M tokens doubling; 256 C4 samples of "
+            "2048 tokens)", calib_samples=256, calib_seq_len=2048,
+            keep_fraction=0.5, target_source="Tables 4 and 7: 50 % expert sparsity (4 of 8 per layer)"))
 
 
 def get_preset(name: str) -> Preset:
@@ -163,6 +215,31 @@ def expand(name: str, overrides: dict | None = None) -> tuple[str, dict]:
     """(the preset's strategy, its parameters with ``overrides`` on top)."""
     preset = get_preset(name)
     return preset.strategy, {**preset.params, **(overrides or {})}
+
+
+def fill_target(name: str, overrides: dict, model) -> tuple[dict, str | None]:
+    """``overrides`` with the paper's headline target when it gives none (no keep, no budget), and
+    the one-line note saying so (None when a target was given, or the preset has none)."""
+    preset = get_preset(name)
+    if overrides.get("keep") is not None or overrides.get("budget") is not None:
+        return overrides, None
+    keep = preset.headline_keep(model)
+    if keep is None:
+        return overrides, None
+    smallest = min(v.num_experts for v in model.layers.values())
+    return ({**overrides, "keep": keep},
+            f"preset {name}: no target given, so the paper's headline: keep {keep} of {smallest} experts per layer "
+            f"({preset.target_source})")
+
+
+def calibration_length(name: str, model_positions: int | None) -> tuple[int | None, str | None]:
+    """The paper's tokens per calibration sequence for preset ``name``, capped at the model's
+    positions (``model_positions``; None: unknown), and the one-line note when it was capped."""
+    want = get_preset(name).calib_seq_len
+    if want is None or model_positions is None or want <= model_positions:
+        return want, None
+    return model_positions, (f"preset {name}: the paper's {want}-token calibration sequences exceed the model's "
+                             f"{model_positions} positions; using {model_positions}")
 
 
 def validate_preset(name: str, overrides: dict, model) -> tuple[str, dict]:
@@ -186,7 +263,7 @@ def make_preset_plan(name: str, ctx, overrides: dict | None = None):
     """The plan of preset ``name`` (with ``overrides``), its provenance naming the preset."""
     from moescope.analysis.strategies.base import make_plan
 
-    strategy, params = validate_preset(name, dict(overrides or {}), ctx.model)
+    strategy, params = validate_preset(name, fill_target(name, dict(overrides or {}), ctx.model)[0], ctx.model)
     plan = make_plan(strategy, ctx, params)
     plan.provenance["preset"] = name
     return plan

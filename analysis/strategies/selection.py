@@ -180,3 +180,36 @@ def even_out(plan, model, scores: dict[int, torch.Tensor], count: int | None = N
     out.provenance = {**out.provenance, "evened_out": {"count": count, "by": by,
                                                        "before": {str(l): c for l, c in before.items()}}}
     return out
+
+
+def usage_threshold_counts(model, usage_counts: dict[int, torch.Tensor], total: int) -> dict[int, int]:
+    """MC-SMoE's global allocation of ``total`` output experts (groups) over the MoE layers, as the
+    authors' Mixtral script does it (``msmoe-merging-mixtral.py`` → ``grouping_mixtral.py``,
+    ``_assign_num_groups_per_layer``): each layer's usage is normalised to sum to 1 and its most-used
+    expert set to 1 (every layer keeps at least one group); all layers' values are sorted together,
+    descending, and the value at position ``total`` (0-based; ``total − 1`` when every expert is
+    kept) is the threshold; a layer gets as many groups as it has experts used strictly more than
+    the threshold. Ties at the threshold all fall below it, so the sum can be less than ``total``.
+
+    Refused in one line: a threshold of 1 (more groups asked than the rule can give), or a layer
+    left with fewer groups than its router's top-k (a plan cannot route to fewer experts than k)."""
+    layers = sorted(usage_counts)
+    freq = {}
+    for l in layers:
+        u = usage_counts[l].double()
+        u = u / u.sum() if float(u.sum()) > 0 else torch.zeros_like(u)
+        u[int(torch.argmax(u))] = 1.0
+        freq[l] = u
+    flat = torch.sort(torch.cat([freq[l] for l in layers]), descending=True).values
+    at = total - 1 if total == flat.numel() else total
+    threshold = float(flat[at])
+    if threshold == 1.0:
+        raise MoescopeError(f"usage-threshold allocation: {total} groups are more than the rule can give (the "
+                            "threshold reached a layer's most-used expert); ask for fewer")
+    counts = {l: int((freq[l] > threshold).sum()) for l in layers}
+    for l in layers:
+        k = model.layers[l].top_k
+        if counts[l] < k:
+            raise MoescopeError(f"usage-threshold allocation leaves layer {l} {counts[l]} group(s), fewer than its "
+                                f"top-k ({k}); ask for more groups (a larger keep or budget)")
+    return counts

@@ -104,6 +104,9 @@ with status:
         st.success(f"Valid plan ({draft.provenance.get('strategy', 'manual')}): {sum(after.values())} of {before} "
                    f"routed experts remain" + (f"; dynamic skipping in {len(draft.skip_beta)} layers" if draft.skip_beta
                                                 else ""))
+        unused = backend.unused_kept_note(draft)
+        if unused:  # a literal rule kept experts no calibration token reached: say which
+            st.warning(f"This plan {unused}.")
     else:
         st.info("No change planned yet: pick a strategy, or drop and merge experts by hand.")
     if draft.layers:
