@@ -295,6 +295,48 @@ def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
     return [a for i, a in enumerate(argv) if not (i < end and a == "--debug")], debug
 
 
+PARALLEL_COMMANDS = ("analyze", "grid", "plan", "eval", "prune")  # what --nproc / torchrun spread over ranks
+
+
+def _take_nproc(argv: list[str]) -> tuple[list[str], int | None]:
+    """``--nproc N`` (anywhere before a ``--``) is taken out before parsing: it relaunches the
+    same command under torchrun with N ranks on this machine."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    out, n, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if i < end and (a == "--nproc" or a.startswith("--nproc=")):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in a else 2
+            try:
+                n = int(value)
+            except ValueError:
+                raise MoescopeError(f"--nproc takes a number of processes (ranks), got {value!r}") from None
+            if n < 1:
+                raise MoescopeError(f"--nproc must be at least 1, got {n}")
+            continue
+        out.append(a)
+        i += 1
+    return out, n
+
+
+def _launch_torchrun(argv: list[str], nproc: int) -> int:
+    """Run ``moescope ARGV`` as ``torchrun --standalone --nproc-per-node NPROC -m moescope ARGV``
+    and return its exit status (every rank prints its own one-line error, if any)."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "moescope", *argv]
+    env = dict(os.environ)
+    # the CPU threads shared out between the ranks (torchrun would set 1 and say so)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its ranks
+        return 130
+
+
 def _one_line(err: BaseException) -> str:
     """An unexpected exception as one line: its type and the first line of its message."""
     text = " ".join(str(err).split("\n", 1)[0].split())
@@ -338,14 +380,59 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _ranks(args):
+    """Under torchrun: join the process group (gloo on CPUs, NCCL beside it on GPUs; each rank on
+    ``cuda:LOCAL_RANK``) and leave it at the end; only the main rank writes to stdout. Yields the
+    context that silences stdout on the other ranks. One process: nothing changes."""
+    from moescope.analysis.core import distributed
+
+    if not distributed.launched_by_torchrun():
+        yield contextlib.nullcontext()
+        return
+    if _command_name(args) not in PARALLEL_COMMANDS:
+        raise SystemExit(f"moescope: error: '{_command_name(args)}' runs in one process, not under torchrun "
+                         f"(data-parallel commands: {', '.join(PARALLEL_COMMANDS)})")
+    try:
+        world = distributed.init(getattr(args, "device", None))
+    except MoescopeError as err:
+        raise SystemExit(f"moescope: error: {err}") from None
+    if hasattr(args, "device"):
+        args.device = distributed.rank_device(args.device)
+    import os
+
+    sink = open(os.devnull, "w") if not world.is_main else None  # noqa: SIM115 - closed below
+    try:
+        yield contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext()
+    finally:
+        if sink:
+            sink.close()
+        distributed.finish()
+
+
+def _command_name(args) -> str:
+    return getattr(args, "command", "") or ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every exception ends here: a user mistake (:class:`MoescopeError`) and any
     other exception are one line on stderr, exit status 2 (``--debug`` prints the traceback too);
     Ctrl-C exits 130, SIGTERM 143 (both after cleaning up); a closed stdout ends quietly (141)."""
+    from moescope.analysis.core import distributed
     from moescope.analysis.core.processes import Terminated
 
     argv = sys.argv[1:] if argv is None else list(argv)
     argv, debug = _take_debug(argv)
+    try:
+        argv, nproc = _take_nproc(argv)
+        if nproc is not None and _command(argv) not in PARALLEL_COMMANDS:
+            raise MoescopeError(f"--nproc applies to {', '.join(PARALLEL_COMMANDS)}; "
+                                f"'{_command(argv)}' runs in one process")
+    except MoescopeError as err:
+        print(f"moescope: error: {err}", file=sys.stderr)
+        return 2
+    if nproc is not None and nproc > 1 and not distributed.launched_by_torchrun():
+        return _launch_torchrun(argv, nproc)
     # the registry's flags only where they are parsed: `moescope --help`, `cache ls` and the like
     # then start without importing torch
     try:
@@ -355,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_gone()
     _fault_hook()
     _library_bars_off_unless_terminal()
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _ranks(args) as quiet_stdout:
         try:
-            code = int(args.func(args) or 0)
+            with quiet_stdout:
+                code = int(args.func(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
             return code
         except BrokenPipeError:

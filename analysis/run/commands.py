@@ -177,9 +177,12 @@ def cmd_analyze(args) -> int:
                           seed=args.seed, sampling=args.sampling, split="validation")
     bars = ProgressBars(quiet=args.json)
     try:
-        result = run_analysis(model, batch, params, cache=Cache(), progress=bars)
+        result = run_analysis(model, batch, params, cache=Cache(), progress=bars,
+                              note=lambda text: print(f"moescope: {text}", file=sys.stderr))
     finally:
         bars.close()
+    if result is None:  # a rank other than the main one under torchrun: the main rank reports
+        return 0
     exported = result.export(args.export) if args.export else {}
     summary = result.summary()
     if args.json:
