@@ -243,12 +243,16 @@ def _fault_hook() -> None:
     ``MOESCOPE_FAULT_AT=progress:GLOB`` makes this process SIGKILL itself when a progress stage
     matching GLOB reports (e.g. ``progress:layers``, ``progress:evaluate pruned``);
     ``MOESCOPE_FAULT_AT=write:GLOB`` when it opens a file whose path matches GLOB for writing
-    (e.g. ``write:*/out/config.json``). It is an audit hook, so it sees every write by any module
+    (e.g. ``write:*/out/config.json``); ``MOESCOPE_FAULT_RANK=R`` limits it to rank R of a
+    torchrun world. It is an audit hook, so it sees every write by any module
     without a call site in the code under test."""
     import os
 
     spec = os.environ.get("MOESCOPE_FAULT_AT")
     if not spec:
+        return
+    only = os.environ.get("MOESCOPE_FAULT_RANK")  # under torchrun: only this rank (RANK) faults
+    if only is not None and only != os.environ.get("RANK", "0"):
         return
     import fnmatch
     import signal
