@@ -43,8 +43,9 @@ def _free_port() -> int:
 
 
 def ranks(argv: list[str], cache: Path, n: int = 2, per_rank: dict[int, list[str]] | None = None,
-          env_extra: dict | None = None, timeout: float = 400) -> list[subprocess.CompletedProcess]:
-    """Run ``python -m moescope ARGV`` as ``n`` ranks of one gloo world, as torchrun would."""
+          env_extra: dict | None = None, timeout: float = 400, code: str | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m moescope ARGV`` (or ``python -c CODE``) as ``n`` ranks of one gloo world, as
+    torchrun would."""
     port = _free_port()
     procs = []
     for r in range(n):
@@ -52,7 +53,8 @@ def ranks(argv: list[str], cache: Path, n: int = 2, per_rank: dict[int, list[str
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "MOESCOPE_CACHE": str(cache), **(env_extra or {})}
         env.pop("MOESCOPE_FAULT_AT", None) if "MOESCOPE_FAULT_AT" not in (env_extra or {}) else None
-        procs.append(subprocess.Popen([sys.executable, "-m", "moescope", *argv, *(per_rank or {}).get(r, [])],
+        cmd = ["-c", code] if code is not None else ["-m", "moescope", *argv, *(per_rank or {}).get(r, [])]
+        procs.append(subprocess.Popen([sys.executable, *cmd],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
@@ -219,3 +221,103 @@ def test_a_killed_analysis_continues_where_it_stopped(reference, tmp_path, monke
     assert code == 0
     assert "moescope: reused 1 finished layer(s) from the cache (layer 0); their decoder layers ran forward only" in err
     assert_same_analysis(reference, cache)
+
+
+# ---------------------------------------------------------------- perplexity, drop grid, subset search
+
+EVAL = ["eval", "demo", "--ppl", "demo:all", "--samples", "8", "--seq-len", "32", "--batch-size", "2",
+        "--no-efficiency", "--json"]
+GRID = ["grid", "demo", "--samples", "4", "--seq-len", "32", "--json"]
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_process_perplexity_to_the_last_bit(tmp_path, monkeypatch):
+    import json
+
+    code, out, err = one_process(EVAL, tmp_path / "one", monkeypatch)
+    assert code == 0, err
+    procs = ranks(EVAL, tmp_path / "two")
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
+    one, two = json.loads(out), json.loads(procs[0].stdout)
+    assert two["ppl"] == one["ppl"] and two["ppl_domains"] == one["ppl_domains"]  # float equality, every domain
+    assert procs[1].stdout == ""
+    from moescope.analysis.core.cache import Cache
+
+    assert len(Cache(tmp_path / "two").entries("experiment")) == 1  # the main rank alone stored the record
+
+
+@pytest.mark.slow
+def test_tasks_and_speed_are_refused_under_torchrun(tmp_path):
+    procs = ranks(["eval", "demo", "--ppl", "demo:all", "--samples", "4", "--seq-len", "16"], tmp_path / "c")
+    for p in procs:
+        assert p.returncode == 2
+        assert one_line(p.stderr).startswith("moescope: error: under torchrun / --nproc, evaluation spreads the "
+                                             "perplexity windows over the ranks; lm-eval tasks")
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*/*"))
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_process_drop_grid_through_nproc(tmp_path, monkeypatch):
+    """Through ``--nproc 2``: torchrun itself starts the ranks."""
+    import json
+
+    code, out, err = one_process(GRID, tmp_path / "one", monkeypatch)
+    assert code == 0, err
+    env = {**os.environ, "MOESCOPE_CACHE": str(tmp_path / "two"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "moescope", *GRID, "--nproc", "2"], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == json.loads(out)  # every cell and the baseline, to the last bit
+    assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_grid_continues_from_its_finished_rows(tmp_path, monkeypatch):
+    import json
+
+    code, out, err = one_process(GRID, tmp_path / "ref", monkeypatch)
+    assert code == 0, err
+    cache = tmp_path / "c"
+    env = {**os.environ, "MOESCOPE_CACHE": str(cache), "MOESCOPE_FAULT_AT": "progress:cells@10",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "moescope", *GRID], env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed in row 1, row 0 (8 cells) finished
+    from moescope.analysis.core.cache import Cache
+
+    assert len(Cache(cache).entries("dropgrid-row")) == 1 and Cache(cache).entries("dropgrid") == []
+    code, out2, err2 = one_process(GRID, cache, monkeypatch)
+    assert code == 0
+    assert "moescope: reused 1 finished grid row(s) from the cache (layers 0)" in err2
+    assert json.loads(out2) == json.loads(out)
+    assert Cache(cache).entries("dropgrid-row") == []
+
+
+SUBSETS = """
+import json, itertools, torch
+from moescope.analysis.core import distributed
+from moescope.analysis.measure.sensitivity import SubsetScorer, shared_losses
+from moescope.analysis.model import load_moe
+world = distributed.init()
+model = load_moe("demo")
+view = model.layers[1]
+x = torch.randn(96, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+subsets = list(itertools.combinations(range(view.num_experts), 5))
+losses = shared_losses(SubsetScorer(view, x, chunk_tokens=32), subsets)
+if world.is_main:
+    print(json.dumps([float(v) for v in losses]))
+distributed.finish()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_score_their_shares_of_the_subsets_as_one_process(tmp_path):
+    import json
+
+    procs = ranks([], tmp_path / "c", code=SUBSETS)
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
+    two = json.loads(procs[0].stdout)
+    one = subprocess.run([sys.executable, "-c", SUBSETS], capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two == json.loads(one.stdout) and len(two) == 56  # C(8, 5), each loss to the last bit

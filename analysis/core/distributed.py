@@ -207,6 +207,27 @@ def share_of(n: int, rank: int, size: int, unit: int = 1) -> tuple[int, int]:
 _WORLD = World()
 
 
+def get_or_compute_meta(cache, kind: str, parts: dict, compute, label: str | None = None) -> dict:
+    """``cache.get_or_compute(kind, parts, compute, label).meta`` for a result that is JSON only
+    (``compute`` returns ``{"meta": …}``), on every rank of a world: the main rank's cache
+    decides, on a miss every rank computes (its collectives need them all) and the main rank
+    alone stores; on a hit the main rank sends the stored JSON to the others."""
+    import json
+
+    w = current()
+    if not w.distributed:
+        return cache.get_or_compute(kind, parts, compute, label=label).meta
+    w.doing(f"looking up the cache ({kind})")
+    entry = cache.get(kind, parts) if w.is_main else None
+    if w.any(entry is not None):
+        return json.loads(w.texts(json.dumps(entry.meta) if w.is_main else "")[0])
+    t0 = time.monotonic()
+    meta = compute()["meta"]
+    if w.is_main:
+        cache.put(kind, parts, meta=meta, label=label, elapsed=time.monotonic() - t0)
+    return meta
+
+
 def current() -> World:
     """The world this process belongs to (one rank unless :func:`init` joined a group)."""
     return _WORLD

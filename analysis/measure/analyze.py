@@ -341,7 +341,8 @@ def run_analysis(
     calibration sequences are split over the ranks in contiguous shares of whole chunks, each rank
     walks the layers on its share, and every layer's statistics are reduced or gathered
     (:mod:`~moescope.analysis.measure.parallel`) so that the result is the one-process one; the
-    main rank alone writes the cache and returns the result (the others return None).
+    main rank alone writes the cache, and the other ranks then read the stored result from it
+    (None where they do not share the main rank's cache folder).
     """
     from moescope.analysis.core.cache import Cache
     from moescope.analysis.core.distributed import current
@@ -461,8 +462,10 @@ def run_analysis(
             if world.is_main:
                 entry = cache.put("analysis", parts, tensors=result["tensors"], meta=result["meta"], label=label,
                                   elapsed=time.perf_counter() - t0)
-            world.doing("finishing")
-            world.barrier()
+        world.doing("finishing")
+        world.barrier()  # the main rank has stored it: the others read it (one machine or a shared cache folder)
+        if not world.is_main:
+            entry = cache.get("analysis", parts)
     if world.is_main:  # the whole analysis is stored: its per-layer checkpoints are no longer needed
         for l in model.layers:
             cache.remove("analysis-layer", cache_key("analysis-layer", layer_parts(l)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import traceback
 
@@ -241,7 +242,8 @@ def _fault_hook() -> None:
     environment sets ``MOESCOPE_FAULT_AT``.
 
     ``MOESCOPE_FAULT_AT=progress:GLOB`` makes this process SIGKILL itself when a progress stage
-    matching GLOB reports (e.g. ``progress:layers``, ``progress:evaluate pruned``);
+    matching GLOB reports (e.g. ``progress:layers``, ``progress:evaluate pruned``), and
+    ``progress:GLOB@N`` when it reports ``done = N`` (e.g. ``progress:cells@10``);
     ``MOESCOPE_FAULT_AT=write:GLOB`` when it opens a file whose path matches GLOB for writing
     (e.g. ``write:*/out/config.json``); ``MOESCOPE_FAULT_RANK=R`` limits it to rank R of a
     torchrun world. It is an audit hook, so it sees every write by any module
@@ -258,11 +260,12 @@ def _fault_hook() -> None:
     import signal
 
     kind, _, pattern = spec.partition(":")
+    pattern, _, at = pattern.partition("@") if kind == "progress" else (pattern, "", "")
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
 
     def hook(event: str, args: tuple) -> None:
         if kind == "progress" and event == "moescope.progress":
-            hit = fnmatch.fnmatchcase(str(args[0]), pattern)
+            hit = fnmatch.fnmatchcase(str(args[0]), pattern) and (not at or str(args[1]) == at)
         elif kind == "write" and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
             hit = bool(args[2] & writing) and fnmatch.fnmatchcase(os.path.abspath(os.fsdecode(args[0])), pattern)
         else:
@@ -324,9 +327,18 @@ def _take_nproc(argv: list[str]) -> tuple[list[str], int | None]:
     return out, n
 
 
+# what torchrun itself writes to stderr around its workers (its log lines, the banner about threads,
+# the report and Python traceback it prints when a worker fails): not shown, each rank's own
+# one-line error says what happened
+_TORCHRUN_NOISE = re.compile(r"^([WEI]\d{4} \d\d:\d\d|\*{5}|Setting OMP_NUM_THREADS|Traceback \(most recent|\s+\S|"
+                             r"torch\.distributed\.|={5}|-{5}|moescope FAILED|Failures:|Root Cause|\[\d+\]:|<N/A>)")
+
+
 def _launch_torchrun(argv: list[str], nproc: int) -> int:
-    """Run ``moescope ARGV`` as ``torchrun --standalone --nproc-per-node NPROC -m moescope ARGV``
-    and return its exit status (every rank prints its own one-line error, if any)."""
+    """Run ``moescope ARGV`` as ``torchrun --standalone --nproc-per-node NPROC -m moescope ARGV``.
+    The ranks' stdout passes through (only the main rank writes there), and their stderr too, less
+    torchrun's own report and the same error line repeated by several ranks. Returns 0, or 2 when
+    a rank failed (130 on Ctrl-C)."""
     import os
     import subprocess
 
@@ -335,10 +347,32 @@ def _launch_torchrun(argv: list[str], nproc: int) -> int:
     env = dict(os.environ)
     # the CPU threads shared out between the ranks (torchrun would set 1 and say so)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    shown: set[bytes] = set()
+    pending = b""
     try:
-        return subprocess.call(cmd, env=env)
+        while True:
+            data = os.read(proc.stderr.fileno(), 65536)
+            if not data:
+                break
+            pending += data
+            # whole lines, and progress bars (they end in a carriage return) as they come
+            parts = re.split(rb"(?<=[\r\n])", pending)
+            pending = parts.pop() if parts and not parts[-1].endswith((b"\n", b"\r")) else b""
+            for part in parts:
+                text = part.decode("utf-8", "replace")
+                if _TORCHRUN_NOISE.match(text) or (part in shown and text.startswith("moescope: ")):
+                    continue
+                shown.add(part)
+                sys.stderr.write(text)
+                sys.stderr.flush()
+        code = proc.wait()
     except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its ranks
+        proc.wait()
         return 130
+    finally:
+        proc.stderr.close()
+    return 0 if code == 0 else 2
 
 
 def _one_line(err: BaseException) -> str:
@@ -404,6 +438,9 @@ def _ranks(args):
     if hasattr(args, "device"):
         args.device = distributed.rank_device(args.device)
     import os
+
+    if getattr(args, "offload", None):  # each rank its own folder for accelerate's offloaded tensors
+        args.offload = os.path.join(args.offload, f"rank{world.rank}")
 
     sink = open(os.devnull, "w") if not world.is_main else None  # noqa: SIM115 - closed below
     try:
