@@ -499,7 +499,6 @@ def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Pr
     an interrupted grid continues where it stopped (``note`` is told which rows it reuses).
     Under torchrun the cells are spread over the ranks (:func:`drop_grid`)."""
     from moescope.analysis.core.cache import Cache
-
     from moescope.analysis.core.distributed import current, get_or_compute_meta
 
     cache = cache or Cache()
