@@ -321,3 +321,37 @@ def test_two_ranks_score_their_shares_of_the_subsets_as_one_process(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-2000:]
     assert two == json.loads(one.stdout) and len(two) == 56  # C(8, 5), each loss to the last bit
+
+
+# ---------------------------------------------------------------- data-parallel finetune (lottery)
+
+LOTTERY = ["plan", "demo", "--strategy", "lottery", "--keep", "7", "--start-tokens", "256", "--batch", "2",
+           "--samples", "4", "--seq-len", "32"]
+
+
+@pytest.mark.slow
+def test_two_ranks_finetune_the_lottery_as_one_process(tmp_path, monkeypatch):
+    """Each step's rows split over the ranks, gradients summed: the same plan, the same losses and
+    the same finetuned weights (to float32 rounding of the gradient sums: 1e-6 absolute)."""
+    import json
+
+    from moescope.analysis.core.cache import Cache
+
+    code, _, err = one_process([*LOTTERY, "-o", str(tmp_path / "one.json")], tmp_path / "one", monkeypatch)
+    assert code == 0, err
+    procs = ranks([*LOTTERY, "-o", str(tmp_path / "two.json")], tmp_path / "two")
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
+    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert two["layers"] == one["layers"]
+    for a, b in zip(one["provenance"]["rounds"], two["provenance"]["rounds"]):
+        assert a["steps"] == b["steps"] and math.isclose(a["loss_last"], b["loss_last"], rel_tol=1e-6)
+
+    def weights(cache):
+        c = Cache(cache)
+        (info,) = c.entries("lottery")
+        return c.get_by_key("lottery", info.key).tensors()
+
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)

@@ -105,6 +105,14 @@ class World:
         self._run(torch.distributed.all_reduce, out)
         return out
 
+    def sum_(self, t: Tensor) -> Tensor:
+        """``Σ_ranks t`` in place, in ``t``'s own dtype and on its device (gradients: NCCL for CUDA
+        tensors, gloo for CPU ones)."""
+        if self.distributed:
+            self.bytes_exchanged += t.numel() * t.element_size()
+            self._run(torch.distributed.all_reduce, t)
+        return t
+
     def gather_rows(self, t: Tensor, to_main: bool = False) -> Tensor | None:
         """The ranks' tensors concatenated along dim 0, in rank order (the rows may differ in number
         between ranks; the other dimensions and the dtype may not): on every rank, or with
@@ -226,6 +234,27 @@ def get_or_compute_meta(cache, kind: str, parts: dict, compute, label: str | Non
     if w.is_main:
         cache.put(kind, parts, meta=meta, label=label, elapsed=time.monotonic() - t0)
     return meta
+
+
+def get_or_compute_entry(cache, kind: str, parts: dict, compute, label: str | None = None):
+    """``cache.get_or_compute(kind, parts, compute, label)`` on every rank of a world: the main
+    rank's cache decides, on a miss every rank computes (its collectives need them all) and the
+    main rank alone stores; then the other ranks read the stored entry (one machine, or a cache
+    folder every rank sees; None where they cannot)."""
+    w = current()
+    if not w.distributed:
+        return cache.get_or_compute(kind, parts, compute, label=label)
+    w.doing(f"looking up the cache ({kind})")
+    entry = cache.get(kind, parts) if w.is_main else None
+    if not w.any(entry is not None):
+        t0 = time.monotonic()
+        result = compute()
+        if w.is_main:
+            entry = cache.put(kind, parts, tensors=result.get("tensors"), tables=result.get("tables"),
+                              meta=result.get("meta"), label=label, elapsed=time.monotonic() - t0)
+    w.doing(f"storing ({kind})")
+    w.barrier()
+    return entry if w.is_main else cache.get(kind, parts)
 
 
 def current() -> World:
