@@ -383,7 +383,7 @@ def run_analysis(
             if l in model.layers:
                 stored = cache.get("analysis-layer", layer_parts(l)) if world.is_main else None
                 if world.distributed:  # the main rank's cache decides for every rank
-                    world.doing(f"agreeing on layer {l}")
+                    world.doing(f"analysing layer {l}")
                     if not world.any(stored is not None):
                         stored = None
                     elif not world.is_main:
