@@ -3,9 +3,10 @@
     python benchmarks/distributed.py [--samples 32 --seq-len 128]
 
 Runs the same analysis (every metric family but the gradients) of (a) the demo model and (b) a
-synthetic Qwen3-MoE with 128 experts (top-8) per layer, first as one process with every CPU
-thread, then as two ranks with the threads shared out (each rank a ``python -m``-style worker
-started with torchrun's variables, gloo on localhost). Each worker times ``run_analysis`` alone
+synthetic Qwen3-MoE with 128 experts (top-8) per layer, first as one process, then as two ranks
+(each a worker started with torchrun's variables, gloo on localhost), every process with one
+thread (two OpenMP threads per process spin against each other and against other jobs on a shared
+2-core machine, which would flatter the two ranks). Each worker times ``run_analysis`` alone
 (model loading and process start excluded, a barrier before the clock starts) on a fresh cache.
 Prints wall times, the speed-up, the bytes each rank put into collectives per MoE layer
 (measured by the process group, and the formula below for comparison), and the main rank's
@@ -34,7 +35,6 @@ import tempfile
 import time
 
 import torch
-
 
 # ---------------------------------------------------------------- the worker (one rank)
 
@@ -89,8 +89,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(kind: str, n: int, samples: int, seq_len: int) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // n)
+def run(kind: str, n: int, samples: int, seq_len: int, threads: int = 1) -> dict:
     port = _free_port()
     out = tempfile.mktemp(suffix=".json")
     procs = []
@@ -113,12 +112,12 @@ def run(kind: str, n: int, samples: int, seq_len: int) -> dict:
 def bytes_formula(T: int, E: int, k: int, d: int, n_sample: int, ranks: int, elem: int = 4) -> float:
     """Bytes one non-main rank puts into the collectives of one MoE layer (similarity, routing and
     activation families): its share of the routing trace (logits E×4, indices k×8, weights k×4 per
-    token), its share of the sampled tokens' expert outputs (E·d·elem per token), the routed-token
+    token), its share of the sampled tokens' block inputs (d·elem per token), the routed-token
     sums (per expert: 3 + 4d float64, then d, then 1), and the mean outputs (E·d float64, only when
     the sample is smaller than T), plus a few 8-byte counts."""
     share = T / ranks
     trace = share * (E * 4 + k * 8 + k * 4)
-    sample = (n_sample / ranks) * E * d * elem
+    sample = (n_sample / ranks) * d * elem
     routed = E * ((3 + 4 * d) + d + 1) * 8
     means = E * d * 8 if n_sample < T else 0
     return trace + sample + routed + means
@@ -133,41 +132,51 @@ def split(res: dict) -> tuple[float, float]:
 
 
 def paper(measured: dict) -> None:
-    """Qwen3-235B-A22B on 1, 8, 32 GPUs from FLOPs, the measured split and stated GPU rates."""
+    """Qwen3-235B-A22B on 1, 8, 32 GPUs from FLOPs and bytes, under stated GPU assumptions."""
     L, E, k, d, I = 94, 128, 8, 4096, 1536
     T, n = 256 * 2048, 8192
     heads, kv, hd = 64, 4, 128
     expert = 6 * d * I  # FLOPs of one expert on one token (gate, up, down)
     attn = 2 * d * (heads * hd * 2 + kv * hd * 2) + 2 * 2 * 2048 / 2 * heads * hd
-    per_token = attn + k * expert + k * expert  # the layer's forward, then the routed-token statistics
-    shared_flops = T * per_token + n * E * expert  # + every expert on the sampled tokens
-    once_flops = 2 * E * n * n * d * 2 + E * E * n * d * 2 + T * E * E * 2 + E * d * d * I * 2
-    # stated assumptions (one H100 SXM): expert/attention matmuls in bf16 at 300 TFLOP/s sustained;
-    # the float32 similarity and statistics at 40 TFLOP/s; the layer's bf16 weights (5.0 GB) onloaded
-    # from host memory at 20 GB/s; collectives over NVLink at 150 GB/s within a node of 8 and
-    # 20 GB/s between nodes (what one IB NIC per GPU gives, less gloo's host copy)
-    bf16, fp32, onload_bw = 300e12, 40e12, 20e9
-    layer_bytes = 3 * E * d * I * 2 + heads * hd * d * 4
+    per_token = attn + k * expert + k * expert  # the layer's forward, then the routed tokens' expert outputs
+    shared = T * per_token + n * E * expert  # + every expert on the sampled tokens (split by owner rank)
+    once_all = (2 * E * n * n * d * 2  # token Grams of linear CKA and the exact RBF CKA's distances
+                + E * E * n * d * 2  # output cosine / MSE Grams
+                + T * E * E * 2  # co-activation on the gathered trace
+                + E * d * d * I * 2)  # surrogate-weight Gram
+    once_act = E * E * n * d * 2 + T * E * E * 2  # routing + activations only (REAP, EAN, EAO, …)
+    # stated assumptions, per H100 SXM: expert and attention matmuls in bf16 at 300 TFLOP/s sustained;
+    # the float32/float64 statistics at 40 TFLOP/s; the layer's bf16 weights (4.9 GB) onloaded from
+    # host memory at 20 GB/s by every rank at once; the collectives as implemented (CPU tensors over
+    # gloo's TCP, rank 0 receiving every other rank's share) at 2 GB/s into rank 0
+    fp32, onload_bw, gather_bw = 40e12, 20e9, 2e9
+    layer_bytes = 3 * E * d * I * 2 + (heads * hd * 2 + kv * hd * 2) * d * 2
     print("\nOn paper: Qwen3-235B-A22B, 94 MoE layers × 128 experts (top-8, d 4096, expert width 1536), "
-          "256 × 2048 tokens, 8192 sampled for similarities")
-    print(f"  per layer: shared work {shared_flops / 1e12:.0f} TFLOP (split over ranks), once on rank 0 "
-          f"{once_flops / 1e12:.0f} TFLOP, weights {layer_bytes / 1e9:.1f} GB onloaded by every rank")
+          "256 × 2048 calibration tokens, 8192 sampled for similarities")
+    print(f"  per layer: {shared / 1e12:.0f} TFLOP split over the ranks; once on rank 0 {once_all / 1e12:.0f} TFLOP "
+          f"(all forward families) or {once_act / 1e12:.0f} TFLOP (routing + activations); "
+          f"{layer_bytes / 1e9:.1f} GB of weights onloaded by every rank")
+    print("  assumed per GPU: float32 statistics 40 TFLOP/s, onload 20 GB/s, gloo into rank 0 2 GB/s; the bf16 "
+          "matmuls at 300 TFLOP/s (large batches) or 30 TFLOP/s (per-expert loops over small token groups)")
+    for title, once, bf16 in (("all forward families, bf16 at 300 TFLOP/s", once_all, 300e12),
+                              ("all forward families, bf16 at 30 TFLOP/s", once_all, 30e12),
+                              ("routing + activations, bf16 at 30 TFLOP/s", once_act, 30e12)):
+        print(f"  {title}:")
+        print("    GPUs   shared/rank   once   onload   exchange   per layer   94 layers")
+        for g in (1, 8, 32):
+            t_shared = shared / g / bf16
+            t_once = once / fp32
+            t_onload = layer_bytes / onload_bw
+            t_x = bytes_formula(T, E, k, d, n, g, elem=2) * (g - 1) / gather_bw if g > 1 else 0.0
+            per_layer = t_shared + t_once + t_onload + t_x
+            print(f"    {g:>4}   {t_shared:>9.2f} s  {t_once:>5.2f} s  {t_onload:>5.2f} s  {t_x:>7.2f} s  "
+                  f"{per_layer:>8.2f} s   {L * per_layer / 60:>7.1f} min")
     syn = measured.get("synthetic-128")
     if syn:
-        print(f"  (measured on the synthetic 128-expert layer here: {100 * syn['once_frac']:.0f} % of one rank's "
-              "analysis time is the once-on-rank-0 part)")
-    print("  GPUs   shared/rank   once   onload   exchange    per layer     94 layers")
-    for g in (1, 8, 32):
-        bw = 150e9 if g <= 8 else 20e9
-        shared = shared_flops / g / bf16
-        once = once_flops / fp32
-        onload = layer_bytes / onload_bw
-        exchange = (bytes_formula(T, E, k, d, n, g, elem=2) * (g - 1)) / bw if g > 1 else 0.0
-        per_layer = shared + once + onload + exchange
-        print(f"  {g:>4}   {shared:>9.1f} s  {once:>5.1f} s  {onload:>5.2f} s  {exchange:>7.2f} s   "
-              f"{per_layer:>8.1f} s   {L * per_layer / 60:>8.1f} min")
-    print("  (exchange: the main rank receives every other rank's share; the once-on-rank-0 part — similarities "
-          "on the gathered sample, routing statistics on the gathered trace — does not shrink with more GPUs)")
+        print(f"  (measured here on the synthetic 128-expert model: the once-on-rank-0 part is "
+              f"{100 * syn['once_frac']:.0f} % of one rank's analysis)")
+    print("  The once-on-rank-0 work (similarities on the gathered sample, statistics of the gathered trace) and "
+          "the gather into rank 0 do not shrink with more GPUs: they bound the speed-up.")
 
 
 def main() -> None:

@@ -376,3 +376,29 @@ def test_two_ranks_prune_evaluate_and_the_main_rank_alone_exports(tmp_path, monk
     from moescope.analysis.core.cache import Cache
 
     assert len(Cache(tmp_path / "c2").entries("experiment")) == 1
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_others_after_the_collective_timeout(tmp_path):
+    """Rank 1 freezes (SIGSTOP) after its layer 0: rank 0 waits MOESCOPE_DIST_TIMEOUT at its next
+    collective, then ends in one line naming itself and the timeout, never hanging."""
+    port = _free_port()
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MOESCOPE_CACHE": str(tmp_path / "c"),
+               "MOESCOPE_DIST_TIMEOUT": "30", "MOESCOPE_FAULT_AT": "progress:layers", "MOESCOPE_FAULT_RANK": "1",
+               "MOESCOPE_FAULT_SIGNAL": "STOP"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "moescope", *ANALYZE], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        _, err = procs[0].communicate(timeout=400)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode == 2
+    line = one_line(err)
+    assert line.startswith("moescope: error: rank 0 of 2: lost contact with the other ranks while ") and \
+        "timeout 30 s" in line, line
+    waited = int(line.split("(after ", 1)[1].split(" s;", 1)[0])
+    assert waited >= 29, line  # it waited for the timeout: the frozen rank's sockets stayed open

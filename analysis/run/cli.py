@@ -246,7 +246,8 @@ def _fault_hook() -> None:
     ``progress:GLOB@N`` when it reports ``done = N`` (e.g. ``progress:cells@10``);
     ``MOESCOPE_FAULT_AT=write:GLOB`` when it opens a file whose path matches GLOB for writing
     (e.g. ``write:*/out/config.json``); ``MOESCOPE_FAULT_RANK=R`` limits it to rank R of a
-    torchrun world. It is an audit hook, so it sees every write by any module
+    torchrun world, and ``MOESCOPE_FAULT_SIGNAL=STOP`` sends SIGSTOP instead of SIGKILL (a rank
+    that hangs). It is an audit hook, so it sees every write by any module
     without a call site in the code under test."""
     import os
 
@@ -271,7 +272,7 @@ def _fault_hook() -> None:
         else:
             return
         if hit:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("MOESCOPE_FAULT_SIGNAL", "KILL")))
 
     sys.addaudithook(hook)
 
