@@ -402,3 +402,17 @@ def test_a_hung_rank_ends_the_others_after_the_collective_timeout(tmp_path):
         "timeout 30 s" in line, line
     waited = int(line.split("(after ", 1)[1].split(" s;", 1)[0])
     assert waited >= 29, line  # it waited for the timeout: the frozen rank's sockets stayed open
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_reach_the_others_ends_in_one_line(tmp_path):
+    """Rank 0 of 2 alone (rank 1 never comes): it gives up after MOESCOPE_DIST_TIMEOUT, one line."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "MOESCOPE_CACHE": str(tmp_path / "c"), "MOESCOPE_DIST_TIMEOUT": "5"}
+    proc = subprocess.run([sys.executable, "-m", "moescope", *ANALYZE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert line.startswith(f"moescope: error: rank 0 of 2: could not join the process group at 127.0.0.1:"
+                           f"{env['MASTER_PORT']} within 5 s: "), line
+    assert not (tmp_path / "c").exists()

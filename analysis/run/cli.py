@@ -429,13 +429,14 @@ def _ranks(args):
     if not distributed.launched_by_torchrun():
         yield contextlib.nullcontext()
         return
-    if _command_name(args) not in PARALLEL_COMMANDS:
-        raise SystemExit(f"moescope: error: '{_command_name(args)}' runs in one process, not under torchrun "
-                         f"(data-parallel commands: {', '.join(PARALLEL_COMMANDS)})")
     try:
+        if _command_name(args) not in PARALLEL_COMMANDS:
+            raise MoescopeError(f"'{_command_name(args)}' runs in one process, not under torchrun "
+                                f"(data-parallel commands: {', '.join(PARALLEL_COMMANDS)})")
         world = distributed.init(getattr(args, "device", None))
-    except MoescopeError as err:
-        raise SystemExit(f"moescope: error: {err}") from None
+    except MoescopeError as err:  # before any work: the one-line error and status 2 of main()
+        print(f"moescope: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if hasattr(args, "device"):
         args.device = distributed.rank_device(args.device)
     import os
