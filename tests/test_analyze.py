@@ -65,7 +65,7 @@ def test_changed_model_data_or_params_are_new_entries(cache):
     assert cache.stats.computed("analysis") == 4 and cache.stats.hits("analysis") == 0
 
 
-def test_an_interrupted_run_leaves_no_entry(cache):
+def test_an_interrupted_run_leaves_no_analysis_entry_only_its_finished_layers(cache):
     model = wrap_model(tiny_model("mixtral"), source="tiny")
 
     def interrupt(stage, done, total):
@@ -74,8 +74,11 @@ def test_an_interrupted_run_leaves_no_entry(cache):
 
     with pytest.raises(KeyboardInterrupt):
         A.run_analysis(model, batch(), PARAMS, cache=cache, progress=interrupt)
-    assert cache.entries() == []
-    assert A.run_analysis(model, batch(), PARAMS, cache=cache).layers == [0, 1]
+    assert [i.kind for i in cache.entries()] == ["analysis-layer"]  # layer 0, finished before the interrupt
+    notes = []
+    assert A.run_analysis(model, batch(), PARAMS, cache=cache, note=notes.append).layers == [0, 1]
+    assert notes == ["reused 1 finished layer(s) from the cache (layer 0); their decoder layers ran forward only"]
+    assert [i.kind for i in cache.entries()] == ["analysis"]
 
 
 def test_tidy_tables_and_summary(cache, tmp_path):

@@ -50,25 +50,39 @@ def window_perplexity(model, windows: TokenBatch, batch_size: int = 8, progress:
     """``{"ppl": {domain: ppl, ["all": pooled]}, "tokens": {domain: predicted tokens},
     "interval": {domain|"all": [low, high]}, "windows": {"nll": [per-window loss sum], "tokens": [...],
     "domains": [...]}}``; the interval is the per-window 95 % one of
-    :func:`~moescope.analysis.evaluation.uncertainty.perplexity_interval`."""
+    :func:`~moescope.analysis.evaluation.uncertainty.perplexity_interval`.
+
+    Under torchrun the windows are split over the ranks in contiguous shares of whole batches;
+    every rank gathers the per-window sums (float64) and pools them in window order, so each rank
+    holds the number one process computes, to the last bit."""
+    from moescope.analysis.core.distributed import current
+
+    world = current()
     device = next(model.hf.parameters()).device
-    sums: dict[str, list[float]] = {}
-    per_window: dict[str, list] = {"nll": [], "tokens": [], "domains": []}
     n = windows.input_ids.shape[0]
+    world.check_shards(n, "perplexity windows")
+    lo, hi = world.share(n, batch_size)
     starts = score_from(windows)
-    for i in range(0, n, batch_size):
-        ids = windows.input_ids[i : i + batch_size].to(device)
+    nlls: list[float] = []
+    counts: list[float] = []
+    for i in range(lo, hi, batch_size):
+        ids = windows.input_ids[i : min(i + batch_size, hi)].to(device)
         nll = token_nll(model.hf(input_ids=ids, use_cache=False).logits, ids).float().cpu()  # [b, L-1]
-        for row, domain in enumerate(windows.domains[i : i + batch_size]):
+        for row in range(ids.shape[0]):
             scored = nll[row, starts[i + row] - 1 :]
-            acc = sums.setdefault(domain, [0.0, 0])
-            acc[0] += float(scored.double().sum())
-            acc[1] += scored.numel()
-            per_window["nll"].append(float(scored.double().sum()))
-            per_window["tokens"].append(scored.numel())
-            per_window["domains"].append(domain)
+            nlls.append(float(scored.double().sum()))
+            counts.append(scored.numel())
         if progress:
-            progress("perplexity", min(i + batch_size, n), n)
+            progress("perplexity", min(i + batch_size, hi) - lo, hi - lo)
+    if world.distributed:
+        world.doing("gathering perplexity windows")
+        nlls, counts = world.gather_floats(nlls), world.gather_floats(counts)
+    per_window: dict[str, list] = {"nll": nlls, "tokens": [int(c) for c in counts], "domains": list(windows.domains)}
+    sums: dict[str, list[float]] = {}
+    for value, count, domain in zip(per_window["nll"], per_window["tokens"], per_window["domains"]):
+        acc = sums.setdefault(domain, [0.0, 0])
+        acc[0] += value
+        acc[1] += count
     ppl = {d: math.exp(s / c) for d, (s, c) in sorted(sums.items())}
     if len(ppl) > 1:
         ppl["all"] = math.exp(sum(s for s, _ in sums.values()) / sum(c for _, c in sums.values()))
@@ -122,8 +136,10 @@ def perplexity(model, source: str = "demo:all", samples: int = 96, seq_len: int 
     else:
         parts = {"model": model.fingerprint(), "skip_beta": skip_key(model),
                  "windows": windows_fingerprint(windows), "version": EVAL_VERSION, "per_window": 1}
-        entry = cache.get_or_compute("perplexity", parts, compute, label=f"{model.source}-{windows.source}")
-        out = {k: entry.meta[k] for k in ("ppl", "tokens", "interval", "windows")}
+        from moescope.analysis.core.distributed import get_or_compute_meta
+
+        meta = get_or_compute_meta(cache, "perplexity", parts, compute, label=f"{model.source}-{windows.source}")
+        out = {k: meta[k] for k in ("ppl", "tokens", "interval", "windows")}
     ppl = out["ppl"]
     return {**out, "data": windows.describe(), "value": ppl.get("all", next(iter(ppl.values())))}
 

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from moescope.analysis.core.cache import StoredResult
+from moescope.analysis.core.cache import StoredResult, cache_key, canonical_json
 from moescope.analysis.core.errors import MoescopeError, unknown_name
 from moescope.analysis.measure import metrics as M
+from moescope.analysis.measure import parallel as P
 from moescope.analysis.measure.capture import LayerStream, token_nll
 from moescope.analysis.measure.criteria import CRITERIA, GradientStats, LayerStats, pair_drop_position
 from moescope.analysis.measure.metrics import METRICS_VERSION
@@ -93,20 +94,28 @@ def _timed(timings: dict, name: str):
 
 @torch.no_grad()
 def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
-                  x_aug: Tensor | None = None) -> LayerAnalysis:
+                  x_aug: Tensor | None = None, world=None, ranges=None) -> LayerAnalysis | None:
     """All metrics of one MoE layer from its block input ``x [T, d]`` and the token ids ``[T]``:
     routing statistics, similarities, and every criterion of :data:`~moescope.analysis.measure.criteria.CRITERIA`
     whose metric family is asked for (gradient criteria come from :func:`gradient_criteria`).
     ``x_aug`` is the block input of the mixed-embedding sequences (``augment=embeddings``, see
-    :func:`augmented_stream`); augmented rows enter the output similarities only."""
-    E, T = view.num_experts, x.shape[0]
+    :func:`augmented_stream`); augmented rows enter the output similarities only.
+
+    Data parallel (``world`` of several ranks): ``x`` holds this rank's share of the tokens,
+    ``ranges`` every rank's ``[start, stop)`` of the ``T`` tokens of ``token_ids``; every rank
+    takes part in the reductions of :mod:`~moescope.analysis.measure.parallel` and the main rank
+    returns the layer's analysis (the others None)."""
+    dp = world is not None and world.distributed
+    E, T = view.num_experts, (token_ids.numel() if dp else x.shape[0])
     out = LayerAnalysis(layer=view.index, num_experts=E, top_k=view.top_k)
     want = {"routing", *params.metrics}
     tm = out.timings
     g = torch.Generator().manual_seed(params.seed + view.index)
 
     with _timed(tm, "routing"):
-        r = view.route(x)
+        r_local = view.route(x)
+        r = P.gather_routing(r_local, world) if dp else r_local  # the whole trace, on the main rank only
+    if r is not None:
         idx, w = r.topk_idx.cpu(), r.topk_weights.float().cpu()
         counts = M.usage_counts(idx, E)
         coact = M.coactivation_counts(idx, E)
@@ -133,6 +142,15 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
         with _timed(tm, "expert_outputs"):
             n = min(T, params.similarity_tokens)
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
+        if dp:
+            with _timed(tm, "expert_outputs"):
+                Y = P.sample_outputs(view, x, sel, ranges, world)
+                means = (P.mean_outputs(view, x, T, world) if "similarity" in want and n < T else None)
+                routed = P.routed_statistics(view, x, r_local, world) if "activations" in want else None
+    if dp and not world.is_main:
+        return None
+    if Y is None and ("similarity" in want or "activations" in want):
+        with _timed(tm, "expert_outputs"):
             xs = x[sel.to(x.device)]
             if params.augment_ratio > 0 and params.augment == "hidden_states":
                 from moescope.analysis.measure.augment import mix_hidden_rows
@@ -151,6 +169,10 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
     # criteria see the calibration tokens only, never the augmented rows
     stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"],
                        Y[:, :n] if Y is not None else None)
+    if dp:  # the reduced forms stand in for what one process reads off all T tokens
+        stats.T = T
+        if routed is not None:
+            stats.__dict__["routed"] = routed
     if "similarity" in want:
         with _timed(tm, "similarity"):
             # linear and mini-batch RBF CKA share the token Grams (one pass over the outputs)
@@ -161,7 +183,8 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             out.similarity["cosine"] = stats.output_cosine if Y.shape[1] == n else M.output_cosine_matrix(Y)
             out.similarity["mse"] = M.output_mse_matrix(Y)
             # HC-SMoE: every expert's mean output over all T calibration tokens, Euclidean distance
-            means = Y.float().mean(1).cpu() if n == T and Y.shape[1] == T else M.mean_outputs(view, x)
+            if not dp or n == T:
+                means = Y.float().mean(1).cpu() if n == T and Y.shape[1] == T else M.mean_outputs(view, x)
             out.similarity["mean_output_euclidean"] = M.euclidean_distance_matrix(means)
 
     if "weights" in want:
@@ -206,7 +229,8 @@ def augmented_stream(model, input_ids: Tensor, params: AnalysisParams) -> LayerS
     return stream
 
 
-def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: Callable | None = None) -> dict[int, dict[str, Tensor]]:
+def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: Callable | None = None,
+                      world=None, total_tokens: int | None = None) -> dict[int, dict[str, Tensor]]:
     """EGS / EGE / EGO / EGN for every MoE layer from the gradient of the mean next-token loss over
     the calibration batch with respect to each expert's weights.
 
@@ -214,6 +238,11 @@ def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: C
     kept only for the routed experts' fused tensors (memory: the model, one chunk's activations,
     and one gradient buffer the size of the routed experts). Unlike the other metrics this pass is
     not layer-streamed: backpropagation needs every layer's activations of the chunk.
+
+    Data parallel (``world`` of several ranks): ``input_ids`` is this rank's share and
+    ``total_tokens`` the whole batch's predicted tokens; the gradient is a sum over tokens, so the
+    ranks' gradients are summed (float64) before the criteria, which the main rank computes (the
+    others get ``{}``).
     """
     hf = model.hf
     was_training = hf.training
@@ -231,13 +260,18 @@ def gradient_criteria(model, input_ids: Tensor, chunk_size: int = 4, progress: C
         hf.eval()
         device = next(hf.parameters()).device
         n_chunks = (input_ids.shape[0] + chunk_size - 1) // chunk_size
-        total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        total_tokens = total_tokens or input_ids.shape[0] * (input_ids.shape[1] - 1)
         for c in range(n_chunks):
             ids = input_ids[c * chunk_size : (c + 1) * chunk_size].to(device)
             nll = token_nll(hf(input_ids=ids, use_cache=False).logits, ids).sum()
             (nll / total_tokens).backward()
             if progress:
                 progress(c + 1, n_chunks)
+        if world is not None and world.distributed:
+            for p in expert_params:
+                p.grad.copy_(world.sum(p.grad.cpu()).to(p.grad.device, p.grad.dtype))
+            if not world.is_main:
+                return {}
         gradient = [c for c in CRITERIA.values() if c.family == "gradients"]
         result = {}
         for i, layer in model.layers.items():
@@ -288,58 +322,116 @@ def run_analysis(
     params: AnalysisParams | None = None,
     cache=None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> AnalysisResult:
+    note: Callable[[str], None] | None = None,
+) -> AnalysisResult | None:
     """Analyse every MoE layer of ``model`` on the calibration ``batch`` (a
     :class:`analysis.data.TokenBatch`), served from ``cache`` when the same model, data,
     parameters and metrics version were analysed before.
 
     ``progress(stage, done, total)`` is called after each decoder layer (stage ``"layers"``) and
-    each gradient chunk (stage ``"gradients"``). Interrupting leaves the cache untouched.
+    each gradient chunk (stage ``"gradients"``).
+
+    Resumable: each finished MoE layer is stored as its own ``analysis-layer`` entry as soon as it
+    is done, so an interrupted run (Ctrl-C, SIGKILL, a lost rank) keeps them and the same call
+    continues after the last one (``note`` is told which layers it reuses; their decoder layers
+    still run forward, to carry the hidden states on). Once the whole analysis is stored, its
+    layer entries are removed.
+
+    Under ``torchrun`` (:func:`moescope.analysis.core.distributed.current` has several ranks) the
+    calibration sequences are split over the ranks in contiguous shares of whole chunks, each rank
+    walks the layers on its share, and every layer's statistics are reduced or gathered
+    (:mod:`~moescope.analysis.measure.parallel`) so that the result is the one-process one; the
+    main rank alone writes the cache, and the other ranks then read the stored result from it
+    (None where they do not share the main rank's cache folder).
     """
     from moescope.analysis.core.cache import Cache
+    from moescope.analysis.core.distributed import current
 
     params = params or AnalysisParams()
+    world = current()
     if "gradients" in params.metrics and getattr(model, "offloaded", False):
         raise MoescopeError("gradient criteria (EGS/EGE/EGO/EGN) need a backward pass through the whole model, "
                             "which an offloaded model cannot do; drop 'gradients' from the metrics or load it in memory")
     cache = cache or Cache()
     parts = analysis_parts(model, batch, params)
     label = f"{_slug(model.source)}-{_slug(batch.source)}-{batch.n_samples}x{batch.seq_len}"
+    if world.distributed:
+        if params.augment_ratio > 0:
+            raise MoescopeError("the augmented similarities (--augment) mix sequences held by different ranks and "
+                                "are not data-parallel yet: run them in one process (without torchrun / --nproc)")
+        world.check_shards(batch.n_samples)
+        world.agree(model=parts["model"], dtype=parts["dtype"], data=parts["data"],
+                    params=canonical_json(parts["params"]))
+    lo, hi = world.share(batch.n_samples, params.chunk_size)
+    ranges = P.token_ranges(batch.n_samples, batch.seq_len, world, params.chunk_size)
+
+    def layer_parts(l: int) -> dict:
+        return {**parts, "layer": l}
 
     def compute():
         tensors: dict[str, Tensor] = {}
         layers_meta = {}
-        stream = LayerStream(model, batch.input_ids, chunk_size=params.chunk_size)
+        stream = LayerStream(model, batch.input_ids[lo:hi], chunk_size=params.chunk_size)
         mixed = augmented_stream(model, batch.input_ids, params) if "similarity" in params.metrics else None
         n_layers = model.num_hidden_layers
-        token_ids = stream.token_ids
+        token_ids = batch.input_ids.reshape(-1)
+        reused = []
         t_start = time.perf_counter()
-        for l, x in stream.layers():
-            x_aug = mixed.step() if mixed is not None else None
-            if x is not None:
-                t0 = time.perf_counter()
-                with model.materialized(model.layers[l].block):
-                    la = analyze_layer(model.layers[l], x, token_ids, params, x_aug)
-                if model.offloaded:
-                    from moescope.analysis.model import release_mapped_weights
+        while stream.layer < n_layers:
+            l = stream.layer
+            stored = None
+            if l in model.layers:
+                stored = cache.get("analysis-layer", layer_parts(l)) if world.is_main else None
+                if world.distributed:  # the main rank's cache decides for every rank
+                    world.doing(f"analysing layer {l}")
+                    if not world.any(stored is not None):
+                        stored = None
+                    elif not world.is_main:
+                        stored = True
+            if stored is not None:  # finished by an earlier run: only carry the hidden states on
+                stream.step(capture_moe_input=False)
+                x_aug = mixed.step() if mixed is not None else None
+                if world.is_main:
+                    tensors.update(stored.tensors())
+                    layers_meta[str(l)] = stored.meta["layer_meta"]
+                reused.append(l)
+            else:
+                x = stream.step()
+                x_aug = mixed.step() if mixed is not None else None
+                if x is not None:
+                    t0 = time.perf_counter()
+                    world.doing(f"analysing layer {l}")
+                    with model.materialized(model.layers[l].block):
+                        la = analyze_layer(model.layers[l], x, token_ids, params, x_aug, world=world, ranges=ranges)
+                    if model.offloaded:
+                        from moescope.analysis.model import release_mapped_weights
 
-                    release_mapped_weights()
-                la.timings["total"] = time.perf_counter() - t0
-                tensors.update(_flatten(la))
-                layers_meta[str(l)] = {
-                    "num_experts": la.num_experts, "top_k": la.top_k,
-                    "scalars": la.scalars, "timings": la.timings,
-                }
-                del x
+                        release_mapped_weights()
+                    if la is not None:
+                        la.timings["total"] = time.perf_counter() - t0
+                        flat = _flatten(la)
+                        meta_l = {"num_experts": la.num_experts, "top_k": la.top_k,
+                                  "scalars": la.scalars, "timings": la.timings}
+                        cache.put("analysis-layer", layer_parts(l), tensors=flat,
+                                  meta={"layer_meta": meta_l, "model": parts["model"], "model_source": model.source,
+                                        "data": batch.describe()}, label=f"{label}-L{l}")
+                        tensors.update(flat)
+                        layers_meta[str(l)] = meta_l
+                    del x
             if progress:
                 progress("layers", l + 1, n_layers)
+        if reused and note and world.is_main:
+            note(f"reused {len(reused)} finished layer(s) from the cache ({_spans(reused)}); "
+                 "their decoder layers ran forward only")
         stream_s = time.perf_counter() - t_start
         grad_s = 0.0
         if "gradients" in params.metrics:
             t0 = time.perf_counter()
+            world.doing("reducing expert gradients")
             grads = gradient_criteria(
-                model, batch.input_ids, chunk_size=max(1, params.chunk_size // 2),
+                model, batch.input_ids[lo:hi], chunk_size=max(1, params.chunk_size // 2),
                 progress=(lambda d, t: progress("gradients", d, t)) if progress else None,
+                world=world, total_tokens=batch.input_ids.shape[0] * (batch.input_ids.shape[1] - 1),
             )
             for l, crit in grads.items():
                 for name, t in crit.items():
@@ -352,10 +444,44 @@ def run_analysis(
             "timings": {"stream_s": stream_s, "gradients_s": grad_s},
             "domains": batch.domain_counts(),
         }
+        if world.distributed:
+            meta["ranks"] = world.size
         return {"tensors": tensors, "meta": meta}
 
-    entry = cache.get_or_compute("analysis", parts, compute, label=label)
-    return AnalysisResult(entry)
+    if not world.distributed:
+        entry = cache.get_or_compute("analysis", parts, compute, label=label)
+    else:
+        world.doing("looking up the cache")
+        done = world.any(world.is_main and cache.get("analysis", parts) is not None)
+        if done:
+            entry = cache.get("analysis", parts) if world.is_main else None
+        else:
+            t0 = time.perf_counter()
+            result = compute()
+            entry = None
+            if world.is_main:
+                entry = cache.put("analysis", parts, tensors=result["tensors"], meta=result["meta"], label=label,
+                                  elapsed=time.perf_counter() - t0)
+        world.doing("finishing")
+        world.barrier()  # the main rank has stored it: the others read it (one machine or a shared cache folder)
+        if not world.is_main:
+            entry = cache.get("analysis", parts)
+    if world.is_main:  # the whole analysis is stored: its per-layer checkpoints are no longer needed
+        for l in model.layers:
+            cache.remove("analysis-layer", cache_key("analysis-layer", layer_parts(l)))
+    return AnalysisResult(entry) if entry is not None else None
+
+
+def _spans(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"layers 0–2, 5"``."""
+    out, start = [], None
+    for i, l in enumerate(layers):
+        if start is None:
+            start = l
+        if i + 1 == len(layers) or layers[i + 1] != l + 1:
+            out.append(f"{start}" if start == l else f"{start}–{l}")
+            start = None
+    return "layer " + out[0] if len(layers) == 1 else "layers " + ", ".join(out)
 
 
 def _slug(text: str) -> str:

@@ -82,7 +82,9 @@ def _routing_changed(a, b, rtol: float = 1e-6) -> Tensor:
 
 
 @torch.no_grad()
-def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
+def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress | None = None,
+              stored_row: Callable[[int], list[float] | None] | None = None,
+              on_row: Callable[[int, list[float]], None] | None = None) -> DropGrid:
     """Single-expert-drop perplexity for every (MoE layer, expert), plus the unpruned baseline.
 
     Work is reused four ways, all exact: the layers before l run once for the whole row of
@@ -94,7 +96,17 @@ def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress 
     sequences holding such a token go through the later layers (with causal attention the others
     cannot change), and every token before a sequence's first affected position keeps its
     baseline loss.
+
+    Resumable: ``stored_row(l)`` returns a row finished by an earlier run (its cells are not
+    computed again) and ``on_row(l, row)`` is told each new row as soon as it is done. Under
+    torchrun the cells of a row are dealt round-robin over the ranks (every rank walks the layers
+    on all sequences: a cell needs them all) and each row is summed over the ranks (a cell's
+    perplexity comes from one rank, the others add 0.0), so every rank holds the one-process grid
+    to the last bit.
     """
+    from moescope.analysis.core.distributed import current
+
+    world = current()
     stream = LayerStream(model, input_ids, chunk_size=chunk_size)
     base_nll = _token_nll(stream.clone())  # [N, L-1]
     base_total, count = float(base_nll.sum()), base_nll.numel()
@@ -110,12 +122,27 @@ def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress 
             continue
         view = model.layers[l]
         E = view.num_experts
+        kept = stored_row(l) if stored_row else None
+        if world.distributed:  # the main rank's cache decides for every rank
+            world.doing(f"agreeing on grid row {l}")
+            kept = [float(v) for v in world.texts(" ".join(map(repr, kept)) if world.is_main and kept else "")[0].split()] or None
+        if kept is not None:
+            stream.step(capture_moe_input=False)
+            done += E
+            if progress:
+                progress("cells", done, cells)
+            grid.append(kept)
+            continue
         inputs, residuals, outputs = stream.step_split()  # layer l once, its block output kept
         X, R, Y = torch.cat(inputs), torch.cat(residuals), torch.cat(outputs)  # [N, L, d]
         flat = X.reshape(-1, X.shape[-1])
         full = view.route(flat)
         row = []
         for e in range(E):
+            if not world.mine(done):  # another rank's cell
+                row.append(0.0)
+                done += 1
+                continue
             allowed = torch.ones(E, dtype=torch.bool)
             allowed[e] = False
             hit = _routing_changed(full, view.route(flat, allowed=allowed)).reshape(N, L).cpu()
@@ -143,6 +170,11 @@ def drop_grid(model, input_ids: Tensor, chunk_size: int = 8, progress: Progress 
             done += 1
             if progress:
                 progress("cells", done, cells)
+        if world.distributed:
+            world.doing(f"summing grid row {l}")
+            row = world.sum(torch.tensor(row, dtype=torch.float64)).tolist()
+        if on_row:
+            on_row(l, row)
         grid.append(row)
     return DropGrid(baseline=baseline, layers=model.moe_layers, ppl=grid)
 
@@ -349,7 +381,7 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
             raise MoescopeError(f"layer {view.index}: C({E}, {keep}) = {n_subsets} subsets exceeds max_subsets "
                                 f"{max_subsets}; use method greedy or beam, or raise the limit")
         subsets = [C for C in itertools.combinations(range(E), keep) if groups_ok(C)]
-        losses = scorer.losses(subsets)
+        losses = shared_losses(scorer, subsets)
         order = torch.argsort(losses)
         cands = [(list(subsets[i]), float(losses[i])) for i in order]
         return EnumerationResult(view.index, cands[0][0], cands[0][1], "exact", cands)
@@ -365,6 +397,23 @@ def enumerate_layer(view, x: Tensor, keep: int, method: str = "auto", max_subset
         beam = [C for C, _ in scored]
     scored = [(list(C), loss) for C, loss in scored]
     return EnumerationResult(view.index, scored[0][0], scored[0][1], method, scored)
+
+
+def shared_losses(scorer: SubsetScorer, subsets: list[tuple[int, ...]]) -> Tensor:
+    """``scorer.losses(subsets)``; under torchrun each rank scores every ``size``-th subset (every
+    rank holds the layer's inputs) and the losses are summed over the ranks (each subset's from
+    the one rank that scored it, 0.0 from the others), so every rank holds them all."""
+    from moescope.analysis.core.distributed import current
+
+    world = current()
+    if not world.distributed:
+        return scorer.losses(subsets)
+    mine = [i for i in range(len(subsets)) if world.mine(i)]
+    part = scorer.losses([subsets[i] for i in mine]) if mine else torch.zeros(0, dtype=torch.float64)
+    full = torch.zeros(len(subsets), dtype=torch.float64)
+    full[mine] = part.double().cpu()
+    world.doing(f"summing subset losses of layer {scorer.view.index}")
+    return world.sum(full).to(part.dtype)
 
 
 def _best_children(scorer: SubsetScorer, beam: list[tuple[int, ...]], width: int,
@@ -456,20 +505,51 @@ def naive_subset_loss(model, layer: int, x: Tensor, keep: list[int]) -> float:
 GRID_VERSION = 1
 
 
-def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Progress | None = None) -> DropGrid:
-    """:func:`drop_grid` on an evaluation ``batch`` (a TokenBatch), stored in the cache."""
+def cached_drop_grid(model, batch, cache=None, chunk_size: int = 8, progress: Progress | None = None,
+                     note: Callable[[str], None] | None = None) -> DropGrid:
+    """:func:`drop_grid` on an evaluation ``batch`` (a TokenBatch), stored in the cache. Each
+    finished row (MoE layer) is its own ``dropgrid-row`` entry until the whole grid is stored, so
+    an interrupted grid continues where it stopped (``note`` is told which rows it reuses).
+    Under torchrun the cells are spread over the ranks (:func:`drop_grid`)."""
     from moescope.analysis.core.cache import Cache
+    from moescope.analysis.core.distributed import current, get_or_compute_meta
 
     cache = cache or Cache()
     parts = _grid_parts(model, batch)
+    label = f"{model.source.split('/')[-1]}-{batch.source}"
+    world = current()
+    if world.distributed:
+        world.check_shards(sum(v.num_experts for v in model.layers.values()), "drop-grid cells")
+        world.agree(model=parts["model"], dtype=parts["dtype"], data=parts["data"])
+    reused = []
+
+    def stored_row(l: int):  # a row an interrupted run finished
+        entry = cache.get("dropgrid-row", {**parts, "layer": l}) if world.is_main else None
+        if entry is not None:
+            reused.append(l)
+        return entry.meta["row"] if entry is not None else None
+
+    def on_row(l: int, row: list[float]):
+        if world.is_main:
+            cache.put("dropgrid-row", {**parts, "layer": l}, meta={"row": row, "model": parts["model"],
+                                                                  "model_source": model.source,
+                                                                  "data": batch.describe()}, label=f"{label}-L{l}")
 
     def compute():
-        g = drop_grid(model, batch.input_ids, chunk_size=chunk_size, progress=progress)
+        g = drop_grid(model, batch.input_ids, chunk_size=chunk_size, progress=progress, stored_row=stored_row,
+                      on_row=on_row)
+        if reused and note:
+            note(f"reused {len(reused)} finished grid row(s) from the cache (layers {', '.join(map(str, reused))})")
         return {"meta": {**g.to_json(), "model": parts["model"], "model_source": model.source,
                          "data": batch.describe()}}
 
-    entry = cache.get_or_compute("dropgrid", parts, compute, label=f"{model.source.split('/')[-1]}-{batch.source}")
-    return _grid_from_meta(entry.meta)
+    meta = get_or_compute_meta(cache, "dropgrid", parts, compute, label=label)
+    if world.is_main:  # the whole grid is stored: its row checkpoints are no longer needed
+        from moescope.analysis.core.cache import cache_key
+
+        for l in model.layers:
+            cache.remove("dropgrid-row", cache_key("dropgrid-row", {**parts, "layer": l}))
+    return _grid_from_meta(meta)
 
 
 def lookup_drop_grid(model, batch, cache=None) -> DropGrid | None:

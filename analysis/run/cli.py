@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import traceback
 
@@ -272,30 +273,37 @@ def _fault_hook() -> None:
     environment sets ``MOESCOPE_FAULT_AT``.
 
     ``MOESCOPE_FAULT_AT=progress:GLOB`` makes this process SIGKILL itself when a progress stage
-    matching GLOB reports (e.g. ``progress:layers``, ``progress:evaluate pruned``);
+    matching GLOB reports (e.g. ``progress:layers``, ``progress:evaluate pruned``), and
+    ``progress:GLOB@N`` when it reports ``done = N`` (e.g. ``progress:cells@10``);
     ``MOESCOPE_FAULT_AT=write:GLOB`` when it opens a file whose path matches GLOB for writing
-    (e.g. ``write:*/out/config.json``). It is an audit hook, so it sees every write by any module
+    (e.g. ``write:*/out/config.json``); ``MOESCOPE_FAULT_RANK=R`` limits it to rank R of a
+    torchrun world, and ``MOESCOPE_FAULT_SIGNAL=STOP`` sends SIGSTOP instead of SIGKILL (a rank
+    that hangs). It is an audit hook, so it sees every write by any module
     without a call site in the code under test."""
     import os
 
     spec = os.environ.get("MOESCOPE_FAULT_AT")
     if not spec:
         return
+    only = os.environ.get("MOESCOPE_FAULT_RANK")  # under torchrun: only this rank (RANK) faults
+    if only is not None and only != os.environ.get("RANK", "0"):
+        return
     import fnmatch
     import signal
 
     kind, _, pattern = spec.partition(":")
+    pattern, _, at = pattern.partition("@") if kind == "progress" else (pattern, "", "")
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
 
     def hook(event: str, args: tuple) -> None:
         if kind == "progress" and event == "moescope.progress":
-            hit = fnmatch.fnmatchcase(str(args[0]), pattern)
+            hit = fnmatch.fnmatchcase(str(args[0]), pattern) and (not at or str(args[1]) == at)
         elif kind == "write" and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
             hit = bool(args[2] & writing) and fnmatch.fnmatchcase(os.path.abspath(os.fsdecode(args[0])), pattern)
         else:
             return
         if hit:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("MOESCOPE_FAULT_SIGNAL", "KILL")))
 
     sys.addaudithook(hook)
 
@@ -324,6 +332,79 @@ def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end]
     return [a for i, a in enumerate(argv) if not (i < end and a == "--debug")], debug
+
+
+PARALLEL_COMMANDS = ("analyze", "grid", "plan", "eval", "prune")  # what --nproc / torchrun spread over ranks
+
+
+def _take_nproc(argv: list[str]) -> tuple[list[str], int | None]:
+    """``--nproc N`` (anywhere before a ``--``) is taken out before parsing: it relaunches the
+    same command under torchrun with N ranks on this machine."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    out, n, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if i < end and (a == "--nproc" or a.startswith("--nproc=")):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in a else 2
+            try:
+                n = int(value)
+            except ValueError:
+                raise MoescopeError(f"--nproc takes a number of processes (ranks), got {value!r}") from None
+            if n < 1:
+                raise MoescopeError(f"--nproc must be at least 1, got {n}")
+            continue
+        out.append(a)
+        i += 1
+    return out, n
+
+
+# what torchrun itself writes to stderr around its workers (its log lines, the banner about threads,
+# the report and Python traceback it prints when a worker fails): not shown, each rank's own
+# one-line error says what happened
+_TORCHRUN_NOISE = re.compile(r"^([WEI]\d{4} \d\d:\d\d|\*{5}|Setting OMP_NUM_THREADS|Traceback \(most recent|\s+\S|"
+                             r"torch\.distributed\.|={5}|-{5}|moescope FAILED|Failures:|Root Cause|\[\d+\]:|<N/A>)")
+
+
+def _launch_torchrun(argv: list[str], nproc: int) -> int:
+    """Run ``moescope ARGV`` as ``torchrun --standalone --nproc-per-node NPROC -m moescope ARGV``.
+    The ranks' stdout passes through (only the main rank writes there), and their stderr too, less
+    torchrun's own report and the same error line repeated by several ranks. Returns 0, or 2 when
+    a rank failed (130 on Ctrl-C)."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "moescope", *argv]
+    env = dict(os.environ)
+    # the CPU threads shared out between the ranks (torchrun would set 1 and say so)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    shown: set[bytes] = set()
+    pending = b""
+    try:
+        while True:
+            data = os.read(proc.stderr.fileno(), 65536)
+            if not data:
+                break
+            pending += data
+            # whole lines, and progress bars (they end in a carriage return) as they come
+            parts = re.split(rb"(?<=[\r\n])", pending)
+            pending = parts.pop() if parts and not parts[-1].endswith((b"\n", b"\r")) else b""
+            for part in parts:
+                text = part.decode("utf-8", "replace")
+                if _TORCHRUN_NOISE.match(text) or (part in shown and text.startswith("moescope: ")):
+                    continue
+                shown.add(part)
+                sys.stderr.write(text)
+                sys.stderr.flush()
+        code = proc.wait()
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its ranks
+        proc.wait()
+        return 130
+    finally:
+        proc.stderr.close()
+    return 0 if code == 0 else 2
 
 
 def _one_line(err: BaseException) -> str:
@@ -369,14 +450,63 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _ranks(args):
+    """Under torchrun: join the process group (gloo on CPUs, NCCL beside it on GPUs; each rank on
+    ``cuda:LOCAL_RANK``) and leave it at the end; only the main rank writes to stdout. Yields the
+    context that silences stdout on the other ranks. One process: nothing changes."""
+    from moescope.analysis.core import distributed
+
+    if not distributed.launched_by_torchrun():
+        yield contextlib.nullcontext()
+        return
+    try:
+        if _command_name(args) not in PARALLEL_COMMANDS:
+            raise MoescopeError(f"'{_command_name(args)}' runs in one process, not under torchrun "
+                                f"(data-parallel commands: {', '.join(PARALLEL_COMMANDS)})")
+        world = distributed.init(getattr(args, "device", None))
+    except MoescopeError as err:  # before any work: the one-line error and status 2 of main()
+        print(f"moescope: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if hasattr(args, "device"):
+        args.device = distributed.rank_device(args.device)
+    import os
+
+    if getattr(args, "offload", None):  # each rank its own folder for accelerate's offloaded tensors
+        args.offload = os.path.join(args.offload, f"rank{world.rank}")
+
+    sink = open(os.devnull, "w") if not world.is_main else None  # noqa: SIM115 - closed below
+    try:
+        yield contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext()
+    finally:
+        if sink:
+            sink.close()
+        distributed.finish()
+
+
+def _command_name(args) -> str:
+    return getattr(args, "command", "") or ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every exception ends here: a user mistake (:class:`MoescopeError`) and any
     other exception are one line on stderr, exit status 2 (``--debug`` prints the traceback too);
     Ctrl-C exits 130, SIGTERM 143 (both after cleaning up); a closed stdout ends quietly (141)."""
+    from moescope.analysis.core import distributed
     from moescope.analysis.core.processes import Terminated
 
     argv = sys.argv[1:] if argv is None else list(argv)
     argv, debug = _take_debug(argv)
+    try:
+        argv, nproc = _take_nproc(argv)
+        if nproc is not None and _command(argv) not in PARALLEL_COMMANDS:
+            raise MoescopeError(f"--nproc applies to {', '.join(PARALLEL_COMMANDS)}; "
+                                f"'{_command(argv)}' runs in one process")
+    except MoescopeError as err:
+        print(f"moescope: error: {err}", file=sys.stderr)
+        return 2
+    if nproc is not None and nproc > 1 and not distributed.launched_by_torchrun():
+        return _launch_torchrun(argv, nproc)
     # the registry's flags only where they are parsed: `moescope --help`, `cache ls` and the like
     # then start without importing torch
     try:
@@ -386,9 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_gone()
     _fault_hook()
     _library_bars_off_unless_terminal()
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _ranks(args) as quiet_stdout:
         try:
-            code = int(args.func(args) or 0)
+            with quiet_stdout:
+                code = int(args.func(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
             return code
         except BrokenPipeError:

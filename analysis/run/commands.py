@@ -177,9 +177,14 @@ def cmd_analyze(args) -> int:
                           seed=args.seed, sampling=args.sampling, split="validation")
     bars = ProgressBars(quiet=args.json)
     try:
-        result = run_analysis(model, batch, params, cache=Cache(), progress=bars)
+        result = run_analysis(model, batch, params, cache=Cache(), progress=bars,
+                              note=lambda text: print(f"moescope: {text}", file=sys.stderr))
     finally:
         bars.close()
+    from moescope.analysis.core.distributed import current
+
+    if result is None or not current().is_main:  # under torchrun the main rank alone reports and exports
+        return 0
     exported = result.export(args.export) if args.export else {}
     summary = result.summary()
     if args.json:
@@ -333,6 +338,10 @@ def cmd_plan(args) -> int:
         bars.close()
     if preset is not None:
         plan.provenance["preset"] = preset.name
+    from moescope.analysis.core.distributed import current
+
+    if not current().is_main:  # under torchrun every rank chose the same plan; the main rank writes it
+        return 0
     path = plan.save(args.output)
     label = f"{preset.name} ({strategy.name})" if preset is not None else strategy.name
     if args.json:
@@ -388,6 +397,12 @@ def eval_spec(args, default_ppl: list[str] | None):
         skip_calib=None if args.skip_calib == "none" else args.skip_calib,
     )
     spec.validate()
+    from moescope.analysis.core.distributed import current
+
+    if current().distributed and (spec.tasks or spec.efficiency):  # every rank would run them all again
+        raise MoescopeError("under torchrun / --nproc, evaluation spreads the perplexity windows over the ranks; "
+                            "lm-eval tasks (--tasks) and the speed measurement are not data-parallel here: add "
+                            "--no-efficiency and run tasks with lm-eval's own multi-GPU path (README: Many GPUs)")
     return spec
 
 
@@ -445,6 +460,11 @@ def cmd_prune(args) -> int:
     cache = Cache()
     streamable = not is_finetuned(plan) and (local is None or any(local.glob("*.safetensors")))
     if spec is None and streamable:
+        from moescope.analysis.core.distributed import current
+
+        if current().distributed:
+            raise MoescopeError("prune without evaluation rewrites the checkpoint in one process (nothing to spread "
+                                "over ranks): run it without torchrun / --nproc, or add --ppl to evaluate it")
         return _prune_streamed(args, plan, skeleton, out)
     if args.offload:
         if not streamable:
@@ -466,6 +486,10 @@ def cmd_prune(args) -> int:
             bars.close()
     else:
         apply(model, plan, weights=weights)
+    from moescope.analysis.core.distributed import current
+
+    if not current().is_main:  # under torchrun the main rank alone exports and stores
+        return 0
     export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite, transformers_only=args.transformers_only,
            dtype=args.dtype)
     if exp is not None:
@@ -623,7 +647,8 @@ def cmd_grid(args) -> int:
     batch = calib_batch(args, model, split="test")
     bars = ProgressBars(quiet=args.json)
     try:
-        grid = cached_drop_grid(model, batch, Cache(), progress=bars)
+        grid = cached_drop_grid(model, batch, Cache(), progress=bars,
+                                note=lambda text: print(f"moescope: {text}", file=sys.stderr))
     finally:
         bars.close()
     if args.json:

@@ -243,7 +243,9 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         efficiency=efficiency, structure={"before": before, "after": model_structure(model)}, timings=timings,
         versions=software_versions(), finetuned=finetuned, files_fingerprint=files_fingerprint(model.source_dir),
     )
-    if store:
+    from moescope.analysis.core.distributed import current
+
+    if store and current().is_main:  # under torchrun the main rank alone stores the record
         save(exp, cache, tensors=trained)
     return exp
 

@@ -62,7 +62,10 @@ class ProgressBars:
 
     def __init__(self, quiet: bool = False):
         self.bars: dict = {}
-        self.quiet = quiet or not sys.stderr.isatty()
+        from moescope.analysis.core.distributed import current
+
+        # under torchrun only the main rank draws (the others' bars would overwrite each other)
+        self.quiet = quiet or not sys.stderr.isatty() or not current().is_main
         ProgressBars.live.append(self)
 
     def __call__(self, stage: str, done: int, total: int) -> None:

@@ -38,8 +38,18 @@ def finetune(model, input_ids, tokens: int, lr: float = 1e-6, batch_rows: int = 
     cycled from ``input_ids [N, L]`` in batches of ``batch_rows`` sequences: a fresh AdamW with a
     cosine schedule from ``lr`` to 0 over the steps (MC-Suite App. C). ``train``: ``"all"``
     parameters, or ``"moe"`` (routers and routed experts; everything else frozen). Returns the
-    steps, tokens and the first and last batch losses."""
+    steps, tokens and the first and last batch losses.
+
+    Under torchrun (data parallel, as DDP does it): each step's rows are split over the ranks, each
+    rank's mean loss is weighted by its share of the rows (every row has the same number of
+    targets, so the weighted sum is the batch's mean loss) and the gradients are summed over the
+    ranks before clipping and the AdamW step, which every rank then takes alike: the weights stay
+    the same on every rank, equal to one process's up to the order of the float sums."""
     import torch
+    from moescope.analysis.core.distributed import current, share_of
+
+    world = current()
+    world.check_shards(batch_rows, "sequences per finetune step")
 
     hf = model.hf
     if train == "all":
@@ -62,10 +72,21 @@ def finetune(model, input_ids, tokens: int, lr: float = 1e-6, batch_rows: int = 
     try:
         for step in range(steps):
             idx = [(step * batch_rows + i) % rows for i in range(batch_rows)]
-            ids = input_ids[idx].to(next(hf.parameters()).device)
-            loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
+            lo, hi = share_of(batch_rows, world.rank, world.size)
+            ids = input_ids[idx[lo:hi]].to(next(hf.parameters()).device)
+            loss = hf(input_ids=ids, labels=ids, use_cache=False).loss * ((hi - lo) / batch_rows)
             opt.zero_grad()
             loss.backward()
+            if world.distributed:
+                world.doing(f"summing finetune gradients (step {step + 1})")
+                # a parameter no rank's tokens reached keeps no gradient, as in one process
+                reached = world.sum(torch.tensor([float(p.grad is not None) for p in trainable]))
+                for p, r in zip(trainable, reached.tolist()):
+                    if r > 0:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        world.sum_(p.grad)
+                loss = world.sum(loss.detach().reshape(1))[0]
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
@@ -125,7 +146,9 @@ def lottery(ctx, params):
                 "meta": {"alive": {str(l): a for l, a in alive.items()}, "rounds": log,
                          "model": parts["model"], "model_source": ctx.model.source}}
 
-    entry = cache.get_or_compute(KIND, parts, compute, label=f"{ctx.model.source.split('/')[-1]}-{name}-{order}")
+    from moescope.analysis.core.distributed import get_or_compute_entry
+
+    entry = get_or_compute_entry(cache, KIND, parts, compute, label=f"{ctx.model.source.split('/')[-1]}-{name}-{order}")
     alive = {int(l): a for l, a in entry.meta["alive"].items()}
     plan = ctx.plan_from_keep(alive, f"lottery:{order}-{name}")
     plan.provenance.update(finetuned=True, weights=entry.key, rounds=entry.meta["rounds"])
