@@ -52,6 +52,15 @@ def unique_plan_name(s: Settings, base: str) -> str:
     return unique_name(base, set(named_plans(s)))
 
 
+def paired_text(cost) -> str:
+    """A plan's proxy perplexity against the original's, paired on the proxy batch's windows:
+    ``worse ×1.210 [1.160–1.250]`` (:meth:`~analysis.run.named_plans.PredictedCost.paired`)."""
+    p = cost.paired()
+    if p is None:
+        return "— (finetuned weights: not applied in the proxy)" if cost.proxy_ppl_after is None else "—"
+    return f"{p.verdict('lower')} {p.text()}"
+
+
 def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFrame:
     """One row per named plan: size change and the proxy perplexity change on a small evaluation
     batch (computed once per plan, then read from the cache), and the drop grid's estimate."""
@@ -68,7 +77,7 @@ def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFram
         if not rows:  # the original first: what every plan is measured against
             rows.append({"plan": "original (no plan)", "experts": c.experts_before, "params Δ%": 0.0,
                          "weight bytes Δ%": 0.0, "proxy ppl": c.proxy_ppl_before, "proxy Δ%": 0.0,
-                         "grid Σ Δppl": "—", "skipping": "—", "seconds": None})
+                         "against the original (paired)": "—", "grid Σ Δppl": "—", "skipping": "—", "seconds": None})
         merges = any(not lp.is_pure_keep() for lp in plan.layers.values())
         grid_text = (f"{c.grid_sum:+.3f}" if c.grid_sum is not None else
                      "— (merges: the grid prices drops only)" if merges else "— (no drop grid stored)")
@@ -76,6 +85,7 @@ def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFram
                      "params Δ%": 100 * (c.params_after / c.params_before - 1),
                      "weight bytes Δ%": 100 * (c.bytes_after / c.bytes_before - 1),
                      "proxy ppl": c.proxy_ppl_after, "proxy Δ%": None if c.proxy_change is None else 100 * c.proxy_change,
+                     "against the original (paired)": paired_text(c),
                      "grid Σ Δppl": grid_text,
                      "skipping": "plan has β; not applied in the proxy" if plan.skip_beta else "none",
                      "seconds": c.seconds})

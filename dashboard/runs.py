@@ -72,7 +72,7 @@ class CompareView:
 
 
 _RATIO_HELP = "pruned ÷ original; 1.00× = unchanged"
-_HIDDEN_SUFFIXES = (" low", " high", " noise")
+_HIDDEN_SUFFIXES = X.DERIVED_SUFFIXES
 
 
 def compare_view(table: pd.DataFrame) -> CompareView:
@@ -141,6 +141,8 @@ def styled(table: pd.DataFrame, view: CompareView, columns: list[str] | None = N
     Originals are the reference, never marked."""
     fmt = {}
     for c in columns or table.columns:
+        if c.endswith((" verdict", " vs original", " best", " noise")):  # words, not numbers
+            continue
         if c.startswith("Δ%"):
             fmt[c] = "{:+.1f}%"
         elif c.startswith("Δ "):
@@ -149,7 +151,7 @@ def styled(table: pd.DataFrame, view: CompareView, columns: list[str] | None = N
             fmt[c] = "{:.2f}×"
         elif c.startswith("ppl ") or c == "generate tok/s":
             fmt[c] = "{:.2f}"
-        elif c.startswith("task: ") and not c.endswith(" noise"):
+        elif c.startswith("task: "):
             fmt[c] = "{:.3f}"
         elif c == "params":
             fmt[c] = lambda v: f"{v / 1e6:.2f} M" if pd.notna(v) else ""
@@ -280,21 +282,37 @@ def stage_text(job) -> str:
 
 
 def verdicts(table: pd.DataFrame, view: CompareView) -> list[str]:
-    """One line per quality column (and speed ratio) and evaluation setting: the experiment that is
-    best beyond the uncertainty, or that none is (the leaders' ranges overlap)."""
+    """One line per evaluation setting: for each of its quality columns, the experiment that is best
+    beyond every rival's paired range (or that none is), then the experiments worse than, better
+    than and within noise of the original, from their paired verdicts
+    (:func:`analysis.run.experiments.best_marks`, the ``… verdict`` columns)."""
     full = table.reset_index(drop=True)
-    columns = [c for c in view.quality + ["prefill speed ratio", "generate speed ratio"]
-               if c in full.columns and c in view.better]
     several = full["group"].nunique() > 1
     lines = []
-    for c in columns:
-        best = X.best_marks(full, c, view.better[c])
-        for g in full["group"].unique():
-            rows = [i for i in range(len(full)) if full["group"].iloc[i] == g and full["experiment"].iloc[i] != "original"]
-            if len(rows) < 2:
-                continue
-            where = f" ({full['setting'].iloc[rows[0]]})" if several else ""
+    for g in full["group"].unique():
+        rows = [i for i in range(len(full)) if full["group"].iloc[i] == g and full["experiment"].iloc[i] != "original"]
+        if not rows:
+            continue
+        have = [c for c in view.quality if c in full.columns and full[c].iloc[rows].notna().any()]
+        parts = []
+        for c in have:
+            best = X.best_marks(full, c, view.better[c])
             won = [full["name"].iloc[i] for i in rows if i in best]
-            lines.append(f"{c}{where}: **{won[0]}** is best beyond the uncertainty" if won else
-                         f"{c}{where}: no clear best (the leaders are within each other's 95 % range)")
+            if len(rows) > 1:
+                parts.append(f"{c}: **{won[0]}** best beyond every rival's paired range" if won else
+                             f"{c}: no clear best (the leaders are within each other's paired range)")
+            verdict_c = f"{c} verdict"
+            if verdict_c in full.columns:
+                by = {}
+                for i in rows:
+                    v = full[verdict_c].iloc[i]
+                    if isinstance(v, str):
+                        by.setdefault(v, []).append(full["name"].iloc[i])
+                said = "; ".join(f"{v} than the original: {', '.join(n)}" if v in ("better", "worse")
+                                 else f"{v}: {', '.join(n)}" for v, n in sorted(by.items()))
+                if said:
+                    parts.append(f"{c} — {said}")
+        if parts:
+            where = f"*{full['setting'].iloc[rows[0]]}* — " if several else ""
+            lines.append(where + " · ".join(parts))
     return lines

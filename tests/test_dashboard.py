@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import subprocess
 import sys
@@ -616,6 +617,13 @@ def test_named_plans_save_open_rename_delete_and_survive_a_new_session(analysed,
         assert row["proxy ppl"] == pytest.approx(want.proxy_ppl_after)
         assert row["params Δ%"] == pytest.approx(100 * (want.params_after / want.params_before - 1))
         assert original["proxy ppl"] == pytest.approx(want.proxy_ppl_before)
+        # the verdict is paired on the proxy windows: the stored per-window losses give it, and they add up
+        # to the proxy perplexity
+        p = want.paired()
+        assert row["against the original (paired)"] == f"{p.verdict('lower')} {p.text()}"
+        n, length = batch.input_ids.shape
+        assert math.exp(sum(want.windows_after) / (n * (length - 1))) == pytest.approx(want.proxy_ppl_after)
+        assert p.value == pytest.approx(want.proxy_ppl_after / want.proxy_ppl_before)
         # drop-only plans: the grid's sum where this session's tests stored a grid, else why there is none
         assert row["skipping"] == "none"
         assert re.fullmatch(r"[+-]\d+\.\d{3}|— \(no drop grid stored\)", row["grid Σ Δppl"]), row["grid Σ Δppl"]

@@ -201,7 +201,10 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     c = esub.add_parser("show", help="one experiment in full")
     c.add_argument("id")
     c.add_argument("--json", action="store_true")
-    c = esub.add_parser("compare", help="experiments side by side, the original as reference")
+    c = esub.add_parser("compare", help="experiments side by side, the original as reference",
+                        description="Experiments side by side, each against the original of its evaluation "
+                                    "setting, with paired verdicts; two IDs of one setting: the second against "
+                                    "the first as well.")
     c.add_argument("ids", nargs="+", metavar="ID")
     c.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH", help="CSV to PATH (or stdout)")
     c.add_argument("--json", action="store_true")

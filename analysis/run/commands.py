@@ -560,7 +560,8 @@ def cmd_experiments(args) -> int:
         from moescope.analysis.core.outputs import atomic_file, check_output_file
 
         check_output_file(args.csv, "--csv file")
-    table = X.compare([X.load(i, cache) for i in args.ids])
+    chosen = [X.load(i, cache) for i in args.ids]
+    table = X.compare(chosen)
     if args.csv:
         if args.csv == "-":
             print(table.to_csv(index=False), end="")
@@ -576,6 +577,10 @@ def cmd_experiments(args) -> int:
 
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
         print(compare_text(table))
+    if len(chosen) == 2 and X.same_setting(chosen) and all(e.plan for e in chosen):
+        from moescope.analysis.run.report import between_text
+
+        print("\n" + between_text(chosen[0], chosen[1]))  # the second against the first, paired
     return 0
 
 

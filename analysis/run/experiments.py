@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.run import verdicts as V
+from moescope.analysis.run.verdicts import HIGHER_METRICS  # noqa: F401  (re-exported: the better end of a score)
 
 if TYPE_CHECKING:  # evaluation imports torch; listing experiments must not
     from moescope.analysis.evaluation import EvalSpec
@@ -446,15 +448,17 @@ def headline(table) -> tuple[str, str] | None:
     source, else the first lm-eval score, else the parameter ratio."""
     cols = list(table.columns)
     for c in cols:
-        if c.startswith("ppl ") and not c.endswith((" low", " high")):
+        if c.startswith("ppl ") and not c.endswith(DERIVED_SUFFIXES):
             return c, "lower"
     for c in cols:
-        if c.startswith("task:") and not c.endswith((" low", " high")):
+        if c.startswith("task:") and not c.endswith(DERIVED_SUFFIXES):
             return c, "higher" if c.split(" ")[-1] in HIGHER_METRICS else "lower"
     return ("params ratio", "lower") if "params ratio" in cols else None
 
 
-HIGHER_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mc1", "mc2")
+# a comparison's derived columns: a value's range, its verdict against its original, the paired
+# change, whether it is the best of its setting
+DERIVED_SUFFIXES = (" low", " high", " noise", " verdict", " vs original", " best")
 
 
 def compare(experiments: list[Experiment]):
@@ -463,10 +467,14 @@ def compare(experiments: list[Experiment]):
     measured against that original, best headline metric first (:func:`headline`); an evaluation
     without a plan is that original row itself. Columns: quality
     per source/task with its 95 % interval (``… low`` / ``… high``: per-window for perplexity,
-    lm-eval's standard error for task scores) and the change against the original, parameter,
+    lm-eval's standard error for task scores) and the change against the original, the paired
+    verdict against the original (``… verdict``: better / worse / within noise, ``… vs original``:
+    the paired change with its range, see :mod:`~moescope.analysis.run.verdicts`) and whether it is
+    the setting's best beyond every rival's paired range (``… best``), parameter,
     weight-byte and peak-memory ratios, prefill and generation speed ratios with the repeats' range
     and the verdict (plain and with dynamic skipping). See :func:`best_marks` and
-    :func:`noise_marks` for what may be called best and what is within noise."""
+    :func:`noise_marks` for what may be called best and what is within noise. Experiments of
+    different settings pair nothing: each is measured against its own original only."""
     import pandas as pd
 
     if not experiments:
@@ -492,6 +500,12 @@ def compare(experiments: list[Experiment]):
             r_eff = (e_eff.get("original") or {}).get("plain") or {}
             rows.append(_row(exp.id, exp.label, exp.structure.get("after", {}), exp.result, exp.reference,
                              e_eff.get("pruned") or {}, r_eff, exp.structure.get("before", {}), names[exp.id]))
+            rows[-1].update(_paired_cells(exp))
+        pruned = {e.id: e.result for e in members if e.plan is not None}
+        for col in {c for q in pruned.values() for c in V.quality_columns(q)}:
+            leader = V.best_of(pruned, col)
+            for row in rows:
+                row[f"{col} best"] = row["experiment"] == leader
         body = pd.DataFrame(rows)
         key = headline(body) if rows else None
         if key is not None and key[0] in body.columns and len(body) > 1:
@@ -503,6 +517,34 @@ def compare(experiments: list[Experiment]):
     table = pd.concat(frames, ignore_index=True)
     front = ["experiment", "name", "label", "group", "setting"]
     return table[front + [c for c in table.columns if c not in front]]
+
+
+def _paired_cells(exp: Experiment) -> dict:
+    """``{column verdict, column vs original}`` of every quality column of ``exp``: its paired verdict
+    against its own original (:func:`~moescope.analysis.run.verdicts.against`)."""
+    cells = {}
+    for col in V.quality_columns(exp.result):
+        p, verdict = V.against(exp.reference, exp.result, col)
+        cells[f"{col} verdict"] = verdict
+        cells[f"{col} vs original"] = p.text() if p is not None else ""
+    return cells
+
+
+def between(a: Experiment, b: Experiment) -> list[tuple[str, object, str]]:
+    """``[(column, paired range, verdict)]``: experiment ``b`` against ``a`` in every quality column
+    both have, paired on their common windows and documents. Experiments of different settings (model
+    or evaluation spec) pair nothing: a :class:`MoescopeError` saying so."""
+    if _setting_key(a) != _setting_key(b):
+        raise MoescopeError(f"{a.id} and {b.id} were measured on different settings "
+                            f"({setting_name(a.eval)} on {a.model}; {setting_name(b.eval)} on {b.model}): "
+                            "nothing pairs, so each is shown against its own original")
+    cols = [c for c in V.quality_columns(b.result) if c in V.quality_columns(a.result)]
+    return [(c, *V.against(a.result, b.result, c)) for c in cols]
+
+
+def same_setting(experiments: list[Experiment]) -> bool:
+    """Whether every experiment was measured on one setting (model and evaluation spec)."""
+    return len({_setting_key(e) for e in experiments}) <= 1
 
 
 def quality_intervals(table, column: str) -> list:
@@ -535,14 +577,27 @@ def quality_intervals(table, column: str) -> list:
     return out
 
 
+# exact quantities: counted, not measured, so the smallest is the smallest (no uncertainty to beat)
+EXACT_COLUMNS = ("params ratio", "weight bytes ratio", "experts kept")
+
+
 def best_marks(table, column: str, direction: str) -> set[int]:
     """Row positions of ``table`` (from :func:`compare`) whose ``column`` value is the best of the
-    experiments measured against the same original *beyond the uncertainty*: its interval lies
-    clear of every other experiment's of that setting
-    (:func:`~moescope.analysis.evaluation.uncertainty.best_beyond_noise`). Originals are never marked."""
+    experiments measured against the same original. A quality column (perplexity, lm-eval score)
+    is best only where it is better than every rival beyond their paired range (its ``… best``
+    column, :func:`~moescope.analysis.run.verdicts.best_of`); an exact count (parameters, weight
+    bytes) where it is strictly the smallest; a measured figure without a paired range (peak
+    memory, speed) never. Originals are never marked."""
     from moescope.analysis.evaluation.uncertainty import best_beyond_noise
 
     if column not in table.columns:
+        return set()
+    flag = f"{column} best"
+    if flag in table.columns:
+        # True or numpy's True (a missing cell is NaN, which bool() would call true)
+        return {i for i in range(len(table)) if table["experiment"].iloc[i] != "original"
+                and str(table[flag].iloc[i]) == "True"}
+    if column not in EXACT_COLUMNS:
         return set()
     intervals = quality_intervals(table, column)
     marked = set()
@@ -555,30 +610,21 @@ def best_marks(table, column: str, direction: str) -> set[int]:
 
 
 def noise_marks(table, column: str) -> set[int]:
-    """Row positions whose ``column`` value cannot be told from its original's: the intervals
-    overlap, or the value is within noise itself (a speed ratio on a busy machine or with a range
-    covering 1.0×)."""
-    from moescope.analysis.evaluation.uncertainty import differs
-
+    """Row positions whose ``column`` value cannot be told from its original's: a quality value whose
+    paired range against its original covers no change (``… verdict`` is within noise), or a speed
+    ratio within noise itself (measured on a busy machine, or a repeats' range covering 1.0×). A
+    value that could not be paired gets no mark (nor any verdict)."""
     if column not in table.columns:
         return set()
+    verdict_c = f"{column} verdict"
+    if verdict_c in table.columns:
+        return {i for i in range(len(table)) if table["experiment"].iloc[i] != "original"
+                and table[verdict_c].iloc[i] == V.WITHIN}
+    if not (column.endswith("ratio") or column.endswith("ratio (skip)")):
+        return set()
     intervals = quality_intervals(table, column)
-    ratio = column.endswith("ratio") or column.endswith("ratio (skip)")
-    out = set()
-    ref = None
-    for i in range(len(table)):
-        if table["experiment"].iloc[i] == "original":
-            ref = intervals[i]
-            continue
-        v = intervals[i]
-        if v is None:
-            continue
-        if ratio:  # a ratio's reference is 1.0× and its verdict already says whether it differs
-            if v.noisy:
-                out.add(i)
-        elif differs(v, ref) is False:
-            out.add(i)
-    return out
+    return {i for i in range(len(table)) if table["experiment"].iloc[i] != "original"
+            and intervals[i] is not None and intervals[i].noisy}
 
 
 def display_names(experiments: list[Experiment]) -> dict[str, str]:

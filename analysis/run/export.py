@@ -238,8 +238,24 @@ def _speed_change(pruned: dict, original: dict, key: str) -> str:
     if v is None:
         return _pct(pruned.get(key), original.get(key))
     if v["noise"]:
-        return f"within noise ({v['noise']})"
+        return f"left out: within noise ({v['noise']})"
     return f"{_pct(pruned.get(key), original.get(key))} (repeats: {v['low']:.2f}–{v['high']:.2f}×)"
+
+
+def _speed_row(name: str, original: dict, pruned: dict, key: str) -> list:
+    """A speed row of the card; a figure that is noise is left out (its change says so)."""
+    from moescope.analysis.evaluation.efficiency import speed_verdict
+
+    v = speed_verdict(pruned, original, key)
+    if v is not None and v["noise"]:
+        return [name, "–", "–", _speed_change(pruned, original, key)]
+    return [name, _fmt(original.get(key)), _fmt(pruned.get(key)), _speed_change(pruned, original, key)]
+
+
+def _bytes(x) -> str:
+    from moescope.analysis.core.units import format_bytes
+
+    return format_bytes(x) if isinstance(x, int | float) else "–"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -322,17 +338,15 @@ def model_card(model, plan, experiment=None) -> str:
                  _pct(a.get("params", {}).get(key), b.get("params", {}).get(key))]
                 for name, key in (("parameters", "total"), ("active parameters per token", "active"),
                                   ("routed-expert parameters", "experts"))]
-        rows.append(["weight bytes", _fmt(b.get("weight_bytes")), _fmt(a.get("weight_bytes")),
+        rows.append(["weights in memory", _bytes(b.get("weight_bytes")), _bytes(a.get("weight_bytes")),
                      _pct(a.get("weight_bytes"), b.get("weight_bytes"))])
         eff = experiment.efficiency or {}
         o, p = (eff.get("original") or {}).get("plain") or {}, (eff.get("pruned") or {}).get("plain") or {}
         if o and p:
-            rows += [["peak memory while generating", _fmt(o.get("peak_memory_bytes")), _fmt(p.get("peak_memory_bytes")),
-                      _pct(p.get("peak_memory_bytes"), o.get("peak_memory_bytes"))],
-                     ["prefill tokens/s", _fmt(o.get("prefill_tokens_per_s")), _fmt(p.get("prefill_tokens_per_s")),
-                      _speed_change(p, o, "prefill_tokens_per_s")],
-                     ["generation tokens/s", _fmt(o.get("generate_tokens_per_s")), _fmt(p.get("generate_tokens_per_s")),
-                      _speed_change(p, o, "generate_tokens_per_s")]]
+            rows += [["peak memory while generating", _bytes(o.get("peak_memory_bytes")),
+                      _bytes(p.get("peak_memory_bytes")), _pct(p.get("peak_memory_bytes"), o.get("peak_memory_bytes"))],
+                     _speed_row("prefill tokens/s", o, p, "prefill_tokens_per_s"),
+                     _speed_row("generation tokens/s", o, p, "generate_tokens_per_s")]
         out.append(_table(["", "original", "pruned", "change"], rows))
         if o:
             out += ["", f"Speed and memory: {o.get('device')}, {o.get('threads')} threads, "
@@ -427,22 +441,61 @@ def _vllm_section(model, uniform: bool) -> list[str]:
     return out
 
 
+def _ppl_range(quality: dict, src: str, value) -> str:
+    """A perplexity with its per-window 95 % range."""
+    domains = (quality.get("ppl_interval") or {}).get(src) or {}
+    iv = domains.get("all") or (next(iter(domains.values())) if len(domains) == 1 else None)
+    return f"{_fmt(value)} [{iv[0]:.4g}–{iv[1]:.4g}]" if iv and isinstance(value, int | float) else _fmt(value)
+
+
+def _score_range(metrics: dict, metric: str) -> str:
+    """An lm-eval score with ±1.96 × lm-eval's standard error as its 95 % range."""
+    from moescope.analysis.evaluation.uncertainty import stderr_interval
+
+    value, se = metrics.get(metric), metrics.get(f"{metric}_stderr")
+    if not isinstance(value, int | float) or not isinstance(se, int | float):
+        return _fmt(value)
+    iv = stderr_interval(value, se)
+    return f"{_fmt(value)} [{iv.low:.4g}–{iv.high:.4g}]"
+
+
+def _paired_cell(exp, column: str) -> str:
+    """The paired verdict against the original (:func:`~moescope.analysis.run.verdicts.against`)."""
+    from moescope.analysis.run.verdicts import against
+
+    p, verdict = against(exp.reference, exp.result, column)
+    return verdict if p is None else f"{verdict}, {p.text()}"
+
+
 def _quality_table(exp) -> str:
+    """Original and pruned quality, each with its 95 % range, the change, and the paired verdict
+    against the original on the same windows / documents (none for a plain evaluation)."""
     rows = []
     for src, value in exp.result.get("ppl", {}).items():
         ref = exp.reference.get("ppl", {}).get(src)
-        rows.append([f"perplexity {src}", _fmt(ref), _fmt(value), _pct(value, ref)])
+        rows.append([f"perplexity {src}", _ppl_range(exp.reference, src, ref), _ppl_range(exp.result, src, value),
+                     _pct(value, ref), _paired_cell(exp, f"ppl {src}")])
         domains = exp.result.get("ppl_domains", {}).get(src, {})
         if len(domains) > 1:
             for d, v in domains.items():
                 if d != "all":
                     r = exp.reference.get("ppl_domains", {}).get(src, {}).get(d)
-                    rows.append([f"  perplexity {d}", _fmt(r), _fmt(v), _pct(v, r)])
+                    rows.append([f"  perplexity {d}", _fmt(r), _fmt(v), _pct(v, r), ""])
     for task, metrics in exp.result.get("tasks", {}).items():
         for metric, value in metrics.items():
             if metric.endswith("_stderr") or metric == "samples":
                 continue
-            ref = exp.reference.get("tasks", {}).get(task, {}).get(metric)
+            ref_metrics = exp.reference.get("tasks", {}).get(task, {})
+            ref = ref_metrics.get(metric)
             delta = f"{value - ref:+.4f}" if isinstance(ref, int | float) else "–"
-            rows.append([f"{task} {metric}", _fmt(ref), _fmt(value), delta])
-    return _table(["metric", "original", "pruned", "change"], rows) if rows else "(no evaluation)"
+            rows.append([f"{task} {metric}", _score_range(ref_metrics, metric), _score_range(metrics, metric), delta,
+                         _paired_cell(exp, f"task: {task} {metric}")])
+    if not rows:
+        return "(no evaluation)"
+    if not exp.plan:
+        return _table(["metric", "original", "pruned", "change"], [r[:4] for r in rows])
+    return (_table(["metric", "original [95 % range]", "pruned [95 % range]", "change",
+                    "against the original (paired, 95 %)"], rows)
+            + "\n\nThe last column compares the two models on the same windows and documents (a paired bootstrap "
+              "of the per-window losses and per-document scores): better or worse only where the whole 95 % range "
+              "of the change lies on one side of no change, else within noise.")

@@ -47,21 +47,24 @@ show_all = st.checkbox("Every column", value=False, key="compare_all",
                             "the 95 % ranges, per-layer expert counts and every speed figure")
 shown = list(table.columns) if show_all else view.columns
 n_settings = table["group"].nunique()
+if n_settings > 1:
+    st.info(f"These experiments were measured on {n_settings} different settings: nothing pairs across them, so "
+            "each is shown against its own original only.")
 st.caption(
     ("Each experiment sits under the original of its evaluation setting; changes are against that original. "
      if n_settings > 1 else "Changes are against the original (first row). ")
-    + "Sorted by the headline metric. **Bold green**: the best of a column among the experiments under the same "
-      "original, *only where it is better than every other beyond the uncertainty* (95 % ranges: per-window "
-      "perplexity, lm-eval's standard error, the speed repeats). *Grey italics*: within noise of the original. "
-    + " ".join(f"{c}: {'lower' if d == 'lower' else 'higher'} is better." for c, d in view.better.items()
-               if c in shown and not show_all))
+    + "Sorted by the headline metric. Verdicts are paired: the same windows (perplexity) or documents "
+      "(lm-eval) scored by both models, a paired bootstrap's 95 % range of the change. **Bold green**: better "
+      "than every other experiment under the same original beyond their paired range. *Grey italics*: within "
+      "noise of the original (the paired range covers no change). Hover a column's name for which end is better.")
 st.dataframe(runs.styled(table, view, shown), hide_index=True, width="stretch",
              column_config={c: st.column_config.Column(help=view.help[c], width="large" if c == "name" else None)
                             for c in shown if c in view.help})
 lines = runs.verdicts(table, view)
-if lines:
-    st.markdown("**Which is best?** " + " · ".join(lines), help="best of the experiments under the same original, "
-                "only where its 95 % range is clear of every other's")
+for line in lines:
+    st.markdown("**Verdict** " + line, help="paired on the same windows / documents: best only where better than "
+                "every rival beyond the paired 95 % range; against the original, within noise where the paired "
+                "range covers no change")
 st.download_button("Download CSV (every column)", table.to_csv(index=False), file_name="moescope-compare.csv",
                    mime="text/csv")
 

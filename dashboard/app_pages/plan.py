@@ -203,6 +203,10 @@ def _plans_section() -> None:
                 "proxy ppl": st.column_config.NumberColumn(format="%.2f", help="perplexity on the proxy batch"),
                 "proxy Δ%": st.column_config.NumberColumn(format="%+.1f%%",
                                                           help="against the original on the same batch"),
+                "against the original (paired)": st.column_config.TextColumn(
+                    help="proxy perplexity ÷ the original's, paired on the same windows (a paired bootstrap's 95 % "
+                         "range): worse or better only where the whole range lies on one side of 1, else within "
+                         "noise"),
                 "grid Σ Δppl": st.column_config.TextColumn(help="sum of the dropped experts' single-drop perplexity "
                                                                 "changes (drop-only plans with a stored drop grid)"),
                 "skipping": st.column_config.TextColumn(help="whether dynamic skipping is part of the estimate: the "
