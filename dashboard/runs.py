@@ -27,7 +27,7 @@ def eval_spec(ppl: list[str], samples: int, seq_len: int, tasks: list[str], limi
               seed: int = 0) -> dict:
     """An EvalSpec as JSON (validated: a bad source is one clear line)."""
     spec = EvalSpec(ppl=ppl, samples=samples, seq_len=seq_len, tasks=tasks, limit=limit, seed=seed,
-                    efficiency=efficiency, efficiency_params=EfficiencyParams(repeats=3))
+                    efficiency=efficiency, efficiency_params=EfficiencyParams())  # the CLI's defaults
     spec.validate()
     return spec.to_json()
 

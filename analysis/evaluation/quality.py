@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.evaluation.efficiency import EfficiencyParams
 from moescope.analysis.evaluation.keys import Progress
@@ -18,9 +19,9 @@ from moescope.analysis.evaluation.tasks import cached_tasks_with_docs
 class EvalSpec:
     """What an evaluation measures (stored with every experiment)."""
 
-    ppl: list[str] = field(default_factory=lambda: ["demo:all"])
-    samples: int = 96
-    seq_len: int = 256
+    ppl: list[str] = field(default_factory=lambda: [D.EVAL_SOURCE])
+    samples: int = D.EVAL_SAMPLES
+    seq_len: int = D.EVAL_SEQ_LEN
     sampling: str = "first"
     seed: int = 0
     stride: int | None = None

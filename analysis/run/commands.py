@@ -7,6 +7,7 @@ import errno
 import json
 import sys
 
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.run.report import (
     ProgressBars,
@@ -293,7 +294,7 @@ def cmd_plan(args) -> int:
     strategy = get_strategy(preset.strategy if preset is not None else args.strategy)
     params = strategy_params(args, strategy)
     if args.samples is None:
-        args.samples = preset.calib_samples if preset is not None and preset.calib_samples else 32
+        args.samples = preset.calib_samples if preset is not None and preset.calib_samples else D.CALIB_SAMPLES
     if strategy.needs_data:
         parse_source(args.calib)
     # everything about the request is checked against the config before any weights are read
@@ -357,7 +358,8 @@ def eval_spec(args, default_ppl: list[str] | None):
     ppl = args.ppl if args.ppl is not None else (default_ppl if not args.tasks else [])
     spec = EvalSpec(
         ppl=list(ppl or []), samples=args.samples, seq_len=args.seq_len, sampling=args.sampling, seed=args.seed,
-        stride=args.stride, tasks=list(args.tasks or []), limit=args.limit, num_fewshot=args.num_fewshot,
+        stride=args.stride, tasks=list(args.tasks or []), limit=args.limit or None,  # --limit 0: every sample
+        num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, efficiency=not args.no_efficiency,
         efficiency_params=EfficiencyParams(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                            repeats=args.repeats),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.pruning.plan import PruningPlan
 from moescope.dashboard import plans, runs
@@ -34,13 +35,15 @@ with st.form("run_form"):
     c1, c2, c3 = st.columns(3)
     ppl = c1.text_input("Perplexity sources (comma-separated)", value=st.session_state.get("eval_source", "demo:all"),
                         key="run_ppl", help="demo:DOMAIN | demo:all | file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
-    samples = c2.number_input("Windows", min_value=1, value=48, step=8, key="run_samples")
-    seq_len = c3.number_input("Tokens per window", min_value=8, value=256, step=64, key="run_seq_len")
+    samples = c2.number_input("Windows", min_value=1, value=D.EVAL_SAMPLES, step=8, key="run_samples",
+                              help="the CLI's default too, so that CLI and dashboard runs share an original")
+    seq_len = c3.number_input("Tokens per window", min_value=8, value=D.EVAL_SEQ_LEN, step=64, key="run_seq_len")
     c1, c2, c3 = st.columns(3)
-    tasks = c1.multiselect("lm-eval tasks (offline)", local, default=["moescope_demo_continuation"], key="run_tasks")
+    tasks = c1.multiselect("lm-eval tasks (offline)", local, default=list(D.EVAL_TASKS), key="run_tasks",
+                           help="scored per document, so that two models' scores are compared document by document")
     other = c2.text_input("Other lm-eval tasks (need the network)", value="", key="run_other_tasks",
                           help="e.g. arc_easy, boolq, hellaswag")
-    limit = c3.number_input("Samples per task (0: all)", min_value=0, value=100, step=50, key="run_limit")
+    limit = c3.number_input("Samples per task (0: all)", min_value=0, value=int(D.TASK_LIMIT), step=50, key="run_limit")
     efficiency = st.checkbox("Measure memory and tokens/s (original and pruned, with and without skipping)",
                              value=True, key="run_efficiency")
     label = st.text_input("Label (optional)", value="", key="run_label")
