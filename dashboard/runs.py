@@ -37,8 +37,21 @@ def with_name(plan: dict, name: str) -> dict:
     return {**plan, "provenance": {**(plan.get("provenance") or {}), "name": name}}
 
 
-def start_job(model: str, plan: dict | None, spec: dict, label: str | None) -> str:
-    return jobs.start(model, plan, spec, label=label, cache=cache())
+def start_job(model: str, plan: dict | None, spec: dict, label: str | None, parallel: int | None = None) -> str:
+    return jobs.start(model, plan, spec, label=label, cache=cache(), parallel=parallel)
+
+
+def default_parallel() -> int:
+    """Jobs at a time unless the page says otherwise (``MOESCOPE_JOBS``, else 1)."""
+    try:
+        return jobs.default_parallel()
+    except Exception:  # noqa: BLE001 - a bad MOESCOPE_JOBS is refused when a job starts; the page shows 1
+        return 1
+
+
+def job_queue() -> list[jobs.JobStatus]:
+    """The unfinished jobs in queue order (running, then waiting with their place in line)."""
+    return jobs.queue(cache())
 
 
 def job_list(limit: int = 10) -> list[jobs.JobStatus]:
@@ -263,22 +276,35 @@ def clock(seconds: float) -> str:
 def stage_text(job) -> str:
     """A running job's line: its stage (a wait for the speed slot with how long it has waited),
     the steps done, time so far, and what is left of the stage and of the whole job."""
-    if job.stage == SLOT_WAIT:
+    if job.state in jobs.WAITING:
+        place = f"{_ordinal(job.position)} in line" if job.position else "in line"
+        return (f"queued: {place}, waiting for the job{'s' if job.parallel > 1 else ''} ahead "
+                f"({job.parallel} at a time) for {clock(job.waited())}")
+    if job.stage == jobs.QUIET_WAIT:
+        text = (f"{jobs.QUIET_WAIT} (several run at a time; speed is measured only on a machine quiet of our "
+                f"jobs) for {clock(job.stage_elapsed())}")
+    elif job.stage == SLOT_WAIT:
         text = (f"waiting for the speed slot (another job is measuring speed; one measurement at a time keeps "
                 f"the figures clean) for {clock(job.stage_elapsed())}")
     elif job.total:
         text = f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}"
     else:
         text = job.state
-    text += f" · {clock(job.elapsed())} so far"
+    text += f" · {clock(job.elapsed())} so far" + (f" (after {clock(job.waited())} in the queue)"
+                                                  if job.waited() >= 1 else "")
     eta = job.stage_eta()
-    text += f" · about {clock(eta)} left in this stage" if eta is not None and job.stage != SLOT_WAIT else ""
+    text += (f" · about {clock(eta)} left in this stage" if eta is not None and job.stage not in (SLOT_WAIT, jobs.QUIET_WAIT)
+             else "")
     whole = job.job_eta()
     if whole is not None:
         text += f" · whole job about {clock(whole)} left (estimate {clock(job.estimate_s)} from earlier runs)"
     elif job.estimate_s is None:
         text += " · no whole-job estimate yet (first run of this setting)"
     return text
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def verdicts(table: pd.DataFrame, view: CompareView) -> list[str]:

@@ -127,7 +127,8 @@ def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | No
 
 def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
                    label: str | None = None, dtype: str | None = None, device: str | None = None,
-                   trust_remote_code: bool = False, allow_pickle: bool = False) -> Experiment:
+                   trust_remote_code: bool = False, allow_pickle: bool = False,
+                   before_speed: Callable[[], None] | None = None) -> Experiment:
     """Load ``source``, check ``plan`` (a :class:`PruningPlan` or None) against it, then
     :func:`prune_and_evaluate` the loaded model. Nothing is stored unless every step finished, so
     an interrupted run leaves no record."""
@@ -146,7 +147,7 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
         plan.validate_for(model)  # refuse a bad plan before any evaluation
     return prune_and_evaluate(model, plan, spec, cache=cache, progress=progress, label=label, dtype=dtype,
                               device=device, load_s=time.perf_counter() - t0, trust_remote_code=trust_remote_code,
-                              allow_pickle=allow_pickle)
+                              allow_pickle=allow_pickle, before_speed=before_speed)
 
 
 def check_finite_quality(result: dict, what: str) -> None:
@@ -166,10 +167,12 @@ def check_finite_quality(result: dict, what: str) -> None:
 def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
                        label: str | None = None, dtype: str | None = None, device: str | None = None,
                        load_s: float = 0.0, store: bool = True, trust_remote_code: bool = False,
-                       allow_pickle: bool = False) -> Experiment:
+                       allow_pickle: bool = False, before_speed: Callable[[], None] | None = None) -> Experiment:
     """Evaluate ``model`` (the original, as loaded from ``model.source``), prune it in place by
     ``plan``, evaluate the result, measure efficiency of both (each in a fresh process), and store
-    the experiment. ``model`` is left pruned (the caller may export it). ``store=False`` leaves
+    the experiment. ``before_speed`` (a background job running beside others) is called once the
+    speed slot is held and returns when the machine is quiet of our own jobs. ``model`` is left
+    pruned (the caller may export it). ``store=False`` leaves
     the storing to the caller (:func:`store`), e.g. after the export it belongs to is complete,
     so a run killed mid-export leaves no record."""
     from moescope.analysis.core.cache import Cache
@@ -220,6 +223,8 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         # back to back, each recording how busy the rest of the machine was
         t_wait = time.perf_counter()
         with measurement_slot(str(cache.root), progress):
+            if before_speed is not None:
+                before_speed()
             timings["speed_wait_s"] = time.perf_counter() - t_wait  # another job's measurement went first
             t0 += timings["speed_wait_s"]  # efficiency_s: the stage's own work, not the wait
             if progress:

@@ -46,7 +46,12 @@ with st.form("run_form"):
     limit = c3.number_input("Samples per task (0: all)", min_value=0, value=int(D.TASK_LIMIT), step=50, key="run_limit")
     efficiency = st.checkbox("Measure memory and tokens/s (original and pruned, with and without skipping)",
                              value=True, key="run_efficiency")
-    label = st.text_input("Label (optional)", value="", key="run_label")
+    c1, c2 = st.columns([3, 1])
+    label = c1.text_input("Label (optional)", value="", key="run_label")
+    parallel = c2.number_input("Jobs at a time", min_value=1, value=runs.default_parallel(), step=1, key="run_parallel",
+                               help="1 (default): the jobs queue and run one after another, so none slows another "
+                                    "and every speed is measured on a machine quiet of our jobs. More: they run "
+                                    "together, and each waits before its speed measurement until the others are done")
     submitted = st.form_submit_button("Run prune + evaluate", type="primary")
 
 if submitted:
@@ -57,10 +62,10 @@ if submitted:
         if queue:
             named = plans.named_plans(settings())
             started = [runs.start_job(model, runs.with_name(named[n].to_json(), n), spec,
-                                      n if not label else f"{label} · {n}") for n in queue if n in named]
+                                      n if not label else f"{label} · {n}", int(parallel)) for n in queue if n in named]
             st.session_state["run_queue"] = []
         else:
-            started = [runs.start_job(model, plan, spec, label or None)]
+            started = [runs.start_job(model, plan, spec, label or None, int(parallel))]
     except MoescopeError as err:
         st.error(str(err))
     else:
@@ -73,7 +78,14 @@ def _jobs_panel() -> None:
     if not jobs:
         st.caption("No jobs yet.")
         return
+    line = runs.job_queue()
+    places = {j.id: j for j in line}
+    if line:
+        st.markdown("**Queue** (in order): " + " → ".join(
+            f"{k}. {j.label or j.id} ({'running' if j.state not in ('starting', 'queued') else 'waiting'}"
+            f"{', waited ' + runs.clock(j.waited()) if j.waited() >= 1 else ''})" for k, j in enumerate(line, start=1)))
     for job in jobs:
+        job = places.get(job.id, job)  # a waiting job with its place in line
         with st.container(border=True):
             c1, c2 = st.columns([5, 1])
             title = f"**{job.label or 'job'}** on `{job.model}` · {job.id}"
