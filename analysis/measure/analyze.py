@@ -496,16 +496,25 @@ class AnalysisResult(StoredResult):
             out[str(l)] = row
         return out
 
+    def exportable(self) -> list[str]:
+        """The tables this analysis has data for: ``similarity`` and ``criteria`` only when some
+        similarity metric / criterion was computed (``--metrics``), routing and co-activation always."""
+        return ([*(["similarity"] if self.similarity_names() else []), *(["criteria"] if self.criteria_names() else []),
+                 "routing", "coactivation"])
+
     def export(self, out_dir) -> dict[str, str]:
         """Write ``similarity.csv``, ``criteria.csv``, ``routing.csv``, ``coactivation.csv`` into
-        ``out_dir`` (each to a temporary sibling, then renamed; a symlink is followed)."""
+        ``out_dir`` (each to a temporary sibling, then renamed; a symlink is followed), each that
+        the analysis has data for (:meth:`exportable`)."""
         from moescope.analysis.core.outputs import atomic_file, check_output_folder
 
         out = check_output_folder(out_dir, "--export folder")
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
-        for name, table in (("similarity", self.similarity_table()), ("criteria", self.criteria_table()),
-                            ("routing", self.routing_table()), ("coactivation", self.coactivation_table())):
+        tables = {"similarity": self.similarity_table, "criteria": self.criteria_table, "routing": self.routing_table,
+                  "coactivation": self.coactivation_table}
+        for name in self.exportable():
+            table = tables[name]()
             p = out / f"{name}.csv"
             with atomic_file(p, "--export file") as fh:
                 table.to_csv(fh, index=False)

@@ -202,6 +202,11 @@ def cmd_analyze(args) -> int:
               f"β {row['beta']:.3f}; balance {row['balance_entropy']:.3f}")
     for path in exported.values():
         print(f"wrote {path}")
+    if args.export:
+        left = [n for n in ("similarity", "criteria") if n not in exported]
+        if left:
+            how = {"similarity": "--metrics similarity", "criteria": "--metrics weights, activations or gradients"}
+            print("not written: " + "; ".join(f"{n}.csv (this analysis has none: {how[n]} computes it)" for n in left))
     return 0
 
 

@@ -1,0 +1,29 @@
+"""Small mends of issue 30, each with its check: an export of a partial analysis, the test run's
+own files."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from moescope.analysis.run.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_analyze_exports_what_an_activations_only_analysis_has(tmp_path, capsys, monkeypatch, demo_dir):
+    # it stopped with "ValueError: No objects to concatenate": no similarity metric was computed
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tables"
+    rc = main(["analyze", "demo", "--metrics", "activations", "--samples", "2", "--seq-len", "32", "--export", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["coactivation.csv", "criteria.csv", "routing.csv"]
+    assert "not written: similarity.csv (this analysis has none: --metrics similarity computes it)" in captured.out
+    criteria = (out / "criteria.csv").read_text().splitlines()
+    assert criteria[0] == "layer,expert,criterion,value" and len(criteria) > 1
+
+
+def test_the_test_run_leaves_no_pytest_cache_in_the_checkout():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "-p no:cacheprovider" in config["tool"]["pytest"]["ini_options"]["addopts"]
