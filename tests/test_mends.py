@@ -3,9 +3,9 @@ own files."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from moescope.analysis.run.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
