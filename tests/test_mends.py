@@ -27,3 +27,22 @@ def test_analyze_exports_what_an_activations_only_analysis_has(tmp_path, capsys,
 def test_the_test_run_leaves_no_pytest_cache_in_the_checkout():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "-p no:cacheprovider" in config["tool"]["pytest"]["ini_options"]["addopts"]
+
+
+def test_a_preset_is_named_as_itself_with_its_paper(demo_dir):
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.pruning.plan import PruningPlan, recipe_name
+    from moescope.analysis.run import experiments as X
+    from moescope.analysis.run.export import model_card
+    from moescope.analysis.strategies.presets import PRESETS
+
+    prov = {"strategy": "router-guided", "preset": "mc-smoe", "params": {"keep": 6}, "data": "ab" * 32,
+            "data_description": "demo:all: 64 × 256 tokens"}
+    plan = PruningPlan.from_keep("demo", {0: [0, 1, 2, 3, 4, 5]}, provenance=prov)
+    assert recipe_name(prov) == "mc-smoe" and recipe_name({"strategy": "enumerate"}) == "enumerate"
+    assert recipe_name(None) == "manual"
+    assert X._label(plan) == "mc-smoe keep=6"  # the experiment's label, the plan's proposed name
+    card = model_card(load_moe("demo"), plan)
+    p = PRESETS["mc-smoe"]
+    assert f"Preset: **mc-smoe** (strategy `router-guided`) — {p.help}. Source: {p.source}." in card
+    assert "Calibration data: demo:all: 64 × 256 tokens (fingerprint `abababababababab`)" in card

@@ -421,3 +421,11 @@ def _as_float(w, where: str, key) -> float:
     except OverflowError:
         raise MoescopeError(f"{where}: layer {key}: merge coefficient {str(w)[:20]}… is too large to be a "
                             "number") from None
+
+
+def recipe_name(provenance: dict | None) -> str:
+    """What a plan is called where a person reads it (a status line, a proposed plan name, an
+    experiment's label): the preset it was made from (e.g. ``mc-smoe``), else its strategy (e.g.
+    ``router-guided``), else ``manual``."""
+    prov = provenance or {}
+    return str(prov.get("preset") or prov.get("strategy") or "manual")

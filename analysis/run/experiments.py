@@ -94,8 +94,10 @@ class Experiment:
 def _label(plan) -> str:
     if plan is None:
         return "original"
+    from moescope.analysis.pruning.plan import recipe_name
+
     prov = plan.provenance or {}
-    name = prov.get("strategy", "plan")
+    name = recipe_name(prov)  # a preset by its name (mc-smoe), not its strategy's (router-guided)
     params = prov.get("params") or {}
     short = " ".join(f"{k}={v}" for k, v in params.items() if isinstance(v, int | float | str) and k != "seed")
     return f"{name} {short}".strip()

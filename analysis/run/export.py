@@ -283,6 +283,16 @@ def plan_origin(prov: dict) -> str:
     return "edited by hand (no strategy)"
 
 
+def _preset_line(name: str) -> str:
+    """The preset a plan was made from, with the paper (and equation or file) its values come from."""
+    from moescope.analysis.strategies.presets import PRESETS
+
+    p = PRESETS.get(name)
+    if p is None:
+        return f"Preset: **{name}**"
+    return f"Preset: **{p.name}** (strategy `{p.strategy}`) — {p.help}. Source: {p.source}."
+
+
 def model_card(model, plan, experiment=None) -> str:
     """The README of an exported folder (Markdown with hub front matter)."""
     base = plan.base_model if plan is not None else model.source
@@ -303,11 +313,14 @@ def model_card(model, plan, experiment=None) -> str:
             out.append(f"Plan: **{name}**")
             out.append("")
         out.append(f"Origin: {plan_origin(prov)}")
+        if prov.get("preset"):
+            out += ["", _preset_line(str(prov["preset"]))]
         params = prov.get("params") or {}
         if params:
             out += ["", "Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in sorted(params.items())]
         if prov.get("data"):
-            out += ["", f"Calibration data fingerprint: `{str(prov['data'])[:16]}`"]
+            what = f"{prov['data_description']} " if prov.get("data_description") else ""
+            out += ["", f"Calibration data: {what}(fingerprint `{str(prov['data'])[:16]}`)"]
         if prov.get("finetuned"):
             out += ["", "The kept experts and routers were finetuned (lottery subnetwork rounds)."]
         if plan.skip_beta:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import streamlit as st
+from moescope.analysis.pruning.plan import recipe_name
 from moescope.dashboard import backend, charts, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan
 from moescope.dashboard.ui import guarded, layer_select, plan_layer_state, run_with_progress, settings
@@ -101,7 +102,7 @@ with status:
     elif draft.layers or draft.skip_beta:
         after = draft.experts_after(backend.load_model(s.model))
         before = sum(n for n, _ in LAYERS.values())
-        st.success(f"Valid plan ({draft.provenance.get('strategy', 'manual')}): {sum(after.values())} of {before} "
+        st.success(f"Valid plan ({recipe_name(draft.provenance)}): {sum(after.values())} of {before} "
                    f"routed experts remain" + (f"; dynamic skipping in {len(draft.skip_beta)} layers" if draft.skip_beta
                                                 else ""))
     else:
@@ -141,7 +142,7 @@ def _plans_section() -> None:
         if message:
             (st.error if message.startswith("!") else st.success)(message.lstrip("!"))
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-        strategy = (current or {}).get("provenance", {}).get("strategy", "manual") if current else "plan"
+        strategy = recipe_name((current or {}).get("provenance")) if current else "plan"
         if st.session_state.get("plan_name_for") != current:  # propose a name for a new current plan
             st.session_state["plan_name_for"] = current
             st.session_state["plan_name"] = plans.unique_plan_name(s, strategy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.pruning.plan import PruningPlan
+from moescope.analysis.pruning.plan import PruningPlan, recipe_name
 from moescope.dashboard import plans, runs
 from moescope.dashboard.ui import settings
 
@@ -25,7 +25,7 @@ elif plan:
     except MoescopeError as err:
         st.error(str(err))
         st.stop()
-    strategy = (plan.get("provenance") or {}).get("strategy", "manual")
+    strategy = recipe_name(plan.get("provenance"))  # a preset by its own name
     st.markdown(f"Plan **{strategy}** on `{model}`: {summary}")
 else:
     st.info("No plan yet: build one on the Plan page. Running now evaluates the original model alone.")
