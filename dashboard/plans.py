@@ -78,7 +78,7 @@ def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFram
             rows.append({"plan": "original (no plan)", "experts": c.experts_before, "params Δ%": 0.0,
                          "weight bytes Δ%": 0.0, "proxy ppl": c.proxy_ppl_before, "proxy Δ%": 0.0,
                          "against the original (paired)": "—", "grid Σ Δppl": "—", "skipping": "—", "seconds": None})
-        merges = any(not lp.is_pure_keep() for lp in plan.layers.values())
+        merges = any(lp.merges() for lp in plan.layers.values())
         grid_text = (f"{c.grid_sum:+.3f}" if c.grid_sum is not None else
                      "— (merges: the grid prices drops only)" if merges else "— (no drop grid stored)")
         rows.append({"plan": name, "experts": c.experts_after,
@@ -104,9 +104,10 @@ def layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> tuple
     """(merged groups, dropped experts) of ``layer`` in ``plan``."""
     if plan is None or layer not in plan.layers:
         return [], []
-    groups = plan.layers[layer].groups
-    kept = {e for g in groups for e in g}
-    return [list(g) for g in groups if len(g) > 1], [e for e in range(num_experts) if e not in kept]
+    lp = plan.layers[layer]
+    # a member merged with weight 0 is a drop (1.00 × e + 0.00 × f keeps e), and is shown and edited as one
+    kept = {e for i, g in enumerate(lp.groups) for e in g if e not in lp.weightless(i)}
+    return lp.merges(), [e for e in range(num_experts) if e not in kept]
 
 
 def add_to_plan(s: Settings, current: dict | None, drops: dict[int, list[int]] | None = None,

@@ -46,3 +46,28 @@ def test_a_preset_is_named_as_itself_with_its_paper(demo_dir):
     p = PRESETS["mc-smoe"]
     assert f"Preset: **mc-smoe** (strategy `router-guided`) — {p.help}. Source: {p.source}." in card
     assert "Calibration data: demo:all: 64 × 256 tokens (fingerprint `abababababababab`)" in card
+
+
+def test_a_member_merged_with_weight_zero_is_shown_as_a_drop(demo_dir):
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.export import model_card
+    from moescope.dashboard.plans import layer_state
+
+    groups = [[0, 5], [1, 6], [2], [3], [4]]  # 0 and 5 truly merged; 1.00 × 1 + 0.00 × 6 keeps 1
+    plan = PruningPlan.from_json({"version": 1, "base_model": "demo", "layers": {"0": {
+        "groups": groups, "coefficients": [[0.5, 0.5], [1.0, 0.0], [1.0], [1.0], [1.0]]}},
+        "provenance": {"strategy": "merge"}})
+    lp = plan.layers[0]
+    assert lp.weightless(1) == [6] and lp.weightless(0) == [] and lp.merges() == [[0, 5]]
+    assert layer_state(plan, 0, 8) == ([[0, 5]], [6, 7])  # 6 dropped (weight 0) and 7 (not in the plan)
+    card = model_card(load_moe("demo"), plan)
+    assert "(0.5·0 + 0.5·5), 1 [drops 6: weight 0], 2, 3, 4" in card
+    only_zero = PruningPlan.from_json({"version": 1, "base_model": "demo", "layers": {"0": {
+        "groups": [[1, 6], [2], [3], [4], [5]], "coefficients": [[1.0, 0.0], [1.0], [1.0], [1.0], [1.0]]}}})
+    assert only_zero.summary() == "layer 0: 5 experts"  # not "(merged)"
+    # under TIES a zero weight still votes on the signs: not a drop
+    ties = PruningPlan.from_json({"version": 1, "base_model": "demo", "layers": {"0": {
+        "groups": [[1, 6], [2], [3], [4], [5]], "coefficients": [[1.0, 0.0], [1.0], [1.0], [1.0], [1.0]],
+        "operator": "ties", "density": 0.5}}})
+    assert ties.layers[0].weightless(0) == []

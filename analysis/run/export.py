@@ -338,8 +338,11 @@ def model_card(model, plan, experiment=None) -> str:
         before = (experiment.structure.get("before", {}).get("experts", {}) if experiment else {})
         for l, lp in sorted(plan.layers.items()):
             groups = []
-            for g, c in zip(lp.groups, lp.resolved_coefficients()):
-                groups.append(str(g[0]) if len(g) == 1 else "(" + " + ".join(f"{w:.2g}·{e}" for e, w in zip(g, c)) + ")")
+            for i, (g, c) in enumerate(zip(lp.groups, lp.resolved_coefficients())):
+                zero = lp.weightless(i)
+                live = [(e, w) for e, w in zip(g, c) if e not in zero]
+                text = str(live[0][0]) if len(live) == 1 else "(" + " + ".join(f"{w:.2g}·{e}" for e, w in live) + ")"
+                groups.append(text + (f" [drops {', '.join(map(str, zero))}: weight 0]" if zero else ""))
             rows.append([str(l) + (" (TIES)" if lp.operator == "ties" else ""), _fmt(before.get(str(l))),
                          str(lp.num_out), ", ".join(groups)])
         out.append(_table(["layer", "experts before", "after", "kept / merged (original indices)"], rows))
