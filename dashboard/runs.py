@@ -71,6 +71,17 @@ def compare_table(ids: list[str]) -> pd.DataFrame:
     return X.compare([X.load(i, c) for i in ids])
 
 
+def setting_parts(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """A comparison split by evaluation setting: ``(setting, its rows)``, each part keeping only the
+    columns the setting has a value in (another setting's tasks or speed columns are left out)."""
+    out = []
+    for g in table["group"].unique():
+        part = table[table["group"] == g].reset_index(drop=True)
+        keep = [c for c in part.columns if part[c].notna().any() and not (part[c].astype(str) == "").all()]
+        out.append((str(part["setting"].iloc[0]), part[keep]))
+    return out
+
+
 @dataclass
 class CompareView:
     """What the Compare page shows by default: ``columns``, which end is better for each

@@ -93,6 +93,9 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
     at.switch_page("app_pages/compare.py").run()
     assert not at.exception, [e.value for e in at.exception]
+    # one section per setting: a's and b's (6 windows) first, c's (4 windows) below, each with its original
+    assert [len(d.value) for d in at.dataframe] == [3, 2]
+    assert any("2 different settings: nothing pairs across them" in i.value for i in at.info)
     shown = at.dataframe[0].value
     assert list(shown.columns)[:3] == ["name", "experts kept", "params ratio"]
     assert "experts L0" not in shown.columns and "Δ% ppl demo:all" in shown.columns
@@ -112,7 +115,8 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert sorted(r for (r, c), css in marked.items() if c == col and css == [("font-weight", "bold"),
                                                                                 ("color", "#2b8a3e")]) == sorted(clear)
     # the page says which is best per column and setting, only beyond the uncertainty
-    verdict = next(m.value for m in at.markdown if m.value.startswith("**Verdict** *ppl demo:python+demo:all 6×64*"))
+    assert any(h.value == "Setting 1: ppl demo:python+demo:all 6×64" for h in at.subheader)
+    verdict = next(m.value for m in at.markdown if m.value.startswith("**Verdict** "))  # the first setting's
     full = X.compare([a, b, c])
     won = X.best_marks(full, "ppl demo:all", "lower")
     want = (f"ppl demo:all: **{full['name'].iloc[next(iter(won))]}** best beyond every rival's paired range" if won
@@ -122,12 +126,18 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     for e in (a, b):
         assert e.label in verdict.split("ppl demo:all — ")[1]
     # the page shows every experiment of the model (a, b and c), c under its own original
-    assert len(shown) == 5 and sum(n.startswith("original · ") for n in shown["name"]) == 2
+    frames = [d.value for d in at.dataframe]
+    assert sum(len(f) for f in frames) == 5 and [sum(n.startswith("original · ") for n in f["name"]) for f in frames] \
+        == [1, 1]
     colours = runs.experiment_colours(X.compare([a, b, c]), [a.id, b.id, c.id])
     assert colours[table.loc[0, "name"]] == "#868e96" and len(set(colours.values())) == 4
-    scatter = json.loads(at.get("plotly_chart")[0].proto.spec)
+    scatters = [json.loads(ch.proto.spec) for ch in at.get("plotly_chart")]
+    scatters = [f for f in scatters if f["data"] and f["data"][0].get("mode") == "markers"]
+    assert len(scatters) == 2  # a chart per setting
     # one trace per row, named in the legend (no text labels on the points), the colours fixed per experiment
-    assert {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for t in scatter["data"]} == colours
+    drawn = {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for f in scatters for t in f["data"]}
+    assert drawn == colours
+    scatter = scatters[0]
     assert all(t.get("mode") == "markers" for t in scatter["data"])
     # an experiment keeps its colour when the selection narrows
     at.text_input(key="compare_filter").set_value(b.label).run()
