@@ -382,7 +382,8 @@ with right:
     n_pick = st.session_state.setdefault("plan_pick_round", 0)
     event = st.plotly_chart(
         charts.pair_picker(backend.similarity_matrices(s, metric)[layer], metric,
-                           distance=backend.is_distance(metric), groups=merged, dropped=dropped),
+                           distance=backend.is_distance(metric), groups=merged, dropped=dropped,
+                           zrange=backend.similarity_bounds(metric)),  # the measure's own scale
         key=f"plan_pairs_{layer}_{metric}_{n_pick}", on_select="rerun", selection_mode=("points", "box", "lasso"))
     pairs = charts.selected_cells(event)
     st.caption("Click a cell to select that pair (Shift+click for more, or the box/lasso tool in the chart's "
