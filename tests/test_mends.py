@@ -71,3 +71,27 @@ def test_a_member_merged_with_weight_zero_is_shown_as_a_drop(demo_dir):
         "groups": [[1, 6], [2], [3], [4], [5]], "coefficients": [[1.0, 0.0], [1.0], [1.0], [1.0], [1.0]],
         "operator": "ties", "density": 0.5}}})
     assert ties.layers[0].weightless(0) == []
+
+
+def test_an_analysis_reports_its_progress_layer_by_layer_and_within_a_layer(tmp_path, demo_dir):
+    # a long analysis showed only "Analysing… N s": now every layer and every step within it is reported
+    from moescope.analysis.core.cache import Cache
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.analyze import AnalysisParams, run_analysis
+    from moescope.analysis.measure.criteria import CRITERIA
+    from moescope.analysis.model import load_moe
+
+    model = load_moe("demo")
+    batch = sample_tokens("demo:all", model.tokenizer, 2, 16, seed=0)
+    events = []
+    params = AnalysisParams(metrics=("routing", "similarity", "activations"))
+    run_analysis(model, batch, params, cache=Cache(tmp_path / "cache"), progress=lambda *e: events.append(e))
+    n = model.num_hidden_layers
+    layers = [e for e in events if e[0] == "layers"]
+    assert layers[0] == ("layers", 0, n) and layers[-1] == ("layers", n, n)
+    steps = [e for e in events if e[0] == "layer steps"]
+    # routing, expert outputs, similarities and each routing / activations criterion, then done
+    total = 3 + sum(1 for c in CRITERIA.values() if c.family in ("routing", "activations"))
+    moe = len(model.layers)
+    assert len(steps) == moe * (total + 1) and steps[:total + 1] == [("layer steps", d, total) for d in range(total + 1)]
+    assert events.index(("layers", 0, n)) < events.index(steps[0])  # the first line shows before any layer's work

@@ -93,19 +93,30 @@ def _timed(timings: dict, name: str):
 
 @torch.no_grad()
 def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
-                  x_aug: Tensor | None = None) -> LayerAnalysis:
+                  x_aug: Tensor | None = None, on_step: Callable[[int, int], None] | None = None) -> LayerAnalysis:
     """All metrics of one MoE layer from its block input ``x [T, d]`` and the token ids ``[T]``:
     routing statistics, similarities, and every criterion of :data:`~moescope.analysis.measure.criteria.CRITERIA`
     whose metric family is asked for (gradient criteria come from :func:`gradient_criteria`).
     ``x_aug`` is the block input of the mixed-embedding sequences (``augment=embeddings``, see
-    :func:`augmented_stream`); augmented rows enter the output similarities only."""
+    :func:`augmented_stream`); augmented rows enter the output similarities only. ``on_step(done,
+    total)`` is called before each step of the layer (routing, expert outputs, similarities, weight
+    similarities, each criterion) and once all are done."""
     E, T = view.num_experts, x.shape[0]
     out = LayerAnalysis(layer=view.index, num_experts=E, top_k=view.top_k)
     want = {"routing", *params.metrics}
     tm = out.timings
     g = torch.Generator().manual_seed(params.seed + view.index)
+    total = (1 + ("similarity" in want or "activations" in want) + ("similarity" in want) + ("weights" in want)
+             + sum(1 for c in CRITERIA.values() if c.family in want and c.family != "gradients"))
+    done = [0]
 
-    with _timed(tm, "routing"):
+    def timed(name: str):
+        if on_step is not None:
+            on_step(done[0], total)
+        done[0] += 1
+        return _timed(tm, name)
+
+    with timed("routing"):
         r = view.route(x)
         idx, w = r.topk_idx.cpu(), r.topk_weights.float().cpu()
         counts = M.usage_counts(idx, E)
@@ -130,7 +141,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
 
     Y = None
     if "similarity" in want or "activations" in want:
-        with _timed(tm, "expert_outputs"):
+        with timed("expert_outputs"):
             n = min(T, params.similarity_tokens)
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
             xs = x[sel.to(x.device)]
@@ -152,7 +163,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
     stats = LayerStats(view, x, token_ids, r, counts, coact, out.routing["vocab_coverage"],
                        Y[:, :n] if Y is not None else None)
     if "similarity" in want:
-        with _timed(tm, "similarity"):
+        with timed("similarity"):
             # linear and mini-batch RBF CKA share the token Grams (one pass over the outputs)
             (out.similarity["cka_linear"], out.similarity["cka_rbf"],
              out.similarity["cka_rbf_minibatch"]) = M.output_cka_matrices(
@@ -165,7 +176,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             out.similarity["mean_output_euclidean"] = M.euclidean_distance_matrix(means)
 
     if "weights" in want:
-        with _timed(tm, "weights"):
+        with timed("weights"):
             G, n_weights = stats.weight_gram
             S, n_surrogate = M.surrogate_gram(view)
             out.similarity["weight_cosine"] = M.gram_cosine(G)
@@ -174,12 +185,14 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             out.similarity["surrogate_mse"] = M.gram_mse(S, n_surrogate)
     for c in CRITERIA.values():
         if c.family in want and c.family != "gradients":
-            with _timed(tm, c.family):
+            with timed(c.family):
                 value = c.compute(stats)
                 if c.pair:  # the matrix is kept; the map shows the pair rule's drop round at the default end
                     out.pairs[c.name] = value
                     value = pair_drop_position(value, counts, c.drop)
                 out.criteria[c.name] = value
+    if on_step is not None:
+        on_step(total, total)
     return out
 
 
@@ -293,8 +306,9 @@ def run_analysis(
     :class:`analysis.data.TokenBatch`), served from ``cache`` when the same model, data,
     parameters and metrics version were analysed before.
 
-    ``progress(stage, done, total)`` is called after each decoder layer (stage ``"layers"``) and
-    each gradient chunk (stage ``"gradients"``). Interrupting leaves the cache untouched.
+    ``progress(stage, done, total)`` is called at the start and after each decoder layer (stage
+    ``"layers"``), before each step within a layer (stage ``"layer steps"``) and after each gradient
+    chunk (stage ``"gradients"``). Interrupting leaves the cache untouched.
     """
     from moescope.analysis.core.cache import Cache
 
@@ -314,12 +328,15 @@ def run_analysis(
         n_layers = model.num_hidden_layers
         token_ids = stream.token_ids
         t_start = time.perf_counter()
+        if progress:  # at once, before the first layer's work (which can take minutes)
+            progress("layers", 0, n_layers)
         for l, x in stream.layers():
             x_aug = mixed.step() if mixed is not None else None
             if x is not None:
                 t0 = time.perf_counter()
                 with model.materialized(model.layers[l].block):
-                    la = analyze_layer(model.layers[l], x, token_ids, params, x_aug)
+                    la = analyze_layer(model.layers[l], x, token_ids, params, x_aug,
+                                       on_step=(lambda d, t: progress("layer steps", d, t)) if progress else None)
                 if model.offloaded:
                     from moescope.analysis.model import release_mapped_weights
 
