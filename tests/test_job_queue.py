@@ -54,6 +54,14 @@ def test_speed_waits_only_for_our_jobs_that_work(tmp_path):
     assert [j.id for j in jobs.others_busy("20260101-000000-0001", cache)] == ["20260101-000000-0004"]
 
 
+def test_a_stage_estimate_waits_for_a_pace_worth_the_name():
+    # "about 39 min 21 s left" at 1 of 400 lm-eval requests: no estimate until 3 steps or 5 % are done
+    job = dict(id="x", state="running", stage="lm-eval requests", total=400, started=100.0, stage_started=100.0)
+    assert jobs.JobStatus(**job, done=1).stage_eta(now=106.0) is None
+    assert jobs.JobStatus(**job, done=3).stage_eta(now=106.0) == pytest.approx(6.0 / 3 * 397)
+    assert jobs.JobStatus(**{**job, "total": 4}, done=1).stage_eta(now=106.0) == pytest.approx(18.0)  # 25 %
+
+
 def test_a_bad_number_of_jobs_at_a_time_is_one_line(monkeypatch):
     monkeypatch.setenv("MOESCOPE_JOBS", "two")
     with pytest.raises(MoescopeError, match="MOESCOPE_JOBS must be a whole number of jobs at a time"):

@@ -120,8 +120,12 @@ class JobStatus:
         return max(left, self.stage_eta(now) or 0.0)
 
     def stage_eta(self, now: float | None = None) -> float | None:
-        """Seconds left in the current stage, from its pace so far (None before its first step)."""
-        if not self.running or not self.stage_started or not self.total or self.done <= 0 or self.done >= self.total:
+        """Seconds left in the current stage, from its pace so far: None until three steps or 5 % of
+        the stage are done (one request of 400 says nothing of the pace: the first steps include
+        the warm-up)."""
+        if not self.running or not self.stage_started or not self.total or self.done >= self.total:
+            return None
+        if self.done < min(3, self.total) and self.done < 0.05 * self.total:
             return None
         spent = (now or time.time()) - self.stage_started
         return spent / self.done * (self.total - self.done)
