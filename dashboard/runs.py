@@ -288,7 +288,8 @@ def stage_text(job) -> str:
     """A running job's line: its stage (a wait for the speed slot with how long it has waited),
     the steps done, time so far, and what is left of the stage and of the whole job."""
     if job.state in jobs.WAITING:
-        place = f"{_ordinal(job.position)} in line" if job.position else "in line"
+        place = ("next in line" if job.position == 1 else f"{_ordinal(job.position)} in line") if job.position \
+            else "in line"
         return (f"queued: {place}, waiting for the job{'s' if job.parallel > 1 else ''} ahead "
                 f"({job.parallel} at a time) for {clock(job.waited())}")
     if job.stage == jobs.QUIET_WAIT:

@@ -399,8 +399,13 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     # the default folder follows the chosen experiment (named for its plan and id)
     for label in ("grid plan", "hand plan"):
         _select(page, "Experiment", label)
+        want = f"{label.replace(' ', '-')}-{ids[label]}"
+        deadline = time.time() + 30  # the folder box is redrawn under its new key a moment after the run
+        while not page.get_by_label("Output folder", exact=True).input_value().endswith(want) \
+                and time.time() < deadline:
+            page.wait_for_timeout(200)
         folder = page.get_by_label("Output folder", exact=True).input_value()
-        assert folder.endswith(f"{label.replace(' ', '-')}-{ids[label]}"), (label, folder)
+        assert folder.endswith(want), (label, folder)
     # the hand-made plan keeps 7/7/8/8 experts: Export writes the per-layer folder and says how it loads
     out = tmp_path / "hand-made"
     box = page.get_by_label("Output folder", exact=True)

@@ -194,15 +194,15 @@ def status(job_id: str, cache=None) -> JobStatus:
 
 
 def list_jobs(cache=None) -> list[JobStatus]:
-    """Every job, newest first."""
+    """Every job, newest first (jobs sent in the same second in the order they were sent)."""
     root = jobs_root(cache)
     out = []
-    for folder in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
+    for folder in (p for p in root.iterdir() if p.is_dir()):
         try:
             out.append(status(folder.name, cache))
         except (MoescopeError, ValueError, OSError):
             continue
-    return out
+    return sorted(out, key=lambda j: (j.queued_at or 0.0, j.id), reverse=True)
 
 
 def queue(cache=None) -> list[JobStatus]:

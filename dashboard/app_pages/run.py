@@ -10,6 +10,9 @@ from moescope.dashboard import plans, runs
 from moescope.dashboard.ui import settings
 
 st.header("Run")
+started_msg = st.session_state.pop("run_started_msg", None)
+if started_msg:  # the jobs just sent (the page was drawn again without the plans it sent)
+    st.success(started_msg)
 model = st.session_state.get("model", "demo")
 plan = st.session_state.get("plan")
 queue = st.session_state.get("run_queue") or []
@@ -70,7 +73,9 @@ if submitted:
         st.error(str(err))
     else:
         st.session_state["run_last_job"] = started[-1]
-        st.toast(f"Started {len(started)} job{'s' if len(started) > 1 else ''}: {', '.join(started)}")
+        st.session_state["run_started_msg"] = (f"Sent {len(started)} job{'s' if len(started) > 1 else ''} to the "
+                                               f"queue: {', '.join(started)}")
+        st.rerun()  # the header no longer offers the plans just sent
 
 
 def _jobs_panel() -> None:
