@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import streamlit as st
+from moescope.analysis.pruning.plan import recipe_name
 from moescope.dashboard import backend
 from moescope.dashboard.backend import Settings
 
@@ -70,7 +71,7 @@ def _draw_plan_line() -> None:
     plan = st.session_state.get("plan")
     if plan:
         changed = ", ".join(f"L{l}→{len(lp['groups'])}" for l, lp in plan.get("layers", {}).items()) or "no layer changed"
-        plan_line.caption(f"Plan ({plan.get('provenance', {}).get('strategy', 'manual')}): {changed}")
+        plan_line.caption(f"Plan ({recipe_name(plan.get('provenance'))}): {changed}")
     else:
         plan_line.caption("No plan yet (build one on the Plan page)")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import streamlit as st
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.cache import Cache, default_cache_root
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.measure.analyze import (
@@ -64,13 +65,13 @@ class Settings:
     """What every page's results depend on (session-state keys of the same names)."""
 
     model: str = "demo"
-    calib_source: str = "demo:all"
-    calib_samples: int = 64
-    calib_seq_len: int = 256
+    calib_source: str = D.CALIB_SOURCE  # the CLI's defaults (analysis.core.defaults): one setting everywhere
+    calib_samples: int = D.CALIB_SAMPLES
+    calib_seq_len: int = D.CALIB_SEQ_LEN
     seed: int = 0
-    eval_source: str = "demo:all"
-    grid_samples: int = 16
-    grid_seq_len: int = 256
+    eval_source: str = D.EVAL_SOURCE
+    grid_samples: int = D.GRID_SAMPLES
+    grid_seq_len: int = D.GRID_SEQ_LEN
     cache_root: str = ""
 
     @classmethod

@@ -237,12 +237,15 @@ def cell_picker(M, layers, name: str, *, state=None, fmt: str = ".3f", height: i
     return _layout(fig, None, height)
 
 
-def pair_picker(S, metric: str, *, distance: bool = False, groups=None, dropped=None, height: int = 460) -> go.Figure:
+def pair_picker(S, metric: str, *, distance: bool = False, groups=None, dropped=None, height: int = 460,
+                zrange=None) -> go.Figure:
     """One layer's expert × expert matrix as selectable square markers (``customdata = [i, j]``);
-    selecting cells asks to merge those pairs. Merged groups are outlined, dropped experts crossed."""
+    selecting cells asks to merge those pairs. Merged groups are outlined, dropped experts crossed.
+    ``zrange``: the colour range, the measure's own (e.g. 0 to 1 for CKA, so 0.38 is never painted
+    as alike as a near-duplicate); default the off-diagonal range."""
     S = np.asarray(S, dtype=float)
     E = S.shape[0]
-    lo, hi = offdiag_range([S])
+    lo, hi = zrange or offdiag_range([S])
     ii, jj = np.meshgrid(np.arange(E), np.arange(E), indexing="ij")
     off = ii != jj
     size = max(5, min(40, (height - 100) / E * 0.9))

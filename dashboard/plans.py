@@ -52,6 +52,15 @@ def unique_plan_name(s: Settings, base: str) -> str:
     return unique_name(base, set(named_plans(s)))
 
 
+def paired_text(cost) -> str:
+    """A plan's proxy perplexity against the original's, paired on the proxy batch's windows:
+    ``worse ×1.210 [1.160–1.250]`` (:meth:`~analysis.run.named_plans.PredictedCost.paired`)."""
+    p = cost.paired()
+    if p is None:
+        return "— (finetuned weights: not applied in the proxy)" if cost.proxy_ppl_after is None else "—"
+    return f"{p.verdict('lower')} {p.text()}"
+
+
 def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFrame:
     """One row per named plan: size change and the proxy perplexity change on a small evaluation
     batch (computed once per plan, then read from the cache), and the drop grid's estimate."""
@@ -68,14 +77,16 @@ def predicted_costs(s: Settings, names: list[str], progress=None) -> pd.DataFram
         if not rows:  # the original first: what every plan is measured against
             rows.append({"plan": "original (no plan)", "experts": c.experts_before, "params Δ%": 0.0,
                          "weight bytes Δ%": 0.0, "proxy ppl": c.proxy_ppl_before, "proxy Δ%": 0.0,
-                         "grid Σ Δppl": "—", "skipping": "—", "unused experts kept": "—", "seconds": None})
-        merges = any(not lp.is_pure_keep() for lp in plan.layers.values())
+                         "against the original (paired)": "—", "grid Σ Δppl": "—", "skipping": "—",
+                         "unused experts kept": "—", "seconds": None})
+        merges = any(lp.merges() for lp in plan.layers.values())
         grid_text = (f"{c.grid_sum:+.3f}" if c.grid_sum is not None else
                      "— (merges: the grid prices drops only)" if merges else "— (no drop grid stored)")
         rows.append({"plan": name, "experts": c.experts_after,
                      "params Δ%": 100 * (c.params_after / c.params_before - 1),
                      "weight bytes Δ%": 100 * (c.bytes_after / c.bytes_before - 1),
                      "proxy ppl": c.proxy_ppl_after, "proxy Δ%": None if c.proxy_change is None else 100 * c.proxy_change,
+                     "against the original (paired)": paired_text(c),
                      "grid Σ Δppl": grid_text,
                      "skipping": "plan has β; not applied in the proxy" if plan.skip_beta else "none",
                      # experts no calibration token reached, kept while used ones go (count and which)
@@ -96,9 +107,10 @@ def layer_state(plan: PruningPlan | None, layer: int, num_experts: int) -> tuple
     """(merged groups, dropped experts) of ``layer`` in ``plan``."""
     if plan is None or layer not in plan.layers:
         return [], []
-    groups = plan.layers[layer].groups
-    kept = {e for g in groups for e in g}
-    return [list(g) for g in groups if len(g) > 1], [e for e in range(num_experts) if e not in kept]
+    lp = plan.layers[layer]
+    # a member merged with weight 0 is a drop (1.00 × e + 0.00 × f keeps e), and is shown and edited as one
+    kept = {e for i, g in enumerate(lp.groups) for e in g if e not in lp.weightless(i)}
+    return lp.merges(), [e for e in range(num_experts) if e not in kept]
 
 
 def add_to_plan(s: Settings, current: dict | None, drops: dict[int, list[int]] | None = None,

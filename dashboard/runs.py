@@ -27,7 +27,7 @@ def eval_spec(ppl: list[str], samples: int, seq_len: int, tasks: list[str], limi
               seed: int = 0) -> dict:
     """An EvalSpec as JSON (validated: a bad source is one clear line)."""
     spec = EvalSpec(ppl=ppl, samples=samples, seq_len=seq_len, tasks=tasks, limit=limit, seed=seed,
-                    efficiency=efficiency, efficiency_params=EfficiencyParams(repeats=3))
+                    efficiency=efficiency, efficiency_params=EfficiencyParams())  # the CLI's defaults
     spec.validate()
     return spec.to_json()
 
@@ -37,8 +37,21 @@ def with_name(plan: dict, name: str) -> dict:
     return {**plan, "provenance": {**(plan.get("provenance") or {}), "name": name}}
 
 
-def start_job(model: str, plan: dict | None, spec: dict, label: str | None) -> str:
-    return jobs.start(model, plan, spec, label=label, cache=cache())
+def start_job(model: str, plan: dict | None, spec: dict, label: str | None, parallel: int | None = None) -> str:
+    return jobs.start(model, plan, spec, label=label, cache=cache(), parallel=parallel)
+
+
+def default_parallel() -> int:
+    """Jobs at a time unless the page says otherwise (``MOESCOPE_JOBS``, else 1)."""
+    try:
+        return jobs.default_parallel()
+    except Exception:  # noqa: BLE001 - a bad MOESCOPE_JOBS is refused when a job starts; the page shows 1
+        return 1
+
+
+def job_queue() -> list[jobs.JobStatus]:
+    """The unfinished jobs in queue order (running, then waiting with their place in line)."""
+    return jobs.queue(cache())
 
 
 def job_list(limit: int = 10) -> list[jobs.JobStatus]:
@@ -58,6 +71,17 @@ def compare_table(ids: list[str]) -> pd.DataFrame:
     return X.compare([X.load(i, c) for i in ids])
 
 
+def setting_parts(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """A comparison split by evaluation setting: ``(setting, its rows)``, each part keeping only the
+    columns the setting has a value in (another setting's tasks or speed columns are left out)."""
+    out = []
+    for g in table["group"].unique():
+        part = table[table["group"] == g].reset_index(drop=True)
+        keep = [c for c in part.columns if part[c].notna().any() and not (part[c].astype(str) == "").all()]
+        out.append((str(part["setting"].iloc[0]), part[keep]))
+    return out
+
+
 @dataclass
 class CompareView:
     """What the Compare page shows by default: ``columns``, which end is better for each
@@ -72,7 +96,7 @@ class CompareView:
 
 
 _RATIO_HELP = "pruned ÷ original; 1.00× = unchanged"
-_HIDDEN_SUFFIXES = (" low", " high", " noise")
+_HIDDEN_SUFFIXES = X.DERIVED_SUFFIXES
 
 
 def compare_view(table: pd.DataFrame) -> CompareView:
@@ -141,6 +165,8 @@ def styled(table: pd.DataFrame, view: CompareView, columns: list[str] | None = N
     Originals are the reference, never marked."""
     fmt = {}
     for c in columns or table.columns:
+        if c.endswith((" verdict", " vs original", " best", " noise")):  # words, not numbers
+            continue
         if c.startswith("Δ%"):
             fmt[c] = "{:+.1f}%"
         elif c.startswith("Δ "):
@@ -149,7 +175,7 @@ def styled(table: pd.DataFrame, view: CompareView, columns: list[str] | None = N
             fmt[c] = "{:.2f}×"
         elif c.startswith("ppl ") or c == "generate tok/s":
             fmt[c] = "{:.2f}"
-        elif c.startswith("task: ") and not c.endswith(" noise"):
+        elif c.startswith("task: "):
             fmt[c] = "{:.3f}"
         elif c == "params":
             fmt[c] = lambda v: f"{v / 1e6:.2f} M" if pd.notna(v) else ""
@@ -261,16 +287,26 @@ def clock(seconds: float) -> str:
 def stage_text(job) -> str:
     """A running job's line: its stage (a wait for the speed slot with how long it has waited),
     the steps done, time so far, and what is left of the stage and of the whole job."""
-    if job.stage == SLOT_WAIT:
+    if job.state in jobs.WAITING:
+        place = ("next in line" if job.position == 1 else f"{_ordinal(job.position)} in line") if job.position \
+            else "in line"
+        return (f"queued: {place}, waiting for the job{'s' if job.parallel > 1 else ''} ahead "
+                f"({job.parallel} at a time) for {clock(job.waited())}")
+    if job.stage == jobs.QUIET_WAIT:
+        text = (f"{jobs.QUIET_WAIT} (several run at a time; speed is measured only on a machine quiet of our "
+                f"jobs) for {clock(job.stage_elapsed())}")
+    elif job.stage == SLOT_WAIT:
         text = (f"waiting for the speed slot (another job is measuring speed; one measurement at a time keeps "
                 f"the figures clean) for {clock(job.stage_elapsed())}")
     elif job.total:
         text = f"{STAGE_NAMES.get(job.stage, job.stage)}: {job.done} / {job.total}"
     else:
         text = job.state
-    text += f" · {clock(job.elapsed())} so far"
+    text += f" · {clock(job.elapsed())} so far" + (f" (after {clock(job.waited())} in the queue)"
+                                                  if job.waited() >= 1 else "")
     eta = job.stage_eta()
-    text += f" · about {clock(eta)} left in this stage" if eta is not None and job.stage != SLOT_WAIT else ""
+    text += (f" · about {clock(eta)} left in this stage" if eta is not None and job.stage not in (SLOT_WAIT, jobs.QUIET_WAIT)
+             else "")
     whole = job.job_eta()
     if whole is not None:
         text += f" · whole job about {clock(whole)} left (estimate {clock(job.estimate_s)} from earlier runs)"
@@ -279,22 +315,42 @@ def stage_text(job) -> str:
     return text
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def verdicts(table: pd.DataFrame, view: CompareView) -> list[str]:
-    """One line per quality column (and speed ratio) and evaluation setting: the experiment that is
-    best beyond the uncertainty, or that none is (the leaders' ranges overlap)."""
+    """One line per evaluation setting: for each of its quality columns, the experiment that is best
+    beyond every rival's paired range (or that none is), then the experiments worse than, better
+    than and within noise of the original, from their paired verdicts
+    (:func:`analysis.run.experiments.best_marks`, the ``… verdict`` columns)."""
     full = table.reset_index(drop=True)
-    columns = [c for c in view.quality + ["prefill speed ratio", "generate speed ratio"]
-               if c in full.columns and c in view.better]
     several = full["group"].nunique() > 1
     lines = []
-    for c in columns:
-        best = X.best_marks(full, c, view.better[c])
-        for g in full["group"].unique():
-            rows = [i for i in range(len(full)) if full["group"].iloc[i] == g and full["experiment"].iloc[i] != "original"]
-            if len(rows) < 2:
-                continue
-            where = f" ({full['setting'].iloc[rows[0]]})" if several else ""
+    for g in full["group"].unique():
+        rows = [i for i in range(len(full)) if full["group"].iloc[i] == g and full["experiment"].iloc[i] != "original"]
+        if not rows:
+            continue
+        have = [c for c in view.quality if c in full.columns and full[c].iloc[rows].notna().any()]
+        parts = []
+        for c in have:
+            best = X.best_marks(full, c, view.better[c])
             won = [full["name"].iloc[i] for i in rows if i in best]
-            lines.append(f"{c}{where}: **{won[0]}** is best beyond the uncertainty" if won else
-                         f"{c}{where}: no clear best (the leaders are within each other's 95 % range)")
+            if len(rows) > 1:
+                parts.append(f"{c}: **{won[0]}** best beyond every rival's paired range" if won else
+                             f"{c}: no clear best (the leaders are within each other's paired range)")
+            verdict_c = f"{c} verdict"
+            if verdict_c in full.columns:
+                by = {}
+                for i in rows:
+                    v = full[verdict_c].iloc[i]
+                    if isinstance(v, str):
+                        by.setdefault(v, []).append(full["name"].iloc[i])
+                said = "; ".join(f"{v} than the original: {', '.join(n)}" if v in ("better", "worse")
+                                 else f"{v}: {', '.join(n)}" for v, n in sorted(by.items()))
+                if said:
+                    parts.append(f"{c} — {said}")
+        if parts:
+            where = f"*{full['setting'].iloc[rows[0]]}* — " if several else ""
+            lines.append(where + " · ".join(parts))
     return lines

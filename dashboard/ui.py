@@ -9,7 +9,8 @@ from moescope.dashboard import backend, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan, Settings
 from moescope.dashboard.runs import clock
 
-STAGES = {"layers": "decoder layers", "gradients": "gradient chunks", "trace": "routing trace",
+STAGES = {"layers": "decoder layers", "layer steps": "steps of the current layer (routing, expert outputs, similarities, criteria)",
+          "gradients": "gradient chunks", "trace": "routing trace",
           "cells": "drop-grid cells", "rounds": "rounds"}
 
 

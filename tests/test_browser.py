@@ -2,7 +2,8 @@
 without an exception or error, driven the way a person would (set small calibration sizes, run
 the analysis, compute the drop grid, make five named plans (by strategy, from the drop grid's
 action, by clicking heatmap cells, frequency and merge), run them as background jobs, see all
-five in Compare against one original with "best" said only beyond the uncertainty, and export
+five (queued, one at a time) in Compare against one original, with every verdict checked against a
+paired computation on the stored per-window losses, and export
 one: the default folder follows the chosen experiment; the hand-made plan keeps different
 expert counts per layer, so Export writes the per-layer folder);
 screenshots go to
@@ -327,12 +328,17 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     # Run the five plans sent from the Plan page (one job each), then compare them with the original
     _go(page, "Run")
     _check(page, "7-run", "Plans sent from the Plan page")
-    for label, value in (("Windows", 4), ("Tokens per window", 64), ("Samples per task (0: all)", 6)):
+    for label, value in (("Windows", 8), ("Tokens per window", 64), ("Samples per task (0: all)", 6)):
         box = page.get_by_label(label, exact=True)
         box.fill(str(value))
         box.press("Tab")  # Enter would submit the form before every field is set
+    _multiselect(page, "lm-eval tasks (offline)", ["moescope_demo_continuation"])
     page.get_by_text("Measure memory and tokens/s", exact=False).click()
     page.get_by_role("button", name="Run prune + evaluate").click()
+    # the jobs queue: one runs, the others wait in the order sent
+    page.get_by_text("Queue (in order)", exact=False).first.wait_for(timeout=60_000)
+    page.get_by_text("in line", exact=False).first.wait_for(timeout=60_000)
+    _check(page, "7-run-queue", "Queue (in order)")
     deadline = time.time() + 900
     while page.get_by_text("→ experiment", exact=False).count() < 5 and time.time() < deadline:
         page.wait_for_timeout(1000)
@@ -344,27 +350,42 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     _check(page, "8-compare", "Download CSV", charts=2)
     main = page.locator('[data-testid="stMain"]').inner_text()
     assert "Showing 5 of 5 experiments of demo" in main, main[:800]
+    assert "different settings" not in main  # the Run page's one setting for all five
     legend = [t.replace(" (within noise)", "")
               for t in page.locator(".js-plotly-plot").first.locator(".legendtext").all_text_contents()]
     originals = [t for t in legend if t.startswith("original")]
-    assert originals == ["original · ppl demo:all 4×64 · moescope_demo_continuation ≤6"], legend
+    assert originals == ["original · ppl demo:all 8×64 · moescope_demo_continuation ≤6"], legend
     assert set(plans) <= set(legend), legend
-    # "best" only where it exceeds the uncertainty: the page's verdict is the one the stored numbers give
+    # the page's verdicts are those a paired computation on the stored per-window losses gives
     from moescope.analysis.core.cache import Cache
+    from moescope.analysis.evaluation.paired import perplexity_ratio
     from moescope.analysis.run import experiments as X
 
     stored = [e for e in X.list_experiments(Cache(SERVER_CACHE["root"])) if e.plan]
     assert sorted(e.label for e in stored) == sorted(plans)
-    table = X.compare(stored)
-    assert list(table["experiment"]).count("original") == 1
-    won = X.best_marks(table, "ppl demo:all", "lower")
-    if won:
-        i = next(iter(won))
-        assert f"ppl demo:all: {table['name'].iloc[i]} is best beyond the uncertainty" in main, main
-        others = [j for j in range(1, len(table)) if j != i]
-        assert all(table["ppl demo:all high"].iloc[i] < table["ppl demo:all low"].iloc[j] for j in others)
+    assert len({X.spec_key(e.eval) for e in stored}) == 1
+    windows = {e.label: e.result["ppl_windows"]["demo:all"] for e in stored}
+    original = stored[0].reference["ppl_windows"]["demo:all"]
+    tokens = original["tokens"]
+    assert all(w["tokens"] == tokens and len(w["nll"]) == 8 for w in windows.values())
+    said = {}
+    for name, w in windows.items():  # against the original, window by window
+        said.setdefault(perplexity_ratio(original["nll"], w["nll"], tokens).verdict("lower"), []).append(name)
+    line = next(t for t in main.splitlines() if t.startswith("Verdict"))
+    part = line.split("ppl demo:all — ")[1].split(" · ")[0]
+    for verdict, names in said.items():
+        label = f"{verdict} than the original: " if verdict in ("better", "worse") else f"{verdict}: "
+        shown = next(p for p in part.split("; ") if p.startswith(label))[len(label):].split(", ")
+        assert sorted(shown) == sorted(names), (verdict, part)
+    # "best": the lowest perplexity, only where it is paired-better than every rival
+    ppl = {name: sum(w["nll"]) for name, w in windows.items()}
+    leader = min(ppl, key=ppl.get)
+    beats = all(perplexity_ratio(windows[r]["nll"], windows[leader]["nll"], tokens).verdict("lower") == "better"
+                for r in windows if r != leader)
+    if beats:
+        assert f"ppl demo:all: {leader} best beyond every rival's paired range" in line, line
     else:
-        assert "ppl demo:all: no clear best" in main, main
+        assert "ppl demo:all: no clear best" in line, line
 
     # the named plans survive a reload (a new session reads them from the cache)
     page.goto(server)  # a fresh load of the app: a new session
@@ -378,8 +399,13 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     # the default folder follows the chosen experiment (named for its plan and id)
     for label in ("grid plan", "hand plan"):
         _select(page, "Experiment", label)
+        want = f"{label.replace(' ', '-')}-{ids[label]}"
+        deadline = time.time() + 30  # the folder box is redrawn under its new key a moment after the run
+        while not page.get_by_label("Output folder", exact=True).input_value().endswith(want) \
+                and time.time() < deadline:
+            page.wait_for_timeout(200)
         folder = page.get_by_label("Output folder", exact=True).input_value()
-        assert folder.endswith(f"{label.replace(' ', '-')}-{ids[label]}"), (label, folder)
+        assert folder.endswith(want), (label, folder)
     # the hand-made plan keeps 7/7/8/8 experts: Export writes the per-layer folder and says how it loads
     out = tmp_path / "hand-made"
     box = page.get_by_label("Output folder", exact=True)

@@ -120,7 +120,7 @@ def test_a_cached_perplexity_computes_nothing(tiny_text, cache, monkeypatch):
 
 
 def test_cached_lm_eval_results_compute_nothing(tiny_text, cache, monkeypatch):
-    work = spy(monkeypatch, T, "run_tasks")
+    work = spy(monkeypatch, T, "run_tasks_with_docs")
     task = ["moescope_demo_ppl_spanish"]
     a = E.cached_tasks(tiny_text, task, limit=2, cache=cache)
     assert cache.stats.by_kind() == {"lm_eval": {"hits": 0, "misses": 1, "computed": 1, "stored": 1}}

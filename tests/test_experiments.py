@@ -93,6 +93,9 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
     at.switch_page("app_pages/compare.py").run()
     assert not at.exception, [e.value for e in at.exception]
+    # one section per setting: a's and b's (6 windows) first, c's (4 windows) below, each with its original
+    assert [len(d.value) for d in at.dataframe] == [3, 2]
+    assert any("2 different settings: nothing pairs across them" in i.value for i in at.info)
     shown = at.dataframe[0].value
     assert list(shown.columns)[:3] == ["name", "experts kept", "params ratio"]
     assert "experts L0" not in shown.columns and "Δ% ppl demo:all" in shown.columns
@@ -103,28 +106,38 @@ def test_experiment_round_trip_and_comparison(demo_dir):
     assert "+" in html and "×" in html
     marked = styler._compute().ctx  # (row, column position) -> CSS of the marked cells
     col = view.columns.index("ppl demo:all")
-    # bold only where the best is clear of the other beyond both per-window ranges
+    # bold only where the best is better than the other beyond their paired range (same windows)
+    from moescope.analysis.run.verdicts import best_of
+
     clear = X.best_marks(table, "ppl demo:all", "lower")
-    lo = table["ppl demo:all low"]
-    hi = table["ppl demo:all high"]
-    beyond = hi[1] < lo[2] or hi[2] < lo[1]
-    assert bool(clear) == beyond
+    leader = best_of({a.id: a.result, b.id: b.result}, "ppl demo:all")
+    assert clear == ({list(table["experiment"]).index(leader)} if leader else set())
     assert sorted(r for (r, c), css in marked.items() if c == col and css == [("font-weight", "bold"),
                                                                                 ("color", "#2b8a3e")]) == sorted(clear)
     # the page says which is best per column and setting, only beyond the uncertainty
-    verdict = next(m.value for m in at.markdown if m.value.startswith("**Which is best?**"))
+    assert any(h.value == "Setting 1: ppl demo:python+demo:all 6×64" for h in at.subheader)
+    verdict = next(m.value for m in at.markdown if m.value.startswith("**Verdict** "))  # the first setting's
     full = X.compare([a, b, c])
     won = X.best_marks(full, "ppl demo:all", "lower")
-    want = (f"ppl demo:all (ppl demo:python+demo:all 6×64): **{full['name'].iloc[next(iter(won))]}** is best beyond "
-            "the uncertainty" if won else "ppl demo:all (ppl demo:python+demo:all 6×64): no clear best")
+    want = (f"ppl demo:all: **{full['name'].iloc[next(iter(won))]}** best beyond every rival's paired range" if won
+            else "ppl demo:all: no clear best")
     assert want in verdict, verdict
+    # and against the original, each experiment's paired verdict
+    for e in (a, b):
+        assert e.label in verdict.split("ppl demo:all — ")[1]
     # the page shows every experiment of the model (a, b and c), c under its own original
-    assert len(shown) == 5 and sum(n.startswith("original · ") for n in shown["name"]) == 2
+    frames = [d.value for d in at.dataframe]
+    assert sum(len(f) for f in frames) == 5 and [sum(n.startswith("original · ") for n in f["name"]) for f in frames] \
+        == [1, 1]
     colours = runs.experiment_colours(X.compare([a, b, c]), [a.id, b.id, c.id])
     assert colours[table.loc[0, "name"]] == "#868e96" and len(set(colours.values())) == 4
-    scatter = json.loads(at.get("plotly_chart")[0].proto.spec)
+    scatters = [json.loads(ch.proto.spec) for ch in at.get("plotly_chart")]
+    scatters = [f for f in scatters if f["data"] and f["data"][0].get("mode") == "markers"]
+    assert len(scatters) == 2  # a chart per setting
     # one trace per row, named in the legend (no text labels on the points), the colours fixed per experiment
-    assert {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for t in scatter["data"]} == colours
+    drawn = {t["name"].replace(" (within noise)", ""): t["marker"]["color"] for f in scatters for t in f["data"]}
+    assert drawn == colours
+    scatter = scatters[0]
     assert all(t.get("mode") == "markers" for t in scatter["data"])
     # an experiment keeps its colour when the selection narrows
     at.text_input(key="compare_filter").set_value(b.label).run()
@@ -159,7 +172,18 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
     assert hf.config.num_local_experts == 6
     card = (out / "README.md").read_text()
     assert "| 0 | 8 | 6 | 0, 1, 2, 3, 4, 7 |" in card
-    assert f"| perplexity demo:all | {exp.reference['ppl']['demo:all']:.4g} | {exp.result['ppl']['demo:all']:.4g} |" in card
+    ref_iv, res_iv = (q["ppl_interval"]["demo:all"]["all"] for q in (exp.reference, exp.result))
+    assert (f"| perplexity demo:all | {exp.reference['ppl']['demo:all']:.4g} [{ref_iv[0]:.4g}–{ref_iv[1]:.4g}] | "
+            f"{exp.result['ppl']['demo:all']:.4g} [{res_iv[0]:.4g}–{res_iv[1]:.4g}] |") in card
+    from moescope.analysis.run.verdicts import against
+
+    p_all, verdict = against(exp.reference, exp.result, "ppl demo:all")
+    assert f"| {verdict}, {p_all.text()} |" in card  # the paired verdict against the original
+    from moescope.analysis.core.units import format_bytes
+
+    weights = exp.structure["after"]["weight_bytes"]
+    assert f"| weights in memory | {format_bytes(exp.structure['before']['weight_bytes'])} | {format_bytes(weights)} |" \
+        in card
     assert json.loads((out / "experiment.json").read_text())["id"] == exp.id
     # the card states a speed change only when the repeats tell it from noise
     import dataclasses
@@ -186,7 +210,8 @@ def test_export_reloads_with_identical_logits_and_a_model_card(demo_dir, tmp_pat
     assert "Plan: **grid plan**" in card and f"Origin: analysis actions: {action}" in card
     assert "Strategy: **manual**" not in card
     assert "| generation tokens/s | 101 | 121 | +19.8% (repeats: 1.18–1.22×) |" in text, text
-    assert "| prefill tokens/s | 1000 | 1000 | within noise (the repeats' range 0.98–1.02× covers 1.0×) |" in text
+    # a speed figure that is noise is left out, and the card says so
+    assert "| prefill tokens/s | – | – | left out: within noise (the repeats' range 0.98–1.02× covers 1.0×) |" in text
     loaded = dataclasses.replace(exp, efficiency={"original": side([100.0, 101.0, 102.0], busy=1.5),
                                                   "pruned": side([120.0, 121.0, 122.0])})
     assert "within noise (measured while other processes kept 1.5 cores busy)" in model_card(model, plan, loaded)
@@ -302,8 +327,18 @@ def test_the_cli_compares_under_the_original_of_each_setting_and_states_every_sp
     assert blocks[0].startswith("original · ppl demo:python+demo:all 6×64")
     assert a.id in blocks[0] and b.id in blocks[0] and c.id not in blocks[0]
     assert blocks[1].startswith("original · ppl demo:python+demo:all 4×64") and c.id in blocks[1]
-    assert "*: best beyond the uncertainty; ~: within noise of the original" in out
+    assert "*: best beyond every rival's paired range; ~: within noise of the original" in out
     assert "nan" not in out.lower()
+    # three settings' experiments pair nothing across settings: one line says so, first
+    assert out.startswith("these experiments were measured on different settings: nothing pairs across them")
+    # two experiments of one setting: the second against the first as well, paired per window
+    from moescope.analysis.run.verdicts import against, verdict_text
+
+    rc, out, err = run(capsys, "experiments", "compare", a.id, b.id)
+    assert rc == 0, err and "different settings" not in out
+    tail = out.split(f"{b.label} ({b.id}) against {a.label} ({a.id}), paired on the same windows / documents:\n")[1]
+    want = verdict_text(*against(a.result, b.result, "ppl demo:all"), "ppl demo:all")
+    assert f"  ppl demo:all: {want}" in tail.splitlines()
 
     def side(prefill, generate, busy=0.0):
         return {"plain": {"params_total": 1, "params_active": 1, "weight_bytes": 4, "peak_memory_bytes": 8,

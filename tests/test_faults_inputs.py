@@ -453,8 +453,13 @@ def test_dashboard_trust_remote_code_reaches_the_app(monkeypatch):
     launched = []
     monkeypatch.setattr(os, "execv", lambda exe, cmd: launched.append(cmd))
     monkeypatch.setattr(os, "chdir", lambda path: None)
-    assert main(["dashboard", "demo", "--trust-remote-code", "--port", "8999"]) == 0
-    assert main(["dashboard", "demo", "--port", "8999"]) == 0
+    import socket
+
+    with socket.socket() as s:  # a free port: a fixed one may be taken by a dashboard already running
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    assert main(["dashboard", "demo", "--trust-remote-code", "--port", port]) == 0
+    assert main(["dashboard", "demo", "--port", port]) == 0
     with_flag, without = launched
     app_args = with_flag[with_flag.index("--") + 1:]
     assert app_args == ["--model", "demo", "--trust-remote-code"]

@@ -115,7 +115,13 @@ def test_dashboard_command_keeps_demo_even_beside_a_demo_folder(monkeypatch, tmp
     monkeypatch.chdir(tmp_path)
     seen = {}
     monkeypatch.setattr(os, "execv", lambda exe, cmd: seen.setdefault("cmd", cmd))
-    main(["dashboard", "demo"])
+    # a free port (8501 may hold a dashboard the README started): the port check must pass
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    assert main(["dashboard", "demo", "--port", str(port)]) == 0
     cmd = seen["cmd"]
     assert cmd[-2:] == ["--model", "demo"]
     assert cmd[cmd.index("--server.address") + 1] == "localhost"

@@ -2,7 +2,7 @@
 
 Every command line of the code blocks under "## CLI" runs in order (bash, a fresh cache) with the
 README's own stand-ins filled in: ``./my-model`` is a tiny model folder made there first, and
-``ID1`` / ``ID2`` are the ids ``moescope experiments ls --json`` lists, oldest first. The one line
+``ID1`` / ``ID2`` / ``ID3`` are the ids ``moescope experiments ls --json`` lists, oldest first. The one line
 that needs the network (a hub id) must, offline, end in moescope's one-line error with status 2.
 Afterwards the scratch folder holds what the README says the commands write.
 """
@@ -59,14 +59,15 @@ def test_the_readme_cli_walkthrough_runs_as_written(tmp_path):
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     ids: list[str] = []
+    last = None
     for line in walkthrough():
-        if "ID1" in command(line) or "ID2" in command(line):
+        if re.search(r"\bID\d\b", command(line)):
             if not ids:
                 listed = subprocess.run(["moescope", "experiments", "ls", "--json"], env=env, cwd=scratch,
                                         capture_output=True, text=True, timeout=120)
                 ids = [e["id"] for e in sorted(json.loads(listed.stdout), key=lambda e: e["created"])]
-                assert len(ids) == 2, listed.stdout
-            line = line.replace("ID1", ids[0]).replace("ID2", ids[1])
+                assert len(ids) == 3, listed.stdout
+            line = re.sub(r"\bID(\d)\b", lambda m, ids=ids: ids[int(m.group(1)) - 1], line)
         run = subprocess.run(["bash", "-c", line], env=env, cwd=scratch, capture_output=True, text=True,
                              timeout=1800)
         if re.match(r"moescope info [\w-]+/[\w.-]+", line):  # a hub id: offline, one line and status 2
@@ -74,8 +75,14 @@ def test_the_readme_cli_walkthrough_runs_as_written(tmp_path):
             assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
             continue
         assert run.returncode == 0, f"{line}\nexit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+        if command(line).split()[:3] == ["moescope", "experiments", "compare"] and len(command(line).split()) == 5:
+            last = run.stdout
+    # the walk-through's last compare: two plans of one setting, the second against the first, paired
+    assert last is not None and f"({ids[2]}) against " in last and f"({ids[1]}), paired on the same windows" in last
+    assert "different settings" not in last
     for name in ("plan.json", "merge.json", "ties.json", "ean.json", "manual.json", "lottery.json", "gam.json", "hc.json",
-                 "compare.csv", "pruned/config.json", "pruned-eval/config.json", "pruned-enum/plan.json",
+                 "compare.csv", "pruned/config.json", "pruned-eval/config.json", "pruned-merge/config.json",
+                 "pruned-enum/plan.json",
                  "pruned-enum/README.md"):
         assert (scratch / name).is_file(), name
     assert any((scratch / "tables").iterdir())

@@ -69,22 +69,26 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_best_and_noise_marks_of_a_comparison_table_stay_within_their_setting():
-    # two settings; in the first the best perplexity is clear of the other experiment, in the second not
+def test_best_and_noise_marks_of_a_comparison_table_follow_its_paired_verdicts():
+    # two settings; the marks come from the paired columns compare() writes (tests/test_paired.py),
+    # never from whether the rows' own intervals overlap
     t = _table([
         {"experiment": "original", "name": "original · A", "group": 0, "ppl x": 10.0, "ppl x low": 9.6, "ppl x high": 10.4},
-        {"experiment": "e1", "name": "one", "group": 0, "ppl x": 10.2, "ppl x low": 9.8, "ppl x high": 10.6},
-        {"experiment": "e2", "name": "two", "group": 0, "ppl x": 13.0, "ppl x low": 12.5, "ppl x high": 13.5},
+        {"experiment": "e1", "name": "one", "group": 0, "ppl x": 10.2, "ppl x low": 9.8, "ppl x high": 10.6,
+         "ppl x verdict": "worse", "ppl x best": True},
+        {"experiment": "e2", "name": "two", "group": 0, "ppl x": 13.0, "ppl x low": 12.5, "ppl x high": 13.5,
+         "ppl x verdict": "worse", "ppl x best": False},
         {"experiment": "original", "name": "original · B", "group": 1, "ppl x": 5.0, "ppl x low": 4.9, "ppl x high": 5.1},
-        {"experiment": "e3", "name": "three", "group": 1, "ppl x": 6.0, "ppl x low": 5.5, "ppl x high": 6.5},
-        {"experiment": "e4", "name": "four", "group": 1, "ppl x": 6.2, "ppl x low": 5.7, "ppl x high": 6.7},
+        {"experiment": "e3", "name": "three", "group": 1, "ppl x": 6.0, "ppl x low": 5.5, "ppl x high": 6.5,
+         "ppl x verdict": "within noise", "ppl x best": False},
+        {"experiment": "e4", "name": "four", "group": 1, "ppl x": 6.2, "ppl x low": 5.7, "ppl x high": 6.7,
+         "ppl x verdict": "worse", "ppl x best": False},
     ])
-    assert X.best_marks(t, "ppl x", "lower") == {1}  # e1; e3 and e4 overlap; originals never marked
-    assert X.noise_marks(t, "ppl x") == {1}  # e1's range overlaps its original's; e3, e4 are clear of theirs
-    # a measured value without a range is never best
-    t.loc[2, ["ppl x low", "ppl x high"]] = float("nan")
-    t.loc[2, "ppl x"] = 10.9
-    assert X.best_marks(t, "ppl x", "lower") == set()
+    assert X.best_marks(t, "ppl x", "lower") == {1}  # e1 (its range overlaps the original's: no matter)
+    assert X.noise_marks(t, "ppl x") == {4}  # e3, though its own range is clear of its original's
+    # a quality column without paired verdicts (no per-window losses stored) is neither best nor noise
+    bare = t.drop(columns=["ppl x verdict", "ppl x best"])
+    assert X.best_marks(bare, "ppl x", "lower") == set() and X.noise_marks(bare, "ppl x") == set()
     # a speed ratio within noise (busy machine) is drawn as noise and never best
     s = _table([
         {"experiment": "original", "name": "original", "group": 0, "prefill speed ratio": 1.0},

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.evaluation.keys import Progress, skip_key
 
@@ -121,10 +122,10 @@ def speed_verdict(pruned: dict | None, original: dict | None, key: str = "genera
 
 @dataclass
 class EfficiencyParams:
-    prompt_tokens: int = 128
-    new_tokens: int = 32
+    prompt_tokens: int = D.PROMPT_TOKENS
+    new_tokens: int = D.NEW_TOKENS
     batch_size: int = 1
-    repeats: int = 5
+    repeats: int = D.SPEED_REPEATS
     warmup: int = 1
     source: str = "demo:all"
 

@@ -7,20 +7,21 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.evaluation.efficiency import EfficiencyParams
 from moescope.analysis.evaluation.keys import Progress
 from moescope.analysis.evaluation.perplexity import perplexity
-from moescope.analysis.evaluation.tasks import cached_tasks
+from moescope.analysis.evaluation.tasks import cached_tasks_with_docs
 
 
 @dataclass
 class EvalSpec:
     """What an evaluation measures (stored with every experiment)."""
 
-    ppl: list[str] = field(default_factory=lambda: ["demo:all"])
-    samples: int = 96
-    seq_len: int = 256
+    ppl: list[str] = field(default_factory=lambda: [D.EVAL_SOURCE])
+    samples: int = D.EVAL_SAMPLES
+    seq_len: int = D.EVAL_SEQ_LEN
     sampling: str = "first"
     seed: int = 0
     stride: int | None = None
@@ -70,9 +71,12 @@ class EvalSpec:
 
 def evaluate_quality(model, spec: EvalSpec, cache=None, progress: Progress | None = None) -> dict:
     """``{"ppl": {source: value}, "ppl_domains": {source: {domain: ppl}}, "ppl_interval": {source:
-    {domain: [low, high]}}, "tasks": {task: {metric: v, metric_stderr: se}}, "timings": {...}}`` for
-    ``model`` as it is now."""
-    out: dict = {"ppl": {}, "ppl_domains": {}, "ppl_interval": {}, "ppl_data": {}, "tasks": {}, "timings": {}}
+    {domain: [low, high]}}, "ppl_windows": {source: {"nll": [...], "tokens": [...], "domains": [...]}},
+    "tasks": {task: {metric: v, metric_stderr: se}}, "task_docs": {task: {metric: [per document]}},
+    "timings": {...}}`` for ``model`` as it is now. The per-window losses and per-document values
+    are what a paired comparison (:mod:`~moescope.analysis.evaluation.paired`) reads."""
+    out: dict = {"ppl": {}, "ppl_domains": {}, "ppl_interval": {}, "ppl_data": {}, "ppl_windows": {}, "tasks": {},
+                 "task_docs": {}, "timings": {}}
     for src in spec.ppl:
         t0 = time.perf_counter()
         res = perplexity(model, src, samples=spec.samples, seq_len=spec.seq_len, sampling=spec.sampling,
@@ -82,13 +86,15 @@ def evaluate_quality(model, spec: EvalSpec, cache=None, progress: Progress | Non
         out["ppl_domains"][src] = res["ppl"]
         out["ppl_interval"][src] = res["interval"]  # per domain and "all": the per-window 95 % range
         out["ppl_data"][src] = res["data"]
+        out["ppl_windows"][src] = {k: list(res["windows"][k]) for k in ("nll", "tokens", "domains")}
         out["timings"][f"ppl {src}"] = time.perf_counter() - t0
     if spec.tasks:
         t0 = time.perf_counter()
         if progress:  # until lm-eval has built its requests (then "lm-eval requests" counts them)
             progress("lm-eval: preparing the requests", 0, 1)
-        out["tasks"] = cached_tasks(model, spec.tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
-                                    batch_size=spec.batch_size, seed=spec.seed, cache=cache, progress=progress)
+        out["tasks"], out["task_docs"] = cached_tasks_with_docs(
+            model, spec.tasks, num_fewshot=spec.num_fewshot, limit=spec.limit, batch_size=spec.batch_size,
+            seed=spec.seed, cache=cache, progress=progress)
         out["timings"]["tasks"] = time.perf_counter() - t0
     return out
 

@@ -57,7 +57,8 @@ def _request_progress(progress: Progress | None):
     """Report lm-eval's own progress over its requests (the tqdm bar its HF model wrapper draws
     over loglikelihood and generation requests) as ``progress("lm-eval requests", done, total)``;
     the bar itself stays quiet. lm-eval's bootstrap of standard errors runs in this process
-    (``DISABLE_MULTIPROC``) instead of a pool of one process per core."""
+    (``DISABLE_MULTIPROC``) instead of a pool of one process per core, and its look-up of the
+    working folder's git commit is skipped."""
     import io
 
     import lm_eval.models.huggingface as hf_module
@@ -81,9 +82,17 @@ def _request_progress(progress: Progress | None):
             return out
 
     hf_module.tqdm = Reporting
+    # lm-eval records the git commit of the working folder by running `git describe`, whose
+    # "fatal: not a git repository" reaches the terminal outside a checkout: moescope keeps its own
+    # versions with each experiment, so lm-eval is given none to look up
+    import lm_eval.evaluator as evaluator_module
+
+    git_probe = evaluator_module.get_git_commit_hash
+    evaluator_module.get_git_commit_hash = lambda: None
     try:
         yield
     finally:
+        evaluator_module.get_git_commit_hash = git_probe
         hf_module.tqdm = original
         if env is None:
             os.environ.pop("DISABLE_MULTIPROC", None)
@@ -99,11 +108,21 @@ def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: in
     names stripped of their filter suffix (``acc,none`` → ``acc``, lm-eval's standard error as
     ``acc_stderr``). ``progress`` gets lm-eval's requests done / total; ``max_length`` (default:
     the model's context) bounds lm-eval's windows."""
+    return run_tasks_with_docs(model, tasks, num_fewshot, limit, batch_size, seed, verbose, progress, max_length)[0]
+
+
+def run_tasks_with_docs(model, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
+                        batch_size: int = 8, seed: int = 0, verbose: bool = False,
+                        progress: Progress | None = None, max_length: int | None = None) -> tuple[dict, dict]:
+    """:func:`run_tasks`'s scores and, from lm-eval's logged samples, every document's own value of
+    each metric that can be paired (:func:`~moescope.analysis.evaluation.paired.supported`):
+    ``{task: {metric: [value per document, in document order]}}`` (a (log-likelihood, count) pair
+    for the perplexity-like metrics)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     if not tasks:
-        return {}
+        return {}, {}
     if not verbose:
         _quiet_lm_eval()
     local = set(local_task_names()) | {"moescope_demo"}
@@ -121,7 +140,7 @@ def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: in
     try:
         with _request_progress(progress):
             res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                          task_manager=manager, log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP,
+                                          task_manager=manager, log_samples=True, bootstrap_iters=STDERR_BOOTSTRAP,
                                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed, verbosity="ERROR" if not verbose else None)
     except (ConnectionError, OSError) as err:
@@ -141,6 +160,29 @@ def run_tasks(model, tasks: list[str], num_fewshot: int | None = None, limit: in
             row["samples" if name == "sample_len" else name] = float(value)
         if row:
             out[task] = row
+    return out, per_document(res.get("samples") or {})
+
+
+def per_document(samples: dict) -> dict[str, dict[str, list]]:
+    """``{task: {metric: [value per document]}}`` from lm-eval's logged ``samples`` (one filter per
+    task: ``none`` where present), documents in ``doc_id`` order; metrics that cannot be paired left out."""
+    from moescope.analysis.evaluation.paired import supported
+
+    out: dict[str, dict[str, list]] = {}
+    for task, rows in samples.items():
+        if not rows:
+            continue
+        filters = {r.get("filter") for r in rows}
+        keep = "none" if "none" in filters else sorted(f for f in filters if f is not None)[0] if filters - {None} \
+            else None
+        rows = sorted((r for r in rows if r.get("filter") == keep), key=lambda r: r["doc_id"])
+        metrics = {}
+        for metric in rows[0].get("metrics") or []:
+            values = [list(v) if isinstance(v, tuple | list) else v for v in (r.get(metric) for r in rows)]
+            if all(v is not None for v in values) and supported(metric, values):
+                metrics[metric] = [float(v) if isinstance(v, int | float) else [float(x) for x in v] for v in values]
+        if metrics:
+            out[task] = metrics
     return out
 
 
@@ -161,19 +203,28 @@ def cached_tasks(model, tasks: list[str], num_fewshot=None, limit=None, batch_si
                  cache=None, progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """:func:`run_tasks`, stored under the cache by model (and skip thresholds), tasks, shots,
     limit and seed, so the original model of many experiments is evaluated once."""
+    return cached_tasks_with_docs(model, tasks, num_fewshot, limit, batch_size, seed, cache, progress)[0]
+
+
+def cached_tasks_with_docs(model, tasks: list[str], num_fewshot=None, limit=None, batch_size: int = 8, seed: int = 0,
+                           cache=None, progress: Progress | None = None) -> tuple[dict, dict]:
+    """:func:`run_tasks_with_docs`, cached as :func:`cached_tasks` (the per-document values are
+    stored with the scores, so two models' scores can be paired document by document)."""
     if cache is None:
-        return run_tasks(model, tasks, num_fewshot, limit, batch_size, seed, progress=progress)
+        return run_tasks_with_docs(model, tasks, num_fewshot, limit, batch_size, seed, progress=progress)
     import lm_eval
 
     parts = {"model": model.fingerprint(), "skip_beta": skip_key(model),
              "tasks": sorted(tasks), "num_fewshot": num_fewshot, "limit": limit, "seed": seed,
              "lm_eval": getattr(lm_eval, "__version__", "?"), "local_tasks": _local_tasks_hash(), "version": EVAL_VERSION,
-             "stderr_bootstrap": STDERR_BOOTSTRAP}
-    entry = cache.get_or_compute(
-        "lm_eval", parts,
-        lambda: {"meta": {"results": run_tasks(model, tasks, num_fewshot, limit, batch_size, seed, progress=progress)}},
-        label=f"{model.source}-{'-'.join(sorted(tasks))}")
-    return entry.meta["results"]
+             "stderr_bootstrap": STDERR_BOOTSTRAP, "per_document": 1}
+
+    def compute():
+        results, docs = run_tasks_with_docs(model, tasks, num_fewshot, limit, batch_size, seed, progress=progress)
+        return {"meta": {"results": results, "docs": docs}}
+
+    entry = cache.get_or_compute("lm_eval", parts, compute, label=f"{model.source}-{'-'.join(sorted(tasks))}")
+    return entry.meta["results"], entry.meta.get("docs") or {}
 
 
 def _max_length(config) -> int:

@@ -94,12 +94,15 @@ def _timed(timings: dict, name: str):
 
 @torch.no_grad()
 def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
-                  x_aug: Tensor | None = None, world=None, ranges=None) -> LayerAnalysis | None:
+                  x_aug: Tensor | None = None, world=None, ranges=None,
+                  on_step: Callable[[int, int], None] | None = None) -> LayerAnalysis | None:
     """All metrics of one MoE layer from its block input ``x [T, d]`` and the token ids ``[T]``:
     routing statistics, similarities, and every criterion of :data:`~moescope.analysis.measure.criteria.CRITERIA`
     whose metric family is asked for (gradient criteria come from :func:`gradient_criteria`).
     ``x_aug`` is the block input of the mixed-embedding sequences (``augment=embeddings``, see
-    :func:`augmented_stream`); augmented rows enter the output similarities only.
+    :func:`augmented_stream`); augmented rows enter the output similarities only. ``on_step(done,
+    total)`` is called before each step of the layer (routing, expert outputs, similarities, weight
+    similarities, each criterion) and once all are done.
 
     Data parallel (``world`` of several ranks): ``x`` holds this rank's share of the tokens,
     ``ranges`` every rank's ``[start, stop)`` of the ``T`` tokens of ``token_ids``; every rank
@@ -111,8 +114,17 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
     want = {"routing", *params.metrics}
     tm = out.timings
     g = torch.Generator().manual_seed(params.seed + view.index)
+    total = (1 + ("similarity" in want or "activations" in want) + ("similarity" in want) + ("weights" in want)
+             + sum(1 for c in CRITERIA.values() if c.family in want and c.family != "gradients"))
+    done = [0]
 
-    with _timed(tm, "routing"):
+    def timed(name: str):
+        if on_step is not None:
+            on_step(done[0], total)
+        done[0] += 1
+        return _timed(tm, name)
+
+    with timed("routing"):
         r_local = view.route(x)
         r = P.gather_routing(r_local, world) if dp else r_local  # the whole trace, on the main rank only
     if r is not None:
@@ -139,7 +151,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
 
     Y = None
     if "similarity" in want or "activations" in want:
-        with _timed(tm, "expert_outputs"):
+        with timed("expert_outputs"):
             n = min(T, params.similarity_tokens)
             sel = torch.randperm(T, generator=g)[:n] if n < T else torch.arange(T)
         if dp:
@@ -174,7 +186,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
         if routed is not None:
             stats.__dict__["routed"] = routed
     if "similarity" in want:
-        with _timed(tm, "similarity"):
+        with timed("similarity"):
             # linear and mini-batch RBF CKA share the token Grams (one pass over the outputs)
             (out.similarity["cka_linear"], out.similarity["cka_rbf"],
              out.similarity["cka_rbf_minibatch"]) = M.output_cka_matrices(
@@ -188,7 +200,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             out.similarity["mean_output_euclidean"] = M.euclidean_distance_matrix(means)
 
     if "weights" in want:
-        with _timed(tm, "weights"):
+        with timed("weights"):
             G, n_weights = stats.weight_gram
             S, n_surrogate = M.surrogate_gram(view)
             out.similarity["weight_cosine"] = M.gram_cosine(G)
@@ -197,12 +209,14 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             out.similarity["surrogate_mse"] = M.gram_mse(S, n_surrogate)
     for c in CRITERIA.values():
         if c.family in want and c.family != "gradients":
-            with _timed(tm, c.family):
+            with timed(c.family):
                 value = c.compute(stats)
                 if c.pair:  # the matrix is kept; the map shows the pair rule's drop round at the default end
                     out.pairs[c.name] = value
                     value = pair_drop_position(value, counts, c.drop)
                 out.criteria[c.name] = value
+    if on_step is not None:
+        on_step(total, total)
     return out
 
 
@@ -328,14 +342,15 @@ def run_analysis(
     :class:`analysis.data.TokenBatch`), served from ``cache`` when the same model, data,
     parameters and metrics version were analysed before.
 
-    ``progress(stage, done, total)`` is called after each decoder layer (stage ``"layers"``) and
-    each gradient chunk (stage ``"gradients"``).
+    ``progress(stage, done, total)`` is called at the start and after each decoder layer (stage
+    ``"layers"``), before each step within a layer (stage ``"layer steps"``) and after each gradient
+    chunk (stage ``"gradients"``).
 
     Resumable: each finished MoE layer is stored as its own ``analysis-layer`` entry as soon as it
     is done, so an interrupted run (Ctrl-C, SIGKILL, a lost rank) keeps them and the same call
     continues after the last one (``note`` is told which layers it reuses; their decoder layers
     still run forward, to carry the hidden states on). Once the whole analysis is stored, its
-    layer entries are removed.
+    layer entries are removed; no partial entry is ever written.
 
     Under ``torchrun`` (:func:`moescope.analysis.core.distributed.current` has several ranks) the
     calibration sequences are split over the ranks in contiguous shares of whole chunks, each rank
@@ -377,6 +392,8 @@ def run_analysis(
         token_ids = batch.input_ids.reshape(-1)
         reused = []
         t_start = time.perf_counter()
+        if progress:  # at once, before the first layer's work (which can take minutes)
+            progress("layers", 0, n_layers)
         while stream.layer < n_layers:
             l = stream.layer
             stored = None
@@ -402,7 +419,8 @@ def run_analysis(
                     t0 = time.perf_counter()
                     world.doing(f"analysing layer {l}")
                     with model.materialized(model.layers[l].block):
-                        la = analyze_layer(model.layers[l], x, token_ids, params, x_aug, world=world, ranges=ranges)
+                        la = analyze_layer(model.layers[l], x, token_ids, params, x_aug, world=world, ranges=ranges,
+                                           on_step=(lambda d, t: progress("layer steps", d, t)) if progress else None)
                     if model.offloaded:
                         from moescope.analysis.model import release_mapped_weights
 
@@ -622,16 +640,25 @@ class AnalysisResult(StoredResult):
             out[str(l)] = row
         return out
 
+    def exportable(self) -> list[str]:
+        """The tables this analysis has data for: ``similarity`` and ``criteria`` only when some
+        similarity metric / criterion was computed (``--metrics``), routing and co-activation always."""
+        return ([*(["similarity"] if self.similarity_names() else []), *(["criteria"] if self.criteria_names() else []),
+                 "routing", "coactivation"])
+
     def export(self, out_dir) -> dict[str, str]:
         """Write ``similarity.csv``, ``criteria.csv``, ``routing.csv``, ``coactivation.csv`` into
-        ``out_dir`` (each to a temporary sibling, then renamed; a symlink is followed)."""
+        ``out_dir`` (each to a temporary sibling, then renamed; a symlink is followed), each that
+        the analysis has data for (:meth:`exportable`)."""
         from moescope.analysis.core.outputs import atomic_file, check_output_folder
 
         out = check_output_folder(out_dir, "--export folder")
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
-        for name, table in (("similarity", self.similarity_table()), ("criteria", self.criteria_table()),
-                            ("routing", self.routing_table()), ("coactivation", self.coactivation_table())):
+        tables = {"similarity": self.similarity_table, "criteria": self.criteria_table, "routing": self.routing_table,
+                  "coactivation": self.coactivation_table}
+        for name in self.exportable():
+            table = tables[name]()
             p = out / f"{name}.csv"
             with atomic_file(p, "--export file") as fh:
                 table.to_csv(fh, index=False)

@@ -239,6 +239,11 @@ def drop_ranks(result, criterion: str, order: str) -> Tensor:
     return out
 
 
+# a bounded similarity (CKA, cosine) at or above this says two experts are near-duplicates: the
+# default merge threshold (the Similarity page) and what the Model page calls a merge candidate
+SIMILAR_AT = 0.9
+
+
 def similarity_bounds(similarity: str) -> tuple[float, float] | None:
     """The values a similarity can take, for an absolute colour scale: 0–1 for CKA (linear or
     RBF), −1–1 for a cosine; None for a distance (MSE), which has no upper bound."""

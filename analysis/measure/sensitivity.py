@@ -40,6 +40,15 @@ def perplexity(model, input_ids: Tensor, chunk_size: int = 8) -> float:
     return _stream_ppl(LayerStream(model, input_ids, chunk_size=chunk_size))
 
 
+@torch.no_grad()
+def window_losses(model, input_ids: Tensor, chunk_size: int = 8) -> list[float]:
+    """The next-token loss sum of each window of ``input_ids [N, L]`` (``L − 1`` predicted tokens
+    each): what a paired comparison of two models on these windows reads; ``exp(Σ / (N·(L−1)))`` is
+    :func:`perplexity`."""
+    losses = _token_nll(LayerStream(model, input_ids, chunk_size=chunk_size))
+    return [float(x) for x in losses.reshape(input_ids.shape[0], -1).sum(dim=1)]
+
+
 @dataclass
 class DropGrid:
     baseline: float

@@ -65,6 +65,21 @@ class LayerPlan:
     def kept(self) -> list[int]:
         return [e for g in self.groups for e in g]
 
+    def weightless(self, i: int) -> list[int]:
+        """Members of group ``i`` that contribute nothing: weight 0 in a plain weighted sum (and in
+        the router rows). A group of 1.00 × e + 0.00 × f is expert ``e`` kept and ``f`` dropped,
+        and is shown so; under TIES a zero weight still takes part in the sign election."""
+        g, c = self.groups[i], self.resolved_coefficients()[i]
+        router = self.router_coefficients[i] if self.router_coefficients is not None else c
+        if self.operator != "linear" or len(g) < 2:
+            return []
+        return [e for e, w, r in zip(g, c, router) if w == 0 and r == 0]
+
+    def merges(self) -> list[list[int]]:
+        """The groups that combine two or more experts with a weight (not counting weightless members)."""
+        return [[e for e in g if e not in self.weightless(i)] for i, g in enumerate(self.groups)
+                if len(g) - len(self.weightless(i)) > 1]
+
     def to_json(self) -> dict:
         out: dict = {"groups": [list(g) for g in self.groups]}
         if self.coefficients is not None and not self.is_pure_keep():
@@ -288,7 +303,7 @@ class PruningPlan:
         return {l: (self.layers[l].num_out if l in self.layers else v.num_experts) for l, v in model.layers.items()}
 
     def summary(self) -> str:
-        parts = [f"layer {l}: {lp.num_out} experts" + (" (merged)" if not lp.is_pure_keep() else "")
+        parts = [f"layer {l}: {lp.num_out} experts" + (" (merged)" if lp.merges() else "")
                  for l, lp in sorted(self.layers.items())]
         return "; ".join(parts) or "no layer changed"
 
@@ -484,3 +499,11 @@ def unused_kept_short(plan: PruningPlan) -> str:
     n = sum(len(v["kept"]) for v in found.values())
     where = "; ".join(f"L{l}: {', '.join(map(str, v['kept']))}" for l, v in sorted(found.items(), key=lambda t: int(t[0])))
     return f"{n} ({where})"
+
+
+def recipe_name(provenance: dict | None) -> str:
+    """What a plan is called where a person reads it (a status line, a proposed plan name, an
+    experiment's label): the preset it was made from (e.g. ``mc-smoe``), else its strategy (e.g.
+    ``router-guided``), else ``manual``."""
+    prov = provenance or {}
+    return str(prov.get("preset") or prov.get("strategy") or "manual")

@@ -14,6 +14,7 @@ import re
 import sys
 import traceback
 
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.run.commands import (
     cmd_analyze,
@@ -89,10 +90,11 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = model_command("analyze", "Compute (or read from the cache) every similarity, routing statistic and criterion.")
-    p.add_argument("--calib", default="demo:all", help="calibration source: demo:DOMAIN | demo:all | file:PATH | "
-                   "hf:NAME[:CONFIG]:SPLIT[:FIELD] (default demo:all)")
-    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--calib", default=D.CALIB_SOURCE, help="calibration source: demo:DOMAIN | demo:all | file:PATH | "
+                   f"hf:NAME[:CONFIG]:SPLIT[:FIELD] (default {D.CALIB_SOURCE})")
+    p.add_argument("--samples", type=int, default=D.CALIB_SAMPLES,
+                   help=f"calibration sequences (default {D.CALIB_SAMPLES}, as plan's and the dashboard's)")
+    p.add_argument("--seq-len", type=int, default=D.CALIB_SEQ_LEN, help=f"tokens per sequence (default {D.CALIB_SEQ_LEN})")
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--sampling", default="random", choices=["random", "first"])
     p.add_argument("--metrics", default="all",
@@ -119,7 +121,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--samples", type=int, default=samples,
                        help=(f"token windows read from the data source (default {samples})" if samples is not None
                              else "calibration windows read from the data source (default: the preset's calibration "
-                                  "size, else 32)") + "; more windows give steadier numbers and a different plan or "
+                                  f"size, else {D.CALIB_SAMPLES}, as analyze's)") + "; more windows give steadier numbers and a different plan or "
                             "grid than fewer")
         p.add_argument("--seq-len", type=int, default=seq_len,
                        help=f"tokens per window (default {seq_len})" if seq_len is not None else
@@ -134,7 +136,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
 
     p = model_command("grid", "Single-expert-drop perplexity grid (layer × expert), cached.")
-    data_args(p, "--eval", "demo:all", 16, 256)
+    data_args(p, "--eval", D.EVAL_SOURCE, D.GRID_SAMPLES, D.GRID_SEQ_LEN)
     p.add_argument("--seed", type=seed_value, default=0)
     p.set_defaults(func=cmd_grid)
 
@@ -142,10 +144,8 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None, help="a registered strategy (see `moescope strategies`)")
     p.add_argument("--preset", default=None,
                    help="a paper's recipe: a named set of a strategy's parameters, each overridable by its flag "
-                        "(see `moescope strategies`); its calibration size and length are the --samples and "
-                        "--seq-len defaults, and its paper's headline target applies when neither --keep nor "
-                        "--budget is given")
-    data_args(p, "--calib", "demo:all", None, None)
+                        "(see `moescope strategies`); its calibration size is the --samples default")
+    data_args(p, "--calib", D.CALIB_SOURCE, None, D.CALIB_SEQ_LEN)
     p.add_argument("--seed", type=seed_value, default=None, help="calibration sampling seed (and the strategy's seed)")
     for name, param in (strategy_flag_names() if strategy_flags else {}).items():  # one per strategy parameter
         flag = "--" + name.replace("_", "-")
@@ -167,22 +167,28 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
         g = p.add_argument_group("evaluation")
         g.add_argument("--ppl", nargs="*", default=None, metavar="SRC",
                        help="perplexity sources: demo:DOMAIN | demo:all | file:PATH | hf:NAME[:CONFIG]:SPLIT[:FIELD]")
-        g.add_argument("--samples", type=int, default=96, help="perplexity windows in all (default 96)")
-        g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+        g.add_argument("--samples", type=int, default=D.EVAL_SAMPLES,
+                       help=f"perplexity windows in all (default {D.EVAL_SAMPLES}, as the Run page's)")
+        g.add_argument("--seq-len", type=int, default=D.EVAL_SEQ_LEN, help=f"tokens per window (default {D.EVAL_SEQ_LEN})")
         g.add_argument("--sampling", default="first", choices=["first", "random"],
                        help="first: consecutive windows from each domain's start (default); random: seeded offsets")
         g.add_argument("--seed", type=seed_value, default=0)
         g.add_argument("--stride", type=int, default=None, help="slide windows by this many tokens (default: no overlap)")
-        g.add_argument("--tasks", nargs="*", default=[], metavar="TASK",
+        g.add_argument("--tasks", nargs="*", default=list(D.EVAL_TASKS), metavar="TASK",
                        help="lm-eval tasks (local: moescope_demo_continuation, moescope_demo_ppl, "
                             "moescope_demo_ppl_DOMAIN; hub tasks such as arc_easy need the network)")
-        g.add_argument("--limit", type=float, default=None, help="lm-eval samples per task (a fraction if < 1)")
+        g.add_argument("--limit", type=float, default=D.TASK_LIMIT,
+                       help=f"lm-eval samples per task (a fraction if < 1; default {D.TASK_LIMIT:g}, as the Run page's; "
+                            "0: all)")
         g.add_argument("--num-fewshot", type=int, default=None)
         g.add_argument("--batch-size", type=int, default=8)
         g.add_argument("--no-efficiency", action="store_true", help="skip the memory and tokens/s measurement")
-        g.add_argument("--prompt-tokens", type=int, default=128, help="efficiency: prompt length (default 128)")
-        g.add_argument("--new-tokens", type=int, default=32, help="efficiency: generated tokens (default 32)")
-        g.add_argument("--repeats", type=int, default=5, help="efficiency: timed repeats, median (default 5)")
+        g.add_argument("--prompt-tokens", type=int, default=D.PROMPT_TOKENS,
+                       help=f"efficiency: prompt length (default {D.PROMPT_TOKENS})")
+        g.add_argument("--new-tokens", type=int, default=D.NEW_TOKENS,
+                       help=f"efficiency: generated tokens (default {D.NEW_TOKENS})")
+        g.add_argument("--repeats", type=int, default=D.SPEED_REPEATS,
+                       help=f"efficiency: timed repeats, median (default {D.SPEED_REPEATS})")
         g.add_argument("--skip-calib", default="demo:all",
                        help="calibration source for the dynamic-skipping β of the efficiency run, or none")
 
@@ -233,7 +239,10 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     c = esub.add_parser("show", help="one experiment in full")
     c.add_argument("id")
     c.add_argument("--json", action="store_true")
-    c = esub.add_parser("compare", help="experiments side by side, the original as reference")
+    c = esub.add_parser("compare", help="experiments side by side, the original as reference",
+                        description="Experiments side by side, each against the original of its evaluation "
+                                    "setting, with paired verdicts; two IDs of one setting: the second against "
+                                    "the first as well.")
     c.add_argument("ids", nargs="+", metavar="ID")
     c.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH", help="CSV to PATH (or stdout)")
     c.add_argument("--json", action="store_true")

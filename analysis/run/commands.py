@@ -7,6 +7,7 @@ import errno
 import json
 import sys
 
+from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
 from moescope.analysis.run.report import (
     ProgressBars,
@@ -206,6 +207,11 @@ def cmd_analyze(args) -> int:
               f"β {row['beta']:.3f}; balance {row['balance_entropy']:.3f}")
     for path in exported.values():
         print(f"wrote {path}")
+    if args.export:
+        left = [n for n in ("similarity", "criteria") if n not in exported]
+        if left:
+            how = {"similarity": "--metrics similarity", "criteria": "--metrics weights, activations or gradients"}
+            print("not written: " + "; ".join(f"{n}.csv (this analysis has none: {how[n]} computes it)" for n in left))
     return 0
 
 
@@ -304,7 +310,7 @@ def cmd_plan(args) -> int:
     strategy = get_strategy(preset.strategy if preset is not None else args.strategy)
     params = strategy_params(args, strategy)
     if args.samples is None:
-        args.samples = preset.calib_samples if preset is not None and preset.calib_samples else 32
+        args.samples = preset.calib_samples if preset is not None and preset.calib_samples else D.CALIB_SAMPLES
     if strategy.needs_data:
         parse_source(args.calib)
     # everything about the request is checked against the config before any weights are read
@@ -390,7 +396,8 @@ def eval_spec(args, default_ppl: list[str] | None):
     ppl = args.ppl if args.ppl is not None else (default_ppl if not args.tasks else [])
     spec = EvalSpec(
         ppl=list(ppl or []), samples=args.samples, seq_len=args.seq_len, sampling=args.sampling, seed=args.seed,
-        stride=args.stride, tasks=list(args.tasks or []), limit=args.limit, num_fewshot=args.num_fewshot,
+        stride=args.stride, tasks=list(args.tasks or []), limit=args.limit or None,  # --limit 0: every sample
+        num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, efficiency=not args.no_efficiency,
         efficiency_params=EfficiencyParams(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                            repeats=args.repeats),
@@ -613,7 +620,8 @@ def cmd_experiments(args) -> int:
         from moescope.analysis.core.outputs import atomic_file, check_output_file
 
         check_output_file(args.csv, "--csv file")
-    table = X.compare([X.load(i, cache) for i in args.ids])
+    chosen = [X.load(i, cache) for i in args.ids]
+    table = X.compare(chosen)
     if args.csv:
         if args.csv == "-":
             print(table.to_csv(index=False), end="")
@@ -629,6 +637,10 @@ def cmd_experiments(args) -> int:
 
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
         print(compare_text(table))
+    if len(chosen) == 2 and X.same_setting(chosen) and all(e.plan for e in chosen):
+        from moescope.analysis.run.report import between_text
+
+        print("\n" + between_text(chosen[0], chosen[1]))  # the second against the first, paired
     return 0
 
 

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.run import verdicts as V
+from moescope.analysis.run.verdicts import HIGHER_METRICS  # noqa: F401  (re-exported: the better end of a score)
 
 if TYPE_CHECKING:  # evaluation imports torch; listing experiments must not
     from moescope.analysis.evaluation import EvalSpec
@@ -93,8 +95,10 @@ class Experiment:
 def _label(plan) -> str:
     if plan is None:
         return "original"
+    from moescope.analysis.pruning.plan import recipe_name
+
     prov = plan.provenance or {}
-    name = prov.get("strategy", "plan")
+    name = recipe_name(prov)  # a preset by its name (mc-smoe), not its strategy's (router-guided)
     params = prov.get("params") or {}
     short = " ".join(f"{k}={v}" for k, v in params.items() if isinstance(v, int | float | str) and k != "seed")
     return f"{name} {short}".strip()
@@ -126,7 +130,8 @@ def _skip_betas(model, spec: EvalSpec, cache, progress) -> dict[int, float] | No
 
 def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
                    label: str | None = None, dtype: str | None = None, device: str | None = None,
-                   trust_remote_code: bool = False, allow_pickle: bool = False) -> Experiment:
+                   trust_remote_code: bool = False, allow_pickle: bool = False,
+                   before_speed: Callable[[], None] | None = None) -> Experiment:
     """Load ``source``, check ``plan`` (a :class:`PruningPlan` or None) against it, then
     :func:`prune_and_evaluate` the loaded model. Nothing is stored unless every step finished, so
     an interrupted run leaves no record."""
@@ -145,7 +150,7 @@ def run_experiment(source: str, plan=None, spec: EvalSpec | None = None, cache=N
         plan.validate_for(model)  # refuse a bad plan before any evaluation
     return prune_and_evaluate(model, plan, spec, cache=cache, progress=progress, label=label, dtype=dtype,
                               device=device, load_s=time.perf_counter() - t0, trust_remote_code=trust_remote_code,
-                              allow_pickle=allow_pickle)
+                              allow_pickle=allow_pickle, before_speed=before_speed)
 
 
 def check_finite_quality(result: dict, what: str) -> None:
@@ -165,10 +170,12 @@ def check_finite_quality(result: dict, what: str) -> None:
 def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=None, progress: Progress | None = None,
                        label: str | None = None, dtype: str | None = None, device: str | None = None,
                        load_s: float = 0.0, store: bool = True, trust_remote_code: bool = False,
-                       allow_pickle: bool = False) -> Experiment:
+                       allow_pickle: bool = False, before_speed: Callable[[], None] | None = None) -> Experiment:
     """Evaluate ``model`` (the original, as loaded from ``model.source``), prune it in place by
     ``plan``, evaluate the result, measure efficiency of both (each in a fresh process), and store
-    the experiment. ``model`` is left pruned (the caller may export it). ``store=False`` leaves
+    the experiment. ``before_speed`` (a background job running beside others) is called once the
+    speed slot is held and returns when the machine is quiet of our own jobs. ``model`` is left
+    pruned (the caller may export it). ``store=False`` leaves
     the storing to the caller (:func:`store`), e.g. after the export it belongs to is complete,
     so a run killed mid-export leaves no record."""
     from moescope.analysis.core.cache import Cache
@@ -220,6 +227,8 @@ def prune_and_evaluate(model, plan=None, spec: EvalSpec | None = None, cache=Non
         # back to back, each recording how busy the rest of the machine was
         t_wait = time.perf_counter()
         with measurement_slot(str(cache.root), progress):
+            if before_speed is not None:
+                before_speed()
             timings["speed_wait_s"] = time.perf_counter() - t_wait  # another job's measurement went first
             t0 += timings["speed_wait_s"]  # efficiency_s: the stage's own work, not the wait
             if progress:
@@ -452,15 +461,17 @@ def headline(table) -> tuple[str, str] | None:
     source, else the first lm-eval score, else the parameter ratio."""
     cols = list(table.columns)
     for c in cols:
-        if c.startswith("ppl ") and not c.endswith((" low", " high")):
+        if c.startswith("ppl ") and not c.endswith(DERIVED_SUFFIXES):
             return c, "lower"
     for c in cols:
-        if c.startswith("task:") and not c.endswith((" low", " high")):
+        if c.startswith("task:") and not c.endswith(DERIVED_SUFFIXES):
             return c, "higher" if c.split(" ")[-1] in HIGHER_METRICS else "lower"
     return ("params ratio", "lower") if "params ratio" in cols else None
 
 
-HIGHER_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mc1", "mc2")
+# a comparison's derived columns: a value's range, its verdict against its original, the paired
+# change, whether it is the best of its setting
+DERIVED_SUFFIXES = (" low", " high", " noise", " verdict", " vs original", " best")
 
 
 def compare(experiments: list[Experiment]):
@@ -469,10 +480,14 @@ def compare(experiments: list[Experiment]):
     measured against that original, best headline metric first (:func:`headline`); an evaluation
     without a plan is that original row itself. Columns: quality
     per source/task with its 95 % interval (``… low`` / ``… high``: per-window for perplexity,
-    lm-eval's standard error for task scores) and the change against the original, parameter,
+    lm-eval's standard error for task scores) and the change against the original, the paired
+    verdict against the original (``… verdict``: better / worse / within noise, ``… vs original``:
+    the paired change with its range, see :mod:`~moescope.analysis.run.verdicts`) and whether it is
+    the setting's best beyond every rival's paired range (``… best``), parameter,
     weight-byte and peak-memory ratios, prefill and generation speed ratios with the repeats' range
     and the verdict (plain and with dynamic skipping). See :func:`best_marks` and
-    :func:`noise_marks` for what may be called best and what is within noise."""
+    :func:`noise_marks` for what may be called best and what is within noise. Experiments of
+    different settings pair nothing: each is measured against its own original only."""
     import pandas as pd
 
     if not experiments:
@@ -498,6 +513,12 @@ def compare(experiments: list[Experiment]):
             r_eff = (e_eff.get("original") or {}).get("plain") or {}
             rows.append(_row(exp.id, exp.label, exp.structure.get("after", {}), exp.result, exp.reference,
                              e_eff.get("pruned") or {}, r_eff, exp.structure.get("before", {}), names[exp.id]))
+            rows[-1].update(_paired_cells(exp))
+        pruned = {e.id: e.result for e in members if e.plan is not None}
+        for col in {c for q in pruned.values() for c in V.quality_columns(q)}:
+            leader = V.best_of(pruned, col)
+            for row in rows:
+                row[f"{col} best"] = row["experiment"] == leader
         body = pd.DataFrame(rows)
         key = headline(body) if rows else None
         if key is not None and key[0] in body.columns and len(body) > 1:
@@ -509,6 +530,34 @@ def compare(experiments: list[Experiment]):
     table = pd.concat(frames, ignore_index=True)
     front = ["experiment", "name", "label", "group", "setting"]
     return table[front + [c for c in table.columns if c not in front]]
+
+
+def _paired_cells(exp: Experiment) -> dict:
+    """``{column verdict, column vs original}`` of every quality column of ``exp``: its paired verdict
+    against its own original (:func:`~moescope.analysis.run.verdicts.against`)."""
+    cells = {}
+    for col in V.quality_columns(exp.result):
+        p, verdict = V.against(exp.reference, exp.result, col)
+        cells[f"{col} verdict"] = verdict
+        cells[f"{col} vs original"] = p.text() if p is not None else ""
+    return cells
+
+
+def between(a: Experiment, b: Experiment) -> list[tuple[str, object, str]]:
+    """``[(column, paired range, verdict)]``: experiment ``b`` against ``a`` in every quality column
+    both have, paired on their common windows and documents. Experiments of different settings (model
+    or evaluation spec) pair nothing: a :class:`MoescopeError` saying so."""
+    if _setting_key(a) != _setting_key(b):
+        raise MoescopeError(f"{a.id} and {b.id} were measured on different settings "
+                            f"({setting_name(a.eval)} on {a.model}; {setting_name(b.eval)} on {b.model}): "
+                            "nothing pairs, so each is shown against its own original")
+    cols = [c for c in V.quality_columns(b.result) if c in V.quality_columns(a.result)]
+    return [(c, *V.against(a.result, b.result, c)) for c in cols]
+
+
+def same_setting(experiments: list[Experiment]) -> bool:
+    """Whether every experiment was measured on one setting (model and evaluation spec)."""
+    return len({_setting_key(e) for e in experiments}) <= 1
 
 
 def quality_intervals(table, column: str) -> list:
@@ -541,14 +590,27 @@ def quality_intervals(table, column: str) -> list:
     return out
 
 
+# exact quantities: counted, not measured, so the smallest is the smallest (no uncertainty to beat)
+EXACT_COLUMNS = ("params ratio", "weight bytes ratio", "experts kept")
+
+
 def best_marks(table, column: str, direction: str) -> set[int]:
     """Row positions of ``table`` (from :func:`compare`) whose ``column`` value is the best of the
-    experiments measured against the same original *beyond the uncertainty*: its interval lies
-    clear of every other experiment's of that setting
-    (:func:`~moescope.analysis.evaluation.uncertainty.best_beyond_noise`). Originals are never marked."""
+    experiments measured against the same original. A quality column (perplexity, lm-eval score)
+    is best only where it is better than every rival beyond their paired range (its ``… best``
+    column, :func:`~moescope.analysis.run.verdicts.best_of`); an exact count (parameters, weight
+    bytes) where it is strictly the smallest; a measured figure without a paired range (peak
+    memory, speed) never. Originals are never marked."""
     from moescope.analysis.evaluation.uncertainty import best_beyond_noise
 
     if column not in table.columns:
+        return set()
+    flag = f"{column} best"
+    if flag in table.columns:
+        # True or numpy's True (a missing cell is NaN, which bool() would call true)
+        return {i for i in range(len(table)) if table["experiment"].iloc[i] != "original"
+                and str(table[flag].iloc[i]) == "True"}
+    if column not in EXACT_COLUMNS:
         return set()
     intervals = quality_intervals(table, column)
     marked = set()
@@ -561,30 +623,21 @@ def best_marks(table, column: str, direction: str) -> set[int]:
 
 
 def noise_marks(table, column: str) -> set[int]:
-    """Row positions whose ``column`` value cannot be told from its original's: the intervals
-    overlap, or the value is within noise itself (a speed ratio on a busy machine or with a range
-    covering 1.0×)."""
-    from moescope.analysis.evaluation.uncertainty import differs
-
+    """Row positions whose ``column`` value cannot be told from its original's: a quality value whose
+    paired range against its original covers no change (``… verdict`` is within noise), or a speed
+    ratio within noise itself (measured on a busy machine, or a repeats' range covering 1.0×). A
+    value that could not be paired gets no mark (nor any verdict)."""
     if column not in table.columns:
         return set()
+    verdict_c = f"{column} verdict"
+    if verdict_c in table.columns:
+        return {i for i in range(len(table)) if table["experiment"].iloc[i] != "original"
+                and table[verdict_c].iloc[i] == V.WITHIN}
+    if not (column.endswith("ratio") or column.endswith("ratio (skip)")):
+        return set()
     intervals = quality_intervals(table, column)
-    ratio = column.endswith("ratio") or column.endswith("ratio (skip)")
-    out = set()
-    ref = None
-    for i in range(len(table)):
-        if table["experiment"].iloc[i] == "original":
-            ref = intervals[i]
-            continue
-        v = intervals[i]
-        if v is None:
-            continue
-        if ratio:  # a ratio's reference is 1.0× and its verdict already says whether it differs
-            if v.noisy:
-                out.add(i)
-        elif differs(v, ref) is False:
-            out.add(i)
-    return out
+    return {i for i in range(len(table)) if table["experiment"].iloc[i] != "original"
+            and intervals[i] is not None and intervals[i].noisy}
 
 
 def display_names(experiments: list[Experiment]) -> dict[str, str]:

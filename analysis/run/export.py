@@ -290,8 +290,24 @@ def _speed_change(pruned: dict, original: dict, key: str) -> str:
     if v is None:
         return _pct(pruned.get(key), original.get(key))
     if v["noise"]:
-        return f"within noise ({v['noise']})"
+        return f"left out: within noise ({v['noise']})"
     return f"{_pct(pruned.get(key), original.get(key))} (repeats: {v['low']:.2f}–{v['high']:.2f}×)"
+
+
+def _speed_row(name: str, original: dict, pruned: dict, key: str) -> list:
+    """A speed row of the card; a figure that is noise is left out (its change says so)."""
+    from moescope.analysis.evaluation.efficiency import speed_verdict
+
+    v = speed_verdict(pruned, original, key)
+    if v is not None and v["noise"]:
+        return [name, "–", "–", _speed_change(pruned, original, key)]
+    return [name, _fmt(original.get(key)), _fmt(pruned.get(key)), _speed_change(pruned, original, key)]
+
+
+def _bytes(x) -> str:
+    from moescope.analysis.core.units import format_bytes
+
+    return format_bytes(x) if isinstance(x, int | float) else "–"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -319,6 +335,16 @@ def plan_origin(prov: dict) -> str:
     return "edited by hand (no strategy)"
 
 
+def _preset_line(name: str) -> str:
+    """The preset a plan was made from, with the paper (and equation or file) its values come from."""
+    from moescope.analysis.strategies.presets import PRESETS
+
+    p = PRESETS.get(name)
+    if p is None:
+        return f"Preset: **{name}**"
+    return f"Preset: **{p.name}** (strategy `{p.strategy}`) — {p.help}. Source: {p.source}."
+
+
 def model_card(model, plan, experiment=None, weights: dict | None = None) -> str:
     """The README of an exported folder (Markdown with hub front matter); ``weights`` the dtypes and
     bytes of the export and its source (:func:`weights_on_disk`)."""
@@ -340,11 +366,14 @@ def model_card(model, plan, experiment=None, weights: dict | None = None) -> str
             out.append(f"Plan: **{name}**")
             out.append("")
         out.append(f"Origin: {plan_origin(prov)}")
+        if prov.get("preset"):
+            out += ["", _preset_line(str(prov["preset"]))]
         params = prov.get("params") or {}
         if params:
             out += ["", "Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in sorted(params.items())]
         if prov.get("data"):
-            out += ["", f"Calibration data fingerprint: `{str(prov['data'])[:16]}`"]
+            what = f"{prov['data_description']} " if prov.get("data_description") else ""
+            out += ["", f"Calibration data: {what}(fingerprint `{str(prov['data'])[:16]}`)"]
         note = unused_kept_note(plan)
         if note:
             out += ["", f"**Warning:** the plan {note}: its rule keeps them as written."]
@@ -365,8 +394,11 @@ def model_card(model, plan, experiment=None, weights: dict | None = None) -> str
         before = (experiment.structure.get("before", {}).get("experts", {}) if experiment else {})
         for l, lp in sorted(plan.layers.items()):
             groups = []
-            for g, c in zip(lp.groups, lp.resolved_coefficients()):
-                groups.append(str(g[0]) if len(g) == 1 else "(" + " + ".join(f"{w:.2g}·{e}" for e, w in zip(g, c)) + ")")
+            for i, (g, c) in enumerate(zip(lp.groups, lp.resolved_coefficients())):
+                zero = lp.weightless(i)
+                live = [(e, w) for e, w in zip(g, c) if e not in zero]
+                text = str(live[0][0]) if len(live) == 1 else "(" + " + ".join(f"{w:.2g}·{e}" for e, w in live) + ")"
+                groups.append(text + (f" [drops {', '.join(map(str, zero))}: weight 0]" if zero else ""))
             rows.append([str(l) + (" (TIES)" if lp.operator == "ties" else ""), _fmt(before.get(str(l))),
                          str(lp.num_out), ", ".join(groups)])
         out.append(_table(["layer", "experts before", "after", "kept / merged (original indices)"], rows))
@@ -378,17 +410,15 @@ def model_card(model, plan, experiment=None, weights: dict | None = None) -> str
                  _pct(a.get("params", {}).get(key), b.get("params", {}).get(key))]
                 for name, key in (("parameters", "total"), ("active parameters per token", "active"),
                                   ("routed-expert parameters", "experts"))]
-        rows.append(["weight bytes", _fmt(b.get("weight_bytes")), _fmt(a.get("weight_bytes")),
+        rows.append(["weights in memory", _bytes(b.get("weight_bytes")), _bytes(a.get("weight_bytes")),
                      _pct(a.get("weight_bytes"), b.get("weight_bytes"))])
         eff = experiment.efficiency or {}
         o, p = (eff.get("original") or {}).get("plain") or {}, (eff.get("pruned") or {}).get("plain") or {}
         if o and p:
-            rows += [["peak memory while generating", _fmt(o.get("peak_memory_bytes")), _fmt(p.get("peak_memory_bytes")),
-                      _pct(p.get("peak_memory_bytes"), o.get("peak_memory_bytes"))],
-                     ["prefill tokens/s", _fmt(o.get("prefill_tokens_per_s")), _fmt(p.get("prefill_tokens_per_s")),
-                      _speed_change(p, o, "prefill_tokens_per_s")],
-                     ["generation tokens/s", _fmt(o.get("generate_tokens_per_s")), _fmt(p.get("generate_tokens_per_s")),
-                      _speed_change(p, o, "generate_tokens_per_s")]]
+            rows += [["peak memory while generating", _bytes(o.get("peak_memory_bytes")),
+                      _bytes(p.get("peak_memory_bytes")), _pct(p.get("peak_memory_bytes"), o.get("peak_memory_bytes"))],
+                     _speed_row("prefill tokens/s", o, p, "prefill_tokens_per_s"),
+                     _speed_row("generation tokens/s", o, p, "generate_tokens_per_s")]
         out.append(_table(["", "original", "pruned", "change"], rows))
         if o:
             out += ["", f"Speed and memory: {o.get('device')}, {o.get('threads')} threads, "
@@ -484,22 +514,61 @@ def _vllm_section(model, uniform: bool) -> list[str]:
     return out
 
 
+def _ppl_range(quality: dict, src: str, value) -> str:
+    """A perplexity with its per-window 95 % range."""
+    domains = (quality.get("ppl_interval") or {}).get(src) or {}
+    iv = domains.get("all") or (next(iter(domains.values())) if len(domains) == 1 else None)
+    return f"{_fmt(value)} [{iv[0]:.4g}–{iv[1]:.4g}]" if iv and isinstance(value, int | float) else _fmt(value)
+
+
+def _score_range(metrics: dict, metric: str) -> str:
+    """An lm-eval score with ±1.96 × lm-eval's standard error as its 95 % range."""
+    from moescope.analysis.evaluation.uncertainty import stderr_interval
+
+    value, se = metrics.get(metric), metrics.get(f"{metric}_stderr")
+    if not isinstance(value, int | float) or not isinstance(se, int | float):
+        return _fmt(value)
+    iv = stderr_interval(value, se)
+    return f"{_fmt(value)} [{iv.low:.4g}–{iv.high:.4g}]"
+
+
+def _paired_cell(exp, column: str) -> str:
+    """The paired verdict against the original (:func:`~moescope.analysis.run.verdicts.against`)."""
+    from moescope.analysis.run.verdicts import against
+
+    p, verdict = against(exp.reference, exp.result, column)
+    return verdict if p is None else f"{verdict}, {p.text()}"
+
+
 def _quality_table(exp) -> str:
+    """Original and pruned quality, each with its 95 % range, the change, and the paired verdict
+    against the original on the same windows / documents (none for a plain evaluation)."""
     rows = []
     for src, value in exp.result.get("ppl", {}).items():
         ref = exp.reference.get("ppl", {}).get(src)
-        rows.append([f"perplexity {src}", _fmt(ref), _fmt(value), _pct(value, ref)])
+        rows.append([f"perplexity {src}", _ppl_range(exp.reference, src, ref), _ppl_range(exp.result, src, value),
+                     _pct(value, ref), _paired_cell(exp, f"ppl {src}")])
         domains = exp.result.get("ppl_domains", {}).get(src, {})
         if len(domains) > 1:
             for d, v in domains.items():
                 if d != "all":
                     r = exp.reference.get("ppl_domains", {}).get(src, {}).get(d)
-                    rows.append([f"  perplexity {d}", _fmt(r), _fmt(v), _pct(v, r)])
+                    rows.append([f"  perplexity {d}", _fmt(r), _fmt(v), _pct(v, r), ""])
     for task, metrics in exp.result.get("tasks", {}).items():
         for metric, value in metrics.items():
             if metric.endswith("_stderr") or metric == "samples":
                 continue
-            ref = exp.reference.get("tasks", {}).get(task, {}).get(metric)
+            ref_metrics = exp.reference.get("tasks", {}).get(task, {})
+            ref = ref_metrics.get(metric)
             delta = f"{value - ref:+.4f}" if isinstance(ref, int | float) else "–"
-            rows.append([f"{task} {metric}", _fmt(ref), _fmt(value), delta])
-    return _table(["metric", "original", "pruned", "change"], rows) if rows else "(no evaluation)"
+            rows.append([f"{task} {metric}", _score_range(ref_metrics, metric), _score_range(metrics, metric), delta,
+                         _paired_cell(exp, f"task: {task} {metric}")])
+    if not rows:
+        return "(no evaluation)"
+    if not exp.plan:
+        return _table(["metric", "original", "pruned", "change"], [r[:4] for r in rows])
+    return (_table(["metric", "original [95 % range]", "pruned [95 % range]", "change",
+                    "against the original (paired, 95 %)"], rows)
+            + "\n\nThe last column compares the two models on the same windows and documents (a paired bootstrap "
+              "of the per-window losses and per-document scores): better or worse only where the whole 95 % range "
+              "of the change lies on one side of no change, else within noise.")

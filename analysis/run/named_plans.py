@@ -162,6 +162,18 @@ class PredictedCost:
     proxy_tokens: int
     grid_sum: float | None  # Σ single-drop Δppl of the dropped experts (drop-only plans, grid stored)
     seconds: float
+    windows_before: list[float] | None = None  # per-window loss sums on the proxy batch (paired verdicts)
+    windows_after: list[float] | None = None
+
+    def paired(self):
+        """The proxy perplexity after ÷ before, paired on the proxy batch's windows
+        (:func:`~moescope.analysis.evaluation.paired.perplexity_ratio`); None without per-window losses."""
+        from moescope.analysis.evaluation.paired import perplexity_ratio
+
+        if not self.windows_before or not self.windows_after or len(self.windows_before) != len(self.windows_after):
+            return None
+        predicted = self.proxy_tokens // len(self.windows_before) - 1  # a window of L tokens predicts L − 1
+        return perplexity_ratio(self.windows_before, self.windows_after, [predicted] * len(self.windows_before))
 
     @property
     def proxy_change(self) -> float | None:
@@ -194,16 +206,16 @@ def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> Pred
     on ``batch`` (the loaded model is edited inside temporary edits and restored; the result is
     cached per model, plan and batch). ``grid``: a stored :class:`DropGrid` for ``grid_sum``."""
     from moescope.analysis.core.cache import Cache
-    from moescope.analysis.measure.sensitivity import perplexity
+    from moescope.analysis.measure.sensitivity import window_losses
     from moescope.analysis.pruning.prune import is_finetuned
 
     cache = cache or Cache()
     plan.validate_for(model)
-    parts = {"model": model.fingerprint(), "plan": plan.to_json(), "data": batch.fingerprint}
+    parts = {"model": model.fingerprint(), "plan": plan.to_json(), "data": batch.fingerprint, "per_window": 1}
 
     def compute():
         t0 = time.perf_counter()
-        base_ppl = _baseline(model, batch, cache)
+        base_ppl, base_windows = _baseline(model, batch, cache)
         before = _size(model)
         with contextlib.ExitStack() as stack:
             for l in sorted(plan.layers):
@@ -213,27 +225,35 @@ def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> Pred
                             permutations=lp.permutations, operator=lp.operator, density=lp.density,
                             router_coeffs=lp.router_coefficients)
             after = _size(model)
-            ppl = None if is_finetuned(plan) else perplexity(model, batch.input_ids)
+            windows = None if is_finetuned(plan) else window_losses(model, batch.input_ids)
+        n, length = batch.input_ids.shape
+        ppl = None if windows is None else math.exp(sum(windows) / (n * (length - 1)))
         meta = {"experts_before": before[0], "experts_after": after[0], "params_before": before[1],
                 "params_after": after[1], "bytes_before": before[2], "bytes_after": after[2],
                 "proxy_ppl_before": base_ppl, "proxy_ppl_after": ppl, "proxy_tokens": int(batch.input_ids.numel()),
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "windows_before": base_windows, "windows_after": windows}
         return {"meta": meta}
 
     entry = cache.get_or_compute(PROXY_KIND, parts, compute, label=f"proxy {plan.summary()[:40]}")
     m = entry.meta
     return PredictedCost(m["experts_before"], m["experts_after"], m["params_before"], m["params_after"],
                          m["bytes_before"], m["bytes_after"], m["proxy_ppl_before"], m["proxy_ppl_after"],
-                         m["proxy_tokens"], grid_delta_sum(plan, grid), m["seconds"])
+                         m["proxy_tokens"], grid_delta_sum(plan, grid), m["seconds"], m.get("windows_before"),
+                         m.get("windows_after"))
 
 
-def _baseline(model, batch, cache) -> float:
-    from moescope.analysis.measure.sensitivity import perplexity
+def _baseline(model, batch, cache) -> tuple[float, list[float]]:
+    """The original's proxy perplexity and per-window losses (cached)."""
+    from moescope.analysis.measure.sensitivity import window_losses
 
-    parts = {"model": model.fingerprint(), "data": batch.fingerprint, "plan": None}
-    entry = cache.get_or_compute(PROXY_KIND, parts, lambda: {"meta": {"ppl": perplexity(model, batch.input_ids)}},
-                                 label="proxy original")
-    return float(entry.meta["ppl"])
+    def compute():
+        windows = window_losses(model, batch.input_ids)
+        n, length = batch.input_ids.shape
+        return {"meta": {"ppl": math.exp(sum(windows) / (n * (length - 1))), "windows": windows}}
+
+    parts = {"model": model.fingerprint(), "data": batch.fingerprint, "plan": None, "per_window": 1}
+    entry = cache.get_or_compute(PROXY_KIND, parts, compute, label="proxy original")
+    return float(entry.meta["ppl"]), list(entry.meta["windows"])
 
 
 def grid_delta_sum(plan: PruningPlan, grid) -> float | None:

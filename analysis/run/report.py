@@ -112,6 +112,7 @@ def print_quality(exp) -> None:
     a pruned model with its verdict (the change with the repeats' range, or within noise and why)."""
     from moescope.analysis.evaluation.efficiency import BUSY_CORES, speed_verdict
     from moescope.analysis.run.experiments import setting_name, speed_text
+    from moescope.analysis.run.verdicts import against, verdict_text
 
     print(f"evaluated on: {setting_name(exp.eval)}")
     for src, value in exp.result["ppl"].items():
@@ -119,6 +120,8 @@ def print_quality(exp) -> None:
         change = (f" (original {ref:.3f}{_interval(exp.reference, src)}, {100 * (value / ref - 1):+.1f}%)"
                   if exp.plan else "")
         print(f"perplexity {src}: {value:.3f}{_interval(exp.result, src)}{change}")
+        if exp.plan:
+            print(f"    against the original: {verdict_text(*against(exp.reference, exp.result, f'ppl {src}'), f'ppl {src}')}")
         domains = {d: v for d, v in exp.result["ppl_domains"][src].items() if d != "all"}
         if len(domains) > 1:
             print("    " + ", ".join(f"{d} {v:.2f}" for d, v in domains.items()))
@@ -128,6 +131,10 @@ def print_quality(exp) -> None:
             f"{k} {v:.4g}" + (f" ± {metrics[k + '_stderr']:.2g}" if isinstance(metrics.get(k + "_stderr"), float) else "")
             for k, v in shown.items()) + (" (± lm-eval's standard error)" if any(k.endswith("_stderr") for k in metrics)
                                           else ""))
+        if exp.plan:
+            for k in shown:
+                column = f"task: {task} {k}"
+                print(f"    {k} against the original: {verdict_text(*against(exp.reference, exp.result, column), column)}")
     ref_plain = ((exp.efficiency.get("original") or {}).get("plain")) or {}
     for variant, eff in exp.efficiency.items():
         if variant == "pruned" and not exp.plan:
@@ -152,28 +159,54 @@ def print_quality(exp) -> None:
 
 
 def _better(column: str) -> str | None:
-    from moescope.analysis.run.experiments import HIGHER_METRICS
+    from moescope.analysis.run.experiments import DERIVED_SUFFIXES
+    from moescope.analysis.run.verdicts import direction
 
-    if column.startswith("ppl ") or column in ("params ratio", "weight bytes ratio", "peak memory ratio"):
+    if column.endswith(DERIVED_SUFFIXES):
+        return None
+    if column in ("params ratio", "weight bytes ratio", "peak memory ratio"):
         return "lower"
-    if column.startswith("task: "):
-        return "higher" if column.split(" ")[-1] in HIGHER_METRICS else "lower"
     if "speed ratio" in column:
         return "higher"
-    return None
+    return direction(column)
+
+
+def verdict_lines(table, pos: list[int]) -> list[str]:
+    """One line per experiment of a block (rows ``pos`` of a comparison): each quality column's
+    paired verdict against the original, with the paired change and its range."""
+    lines = []
+    cols = [c for c in table.columns if c.endswith(" verdict")]
+    for i in pos:
+        row = table.iloc[i]
+        if row["experiment"] == "original":
+            continue
+        parts = []
+        for c in cols:
+            verdict = row.get(c)
+            if not isinstance(verdict, str):  # no verdict in this column (NaN: the column is another row's)
+                continue
+            column = c[: -len(" verdict")]
+            change = row.get(f"{column} vs original") or ""
+            parts.append(f"{column} {verdict}" + (f" {change}" if change else ""))
+        if parts:
+            lines.append(f"  {row['name']}: " + "; ".join(parts))
+    return lines
 
 
 def compare_text(table) -> str:
     """A comparison (:func:`~moescope.analysis.run.experiments.compare`) as text: one block per
     evaluation setting, headed by its original, the experiments measured against it below, best
-    headline first. Values carry their 95 % range; ``*`` marks the best of a column only where it is
-    better than every other beyond the uncertainty, ``~`` a value within noise of the original."""
+    headline first, only the columns the setting has. Values carry their 95 % range; ``*`` marks the
+    best of a column only where it is better than every rival beyond the paired range, ``~`` a value
+    within noise of the original (its paired range covers no change). Under each block, every
+    experiment's paired verdicts against the original. Blocks of different settings pair nothing:
+    a line says so."""
     import math
 
     import pandas as pd
     from moescope.analysis.run.experiments import best_marks, noise_marks
 
-    value_cols = [c for c in table.columns if _better(c) and not c.endswith((" low", " high", " noise"))]
+    value_cols = [c for c in table.columns if _better(c)]
     marks = {c: (best_marks(table, c, _better(c)), noise_marks(table, c)) for c in value_cols}
     blocks = []
     for g in table["group"].unique():
@@ -201,7 +234,26 @@ def compare_text(table) -> str:
             rows["original" if row["experiment"] == "original" else f"{row['name']} ({row['experiment']})"] = cells
         frame = pd.DataFrame(rows)
         frame = frame.loc[[c for c in frame.index if (frame.loc[c] != "").any()]]
-        blocks.append(f"measured against: {table['name'].iloc[pos[0]]}\n" + frame.to_string())
-    legend = ("[low–high]: 95% range (perplexity: per-window; lm-eval: ±1.96 standard errors; speed: the repeats). "
-              "*: best beyond the uncertainty; ~: within noise of the original.")
-    return "\n\n".join(blocks) + "\n\n" + legend
+        verdicts = verdict_lines(table, pos)
+        blocks.append(f"measured against: {table['name'].iloc[pos[0]]}\n" + frame.to_string()
+                      + ("\npaired against the original:\n" + "\n".join(verdicts) if verdicts else ""))
+    legend = ("[low–high]: 95% range of the value itself (perplexity: per-window; lm-eval: ±1.96 standard errors; "
+              "speed: the repeats). Verdicts are paired on the same windows / documents (paired bootstrap, "
+              "95 %: ×ratio of perplexities, +difference of scores). "
+              "*: best beyond every rival's paired range; ~: within noise of the original (the paired range "
+              "covers no change).")
+    head = ("these experiments were measured on different settings: nothing pairs across them, so each is shown "
+            "against its own original\n\n" if table["group"].nunique() > 1 else "")
+    return head + "\n\n".join(blocks) + "\n\n" + legend
+
+
+def between_text(a, b) -> str:
+    """Experiment ``b`` against experiment ``a`` (one setting): one line per quality column with the
+    paired verdict and range (:func:`~moescope.analysis.run.experiments.between`)."""
+    from moescope.analysis.run.experiments import between
+    from moescope.analysis.run.verdicts import verdict_text
+
+    lines = [f"{b.label} ({b.id}) against {a.label} ({a.id}), paired on the same windows / documents:"]
+    for column, p, verdict in between(a, b):
+        lines.append(f"  {column}: {verdict_text(p, verdict, column)}")
+    return "\n".join(lines)

@@ -1,8 +1,9 @@
-"""Compare: every experiment of the model, grouped under the original of the evaluation setting it
-was measured on (one original per setting, named by it), best headline metric first; a short
-table of changes where a value is bold only when it is the best beyond the uncertainty and grey
-when it is within noise of its original; charts with error bars and hollow markers for values
-within noise, one fixed colour per experiment; the full CSV."""
+"""Compare: every experiment of the model, one section per evaluation setting (experiments of
+different settings pair nothing), each with its own original, only the columns the setting has,
+best headline metric first: a short table of changes where a value is bold only when it is better
+than every rival beyond the paired range and grey when it is within noise of its original by the
+paired comparison, one verdict line, charts with error bars and hollow markers for values within
+noise, one fixed colour per experiment; the full CSV."""
 
 from __future__ import annotations
 
@@ -41,44 +42,47 @@ except MoescopeError as err:
     st.error(str(err))
     st.stop()
 
-view = runs.compare_view(table)
 show_all = st.checkbox("Every column", value=False, key="compare_all",
                        help="the short view shows the changes that decide; every column adds raw values, "
                             "the 95 % ranges, per-layer expert counts and every speed figure")
-shown = list(table.columns) if show_all else view.columns
-n_settings = table["group"].nunique()
-st.caption(
-    ("Each experiment sits under the original of its evaluation setting; changes are against that original. "
-     if n_settings > 1 else "Changes are against the original (first row). ")
-    + "Sorted by the headline metric. **Bold green**: the best of a column among the experiments under the same "
-      "original, *only where it is better than every other beyond the uncertainty* (95 % ranges: per-window "
-      "perplexity, lm-eval's standard error, the speed repeats). *Grey italics*: within noise of the original. "
-    + " ".join(f"{c}: {'lower' if d == 'lower' else 'higher'} is better." for c, d in view.better.items()
-               if c in shown and not show_all))
-st.dataframe(runs.styled(table, view, shown), hide_index=True, width="stretch",
-             column_config={c: st.column_config.Column(help=view.help[c], width="large" if c == "name" else None)
-                            for c in shown if c in view.help})
-lines = runs.verdicts(table, view)
-if lines:
-    st.markdown("**Which is best?** " + " · ".join(lines), help="best of the experiments under the same original, "
-                "only where its 95 % range is clear of every other's")
-st.download_button("Download CSV (every column)", table.to_csv(index=False), file_name="moescope-compare.csv",
-                   mime="text/csv")
-
+parts = runs.setting_parts(table)
+if len(parts) > 1:
+    st.info(f"These experiments were measured on {len(parts)} different settings: nothing pairs across them, so "
+            "each setting is shown on its own, against its own original.")
+st.caption("Changes are against the setting's original (its first row), best headline metric first. Verdicts are "
+           "paired: the same windows (perplexity) or documents (lm-eval) scored by both models, a paired "
+           "bootstrap's 95 % range of the change. **Bold green**: better than every other experiment of the "
+           "setting beyond their paired range. *Grey italics*: within noise of the original (the paired range "
+           "covers no change). Hover a column's name for which end is better.")
 colours = runs.experiment_colours(table, [e.id for e in pool])
-quality = [c for c in view.quality if c in table.columns]
-cost = [c for c in view.cost if c in table.columns]
-if quality and cost:
-    c1, c2 = st.columns(2)
-    q = c1.selectbox("Quality", quality, key="compare_quality")
-    x = c2.selectbox("Against", cost, key="compare_cost")
-    st.plotly_chart(charts.compare_scatter(table, x, q, colours, runs.noise_rows(table, [x, q])), width="stretch")
-    st.caption("Bars: 95 % ranges. Hollow markers: a value within noise of its original (a point to read as "
-               "'no measurable change', not as a result). Diamonds and squares: the originals, one per setting.")
-
 domains = runs.domain_table([e.id for e in chosen])
-if not domains.empty:
-    src = st.selectbox("Perplexity per domain of", sorted(domains["name"].unique()), key="compare_source")
-    sub = domains[(domains["name"] == src) & (domains["detail"] != "all")]
-    if not sub.empty:
-        st.plotly_chart(charts.domain_bars(sub, colours), width="stretch")
+for k, (setting, part) in enumerate(parts):
+    if len(parts) > 1:
+        st.subheader(f"Setting {k + 1}: {setting}")
+    view = runs.compare_view(part)  # only the columns this setting has
+    shown = list(part.columns) if show_all else view.columns
+    st.dataframe(runs.styled(part, view, shown), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.Column(help=view.help[c], width="large" if c == "name" else None)
+                                for c in shown if c in view.help})
+    for line in runs.verdicts(part, view):
+        st.markdown("**Verdict** " + line, help="paired on the same windows / documents: best only where better "
+                    "than every rival beyond the paired 95 % range; against the original, within noise where the "
+                    "paired range covers no change")
+    quality = [c for c in view.quality if c in part.columns]
+    cost = [c for c in view.cost if c in part.columns]
+    if quality and cost:
+        c1, c2 = st.columns(2)
+        q = c1.selectbox("Quality", quality, key=f"compare_quality_{k}")
+        x = c2.selectbox("Against", cost, key=f"compare_cost_{k}")
+        st.plotly_chart(charts.compare_scatter(part, x, q, colours, runs.noise_rows(part, [x, q])), width="stretch",
+                        key=f"compare_scatter_{k}")
+        st.caption("Bars: 95 % ranges. Hollow markers: within noise of the original by the paired comparison (read "
+                   "as 'no measurable change'). The diamond: the setting's original.")
+    mine = domains[domains["experiment"].isin(set(part["name"]))] if not domains.empty else domains
+    if not mine.empty:
+        src = st.selectbox("Perplexity per domain of", sorted(mine["name"].unique()), key=f"compare_source_{k}")
+        sub = mine[(mine["name"] == src) & (mine["detail"] != "all")]
+        if not sub.empty:
+            st.plotly_chart(charts.domain_bars(sub, colours), width="stretch", key=f"compare_domains_{k}")
+st.download_button("Download CSV (every setting, every column)", table.to_csv(index=False),
+                   file_name="moescope-compare.csv", mime="text/csv")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import streamlit as st
+from moescope.analysis.pruning.plan import recipe_name
 from moescope.dashboard import backend, charts, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan
 from moescope.dashboard.ui import guarded, layer_select, plan_layer_state, run_with_progress, settings
@@ -101,7 +102,7 @@ with status:
     elif draft.layers or draft.skip_beta:
         after = draft.experts_after(backend.load_model(s.model))
         before = sum(n for n, _ in LAYERS.values())
-        st.success(f"Valid plan ({draft.provenance.get('strategy', 'manual')}): {sum(after.values())} of {before} "
+        st.success(f"Valid plan ({recipe_name(draft.provenance)}): {sum(after.values())} of {before} "
                    f"routed experts remain" + (f"; dynamic skipping in {len(draft.skip_beta)} layers" if draft.skip_beta
                                                 else ""))
         unused = backend.unused_kept_note(draft)
@@ -144,7 +145,7 @@ def _plans_section() -> None:
         if message:
             (st.error if message.startswith("!") else st.success)(message.lstrip("!"))
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-        strategy = (current or {}).get("provenance", {}).get("strategy", "manual") if current else "plan"
+        strategy = recipe_name((current or {}).get("provenance")) if current else "plan"
         if st.session_state.get("plan_name_for") != current:  # propose a name for a new current plan
             st.session_state["plan_name_for"] = current
             st.session_state["plan_name"] = plans.unique_plan_name(s, strategy)
@@ -206,6 +207,10 @@ def _plans_section() -> None:
                 "proxy ppl": st.column_config.NumberColumn(format="%.2f", help="perplexity on the proxy batch"),
                 "proxy Δ%": st.column_config.NumberColumn(format="%+.1f%%",
                                                           help="against the original on the same batch"),
+                "against the original (paired)": st.column_config.TextColumn(
+                    help="proxy perplexity ÷ the original's, paired on the same windows (a paired bootstrap's 95 % "
+                         "range): worse or better only where the whole range lies on one side of 1, else within "
+                         "noise"),
                 "grid Σ Δppl": st.column_config.TextColumn(help="sum of the dropped experts' single-drop perplexity "
                                                                 "changes (drop-only plans with a stored drop grid)"),
                 "skipping": st.column_config.TextColumn(help="whether dynamic skipping is part of the estimate: the "
@@ -380,7 +385,8 @@ with right:
     n_pick = st.session_state.setdefault("plan_pick_round", 0)
     event = st.plotly_chart(
         charts.pair_picker(backend.similarity_matrices(s, metric)[layer], metric,
-                           distance=backend.is_distance(metric), groups=merged, dropped=dropped),
+                           distance=backend.is_distance(metric), groups=merged, dropped=dropped,
+                           zrange=backend.similarity_bounds(metric)),  # the measure's own scale
         key=f"plan_pairs_{layer}_{metric}_{n_pick}", on_select="rerun", selection_mode=("points", "box", "lasso"))
     pairs = charts.selected_cells(event)
     st.caption("Click a cell to select that pair (Shift+click for more, or the box/lasso tool in the chart's "

@@ -4,9 +4,8 @@ on one colour scale, with the current plan's grouping overlaid."""
 
 from __future__ import annotations
 
-import math
-
 import streamlit as st
+from moescope.analysis.measure.explore import SIMILAR_AT
 from moescope.dashboard import backend, charts
 from moescope.dashboard.ui import (
     add_to_plan,
@@ -53,14 +52,14 @@ zrange = bounds if scale == "absolute" else None
 lo_all, hi_all = charts.offdiag_range(mats.values())
 t_lo, t_hi = bounds if bounds else (0.0, max(hi_all, 1e-12))
 if st.session_state.get("sim_threshold") is None or not t_lo <= st.session_state["sim_threshold"] <= t_hi:
-    # a starting point: near-duplicates (CKA / cosine 0.9) where any pair is that alike, else the most
-    # alike 5 % of this model's pairs (the demo's CKA stays below 0.4: 0.9 would outline nothing and
-    # leave the merge action disabled); MSE: the lowest tenth of its range
-    top = charts.offdiag_quantile(mats.values(), 0.95)
-    step = (t_hi - t_lo) / 200
-    st.session_state["sim_threshold"] = ((0.9 if hi_all >= 0.9 or top is None else
-                                          t_lo + math.floor((top - t_lo) / step) * step) if bounds
-                                         else lo_all + 0.1 * (hi_all - lo_all))
+    # on the measure's own scale: CKA / cosine 0.9, near-duplicates (what the Model page calls a merge
+    # candidate), even where no pair is that alike (then nothing is outlined and nothing offered to merge:
+    # the measure does not say these experts are similar); MSE, a distance without a fixed scale: the
+    # lowest tenth of its range
+    st.session_state["sim_threshold"] = SIMILAR_AT if bounds else lo_all + 0.1 * (hi_all - lo_all)
+if bounds and hi_all < SIMILAR_AT:
+    st.caption(f"No pair of experts reaches {SIMILAR_AT:g} here (the most alike: {hi_all:.3g}): by this measure "
+               "none is a near-duplicate to merge. Lower the threshold to outline the most alike anyway.")
 threshold = c5.slider(("Outline pairs at or below" if distance else "Outline pairs at or above"),
                       float(t_lo), float(t_hi), key="sim_threshold", step=(t_hi - t_lo) / 200,
                       format="%.3g",
