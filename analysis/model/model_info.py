@@ -50,8 +50,12 @@ def _check_raw(raw: bytes, source: str) -> None:
     except (ValueError, RecursionError):
         return  # loading reports it with the file's name
     if isinstance(config, dict):
+        from moescope.analysis.model.quantization import scheme_of
+
         _, local = resolve_source(source)
-        check_config(config, str(Path(local) / "config.json") if local is not None else f"the config of '{source}'")
+        where = str(Path(local) / "config.json") if local is not None else f"the config of '{source}'"
+        check_config(config, where)
+        scheme_of(config, f"'{where}'" if local is not None else where)  # an unknown quantization is refused here
 
 
 def info_parts(raw_config: bytes, dtype: str | None, trust_remote_code: bool) -> dict:
@@ -74,7 +78,7 @@ def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = 
     parts = info_parts(raw, dtype, trust_remote_code)
     entry = cache.get(KIND, parts)
     if entry is not None and isinstance(entry.meta.get("info"), dict):
-        return {**entry.meta["info"], "source": source}
+        return with_checkpoint({**entry.meta["info"], "source": source}, source)
 
     from moescope.analysis.model import load_moe
 
@@ -85,4 +89,22 @@ def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = 
                   label=Path(str(source)).name or str(source))
     except (OSError, MoescopeError):  # an unwritable cache: the next call builds it again
         pass
-    return info
+    return with_checkpoint(info, source)
+
+
+def with_checkpoint(info: dict, source: str) -> dict:
+    """``info`` with ``checkpoint``: what a local folder's safetensors hold, from their headers —
+    the quantization scheme (or None) and, per tensor kind (fp8 weights, scales, int4 packed
+    weights, mxfp4 blocks, unquantized), the dtypes, tensor count and bytes. Not cached: the files
+    may change under the same config."""
+    _, local = resolve_source(source)
+    if local is None or not any(Path(local).glob("*.safetensors")):
+        return info
+    from moescope.analysis.model.quantization import bytes_by_kind, scheme_of_folder
+    from moescope.analysis.model.stream_export import source_tensors
+
+    scheme = scheme_of_folder(local)
+    tensors = source_tensors(Path(local))
+    return {**info, "checkpoint": {"quantization": scheme.describe() if scheme else None,
+                                   "tensors": bytes_by_kind(scheme, tensors.values()),
+                                   "bytes": sum(t.nbytes for t in tensors.values())}}

@@ -14,7 +14,8 @@ Schemes moescope reads (everything else is refused in one line naming these):
   [E, out, in/32, 16]: two E2M1 values per byte, the low nibble first) and ``P_scales`` (uint8
   E8M0, [E, out, in/32]: 2^(byte − 127) for each 32 values); biases bf16. Dequantized, ``P`` is
   [E, in, out] (the bf16 gpt-oss layout). Quantizing takes the shared exponent
-  ⌊log2 amax⌋ − 2 (E2M1's largest exponent) and rounds each value to the nearest E2M1 value.
+  ⌊log2 amax⌋ − 2 (E2M1's largest exponent) and rounds each value to the nearest E2M1 value
+  (ties to the even mantissa).
 * ``compressed-tensors`` (llm-compressor), format ``float-quantized`` — FP8 weights with a
   ``weight_scale`` per output channel ([out, 1]) or per tensor ([1]); scale = amax / 448 —
   and format ``pack-quantized`` — W4A16: ``weight_packed`` (int32, eight 4-bit values per word,
@@ -192,9 +193,8 @@ class Scheme:
         base = owner[: -len(self.owner_suffix)] if self.owner_suffix else owner
         like = like or {}
         if self.format == "fp8-block":
-            q, s = fp8_block_quantize(value, self.block)
-            return {base + ".weight": q, base + ".weight_scale_inv": s.to(like.get(base + ".weight_scale_inv",
-                                                                                  torch.float32))}
+            q, s = fp8_block_quantize(value, self.block, like.get(base + ".weight_scale_inv", torch.float32))
+            return {base + ".weight": q, base + ".weight_scale_inv": s}
         if self.format == "float-quantized":
             w = value.float()
             amax = w.abs().amax(dim=-1, keepdim=True) if self.strategy == "channel" else w.abs().amax().reshape(1)
@@ -287,15 +287,17 @@ def fp8_block_dequantize(q: Tensor, scale_inv: Tensor, block: tuple[int, int]) -
     return q.float() * _expand(scale_inv, block, rows, cols)
 
 
-def fp8_block_quantize(w: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """(float8_e4m3fn weight, float32 scale per block = amax / 448), blocks as DeepSeek-V3 has them."""
+def fp8_block_quantize(w: Tensor, block: tuple[int, int],
+                       scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(float8_e4m3fn weight, scale per block = amax / 448 in ``scale_dtype``: float32 as DeepSeek-V3
+    stores it, bf16 as Qwen3-FP8 does), the weight divided by the scale as stored."""
     w = w.float()
     rows, cols = w.shape[-2:]
     br, bc = block
     gr, gc = -(-rows // br), -(-cols // bc)
     padded = torch.nn.functional.pad(w, (0, gc * bc - cols, 0, gr * br - rows))
     amax = padded.reshape(*w.shape[:-2], gr, br, gc, bc).abs().amax(dim=(-3, -1))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(scale_dtype)
     q = (w / _expand(scale, block, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
@@ -347,7 +349,10 @@ def mxfp4_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
                       torch.full_like(amax, -127.0)).clamp(-127, 127)
     scaled = g / torch.exp2(exp)[..., None]
     lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    codes = (scaled[..., None] - lut).abs().argmin(dim=-1)  # nearest E2M1 value (ties: the lower code)
+    dist = (scaled[..., None] - lut).abs()
+    odd = torch.arange(16) % 2  # a code's last bit is its mantissa bit
+    nearest = dist == dist.amin(dim=-1, keepdim=True)
+    codes = torch.where(nearest, odd, 2).argmin(dim=-1)  # nearest E2M1 value, ties to the even mantissa
     codes = codes.reshape(*codes.shape[:-1], MX_GROUP // 2, 2)
     blocks = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
     return blocks, (exp + 127).to(torch.uint8)

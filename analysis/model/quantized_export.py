@@ -8,9 +8,12 @@
   ``_bias``) keep the plan's rows of each stored tensor, byte for byte.
 * A merged expert is computed from its dequantized members by the same code as an unquantized
   merge and quantized back with the scheme's rule; its relative error ‖W − Q(W)‖ / ‖W‖ is recorded
-  for the model card. With ``keep_merged="bf16"`` (per-expert layouts only) it is written in bf16
-  instead and named in the config's list of modules not converted (``modules_to_not_convert``;
-  compressed-tensors: ``ignore``).
+  for the model card. With ``keep_merged="bf16"`` (block FP8 only) a layer holding a merged expert
+  is written in bf16 whole — transformers fuses a layer's experts and dequantizes them together, so
+  it cannot mix FP8 and bf16 experts in one layer — and the layer's experts module
+  (``model.layers.N.mlp.experts``) is listed in ``quantization_config.modules_to_not_convert``.
+  compressed-tensors' loader refuses such a module and MXFP4 fuses the experts on disk: both are
+  refused in one line.
 * The config's skip lists follow the plan (:func:`~analysis.model.quantization.renumber_config`).
 """
 
@@ -34,6 +37,10 @@ def check_keep_merged(scheme: Scheme | None, keep_merged: str | None) -> None:
     if scheme.format == "mxfp4":
         raise MoescopeError("--merged-dtype bf16: mxfp4 (gpt-oss) stores a layer's experts as one fused tensor, "
                             "which cannot mix bf16 and mxfp4 experts; merged experts are requantized to mxfp4")
+    if scheme.method == "compressed-tensors":
+        raise MoescopeError(f"--merged-dtype bf16: a compressed-tensors checkpoint ({scheme.format}) cannot hold bf16 "
+                            "experts: transformers' loader fuses a layer's experts and refuses an unquantized one "
+                            "listed in ignore; merged experts are requantized with the scheme's rule")
 
 
 def _suffix(key: str) -> str:
@@ -46,6 +53,12 @@ def write_quantized_experts(quant: Scheme, conv, view, lp, coeffs, s, read, emit
     plain = not aligned and lp.operator == "linear"
     single = [plain and len(g) == 1 and c[0] == 1.0 for g, c in zip(lp.groups, coeffs, strict=True)]
     if s.per_expert:
+        if keep_merged == "bf16" and not all(single):
+            # transformers fuses a layer's experts and dequantizes them together: a layer holding a merged
+            # expert is written in bf16 whole and listed in modules_to_not_convert
+            single = [False] * len(single)
+            stats.setdefault("kept_bf16", []).append(next(iter(s.per_expert.values()))[0].split(f".{attr}.")[0]
+                                                     + f".{attr}")
         kept = [(offset(key), renumber(key, attr, j), key) for j, g in enumerate(lp.groups) if single[j]
                 for key in s.per_expert[g[0]]]
         prefetch([key for _, _, key in kept])
@@ -103,7 +116,6 @@ def _emit_merged(quant: Scheme, name: str, t: torch.Tensor, like: dict, emit, st
     _check_finite(name, t)
     if keep_merged == "bf16":
         emit(name, t.to(torch.bfloat16))
-        stats.setdefault("kept_bf16", []).append(name.rpartition(".")[0])
         return
     base = name.rpartition(".")[0]
     new = quant.quantize(name, t, like={f"{base}.{k}": v for k, v in like.items()})

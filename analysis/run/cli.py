@@ -163,7 +163,11 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="apply a plan made for another model (or other weights); recorded in the plan's provenance")
     p.add_argument("--transformers-only", action="store_true", help=TRANSFORMERS_ONLY_HELP)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype of the written weights (a quantized checkpoint keeps its own format and dtypes)")
+    p.add_argument("--merged-dtype", default=None, choices=None, metavar="bf16",
+                   help="quantized checkpoints: write merged experts in bf16, listed in the config's "
+                        "modules_to_not_convert (compressed-tensors: ignore), instead of requantizing them")
     p.add_argument("--offload", default=None, metavar="DIR",
                    help="evaluate the original and the pruned model with their decoder layers on disk in DIR, one "
                         "at a time (models larger than memory; quality only: add --no-efficiency). Without "

@@ -438,7 +438,8 @@ def cmd_prune(args) -> int:
             bars.close()
     else:
         apply(model, plan, weights=weights)
-    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite, transformers_only=args.transformers_only)
+    export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite, transformers_only=args.transformers_only,
+           merged_dtype=args.merged_dtype)
     if exp is not None:
         experiments.store(exp, cache)
     after = model.parameter_counts()
@@ -467,7 +468,7 @@ def _prune_streamed(args, plan, skeleton, out) -> int:
     try:
         stream_export(args.model, out, plan, overwrite=args.overwrite, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code, progress=bars,
-                      transformers_only=args.transformers_only)
+                      transformers_only=args.transformers_only, merged_dtype=args.merged_dtype)
     finally:
         bars.close()
     pruned = load_moe(str(out), dtype=None, weights=False)
