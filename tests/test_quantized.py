@@ -228,6 +228,20 @@ def test_drop_plan_keeps_kept_experts_bytes_and_the_format(published, layout, tm
         assert torch.equal(logits(hf_load(out)), logits(model.hf))
 
 
+@pytest.mark.parametrize("layout", ["qwen3_moe_fp8", "gpt_oss_mxfp4"])  # per-expert and fused layouts
+def test_non_uniform_drop_loads_as_the_twin_with_the_plan(published, layout, tmp_path):
+    quantized, twin = published[layout]
+    plan = PruningPlan.from_json({"version": 1, "base_model": str(quantized), "layers": {
+        "0": {"groups": [[0], [2], [5], [7]]}, "1": {"groups": [[1], [2], [3], [4], [6], [7]]}}})
+    out = stream_export(str(quantized), tmp_path / "out", plan)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == Q.scheme_of_folder(quantized).method and "auto_map" in cfg
+    model = load_moe(str(twin), dtype="float32", load_tokenizer=False)
+    apply(model, plan)
+    assert torch.equal(logits(hf_load(out, trust_remote_code=True)), logits(model.hf))
+    assert torch.equal(logits(load_moe(str(out), dtype="float32", load_tokenizer=False).hf), logits(model.hf))
+
+
 def test_in_memory_prune_writes_what_the_stream_writes(published, tmp_path):
     quantized, _ = published["deepseek_v3_fp8"]
     plan = drop_plan("deepseek_v3_fp8", quantized)
