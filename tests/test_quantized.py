@@ -388,7 +388,15 @@ CASES = {
                    "weight_block_size"),
     "group size": ("qwen3_moe_ct_w4a16",
                    lambda sd, cfg: cfg["quantization_config"]["config_groups"]["group_0"]["weights"].__setitem__(
-                       "group_size", 100), "group_size"),
+                       "group_size", 0), "group_size"),
+    # the scales were made for groups of 128; a config saying 64 does not match them
+    "group size against the scales": ("qwen3_moe_ct_w4a16",
+                                      lambda sd, cfg: cfg["quantization_config"]["config_groups"]["group_0"][
+                                          "weights"].__setitem__("group_size", 64), "with group_size 64"),
+    "fp8 block against the scales": ("deepseek_v3_fp8",
+                                     lambda sd, cfg: cfg["quantization_config"].__setitem__("weight_block_size",
+                                                                                            [64, 128]),
+                                     "fp8 block-wise 64×128"),
 }
 
 

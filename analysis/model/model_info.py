@@ -12,6 +12,7 @@ modelling code. For a hub id only ``config.json`` is fetched (``huggingface_hub`
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from moescope.analysis.core.errors import MoescopeError
@@ -101,10 +102,34 @@ def with_checkpoint(info: dict, source: str) -> dict:
     if local is None or not any(Path(local).glob("*.safetensors")):
         return info
     from moescope.analysis.model.quantization import bytes_by_kind, scheme_of_folder
-    from moescope.analysis.model.stream_export import source_tensors
 
     scheme = scheme_of_folder(local)
-    tensors = source_tensors(Path(local))
+    tensors = stored_tensors(Path(local))
     return {**info, "checkpoint": {"quantization": scheme.describe() if scheme else None,
-                                   "tensors": bytes_by_kind(scheme, tensors.values()),
-                                   "bytes": sum(t.nbytes for t in tensors.values())}}
+                                   "tensors": bytes_by_kind(scheme, tensors),
+                                   "bytes": sum(t.nbytes for t in tensors)}}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    dtype: str  # safetensors name
+    nbytes: int
+
+
+def stored_tensors(folder: Path) -> list[StoredTensor]:
+    """Every tensor of the folder's safetensors files, from their headers (no torch)."""
+    import json
+    import struct
+
+    out = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(min(n, 100 * 2**20)))
+            out += [StoredTensor(k, v["dtype"], v["data_offsets"][1] - v["data_offsets"][0])
+                    for k, v in header.items() if k != "__metadata__"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as err:
+            raise MoescopeError(f"'{f}' is not a safetensors file (its header cannot be read: {err})") from None
+    return out

@@ -33,10 +33,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from moescope.analysis.core.errors import MoescopeError
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where values are computed: reading a config or a header needs none
+    import torch
+    from torch import Tensor
 
 SUPPORTED = ("fp8 (block-wise, weight_block_size), mxfp4, compressed-tensors (format float-quantized: FP8; "
              "pack-quantized: W4A16)")
@@ -190,6 +193,7 @@ class Scheme:
     def quantize(self, owner: str, value: Tensor, like: dict[str, torch.dtype] | None = None) -> dict[str, Tensor]:
         """A float weight → its stored tensors under the scheme's rule; ``like`` gives the scale dtype
         the checkpoint uses (its members' scales)."""
+        import torch
         base = owner[: -len(self.owner_suffix)] if self.owner_suffix else owner
         like = like or {}
         if self.format == "fp8-block":
@@ -211,6 +215,7 @@ class Scheme:
 
 
 def _st_name(dtype: torch.dtype) -> str:
+    import torch
     return {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}.get(dtype, str(dtype))
 
 
@@ -254,9 +259,9 @@ def _compressed_tensors(q: dict, where: str) -> Scheme:
     if fmt == "pack-quantized" and bits == 4 and kind == "int" and strategy == "group" \
             and weights.get("symmetric", True):
         size = weights.get("group_size")
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 8:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise MoescopeError(f"{where}: quantization_config weights.group_size is {size!r}; pack-quantized W4A16 "
-                                "needs a positive multiple of 8 (published: 128)")
+                                "needs a positive number of values per scale (published: 128)")
         return Scheme("compressed-tensors", "pack-quantized", group_size=size, config=q)
     raise MoescopeError(f"{where}: compressed-tensors format {fmt!r} with weights {bits}-bit {kind} per {strategy} "
                         f"is not one moescope reads; supported: {SUPPORTED}")
@@ -288,9 +293,11 @@ def fp8_block_dequantize(q: Tensor, scale_inv: Tensor, block: tuple[int, int]) -
 
 
 def fp8_block_quantize(w: Tensor, block: tuple[int, int],
-                       scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+                       scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(float8_e4m3fn weight, scale per block = amax / 448 in ``scale_dtype``: float32 as DeepSeek-V3
     stores it, bf16 as Qwen3-FP8 does), the weight divided by the scale as stored."""
+    import torch
+    scale_dtype = scale_dtype or torch.float32
     w = w.float()
     rows, cols = w.shape[-2:]
     br, bc = block
@@ -304,15 +311,18 @@ def fp8_block_quantize(w: Tensor, block: tuple[int, int],
 
 def int4_dequantize(packed: Tensor, scale: Tensor, shape: tuple[int, int], group: int) -> Tensor:
     """compressed-tensors' pack-quantized int4 → float32 [out, in]."""
+    import torch
     words = packed.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(8, dtype=torch.int64) * 4
     values = ((words[..., None] >> shifts) & 0xF).reshape(*packed.shape[:-1], -1)[..., : shape[-1]] - 8
     return values.float() * scale.float().repeat_interleave(group, dim=-1)[..., : shape[-1]]
 
 
-def int4_quantize(w: Tensor, group: int, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+def int4_quantize(w: Tensor, group: int, scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric group round-to-nearest (compressed-tensors' rule: scale = amax / 7.5, values in
     [−8, 7]) and its int32 packing; returns (weight_packed, weight_scale)."""
+    import torch
+    scale_dtype = scale_dtype or torch.bfloat16
     w = w.float()
     rows, cols = w.shape[-2:]
     groups = -(-cols // group)
@@ -330,6 +340,7 @@ def int4_quantize(w: Tensor, group: int, scale_dtype: torch.dtype = torch.bfloat
 def mxfp4_dequantize(blocks: Tensor, scales: Tensor) -> Tensor:
     """gpt-oss ``P_blocks`` [E, out, G, 16] and ``P_scales`` [E, out, G] → float32 [E, in, out]
     (in = 32·G), the layout of the bf16 checkpoint."""
+    import torch
     lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
     b = blocks.to(torch.int64)
     values = torch.stack([lut[b & 0xF], lut[b >> 4]], dim=-1).reshape(*blocks.shape[:-1], MX_GROUP)
@@ -340,6 +351,7 @@ def mxfp4_dequantize(blocks: Tensor, scales: Tensor) -> Tensor:
 def mxfp4_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     """float [E, in, out] → (``_blocks`` uint8 [E, out, in/32, 16], ``_scales`` uint8 [E, out, in/32]):
     the shared exponent ⌊log2 amax⌋ − 2 per 32 values, each value rounded to the nearest E2M1."""
+    import torch
     x = w.float().transpose(-1, -2)
     if x.shape[-1] % MX_GROUP:
         raise MoescopeError(f"an mxfp4 weight's input dimension {x.shape[-1]} is not a multiple of {MX_GROUP}")
