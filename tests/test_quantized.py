@@ -179,6 +179,13 @@ def test_analysis_of_a_quantized_checkpoint_is_its_twins(published, layout, tmp_
         assert torch.equal(res["quantized"]._t[key], value), key
 
 
+def test_offloaded_quantized_model_computes_its_twin(published, tmp_path):
+    quantized, twin = published["qwen3_moe_fp8"]
+    offloaded = load_moe(str(quantized), dtype="float32", load_tokenizer=False, offload_dir=tmp_path / "offload")
+    assert offloaded.offloaded
+    assert torch.equal(logits(offloaded.hf), logits(hf_load(twin)))
+
+
 # ---- pruning in the checkpoint's own format ------------------------------------------------------
 def _expert_of(key: str, layer: int) -> int | None:
     import re
