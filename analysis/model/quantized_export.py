@@ -140,3 +140,25 @@ def finish_config(quant: Scheme, skeleton, plan, stats: dict, keep_merged: str |
     skeleton.quantization_report = {"scheme": quant.describe(), "requantized": dict(stats["requantized"]),
                                     "kept_bf16": sorted(set(stats.get("kept_bf16", []))),
                                     "not_converted_key": not_converted_key(quant)}
+
+
+def export_bytes(folder, plan, num_experts: dict[int, int]) -> int:
+    """The tensor bytes a drop of ``plan`` writes from the quantized checkpoint in ``folder`` (its
+    stored bytes less the removed share of each edited layer's routed experts), for the free-space
+    check before any work; a merged expert counts as one kept expert."""
+    import re
+    from pathlib import Path
+
+    from moescope.analysis.model.model_info import stored_tensors
+
+    layers = {int(l): lp for l, lp in plan.layers.items()}
+    total, routed = 0, {l: 0 for l in layers}
+    pattern = re.compile(r"layers\.(\d+)\..*\.experts\.")
+    for t in stored_tensors(Path(folder)):
+        total += t.nbytes
+        m = pattern.search(t.name)
+        if m and int(m[1]) in routed:
+            routed[int(m[1])] += t.nbytes
+    for l, lp in layers.items():  # num_experts: each edited layer's experts before the plan
+        total -= routed[l] - routed[l] * lp.num_out // num_experts[l]
+    return total

@@ -210,7 +210,13 @@ def export_bytes(skeleton, plan, dtype: str | None) -> int:
     width (for the free-space check before any work)."""
     import torch
     from moescope.analysis.model.loading import config_dtype, parse_dtype
+    from moescope.analysis.model.quantization import scheme_of_folder
 
+    source_dir = getattr(skeleton, "source_dir", None)
+    if source_dir is not None and scheme_of_folder(source_dir) is not None:  # written in its own format
+        from moescope.analysis.model.quantized_export import export_bytes as quantized_bytes
+
+        return quantized_bytes(source_dir, plan, {l: v.num_experts for l, v in skeleton.layers.items()})
     width = (parse_dtype(dtype) if dtype else (config_dtype(skeleton.config) or torch.float32)).itemsize
     params = sum(p.numel() for p in skeleton.hf.parameters())
     for l, view in skeleton.layers.items():
