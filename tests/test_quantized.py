@@ -346,6 +346,32 @@ def test_merge_requantizes_with_the_schemes_rule(published, layout, tmp_path):
     assert sum(len(v[2]) for v in dst.values()) < sum(len(v[2]) for v in src.values())
 
 
+@pytest.mark.parametrize("layout", ["qwen3_moe_fp8", "gpt_oss_mxfp4"])
+@pytest.mark.parametrize("how", ["ties", "aligned"])
+def test_ties_and_aligned_merges_are_requantized_from_the_twins_merge(published, layout, how, tmp_path):
+    quantized, twin = published[layout]
+    inter = 128 if layout.startswith("qwen") else 64
+    perm = torch.randperm(inter, generator=torch.Generator().manual_seed(0)).tolist()
+    extra = {"operator": "ties", "density": 0.5} if how == "ties" else \
+        {"permutations": [[None], [None, perm], [None], [None, None]]}
+    plan = PruningPlan.from_json({"version": 1, "base_model": str(quantized), "layers": {str(l): {
+        "groups": [[0], [2, 3], [4], [6, 7]], "coefficients": [[1.0], [0.5, 0.5], [1.0], [0.25, 0.75]], **extra}
+        for l in (0, 1)}})
+    out = stream_export(str(quantized), tmp_path / "out", plan)
+    got = load_moe(str(out), dtype="float32", load_tokenizer=False).hf.state_dict()
+    model = load_moe(str(twin), dtype="float32", load_tokenizer=False)
+    apply(model, plan)
+    scheme = Q.scheme_of_folder(quantized)
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        ref = model.hf.state_dict()[name]
+        if scheme.format == "mxfp4":
+            want = Q.mxfp4_dequantize(*Q.mxfp4_quantize(ref))
+        else:
+            want = torch.stack([Q.fp8_block_dequantize(*Q.fp8_block_quantize(r, scheme.block, torch.bfloat16),
+                                                       scheme.block) for r in ref])
+        assert torch.equal(got[name], want), name
+
+
 def test_merged_layers_can_stay_bf16_where_the_scheme_allows(published, tmp_path):
     """Block FP8: a layer holding a merged expert is written in bf16 whole and named in
     modules_to_not_convert (transformers fuses a layer's experts and needs all of one kind)."""
