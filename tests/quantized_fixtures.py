@@ -83,7 +83,7 @@ def _is_linear(name: str, t: torch.Tensor, layout: str) -> bool:
 
 def _config(layout: str, raw: dict, names: list[str]) -> dict:
     layers = raw["num_hidden_layers"]
-    if layout == "deepseek_v3_fp8":
+    if layout in ("deepseek_v3_fp8", "demo_fp8"):
         return dict(FP8_CONFIG)
     if layout == "qwen3_moe_fp8":
         skip = ["lm_head", "model.embed_tokens"]
@@ -99,12 +99,17 @@ def _config(layout: str, raw: dict, names: list[str]) -> dict:
     return _ct_config("pack-quantized" if layout.endswith("w4a16") else "float-quantized", ignore)
 
 
-def publish(layout: str, out: Path, seed: int = 0, **overrides) -> tuple[Path, Path]:
+def publish(layout: str, out: Path, seed: int = 0, source: Path | None = None, **overrides) -> tuple[Path, Path]:
     """Write ``layout`` into ``out/quantized`` and its dequantized twin (float32) into
-    ``out/twin``; returns both folders."""
-    family, sizes = LAYOUTS[layout]
+    ``out/twin``; returns both folders. ``source``: quantize this model folder (its other files,
+    the tokenizer among them, copied) instead of a tiny random model (``layout`` then only names
+    the scheme: ``*_fp8``, ``*_mxfp4``, ``*_ct_fp8``, ``*_ct_w4a16``)."""
     bf16 = out / "bf16"
-    tiny_model(family, seed=seed, dtype=torch.bfloat16, **{**sizes, **overrides}).save_pretrained(bf16)
+    if source is not None:
+        shutil.copytree(source, bf16, ignore=shutil.ignore_patterns("README.md", "*.json.lock"))
+    else:
+        family, sizes = LAYOUTS[layout]
+        tiny_model(family, seed=seed, dtype=torch.bfloat16, **{**sizes, **overrides}).save_pretrained(bf16)
     raw = json.loads((bf16 / "config.json").read_text())
     sd = load_file(bf16 / "model.safetensors")
     qcfg = _config(layout, raw, list(sd))
@@ -115,7 +120,7 @@ def publish(layout: str, out: Path, seed: int = 0, **overrides) -> tuple[Path, P
             stored.update(scheme.quantize(name, t.float()))
         elif layout != "gpt_oss_mxfp4" and _is_linear(name, t, layout):
             like = {name[: -len(".weight")] + s: torch.bfloat16 for s in (".weight_scale_inv", ".weight_scale")}
-            if layout == "deepseek_v3_fp8":
+            if layout in ("deepseek_v3_fp8", "demo_fp8"):  # float32 scales, as DeepSeek-V3 stores them
                 like = {}
             stored.update(scheme.quantize(name, t.float(), like=like))
         else:

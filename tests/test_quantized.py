@@ -290,6 +290,36 @@ def test_skip_list_follows_the_plan(published, tmp_path):
     assert "model.layers.0.mlp.gate" in skip and "lm_head" in skip
 
 
+@pytest.mark.slow
+def test_lm_eval_on_a_quantized_export_is_moescopes_evaluation_of_the_plan(demo_dir, tmp_path):
+    """``lm_eval --model hf`` on a streamed FP8 export of the demo model (a drop plan) gives the
+    perplexity moescope's own lm-eval run gives the same plan applied to the dequantized twin."""
+    import os
+    import subprocess
+    import sys
+
+    from moescope.analysis.evaluation import LOCAL_TASKS_DIR, run_tasks
+
+    quantized, twin = publish("demo_fp8", tmp_path / "demo", source=demo_dir)
+    assert (quantized / "tokenizer.json").is_file() and Q.scheme_of_folder(quantized).format == "fp8-block"
+    plan = PruningPlan.from_json({"version": 1, "base_model": str(quantized), "layers": {
+        str(l): {"groups": [[0], [1], [3], [4], [6], [7]]} for l in range(4)}})
+    folder = stream_export(str(quantized), tmp_path / "export", plan)
+    model = load_moe(str(twin))
+    apply(model, plan)
+    task, limit = "moescope_demo_ppl_python", 1
+    expected = run_tasks(model, [task], limit=limit, batch_size=1)[task]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={folder},dtype=float32",
+         "--tasks", task, "--include_path", str(LOCAL_TASKS_DIR), "--limit", str(limit), "--batch_size", "1",
+         "--output_path", str(tmp_path / "res")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "res").rglob("results*.json")).read_text())["results"][task]
+    assert results["word_perplexity,none"] == pytest.approx(expected["word_perplexity"], rel=1e-5)
+    assert results["bits_per_byte,none"] == pytest.approx(expected["bits_per_byte"], rel=1e-5)
+
+
 # ---- merging in the checkpoint's own format -------------------------------------------------------
 @pytest.mark.parametrize("layout", ["deepseek_v3_fp8", "qwen3_moe_fp8", "gpt_oss_mxfp4", "qwen3_moe_ct_w4a16",
                                     "mixtral_ct_fp8"])
