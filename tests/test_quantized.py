@@ -254,6 +254,31 @@ def test_non_uniform_drop_loads_as_the_twin_with_the_plan(published, layout, tmp
     assert torch.equal(logits(load_moe(str(out), dtype="float32", load_tokenizer=False).hf), logits(model.hf))
 
 
+@pytest.mark.parametrize("kind", ["drop", "merge"])
+def test_sharded_checkpoint_with_scales_in_another_shard(published, tmp_path, kind):
+    """Scales and their weights in different shards (an index places them): the same tensors as
+    from the single file, and the export loads."""
+    from safetensors.torch import load_file, save_file
+
+    quantized, twin = published["deepseek_v3_fp8"]
+    sharded = tmp_path / "sharded"
+    shutil.copytree(quantized, sharded)
+    (sharded / "model.safetensors").unlink()
+    sd = load_file(quantized / "model.safetensors")
+    parts = {"model-00001-of-00002.safetensors": {k: v for k, v in sd.items() if not k.endswith("scale_inv")},
+             "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if k.endswith("scale_inv")}}
+    for name, part in parts.items():
+        save_file(part, sharded / name, metadata={"format": "pt"})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in parts.items() for k in part}}))
+    plan = (drop_plan if kind == "drop" else merge_plan)("deepseek_v3_fp8", sharded)
+    single = stream_export(str(quantized), tmp_path / "single", plan)
+    split = stream_export(str(sharded), tmp_path / "split", plan)
+    assert stored(split) == stored(single)
+    assert len(list(split.glob("*.safetensors"))) == 2 and (split / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits(hf_load(split)), logits(hf_load(single)))
+
+
 def test_in_memory_prune_writes_what_the_stream_writes(published, tmp_path):
     quantized, _ = published["deepseek_v3_fp8"]
     plan = drop_plan("deepseek_v3_fp8", quantized)
