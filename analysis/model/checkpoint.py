@@ -225,6 +225,9 @@ def read_tensor(t: SourceTensor) -> Tensor:
 
 CHUNK_BYTES = 64 * 2**20
 _MINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float8 bits that are not finite: E4M3FN has no infinity and NaN is S.1111.111; E5M2 has IEEE-style
+# infinity and NaN, exponent S.11111.xx
+_FP8_NAN_MASKS = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
 def all_finite(t: Tensor) -> bool:
@@ -233,6 +236,9 @@ def all_finite(t: Tensor) -> bool:
     which allocates a mask as large as the tensor."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.dtype in _FP8_NAN_MASKS:  # torch has no isfinite for float8: read the bit patterns (OCP FP8)
+        mask = _FP8_NAN_MASKS[t.dtype]
+        return not bool(((t.reshape(-1).view(torch.uint8) & mask) == mask).any())
     if t.dtype in _MINMAX_DTYPES:
         lo, hi = torch.aminmax(t.reshape(-1))
         return bool(torch.isfinite(lo) & torch.isfinite(hi))
@@ -448,7 +454,16 @@ def validate_checkpoint(folder: Path, hf, dtype: torch.dtype | None = None) -> t
     """The one validation of a model folder before its weights are read or an export is written:
     every header (:func:`source_tensors`), then the tensor set against ``hf`` (a weightless
     skeleton built from the folder's config). Returns the tensors and their conversions."""
+    from moescope.analysis.model.quantization import check_checkpoint, scheme_of_folder
+
     tensors = source_tensors(Path(folder))
+    quant = scheme_of_folder(Path(folder))
+    if quant is not None:
+        # a quantized checkpoint (block FP8, MXFP4, compressed-tensors) holds each quantized weight as
+        # stored parts (FP8 values and scales, packed blocks): they are checked against the scheme (every
+        # weight's scales present and of its shape), not against the dequantized model's tensor set
+        check_checkpoint(quant, {k: (t.dtype, t.shape) for k, t in tensors.items()}, str(folder))
+        return tensors, Conversions(hf, list(tensors), None)
     conv = Conversions(hf, list(tensors), dtype)
     ignored = check_tensor_set(conv, tensors, Path(folder))
     for k in ignored:

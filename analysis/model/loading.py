@@ -17,6 +17,7 @@ from moescope.analysis.model.config_check import check_config
 from moescope.analysis.model.families import supported_model_types
 from moescope.analysis.model.family_catalog import family_for
 from moescope.analysis.model.offload import PeriodicRelease, non_layer_modules, release_mapped_weights
+from moescope.analysis.model.quantization import scheme_of
 from moescope.analysis.model.save import TOKENIZER_FILES
 from moescope.analysis.model.view import MoEModel
 from torch import nn
@@ -34,6 +35,7 @@ def load_config(source: str, trust_remote_code: bool = False):
     if local is not None:
         raw = read_config_json(local)
         check_config(raw, str(local / "config.json"))  # every value moescope reads, before anything is built
+        scheme_of(raw, f"'{local / 'config.json'}'")  # a quantization moescope cannot read is refused here
     if local is not None and not trust_remote_code:
         if "auto_map" in raw and raw.get("model_type") not in supported_model_types():
             raise MoescopeError(remote_code_msg)
@@ -41,6 +43,7 @@ def load_config(source: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
         if local is None:
             check_config(config.to_dict(), f"the config of '{source}'")
+            scheme_of(config.to_dict(), f"the config of '{source}'")
         return config
     except MoescopeError:
         raise

@@ -12,6 +12,7 @@ modelling code. For a hub id only ``config.json`` is fetched (``huggingface_hub`
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from moescope.analysis.core.errors import MoescopeError
@@ -50,8 +51,12 @@ def _check_raw(raw: bytes, source: str) -> None:
     except (ValueError, RecursionError):
         return  # loading reports it with the file's name
     if isinstance(config, dict):
+        from moescope.analysis.model.quantization import scheme_of
+
         _, local = resolve_source(source)
-        check_config(config, str(Path(local) / "config.json") if local is not None else f"the config of '{source}'")
+        where = str(Path(local) / "config.json") if local is not None else f"the config of '{source}'"
+        check_config(config, where)
+        scheme_of(config, f"'{where}'" if local is not None else where)  # an unknown quantization is refused here
 
 
 def info_parts(raw_config: bytes, dtype: str | None, trust_remote_code: bool) -> dict:
@@ -74,7 +79,7 @@ def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = 
     parts = info_parts(raw, dtype, trust_remote_code)
     entry = cache.get(KIND, parts)
     if entry is not None and isinstance(entry.meta.get("info"), dict):
-        return {**entry.meta["info"], "source": source}
+        return with_checkpoint({**entry.meta["info"], "source": source}, source)
 
     from moescope.analysis.model import load_moe
 
@@ -85,4 +90,46 @@ def model_info(source: str, dtype: str | None = None, trust_remote_code: bool = 
                   label=Path(str(source)).name or str(source))
     except (OSError, MoescopeError):  # an unwritable cache: the next call builds it again
         pass
-    return info
+    return with_checkpoint(info, source)
+
+
+def with_checkpoint(info: dict, source: str) -> dict:
+    """``info`` with ``checkpoint``: what a local folder's safetensors hold, from their headers —
+    the quantization scheme (or None) and, per tensor kind (fp8 weights, scales, int4 packed
+    weights, mxfp4 blocks, unquantized), the dtypes, tensor count and bytes. Not cached: the files
+    may change under the same config."""
+    _, local = resolve_source(source)
+    if local is None or not any(Path(local).glob("*.safetensors")):
+        return info
+    from moescope.analysis.model.quantization import bytes_by_kind, scheme_of_folder
+
+    scheme = scheme_of_folder(local)
+    tensors = stored_tensors(Path(local))
+    return {**info, "checkpoint": {"quantization": scheme.describe() if scheme else None,
+                                   "tensors": bytes_by_kind(scheme, tensors),
+                                   "bytes": sum(t.nbytes for t in tensors)}}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    dtype: str  # safetensors name
+    nbytes: int
+
+
+def stored_tensors(folder: Path) -> list[StoredTensor]:
+    """Every tensor of the folder's safetensors files, from their headers (no torch)."""
+    import json
+    import struct
+
+    out = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(min(n, 100 * 2**20)))
+            out += [StoredTensor(k, v["dtype"], v["data_offsets"][1] - v["data_offsets"][0])
+                    for k, v in header.items() if k != "__metadata__"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as err:
+            raise MoescopeError(f"'{f}' is not a safetensors file (its header cannot be read: {err})") from None
+    return out

@@ -63,6 +63,17 @@ from moescope.analysis.model.checkpoint import (  # noqa: F401 (re-exported: the
 )
 from torch import Tensor
 
+def quantized_checkpoint(folder: Path, tensors: dict[str, SourceTensor]):
+    """The quantization scheme of the checkpoint in ``folder`` (None when it has none), its stored
+    tensors checked against the scheme (each weight's scales present and of the right shape) before
+    anything is written."""
+    from moescope.analysis.model.quantization import check_checkpoint, scheme_of_folder
+
+    quant = scheme_of_folder(folder)
+    if quant is not None:
+        check_checkpoint(quant, {k: (t.dtype, t.shape) for k, t in tensors.items()}, str(folder))
+    return quant
+
 
 # ---- writing ---------------------------------------------------------------------------------
 def _write(fh, data: memoryview) -> None:
@@ -273,19 +284,33 @@ class Unit:
 
 
 def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype | None = None,
-                 progress=None) -> dict:
+                 progress=None, keep_merged: str | None = None) -> dict:
     """Write ``plan`` applied to the checkpoint in ``source_dir`` as safetensors shards (and an
     index) into the existing folder ``out``. ``skeleton`` is the source's weightless model
     (``load_moe(..., weights=False)``, unedited; the plan validated against it), which comes back
     cut to the plan's structure (expert counts, config) for the config and the card. ``dtype`` casts
     like ``load_moe(dtype=...)`` (None: every tensor keeps its checkpoint dtype).
     ``progress(stage, done, total)`` counts the pieces written (tensors copied, edited layers'
-    experts and routers). Returns the tensor bytes read and written."""
+    experts and routers). Returns the tensor bytes read and written.
+
+    A quantized checkpoint (:mod:`analysis.model.quantization`) keeps its format and dtypes whatever
+    ``dtype`` says: kept experts' stored tensors (weights and scales) are copied as they are, merged
+    ones are requantized (``keep_merged="bf16"``: written in bf16 and listed as not converted), see
+    :mod:`analysis.model.quantized_export`."""
     from moescope.analysis.model.checkpoint import saved_names
     from moescope.analysis.model.edits import combine_rows, onehot_of_largest, validate_groups
 
-    # every header and the tensor set against the config, before the first byte is written
+    # every header and the tensor set against the config (a quantized checkpoint: its stored tensors
+    # against its scheme), before the first byte is written
     tensors, conv = validate_checkpoint(source_dir, skeleton.hf, dtype)
+    quant = quantized_checkpoint(source_dir, tensors)  # a quantized checkpoint keeps its own format
+    if quant is not None:
+        dtype = None
+        for key in tensors:  # scales and packed parts go where the weight they belong to goes
+            own = quant.owner(key)
+            if own is not None:
+                conv.targets[key] = conv.target(own)
+        skeleton.hf._weight_conversions = [t for t in conv.transforms if t.was_used()]  # the owners' conversions
     saved = saved_names(skeleton.hf)
     # checkpoint keys the model does not save (tied weights) are left out, as saving leaves them out;
     # the rest in the order of their bytes on disk, so reads run forward through each shard
@@ -318,7 +343,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     for u in units:
         by_file[tensors[u.first].file].append(u)
 
-    stats = {"bytes_read": 0, "bytes_written": 0, "copied_bytes": 0}
+    stats = {"bytes_read": 0, "bytes_written": 0, "copied_bytes": 0, "requantized": {}}
     written: list[tuple[Path, dict]] = []
 
     def emit(writer: ShardWriter, name: str, t: Tensor) -> None:
@@ -370,6 +395,14 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
                 if u.kind == "router":
                     _write_router(conv, view, lp, coeffs, s, read, partial(emit, writer), combine_rows,
                                   onehot_of_largest)
+                elif quant is not None:
+                    from moescope.analysis.model.quantized_export import write_quantized_experts
+
+                    write_quantized_experts(quant, conv, view, lp, coeffs, s, read, partial(emit, writer),
+                                            partial(copy_or_cast, writer), partial(_combine, view, lp),
+                                            combine_rows, _renumber, _aligned(lp),
+                                            lambda k: (tensors[k].file.name, tensors[k].start),
+                                            lambda keys: prefetch([tensors[k] for k in keys]), stats, keep_merged)
                 else:
                     _write_experts(conv, view, lp, coeffs, s, read, partial(emit, writer),
                                    partial(copy_or_cast, writer), combine_rows,
@@ -387,6 +420,10 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         progress("stream export", len(units), len(units))
     for l, lp in sorted(layers.items()):  # the skeleton takes the plan's structure (it has no weights)
         skeleton.merge(l, [[g[0]] for g in lp.groups], None)
+    if quant is not None:
+        from moescope.analysis.model.quantized_export import finish_config
+
+        finish_config(quant, skeleton, plan, stats, keep_merged)
     _finish_shards(out, written, skeleton)
     return stats
 

@@ -202,6 +202,9 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--transformers-only", action="store_true", help=TRANSFORMERS_ONLY_HELP)
     p.add_argument("--dtype", default=None, help=EXPORT_DTYPE_HELP + "; evaluation runs in this dtype too, else in "
                    "float32")
+    p.add_argument("--merged-dtype", default=None, choices=None, metavar="bf16",
+                   help="quantized checkpoints: write merged experts in bf16, listed in the config's "
+                        "modules_to_not_convert (compressed-tensors: ignore), instead of requantizing them")
     p.add_argument("--offload", default=None, metavar="DIR",
                    help="evaluate the original and the pruned model with their decoder layers on disk in DIR, one "
                         "at a time (models larger than memory; quality only: add --no-efficiency). Without "

@@ -498,7 +498,7 @@ def cmd_prune(args) -> int:
     if not current().is_main:  # under torchrun the main rank alone exports and stores
         return 0
     export(model, out, plan=plan, experiment=exp, overwrite=args.overwrite, transformers_only=args.transformers_only,
-           dtype=args.dtype)
+           dtype=args.dtype, merged_dtype=args.merged_dtype)
     if exp is not None:
         experiments.store(exp, cache)
     after = model.parameter_counts()
@@ -527,7 +527,7 @@ def _prune_streamed(args, plan, skeleton, out) -> int:
     try:
         stream_export(args.model, out, plan, overwrite=args.overwrite, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code, progress=bars,
-                      transformers_only=args.transformers_only)
+                      transformers_only=args.transformers_only, merged_dtype=args.merged_dtype)
     finally:
         bars.close()
     pruned = load_moe(str(out), dtype=None, weights=False)

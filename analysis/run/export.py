@@ -26,7 +26,7 @@ from moescope.analysis.pruning.plan import unused_kept_note
 
 
 def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bool = False,
-           transformers_only: bool = False, dtype: str | None = None) -> Path:
+           transformers_only: bool = False, dtype: str | None = None, merged_dtype: str | None = None) -> Path:
     """Write ``model`` (already pruned by ``plan``, or None for the model as loaded) to ``out_dir``
     with ``plan.json``, ``experiment.json`` (when given) and the model card. The weights are written
     in the checkpoint's own dtype (a bfloat16 checkpoint analysed in float32 comes out bfloat16)
@@ -36,7 +36,15 @@ def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bo
     ``transformers_only`` (:func:`~moescope.analysis.model.nonuniform.check_servable`)."""
     from moescope.analysis.model.loading import parse_dtype
     from moescope.analysis.model.nonuniform import check_servable
+    from moescope.analysis.model.quantization import scheme_of_folder
 
+    source_dir = getattr(model, "source_dir", None)
+    if plan is not None and source_dir is not None and not (plan.provenance or {}).get("finetuned") \
+            and scheme_of_folder(source_dir) is not None:
+        # a quantized checkpoint is written in its own format from its stored tensors, as a streamed prune
+        # writes it (the model in memory holds transformers' dequantized copy)
+        return stream_export(str(source_dir), out_dir, plan, experiment=experiment, overwrite=overwrite, dtype=None,
+                             transformers_only=transformers_only, merged_dtype=merged_dtype)
     check_servable(model.family.name, model.num_experts(), transformers_only)
     target = parse_dtype(dtype) if dtype is not None else None
     check_finite_weights(model)
@@ -50,17 +58,19 @@ def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bo
 
 def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overwrite: bool = False,
                   dtype: str | None = "float32", trust_remote_code: bool = False, progress=None,
-                  transformers_only: bool = False) -> Path:
+                  transformers_only: bool = False, merged_dtype: str | None = None) -> Path:
     """Write ``plan`` applied to ``source`` as an export folder without loading the model: the
     checkpoint is rewritten shard by shard (:mod:`analysis.model.stream_export`; the weights are
     those ``load_moe(dtype) → apply → export`` writes), then config, tokenizer, ``plan.json``,
     ``experiment.json`` and the model card as :func:`export` writes them. ``dtype=None`` keeps the
     checkpoint's dtypes. The plan and the folder are checked before anything is written; a plan
-    carrying finetuned weights needs :func:`export` of the model it finetuned."""
+    carrying finetuned weights needs :func:`export` of the model it finetuned. A quantized checkpoint
+    keeps its format and dtypes (``dtype`` is ignored); ``merged_dtype="bf16"`` keeps merged experts
+    in bf16 where its scheme allows."""
     skeleton, folder, torch_dtype = _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code,
-                                                   transformers_only)
+                                                   transformers_only, merged_dtype)
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        pruned = _stream_into(tmp, skeleton, folder, plan, torch_dtype, trust_remote_code, progress)
+        pruned = _stream_into(tmp, skeleton, folder, plan, torch_dtype, trust_remote_code, progress, merged_dtype)
         _write_records(tmp, pruned, plan, experiment)
     return Path(out_dir)
 
@@ -88,29 +98,39 @@ def stream_prune_and_evaluate(source: str, out_dir: str | Path, plan, spec, offl
     return exp
 
 
-def _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code, transformers_only=False):
+def _stream_checks(source, out_dir, plan, overwrite, dtype, trust_remote_code, transformers_only=False,
+                   merged_dtype=None):
     from moescope.analysis.model import load_moe, resolve_source
     from moescope.analysis.model.loading import parse_dtype
     from moescope.analysis.model.nonuniform import check_servable
+    from moescope.analysis.model.quantization import scheme_of_folder
+    from moescope.analysis.model.quantized_export import check_keep_merged
 
     check_output_dir(out_dir, overwrite)
     if (plan.provenance or {}).get("finetuned"):
         raise MoescopeError("the plan carries finetuned experts and routers (a lottery subnetwork); they are not in "
                             "the checkpoint, so it is exported from the model in memory, not streamed")
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    local = resolve_source(source)[1]
+    scheme = scheme_of_folder(local) if local is not None else None
+    check_keep_merged(scheme, merged_dtype)
+    if scheme is not None:
+        torch_dtype = None  # a quantized checkpoint keeps its own dtypes
     skeleton = load_moe(source, dtype=torch_dtype, weights=False, trust_remote_code=trust_remote_code)
     plan.validate_for(skeleton)
     check_servable(skeleton.family.name, plan.experts_after(skeleton), transformers_only)
     return skeleton, resolve_source(source)[1] or hub_snapshot(source), torch_dtype
 
 
-def _stream_into(tmp: Path, skeleton, folder: Path, plan, torch_dtype, trust_remote_code: bool, progress):
+def _stream_into(tmp: Path, skeleton, folder: Path, plan, torch_dtype, trust_remote_code: bool, progress,
+                 merged_dtype=None):
     """Weights, config, generation config and tokenizer of the pruned folder into ``tmp``; returns
     the skeleton cut to the plan's structure (what the model card describes)."""
     from moescope.analysis.model import stream_export as stream
     from moescope.analysis.model.loading import _load_tokenizer
 
-    stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress)  # cuts the skeleton
+    stream.write_pruned(folder, skeleton, plan, tmp, dtype=torch_dtype, progress=progress,  # cuts the skeleton
+                        keep_merged=merged_dtype)
     betas = plan.skip_beta or getattr(skeleton.config, "moescope_skip_beta", None)
     skeleton.skip_beta = {int(k): float(v) for k, v in betas.items()} if betas else {}
     skeleton.source_dir = folder
@@ -242,7 +262,13 @@ def export_bytes(skeleton, plan, dtype: str | None) -> int:
     width (for the free-space check before any work)."""
     import torch
     from moescope.analysis.model.loading import config_dtype, parse_dtype
+    from moescope.analysis.model.quantization import scheme_of_folder
 
+    source_dir = getattr(skeleton, "source_dir", None)
+    if source_dir is not None and scheme_of_folder(source_dir) is not None:  # written in its own format
+        from moescope.analysis.model.quantized_export import export_bytes as quantized_bytes
+
+        return quantized_bytes(source_dir, plan, {l: v.num_experts for l, v in skeleton.layers.items()})
     width = (parse_dtype(dtype) if dtype else (config_dtype(skeleton.config) or torch.float32)).itemsize
     params = sum(p.numel() for p in skeleton.hf.parameters())
     for l, view in skeleton.layers.items():
@@ -403,6 +429,7 @@ def model_card(model, plan, experiment=None, weights: dict | None = None) -> str
                          str(lp.num_out), ", ".join(groups)])
         out.append(_table(["layer", "experts before", "after", "kept / merged (original indices)"], rows))
         out += ["", "Layers not listed are unchanged."]
+    out += quantization_section(getattr(model, "quantization_report", None))
     if experiment is not None:
         out += ["", "## Size", ""]
         b, a = experiment.structure.get("before", {}), experiment.structure.get("after", {})
@@ -572,3 +599,20 @@ def _quality_table(exp) -> str:
             + "\n\nThe last column compares the two models on the same windows and documents (a paired bootstrap "
               "of the per-window losses and per-document scores): better or worse only where the whole 95 % range "
               "of the change lies on one side of no change, else within noise.")
+
+
+def quantization_section(report: dict | None) -> list[str]:
+    """The model card's lines on a quantized checkpoint's format and its requantized merged tensors."""
+    if not report:
+        return []
+    out = ["", "## Quantization", "", f"Written in the source's format: {report['scheme']}. Kept experts' stored "
+           "tensors (weights and scales) are the source's bytes."]
+    if report.get("requantized"):
+        rows = [[f"`{name}`", f"{err:.4f}"] for name, err in sorted(report["requantized"].items())]
+        out += ["", "Merged experts were computed from the dequantized members and quantized back with the scheme's "
+                "rule; relative error ‖W − Q(W)‖ / ‖W‖ of each:", "",
+                _table(["merged tensor", "relative quantization error"], rows)]
+    if report.get("kept_bf16"):
+        out += ["", f"Merged experts kept in bf16 (listed in `quantization_config.{report['not_converted_key']}`): "
+                + ", ".join(f"`{m}`" for m in report["kept_bf16"])]
+    return out

@@ -48,6 +48,12 @@ def format_info(info: dict) -> str:
         f"({100 * p['experts'] / p['total']:.1f}%) · active per token {format_count(p['active'])}",
         "weights          " + ", ".join(f"{k} {format_bytes(v)}" for k, v in info["bytes"].items()),
     ]
+    ckpt = info.get("checkpoint")
+    if ckpt:  # what the files hold (a quantized checkpoint is not its config's dtype)
+        if ckpt["quantization"]:
+            lines[-1] = f"quantization     {ckpt['quantization']}"
+        lines.append(f"files            {format_bytes(ckpt['bytes'])}: " + ", ".join(
+            f"{kind} ({'/'.join(e['dtypes'])}) {format_bytes(e['bytes'])}" for kind, e in ckpt["tensors"].items()))
     return "\n".join(lines)
 
 
