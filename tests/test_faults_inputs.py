@@ -1358,3 +1358,26 @@ def test_max_ecc_on_a_top_1_router_is_refused(capfd, work, tmp_path):
     top1 = config_folder(tmp_path, "top1", weights=True, num_experts_per_tok=1)
     assert_refused(capfd, "plan", str(top1), "--preset", "max-ecc", "--keep", "4", "--samples", "2", "--seq-len", "32",
                    "-o", str(folder / "plan.json"), watch=watch, says=("ECC", "every pair", "top-1"))
+
+
+@pytest.mark.parametrize("family,patch,says", [
+    ("mixtral", {"rope_parameters": {"rope_type": "default", "rope_theta": math.nan}}, "rope_parameters.rope_theta"),
+    ("deepseek_v3", {"routed_scaling_factor": math.nan}, "routed_scaling_factor"),
+    ("deepseek_v3", {"n_group": 2, "topk_group": 5}, "topk_group"),
+    ("deepseek_v3", {"n_group": 0}, "n_group"),
+    ("gpt_oss", {"swiglu_limit": math.nan}, "swiglu_limit"),
+    ("qwen2_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step"),
+    ("qwen3_moe", {"norm_topk_prob": "false"}, "norm_topk_prob"),
+], ids=["mixtral-rope", "dsv3-scaling", "dsv3-topk-group", "dsv3-n-group-0", "gpt-oss-swiglu", "qwen2-step-0",
+        "qwen3-norm-text"])
+def test_config_values_of_each_family_are_refused_by_info_and_plan(capfd, work, tmp_path, family, patch, says):
+    """On the family's own tiny folder (issue 31: these exited 0 with NaN in the cache, or raised
+    ZeroDivisionError / RuntimeError / transformers' unnamed validation error)."""
+    from conftest import save_tiny
+
+    folder, watch = work
+    d = Path(save_tiny(family, tmp_path / family))
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **patch}))
+    for argv in (["info", str(d)], ["plan", str(d), "--strategy", "random", "--keep", "4", "-o", str(folder / "p.json")]):
+        assert_refused(capfd, *argv, watch=(*watch, d), says=(str(d / "config.json"), says))
