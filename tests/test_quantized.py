@@ -159,8 +159,11 @@ def test_unknown_quantization_method_is_refused_in_one_line(published, tmp_path,
 
 
 # ---- analysis ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["deepseek_v3_fp8", "gpt_oss_mxfp4"])
-def test_analysis_of_a_quantized_checkpoint_is_its_twins(published, layout, tmp_path):
+@pytest.mark.parametrize("layout,offload", [("deepseek_v3_fp8", False), ("deepseek_v3_fp8", True),
+                                            ("gpt_oss_mxfp4", True), ("qwen3_moe_ct_w4a16", True)])
+def test_analysis_of_a_quantized_checkpoint_is_its_twins(published, layout, offload, tmp_path):
+    """Every metric, layer by layer, equals the twin's: loaded by transformers (which dequantizes
+    the whole model at load), or with --offload (moescope dequantizes one layer at a time)."""
     import moescope.analysis.measure.analyze as A
     from moescope.analysis.core.cache import Cache
     from moescope.analysis.data import TokenBatch
@@ -168,22 +171,37 @@ def test_analysis_of_a_quantized_checkpoint_is_its_twins(published, layout, tmp_
     quantized, twin = published[layout]
     ids = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(3))
     batch = TokenBatch(input_ids=ids, domains=("synthetic",) * 4, source="synthetic", fingerprint="synthetic-q")
-    params = A.AnalysisParams(similarity_tokens=64, rbf_batch_tokens=32, rbf_batches=2, chunk_size=2)
+    metrics = [m for m in A.METRIC_FAMILIES if not (offload and m == "gradients")]  # offloaded: no backward pass
+    params = A.AnalysisParams(similarity_tokens=64, rbf_batch_tokens=32, rbf_batches=2, chunk_size=2,
+                              metrics=metrics)
     res = {}
     for name, folder in (("quantized", quantized), ("twin", twin)):
-        model = load_moe(str(folder), dtype="float32", load_tokenizer=False)
+        model = load_moe(str(folder), dtype="float32", load_tokenizer=False,
+                         offload_dir=tmp_path / "offload" if offload and name == "quantized" else None)
         res[name] = A.run_analysis(model, batch, params, cache=Cache(tmp_path / name))
+    if offload:
+        assert not (tmp_path / "offload").exists() or not any((tmp_path / "offload").iterdir())
     assert res["quantized"].layers == res["twin"].layers == MOE_LAYERS.get(layout, [0, 1])
     assert set(res["quantized"]._t) == set(res["twin"]._t)
     for key, value in res["twin"]._t.items():  # layer by layer, every metric
         assert torch.equal(res["quantized"]._t[key], value), key
 
 
-def test_offloaded_quantized_model_computes_its_twin(published, tmp_path):
-    quantized, twin = published["qwen3_moe_fp8"]
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_offloaded_quantized_model_is_dequantized_one_layer_at_a_time(published, layout, tmp_path):
+    """--offload of a quantized checkpoint: decoder layers stay on the meta device and are
+    dequantized by moescope's rules as they run (one layer held at a time, nothing written to the
+    offload folder); the logits are exactly the twin's, compressed-tensors included."""
+    quantized, twin = published[layout]
     offloaded = load_moe(str(quantized), dtype="float32", load_tokenizer=False, offload_dir=tmp_path / "offload")
     assert offloaded.offloaded
+    layer = offloaded.layers[offloaded.moe_layers[0]]
+    assert all(p.device.type == "meta" for p in layer.experts.parameters())
     assert torch.equal(logits(offloaded.hf), logits(hf_load(twin)))
+    hook = layer.experts._hf_hook
+    held = hook.weights_map.dataset._held
+    assert held is not None and held[0] == offloaded.num_hidden_layers - 1  # only the last layer run
+    assert not (tmp_path / "offload").exists() or not any((tmp_path / "offload").iterdir())
 
 
 # ---- pruning in the checkpoint's own format ------------------------------------------------------

@@ -17,7 +17,7 @@ from moescope.analysis.model.config_check import check_config
 from moescope.analysis.model.families import supported_model_types
 from moescope.analysis.model.family_catalog import family_for
 from moescope.analysis.model.offload import PeriodicRelease, non_layer_modules, release_mapped_weights
-from moescope.analysis.model.quantization import scheme_of
+from moescope.analysis.model.quantization import scheme_of, scheme_of_folder
 from moescope.analysis.model.save import TOKENIZER_FILES
 from moescope.analysis.model.view import MoEModel
 from torch import nn
@@ -245,13 +245,18 @@ def load_moe(
         home = device if device not in (None, "auto") else "cpu"
         kwargs["device_map"] = {prefix: "disk", **{k: home for k in non_layer_modules(config, family)}}
         kwargs["offload_folder"] = str(offload_dir)
-    releaser = PeriodicRelease() if offload_dir is not None else None
+    scheme = scheme_of_folder(local) if local is not None and offload_dir is not None else None
+    releaser = PeriodicRelease() if offload_dir is not None and scheme is None else None
     held: list[logging.LogRecord] = []
     try:
         if releaser:
             releaser.start()  # keep the checkpoint's memory-mapped pages from piling up while loading
         with _held_library_logs(held):
-            if per_layer_class is not None:
+            if scheme is not None and per_layer_class is None:
+                from moescope.analysis.model import quantized_offload  # dequantized layer by layer, on use
+
+                hf = quantized_offload.load(local, config, family, torch_dtype, scheme)
+            elif per_layer_class is not None:
                 hf = per_layer_class.from_pretrained(location, config=config, **kwargs)
             else:
                 hf = AutoModelForCausalLM.from_pretrained(location, **kwargs)
