@@ -400,12 +400,14 @@ def test_every_page_loads_in_chromium(server, browser, tmp_path):
     for label in ("grid plan", "hand plan"):
         _select(page, "Experiment", label)
         want = f"{label.replace(' ', '-')}-{ids[label]}"
-        deadline = time.time() + 30  # the folder box is redrawn under its new key a moment after the run
-        while not page.get_by_label("Output folder", exact=True).input_value().endswith(want) \
-                and time.time() < deadline:
+        # the folder box is redrawn under the new experiment's key: for a moment the old box is still
+        # on screen beside it, so wait for the one box left
+        boxes = page.locator('input[aria-label="Output folder"]')
+        deadline = time.time() + 30
+        while not (boxes.count() == 1 and boxes.first.input_value().endswith(want)) and time.time() < deadline:
             page.wait_for_timeout(200)
-        folder = page.get_by_label("Output folder", exact=True).input_value()
-        assert folder.endswith(want), (label, folder)
+        folder = boxes.first.input_value()
+        assert boxes.count() == 1 and folder.endswith(want), (label, [b.input_value() for b in boxes.all()])
     # the hand-made plan keeps 7/7/8/8 experts: Export writes the per-layer folder and says how it loads
     out = tmp_path / "hand-made"
     box = page.get_by_label("Output folder", exact=True)

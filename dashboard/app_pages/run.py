@@ -85,10 +85,12 @@ def _jobs_panel() -> None:
         return
     line = runs.job_queue()
     places = {j.id: j for j in line}
-    if line:
-        st.markdown("**Queue** (in order): " + " → ".join(
-            f"{k}. {j.label or j.id} ({'running' if j.state not in ('starting', 'queued') else 'waiting'}"
-            f"{', waited ' + runs.clock(j.waited()) if j.waited() >= 1 else ''})" for k, j in enumerate(line, start=1)))
+    # always one element here, so that the cards below keep their places when the queue empties
+    # (a fragment redrawn with fewer elements leaves the last card's stale copy on screen a while)
+    st.markdown("**Queue** (in order): " + " → ".join(
+        f"{k}. {j.label or j.id} ({'running' if j.state not in ('starting', 'queued') else 'waiting'}"
+        f"{', waited ' + runs.clock(j.waited()) if j.waited() >= 1 else ''})" for k, j in enumerate(line, start=1))
+        if line else "**Queue**: empty (every job has finished)")
     for job in jobs:
         job = places.get(job.id, job)  # a waiting job with its place in line
         with st.container(border=True):
