@@ -187,7 +187,7 @@ def test_ranks_that_disagree_are_refused_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_a_lost_rank_ends_the_others_in_one_line_and_the_rerun_continues(reference, tmp_path):
     cache = tmp_path / "c"
-    procs = ranks(ANALYZE, cache, env_extra={"MOESCOPE_FAULT_AT": "progress:layers", "MOESCOPE_FAULT_RANK": "1"})
+    procs = ranks(ANALYZE, cache, env_extra={"MOESCOPE_FAULT_AT": "progress:layers@1", "MOESCOPE_FAULT_RANK": "1"})
     assert procs[1].returncode == -9  # killed after its layer 0
     assert procs[0].returncode == 2
     line = one_line(procs[0].stderr)
@@ -213,7 +213,7 @@ def test_a_lost_rank_ends_the_others_in_one_line_and_the_rerun_continues(referen
 @pytest.mark.slow
 def test_a_killed_analysis_continues_where_it_stopped(reference, tmp_path, monkeypatch):
     cache = tmp_path / "c"
-    env = {**os.environ, "MOESCOPE_CACHE": str(cache), "MOESCOPE_FAULT_AT": "progress:layers", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MOESCOPE_CACHE": str(cache), "MOESCOPE_FAULT_AT": "progress:layers@1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "moescope", *ANALYZE], env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -387,7 +387,7 @@ def test_a_hung_rank_ends_the_others_after_the_collective_timeout(tmp_path):
     for r in range(2):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MOESCOPE_CACHE": str(tmp_path / "c"),
-               "MOESCOPE_DIST_TIMEOUT": "30", "MOESCOPE_FAULT_AT": "progress:layers", "MOESCOPE_FAULT_RANK": "1",
+               "MOESCOPE_DIST_TIMEOUT": "30", "MOESCOPE_FAULT_AT": "progress:layers@1", "MOESCOPE_FAULT_RANK": "1",
                "MOESCOPE_FAULT_SIGNAL": "STOP"}
         procs.append(subprocess.Popen([sys.executable, "-m", "moescope", *ANALYZE], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
