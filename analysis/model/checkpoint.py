@@ -376,7 +376,8 @@ class Conversions:
                                             else WeightRenaming(key, name))
             if pattern is None:
                 pattern = key
-            mapping.add_tensor(name, key, pattern, t.to(self.target_dtype(name, t.dtype)))
+            want = self.target_dtype(name, t.dtype)
+            mapping.add_tensor(name, key, pattern, t if t.dtype == want else t.to(want))
         out = {}
         for first, mapping in mappings.items():
             for name, value in mapping.convert(first, model=self.hf, config=self.hf.config).items():
