@@ -84,3 +84,24 @@ def test_converters_applied_per_layer_give_what_they_give_per_tensor(tiny_dirs):
     assert sorted(back) == sorted(keys)
     for k in keys:
         assert torch.equal(back[k], read_tensor(tensors[k])), k
+
+
+def test_the_streamed_prune_reports_its_wall_and_cpu_time(demo_available, tmp_path, monkeypatch, capfd):
+    import json
+
+    from moescope.analysis.core.cache import ENV_VAR
+    from moescope.analysis.run.cli import main
+
+    if not demo_available:
+        pytest.skip("the demo model is not built")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "cache"))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "base_model": "demo",
+                                "layers": {str(l): {"groups": [[0], [2], [5]]} for l in range(4)}}))
+    capfd.readouterr()
+    assert main(["prune", "demo", "--plan", str(plan), "-o", str(tmp_path / "a"), "--json"]) == 0
+    took = json.loads(capfd.readouterr().out)["export_s"]
+    assert took["wall"] > 0 and took["cpu"] > 0
+    assert main(["prune", "demo", "--plan", str(plan), "-o", str(tmp_path / "b")]) == 0
+    line = capfd.readouterr().out.splitlines()[-1]
+    assert line.startswith("export took ") and " s wall, " in line and line.endswith(" s CPU (this process: user + system)")
