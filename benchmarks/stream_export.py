@@ -14,6 +14,14 @@ expert matrix, one shard per decoder layer), then for each case, side by side in
 * **copy**: ``cp`` of whole source shards adding up to about the kept bytes, to the same disk, then
   ``sync`` of the copies; its time is scaled to exactly the kept bytes (bytes/s × kept).
 
+The ``many`` case measures the per-tensor cost: ``--many-layers`` layers (default 80) × 128 experts
+at tiny dimensions (d 64, I 32; 4 KiB per tensor), ≥ 30k tensors in ~0.1 GiB, one shard per layer:
+its time is all Python, not disk. Every case prints the export's wall time beside its CPU time
+(user + system of the exporting process, start-up excluded) and the CPU time per source tensor;
+``--baseline DIR`` (another checkout, e.g. ``git archive BASE analysis | tar -x -C DIR``) runs the
+same export with that checkout's ``analysis/`` right after ours, on the same source, so the two
+per-tensor costs are measured side by side under the same load.
+
 Before each measurement the source's pages are flushed and dropped from the page cache
 (``posix_fadvise(DONTNEED)`` on our own files only), so both read from disk. Targets: stream time
 ≤ 1.5 × copy time; peak RSS ≤ 2 × the largest single tensor + 2 GiB. Cases: ``small`` (4 layers,
@@ -102,6 +110,45 @@ def build(folder: Path, layers: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def build_many(folder: Path, layers: int) -> None:
+    """A Qwen3-MoE checkpoint at tiny dimensions with many tensors: ``layers`` × (128 experts × 3 + 9)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig
+
+    d, i = 64, 32
+    folder.mkdir(parents=True)
+    Qwen3MoeConfig(hidden_size=d, moe_intermediate_size=i, intermediate_size=128, num_experts=E,
+                   num_experts_per_tok=TOP_K, num_hidden_layers=layers, vocab_size=512, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, dtype="bfloat16").save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    weight_map = {}
+    for l in range(layers + 1):
+        p = f"model.layers.{l}"
+        if l == layers:
+            t = {"model.embed_tokens.weight": rnd(512, d), "lm_head.weight": rnd(512, d),
+                 "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}
+        else:
+            t = {f"{p}.input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+                 f"{p}.post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+                 f"{p}.self_attn.q_proj.weight": rnd(64, d), f"{p}.self_attn.k_proj.weight": rnd(32, d),
+                 f"{p}.self_attn.v_proj.weight": rnd(32, d), f"{p}.self_attn.o_proj.weight": rnd(d, 64),
+                 f"{p}.self_attn.q_norm.weight": torch.ones(16, dtype=torch.bfloat16),
+                 f"{p}.self_attn.k_norm.weight": torch.ones(16, dtype=torch.bfloat16),
+                 f"{p}.mlp.gate.weight": rnd(E, d)}
+            for e in range(E):
+                for proj, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
+                    t[f"{p}.mlp.experts.{e}.{proj}.weight"] = rnd(*shape)
+        name = f"model-{l + 1:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(t, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(t, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def drop_caches(paths) -> None:
     """Flush our files and drop their pages from the page cache (nobody else's)."""
     for p in paths:
@@ -114,12 +161,12 @@ def drop_caches(paths) -> None:
                 os.close(fd)
 
 
-def timed_child(argv: list[str]) -> dict:
+def timed_child(argv: list[str], env=None) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    out = proc.stdout.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv[:3]} failed ({status}):\n{out[-2000:]}")
     return {"wall": wall, "peak": usage.ru_maxrss * 1024, "stdout": out}
@@ -134,19 +181,20 @@ def child(source: str, out: str, keep: int) -> None:
 
     load_moe(source, dtype=None, weights=False)  # imports transformers' modelling code (start-up, timed apart)
     startup = time.perf_counter() - t0
-    layers = json.loads((Path(source) / "config.json").read_text())["num_hidden_layers"]
-    step = E / keep
+    cfg = json.loads((Path(source) / "config.json").read_text())
+    layers, experts = cfg["num_hidden_layers"], cfg.get("num_experts") or cfg["num_local_experts"]
+    step = experts / keep
     kept = sorted({int(i * step) for i in range(keep)})
     plan = PruningPlan.from_json({"version": 1, "base_model": source,
                                   "layers": {str(l): {"groups": [[e] for e in kept]} for l in range(layers)}})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stream_export(source, out, plan, dtype=None)
     for f in Path(out).iterdir():
         fd = os.open(f, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    elapsed = time.perf_counter() - t0
-    print(json.dumps({"seconds": elapsed, "startup": startup}))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"seconds": elapsed, "cpu": cpu, "startup": startup}))
 
 
 def tensor_sizes(folder: Path) -> list[int]:
@@ -163,12 +211,19 @@ def tensor_sizes(folder: Path) -> list[int]:
     return out
 
 
-def measure(root: Path, name: str, layers: int, keep: int) -> dict:
+def digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.glob("*.safetensors")}
+
+
+def measure(root: Path, name: str, layers: int, keep: int, baseline: str | None = None) -> dict:
     src, out, cp_dir = root / f"{name}-src", root / f"{name}-out", root / f"{name}-cp"
     for p in (src, out, cp_dir):
         shutil.rmtree(p, ignore_errors=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--build", str(src), str(layers)], check=True)
+    subprocess.run([sys.executable, __file__, "--build-many" if name == "many" else "--build", str(src), str(layers)],
+                   check=True)
     built_s = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     largest = max(tensor_sizes(src))
@@ -176,8 +231,25 @@ def measure(root: Path, name: str, layers: int, keep: int) -> dict:
         drop_caches([src])
         run = timed_child([sys.executable, __file__, "--child", str(src), str(out), str(keep)])
         timing = json.loads(run["stdout"].strip().splitlines()[-1])
-        stream_s, startup_s = timing["seconds"], timing["startup"]
+        stream_s, startup_s, cpu_s = timing["seconds"], timing["startup"], timing["cpu"]
+        base_cpu = base_s = None
+        same = None
+        if baseline:  # the same export by the other checkout's code, on the same source, right after
+            ours = digests(out)
+            shutil.rmtree(out)
+            drop_caches([src])
+            shim = root / "baseline-code" / "moescope"
+            shim.mkdir(parents=True, exist_ok=True)
+            for part in ("analysis", "dashboard"):
+                if not (shim / part).exists():
+                    (shim / part).symlink_to(Path(baseline).absolute() / part)
+            env = {**os.environ, "PYTHONPATH": str(shim.parent)}
+            base = timed_child([sys.executable, __file__, "--child", str(src), str(out), str(keep)], env)
+            base_timing = json.loads(base["stdout"].strip().splitlines()[-1])
+            base_s, base_cpu = base_timing["seconds"], base_timing["cpu"]
+            same = digests(out) == ours
         kept = sum(tensor_sizes(out))
+        n_tensors = len(tensor_sizes(src))
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         shutil.rmtree(out)  # free the disk before the copy
         shards = sorted(src.glob("model-*.safetensors"))
@@ -201,13 +273,18 @@ def measure(root: Path, name: str, layers: int, keep: int) -> dict:
         for p in (src, out, cp_dir):
             shutil.rmtree(p, ignore_errors=True)
     return {"case": name, "layers": layers, "model_bytes": size, "kept_bytes": kept, "out_file_bytes": out_bytes,
-            "stream_s": stream_s, "startup_s": startup_s, "stream_wall_s": run["wall"], "copy_s": cp_s, "ratio": stream_s / cp_s,
+            "stream_s": stream_s, "cpu_s": cpu_s, "tensors": n_tensors, "baseline_s": base_s, "baseline_cpu_s": base_cpu,
+            "same_bytes_as_baseline": same,
+            "startup_s": startup_s, "stream_wall_s": run["wall"], "copy_s": cp_s, "ratio": stream_s / cp_s,
             "peak_rss": run["peak"], "largest_tensor": largest, "build_s": built_s}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--build-many":
+        build_many(Path(sys.argv[2]), int(sys.argv[3]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--build":
         build(Path(sys.argv[2]), int(sys.argv[3]))
@@ -216,6 +293,8 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/moescope-stream-bench")
     ap.add_argument("--cases", default="small,big")
     ap.add_argument("--keep", type=int, default=48, help="experts kept of 128 in every layer (default 48)")
+    ap.add_argument("--many-layers", type=int, default=80, help="layers of the many case (default 80)")
+    ap.add_argument("--baseline", help="another checkout whose analysis/ also runs each export, for comparison")
     ap.add_argument("--big-gib", type=float, default=25.5, help="weights of the big case in GiB (default 25.5)")
     args = ap.parse_args()
     root = Path(args.root)
@@ -225,18 +304,23 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         layers = 4 if case == "small" else int((args.big_gib * gib - embed_bytes()) // layer_bytes()) + 1
-        rows.append(measure(root, case, layers, args.keep))
+        layers = args.many_layers if case == "many" else layers
+        rows.append(measure(root, case, layers, args.keep, args.baseline))
         print(json.dumps(rows[-1]), flush=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"\nQwen3-30B-A3B dimensions (128 experts × d {D} × I {I}, bf16), keeping {args.keep}/128 experts per "
           f"layer; machine RAM {ram / gib:.1f} GiB, {os.cpu_count()} CPUs; {load}")
     print(f"{'case':6} {'layers':>6} {'model':>10} {'kept':>10} {'stream s':>9} {'copy s':>8} {'ratio':>6} "
-          f"{'peak RSS':>9} {'2×largest+2GiB':>15} {'start-up s':>10}")
+          f"{'peak RSS':>9} {'2×largest+2GiB':>15} {'start-up s':>10} {'CPU s':>7} {'tensors':>8} {'CPU/tensor':>10}"
+          + (f" {'baseline: stream s':>18} {'CPU s':>7} {'CPU/tensor':>10} {'same bytes':>10}" if args.baseline else ""))
     for r in rows:
         bound = 2 * r["largest_tensor"] + 2 * gib
         print(f"{r['case']:6} {r['layers']:>6} {r['model_bytes'] / gib:>7.2f}GiB {r['kept_bytes'] / gib:>7.2f}GiB "
               f"{r['stream_s']:>9.1f} {r['copy_s']:>8.1f} {r['ratio']:>6.2f} {r['peak_rss'] / gib:>6.2f}GiB "
-              f"{bound / gib:>12.2f}GiB {r['startup_s']:>10.1f}")
+              f"{bound / gib:>12.2f}GiB {r['startup_s']:>10.1f} {r['cpu_s']:>7.2f} {r['tensors']:>8,} "
+              f"{1e3 * r['cpu_s'] / r['tensors']:>8.3f}ms"
+              + (f" {r['baseline_s']:>18.1f} {r['baseline_cpu_s']:>7.2f} {1e3 * r['baseline_cpu_s'] / r['tensors']:>8.3f}ms "
+                 f"{str(r['same_bytes_as_baseline']):>10}" if args.baseline else ""))
 
 
 if __name__ == "__main__":

@@ -129,8 +129,29 @@ def _unique_object(pairs):
     return out
 
 
+_PARSED: dict[tuple, dict[str, SourceTensor]] = {}  # read_header's results, by file identity and version
+_PARSED_FILES = 4096
+
+
 def read_header(path: Path) -> dict[str, SourceTensor]:
-    """The tensors of one safetensors file (its header only, validated), or one line naming the file."""
+    """The tensors of one safetensors file (its header only, validated), or one line naming the file.
+    A file is parsed once per process while it is unchanged (same inode, size and modification time):
+    the export's validation and its model card read the same headers."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise MoescopeError(f"'{path}' is missing; the model folder is incomplete") from None
+    except OSError as err:
+        raise MoescopeError(f"cannot read '{path}': {err.strerror or err}") from None
+    version = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if version not in _PARSED:
+        if len(_PARSED) >= _PARSED_FILES:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[version] = _parse_header(path)
+    return dict(_PARSED[version])  # (the path is the same file, spelt the same: it is in the key)
+
+
+def _parse_header(path: Path) -> dict[str, SourceTensor]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -266,6 +287,26 @@ def check_finite(t: SourceTensor, what: str = "") -> None:
             left -= n
 
 
+def check_finite_run(parts: list[SourceTensor], what: str = "") -> None:
+    """:func:`check_finite` of tensors lying back to back in one file, each stretch of one dtype
+    read and checked as one tensor (a stretch that fails is checked again tensor by tensor, so the
+    line names the tensor)."""
+    i = 0
+    while i < len(parts):
+        j = i + 1
+        while j < len(parts) and parts[j].dtype == parts[i].dtype and parts[j].start == parts[j - 1].end:
+            j += 1
+        first, last = parts[i], parts[j - 1]
+        numel = (last.end - first.start) * 8 // ST_BITS[first.dtype]
+        try:
+            check_finite(SourceTensor(first.name, first.file, first.dtype, (numel,), first.start, last.end), what)
+        except MoescopeError:
+            for t in parts[i:j]:
+                check_finite(t, what)
+            raise
+        i = j
+
+
 # ---- the tensor set the config implies ---------------------------------------------------------
 class Conversions:
     """transformers 5's load-time key conversions of ``hf`` (a weightless skeleton of the source's
@@ -288,6 +329,7 @@ class Conversions:
         plan = hf._get_dtype_plan(dtype) if dtype is not None else {}
         self.dtype_plan = plan
         self._plan_re = build_glob_alternation(list(plan)) if plan else None
+        self._named: dict[str, tuple[str, str | None]] = {}  # target() of every key asked, once
         self.targets = {k: self.target(k) for k in keys}  # marks the transforms that match, as loading does
         hf._weight_conversions = [t for t in self.transforms if t.was_used()]  # what save_pretrained reverts
 
@@ -295,9 +337,13 @@ class Conversions:
         """The in-memory name of checkpoint ``key`` and the converter pattern it matched (or None)."""
         from transformers.core_model_loading import rename_source_key
 
+        known = self._named.get(key)
+        if known is not None:
+            return known
         name, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta)
         if name not in self.meta and key in self.meta:
             name, pattern = rename_source_key(key, [], [], self.prefix, self.meta)
+        self._named[key] = name, pattern
         return name, pattern
 
     def target_dtype(self, name: str, source_dtype: torch.dtype) -> torch.dtype:
@@ -324,12 +370,14 @@ class Conversions:
         mappings: dict = {}
         for key, t in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
             name, pattern = self.target(key)
-            if pattern is not None:
-                mapping = mappings.setdefault(name, deepcopy(self.by_pattern[pattern]))
-            else:
-                mapping = mappings.setdefault(name, WeightRenaming(key, name))
+            mapping = mappings.get(name)
+            if mapping is None:  # one converter per in-memory tensor (a layer's experts share one)
+                mapping = mappings[name] = (deepcopy(self.by_pattern[pattern]) if pattern is not None
+                                            else WeightRenaming(key, name))
+            if pattern is None:
                 pattern = key
-            mapping.add_tensor(name, key, pattern, t.to(self.target_dtype(name, t.dtype)))
+            want = self.target_dtype(name, t.dtype)
+            mapping.add_tensor(name, key, pattern, t if t.dtype == want else t.to(want))
         out = {}
         for first, mapping in mappings.items():
             for name, value in mapping.convert(first, model=self.hf, config=self.hf.config).items():

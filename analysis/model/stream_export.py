@@ -56,6 +56,7 @@ from moescope.analysis.model.checkpoint import (  # noqa: F401 (re-exported: the
     SourceTensor,
     all_finite,
     check_finite,
+    check_finite_run,
     read_header,
     read_tensor,
     source_tensors,
@@ -128,9 +129,10 @@ def prefetch(parts: list[SourceTensor]) -> None:
 class ShardWriter:
     """A safetensors file written as its tensors come: a header region reserved up front (filled
     in, padded with spaces, when the file is closed), then each tensor's bytes in turn. Copies of
-    source tensors that lie back to back on disk are joined into one kernel copy."""
+    source tensors that lie back to back on disk are joined into one kernel copy, checked first by
+    ``check`` (called with the run's source tensors) as one read."""
 
-    def __init__(self, path: Path, reserve: int):
+    def __init__(self, path: Path, reserve: int, check=None):
         self.path = path
         self.reserve = -(-reserve // 8) * 8
         self.fh = open(path, "wb", buffering=0)
@@ -138,6 +140,8 @@ class ShardWriter:
         self.entries: dict[str, dict] = {}
         self.offset = 0
         self.pending: list = []  # [file, start, end] of a run of source bytes still to copy
+        self.pending_parts: list[SourceTensor] = []  # the source tensors of that run
+        self.check = check
 
     def _record(self, name: str, dtype: str, shape, nbytes: int) -> None:
         self.entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self.offset, self.offset + nbytes]}
@@ -158,13 +162,16 @@ class ShardWriter:
         else:
             self._flush()
             self.pending = [src.file, src.start, src.end]
+        self.pending_parts.append(src)
         self._record(name, src.dtype, src.shape, src.nbytes)
 
     def _flush(self) -> None:
         if not self.pending:
             return
         file, start, end = self.pending
-        self.pending = []
+        parts, self.pending, self.pending_parts = self.pending_parts, [], []
+        if self.check is not None:
+            self.check(parts)
 
         def run():
             with open(file, "rb") as s:
@@ -179,7 +186,11 @@ class ShardWriter:
 
     def close(self) -> int:
         """Write the header; returns the bytes of tensor data."""
-        self._flush()
+        try:
+            self._flush()
+        except BaseException:
+            self.abort()
+            raise
         header = {"__metadata__": {"format": "pt"}, **self.entries}
         raw = json.dumps(header, separators=(",", ":")).encode()
         if len(raw) > self.reserve:  # cannot happen with write_pruned's reserve; kept as a guard
@@ -318,8 +329,17 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
                        key=lambda k: (tensors[k].file.name, tensors[k].start))
 
     layers = {int(l): lp for l, lp in plan.layers.items()}
-    sources = {l: layer_sources(conv, skeleton.layers[l], l, {k: tensors[k] for k in kept_keys}, source_dir)
-               for l in sorted(layers)}
+    # each edited layer looks only at the keys whose in-memory names are its experts' and router's
+    by_target: dict[str, list[str]] = defaultdict(list)
+    for i, k in enumerate(kept_keys):
+        by_target[conv.targets[k][0]].append((i, k))
+
+    def of_layer(l: int) -> dict[str, SourceTensor]:
+        view = skeleton.layers[l]
+        names = {*expert_targets(view, l), *router_targets(view, l).values()}
+        return {k: tensors[k] for _, k in sorted(ik for n in names for ik in by_target.get(n, ()))}
+
+    sources = {l: layer_sources(conv, skeleton.layers[l], l, of_layer(l), source_dir) for l in sorted(layers)}
     edited = {k: l for l, s in sources.items() for k in
               [*s.fused, *s.router, *(k for ks in s.per_expert.values() for k in ks)]}
 
@@ -348,6 +368,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
 
     def emit(writer: ShardWriter, name: str, t: Tensor) -> None:
         # a computed tensor (a merge, a cast) holding NaN or infinity is never written as a result
+        writer._flush()  # (the copies before it are checked first)
         if not all_finite(t):
             raise MoescopeError(f"{name} holds non-finite values (NaN or infinity) after pruning; nothing was exported")
         writer.add(name, t)
@@ -358,8 +379,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         want = conv.target_dtype(conv.targets[key][0], ST_DTYPES[src.dtype])
         stats["bytes_read"] += src.nbytes
         if ST_NAMES.get(want) == src.dtype:
-            check_finite(src, "; nothing was exported")  # a copy is checked as a computed tensor is
-            writer.copy(out_name, src)
+            writer.copy(out_name, src)  # checked for NaN and infinity with its run, as a computed tensor is
             stats["bytes_written"] += src.nbytes
             stats["copied_bytes"] += src.nbytes
         else:
@@ -381,7 +401,8 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
         n_out = sum(1 for _ in todo) + sum(
             sum(len(k) for k in sources[u.layer].per_expert.values()) + 8 for u in todo if u.kind != "copy")
         path = out / f"{f.stem}.moescope-part{i:05d}.safetensors"
-        writer = ShardWriter(path, reserve=2 * src_header + 160 * n_out + 4096)
+        writer = ShardWriter(path, reserve=2 * src_header + 160 * n_out + 4096,
+                             check=partial(check_finite_run, what="; nothing was exported"))
         try:
             for u in todo:
                 if progress:

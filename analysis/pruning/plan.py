@@ -69,7 +69,8 @@ class LayerPlan:
         """Members of group ``i`` that contribute nothing: weight 0 in a plain weighted sum (and in
         the router rows). A group of 1.00 × e + 0.00 × f is expert ``e`` kept and ``f`` dropped,
         and is shown so; under TIES a zero weight still takes part in the sign election."""
-        g, c = self.groups[i], self.resolved_coefficients()[i]
+        g = self.groups[i]
+        c = self.coefficients[i] if self.coefficients is not None else [1.0 / len(g)] * len(g)  # (group i's alone)
         router = self.router_coefficients[i] if self.router_coefficients is not None else c
         if self.operator != "linear" or len(g) < 2:
             return []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import time
 
 from moescope.analysis.core import defaults as D
 from moescope.analysis.core.errors import MoescopeError
@@ -524,22 +525,26 @@ def _prune_streamed(args, plan, skeleton, out) -> int:
 
     before = skeleton.parameter_counts()
     bars = ProgressBars(quiet=args.json)
+    wall, cpu = time.perf_counter(), time.process_time()
     try:
         stream_export(args.model, out, plan, overwrite=args.overwrite, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code, progress=bars,
                       transformers_only=args.transformers_only, merged_dtype=args.merged_dtype)
     finally:
         bars.close()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     pruned = load_moe(str(out), dtype=None, weights=False)
     after = pruned.parameter_counts()
     result = {"output": str(out), "experts": {str(k): v for k, v in pruned.num_experts().items()},
-              "params_before": before, "params_after": after, "streamed": True}
+              "params_before": before, "params_after": after, "streamed": True,
+              "export_s": {"wall": round(wall, 3), "cpu": round(cpu, 3)}}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"pruned {args.model}: {plan.summary()} (streamed shard by shard)")
         print(f"parameters {before['total']:,} -> {after['total']:,} "
               f"({100 * (1 - after['total'] / before['total']):.1f}% fewer); wrote {out}")
+        print(f"export took {wall:.1f} s wall, {cpu:.1f} s CPU (this process: user + system)")
     return 0
 
 

@@ -83,8 +83,7 @@ class ProgressBars:
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)  # redrawn at most every tqdm mininterval (a streamed export calls this per tensor)
 
     def close(self) -> None:
         for bar in self.bars.values():
