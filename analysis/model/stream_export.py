@@ -64,17 +64,6 @@ from moescope.analysis.model.checkpoint import (  # noqa: F401 (re-exported: the
 )
 from torch import Tensor
 
-def quantized_checkpoint(folder: Path, tensors: dict[str, SourceTensor]):
-    """The quantization scheme of the checkpoint in ``folder`` (None when it has none), its stored
-    tensors checked against the scheme (each weight's scales present and of the right shape) before
-    anything is written."""
-    from moescope.analysis.model.quantization import check_checkpoint, scheme_of_folder
-
-    quant = scheme_of_folder(folder)
-    if quant is not None:
-        check_checkpoint(quant, {k: (t.dtype, t.shape) for k, t in tensors.items()}, str(folder))
-    return quant
-
 
 # ---- writing ---------------------------------------------------------------------------------
 def _write(fh, data: memoryview) -> None:
@@ -314,7 +303,9 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
     # every header and the tensor set against the config (a quantized checkpoint: its stored tensors
     # against its scheme), before the first byte is written
     tensors, conv = validate_checkpoint(source_dir, skeleton.hf, dtype)
-    quant = quantized_checkpoint(source_dir, tensors)  # a quantized checkpoint keeps its own format
+    from moescope.analysis.model.quantization import scheme_of_folder
+
+    quant = scheme_of_folder(source_dir)  # a quantized checkpoint (checked against its scheme above) keeps its format
     if quant is not None:
         dtype = None
         for key in tensors:  # scales and packed parts go where the weight they belong to goes
