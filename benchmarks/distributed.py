@@ -20,7 +20,9 @@ from FLOP counts calibrated by the measured split, the measured bytes formula, a
 assumptions (printed with the numbers).
 
 The machine may be shared: the load average is printed before and after; compare the two
-columns of one run, not numbers between runs.
+columns of one run, not numbers between runs. On a machine whose cores are already busy a second
+rank finds no free core, so the wall-time speed-up understates the split; the CPU seconds each
+rank spends (also printed) show it.
 """
 
 from __future__ import annotations
@@ -65,14 +67,15 @@ def worker(kind: str, samples: int, seq_len: int, out: str) -> None:
     params = AnalysisParams(metrics=FORWARD_METRICS, similarity_tokens=2048)
     with tempfile.TemporaryDirectory() as cache_dir:
         world.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = run_analysis(model, batch, params, cache=Cache(cache_dir))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         sent = world.bytes_exchanged
+        cpu_max = float(world.sum(torch.tensor([0.0 if world.is_main else cpu]))[0]) if world.distributed else 0.0
         world.barrier()
         if world.is_main:
             layers = {str(l): res.timings(l) for l in res.layers}
-            json.dump({"wall_s": wall, "bytes_by_rank0": sent, "moe_layers": len(res.layers),
+            json.dump({"wall_s": wall, "cpu_s": cpu, "cpu_other_s": cpu_max, "bytes_by_rank0": sent, "moe_layers": len(res.layers),
                        "stream_s": res.meta["timings"]["stream_s"], "layers": layers, "tokens": batch.n_samples * seq_len,
                        "threads": torch.get_num_threads(), "E": model.layers[res.layers[0]].num_experts,
                        "k": model.layers[res.layers[0]].top_k, "d": model.config.hidden_size,
@@ -208,6 +211,9 @@ def main() -> None:
         print(f"  1 rank × {one['threads']} threads: {one['wall_s']:.2f} s   2 ranks × {two['threads']} thread(s): "
               f"{two['wall_s']:.2f} s   speed-up {one['wall_s'] / two['wall_s']:.2f}×")
         print(f"  shared by the ranks: {s1:.2f} s → {s2:.2f} s; once on rank 0: {o1:.2f} s → {o2:.2f} s")
+        print(f"  CPU seconds (what a shared machine does not distort much): 1 rank {one['cpu_s']:.2f} s; "
+              f"2 ranks: rank 0 {two['cpu_s']:.2f} s, rank 1 {two['cpu_other_s']:.2f} s "
+              f"(the busier rank's CPU time is {max(two['cpu_s'], two['cpu_other_s']) / one['cpu_s']:.2f} of one rank's)")
         print(f"  bytes rank 0 put into collectives per MoE layer: {per_layer / 1e6:.2f} MB "
               f"(formula for a non-main rank: {bytes_formula(T, E, k, d, m, 2) / 1e6:.2f} MB)")
     paper(measured)
