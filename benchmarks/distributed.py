@@ -20,7 +20,9 @@ from FLOP counts calibrated by the measured split, the measured bytes formula, a
 assumptions (printed with the numbers).
 
 The machine may be shared: the load average is printed before and after; compare the two
-columns of one run, not numbers between runs.
+columns of one run, not numbers between runs. On a machine whose cores are already busy a second
+rank finds no free core, so the wall-time speed-up understates the split; the CPU seconds each
+rank spends (also printed) show it.
 """
 
 from __future__ import annotations
@@ -65,14 +67,15 @@ def worker(kind: str, samples: int, seq_len: int, out: str) -> None:
     params = AnalysisParams(metrics=FORWARD_METRICS, similarity_tokens=2048)
     with tempfile.TemporaryDirectory() as cache_dir:
         world.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = run_analysis(model, batch, params, cache=Cache(cache_dir))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         sent = world.bytes_exchanged
+        cpu_max = float(world.sum(torch.tensor([0.0 if world.is_main else cpu]))[0]) if world.distributed else 0.0
         world.barrier()
         if world.is_main:
             layers = {str(l): res.timings(l) for l in res.layers}
-            json.dump({"wall_s": wall, "bytes_by_rank0": sent, "moe_layers": len(res.layers),
+            json.dump({"wall_s": wall, "cpu_s": cpu, "cpu_other_s": cpu_max, "bytes_by_rank0": sent, "moe_layers": len(res.layers),
                        "stream_s": res.meta["timings"]["stream_s"], "layers": layers, "tokens": batch.n_samples * seq_len,
                        "threads": torch.get_num_threads(), "E": model.layers[res.layers[0]].num_experts,
                        "k": model.layers[res.layers[0]].top_k, "d": model.config.hidden_size,
@@ -113,14 +116,16 @@ def bytes_formula(T: int, E: int, k: int, d: int, n_sample: int, ranks: int, ele
     """Bytes one non-main rank puts into the collectives of one MoE layer (similarity, routing and
     activation families): its share of the routing trace (logits E×4, indices k×8, weights k×4 per
     token), its share of the sampled tokens' block inputs (d·elem per token), the routed-token
-    sums (per expert: 3 + 4d float64, then d, then 1), and the mean outputs (E·d float64, only when
-    the sample is smaller than T), plus a few 8-byte counts."""
+    sums (per expert: 3 + 4d float64, then d, then 1), the mean outputs (E·d float64, only when
+    the sample is smaller than T), the shared RBF CKA's sums (bandwidths E, Frobenius products E²,
+    row sums E·n, float64), plus a few 8-byte counts."""
     share = T / ranks
     trace = share * (E * 4 + k * 8 + k * 4)
     sample = (n_sample / ranks) * d * elem
     routed = E * ((3 + 4 * d) + d + 1) * 8
     means = E * d * 8 if n_sample < T else 0
-    return trace + sample + routed + means
+    rbf = (E + E * E + E * n_sample) * 8
+    return trace + sample + routed + means + rbf
 
 
 def split(res: dict) -> tuple[float, float]:
@@ -139,8 +144,9 @@ def paper(measured: dict) -> None:
     expert = 6 * d * I  # FLOPs of one expert on one token (gate, up, down)
     attn = 2 * d * (heads * hd * 2 + kv * hd * 2) + 2 * 2 * 2048 / 2 * heads * hd
     per_token = attn + k * expert + k * expert  # the layer's forward, then the routed tokens' expert outputs
-    shared = T * per_token + n * E * expert  # + every expert on the sampled tokens (split by owner rank)
-    once_all = (2 * E * n * n * d * 2  # token Grams of linear CKA and the exact RBF CKA's distances
+    rbf = E * n * n * d * 2  # the exact RBF CKA's distances and kernels, row blocks over the ranks
+    shared = T * per_token  # the layer's tokens, split by sequence
+    once_all = (E * n * n * d * 2  # token Grams of linear CKA (the exact RBF CKA's distances are shared)
                 + E * E * n * d * 2  # output cosine / MSE Grams
                 + T * E * E * 2  # co-activation on the gathered trace
                 + E * d * d * I * 2)  # surrogate-weight Gram
@@ -153,7 +159,8 @@ def paper(measured: dict) -> None:
     layer_bytes = 3 * E * d * I * 2 + (heads * hd * 2 + kv * hd * 2) * d * 2
     print("\nOn paper: Qwen3-235B-A22B, 94 MoE layers × 128 experts (top-8, d 4096, expert width 1536), "
           "256 × 2048 calibration tokens, 8192 sampled for similarities")
-    print(f"  per layer: {shared / 1e12:.0f} TFLOP split over the ranks; once on rank 0 {once_all / 1e12:.0f} TFLOP "
+    print(f"  per layer: {shared / 1e12:.0f} TFLOP split over the ranks (+ {rbf / 1e12:.0f} TFLOP of RBF CKA, split); "
+          f"every rank runs the experts on the sample ({n * E * expert / 1e12:.0f} TFLOP); once on rank 0 {once_all / 1e12:.0f} TFLOP "
           f"(all forward families) or {once_act / 1e12:.0f} TFLOP (routing + activations); "
           f"{layer_bytes / 1e9:.1f} GB of weights onloaded by every rank")
     print("  assumed per GPU: float32 statistics 40 TFLOP/s, onload 20 GB/s, gloo into rank 0 2 GB/s; the bf16 "
@@ -162,9 +169,9 @@ def paper(measured: dict) -> None:
                               ("all forward families, bf16 at 30 TFLOP/s", once_all, 30e12),
                               ("routing + activations, bf16 at 30 TFLOP/s", once_act, 30e12)):
         print(f"  {title}:")
-        print("    GPUs   shared/rank   once   onload   exchange   per layer   94 layers")
+        print("    GPUs     per rank   once   onload   exchange   per layer   94 layers")
         for g in (1, 8, 32):
-            t_shared = shared / g / bf16
+            t_shared = shared / g / bf16 + n * E * expert / bf16 + (rbf / g / fp32 if once is once_all else 0.0)
             t_once = once / fp32
             t_onload = layer_bytes / onload_bw
             t_x = bytes_formula(T, E, k, d, n, g, elem=2) * (g - 1) / gather_bw if g > 1 else 0.0
@@ -175,8 +182,8 @@ def paper(measured: dict) -> None:
     if syn:
         print(f"  (measured here on the synthetic 128-expert model: the once-on-rank-0 part is "
               f"{100 * syn['once_frac']:.0f} % of one rank's analysis)")
-    print("  The once-on-rank-0 work (similarities on the gathered sample, statistics of the gathered trace) and "
-          "the gather into rank 0 do not shrink with more GPUs: they bound the speed-up.")
+    print("  The once-on-rank-0 work (linear CKA and the cosine/MSE Grams on the sample, statistics of the gathered "
+          "trace, weight criteria) and the gather into rank 0 do not shrink with more GPUs: they bound the speed-up.")
 
 
 def main() -> None:
@@ -204,6 +211,9 @@ def main() -> None:
         print(f"  1 rank × {one['threads']} threads: {one['wall_s']:.2f} s   2 ranks × {two['threads']} thread(s): "
               f"{two['wall_s']:.2f} s   speed-up {one['wall_s'] / two['wall_s']:.2f}×")
         print(f"  shared by the ranks: {s1:.2f} s → {s2:.2f} s; once on rank 0: {o1:.2f} s → {o2:.2f} s")
+        print(f"  CPU seconds (what a shared machine does not distort much): 1 rank {one['cpu_s']:.2f} s; "
+              f"2 ranks: rank 0 {two['cpu_s']:.2f} s, rank 1 {two['cpu_other_s']:.2f} s "
+              f"(the busier rank's CPU time is {max(two['cpu_s'], two['cpu_other_s']) / one['cpu_s']:.2f} of one rank's)")
         print(f"  bytes rank 0 put into collectives per MoE layer: {per_layer / 1e6:.2f} MB "
               f"(formula for a non-main rank: {bytes_formula(T, E, k, d, m, 2) / 1e6:.2f} MB)")
     paper(measured)

@@ -159,6 +159,10 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
                 Y = P.sample_outputs(view, x, sel, ranges, world)
                 means = (P.mean_outputs(view, x, T, world) if "similarity" in want and n < T else None)
                 routed = P.routed_statistics(view, x, r_local, world) if "activations" in want else None
+            if "similarity" in want:
+                with _timed(tm, "similarity"):
+                    world.doing(f"sharing the RBF CKA of layer {view.index}")
+                    rbf = M.rbf_cka_matrix(Y, world=world)
     if dp and not world.is_main:
         return None
     if Y is None and ("similarity" in want or "activations" in want):
@@ -190,7 +194,8 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             # linear and mini-batch RBF CKA share the token Grams (one pass over the outputs)
             (out.similarity["cka_linear"], out.similarity["cka_rbf"],
              out.similarity["cka_rbf_minibatch"]) = M.output_cka_matrices(
-                Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches, seed=params.seed
+                Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches, seed=params.seed,
+                rbf=rbf if dp else None,
             )
             out.similarity["cosine"] = stats.output_cosine if Y.shape[1] == n else M.output_cosine_matrix(Y)
             out.similarity["mse"] = M.output_mse_matrix(Y)

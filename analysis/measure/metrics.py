@@ -193,19 +193,25 @@ def _upper_blocks(n: int, rows: int):
 
 
 @torch.no_grad()
-def rbf_bandwidths(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+def rbf_bandwidths(Y: Tensor, work_bytes: int = WORK_BYTES, world=None) -> Tensor:
     """``σ² [E]``: per expert, the square of the lower median of its off-diagonal token distances
     ``‖y_s − y_t‖`` over all ``n(n − 1)/2`` pairs (the median heuristic of the RBF kernel), exact:
     the pairs of one expert are gathered a block of rows at a time (``n²/2`` floats alive, the
     upper triangle only) and the median taken by selection (the median of the squared distances
-    is the square of the median distance: the same element)."""
+    is the square of the median distance: the same element). Under torchrun (``world`` of several
+    ranks, each holding all of Y) each rank takes every ``size``-th expert and the values are
+    summed over the ranks (one rank's value and 0.0 from the others: exact)."""
     E, n, _ = Y.shape
     out = torch.ones(E, dtype=torch.float64)
     if n < 2:
         return out
+    dp = world is not None and world.distributed
     b = min(RBF_BLOCK_ROWS, _rows_per_chunk(n * 4, n, work_bytes))
     above = torch.ones(b, b, dtype=torch.bool, device=Y.device).triu_(1)
     for e in range(E):
+        if dp and not world.mine(e):
+            out[e] = 0.0
+            continue
         Ye = Y[e].to(_acc_dtype(Y))
         sq = (Ye * Ye).sum(-1)
         parts = []
@@ -217,11 +223,13 @@ def rbf_bandwidths(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
         del parts
         k = (pairs.size - 1) // 2  # the lower median, by selection (numpy's introselect: linear time)
         out[e] = float(np.partition(pairs, k)[k])
+    if dp:
+        out = world.sum(out)
     return out.clamp_min(1e-12)
 
 
 @torch.no_grad()
-def rbf_cka_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
+def rbf_cka_matrix(Y: Tensor, work_bytes: int = WORK_BYTES, world=None) -> Tensor:
     """RBF-kernel CKA as the CKA definition has it (group-and-merge eq. 3, Kornblith et al.):
     ``HSIC(K_i, K_j) / sqrt(HSIC(K_i, K_i) HSIC(K_j, K_j))`` with ``HSIC(K, L) ∝ tr(K H L H)`` and
     one kernel estimate over the whole batch of n tokens: ``K_st = exp(−‖y_s − y_t‖² / (2σ²))``
@@ -231,15 +239,22 @@ def rbf_cka_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
     ``H = I − 11ᵀ/n``, ``tr(K_i H K_j H) = ⟨K_i, K_j⟩ − (2/n) r_i·r_j + (g_i g_j)/n²`` where ``r`` are
     the Gram's row sums and ``g`` its total, so one pass over blocks of rows (the upper triangle:
     ``K`` is symmetric) accumulates the Frobenius products, row sums and totals of every expert's
-    Gram at once (float64), after the bandwidth pass; only ``work_bytes`` of Gram rows are alive."""
+    Gram at once (float64), after the bandwidth pass; only ``work_bytes`` of Gram rows are alive.
+
+    Under torchrun (``world`` of several ranks, each holding all of Y) the bandwidths are split by
+    expert and the row blocks round-robin; the Frobenius products and row sums are sums over
+    blocks, reduced in float64 (equal to one process up to the order of those sums)."""
     E, n, _ = Y.shape
     acc = _acc_dtype(Y)
-    sigma2 = rbf_bandwidths(Y, work_bytes).to(device=Y.device, dtype=acc)
+    dp = world is not None and world.distributed
+    sigma2 = rbf_bandwidths(Y, work_bytes, world).to(device=Y.device, dtype=acc)
     b = min(RBF_BLOCK_ROWS, _rows_per_chunk(E * n * 8, n, work_bytes))
     sqs = [(Y[e].to(acc) * Y[e].to(acc)).sum(-1) for e in range(E)]
     frob = torch.zeros(E, E, dtype=torch.float64)
     rows = torch.zeros(E, n, dtype=torch.float64)
-    for r0, r1 in _upper_blocks(n, b):
+    for i, (r0, r1) in enumerate(_upper_blocks(n, b)):
+        if dp and not world.mine(i):
+            continue
         w = r1 - r0
         K = torch.empty(E, w, n - r0, dtype=acc, device=Y.device)
         for e in range(E):
@@ -249,21 +264,24 @@ def rbf_cka_matrix(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
         rows[:, r0:r1] += K.sum(2).double().cpu()  # the block's rows: the square and the rest
         rows[:, r1:] += K[:, :, w:].sum(1).double().cpu()  # the rest's columns are the later rows' (symmetry)
         del K, square, rest
+    if dp:
+        frob, rows = world.sum(frob), world.sum(rows)
     total = rows.sum(1)
     hsic = frob - (2.0 / n) * (rows @ rows.T) + torch.outer(total, total) / n**2
     return _cka_from_hsic(hsic).float()
 
 
 def output_cka_matrices(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0,
-                        work_bytes: int = WORK_BYTES) -> tuple[Tensor, Tensor, Tensor]:
+                        work_bytes: int = WORK_BYTES, rbf: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Linear CKA (:func:`linear_cka_matrix`), RBF CKA over the whole batch (:func:`rbf_cka_matrix`)
     and the mini-batch mean of RBF CKA (:func:`rbf_cka_minibatch_matrix`). Where the Gram form is
     the cheaper (every real model), the mini-batches' distances are read off the centred token
     Grams the linear CKA builds anyway (``‖y_s − y_t‖² = K_ss + K_tt − 2K_st``, centring does not
     move distances), so the mini-batch RBF costs no second pass over the outputs. Same values as
-    the separate functions (to float32 rounding)."""
+    the separate functions (to float32 rounding). ``rbf``: the RBF CKA when already computed
+    (spread over ranks, :func:`rbf_cka_matrix`)."""
     E, n, d = Y.shape
-    rbf = rbf_cka_matrix(Y, work_bytes)
+    rbf = rbf_cka_matrix(Y, work_bytes) if rbf is None else rbf
     cost = linear_cka_cost(E, n, d)
     if cost["gram"] > cost["feature"]:
         return (linear_cka_matrix(Y, "feature", work_bytes), rbf,

@@ -8,9 +8,11 @@ rebuilt here from the shares, so the stored analysis is the one-process one:
   routing statistic (usage, co-activation, vocabulary coverage, β's median, logit similarities,
   ETS's token overlaps) is then computed once on the whole trace, exactly as in one process.
 - **The seeded token sample** of the output similarities is drawn over the global T with the
-  one-process generator; each rank sends the sampled block inputs it holds and the main rank runs
+  one-process generator; each rank sends the sampled block inputs it holds and every rank runs
   every expert on them in the one-process order (gathering inputs, not outputs: E times fewer
-  bytes, 8.6 GB → 67 MB per layer for Qwen3-235B's 128 experts at 8192 sampled tokens).
+  bytes, 8.6 GB → 67 MB per layer for Qwen3-235B's 128 experts at 8192 sampled tokens). The
+  exact RBF CKA on them, the costliest similarity, is then spread: bandwidths by expert, Gram row
+  blocks round-robin, their float64 sums reduced.
 - **Sums** are reduced in float64: HC-SMoE's mean expert outputs, and per expert the sums behind
   EAN (``Σ_t A_tj²`` per hidden unit), EAN-mean and REAP (norm and weighted-norm sums), EAE
   and EAO (the per-unit mean and deviation, then the outlier count against them: three
@@ -47,19 +49,17 @@ def gather_routing(r, world: World):
 
 
 def sample_outputs(view, x: Tensor, sel: Tensor, ranges: list[tuple[int, int]], world: World) -> Tensor | None:
-    """``Y [E, n, d]`` every expert's output on the sampled global token indices ``sel [n]``, on the
-    main rank (None on the others): each rank sends the sampled block inputs it holds (``n_r × d``,
-    E times fewer bytes than their outputs), the main rank puts them in ``sel``'s order and runs
-    every expert on them, exactly as one process does."""
+    """``Y [E, n, d]`` every expert's output on the sampled global token indices ``sel [n]``, on
+    every rank: each rank sends the sampled block inputs it holds (``n_r × d``, E times fewer bytes
+    than their outputs), and every rank puts them in ``sel``'s order and runs every expert on them,
+    exactly as one process does (the ranks then share the RBF CKA's blocks)."""
     world.doing("gathering the sampled tokens")
     lo, _ = ranges[world.rank]
     owner = torch.zeros(len(sel), dtype=torch.long)
     for r, (a, b) in enumerate(ranges):
         owner[(sel >= a) & (sel < b)] = r
     here = (owner == world.rank).nonzero().flatten()
-    rows = world.gather_rows(x[(sel[here] - lo).to(x.device)].cpu(), to_main=True)  # [n, d] in rank order
-    if rows is None:
-        return None
+    rows = world.gather_rows(x[(sel[here] - lo).to(x.device)].cpu())  # [n, d] in rank order
     order = torch.cat([(owner == r).nonzero().flatten() for r in range(world.size)])
     xs = torch.empty(len(sel), x.shape[1], dtype=x.dtype)
     xs[order] = rows
