@@ -149,7 +149,7 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             "tokens": float(T),
         }
 
-    Y = None
+    Y = routed = rbf = None  # routed, rbf: the data-parallel reductions, when their families are asked for
     if "similarity" in want or "activations" in want:
         with timed("expert_outputs"):
             n = min(T, params.similarity_tokens)
