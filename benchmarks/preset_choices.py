@@ -16,6 +16,9 @@ Calibration: ``demo:all`` validation windows, seed 0 (64×256 tokens by default)
   (experts run on the same tokens, router bypassed), the spectral groups (r = 2…7) of linear CKA
   against those of the literal eq. 3 (scaled to a maximum of 1; spectral clustering's normalised
   Laplacian ignores a global scale): how many of the (layer, r) cases give the same partition.
+* Enumeration (Lu et al. eq. 3: one norm over all tokens; the authors' ``wrapper.py``: the sum of
+  each batch's norm, batches of 8 sequences): the kept subset per layer and keep r = 2…7 under each;
+  how many (layer, r) cases differ.
 * The learned merge (group-and-merge eq. 6, ``gam-learned`` at keep 6 on ``--learned-samples``
   sequences): λ of every single-expert group (eq. 6 read literally scales every output expert, a
   kept one too), and the pooled test perplexity (2048 test tokens per domain) with those λ and with
@@ -76,6 +79,28 @@ def cka_comparison(model, batch, tokens: int) -> None:
           f"{total} (layer, r = 2…7) cases, on {tokens} tokens per layer\n")
 
 
+@torch.no_grad()
+def enumeration_objectives(model, batch, sequences: int = 8) -> None:
+    from moescope.analysis.measure.capture import LayerStream
+    from moescope.analysis.measure.sensitivity import SubsetScorer, enumerate_layer
+
+    differ, total = [], 0
+    for l, x in LayerStream(model, batch.input_ids).layers():
+        if x is None:
+            continue
+        view = model.layers[l]
+        eq3 = SubsetScorer(view, x)
+        per_batch = SubsetScorer(view, x, batch_tokens=sequences * batch.input_ids.shape[1])
+        for r in range(max(2, view.top_k), view.num_experts):
+            a = enumerate_layer(view, x, r, scorer=eq3).keep
+            b = enumerate_layer(view, x, r, scorer=per_batch).keep
+            total += 1
+            if a != b:
+                differ.append(f"layer {l} keep {r}: {a} / {b}")
+    print(f"enumeration, eq. 3 / per-batch ({sequences} sequences): different subsets in {len(differ)} of {total} "
+          f"(layer, keep) cases" + (": " + "; ".join(differ) if differ else "") + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
@@ -84,13 +109,18 @@ def main() -> None:
     ap.add_argument("--learned-samples", type=int, default=16)
     ap.add_argument("--cka-tokens", type=int, default=4096)
     ap.add_argument("--cka-only", action="store_true", help="only the CKA comparison")
+    ap.add_argument("--enumeration-only", action="store_true", help="only the enumeration objectives")
     args = ap.parse_args()
     model = load_moe(args.model)
     tok = tokenizer_for(model, None)
     batch = sample_tokens("demo:all", tok, args.samples, args.seq_len)
     print(f"{args.model}: {batch.describe()}\n")
-    cka_comparison(model, batch, args.cka_tokens)
+    if not args.enumeration_only:
+        cka_comparison(model, batch, args.cka_tokens)
     if args.cka_only:
+        return
+    enumeration_objectives(model, batch)
+    if args.enumeration_only:
         return
 
     print("Max-WSR, first two drops per layer")

@@ -325,7 +325,7 @@ def test_align_and_density_are_generated_cli_flags():
 
     merge = get_strategy("merge")
     declared = {p["name"]: p for p in merge.describe()["params"]}
-    assert declared["align"]["choices"] == ["none", "weights", "activations"]
+    assert declared["align"]["choices"] == ["none", "weights", "activations", "routed-activations"]
     # group-and-merge merges raw weights (alignment is MC-SMoE's addition, on by default in router-guided)
     assert declared["align"]["default"] == "none" and declared["density"]["default"] == 0.2
     router_guided = {p["name"]: p for p in get_strategy("router-guided").describe()["params"]}
