@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stream_export import drop_caches, tensor_sizes, timed_child  # noqa: E402  (this folder's benchmark)
+from stream_export import cold_copy_seconds, drop_caches, tensor_sizes, timed_child  # noqa: E402  (this folder's benchmark)
 
 D, I, VOCAB, HEADS = 7168, 2048, 32_000, 128
 Q_LORA, KV_LORA, ROPE, NOPE, V_HEAD = 1536, 512, 64, 128, 128
@@ -153,18 +153,7 @@ def measure_fp8(root: Path, layers: int, experts: int) -> dict:
         dtypes = sorted({v["dtype"] for f in out.glob("*.safetensors") for k, v in _header(f).items()
                          if k != "__metadata__"})
         shutil.rmtree(out)
-        chosen, total = [], 0
-        for f in sorted(src.glob("model-*.safetensors")):
-            if total >= kept:
-                break
-            chosen.append(f)
-            total += f.stat().st_size
-        drop_caches([src])
-        cp_dir.mkdir()
-        t0 = time.perf_counter()
-        subprocess.run(["cp", *map(str, chosen), str(cp_dir)], check=True)
-        subprocess.run(["sync", "-f", str(cp_dir)], check=True)
-        cp_s = (time.perf_counter() - t0) * kept / total
+        cp_s = cold_copy_seconds(src, kept, cp_dir)
     finally:
         for p in (src, out, cp_dir):
             shutil.rmtree(p, ignore_errors=True)

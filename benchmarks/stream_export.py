@@ -161,6 +161,28 @@ def drop_caches(paths) -> None:
                 os.close(fd)
 
 
+def cold_copy_seconds(src: Path, kept: int, cp_dir: Path) -> float:
+    """Seconds ``cp`` takes for ``kept`` bytes of ``src``'s shards, page cache dropped first and the
+    copies synced to disk: whole shards are copied until at least ``kept`` bytes are, and the time is
+    scaled to ``kept``."""
+    chosen, total = [], 0
+    for f in sorted(src.glob("model-*.safetensors")):
+        if total >= kept:
+            break
+        chosen.append(f)
+        total += f.stat().st_size
+    drop_caches([src])
+    cp_dir.mkdir()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", *map(str, chosen), str(cp_dir)], check=True)
+    subprocess.run(["sync", "-f", str(cp_dir)], check=True)
+    for f in cp_dir.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return (time.perf_counter() - t0) * kept / total
+
+
 def timed_child(argv: list[str], env=None) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
@@ -252,23 +274,7 @@ def measure(root: Path, name: str, layers: int, keep: int, baseline: str | None 
         n_tensors = len(tensor_sizes(src))
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         shutil.rmtree(out)  # free the disk before the copy
-        shards = sorted(src.glob("model-*.safetensors"))
-        chosen, total = [], 0
-        for f in shards:
-            if total >= kept:
-                break
-            chosen.append(f)
-            total += f.stat().st_size
-        drop_caches([src])
-        cp_dir.mkdir()
-        t0 = time.perf_counter()
-        subprocess.run(["cp", *map(str, chosen), str(cp_dir)], check=True)
-        subprocess.run(["sync", "-f", str(cp_dir)], check=True)
-        for f in cp_dir.iterdir():
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        cp_s = (time.perf_counter() - t0) * kept / total
+        cp_s = cold_copy_seconds(src, kept, cp_dir)
     finally:
         for p in (src, out, cp_dir):
             shutil.rmtree(p, ignore_errors=True)
