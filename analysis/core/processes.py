@@ -1,4 +1,5 @@
-"""Whether a process is still running (jobs, cache locks and atomic writes ask it)."""
+"""Whether a process is still running (jobs, cache locks and atomic writes ask it), and how much
+memory this process may still take (checks of a requested computation's size ask it)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,36 @@ def process_alive(pid: int | None) -> bool:
     except OSError:
         return True
 
+
+
+MEMORY_ENV = "MOESCOPE_MEMORY_BYTES"  # overrides what available_memory() reads (tests; a stated budget)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still take: ``MOESCOPE_MEMORY_BYTES`` when set, else the
+    smaller of the kernel's ``MemAvailable`` and what the cgroup's limit leaves (``memory.max`` −
+    ``memory.current``, cgroup v2), None where neither can be read."""
+    given = os.environ.get(MEMORY_ENV)
+    if given:
+        return int(given)
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                found.append(max(0, int(limit) - int(f.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 class Terminated(KeyboardInterrupt):

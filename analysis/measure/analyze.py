@@ -335,6 +335,60 @@ def lookup_analysis(model, batch, params: AnalysisParams | None = None, cache=No
     return lookup("analysis", analysis_parts(model, batch, params or AnalysisParams()), AnalysisResult, cache)
 
 
+def predicted_memory(skeleton, params: AnalysisParams, samples: int, seq_len: int, dtype: torch.dtype,
+                     offloaded: bool = False) -> dict[str, int]:
+    """The bytes an analysis of ``skeleton`` (a weightless model, :func:`load_moe` with
+    ``weights=False``) on ``samples`` × ``seq_len`` calibration tokens holds at its peak, by what
+    holds them — the terms that grow with the model and the request:
+
+    * ``weights``: every parameter in ``dtype`` (offloaded: the largest decoder layer and what lies
+      outside the layers, embeddings and head);
+    * ``hidden_states``: the T = samples × seq_len tokens' hidden states, a layer's input and its
+      output (2 · T · d values in ``dtype``);
+    * ``expert_outputs``: every routed expert's output on the similarity sample, E × n × d in
+      ``dtype`` with n = min(T, similarity_tokens) · (1 + augment_ratio), when similarity or
+      activations are asked for (the largest MoE layer's E);
+    * ``gradients``: one gradient of every routed expert's weights (float32), for the gradients
+      family;
+    * ``working``: the similarity functions' chunk (:data:`metrics.WORK_BYTES`)."""
+    from moescope.analysis.model.view import attr_path
+
+    width = torch.empty((), dtype=dtype).element_size()
+    hf = skeleton.hf
+    total = sum(p.numel() for p in hf.parameters())
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in attr_path(hf, skeleton.family.layers_path)]
+    weights = (total - sum(layers) + max(layers, default=0)) if offloaded else total
+    d = int(skeleton.config.hidden_size)
+    T = samples * seq_len
+    want = set(params.metrics)
+    E = max(skeleton.num_experts().values(), default=0)
+    n = int(min(T, params.similarity_tokens) * (1 + params.augment_ratio))
+    outputs = E * n * d * width if want & {"similarity", "activations"} else 0
+    expert_params = sum(p.numel() for view in skeleton.layers.values() for p in view.experts.parameters())
+    return {"weights": weights * width, "hidden_states": 2 * T * d * width, "expert_outputs": outputs,
+            "gradients": expert_params * 4 if "gradients" in want else 0, "working": M.WORK_BYTES}
+
+
+def check_memory(predicted: dict[str, int], available: int | None, similarity_tokens: int, n_rows: int) -> None:
+    """Refuse, before any capture, an analysis whose :func:`predicted_memory` exceeds ``available``
+    bytes, in one line naming the estimate, its largest parts, the limit and what to lower."""
+    from moescope.analysis.core.units import format_bytes
+
+    need = sum(predicted.values())
+    if available is None or need <= available:
+        return
+    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in
+                      sorted(predicted.items(), key=lambda kv: -kv[1]) if v)
+    hint = "lower --samples or --seq-len, or keep the weights on disk with --offload DIR"
+    if predicted["expert_outputs"] and n_rows:
+        per_token = predicted["expert_outputs"] / n_rows
+        fits = int((available - need + predicted["expert_outputs"]) // per_token) if per_token else 0
+        if fits >= 4:
+            hint = f"lower --similarity-tokens to {min(fits, similarity_tokens - 1):,} or fewer, or " + hint
+    raise MoescopeError(f"this analysis would hold about {format_bytes(need)} ({parts}), more than the "
+                        f"{format_bytes(available)} of memory available; {hint}")
+
+
 def run_analysis(
     model,
     batch,

@@ -112,6 +112,9 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--offload", default=None, metavar="DIR",
                    help="keep decoder layers on disk in DIR and load one at a time (models larger than memory)")
     p.add_argument("--export", default=None, metavar="DIR", help="write similarity/criteria/routing/coactivation CSVs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory the analysis would hold (weights, hidden states, expert outputs of the "
+                        "similarity sample, gradients) from the config alone, and stop")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)
 

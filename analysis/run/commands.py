@@ -173,6 +173,8 @@ def cmd_analyze(args) -> int:
         similarity_tokens=args.similarity_tokens, augment_ratio=args.augment, augment=args.augment_mode,
         seed=args.seed,
     )
+    if _memory_checked(args, params):  # --dry-run: the estimate only
+        return 0
     model = load_moe(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                      offload_dir=args.offload, allow_pickle=args.allow_pickle)
     batch = sample_tokens(args.calib, tokenizer_for(model, args.tokenizer), args.samples, args.seq_len,
@@ -214,6 +216,35 @@ def cmd_analyze(args) -> int:
             how = {"similarity": "--metrics similarity", "criteria": "--metrics weights, activations or gradients"}
             print("not written: " + "; ".join(f"{n}.csv (this analysis has none: {how[n]} computes it)" for n in left))
     return 0
+
+
+def _memory_checked(args, params) -> bool:
+    """``analyze``'s memory estimate (:func:`~moescope.analysis.measure.analyze.predicted_memory`)
+    from the config alone, refused in one line when it exceeds the memory available, before any
+    weight is read; with ``--dry-run`` printed (True: stop there)."""
+    from moescope.analysis.core.processes import available_memory
+    from moescope.analysis.core.units import format_bytes
+    from moescope.analysis.measure.analyze import check_memory, predicted_memory
+    from moescope.analysis.model import load_moe
+    from moescope.analysis.model.loading import parse_dtype
+
+    skeleton = load_moe(args.model, dtype=args.dtype, weights=False, trust_remote_code=args.trust_remote_code)
+    predicted = predicted_memory(skeleton, params, args.samples, args.seq_len, parse_dtype(args.dtype),
+                                 offloaded=args.offload is not None)
+    available = available_memory()
+    if not args.dry_run:
+        check_memory(predicted, available, params.similarity_tokens,
+                     min(args.samples * args.seq_len, params.similarity_tokens))
+        return False
+    if args.json:
+        print(json.dumps({"predicted_bytes": predicted, "total_bytes": sum(predicted.values()),
+                          "available_bytes": available}, indent=2))
+        return True
+    for part, n in predicted.items():
+        print(f"{part.replace('_', ' '):<16} {format_bytes(n):>12}")
+    print(f"{'total':<16} {format_bytes(sum(predicted.values())):>12}  (available: "
+          f"{format_bytes(available) if available is not None else 'unknown'})")
+    return True
 
 
 def cmd_cache(args) -> int:
