@@ -57,7 +57,7 @@ def export(model, out_dir: str | Path, plan=None, experiment=None, overwrite: bo
 
 
 def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overwrite: bool = False,
-                  dtype: str | None = "float32", trust_remote_code: bool = False, progress=None,
+                  dtype: str | None = None, trust_remote_code: bool = False, progress=None,
                   transformers_only: bool = False, merged_dtype: str | None = None) -> Path:
     """Write ``plan`` applied to ``source`` as an export folder without loading the model: the
     checkpoint is rewritten shard by shard (:mod:`analysis.model.stream_export`; the weights are
@@ -76,7 +76,7 @@ def stream_export(source: str, out_dir: str | Path, plan, experiment=None, overw
 
 
 def stream_prune_and_evaluate(source: str, out_dir: str | Path, plan, spec, offload_dir: str | Path,
-                              overwrite: bool = False, dtype: str | None = "float32", trust_remote_code: bool = False,
+                              overwrite: bool = False, dtype: str | None = None, trust_remote_code: bool = False,
                               cache=None, progress=None, transformers_only: bool = False):
     """``prune --offload``: stream the pruned folder (as :func:`stream_export`), evaluate the original
     and the pruned folder with their decoder layers on disk under ``offload_dir``
