@@ -45,7 +45,18 @@ def test_analyze_plan_and_the_sidebar_calibrate_on_the_same_windows():
     plan = build_parser().parse_args(["plan", "demo", "--strategy", "frequency", "-o", "p.json"])
     sidebar = Settings()
     assert (analyze.calib, analyze.samples, analyze.seq_len) == (D.CALIB_SOURCE, D.CALIB_SAMPLES, D.CALIB_SEQ_LEN)
-    assert (plan.calib, plan.seq_len) == (analyze.calib, analyze.seq_len) and plan.samples is None  # resolved below
+    # plan leaves both open (a preset's paper fills them in); without a preset they are analyze's
+    assert plan.calib == analyze.calib and plan.samples is None and plan.seq_len is None
     assert (sidebar.calib_source, sidebar.calib_samples, sidebar.calib_seq_len) == (analyze.calib, 64, 256)
     grid = build_parser().parse_args(["grid", "demo"])
     assert (grid.eval, grid.samples, grid.seq_len) == (sidebar.eval_source, sidebar.grid_samples, sidebar.grid_seq_len)
+
+
+def test_plan_without_a_preset_calibrates_on_analyzes_windows(tmp_path, monkeypatch):
+    from moescope.analysis.pruning.plan import PruningPlan
+    from moescope.analysis.run.cli import main
+
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+    assert main(["plan", "demo", "--strategy", "frequency", "--keep", "6", "-o", str(tmp_path / "p.json")]) == 0
+    described = PruningPlan.load(tmp_path / "p.json").provenance["data_description"]
+    assert f"{D.CALIB_SAMPLES}×{D.CALIB_SEQ_LEN} tokens" in described, described

@@ -129,7 +129,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--seq-len", type=int, default=seq_len,
                        help=f"tokens per window (default {seq_len})" if seq_len is not None else
                        "tokens per calibration window (default: the preset paper's length, capped at the model's "
-                       "positions, else 256)")
+                       f"positions, else {D.CALIB_SEQ_LEN}, as analyze's)")
         p.add_argument("--sampling", default="random", choices=["random", "first"],
                        help="random: seeded window offsets (default); first: consecutive windows from each "
                             "domain's start")
@@ -148,7 +148,7 @@ def build_parser(strategy_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None,
                    help="a paper's recipe: a named set of a strategy's parameters, each overridable by its flag "
                         "(see `moescope strategies`); its calibration size is the --samples default")
-    data_args(p, "--calib", D.CALIB_SOURCE, None, D.CALIB_SEQ_LEN)
+    data_args(p, "--calib", D.CALIB_SOURCE, None, None)
     p.add_argument("--seed", type=seed_value, default=None, help="calibration sampling seed (and the strategy's seed)")
     for name, param in (strategy_flag_names() if strategy_flags else {}).items():  # one per strategy parameter
         flag = "--" + name.replace("_", "-")

@@ -352,7 +352,7 @@ def cmd_plan(args) -> int:
         from moescope.analysis.model.loading import max_positions
 
         length, capped = calibration_length(preset.name, max_positions(skeleton.config)) if preset else (None, None)
-        args.seq_len = length or 256
+        args.seq_len = length or D.CALIB_SEQ_LEN
         notes += [capped] if capped else []
     if preset is not None:
         params, headline = fill_target(preset.name, params, skeleton)
