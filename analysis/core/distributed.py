@@ -26,16 +26,13 @@ from datetime import timedelta
 
 import torch
 from moescope.analysis.core.errors import MoescopeError
+from moescope.analysis.core.processes import launched_by_torchrun  # noqa: F401 (torch-free, for the CLI)
 from torch import Tensor
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective waits this long for the slowest rank (a layer of a big model)
 ENV_TIMEOUT = "MOESCOPE_DIST_TIMEOUT"
 
 
-def launched_by_torchrun() -> bool:
-    """Whether torchrun (or a launcher setting the same variables) started this process with
-    more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 def timeout_s() -> float:

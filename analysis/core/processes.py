@@ -24,6 +24,12 @@ def process_alive(pid: int | None) -> bool:
 
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or a launcher setting the same variables) started this process with
+    more than one rank (read from the environment, so the CLI asks without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 MEMORY_ENV = "MOESCOPE_MEMORY_BYTES"  # overrides what available_memory() reads (tests; a stated budget)
 
 

@@ -470,11 +470,13 @@ def _ranks(args):
     """Under torchrun: join the process group (gloo on CPUs, NCCL beside it on GPUs; each rank on
     ``cuda:LOCAL_RANK``) and leave it at the end; only the main rank writes to stdout. Yields the
     context that silences stdout on the other ranks. One process: nothing changes."""
-    from moescope.analysis.core import distributed
+    from moescope.analysis.core.processes import launched_by_torchrun
 
-    if not distributed.launched_by_torchrun():
+    if not launched_by_torchrun():  # one process: torch.distributed is never imported
         yield contextlib.nullcontext()
         return
+    from moescope.analysis.core import distributed
+
     try:
         if _command_name(args) not in PARALLEL_COMMANDS:
             raise MoescopeError(f"'{_command_name(args)}' runs in one process, not under torchrun "
@@ -507,8 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Every exception ends here: a user mistake (:class:`MoescopeError`) and any
     other exception are one line on stderr, exit status 2 (``--debug`` prints the traceback too);
     Ctrl-C exits 130, SIGTERM 143 (both after cleaning up); a closed stdout ends quietly (141)."""
-    from moescope.analysis.core import distributed
-    from moescope.analysis.core.processes import Terminated
+    from moescope.analysis.core.processes import Terminated, launched_by_torchrun
 
     argv = sys.argv[1:] if argv is None else list(argv)
     argv, debug = _take_debug(argv)
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     except MoescopeError as err:
         print(f"moescope: error: {err}", file=sys.stderr)
         return 2
-    if nproc is not None and nproc > 1 and not distributed.launched_by_torchrun():
+    if nproc is not None and nproc > 1 and not launched_by_torchrun():
         return _launch_torchrun(argv, nproc)
     # the registry's flags only where they are parsed: `moescope --help`, `cache ls` and the like
     # then start without importing torch
