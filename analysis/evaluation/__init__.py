@@ -16,31 +16,30 @@ fresh process that measures efficiency), :mod:`.quality` (the evaluation spec an
 * :func:`efficiency` — total and active parameters, weight bytes, peak memory while generating,
   prefill and generation tokens/s (same prompts, warm-up, median of repeats).
 """
-# Names are loaded from their sub-module on first use (PEP 562), so that importing one torch-free
-# sub-module (``paired``, behind every verdict that ``experiments ls`` prints) does not import torch.
-_WHERE = {
-    "efficiency": ("EfficiencyParams", "efficiency", "efficiency_prompts", "efficiency_with_skipping",
-                   "isolated_efficiency"),
-    "keys": ("EVAL_VERSION",),
-    "perplexity": ("perplexity", "perplexity_by_domain", "perplexity_windows", "window_perplexity"),
-    "quality": ("EvalSpec", "evaluate_quality"),
-    "tasks": ("LOCAL_TASKS_DIR", "cached_tasks", "local_task_names", "run_tasks", "task_manager"),
-}
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+from moescope.analysis.evaluation.efficiency import (
+    EfficiencyParams,
+    efficiency,
+    efficiency_prompts,
+    efficiency_with_skipping,
+    isolated_efficiency,
+)
+from moescope.analysis.evaluation.keys import EVAL_VERSION
+from moescope.analysis.evaluation.perplexity import (
+    perplexity,
+    perplexity_by_domain,
+    perplexity_windows,
+    window_perplexity,
+)
+from moescope.analysis.evaluation.quality import EvalSpec, evaluate_quality
+from moescope.analysis.evaluation.tasks import (
+    LOCAL_TASKS_DIR,
+    cached_tasks,
+    local_task_names,
+    run_tasks,
+    task_manager,
+)
 
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))
+__all__ = ["EVAL_VERSION", "LOCAL_TASKS_DIR", "EfficiencyParams", "EvalSpec", "cached_tasks", "efficiency",
+           "efficiency_prompts", "efficiency_with_skipping", "evaluate_quality", "isolated_efficiency",
+           "local_task_names", "perplexity", "perplexity_by_domain", "perplexity_windows", "run_tasks",
+           "task_manager", "window_perplexity"]

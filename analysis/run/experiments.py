@@ -22,14 +22,21 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.run import verdicts as V
-from moescope.analysis.run.verdicts import HIGHER_METRICS  # noqa: F401  (re-exported: the better end of a score)
 
 if TYPE_CHECKING:  # evaluation imports torch; listing experiments must not
     from moescope.analysis.evaluation import EvalSpec
 
 KIND = "experiment"
 Progress = Callable[[str, int, int], None]
+
+
+def _verdicts():
+    """:mod:`analysis.run.verdicts`, imported when a verdict is asked for: it reads the paired
+    statistics of :mod:`analysis.evaluation`, whose package imports torch, which listing commands
+    (``experiments ls``) do without."""
+    from moescope.analysis.run import verdicts
+
+    return verdicts
 
 
 def new_id() -> str:
@@ -465,7 +472,7 @@ def headline(table) -> tuple[str, str] | None:
             return c, "lower"
     for c in cols:
         if c.startswith("task:") and not c.endswith(DERIVED_SUFFIXES):
-            return c, "higher" if c.split(" ")[-1] in HIGHER_METRICS else "lower"
+            return c, "higher" if c.split(" ")[-1] in _verdicts().HIGHER_METRICS else "lower"
     return ("params ratio", "lower") if "params ratio" in cols else None
 
 
@@ -515,8 +522,8 @@ def compare(experiments: list[Experiment]):
                              e_eff.get("pruned") or {}, r_eff, exp.structure.get("before", {}), names[exp.id]))
             rows[-1].update(_paired_cells(exp))
         pruned = {e.id: e.result for e in members if e.plan is not None}
-        for col in {c for q in pruned.values() for c in V.quality_columns(q)}:
-            leader = V.best_of(pruned, col)
+        for col in {c for q in pruned.values() for c in _verdicts().quality_columns(q)}:
+            leader = _verdicts().best_of(pruned, col)
             for row in rows:
                 row[f"{col} best"] = row["experiment"] == leader
         body = pd.DataFrame(rows)
@@ -536,8 +543,8 @@ def _paired_cells(exp: Experiment) -> dict:
     """``{column verdict, column vs original}`` of every quality column of ``exp``: its paired verdict
     against its own original (:func:`~moescope.analysis.run.verdicts.against`)."""
     cells = {}
-    for col in V.quality_columns(exp.result):
-        p, verdict = V.against(exp.reference, exp.result, col)
+    for col in _verdicts().quality_columns(exp.result):
+        p, verdict = _verdicts().against(exp.reference, exp.result, col)
         cells[f"{col} verdict"] = verdict
         cells[f"{col} vs original"] = p.text() if p is not None else ""
     return cells
@@ -551,8 +558,8 @@ def between(a: Experiment, b: Experiment) -> list[tuple[str, object, str]]:
         raise MoescopeError(f"{a.id} and {b.id} were measured on different settings "
                             f"({setting_name(a.eval)} on {a.model}; {setting_name(b.eval)} on {b.model}): "
                             "nothing pairs, so each is shown against its own original")
-    cols = [c for c in V.quality_columns(b.result) if c in V.quality_columns(a.result)]
-    return [(c, *V.against(a.result, b.result, c)) for c in cols]
+    cols = [c for c in _verdicts().quality_columns(b.result) if c in _verdicts().quality_columns(a.result)]
+    return [(c, *_verdicts().against(a.result, b.result, c)) for c in cols]
 
 
 def same_setting(experiments: list[Experiment]) -> bool:
@@ -632,7 +639,7 @@ def noise_marks(table, column: str) -> set[int]:
     verdict_c = f"{column} verdict"
     if verdict_c in table.columns:
         return {i for i in range(len(table)) if table["experiment"].iloc[i] != "original"
-                and table[verdict_c].iloc[i] == V.WITHIN}
+                and table[verdict_c].iloc[i] == _verdicts().WITHIN}
     if not (column.endswith("ratio") or column.endswith("ratio (skip)")):
         return set()
     intervals = quality_intervals(table, column)
