@@ -39,6 +39,14 @@ def _verdicts():
     return verdicts
 
 
+def __getattr__(name: str):
+    """``HIGHER_METRICS`` (the scores whose higher end is better) is re-exported from
+    :mod:`analysis.run.verdicts` on first use, as :func:`_verdicts` imports it."""
+    if name == "HIGHER_METRICS":
+        return _verdicts().HIGHER_METRICS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def new_id() -> str:
     """``YYYYmmdd-HHMMSS-xxxx`` (UTC time, 4 random hex digits): sortable and short to type."""
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
