@@ -140,6 +140,88 @@ def floor(model_dir: Path, samples: int, seq_len: int, device: str) -> None:
     print(json.dumps(out))
 
 
+def _layer_input(model, samples: int, seq_len: int):
+    from moescope.analysis.data import sample_tokens
+    from moescope.analysis.measure.capture import LayerStream
+
+    calib = sample_tokens("demo:all", model.tokenizer, samples, seq_len, seed=0)
+    return next((l, x) for l, x in LayerStream(model, calib.input_ids).layers() if x is not None)
+
+
+def _best(fn, repeats: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_rate(dtype_name: str = "float32", size: int = 2048) -> float:
+    """This machine's measured multiply-adds per second of one size³ product (the best of three)."""
+    import torch
+
+    dt = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dt), torch.randn(size, size, dtype=dt)
+    a @ b
+    return size**3 / _best(lambda: a @ b, 3)
+
+
+def similarity(model_dir: Path, samples: int, seq_len: int, experts: int | None, store_bytes: int | None) -> None:
+    """The similarity stage against the all-experts pass, side by side in one process: the pass
+    (every routed expert of the first MoE layer over the calibration tokens, F.linear in the
+    model's dtype) and :func:`gram_pass.output_similarities` on those experts' outputs, each the
+    better of two; with ``experts``, only the first ``experts`` of the layer (the GEMM-efficiency
+    check at many tokens). Prints JSON: the times, each step's seconds and multiply-adds, and this
+    machine's float32 GEMM rate measured in the same run."""
+    import torch
+    import torch.nn.functional as F
+    from moescope.analysis.measure import gram_pass as GP
+    from moescope.analysis.model import load_moe
+
+    model = load_moe(str(model_dir), dtype="bfloat16")
+    l, x = _layer_input(model, samples, seq_len)
+    view = model.layers[l]
+    E = min(experts or view.num_experts, view.num_experts)
+    ws = [view.expert_weights(e) for e in range(E)]
+    with torch.no_grad():
+        Y = torch.stack([F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down) for w in ws])
+        t_pass = _best(lambda: [F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down) for w in ws])
+        steps: dict = {}
+        store = GP.STORE_BYTES if store_bytes is None else store_bytes
+        t_sim = _best(lambda: (steps.clear(), GP.output_similarities(Y, timings=steps, store_bytes=store)))
+    _, n, d = Y.shape
+    rate = gemm_rate()
+    print(json.dumps({"experts": E, "tokens": n, "d": d, "pass_s": t_pass, "similarity_s": t_sim, "steps": steps,
+                      "costs": GP.pass_costs(E, n, d, store), "stores": GP.stores_distances(E, n, store),
+                      "gemm_fp32_per_s": rate, "pass_macs": 3 * n * d * view.expert_weights(0).gate.shape[0] * E,
+                      "load": os.getloadavg()}))
+
+
+def precision() -> None:
+    """The gram pass in float32 against float64 references, on the demo model's real expert
+    outputs (its first MoE layer, 8 sequences of 256 tokens): the largest absolute error of each
+    measure, printed as JSON."""
+    import torch
+    from moescope.analysis.measure import gram_pass as GP
+    from moescope.analysis.measure import metrics as M
+    from moescope.analysis.model import load_moe
+
+    model = load_moe("demo", dtype="float32")
+    l, x = _layer_input(model, 8, 256)
+    view = model.layers[l]
+    with torch.no_grad():
+        Y = torch.stack([view.expert_forward(e, x) for e in range(view.num_experts)]).float()
+    got = GP.output_similarities(Y)
+    Y64 = Y.double()
+    refs = {"cka_linear": M.linear_cka_matrix(Y64), "cka_rbf": M.rbf_cka_matrix(Y64),
+            "cka_rbf_minibatch": M.rbf_cka_minibatch_matrix(Y64), "cosine": M.output_cosine_matrix(Y64),
+            "mse": M.output_mse_matrix(Y64)}
+    print(json.dumps({"layer": l, "shape": list(Y.shape),
+                      "max_abs_error": {k: float((got[k].double() - v.double()).abs().max()) for k, v in refs.items()},
+                      "mse_scale": float(refs["mse"].abs().max())}))
+
+
 def load_only(model_dir: Path, device: str) -> None:
     from moescope.analysis.model import load_moe
 
@@ -175,7 +257,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--keep", type=int, default=None, help="experts kept by the plans (default: half)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every stage and the floor)")
-    ap.add_argument("--stages", default="analyze,grid,greedy,beam,criterion,merge,prune,eval")
+    ap.add_argument("--stages", default="similarity,analyze,grid,greedy,beam,criterion,merge,prune,eval")
+    ap.add_argument("--eff-experts", type=int, default=16,
+                    help="experts of the layer in the 8,192-token GEMM-efficiency check (stage similarity)")
     ap.add_argument("--quality", action="store_true", help="also greedy/beam vs exact enumeration on 16 experts")
     ap.add_argument("--model", default=None, help="reuse a model folder built before (--keep-model)")
     ap.add_argument("--keep-model", default=None, metavar="DIR", help="build the model into DIR and keep it")
@@ -192,6 +276,11 @@ def main() -> None:
             load_only(Path(rest[0]), args.device)
         elif what == "quality":
             quality(args)
+        elif what == "similarity":
+            similarity(Path(rest[0]), args.samples, args.seq_len, int(rest[1]) if len(rest) > 1 else None,
+                       int(rest[2]) if len(rest) > 2 else None)
+        elif what == "precision":
+            precision()
         return
 
     root = Path(tempfile.mkdtemp(prefix="moescope-scale-"))
@@ -256,6 +345,9 @@ def main() -> None:
                      None, None),
         }
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if "similarity" in wanted:
+            wanted.remove("similarity")
+            similarity_stage(me, model_dir, env, root, args)
         for s in wanted:
             if s not in stages:
                 sys.exit(f"unknown stage '{s}'; accepted: {', '.join(stages)}")
@@ -281,6 +373,42 @@ def main() -> None:
                                                    "rows": rows}, indent=1))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def similarity_stage(me: list[str], model_dir: Path, env: dict, root: Path, args) -> None:
+    """The similarity targets, each side by side in one process: every default measure against the
+    all-experts pass (at --samples x --seq-len tokens, target <= 1x); each step's share of this
+    machine's float32 GEMM rate at 8,192 tokens (--eff-experts of the layer, the tiles built twice as
+    for a model whose distances do not fit, target >= 50 %); the float32 error against float64
+    references on the demo model's outputs."""
+    r = json.loads(run_child(me + ["--child", "similarity", str(model_dir)], env, root / "sim.log")["stdout"]
+                   .strip().splitlines()[-1])
+    print(f"similarity, every default measure, {r['experts']} experts x {r['tokens']} tokens: gram pass "
+          f"{r['similarity_s']:.2f} s, all-experts pass {r['pass_s']:.2f} s: {r['similarity_s'] / r['pass_s']:.2f}x "
+          f"(target <= 1x); steps {', '.join(f'{k} {v:.2f} s' for k, v in r['steps'].items())}; load "
+          f"{r['load'][0]:.2f}", flush=True)
+    eff = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--samples", "32",
+           "--seq-len", "256", "--device", args.device, "--child", "similarity", str(model_dir), str(args.eff_experts),
+           "0"]
+    r = json.loads(run_child(eff, env, root / "eff.log")["stdout"].strip().splitlines()[-1])
+    c, st, rate = r["costs"], r["steps"], r["gemm_fp32_per_s"]
+    measures = {  # the step(s) each measure's own multiply-adds run in
+        "linear CKA (tiles: Grams + Frobenius products)": (c["grams"] / 2 + c["linear_frobenius"], st["tiles"]),
+        "RBF CKA (tiles again + Frobenius products; median by selection)":
+            (c["grams"] / 2 + c["rbf_frobenius"], st["rbf"] + st["bandwidths"]),
+        "cosine + MSE (one per-token product)": (c["cosine"], st["token_products"]),
+    }
+    print(f"at {r['tokens']} tokens, {r['experts']} experts, d {r['d']}: float32 GEMM {rate / 1e9:.1f} G multiply-adds/s "
+          f"(2048^3, same run); load {r['load'][0]:.2f}")
+    for name, (macs, secs) in measures.items():
+        print(f"  {name}: {macs:.3g} multiply-adds in {secs:.2f} s = {macs / secs / 1e9:.1f} G/s, "
+              f"{100 * macs / secs / rate:.0f} % of GEMM (target >= 50 %)")
+    print(f"  mini-batch RBF CKA (read off the tiles): {st['minibatch']:.2f} s")
+    r = json.loads(run_child(me + ["--child", "precision"], env, root / "precision.log")["stdout"].strip()
+                   .splitlines()[-1])
+    print(f"float32 gram pass against float64 references, demo layer {r['layer']} outputs {r['shape']}: max abs error "
+          + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_error"].items()) + f" (MSE values up to {r['mse_scale']:.3g})",
+          flush=True)
 
 
 def analyze_parts(cache_dir: Path) -> list[dict]:

@@ -125,26 +125,62 @@ def test_spectral_norm_and_stable_rank_equal_the_full_svd(shape):
     assert M.stable_rank(W.bfloat16()) == pytest.approx(float(M.stable_rank(W.bfloat16().float())), rel=1e-6)
 
 
-@pytest.mark.parametrize("work_bytes", [1, 600, 2**30])
-def test_linear_and_rbf_cka_from_shared_grams_equal_the_separate_functions(work_bytes):
-    # 5 experts, 40 tokens, 64 dims: the Gram form is the cheaper, so the RBF distances come from
-    # the linear CKA's token Grams; two mini-batches of 24 tokens, and one batch of all tokens
-    Y = rand(5, 40, 64, seed=4) + rand(5, 1, 64, seed=5)
-    Y[2] = 2 * Y[1] + 0.05 * rand(40, 64, seed=6)
-    for batch_tokens, n_batches in ((24, 2), (40, 3)):
-        linear, full, rbf = M.output_cka_matrices(Y, batch_tokens=batch_tokens, n_batches=n_batches, seed=3,
-                                                  work_bytes=work_bytes)
-        torch.testing.assert_close(linear, M.linear_cka_matrix(Y), atol=2e-6, rtol=0)
-        torch.testing.assert_close(full, M.rbf_cka_matrix(Y), atol=2e-6, rtol=0)
-        torch.testing.assert_close(rbf, M.rbf_cka_minibatch_matrix(Y, batch_tokens, n_batches, seed=3), atol=2e-5,
-                                   rtol=0)
-        assert rbf[1, 2] > 0.9 and rbf.diagonal().sub(1).abs().max() < 1e-5
-    # where the feature form is the cheaper (few wide... here: many tokens, 3 dims) both take their own path
-    Z = rand(4, 50, 3, seed=7)
-    linear, full, rbf = M.output_cka_matrices(Z, batch_tokens=20, n_batches=2)
-    torch.testing.assert_close(linear, M.linear_cka_matrix(Z, form="feature"))
-    torch.testing.assert_close(full, M.rbf_cka_matrix(Z))
-    torch.testing.assert_close(rbf, M.rbf_cka_minibatch_matrix(Z, 20, 2))
+REFERENCES = {
+    "cka_linear": lambda Y, b, k, s: M.linear_cka_matrix(Y),
+    "cka_rbf": lambda Y, b, k, s: M.rbf_cka_matrix(Y),
+    "cka_rbf_minibatch": lambda Y, b, k, s: M.rbf_cka_minibatch_matrix(Y, b, k, seed=s),
+    "cosine": lambda Y, b, k, s: M.output_cosine_matrix(Y),
+    "mse": lambda Y, b, k, s: M.output_mse_matrix(Y),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("work_bytes,store_bytes", [(1, 0), (2**20, 0), (2**20, 2**30), (2**30, 2**30)])
+def test_the_gram_pass_gives_every_output_similarity_of_the_separate_functions(dtype, work_bytes, store_bytes):
+    # 5 experts, 150 tokens (tiles of 64 leave a ragged last block), 40 dims; experts 1 and 2 alike,
+    # every expert with a mean far from zero (the centring and the RBF shift have work to do).
+    # store_bytes 0: tiles built twice and the median found by selection in the pilot interval;
+    # 2**30: the distances kept and read back; work_bytes 1: one float copy per block
+    from moescope.analysis.measure import gram_pass as GP
+
+    Y = rand(5, 150, 40, seed=4) + 3 * rand(5, 1, 40, seed=5)
+    Y[2] = 2 * Y[1] + 0.05 * rand(150, 40, seed=6)
+    Y = Y.to(dtype)
+    for batch_tokens, n_batches in ((24, 2), (150, 3)):
+        got = GP.output_similarities(Y, batch_tokens=batch_tokens, n_batches=n_batches, seed=3,
+                                     work_bytes=work_bytes, store_bytes=store_bytes)
+        for name, ref in REFERENCES.items():
+            want = ref(Y, batch_tokens, n_batches, 3)
+            tol = 2e-4 if name == "mse" else 2e-6  # the MSE in Y's units (≈ 20 here), the others on 0..1
+            torch.testing.assert_close(got[name], want, atol=tol, rtol=1e-6, msg=name)
+        torch.testing.assert_close(got["mean"], Y.double().mean(1).float(), atol=1e-6, rtol=1e-6)
+        assert got["cka_rbf_minibatch"][1, 2] > 0.9
+
+
+def test_an_rbf_median_outside_the_pilot_interval_takes_the_exact_selection(monkeypatch):
+    # a pilot interval that holds no distance at all: every expert's median misses it, the counts
+    # show it, and the exact all-pairs selection gives the bandwidths
+    from moescope.analysis.measure import gram_pass as GP
+
+    Y = rand(3, 90, 16, seed=8) + rand(3, 1, 16, seed=9)
+    real = GP._pilot_interval
+
+    def far_away(*args):
+        sel = real(*args)
+        sel.lo, sel.hi = sel.hi + 1e6, sel.hi + 2e6
+        return sel
+
+    monkeypatch.setattr(GP, "_pilot_interval", far_away)
+    got = GP.output_similarities(Y, batch_tokens=30, n_batches=2, store_bytes=0)
+    torch.testing.assert_close(got["cka_rbf"], M.rbf_cka_matrix(Y), atol=2e-6, rtol=0)
+
+
+def test_gram_pass_costs_count_the_tiles_once_when_the_distances_are_kept():
+    from moescope.analysis.measure import gram_pass as GP
+
+    kept = GP.pass_costs(128, 1024, 2048)
+    assert kept["grams"] == 128 * 1024**2 * 2048 / 2 and kept["cosine"] == 128**2 * 1024 * 2048
+    assert GP.pass_costs(128, 1024, 2048, store_bytes=0)["grams"] == 2 * kept["grams"]
 
 
 def test_spectral_groups_are_repaired_to_the_asked_count():

@@ -21,6 +21,8 @@ from moescope.analysis.measure import metrics as M
 from moescope.analysis.measure import parallel as P
 from moescope.analysis.measure.capture import LayerStream, token_nll
 from moescope.analysis.measure.criteria import CRITERIA, GradientStats, LayerStats, pair_drop_position
+from moescope.analysis.measure.gram_pass import NAMES as GRAM_PASS_NAMES
+from moescope.analysis.measure.gram_pass import output_similarities
 from moescope.analysis.measure.metrics import METRICS_VERSION
 from torch import Tensor
 
@@ -191,17 +193,16 @@ def analyze_layer(view, x: Tensor, token_ids: Tensor, params: AnalysisParams,
             stats.__dict__["routed"] = routed
     if "similarity" in want:
         with timed("similarity"):
-            # linear and mini-batch RBF CKA share the token Grams (one pass over the outputs)
-            (out.similarity["cka_linear"], out.similarity["cka_rbf"],
-             out.similarity["cka_rbf_minibatch"]) = M.output_cka_matrices(
-                Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches, seed=params.seed,
-                rbf=rbf if dp else None,
-            )
-            out.similarity["cosine"] = stats.output_cosine if Y.shape[1] == n else M.output_cosine_matrix(Y)
-            out.similarity["mse"] = M.output_mse_matrix(Y)
+            # every output similarity from one pass over the experts' token Gram tiles (gram_pass)
+            sims = output_similarities(Y, batch_tokens=params.rbf_batch_tokens, n_batches=params.rbf_batches,
+                                       seed=params.seed, rbf=rbf if dp else None)
+            for name in GRAM_PASS_NAMES:
+                out.similarity[name] = sims[name]
+            if Y.shape[1] == n:  # no augmented rows: the criteria's output cosine is this one
+                stats.__dict__["output_cosine"] = sims["cosine"]
             # HC-SMoE: every expert's mean output over all T calibration tokens, Euclidean distance
             if not dp or n == T:
-                means = Y.float().mean(1).cpu() if n == T and Y.shape[1] == T else M.mean_outputs(view, x)
+                means = sims["mean"] if n == T and Y.shape[1] == T else M.mean_outputs(view, x)
             out.similarity["mean_output_euclidean"] = M.euclidean_distance_matrix(means)
 
     if "weights" in want:

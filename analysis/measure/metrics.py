@@ -102,16 +102,12 @@ def _feature_form_hsic(Y: Tensor, work_bytes: int = WORK_BYTES) -> Tensor:
 
 
 @torch.no_grad()
-def _gram_form_hsic(Y: Tensor, work_bytes: int, subsets: list[Tensor] | None = None):
-    """``⟨K_i, K_j⟩`` for the centred token Grams ``K_e``, built a block of rows at a time. With
-    ``subsets`` (token index tensors), also returns each subset's ``[E, b, b]`` block of every
-    ``K_e``, collected on the way (RBF CKA reads its distances from them)."""
+def _gram_form_hsic(Y: Tensor, work_bytes: int) -> Tensor:
+    """``⟨K_i, K_j⟩`` for the centred token Grams ``K_e``, built a block of rows at a time."""
     E, n, _ = Y.shape
     acc = _acc_dtype(Y)
     b = _rows_per_chunk(E * n * torch.finfo(acc).bits // 8, n, work_bytes)
     K = torch.empty(E, b, n, dtype=acc, device=Y.device)
-    subsets = [s.to(Y.device) for s in (subsets or [])]
-    blocks = [torch.empty(E, len(s), len(s), dtype=acc, device=Y.device) for s in subsets]
 
     def row_blocks():  # the rows r0:r1 of every expert's centred token Gram
         for r0 in range(0, n, b):
@@ -119,19 +115,16 @@ def _gram_form_hsic(Y: Tensor, work_bytes: int, subsets: list[Tensor] | None = N
             for e in range(E):
                 Yc = _centered(Y[e])  # recomputed per block: n·d, against b·n·d for the product
                 torch.matmul(Yc[r0:r1], Yc.T, out=K[e, : r1 - r0])
-            for s, blk in zip(subsets, blocks):
-                here = ((s >= r0) & (s < r1)).nonzero().flatten()
-                if len(here):
-                    blk[:, here] = K[:, s[here] - r0][:, :, s]
             yield K[:, : r1 - r0]
 
-    hsic = _gram_of_chunks(row_blocks())
-    return (hsic, blocks) if subsets else hsic
+    return _gram_of_chunks(row_blocks())
 
 
-def _center_gram(K: Tensor) -> Tensor:
-    """``H K H`` (``H = I − 11ᵀ/b``) for a Gram ``[..., b, b]``: every row and column mean removed."""
-    return K - K.mean(-2, keepdim=True) - K.mean(-1, keepdim=True) + K.mean((-2, -1), keepdim=True)
+def _center_gram_(K: Tensor) -> Tensor:
+    """``H K H`` (``H = I − 11ᵀ/b``) for a Gram ``[..., b, b]``, in place: every row and column mean
+    removed (K is overwritten and returned)."""
+    rows, cols, total = K.mean(-1, keepdim=True), K.mean(-2, keepdim=True), K.mean((-2, -1), keepdim=True)
+    return K.sub_(rows).sub_(cols).add_(total)
 
 
 def _cka_from_hsic(hsic: Tensor) -> Tensor:
@@ -151,14 +144,20 @@ def _rbf_batches(T: int, batch_tokens: int, n_batches: int, seed: int) -> list[T
 def _rbf_cka_of_distances(d2: Tensor) -> Tensor:
     """RBF CKA of one mini-batch from every expert's squared token distances ``d2 [E, b, b]``:
     ``exp(-d2 / (2σ²))`` with σ each expert's median off-diagonal distance, centred, and the E
-    centred Grams' inner products as one ``[E, b²] @ [b², E]`` product in float64."""
+    centred Grams' inner products as one ``[E, b²] @ [b², E]`` float32 product (the Grams are
+    centred first, so the product sums fluctuations, not a mean), returned in float64. A float32
+    ``d2`` is overwritten (every caller passes distances it owns)."""
     E, b, _ = d2.shape
-    d2 = d2.float().clamp_min(0)
+    K = d2.float().clamp_min_(0)
     iu = torch.triu_indices(b, b, 1, device=d2.device)
-    # the lower median of the off-diagonal distances (each pair once: the same value as counting both)
-    sigma2 = d2[:, iu[0], iu[1]].sqrt().median(dim=1).values.pow(2).clamp_min(1e-12)
-    grams = _center_gram(torch.exp(-d2 / (2 * sigma2[:, None, None]))).double().reshape(E, -1)
-    return _cka_from_hsic((grams @ grams.T).cpu())
+    # the lower median of the off-diagonal distances (each pair once: the same value as counting both);
+    # the median of the squared distances is the square of the median distance (the same element)
+    pairs = K[:, iu[0], iu[1]].cpu().numpy()
+    k = (pairs.shape[1] - 1) // 2  # the lower median (torch.median's), by selection
+    sigma2 = torch.from_numpy(np.partition(pairs, k, axis=1)[:, k].copy()).to(K.device).clamp_min(1e-12)
+    K.mul_((-0.5 / sigma2)[:, None, None]).exp_()
+    K = _center_gram_(K).reshape(E, -1)
+    return _cka_from_hsic((K @ K.T).double().cpu())
 
 
 def rbf_cka_minibatch_matrix(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0) -> Tensor:
@@ -269,33 +268,6 @@ def rbf_cka_matrix(Y: Tensor, work_bytes: int = WORK_BYTES, world=None) -> Tenso
     total = rows.sum(1)
     hsic = frob - (2.0 / n) * (rows @ rows.T) + torch.outer(total, total) / n**2
     return _cka_from_hsic(hsic).float()
-
-
-def output_cka_matrices(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, seed: int = 0,
-                        work_bytes: int = WORK_BYTES, rbf: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Linear CKA (:func:`linear_cka_matrix`), RBF CKA over the whole batch (:func:`rbf_cka_matrix`)
-    and the mini-batch mean of RBF CKA (:func:`rbf_cka_minibatch_matrix`). Where the Gram form is
-    the cheaper (every real model), the mini-batches' distances are read off the centred token
-    Grams the linear CKA builds anyway (``‖y_s − y_t‖² = K_ss + K_tt − 2K_st``, centring does not
-    move distances), so the mini-batch RBF costs no second pass over the outputs. Same values as
-    the separate functions (to float32 rounding). ``rbf``: the RBF CKA when already computed
-    (spread over ranks, :func:`rbf_cka_matrix`)."""
-    E, n, d = Y.shape
-    rbf = rbf_cka_matrix(Y, work_bytes) if rbf is None else rbf
-    cost = linear_cka_cost(E, n, d)
-    if cost["gram"] > cost["feature"]:
-        return (linear_cka_matrix(Y, "feature", work_bytes), rbf,
-                rbf_cka_minibatch_matrix(Y, batch_tokens, n_batches, seed))
-    batches = _rbf_batches(n, batch_tokens, n_batches, seed)
-    hsic, blocks = _gram_form_hsic(Y, work_bytes, batches)
-    linear = _cka_from_hsic(hsic).float().cpu()
-    total = torch.zeros(E, E, dtype=torch.float64)
-    for blk in blocks:
-        diag = blk.diagonal(dim1=1, dim2=2)
-        d2 = diag[:, :, None] + diag[:, None, :] - 2 * blk
-        total += _rbf_cka_of_distances(d2)
-        del d2
-    return linear, rbf, (total / len(blocks)).float()
 
 
 def _token_chunks(Y: Tensor, work_bytes: int):
