@@ -116,6 +116,18 @@ def test_weight_gram_in_column_chunks_equals_one_product(layer):
 
 
 @pytest.mark.parametrize("shape", [(200, 90), (90, 300), (3, 2)])
+def test_batched_stable_ranks_equal_the_full_svd(shape):
+    # the Gram + Lanczos form on the smaller side, a chunk of matrices at a time (work_bytes forces
+    # chunks of one), against Σσ²/σ₁² of the float64 SVD (MC-Suite eq. 5)
+    mats = [rand(*shape, seed=s) for s in range(3)]
+    mats[1][:, 0] *= 4
+    want = [float((s**2).sum() / s[0] ** 2) for s in (torch.linalg.svdvals(W.double()) for W in mats)]
+    for work_bytes in (1, 2**30):
+        got = M.stable_ranks(mats, work_bytes=work_bytes)
+        assert got.tolist() == pytest.approx(want, rel=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(200, 90), (90, 300), (3, 2)])
 def test_spectral_norm_and_stable_rank_equal_the_full_svd(shape):
     W = rand(*shape, seed=7)
     W[:, 0] *= 4  # a clear top singular value

@@ -5,7 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-from moescope.analysis.evaluation.efficiency import BUSY_CORES, SLOT_WAIT, MachineLoad, measurement_slot, speed_verdict
+from moescope.analysis.evaluation.efficiency import (
+    BUSY_CORES,
+    SLOT_WAIT,
+    MachineLoad,
+    measurement_slot,
+    speed_verdict,
+)
 
 
 def eff(runs, busy=0.0):

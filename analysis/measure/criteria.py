@@ -184,11 +184,9 @@ def _ews(s: LayerStats) -> Tensor:
 
 @criterion("WSR", "weight stable rank: mean over W_gate, W_up, W_down of Σσ²/σ₁² (eq. 5)", "weights", drop="max")
 def _wsr(s: LayerStats) -> Tensor:
-    wsr = []
-    for e in range(s.E):
-        ew = s.view.expert_weights(e)
-        wsr.append(sum(M.stable_rank(t) for t in (ew.gate, ew.up, ew.down)) / 3)
-    return torch.tensor(wsr, dtype=torch.float32)
+    ws = [s.view.expert_weights(e) for e in range(s.E)]
+    kinds = [M.stable_ranks([getattr(w, kind) for w in ws]) for kind in ("gate", "up", "down")]
+    return (sum(kinds) / 3).float()
 
 
 @criterion("EWN", "expert weight norm: ‖concat(W_gate, W_up, W_down)‖_F (eq. 6)", "weights")

@@ -366,7 +366,7 @@ def _rbf_step(tiles: _Tiles, stored: Tensor | None, sigma2: Tensor, subsets: _Su
     mini-batch subsets: ``HSIC = ⟨K_i, K_j⟩ − (2/n) r_i·r_j + g_i g_j / n²`` (``r`` the row sums, ``g``
     the total), the Frobenius products and row sums summed in float64 over the kept distances (each
     pair stands for (s, t) and (t, s); the diagonal adds ``K_ss = 1``) or over the tiles built again."""
-    acc, dev = sigma2.dtype, sigma2.device
+    dev = sigma2.device
     E = len(sigma2)
     scale = -1.0 / (2 * sigma2)
     shift = torch.stack([torch.exp(blk * scale[:, None, None]).mean((1, 2)) for blk in subsets.blocks]).mean(0)

@@ -510,6 +510,40 @@ def stable_rank(W: Tensor) -> float:
     return fro2 / max(spectral_norm(W) ** 2, 1e-30)
 
 
+def stable_ranks(mats: list[Tensor], work_bytes: int = WORK_BYTES) -> Tensor:
+    """:func:`stable_rank` of many same-shaped matrices ``[r, c]`` at once (one expert kind of a
+    layer): ``‖W‖_F²`` summed in float64, and ``σ₁² = λ_max`` of the smaller-side float32 Gram
+    (``W Wᵀ`` or ``Wᵀ W``, ``min(r, c)²``), the Grams built by batched products a chunk of matrices
+    at a time and each ``λ_max`` by ARPACK's Lanczos iteration (``eigsh``, fixed start) on the
+    in-cache Gram: 4× less time than Lanczos on W itself (:func:`spectral_norm`) on a 768×2048
+    matrix, σ₁ within 5e-7 relative of the float64 SVD (the float32 Gram's rounding). Matrices
+    with a side ≤ 64 take the float64 SVD. ``[len(mats)]`` float64."""
+    from scipy.sparse.linalg import eigsh
+    from threadpoolctl import threadpool_limits
+
+    out = torch.empty(len(mats), dtype=torch.float64)
+    if not mats:
+        return out
+    r, c = mats[0].shape
+    if min(r, c) <= 64:
+        return torch.tensor([stable_rank(W) for W in mats], dtype=torch.float64)
+    s = min(r, c)
+    per = _rows_per_chunk(s * s * 4 + r * c * 4, len(mats), work_bytes)
+    start = np.random.default_rng(0).standard_normal(s).astype(np.float32)
+    for i0 in range(0, len(mats), per):
+        W = torch.stack([m.detach().float() for m in mats[i0 : i0 + per]])
+        fro2 = W.square().sum((1, 2), dtype=torch.float64)
+        G = torch.bmm(W, W.transpose(1, 2)) if r <= c else torch.bmm(W.transpose(1, 2), W)
+        # one BLAS thread: a 0.6 M multiply-add matvec gains nothing from two, and two OpenBLAS threads
+        # beside torch's spinning OpenMP ones made each matvec 20x slower
+        with threadpool_limits(limits=1, user_api="blas"):
+            for j in range(len(G)):
+                lam = eigsh(G[j].cpu().numpy(), k=1, which="LA", return_eigenvectors=False, v0=start)[0]
+                out[i0 + j] = float(fro2[j]) / max(float(lam), 1e-30)
+        del W, G
+    return out
+
+
 # ---------------------------------------------------------------- HC-SMoE's representation
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moescope.analysis.core.errors import MoescopeError, unknown_name
+from moescope.analysis.core.errors import unknown_name
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,6 @@ from pathlib import Path
 
 import torch
 from moescope.analysis.core.errors import MoescopeError
-from moescope.analysis.model.dtypes import cast_for_writing
 from moescope.analysis.model.checkpoint import (  # noqa: F401 (re-exported: the names this module always had)
     INDEX_FILE,
     SINGLE_FILE,
@@ -62,6 +61,7 @@ from moescope.analysis.model.checkpoint import (  # noqa: F401 (re-exported: the
     source_tensors,
     validate_checkpoint,
 )
+from moescope.analysis.model.dtypes import cast_for_writing
 from torch import Tensor
 
 
