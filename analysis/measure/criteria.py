@@ -262,15 +262,18 @@ class GradientStats:
         return [self.view.expert_weights(e, self.grads) for e in range(self.E)]
 
     @cached_property
-    def vectors(self) -> Tensor:  # [E, P] each expert's flattened gradient
-        return torch.stack([torch.cat([g.gate.reshape(-1), g.up.reshape(-1), g.down.reshape(-1)]).float().cpu()
-                            for g in self.per_expert])
+    def fused(self) -> list[Tensor]:  # the fused [E, ...] gradients: every expert's W_gate, W_up, W_down entries
+        return [self.grads[n] for n in ("gate_up_proj", "down_proj")]
+
+    @cached_property
+    def gram(self) -> Tensor:  # [E, E] Gram of each expert's flattened gradient (float64)
+        return M.fused_gram(self.fused)
 
 
 @criterion("EGS", "gradient similarity: mean cosine of its weight gradient with the other experts'", "gradients",
            drop="max")
 def _egs(s: GradientStats) -> Tensor:
-    return M.mean_offdiag(M.flat_cosine_matrix(s.vectors))
+    return M.mean_offdiag(M.gram_cosine(s.gram))
 
 
 @criterion("EGE", "gradient entropy: Σ_j log σ_j of its W_down gradient over hidden dimensions", "gradients")
@@ -281,12 +284,12 @@ def _ege(s: GradientStats) -> Tensor:
 
 @criterion("EGO", "gradient outliers: fraction of its gradient entries outside μ ± 3σ", "gradients")
 def _ego(s: GradientStats) -> Tensor:
-    return torch.tensor([M.outlier_fraction(v[:, None]) for v in s.vectors], dtype=torch.float32)
+    return M.flat_outlier_fractions(s.fused)
 
 
 @criterion("EGN", "gradient norm: ‖∇ concat(W_gate, W_up, W_down)‖_F of the next-token loss", "gradients")
 def _egn(s: GradientStats) -> Tensor:
-    return s.vectors.norm(dim=1)
+    return s.gram.diagonal().sqrt().float()
 
 
 def pair_drop_order(P: Tensor, usage: Tensor, order: str) -> list[int]:

@@ -307,21 +307,61 @@ def flat_mse_matrix(V: Tensor) -> Tensor:
     return ((sq[:, None] + sq[None, :] - 2 * G) / V.shape[1]).clamp_min(0)
 
 
+def _column_chunks(fused: list[Tensor], work_bytes: int, copy: bool = False):
+    """Each ``[E, ...]`` tensor flattened to ``[E, -1]`` and cut into float32 column chunks of at most
+    ``work_bytes`` (the chunk's experts' rows together: every expert's entries, none of another's);
+    ``copy``: always fresh chunks (the caller writes into them), never views of a float32 tensor."""
+    for P in fused:
+        P = P.detach().reshape(P.shape[0], -1)
+        b = _rows_per_chunk(P.shape[0] * 4, P.shape[1], work_bytes)
+        yield from (P[:, c0 : c0 + b].to(torch.float32, copy=copy) for c0 in range(0, P.shape[1], b))
+
+
+@torch.no_grad()
+def fused_gram(fused: list[Tensor], work_bytes: int = WORK_BYTES) -> Tensor:
+    """The Gram ``G [E, E]`` (float64) of each expert's entries of the fused ``[E, ...]`` tensors,
+    flattened and concatenated: ``Σ`` over column chunks of ``F Fᵀ`` (the order of the entries, the
+    layout of the fused tensors, does not change it)."""
+    return _gram_of_chunks(_column_chunks(fused, work_bytes))
+
+
 @torch.no_grad()
 def weight_gram(layer, work_bytes: int = WORK_BYTES) -> tuple[Tensor, int]:
     """Gram matrix ``G [E, E]`` of the vectorised expert weights concat(W_gate, W_up, W_down),
-    and their length P, accumulated tensor by tensor and column chunk by column chunk over the
-    fused parameters (only ``work_bytes`` of float32 copies are alive at a time; the layout,
-    transposed or interleaved, does not change the Gram)."""
+    and their length P (:func:`fused_gram` of the fused parameters: only ``work_bytes`` of float32
+    copies are alive at a time; the layout, transposed or interleaved, does not change the Gram)."""
     E = layer.num_experts
     fused = [getattr(layer.experts, name).detach().reshape(E, -1) for name in ("gate_up_proj", "down_proj")]
+    return fused_gram(fused, work_bytes), sum(P.shape[1] for P in fused)
 
-    def column_chunks():
-        for P in fused:
-            b = _rows_per_chunk(E * 4, P.shape[1], work_bytes)
-            yield from (P[:, c0 : c0 + b].float() for c0 in range(0, P.shape[1], b))
 
-    return _gram_of_chunks(column_chunks()), sum(P.shape[1] for P in fused)
+@torch.no_grad()
+def flat_outlier_fractions(fused: list[Tensor], work_bytes: int = WORK_BYTES) -> Tensor:
+    """:func:`outlier_fraction` of each expert's flattened entries of the fused ``[E, ...]`` tensors
+    (one column, ``μ ± 3σ`` with the unbiased σ), for all experts at once: the mean and variance
+    from float64 chunk moments merged exactly (Chan et al.'s pairwise update), then one counting
+    pass. The chunks are float32 (a chunk's sums pairwise), the merged moments float64. ``[E]``
+    float32, NaN where an expert has fewer than 2 entries."""
+    E = fused[0].shape[0]
+    count, mean, m2 = 0, torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+    for F in _column_chunks(fused, work_bytes, copy=True):
+        n_b = F.shape[1]
+        mean_b = F.mean(1)
+        m2_b = F.sub_(mean_b[:, None]).square_().sum(1).double().cpu()
+        mean_b = mean_b.double().cpu()
+        delta = mean_b - mean
+        total = count + n_b
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta.square() * (count * n_b / total)
+        count = total
+    if count < 2:
+        return torch.full((E,), float("nan"))
+    sd = (m2 / (count - 1)).sqrt()
+    outside = torch.zeros(E, dtype=torch.float64)
+    mu, limit = mean.float()[:, None], (3 * sd).float()[:, None]
+    for F in _column_chunks(fused, work_bytes, copy=True):
+        outside += (F.sub_(mu.to(F.device)).abs_() > limit.to(F.device)).sum(1).double().cpu()
+    return (outside / count).float()
 
 
 def gram_cosine(G: Tensor) -> Tensor:
