@@ -180,6 +180,18 @@ def find_grid(s: Settings):
     return _find("grid", s)
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def analysis_cost(model: str, samples: int, seq_len: int) -> dict:
+    """What the analysis :func:`compute_analysis` runs is predicted to hold in memory and to take on
+    this machine (:func:`moescope.analysis.measure.cost.analysis_cost`: from the config alone, no
+    weight read; the speed calibrated once per process)."""
+    import torch
+    from moescope.analysis.measure.cost import analysis_cost as cost
+
+    skeleton = load_moe(model, weights=False, trust_remote_code=TRUST_REMOTE_CODE)
+    return cost(skeleton, AnalysisParams(), samples, seq_len, torch.float32)
+
+
 def compute_analysis(s: Settings, progress=None):
     """Run (or reuse) the analysis ``moescope analyze`` runs, then the routing trace."""
     model, batch = load_model(s.model), calib_batch(s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pandas as pd
 import streamlit as st
 from moescope.dashboard import backend, plans
 from moescope.dashboard.backend import MoescopeError, PruningPlan, Settings
@@ -143,8 +144,36 @@ def require_stored(find: Callable, compute: Callable, s: Settings, message: str,
     st.stop()
 
 
+def show_analysis_cost(cost: dict) -> None:
+    """The predicted memory and time of an analysis (before it runs), with each family's share."""
+    from moescope.analysis.core.units import format_bytes
+
+    avail = cost["available_bytes"]
+    fits = avail is None or cost["total_bytes"] <= avail
+    secs = cost["total_seconds"]
+    took = f"{secs:.1f} s" if secs < 10 else f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.1f} min"
+    line = (f"Predicted before it runs: about **{format_bytes(cost['total_bytes'])}** of memory at the peak "
+            f"({format_bytes(avail) if avail is not None else 'unknown'} available) and at least **{took}** on this "
+            f"machine (multiply-adds at its measured speed; element-wise work is not counted).")
+    (st.caption if fits else st.warning)(line if fits else line + " It does not fit: lower the calibration "
+                                         "samples or sequence length in the sidebar.")
+    with st.expander("Predicted cost by part"):
+        st.dataframe(pd.DataFrame(
+            [{"part": k.replace("_", " "), "memory": format_bytes(v)} for k, v in cost["bytes"].items()]),
+            hide_index=True)
+        st.dataframe(pd.DataFrame(
+            [{"family": k.replace("_", " "), "seconds (at least)": round(v, 2),
+              "multiply-adds": f"{sum(cost['multiply_adds'][k].values()):.3g}"} for k, v in cost["seconds"].items()]),
+            hide_index=True)
+
+
 def require_analysis(s: Settings):
-    """The stored analysis's overview, or a button that computes the analysis (page stopped)."""
+    """The stored analysis's overview, or a button that computes the analysis with its predicted
+    cost (page stopped)."""
+    if guarded(backend.find_analysis, s) is None:
+        cost = guarded(backend.analysis_cost, s.model, s.calib_samples, s.calib_seq_len)
+        if cost is not None:
+            show_analysis_cost(cost)
     require_stored(backend.find_analysis, backend.compute_analysis, s,
                    f"No analysis of **{s.model}** on {s.calib_samples}×{s.calib_seq_len} tokens of "
                    f"`{s.calib_source}` yet. It is computed once and cached (the CLI's `moescope analyze` shares it).",

@@ -135,6 +135,10 @@ def test_a_local_folder_is_read_and_an_unusable_one_is_one_line(tiny_dirs):
 def test_model_page_runs_the_analysis_once_then_reuses_it(cache_dir):
     at = app(seed=3, calib_samples=4, calib_seq_len=64)
     assert [b.label for b in at.button] == ["Run the analysis"]
+    # its cost is stated before it runs: memory at the peak against what the machine has, and time
+    predicted = [c.value for c in at.caption if c.value.startswith("Predicted before it runs")]
+    assert predicted and "of memory at the peak" in predicted[0] and " s** on this machine" in predicted[0]
+    assert "expert outputs" in set(table(at, "memory")["part"])
     at.button(key="run_analysis").click().run()
     assert not at.exception and not errors(at)
     # 10 similarities: cka_linear, cka_rbf (full batch), cka_rbf_minibatch, cosine, mse, HC-SMoE's

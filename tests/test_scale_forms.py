@@ -230,3 +230,14 @@ def test_feature_form_in_expert_blocks_equals_the_pair_loop(outputs, work_bytes)
     pairs = torch.tensor([[float((Yc[i].double().T @ Yc[j].double()).pow(2).sum()) for j in range(6)]
                           for i in range(6)], dtype=torch.float64)
     torch.testing.assert_close(M._feature_form_hsic(outputs, work_bytes), pairs, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("sample", [1, 7, 65536])
+def test_kept_distance_medians_by_selection_equal_the_full_selection(sample):
+    # a one-pair probe leaves the interval a point (the median misses it: the full selection);
+    # larger probes find it inside; either way the lower median of every row, exactly
+    from moescope.analysis.measure import gram_pass as GP
+
+    stored = rand(4, 1001, seed=11).abs()
+    want = stored.double().sort(dim=1).values[:, 500]
+    torch.testing.assert_close(GP._stored_medians(stored, seed=0, sample=sample), want, atol=0, rtol=0)

@@ -351,7 +351,10 @@ def predicted_memory(skeleton, params: AnalysisParams, samples: int, seq_len: in
       activations are asked for (the largest MoE layer's E);
     * ``gradients``: one gradient of every routed expert's weights (float32), for the gradients
       family;
-    * ``working``: the similarity functions' chunk (:data:`metrics.WORK_BYTES`)."""
+    * ``working``: the similarity functions' chunk (:data:`metrics.WORK_BYTES`), and when similarity
+      is asked for what the Gram pass holds besides (:func:`gram_pass.pass_memory`): a float32 copy
+      of the centred outputs and every expert's token distances when they fit its store, the
+      mini-batch blocks."""
     from moescope.analysis.model.view import attr_path
 
     width = torch.empty((), dtype=dtype).element_size()
@@ -366,8 +369,13 @@ def predicted_memory(skeleton, params: AnalysisParams, samples: int, seq_len: in
     n = int(min(T, params.similarity_tokens) * (1 + params.augment_ratio))
     outputs = E * n * d * width if want & {"similarity", "activations"} else 0
     expert_params = sum(p.numel() for view in skeleton.layers.values() for p in view.experts.parameters())
+    working = M.WORK_BYTES
+    if "similarity" in want and E:
+        from moescope.analysis.measure.gram_pass import pass_memory
+
+        working += pass_memory(E, n, d, params.rbf_batch_tokens, params.rbf_batches)
     return {"weights": weights * width, "hidden_states": 2 * T * d * width, "expert_outputs": outputs,
-            "gradients": expert_params * 4 if "gradients" in want else 0, "working": M.WORK_BYTES}
+            "gradients": expert_params * 4 if "gradients" in want else 0, "working": working}
 
 
 def check_memory(predicted: dict[str, int], available: int | None, similarity_tokens: int, n_rows: int) -> None:

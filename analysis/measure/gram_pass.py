@@ -81,6 +81,17 @@ def pass_costs(E: int, n: int, d: int, store_bytes: int = STORE_BYTES) -> dict[s
     }
 
 
+def pass_memory(E: int, n: int, d: int, batch_tokens: int = 512, n_batches: int = 4,
+                work_bytes: int = M.WORK_BYTES, store_bytes: int = STORE_BYTES) -> int:
+    """Bytes :func:`output_similarities` holds besides ``Y``: the float32 centred copy when it fits
+    ``store_bytes``, the kept distances when they fit, the mini-batch blocks, the tiles."""
+    b = min(batch_tokens, n)
+    blocks = (1 if b == n else n_batches) * E * b * b * 4
+    whole = E * n * d * 4 if converts_whole(E, n, d, store_bytes) else 0
+    kept = E * (n * (n - 1) // 2) * 4 if stores_distances(E, n, store_bytes) else 0
+    return whole + kept + blocks + work_bytes
+
+
 class _Tiles:
     """The upper-triangle tiles ``(r0, r1, c0, c1)`` of an n×n matrix, row block by row block, and
     the centred float operands of each block: views of ``whole`` (the centred outputs converted
@@ -298,10 +309,7 @@ def output_similarities(Y: Tensor, batch_tokens: int = 512, n_batches: int = 4, 
 
     if want_rbf:
         if store:
-            # each expert's lower median over all its pairs, by selection (numpy's introselect)
-            k = (pairs - 1) // 2
-            sigma2 = torch.tensor([float(np.partition(stored[e].float().cpu().numpy(), k)[k]) for e in range(E)],
-                                  dtype=torch.float64)
+            sigma2 = _stored_medians(stored, seed)
         else:
             sigma2, missed = selector.medians()
             for e in missed:  # the pilot interval missed: the exact selection over all of this expert's pairs
@@ -360,6 +368,32 @@ def _pilot_interval(Y: Tensor, mean: Tensor, subsets: _Subsets, pairs: int) -> _
     return _MedianBySelection(lo.to(Y.device, acc), hi.to(Y.device, acc), pairs)
 
 
+def _stored_medians(stored: Tensor, seed: int, sample: int = 65536) -> Tensor:
+    """Each expert's lower median over its kept distances ``stored [E, P]``, by selection among the
+    few inside an interval: the quantiles ``0.5 ± δ`` of a seeded sample of ``sample`` pairs give
+    the interval, one counting pass the rank below it, and numpy's introselect the element among
+    the values inside; an expert whose median the interval misses takes the selection over all its
+    pairs. Float64 ``[E]``."""
+    E, P = stored.shape
+    k = (P - 1) // 2
+    out = torch.zeros(E, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, P, (min(sample, P),), generator=g).to(stored.device)
+    probe = stored[:, pick].float()
+    delta = max(PILOT_SPREAD, 3 * 0.5 / math.sqrt(len(pick)))
+    lo, hi = torch.quantile(probe, torch.tensor([max(0.0, 0.5 - delta), min(1.0, 0.5 + delta)],
+                                                device=probe.device), dim=1)
+    for e in range(E):
+        row = stored[e]
+        below = int((row < lo[e]).sum())
+        inside = row[(row >= lo[e]) & (row <= hi[e])].float().cpu().numpy()
+        j = k - below
+        a = inside if 0 <= j < len(inside) else row.float().cpu().numpy()
+        j = j if a is inside else k
+        out[e] = float(np.partition(a, j)[j])
+    return out
+
+
 def _rbf_step(tiles: _Tiles, stored: Tensor | None, sigma2: Tensor, subsets: _Subsets, upper_full: Tensor,
               n: int, step, buffers: _Buffers) -> Tensor:
     """RBF CKA from each expert's kernel ``K = exp(−d² / 2σ²)``, shifted by its mean on the
@@ -373,16 +407,27 @@ def _rbf_step(tiles: _Tiles, stored: Tensor | None, sigma2: Tensor, subsets: _Su
     frob = torch.zeros(E, E, dtype=torch.float64, device=dev)
     rows = torch.zeros(E, n, dtype=torch.float64, device=dev)
     if stored is not None:
-        ri, ci = _pair_tokens(tiles, upper_full)
-        chunk = max(1, M._rows_per_chunk(E * 4 * 2, stored.shape[1], M.WORK_BYTES // 4))
-        for c0 in range(0, stored.shape[1], chunk):
-            c1 = min(stored.shape[1], c0 + chunk)
-            K = stored[:, c0:c1].mul(scale[:, None]).exp_().sub_(shift[:, None])
-            frob += 2.0 * _frobenius(K)
-            K64 = K.double()
-            rows.index_add_(1, ri[c0:c1], K64).index_add_(1, ci[c0:c1], K64)
-            del K, K64
-        one = (1.0 - shift).double()
+        at = 0
+        for r0, r1, c0, c1 in tiles.bounds():
+            w, c = r1 - r0, c1 - c0
+            diag = c0 == r0
+            m = w * (w - 1) // 2 if diag else w * c
+            flat = stored[:, at : at + m]
+            at += m
+            K = buffers(E, m, 1, flat.dtype, dev)[:, :, 0] if diag else buffers(E, w, c, flat.dtype, dev)
+            torch.mul(flat if diag else flat.reshape(E, w, c), scale[:, None] if diag else scale[:, None, None], out=K)
+            K.exp_().sub_(shift[:, None] if diag else shift[:, None, None])
+            frob += 2.0 * _frobenius(K)  # each kept pair stands for (s, t) and (t, s)
+            if diag:  # the strictly-upper pairs of a diagonal tile: row s gets K[s, t], row t gets it too
+                s_idx, t_idx = upper_full[:w, :w].nonzero(as_tuple=True)
+                part = torch.zeros(E, w, dtype=K.dtype, device=dev)
+                part.index_add_(1, s_idx, K).index_add_(1, t_idx, K)
+                rows[:, r0:r1] += part.double()
+            else:
+                rows[:, r0:r1] += K.sum(2).double()
+                rows[:, c0:c1] += K.sum(1).double()
+            del K
+        one = (1.0 - shift).double()  # the diagonal: K_ss = exp(0) = 1, shifted
         frob += n * torch.outer(one, one)
         rows += one[:, None]
     else:
@@ -401,19 +446,3 @@ def _rbf_step(tiles: _Tiles, stored: Tensor | None, sigma2: Tensor, subsets: _Su
     total = rows.sum(1)
     hsic = frob - (2.0 / n) * (rows @ rows.T) + torch.outer(total, total) / n**2
     return M._cka_from_hsic(hsic.cpu()).float()
-
-
-def _pair_tokens(tiles: _Tiles, upper_full: Tensor) -> tuple[Tensor, Tensor]:
-    """The tokens ``(s, t)`` of each kept distance, in the order the tiles stored them."""
-    dev = upper_full.device
-    rows, cols = [], []
-    for r0, r1, c0, c1 in tiles.bounds():
-        w, c = r1 - r0, c1 - c0
-        if c0 == r0:
-            s, t = upper_full[:w, :c].nonzero(as_tuple=True)
-        else:
-            s = torch.arange(w, device=dev).repeat_interleave(c)
-            t = torch.arange(c, device=dev).repeat(w)
-        rows.append(s + r0)
-        cols.append(t + c0)
-    return torch.cat(rows), torch.cat(cols)

@@ -221,30 +221,53 @@ def cmd_analyze(args) -> int:
 def _memory_checked(args, params) -> bool:
     """``analyze``'s memory estimate (:func:`~moescope.analysis.measure.analyze.predicted_memory`)
     from the config alone, refused in one line when it exceeds the memory available, before any
-    weight is read; with ``--dry-run`` printed (True: stop there)."""
-    from moescope.analysis.core.processes import available_memory
+    weight is read; with ``--dry-run`` printed with the predicted time of each family
+    (:mod:`~moescope.analysis.measure.cost`) (True: stop there)."""
     from moescope.analysis.core.units import format_bytes
-    from moescope.analysis.measure.analyze import check_memory, predicted_memory
+    from moescope.analysis.measure.analyze import check_memory
+    from moescope.analysis.measure.cost import analysis_cost
     from moescope.analysis.model import load_moe
     from moescope.analysis.model.loading import parse_dtype
 
     skeleton = load_moe(args.model, dtype=args.dtype, weights=False, trust_remote_code=args.trust_remote_code)
-    predicted = predicted_memory(skeleton, params, args.samples, args.seq_len, parse_dtype(args.dtype),
-                                 offloaded=args.offload is not None)
-    available = available_memory()
     if not args.dry_run:
-        check_memory(predicted, available, params.similarity_tokens,
+        from moescope.analysis.core.processes import available_memory
+        from moescope.analysis.measure.analyze import predicted_memory
+
+        predicted = predicted_memory(skeleton, params, args.samples, args.seq_len, parse_dtype(args.dtype),
+                                     offloaded=args.offload is not None)
+        check_memory(predicted, available_memory(), params.similarity_tokens,
                      min(args.samples * args.seq_len, params.similarity_tokens))
         return False
+    cost = analysis_cost(skeleton, params, args.samples, args.seq_len, parse_dtype(args.dtype),
+                         offloaded=args.offload is not None)
+    available, rates, work = cost["available_bytes"], cost["rates"], cost["multiply_adds"]
     if args.json:
-        print(json.dumps({"predicted_bytes": predicted, "total_bytes": sum(predicted.values()),
-                          "available_bytes": available}, indent=2))
+        print(json.dumps({"predicted_bytes": cost["bytes"], "total_bytes": cost["total_bytes"],
+                          "available_bytes": available, "predicted_seconds": cost["seconds"],
+                          "total_seconds": cost["total_seconds"], "multiply_adds": work,
+                          "rates_per_second": rates}, indent=2))
         return True
-    for part, n in predicted.items():
-        print(f"{part.replace('_', ' '):<16} {format_bytes(n):>12}")
-    print(f"{'total':<16} {format_bytes(sum(predicted.values())):>12}  (available: "
+    print("memory at the peak:")
+    for part, n in cost["bytes"].items():
+        print(f"  {part.replace('_', ' '):<16} {format_bytes(n):>12}")
+    print(f"  {'total':<16} {format_bytes(cost['total_bytes']):>12}  (available: "
           f"{format_bytes(available) if available is not None else 'unknown'})")
+    print(f"time (multiply-adds at this machine's measured rates: {rates['model'] / 1e9:.0f} G/s in the model's dtype, "
+          f"{rates['fp32'] / 1e9:.0f} G/s float32; element-wise work not counted, so a lower bound):")
+    for family, sec in cost["seconds"].items():
+        print(f"  {family.replace('_', ' '):<16} {format_seconds(sec):>12}  ({sum(work[family].values()):.3g} "
+              "multiply-adds)")
+    print(f"  {'total':<16} {format_seconds(cost['total_seconds']):>12}")
     return True
+
+
+def format_seconds(sec: float) -> str:
+    if sec < 60:
+        return f"{sec:.1f} s"
+    if sec < 3600:
+        return f"{sec / 60:.1f} min"
+    return f"{sec / 3600:.1f} h"
 
 
 def cmd_cache(args) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from moescope.dashboard import backend
-from moescope.dashboard.ui import guarded, persistent, run_with_progress, settings
+from moescope.dashboard.ui import guarded, persistent, run_with_progress, settings, show_analysis_cost
 
 st.header("Model & data")
 
@@ -97,6 +97,9 @@ else:
         st.info("Not analysed with these settings yet: similarities, routing statistics and every MC-Suite "
                 "criterion are computed once and cached; progress is shown layer by layer while it runs "
                 "(large models take minutes per layer).")
+        cost = guarded(backend.analysis_cost, s.model, s.calib_samples, s.calib_seq_len)
+        if cost is not None:
+            show_analysis_cost(cost)
         if st.button("Run the analysis", type="primary", key="run_analysis"):
             run_with_progress("Analysing…", backend.compute_analysis, s, "Analysis done")
             st.rerun()
