@@ -359,10 +359,18 @@ def main() -> None:
             rows.append(row)
             print(line(row), flush=True)
             if s == "analyze":
+                dry = json.loads(run_child(cli + argv[:-1] + ["--dry-run", "--json"], env, root / "dry.log")["stdout"])
+                predicted = dry["predicted_seconds"]
                 for sub in analyze_parts(root / "cache"):
                     sub["floor"] = n_moe * per_layer_pass
+                    family = sub["stage"].split(": ")[1]
+                    sub["predicted"] = predicted.get(family)
                     rows.append(sub)
-                    print(line(sub), flush=True)
+                    print(line(sub) + (f"  predicted >= {sub['predicted']:.1f} s (dry-run)"
+                                       if sub["predicted"] is not None else ""), flush=True)
+                print(f"  analyze --dry-run predicted at least {dry['total_seconds']:.1f} s in all "
+                      f"(capture {predicted.get('capture', 0):.1f} s) and {gib(dry['total_bytes'])} at the peak",
+                      flush=True)
         if args.quality:
             q = run_child(me + ["--child", "quality", str(model_dir)], env, root / "quality.log")
             print(q["stdout"].strip())

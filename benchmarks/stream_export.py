@@ -16,7 +16,9 @@ expert matrix, one shard per decoder layer), then for each case, side by side in
 
 The ``many`` case measures the per-tensor cost: ``--many-layers`` layers (default 80) × 128 experts
 at tiny dimensions (d 64, I 32; 4 KiB per tensor), ≥ 30k tensors in ~0.1 GiB, one shard per layer:
-its time is all Python, not disk. Every case prints the export's wall time beside its CPU time
+its time is all Python, not disk. The ``tenk`` case is the real dimensions with ≥ 10k tensors
+(``--tenk-layers``, default 28 layers: 11,007 tensors, 18.5 GiB; 48 of Qwen3-30B-A3B's layers hold
+18,867). Every case prints the export's wall time beside its CPU time
 (user + system of the exporting process, start-up excluded) and the CPU time per source tensor;
 ``--baseline DIR`` (another checkout, e.g. ``git archive BASE analysis | tar -x -C DIR``) runs the
 same export with that checkout's ``analysis/`` right after ours, on the same source, so the two
@@ -300,6 +302,8 @@ def main() -> None:
     ap.add_argument("--cases", default="small,big")
     ap.add_argument("--keep", type=int, default=48, help="experts kept of 128 in every layer (default 48)")
     ap.add_argument("--many-layers", type=int, default=80, help="layers of the many case (default 80)")
+    ap.add_argument("--tenk-layers", type=int, default=28,
+                    help="layers of the tenk case at the real dimensions (default 28: 11,007 tensors, 18.5 GiB)")
     ap.add_argument("--baseline", help="another checkout whose analysis/ also runs each export, for comparison")
     ap.add_argument("--big-gib", type=float, default=25.5, help="weights of the big case in GiB (default 25.5)")
     args = ap.parse_args()
@@ -309,8 +313,10 @@ def main() -> None:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows = []
     for case in args.cases.split(","):
-        layers = 4 if case == "small" else int((args.big_gib * gib - embed_bytes()) // layer_bytes()) + 1
-        layers = args.many_layers if case == "many" else layers
+        layers = {"small": 4, "tenk": args.tenk_layers, "many": args.many_layers}.get(case)
+        if layers is None and case != "big":
+            sys.exit(f"unknown case '{case}'; accepted: small, tenk, big, many")
+        layers = layers or int((args.big_gib * gib - embed_bytes()) // layer_bytes()) + 1
         rows.append(measure(root, case, layers, args.keep, args.baseline))
         print(json.dumps(rows[-1]), flush=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -147,6 +147,7 @@ def require_stored(find: Callable, compute: Callable, s: Settings, message: str,
 def show_analysis_cost(cost: dict) -> None:
     """The predicted memory and time of an analysis (before it runs), with each family's share."""
     from moescope.analysis.core.units import format_bytes
+    from moescope.analysis.measure.cost import multiply_adds
 
     avail = cost["available_bytes"]
     fits = avail is None or cost["total_bytes"] <= avail
@@ -154,7 +155,7 @@ def show_analysis_cost(cost: dict) -> None:
     took = f"{secs:.1f} s" if secs < 10 else f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.1f} min"
     line = (f"Predicted before it runs: about **{format_bytes(cost['total_bytes'])}** of memory at the peak "
             f"({format_bytes(avail) if avail is not None else 'unknown'} available) and at least **{took}** on this "
-            f"machine (multiply-adds at its measured speed; element-wise work is not counted).")
+            f"machine (multiply-adds and the main element-wise passes at its measured speed; smaller terms left out).")
     (st.caption if fits else st.warning)(line if fits else line + " It does not fit: lower the calibration "
                                          "samples or sequence length in the sidebar.")
     with st.expander("Predicted cost by part"):
@@ -163,7 +164,7 @@ def show_analysis_cost(cost: dict) -> None:
             hide_index=True)
         st.dataframe(pd.DataFrame(
             [{"family": k.replace("_", " "), "seconds (at least)": round(v, 2),
-              "multiply-adds": f"{sum(cost['multiply_adds'][k].values()):.3g}"} for k, v in cost["seconds"].items()]),
+              "multiply-adds": f"{multiply_adds(cost['work'][k]):.3g}"} for k, v in cost["seconds"].items()]),
             hide_index=True)
 
 

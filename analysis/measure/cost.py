@@ -2,11 +2,14 @@
 
 The time of each metric family is predicted from its multiply-adds (counted from the config: E
 experts, d hidden size, I expert width, k top-k, T calibration tokens, n similarity tokens) and
-three rates measured here in a fraction of a second: a product in the model's dtype (the expert
-forwards), a float32 product (the similarity and weight Grams), and a small float32 matrix-vector
-product (the Lanczos iterations of the stable ranks). Element-wise work (exponentials,
-selections, conversions) is not counted, so a prediction is a lower bound; ``benchmarks/scale.py``
-prints it beside the measured time of each family.
+four rates measured here in a fraction of a second: a product in the model's dtype (the expert
+forwards), a float32 product (the similarity and weight Grams), a small float32 matrix-vector
+product (the Lanczos iterations of the stable ranks) and an element-wise pass over float32
+memory. The element-wise work is counted as the passes the code makes over its largest arrays
+(``elementwise``: the E·n²/2 distances of the similarity, 16 passes between distances, kept copy,
+selection and kernel; the mini-batch blocks, 10; the routed experts' gradients, 11 between their
+Gram, moments and outlier count); smaller terms are left out, so a prediction is a lower bound.
+``benchmarks/scale.py`` prints it beside the measured time of each family.
 
 Multiply-adds per MoE layer (``analysis_work``):
 
@@ -31,6 +34,7 @@ import time
 import torch
 
 LANCZOS_MATVECS = 70  # matvecs per stable rank, as measured on random and trained expert matrices
+PASSES = {"distances": 16, "minibatch": 10, "gradients": 11}  # element-wise passes, counted in the code
 
 
 def _best(fn, repeats: int = 3) -> float:
@@ -46,7 +50,8 @@ def _best(fn, repeats: int = 3) -> float:
 def machine_rates(dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
     """Multiply-adds per second of this process: ``model`` (a 1024×1024×1024 product in ``dtype``),
     ``fp32`` (the same in float32) and ``matvec`` (a 768×768 float32 matrix-vector product, one
-    thread). Measured once per process (about 0.1 s)."""
+    thread); ``elementwise``: float32 elements per second of an in-place multiply-add over 64 MiB.
+    Measured once per process (about 0.2 s)."""
     n = 1024
     out = {}
     for name, dt in (("model", dtype), ("fp32", torch.float32)):
@@ -61,6 +66,8 @@ def machine_rates(dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
             out["matvec"] = 768**2 * 50 / _best(lambda: [m.mv(v) for _ in range(50)])
         finally:
             torch.set_num_threads(threads)
+    x = torch.ones(16 * 2**20)
+    out["elementwise"] = x.numel() / _best(lambda: x.mul_(1.0000001).add_(1e-7))
     return out
 
 
@@ -89,7 +96,8 @@ def active_parameters(skeleton) -> int:
 def analysis_work(skeleton, metrics, samples: int, seq_len: int, similarity_tokens: int,
                   augment_ratio: float = 0.0) -> dict[str, dict[str, float]]:
     """Multiply-adds of each family asked for (and of the capture every analysis runs), split by
-    the kind of product that does them: ``model`` (model dtype), ``fp32`` and ``matvec``."""
+    the kind of work that does them: ``model`` (model dtype), ``fp32``, ``matvec`` products and
+    ``elementwise`` passes (in elements)."""
     from moescope.analysis.measure.gram_pass import pass_costs
 
     T = samples * seq_len
@@ -108,6 +116,8 @@ def analysis_work(skeleton, metrics, samples: int, seq_len: int, similarity_toke
             add("expert_outputs", "model", 3 * n * d * I * E)
         if "similarity" in want:
             add("similarity", "fp32", sum(pass_costs(E, n, d).values()))
+            b = min(512, n)
+            add("similarity", "elementwise", PASSES["distances"] * E * n * n / 2 + PASSES["minibatch"] * 4 * E * b * b)
             if n < T:
                 add("similarity", "model", 3 * T * d * I * E)
         if "weights" in want:
@@ -118,6 +128,7 @@ def analysis_work(skeleton, metrics, samples: int, seq_len: int, similarity_toke
             add("activations", "model", 3 * T * k * d * I)
         if "gradients" in want:
             add("gradients", "fp32", E * E * 3 * d * I)
+            add("gradients", "elementwise", PASSES["gradients"] * E * 3 * d * I)
     if "gradients" in want:
         add("gradients", "model", 3 * T * active)
     return work
@@ -133,7 +144,8 @@ def analysis_cost(skeleton, params, samples: int, seq_len: int, dtype: torch.dty
     """The memory and time an analysis of ``skeleton`` (a weightless model, ``load_moe(...,
     weights=False)``) with ``params`` on ``samples`` × ``seq_len`` tokens is predicted to take, and
     the memory this machine has: ``{"bytes": {part: n}, "total_bytes", "available_bytes",
-    "seconds": {family: s}, "total_seconds", "multiply_adds": {family: {kind: n}}, "rates": …}``."""
+    "seconds": {family: s}, "total_seconds", "work": {family: {kind: n}}, "rates": …}`` (``work``:
+    :func:`analysis_work`)."""
     from moescope.analysis.core.processes import available_memory
     from moescope.analysis.measure.analyze import predicted_memory
 
@@ -143,4 +155,9 @@ def analysis_cost(skeleton, params, samples: int, seq_len: int, dtype: torch.dty
     work = analysis_work(skeleton, params.metrics, samples, seq_len, params.similarity_tokens, params.augment_ratio)
     seconds = predicted_seconds(work, rates)
     return {"bytes": memory, "total_bytes": sum(memory.values()), "available_bytes": available_memory(),
-            "seconds": seconds, "total_seconds": sum(seconds.values()), "multiply_adds": work, "rates": rates}
+            "seconds": seconds, "total_seconds": sum(seconds.values()), "work": work, "rates": rates}
+
+
+def multiply_adds(kinds: dict[str, float]) -> float:
+    """The multiply-adds of one family's :func:`analysis_work` (its element-wise passes left out)."""
+    return sum(v for k, v in kinds.items() if k != "elementwise")

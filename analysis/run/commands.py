@@ -241,11 +241,13 @@ def _memory_checked(args, params) -> bool:
         return False
     cost = analysis_cost(skeleton, params, args.samples, args.seq_len, parse_dtype(args.dtype),
                          offloaded=args.offload is not None)
-    available, rates, work = cost["available_bytes"], cost["rates"], cost["multiply_adds"]
+    from moescope.analysis.measure.cost import multiply_adds
+
+    available, rates, work = cost["available_bytes"], cost["rates"], cost["work"]
     if args.json:
         print(json.dumps({"predicted_bytes": cost["bytes"], "total_bytes": cost["total_bytes"],
                           "available_bytes": available, "predicted_seconds": cost["seconds"],
-                          "total_seconds": cost["total_seconds"], "multiply_adds": work,
+                          "total_seconds": cost["total_seconds"], "work": work,
                           "rates_per_second": rates}, indent=2))
         return True
     print("memory at the peak:")
@@ -253,10 +255,11 @@ def _memory_checked(args, params) -> bool:
         print(f"  {part.replace('_', ' '):<16} {format_bytes(n):>12}")
     print(f"  {'total':<16} {format_bytes(cost['total_bytes']):>12}  (available: "
           f"{format_bytes(available) if available is not None else 'unknown'})")
-    print(f"time (multiply-adds at this machine's measured rates: {rates['model'] / 1e9:.0f} G/s in the model's dtype, "
-          f"{rates['fp32'] / 1e9:.0f} G/s float32; element-wise work not counted, so a lower bound):")
+    print(f"time (multiply-adds and element-wise passes at this machine's measured rates: {rates['model'] / 1e9:.0f} G/s "
+          f"in the model's dtype, {rates['fp32'] / 1e9:.0f} G/s float32, {rates['elementwise'] / 1e9:.1f} G elements/s; "
+          "smaller terms left out, so a lower bound):")
     for family, sec in cost["seconds"].items():
-        print(f"  {family.replace('_', ' '):<16} {format_seconds(sec):>12}  ({sum(work[family].values()):.3g} "
+        print(f"  {family.replace('_', ' '):<16} {format_seconds(sec):>12}  ({multiply_adds(work[family]):.3g} "
               "multiply-adds)")
     print(f"  {'total':<16} {format_seconds(cost['total_seconds']):>12}")
     return True
