@@ -127,7 +127,10 @@ _add(Preset("mc-smoe", "router-guided",
             note="keep N asks for N × layers groups in all (the script's num_average_groups), --budget for a total; "
                  "the script reads 10 % of MiniPile, far more than moescope's default 32 sequences; MC-SMoE keeps every "
                  "member's router row pointing at the merged expert, a plan has one router row per output expert, "
-                 "merged with the same frequency weights; a layer the threshold leaves below top-k is refused"))
+                 "merged with the same frequency weights; a target that cannot give every layer its top-k whatever "
+                 "the usage (a keep below top-k, a budget below the layers' top-k summed) is refused from the config "
+                 "before any weights load; a layer the threshold leaves below top-k depends on the measured usage, so "
+                 "it is refused after the routing pass, in one line, before any merge"))
 _add(Preset("mc-smoe-aligned", "router-guided",
             {"router_similarity": "cosine", "allocation": "distinctness", "align": "activations", "merge": "frequency",
              "merge_router": True},
