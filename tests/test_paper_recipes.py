@@ -287,7 +287,7 @@ def test_every_preset_states_its_calibration_and_target_in_the_listing(capsys):
         "enumerate": (128, 2048), "hc-smoe": (32, 2048), "min-ean": (256, 2048), "mc-smoe": (None, 512)}
     assert main(["strategies"]) == 0
     assert ("preset hc-smoe: --representation mean_output --similarity euclidean --grouping agglomerative --merge "
-            "frequency --merge-router --align none --augment none --samples 32 --seq-len 2048") in capsys.readouterr().out
+            "fix-dom-same --merge-router --align none --augment none --samples 32 --seq-len 2048") in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- MC-SMoE's activation matching tokens

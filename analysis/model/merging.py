@@ -11,7 +11,8 @@ frequency, ``learned`` fits group-and-merge eq. 6 (``λ Σ α_i θ_i``, ``Σ α 
 ``Σ α_i W_i``) by SGD so that the merged layer reproduces the original layer's output
 (:func:`learn_coefficients`); ``frequency`` is ``usage`` under the name
 MC-SMoE and HC-SMoE give it (frequency-weighted average); ``ties`` weights by usage and combines
-with the TIES operator below.
+with the TIES operator below; ``fix-dom-same`` (HC-SMoE's script) folds every member's neurons onto
+the group's dominant expert, :mod:`analysis.model.folding`.
 
 Operators (every fused expert tensor, biases included, after the members were permuted onto the
 reference expert, :mod:`analysis.alignment`): ``linear`` is ``W = Σ_i c_i W_i``; ``ties`` is
@@ -37,7 +38,7 @@ from moescope.analysis.model.routing import ROUTING_RULES, RouterParams, mix
 from torch import Tensor
 
 GROUPINGS = ("spectral", "spectral_discretize", "greedy", "agglomerative")
-MERGES = ("max", "uniform", "usage", "frequency", "learned", "ties")
+MERGES = ("max", "uniform", "usage", "frequency", "learned", "ties", "fix-dom-same")
 OPERATORS = ("linear", "ties")
 
 
@@ -142,7 +143,7 @@ def group_coefficients(groups: list[list[int]], method: str, usage: Tensor) -> l
     ``learned`` starts from uniform."""
     if method not in MERGES:
         raise unknown_name("merge", method, MERGES)
-    if method in ("frequency", "ties"):
+    if method in ("frequency", "ties", "fix-dom-same"):  # fix-dom-same: routed-token shares (its fold refines them)
         method = "usage"
     out = []
     for g in groups:
