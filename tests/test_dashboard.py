@@ -470,7 +470,7 @@ def test_a_preset_fills_its_strategys_widgets_and_is_recorded(analysed):
     assert at.selectbox(key="plan_merge_representation").value == "mean_output"
     assert at.selectbox(key="plan_merge_similarity").value == "euclidean"
     assert at.selectbox(key="plan_merge_grouping").value == "agglomerative"
-    assert at.selectbox(key="plan_merge_merge").value == "frequency"
+    assert at.selectbox(key="plan_merge_merge").value == "fix-dom-same"
     assert any("HC-SMoE" in c.value for c in at.caption)
     at.selectbox(key="plan_merge_merge").select("uniform").run()  # every value stays editable
     at.number_input(key="plan_keep").set_value(6).run()

@@ -7,7 +7,7 @@ the authors' file on a hand-checkable case, asserting the published answer:
   frequency-weighted merge), ``mcsmoe/merging/grouping.py`` (``SpectralClustering(assign_labels="kmeans",
   random_state=0)``);
 - HC-SMoE: ``hcsmoe/merging/clustering.py`` (Euclidean distances between the experts' mean outputs,
-  average linkage);
+  average linkage; its fix-dom-same merge is tests/test_fix_dom_same.py's);
 - TIES on a group of two: the weighted mean (moescope's definition, made exact).
 """
 
@@ -121,11 +121,13 @@ def test_average_linkage_on_euclidean_distances_by_hand():
     assert group_experts(A, 2, "agglomerative") != want
 
 
-def test_hc_smoe_preset_end_to_end_equals_the_reference_on_mean_outputs(tmp_path):
+def test_hc_smoe_freq_preset_end_to_end_equals_the_reference_on_mean_outputs(tmp_path):
+    """HC-SMoE's clustering with its frequency-weighted merge (``hc-smoe-freq``; ``hc-smoe`` is the
+    script's fix-dom-same fold of the same groups, tests/test_fix_dom_same.py)."""
     model = mixtral()
     ctx = StrategyContext(model, BATCH, Cache(tmp_path / "c"), FAST)
-    plan = make_preset_plan("hc-smoe", ctx, {"keep": 3})
-    assert plan.provenance["preset"] == "hc-smoe"
+    plan = make_preset_plan("hc-smoe-freq", ctx, {"keep": 3})
+    assert plan.provenance["preset"] == "hc-smoe-freq"
     res = ctx.analysis(metrics=("routing", "similarity"), augment_ratio=0.0)
     for l, x in LayerStream(model, IDS).layers():
         if x is None:

@@ -92,11 +92,13 @@ def test_usage_threshold_allocation_follows_the_authors_rule_on_a_hand_made_tabl
     (argmax: the first of the two 40s). Sorted: 1, 1, .4, .3, .15, .1, .1, .05.
     total 4 → threshold .15 → 2 + 2; total 5 → .1 → 3 + 2; total 6 → .1 again (the two .1s tie) → 3 + 2,
     one short of 6; total 2 → .4 → 1 + 1; all 8 → position 7 (.05) → 3 + 4; total 1 → threshold 1:
-    refused. With top-k 2, total 3 (threshold .3 → 1 + 2) leaves layer 0 below top-k: refused."""
+    refused (fewer groups than layers). With top-k 2, total 3 (threshold .3 → 1 + 2) leaves layer 0 below
+    top-k: refused."""
     counts = {0: torch.tensor([50.0, 30, 15, 5]), 1: torch.tensor([10.0, 10, 40, 40])}
     alloc = {total: usage_threshold_counts(_layers(1), counts, total) for total in (2, 4, 5, 6, 8)}
     assert alloc == {2: {0: 1, 1: 1}, 4: {0: 2, 1: 2}, 5: {0: 3, 1: 2}, 6: {0: 3, 1: 2}, 8: {0: 3, 1: 4}}
-    with pytest.raises(MoescopeError, match="more than the rule can give"):
+    with pytest.raises(MoescopeError, match=r"^usage-threshold allocation: 1 groups cannot give each of the 2 MoE "
+                                            r"layers one .*; ask for more$"):
         usage_threshold_counts(_layers(1), counts, 1)
     with pytest.raises(MoescopeError, match=r"^usage-threshold allocation leaves layer 0 1 group\(s\), fewer than "
                                             r"its top-k \(2\)"):
@@ -121,6 +123,63 @@ def test_mc_smoe_preset_is_the_mixtral_script_unaligned_with_global_allocation(c
         assert all(lp.permutations is None for lp in plan.layers.values())
     assert got == {4: [6, 3, 3, 4], 6: [8, 5, 6, 5]}
     assert capsys.readouterr().err == ""  # a target was given: no headline note; the demo's context fits 256
+
+
+@pytest.fixture
+def weights_refused(monkeypatch):
+    """Loading any weights fails with a line of its own: what the CLI prints before it came first."""
+    import moescope.analysis.model as model_pkg
+
+    real = model_pkg.load_moe
+
+    def load(*args, weights: bool = True, **kw):
+        if weights:
+            raise MoescopeError("<the weights would load here>")
+        return real(*args, weights=weights, **kw)
+
+    monkeypatch.setattr(model_pkg, "load_moe", load)
+
+
+def test_cli_mc_smoe_target_below_every_layers_top_k_is_refused_before_any_weights(capsys, tmp_path, monkeypatch,
+                                                                                   weights_refused):
+    """``--preset mc-smoe --budget 7`` (fewer groups than the 4 layers' top-2 summed) and ``--keep 1``
+    cannot give every layer its top-k whatever the usage: refused from the config, in one line,
+    exit 2, the weights never read (the fixture makes loading them fail)."""
+    from moescope.analysis.run.cli import main
+
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "x.json"
+    for flag, value, line in (
+            ("--budget", "7", "preset mc-smoe: budget=7 is not possible: it must be between 8 (top-k in every layer) "
+                              "and 32"),
+            ("--keep", "1", "preset mc-smoe: keep=1 is not possible in layer 0: it must be between top-k (2) and the "
+                            "layer's 8 experts")):
+        assert main(["plan", "demo", "--preset", "mc-smoe", flag, value, "-o", str(out)]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"moescope: error: {line}"]
+    assert not out.exists()
+
+
+def test_cli_mc_smoe_threshold_below_top_k_is_refused_after_routing_before_any_merge(capsys, tmp_path, monkeypatch):
+    """``--preset mc-smoe --keep 2``: 8 groups for 4 top-2 layers could work only if the usage gave
+    every layer exactly 2; on these 4×64 demo tokens the threshold leaves layer 0 one group. That is
+    known only from the routing pass: refused then, one line, exit 2, no plan written (and no merge:
+    the refusal comes before merge_plan is reached)."""
+    import moescope.analysis.strategies.merge as merge_mod
+    from moescope.analysis.run.cli import main
+
+    monkeypatch.setenv("MOESCOPE_CACHE", str(tmp_path / "cache"))
+
+    def no_merge(*a, **k):
+        raise AssertionError("a merge was started")
+
+    monkeypatch.setattr(merge_mod, "merge_plan", no_merge)
+    out = tmp_path / "mc.json"
+    assert main(["plan", "demo", "--preset", "mc-smoe", "--keep", "2", "--samples", "4", "--seq-len", "64",
+                 "-o", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "moescope: error: usage-threshold allocation leaves layer 0 1 group(s), fewer than its top-k (2), on this "
+        "calibration data's usage; ask for more groups (a larger keep or budget)"]
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- the enumeration authors' objective
@@ -228,7 +287,7 @@ def test_every_preset_states_its_calibration_and_target_in_the_listing(capsys):
         "enumerate": (128, 2048), "hc-smoe": (32, 2048), "min-ean": (256, 2048), "mc-smoe": (None, 512)}
     assert main(["strategies"]) == 0
     assert ("preset hc-smoe: --representation mean_output --similarity euclidean --grouping agglomerative --merge "
-            "frequency --merge-router --align none --augment none --samples 32 --seq-len 2048") in capsys.readouterr().out
+            "fix-dom-same --merge-router --align none --augment none --samples 32 --seq-len 2048") in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- MC-SMoE's activation matching tokens

@@ -420,13 +420,18 @@ def test_merge_requantizes_with_the_schemes_rule(published, layout, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["qwen3_moe_fp8", "gpt_oss_mxfp4"])
-@pytest.mark.parametrize("how", ["ties", "aligned"])
-def test_ties_and_aligned_merges_are_requantized_from_the_twins_merge(published, layout, how, tmp_path):
+@pytest.mark.parametrize("how", ["ties", "aligned", "folded"])
+def test_ties_aligned_and_folded_merges_are_requantized_from_the_twins_merge(published, layout, how, tmp_path):
+    """A merge the in-memory path computes (TIES, permuted members, or HC-SMoE's many-to-one neuron
+    fold) is written as the scheme's quantization of the twin's merge, group of one included."""
     quantized, twin = published[layout]
     inter = 128 if layout.startswith("qwen") else 64
-    perm = torch.randperm(inter, generator=torch.Generator().manual_seed(0)).tolist()
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(inter, generator=gen).tolist()
+    fold = torch.randint(0, inter, (inter,), generator=gen).tolist()  # many-to-one onto member 2's neurons
     extra = {"operator": "ties", "density": 0.5} if how == "ties" else \
-        {"permutations": [[None], [None, perm], [None], [None, None]]}
+        {"permutations": [[None], [None, perm], [None], [None, None]]} if how == "aligned" else \
+        {"folds": [None, [None, fold], None, [fold, None]]}
     plan = PruningPlan.from_json({"version": 1, "base_model": str(quantized), "layers": {str(l): {
         "groups": [[0], [2, 3], [4], [6, 7]], "coefficients": [[1.0], [0.5, 0.5], [1.0], [0.25, 0.75]], **extra}
         for l in (0, 1)}})

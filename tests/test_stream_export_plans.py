@@ -2,7 +2,8 @@
 load_moe → apply → export writes for every plan shape, not only the three of
 tests/test_stream_export.py: plans generated from a fixed seed on every family's tiny model, with
 groups in any order, merges with and without ``merge_router``, ``router_coefficients``,
-coefficients (a lone expert scaled too), TIES, permutations and a different expert count per layer.
+coefficients (a lone expert scaled too), TIES, permutations, neuron folds (HC-SMoE's fix-dom-same) and a
+different expert count per layer.
 Then the three faults once planted in the streamed path and missed, as named regressions, each
 checked against the source's own bytes (not only against the in-memory path)."""
 
@@ -33,9 +34,12 @@ def generated_plan(source: str, seed: int) -> PruningPlan:
     """A random plan the model accepts: a random subset of MoE layers edited, each with its own
     number of output experts; each routing group's experts shuffled, some dropped, the rest cut
     into groups listed in a shuffled order; coefficients, router coefficients, ``merge_router``,
-    TIES and permutations each drawn per layer."""
+    TIES and permutations each drawn per layer; folds (drawn from their own generator, so the other
+    draws are those of the plans before folds existed) in a linear layer without permutations:
+    one member of each merged group kept in place, the others sent to random neurons."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
+    fold_rng, fold_gen = random.Random(seed + 1), torch.Generator().manual_seed(seed + 1)
     skeleton = load_moe(source, weights=False)
     layers = skeleton.moe_layers
     spec = {}
@@ -67,6 +71,18 @@ def generated_plan(source: str, seed: int) -> PruningPlan:
             layer["permutations"] = [None if len(g) == 1 else
                                      [None, *(torch.randperm(I, generator=gen).tolist() for _ in g[1:])]
                                      for g in groups]
+        if (layer.get("operator") != "ties" and "permutations" not in layer and any(len(g) > 1 for g in groups)
+                and fold_rng.random() < 0.5):
+            I = intermediate_size(view)
+            folds = []
+            for g in groups:
+                if len(g) == 1:
+                    folds.append(None)
+                    continue
+                ref = fold_rng.randrange(len(g))
+                folds.append([None if i == ref else torch.randint(0, I, (I,), generator=fold_gen).tolist()
+                              for i in range(len(g))])
+            layer["folds"] = folds
         spec[str(l)] = layer
     plan = PruningPlan.from_json({"version": 1, "base_model": source, "layers": spec})
     plan.validate_for(skeleton)
@@ -87,7 +103,7 @@ def test_generated_plans_stream_as_in_memory(tiny_dirs, tmp_path, family, seed):
 
 def test_the_generator_covers_every_plan_shape(tiny_dirs):
     """The generated plans hold each shape the property test claims: groups out of sorted order,
-    merges with and without merge_router, router coefficients, TIES, permutations, a lone expert
+    merges with and without merge_router, router coefficients, TIES, permutations, folds, a lone expert
     scaled, layers left with different expert counts."""
     seen = set()
     for family in FAMILIES:
@@ -107,10 +123,12 @@ def test_the_generator_covers_every_plan_shape(tiny_dirs):
                     seen.add("ties")
                 if lp.permutations is not None:
                     seen.add("permutations")
+                if lp.folded():
+                    seen.add("folds")
                 if lp.coefficients and any(len(g) == 1 and c[0] != 1.0 for g, c in zip(lp.groups, lp.coefficients)):
                     seen.add("scaled_single")
     assert seen == {"nonuniform", "unordered", "merge_router", "no_merge_router", "router_coefficients", "ties",
-                    "permutations", "scaled_single"}
+                    "permutations", "folds", "scaled_single"}
 
 
 # ---- the three planted faults that went through, as named regressions ----------------------------

@@ -11,7 +11,8 @@ frequency, ``learned`` fits group-and-merge eq. 6 (``λ Σ α_i θ_i``, ``Σ α 
 ``Σ α_i W_i``) by SGD so that the merged layer reproduces the original layer's output
 (:func:`learn_coefficients`); ``frequency`` is ``usage`` under the name
 MC-SMoE and HC-SMoE give it (frequency-weighted average); ``ties`` weights by usage and combines
-with the TIES operator below.
+with the TIES operator below; ``fix-dom-same`` (HC-SMoE's script) folds every member's neurons onto
+the group's dominant expert, :mod:`analysis.model.folding`.
 
 Operators (every fused expert tensor, biases included, after the members were permuted onto the
 reference expert, :mod:`analysis.alignment`): ``linear`` is ``W = Σ_i c_i W_i``; ``ties`` is
@@ -37,7 +38,7 @@ from moescope.analysis.model.routing import ROUTING_RULES, RouterParams, mix
 from torch import Tensor
 
 GROUPINGS = ("spectral", "spectral_discretize", "greedy", "agglomerative")
-MERGES = ("max", "uniform", "usage", "frequency", "learned", "ties")
+MERGES = ("max", "uniform", "usage", "frequency", "learned", "ties", "fix-dom-same")
 OPERATORS = ("linear", "ties")
 
 
@@ -142,7 +143,7 @@ def group_coefficients(groups: list[list[int]], method: str, usage: Tensor) -> l
     ``learned`` starts from uniform."""
     if method not in MERGES:
         raise unknown_name("merge", method, MERGES)
-    if method in ("frequency", "ties"):
+    if method in ("frequency", "ties", "fix-dom-same"):  # fix-dom-same: routed-token shares (its fold refines them)
         method = "usage"
     out = []
     for g in groups:
@@ -207,22 +208,31 @@ def ties_merge(P: Tensor, coeffs, density: float = 0.2) -> Tensor:
 
 
 def combine_tensors(view, groups: list[list[int]], coeffs: list[list[float]], permutations=None,
-                    operator: str = "linear", density: float = 0.2, tensors: dict[str, Tensor] | None = None
-                    ) -> dict[str, Tensor]:
+                    operator: str = "linear", density: float = 0.2, tensors: dict[str, Tensor] | None = None,
+                    folds=None) -> dict[str, Tensor]:
     """The merged layer's fused expert tensors (float32, one output expert per group): members
     permuted onto their reference (``permutations``, see :func:`analysis.alignment.align_group`),
-    then combined by ``operator``. A group of one with coefficient 1 and no permutation is that
-    expert exactly."""
+    then combined by ``operator``; a group with ``folds`` (per group, per member) is folded instead
+    (:func:`analysis.model.folding.fold_group`). A group of one with coefficient 1 and no
+    permutation is that expert exactly, and so is one folded onto itself in place."""
     from moescope.analysis.model.alignment import aligned_tensors
 
     if operator not in OPERATORS:
         raise unknown_name("merge operator", operator, OPERATORS)
     T = aligned_tensors(view, groups, permutations, tensors)
+    folded = {}
+    if folds is not None:
+        from moescope.analysis.model.folding import fold_group
+
+        folded = {j: fold_group(view, T, g, c, fs) for j, (g, c, fs) in enumerate(zip(groups, coeffs, folds, strict=True))
+                  if fs is not None and any(f is not None for f in fs)}
     out = {}
     for name, P in T.items():
         rows = []
-        for g, c in zip(groups, coeffs, strict=True):
-            if len(g) == 1 or operator == "linear":
+        for j, (g, c) in enumerate(zip(groups, coeffs, strict=True)):
+            if j in folded:
+                rows.append(folded[j][name])
+            elif len(g) == 1 or operator == "linear":
                 rows.append(sum(float(w) * P[e] for e, w in zip(g, c, strict=True)))
             else:
                 rows.append(ties_merge(P[g], c, density))

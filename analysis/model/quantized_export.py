@@ -6,14 +6,14 @@
   is a renamed byte copy of all its stored tensors.
 * Experts stored fused (gpt-oss MXFP4: ``experts.gate_up_proj_blocks`` [E, ...], ``_scales``,
   ``_bias``) keep the plan's rows of each stored tensor, byte for byte.
-* A merged expert is computed from its dequantized members by the same code as an unquantized
-  merge and quantized back with the scheme's rule; its relative error ‖W − Q(W)‖ / ‖W‖ is recorded
-  for the model card. With ``keep_merged="bf16"`` (block FP8 only) a layer holding a merged expert
-  is written in bf16 whole — transformers fuses a layer's experts and dequantizes them together, so
-  it cannot mix FP8 and bf16 experts in one layer — and the layer's experts module
-  (``model.layers.N.mlp.experts``) is listed in ``quantization_config.modules_to_not_convert``.
-  compressed-tensors' loader refuses such a module and MXFP4 fuses the experts on disk: both are
-  refused in one line.
+* A merged expert (folded ones too, HC-SMoE's ``fix-dom-same``) is computed from its dequantized
+  members by the same code as an unquantized merge and quantized back with the scheme's rule; its
+  relative error ‖W − Q(W)‖ / ‖W‖ is recorded for the model card. With ``keep_merged="bf16"`` (block
+  FP8 only) a layer holding a merged expert is written in bf16 whole — transformers fuses a layer's
+  experts and dequantizes them together, so it cannot mix FP8 and bf16 experts in one layer — and
+  the layer's experts module (``model.layers.N.mlp.experts``) is listed in
+  ``quantization_config.modules_to_not_convert``. compressed-tensors' loader refuses such a module
+  and MXFP4 fuses the experts on disk: both are refused in one line.
 * The config's skip lists follow the plan (:func:`~analysis.model.quantization.renumber_config`).
 """
 
@@ -48,9 +48,11 @@ def _suffix(key: str) -> str:
 
 
 def write_quantized_experts(quant: Scheme, conv, view, lp, coeffs, s, read, emit, copy, combine, combine_rows,
-                            renumber, aligned: bool, offset, prefetch, stats: dict, keep_merged: str | None) -> None:
+                            renumber, recomputed: bool, offset, prefetch, stats: dict, keep_merged: str | None) -> None:
+    """``recomputed``: the layer's experts are computed, not row sums (permuted, folded or TIES), so
+    even a group of one is dequantized, recomputed and requantized, as the in-memory path computes it."""
     attr = view.spec.experts_attr
-    plain = not aligned and lp.operator == "linear"
+    plain = not recomputed
     single = [plain and len(g) == 1 and c[0] == 1.0 for g, c in zip(lp.groups, coeffs, strict=True)]
     if s.per_expert:
         if keep_merged == "bf16" and not all(single):
@@ -74,7 +76,8 @@ def write_quantized_experts(quant: Scheme, conv, view, lp, coeffs, s, read, emit
                 mini.update({renumber(k, attr, i): t for k, t in quant.dequantize(member).items()})
             fused = conv.forward(mini)
             perms = [lp.permutations[j]] if lp.permutations is not None else None
-            merged = combine(fused, [list(range(len(g)))], [c], perms, combine_rows)
+            folds = [lp.folds[j]] if lp.folds is not None else None
+            merged = combine(fused, [list(range(len(g)))], [c], perms, combine_rows, folds)
             del mini, fused
             for name, t in conv.revert(merged).items():
                 _emit_merged(quant, renumber(name, attr, j), t, like, emit, stats, keep_merged)
@@ -86,7 +89,7 @@ def write_quantized_experts(quant: Scheme, conv, view, lp, coeffs, s, read, emit
             emit(k, raw[k].index_select(0, keep).contiguous())
         return
     full = conv.forward(quant.dequantize(raw))
-    merged = combine(full, [list(g) for g in lp.groups], coeffs, lp.permutations, combine_rows)
+    merged = combine(full, [list(g) for g in lp.groups], coeffs, lp.permutations, combine_rows, lp.folds)
     del full
     rows = [j for j in range(len(lp.groups)) if single[j]]
     for name, t in conv.revert(merged).items():

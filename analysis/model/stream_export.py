@@ -11,7 +11,7 @@ tensor by tensor and writes the pruned folder's weights directly:
   renamed byte copy of its tensors; a merged one is read member by member, brought into
   transformers 5's fused form by transformers' own load converters, combined by the same code
   :meth:`MoEModel.merge` runs (:func:`analysis.edits.combine_rows`,
-  :func:`analysis.merging.combine_tensors` with its permutations), and written back in the
+  :func:`analysis.merging.combine_tensors` with its permutations or folds), and written back in the
   checkpoint's form by transformers' save converters (``revert_weight_conversion``);
 * experts stored fused on disk (GPT-OSS, Granite) are read one layer tensor at a time;
 * router rows, router biases and score-correction biases follow :meth:`MoEModel.merge`.
@@ -412,7 +412,7 @@ def write_pruned(source_dir: Path, skeleton, plan, out: Path, dtype: torch.dtype
 
                     write_quantized_experts(quant, conv, view, lp, coeffs, s, read, partial(emit, writer),
                                             partial(copy_or_cast, writer), partial(_combine, view, lp),
-                                            combine_rows, _renumber, _aligned(lp),
+                                            combine_rows, _renumber, not _plain(lp),
                                             lambda k: (tensors[k].file.name, tensors[k].start),
                                             lambda keys: prefetch([tensors[k] for k in keys]), stats, keep_merged)
                 else:
@@ -445,23 +445,30 @@ def _aligned(lp) -> bool:
     return perms is not None and any(p is not None for ps in perms for p in (ps or []))
 
 
-def _combine(view, lp, fused: dict[str, Tensor], groups, coeffs, perms, combine_rows) -> dict[str, Tensor]:
+def _plain(lp) -> bool:
+    """Whether ``lp``'s experts are plain weighted sums of rows (no permutation, fold or TIES), so
+    that a kept expert is a byte copy; decided for the whole layer, as :meth:`MoEModel.merge` does."""
+    return not _aligned(lp) and not lp.folded() and lp.operator == "linear"
+
+
+def _combine(view, lp, fused: dict[str, Tensor], groups, coeffs, perms, combine_rows, folds=None) -> dict[str, Tensor]:
     """:meth:`MoEModel.merge`'s expert arithmetic on ``fused`` (in-memory form) for ``groups`` with
-    ``perms`` (per group, per member). Whether the members go through the aligned path is decided
-    for the whole layer ``lp``, as :meth:`MoEModel.merge` decides it."""
-    if _aligned(lp) or lp.operator != "linear":
+    ``perms`` and ``folds`` (per group, per member). Whether the members go through the aligned path
+    is decided for the whole layer ``lp``, as :meth:`MoEModel.merge` decides it."""
+    if not _plain(lp):
         from moescope.analysis.model.merging import combine_tensors
 
         short = {n.rpartition(".")[2]: n for n in fused}  # the experts module's parameter names
         combined = combine_tensors(view, groups, coeffs, perms, lp.operator, 0.2 if lp.density is None else lp.density,
-                                   tensors={p: fused[n] for p, n in short.items()})
+                                   tensors={p: fused[n] for p, n in short.items()},
+                                   folds=folds if lp.folded() else None)
         return {n: combined[p].to(fused[n].dtype).contiguous() for p, n in short.items()}
     return {n: combine_rows(t, groups, coeffs) for n, t in fused.items()}
 
 
 def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, combine_rows, offset, prefetch) -> None:
     attr = view.spec.experts_attr
-    plain = not _aligned(lp) and lp.operator == "linear"
+    plain = _plain(lp)
     if s.per_expert:
         kept = [(offset(key), _renumber(key, attr, j), key) for j, (g, c) in enumerate(zip(lp.groups, coeffs, strict=True))
                 if plain and len(g) == 1 and c[0] == 1.0 for key in s.per_expert[g[0]]]
@@ -475,13 +482,14 @@ def _write_experts(conv, view, lp, coeffs, s: LayerSources, read, emit, copy, co
             mini = {_renumber(key, attr, i): read(key) for i, e in enumerate(g) for key in s.per_expert[e]}
             fused = conv.forward(mini)
             perms = [lp.permutations[j]] if lp.permutations is not None else None
-            merged = _combine(view, lp, fused, [list(range(len(g)))], [c], perms, combine_rows)
+            folds = [lp.folds[j]] if lp.folds is not None else None
+            merged = _combine(view, lp, fused, [list(range(len(g)))], [c], perms, combine_rows, folds)
             del mini, fused
             for name, t in conv.revert(merged).items():
                 emit(_renumber(name, attr, j), t)
         return
     full = conv.forward({k: read(k) for k in s.fused})
-    merged = _combine(view, lp, full, [list(g) for g in lp.groups], coeffs, lp.permutations, combine_rows)
+    merged = _combine(view, lp, full, [list(g) for g in lp.groups], coeffs, lp.permutations, combine_rows, lp.folds)
     del full
     for name, t in conv.revert(merged).items():
         emit(name, t)

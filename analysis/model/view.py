@@ -381,6 +381,7 @@ class MoEModel:
         operator: str = "linear",
         density: float | None = None,
         router_coeffs: list[list[float]] | None = None,
+        folds: list[list[list[int] | None] | None] | None = None,
     ) -> None:
         """Replace ``layer``'s experts by one expert per group: ``W_new = Σ_i c_i W_{g_i}`` for every
         fused expert tensor (and bias). Router rows (and router / score biases) are merged with the
@@ -391,7 +392,9 @@ class MoEModel:
         neurons) aligns members onto their group's reference first, and ``operator='ties'``
         combines by sign consensus with ``density`` (:func:`analysis.merging.combine_tensors`).
         ``router_coeffs`` are the router rows' own coefficients when they differ from the experts'
-        (the learned merge of group-and-merge eq. 6 scales the experts by λ, not the router rows)."""
+        (the learned merge of group-and-merge eq. 6 scales the experts by λ, not the router rows).
+        ``folds`` (per group, per member: None or a many-to-one map of the member's neurons) folds a
+        group's members neuron by neuron instead (:mod:`analysis.model.folding`)."""
         view = self._layer(layer)
         coeffs = validate_groups(view, groups, coeffs)
         router_coeffs = coeffs if router_coeffs is None else validate_groups(view, groups, router_coeffs)
@@ -400,14 +403,19 @@ class MoEModel:
             from moescope.analysis.model.alignment import check_permutations
 
             check_permutations(view, groups, permutations)
+        folded = folds is not None and any(f is not None for fs in folds for f in (fs or []))
+        if folded:
+            from moescope.analysis.model.folding import check_folds
+
+            check_folds(view, groups, folds)
         with torch.no_grad():
             ex = view.experts
             combined = None
-            if aligned or operator != "linear":
+            if aligned or folded or operator != "linear":
                 from moescope.analysis.model.merging import combine_tensors
 
                 combined = combine_tensors(view, groups, coeffs, permutations, operator,
-                                           0.2 if density is None else density)
+                                           0.2 if density is None else density, folds=folds if folded else None)
             for name in view.expert_param_names():
                 old = getattr(ex, name)
                 new = combine_rows(old, groups, coeffs) if combined is None else combined[name].to(old.dtype).contiguous()

@@ -19,8 +19,19 @@ A merged layer may also carry ``router_coefficients`` (the router rows' own coef
 differ from the experts', as in the learned merge of group-and-merge eq. 6: experts ``λ Σ α_i θ_i``,
 router rows ``Σ α_i W_i``), ``permutations`` (per group, per member: ``null`` or a permutation
 of the expert's intermediate neurons that aligns it onto the group's reference before combining,
-:mod:`analysis.alignment`) and ``operator`` (``linear``, the default, or ``ties`` with
-``density``, :func:`analysis.merging.combine_tensors`).
+:mod:`analysis.alignment`), ``folds`` (per group, per member: ``null`` or a many-to-one map of the
+member's intermediate neurons onto the merged expert's, :mod:`analysis.model.folding`: HC-SMoE's
+``fix-dom-same``) and ``operator`` (``linear``, the default, or ``ties`` with ``density``,
+:func:`analysis.merging.combine_tensors`).
+
+A fold (``"folds": [null, [null, [2, 0, 0, 1]]]``: group 0 plain, group 1's first member — the
+reference — kept in place, its second member's neurons 0…3 sent to neurons 2, 0, 0, 1) makes merged
+neuron ``i`` the weighted average of every member neuron sent to ``i``, each weighted by its member's
+coefficient (``Σ c_m n_{m,k} / Σ c_m`` over the neurons ``k`` of members ``m`` that map to ``i``; a
+member that is ``null`` maps every neuron to itself); gate and up rows and down columns alike, the
+same rule for all three (the "same" of ``fix-dom-same``). Every neuron of the merged expert must
+receive at least one member neuron; fold weights are non-negative; a group is folded or permuted,
+not both, and folds combine linearly (no TIES).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ class LayerPlan:
     operator: str = "linear"
     density: float | None = None  # ties: fraction of each member's difference kept
     router_coefficients: list[list[float]] | None = None  # router rows' coefficients (default: coefficients)
+    folds: list[list[list[int] | None] | None] | None = None  # per group, per member; None = neuron kept in place
 
     @property
     def num_out(self) -> int:
@@ -72,9 +84,18 @@ class LayerPlan:
         g = self.groups[i]
         c = self.coefficients[i] if self.coefficients is not None else [1.0 / len(g)] * len(g)  # (group i's alone)
         router = self.router_coefficients[i] if self.router_coefficients is not None else c
-        if self.operator != "linear" or len(g) < 2:
+        if self.operator != "linear" or len(g) < 2 or self.folded(i):
             return []
         return [e for e, w, r in zip(g, c, router) if w == 0 and r == 0]
+
+    def folded(self, i: int | None = None) -> bool:
+        """Whether group ``i`` (any group, when ``i`` is None) carries a neuron fold. A folded group
+        takes every member's neurons by its fold, so a member of weight 0 can still stand where no
+        other neuron lands (:func:`analysis.model.folding.fold_weights`): none is shown as dropped."""
+        if self.folds is None:
+            return False
+        entries = self.folds if i is None else [self.folds[i]]
+        return any(fs is not None and any(f is not None for f in fs) for fs in entries)
 
     def merges(self) -> list[list[int]]:
         """The groups that combine two or more experts with a weight (not counting weightless members)."""
@@ -92,6 +113,9 @@ class LayerPlan:
         if self.permutations is not None and any(p is not None for ps in self.permutations for p in (ps or [])):
             out["permutations"] = [None if ps is None else [None if p is None else list(p) for p in ps]
                                    for ps in self.permutations]
+        if self.folded():
+            out["folds"] = [None if fs is None or all(f is None for f in fs) else
+                            [None if f is None else list(f) for f in fs] for fs in self.folds]
         if self.operator != "linear":
             out["operator"] = self.operator
             if self.density is not None:
@@ -170,11 +194,11 @@ class PruningPlan:
             if not isinstance(raw, dict) or "groups" not in raw:
                 raise MoescopeError(f"{where}: layer {key} must be an object with 'groups'")
             extra = sorted(set(raw) - {"groups", "coefficients", "merge_router", "permutations", "operator",
-                                       "density", "router_coefficients"})
+                                       "density", "router_coefficients", "folds"})
             if extra:
                 raise MoescopeError(f"{where}: layer {key} has unknown key(s) {extra}; allowed: groups, "
                                     "coefficients, merge_router, permutations, operator, density, "
-                                    "router_coefficients")
+                                    "router_coefficients, folds")
             groups = raw["groups"]
             if groups == []:
                 raise MoescopeError(f"{where}: layer {key} keeps no experts; every MoE layer keeps at least top-k")
@@ -219,8 +243,11 @@ class PruningPlan:
             if density is not None and (not isinstance(density, int | float) or isinstance(density, bool)
                                         or not 0 < density <= 1):
                 raise MoescopeError(f"{where}: layer {key}: 'density' must be a number in (0, 1], got {density!r}")
+            folds = raw.get("folds")
+            if folds is not None:
+                folds = _check_folds(folds, groups, perms, operator, coeffs, where, key)
             layers[l] = LayerPlan([[int(e) for e in g] for g in groups], coeffs, merge_router, perms, operator,
-                                  None if density is None else float(density), router_coeffs)
+                                  None if density is None else float(density), router_coeffs, folds)
         skip = {}
         skip_raw = data.get("skip_beta") or {}
         if not isinstance(skip_raw, dict):
@@ -269,6 +296,10 @@ class PruningPlan:
                 from moescope.analysis.model.alignment import check_permutations
 
                 check_permutations(model.layers[l], lp.groups, lp.permutations)
+            if lp.folded():
+                from moescope.analysis.model.folding import check_folds
+
+                check_folds(model.layers[l], lp.groups, lp.folds)
         for l in self.skip_beta:
             if l not in model.layers:
                 raise MoescopeError(f"skip_beta names layer {l}, which is not an MoE layer (MoE layers: {model.moe_layers})")
@@ -344,11 +375,13 @@ def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=(
             members.setdefault(find(e), []).append(e)
     groups = sorted(members.values(), key=lambda g: g[0])
     old = plan.layers.get(int(layer))
-    old_coeffs, old_perms = {}, {}
+    old_coeffs, old_perms, old_folds = {}, {}, {}
     if old is not None and old.coefficients is not None:
         old_coeffs = {tuple(g): c for g, c in zip(old.groups, old.coefficients)}
     if old is not None and old.permutations is not None:
         old_perms = {tuple(g): p for g, p in zip(old.groups, old.permutations)}
+    if old is not None and old.folds is not None:
+        old_folds = {tuple(g): f for g, f in zip(old.groups, old.folds)}
     layers = dict(plan.layers)
     if not drop and all(len(g) == 1 for g in groups):
         layers.pop(int(layer), None)
@@ -357,6 +390,7 @@ def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=(
         if any(tuple(g) in old_coeffs for g in groups):
             coeffs = [list(old_coeffs.get(tuple(g), [1.0 / len(g)] * len(g))) for g in groups]
         perms = [old_perms.get(tuple(g)) for g in groups] if old_perms else None
+        folds = [old_folds.get(tuple(g)) for g in groups] if old_folds else None
         router = None
         if old is not None and old.router_coefficients is not None:  # kept groups keep their router rows' coefficients
             old_router = {tuple(g): c for g, c in zip(old.groups, old.router_coefficients)}
@@ -364,7 +398,7 @@ def edit_layer(plan: PruningPlan, layer: int, num_experts: int, drop=(), merge=(
             router = [list(old_router.get(tuple(g), c)) for g, c in zip(groups, fallback)]
         layers[int(layer)] = LayerPlan(groups, coeffs, old.merge_router if old is not None else True, perms,
                                        old.operator if old is not None else "linear",
-                                       old.density if old is not None else None, router)
+                                       old.density if old is not None else None, router, folds)
     provenance = {"strategy": "manual"}
     previous = plan.provenance.get("strategy")
     if previous and previous != "manual":
@@ -418,6 +452,51 @@ def _check_coefficients(coeffs: list[list[float]], groups, where: str, key, sign
         if sum(c) <= 0:
             raise MoescopeError(f"{where}: layer {key}, group {g}: merge coefficients sum to {sum(c)}; they must "
                                 "sum to a positive number")
+
+
+def _check_folds(folds, groups, perms, operator: str, coeffs, where: str, key) -> list:
+    """The model-independent checks of a layer's ``folds`` (see the module docstring); returns them
+    with plain ints. The map length against the model's intermediate size is
+    :func:`analysis.model.folding.check_folds`'s (:meth:`PruningPlan.validate_for`)."""
+    shape = (f"{where}: layer {key}: 'folds' must list, for each group, null or one entry per member: null (the "
+             "member's neurons stay where they are) or a list sending each of the member's neurons to a neuron of "
+             "the merged expert")
+    if (not isinstance(folds, list) or len(folds) != len(groups)
+            or any(fs is not None and (not isinstance(fs, list) or len(fs) != len(g)) for fs, g in zip(folds, groups))
+            or any(f is not None and (not isinstance(f, list) or not f or not all(_is_int(i) for i in f))
+                   for fs in folds for f in (fs or []))):
+        raise MoescopeError(shape)
+    out = []
+    for j, (fs, g) in enumerate(zip(folds, groups)):
+        if fs is None or all(f is None for f in fs):
+            out.append(None if fs is None else [None] * len(g))
+            continue
+        where_g = f"{where}: layer {key}, group {g}"
+        sizes = {len(f) for f in fs if f is not None}
+        if len(sizes) > 1:
+            raise MoescopeError(f"{where_g}: the folds have different lengths {sorted(sizes)}; each lists one target "
+                                "per intermediate neuron of its member (all members have the same number)")
+        size = sizes.pop()
+        bad = next((i for f in fs if f is not None for i in f if not 0 <= i < size), None)
+        if bad is not None:
+            raise MoescopeError(f"{where_g}: fold target {bad} is not a neuron of the merged expert (0..{size - 1})")
+        reached = set(range(size)) if any(f is None for f in fs) else {i for f in fs for i in f}
+        if len(reached) < size:
+            missing = sorted(set(range(size)) - reached)
+            raise MoescopeError(f"{where_g}: the fold sends no member neuron to neuron(s) {missing[:5]}"
+                                f"{'…' if len(missing) > 5 else ''} of the merged expert; every neuron needs at least "
+                                "one (a reference member given as null keeps all of its own)")
+        if perms is not None and perms[j] is not None and any(p is not None for p in perms[j]):
+            raise MoescopeError(f"{where_g}: the group has both permutations and folds; a fold already places every "
+                                "neuron (a permutation is a fold that is one-to-one): give one of them")
+        if operator != "linear":
+            raise MoescopeError(f"{where_g}: folds combine by weighted averages of the neurons they join; operator "
+                                f"{operator} does not apply to a folded group (use operator linear)")
+        if coeffs is not None and any(w < 0 for w in coeffs[j]):
+            raise MoescopeError(f"{where_g}: fold weight {min(coeffs[j])} is negative; a fold averages the neurons it "
+                                "joins with non-negative weights (the members' coefficients)")
+        out.append([None if f is None else [int(i) for i in f] for f in fs])
+    return out
 
 
 def _keep_constant(name: str) -> float:

@@ -22,7 +22,7 @@ def apply(model: MoEModel, plan: PruningPlan, cache=None, weights: dict | None =
         weights = finetuned_weights(plan, cache)
     for l, lp in sorted(plan.layers.items()):
         model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router, permutations=lp.permutations,
-                    operator=lp.operator, density=lp.density, router_coeffs=lp.router_coefficients)
+                    operator=lp.operator, density=lp.density, router_coeffs=lp.router_coefficients, folds=lp.folds)
     if weights is not None:
         load_trained_tensors(model, weights)
     if plan.skip_beta:

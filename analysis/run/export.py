@@ -414,6 +414,9 @@ def model_card(model, plan, experiment=None, weights: dict | None = None) -> str
                 "the coefficients shown."
                 + (" Members were first permuted onto their group's reference expert (neuron alignment; the "
                    "permutations are in `plan.json`)." if any(lp.permutations for lp in plan.layers.values()) else "")
+                + (" Folded groups (HC-SMoE's fix-dom-same) average each member's intermediate neurons into the "
+                   "merged expert's neurons their fold names, weighted by the coefficients shown (the folds are in "
+                   "`plan.json`)." if any(lp.folded() for lp in plan.layers.values()) else "")
                 + (" Layers marked TIES combine by sign consensus on the members' differences from their mean."
                    if any(lp.operator == "ties" for lp in plan.layers.values()) else ""), ""]
         rows = []

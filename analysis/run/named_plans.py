@@ -223,7 +223,7 @@ def predict_cost(model, plan: PruningPlan, batch, grid=None, cache=None) -> Pred
             for l, lp in sorted(plan.layers.items()):
                 model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router,
                             permutations=lp.permutations, operator=lp.operator, density=lp.density,
-                            router_coeffs=lp.router_coefficients)
+                            router_coeffs=lp.router_coefficients, folds=lp.folds)
             after = _size(model)
             windows = None if is_finetuned(plan) else window_losses(model, batch.input_ids)
         n, length = batch.input_ids.shape

@@ -250,7 +250,7 @@ def pruned_beta(ctx: StrategyContext, plan: PruningPlan) -> dict[int, float]:
             stack.enter_context(model.temporary_edit(l))
         for l, lp in sorted(plan.layers.items()):
             model.merge(l, lp.groups, lp.coefficients, merge_router=lp.merge_router, permutations=lp.permutations,
-                        operator=lp.operator, density=lp.density, router_coeffs=lp.router_coefficients)
+                        operator=lp.operator, density=lp.density, router_coeffs=lp.router_coefficients, folds=lp.folds)
         return calibrate(ctx.analysis(metrics=("routing",)))
 
 

@@ -2,14 +2,26 @@
 each group's members optionally aligned onto its reference expert (``align``: none | weights |
 activations, :mod:`analysis.alignment`; MC-SMoE's addition, off in group-and-merge as published)
 and merged into one output expert (``merge``: max | uniform | usage | frequency | learned | ties,
-TIES keeping a ``density`` fraction of each member's difference)."""
+TIES keeping a ``density`` fraction of each member's difference | fix-dom-same, HC-SMoE's fold of
+every member's neurons onto the group's dominant expert, :mod:`analysis.model.folding`).
+
+The dominant expert of a ``fix-dom-same`` group: with HC-SMoE's representation (``mean_output``,
+Euclidean) the member nearest the group's centroid (the authors' clustering path,
+``clustering.py``); otherwise, and in ``router-guided``, the most-used member (its leader)."""
 
 from __future__ import annotations
 
 import torch
 from moescope.analysis.core.errors import MoescopeError, unknown_name
 from moescope.analysis.measure.capture import LayerStream
-from moescope.analysis.model.alignment import ALIGNMENTS, align_group, aligned_tensors, check_alignable
+from moescope.analysis.model.alignment import (
+    ALIGNMENTS,
+    align_group,
+    aligned_tensors,
+    check_alignable,
+    reference_position,
+)
+from moescope.analysis.model.folding import centroid_member, fix_dom_same
 from moescope.analysis.model.merging import (
     GROUPINGS,
     MERGES,
@@ -58,7 +70,9 @@ def _merge_params(default_merge: str, default_align: str) -> list[Param]:
     return [
         Param("merge", str, default_merge, choices=MERGES,
               help="merge coefficients / operator: max | uniform | usage | frequency (= usage) | learned "
-                   "(group-and-merge eq. 6) | ties (usage-weighted, sign consensus)", affects_key=False),
+                   "(group-and-merge eq. 6) | ties (usage-weighted, sign consensus) | fix-dom-same (HC-SMoE's "
+                   "script: every member's neurons folded onto the dominant expert's most correlated ones, "
+                   "weighted by routed tokens; needs align=none)", affects_key=False),
         Param("align", str, default_align, choices=ALIGNMENTS, label="align experts first",
               help="permute every member's intermediate neurons onto the group's reference expert before "
                    "combining (MC-SMoE's addition): none | weights (weight matching) | activations (activation "
@@ -78,7 +92,8 @@ def _merge_params(default_merge: str, default_align: str) -> list[Param]:
               maximum=10, affects_key=False, when=_learned),
         Param("batch_sequences", int, 1, help="learned merge: calibration sequences per SGD step", minimum=1,
               affects_key=False, when=_learned),
-        Param("seed", int, 0, help="seed (grouping, learned merge)", minimum=0, affects_key=False),
+        Param("seed", int, 0, help="seed (grouping, learned merge, fix-dom-same's subset of a group's rows beyond "
+                                   "50,000)", minimum=0, affects_key=False),
     ]
 
 
@@ -97,18 +112,28 @@ def _alignment(ctx, params) -> str:
     return align
 
 
-def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], res, **extra) -> PruningPlan:
+def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], res,
+               dominants: dict[int, list[int]] | None = None, **extra) -> PruningPlan:
     """The plan merging each layer's groups with the coefficients ``params["merge"]`` asks for, its
-    members first aligned onto the group's reference expert as ``params["align"]`` says."""
+    members first aligned onto the group's reference expert as ``params["align"]`` says, or, with
+    ``fix-dom-same``, folded onto the group's dominant member (``dominants``: per layer, per group,
+    its position in the group; default the most-used member)."""
     merge, merge_router = params["merge"], params["merge_router"]
     align = _alignment(ctx, params)
     layers, learned = {}, {}
-    xs = _layer_inputs(ctx) if merge == "learned" or align in ("activations", "routed-activations") else {}
+    needs_x = merge in ("learned", "fix-dom-same") or align in ("activations", "routed-activations")
+    xs = _layer_inputs(ctx) if needs_x else {}
     seq_len = ctx.calib.input_ids.shape[1] if ctx.calib is not None else None
     for l, groups in groups_by_layer.items():
         view = ctx.model.layers[l]
         coeffs = group_coefficients(groups, "uniform" if merge == "learned" else merge, res.routing(l, "usage"))
-        perms, router_coeffs = None, None
+        perms, router_coeffs, folds = None, None, None
+        if merge == "fix-dom-same":
+            folds = [None] * len(groups)
+            for j, g in enumerate(groups):
+                if len(g) > 1:
+                    dom = dominants[l][j] if dominants is not None else reference_position(coeffs[j])
+                    folds[j], coeffs[j] = fix_dom_same(view, g, dom, xs[l], seed=params["seed"])
         if align != "none":
             # members with coefficient 0 (merge=max) take no part: no permutation for them
             perms = [[p if c[i] != 0 else None for i, p in enumerate(align_group(view, g, c, align, xs.get(l)))]
@@ -119,7 +144,7 @@ def merge_plan(ctx, params, name, groups_by_layer: dict[int, list[list[int]]], r
                 batch_sequences=params["batch_sequences"], seed=params["seed"],
                 tensors=aligned_tensors(view, groups, perms) if perms is not None else None)
         layers[l] = LayerPlan(groups, coeffs, merge_router, perms, "ties" if merge == "ties" else "linear",
-                              params["density"] if merge == "ties" else None, router_coeffs)
+                              params["density"] if merge == "ties" else None, router_coeffs, folds)
         ctx.report("merge layers", len(layers), len(groups_by_layer))
     prov = ctx.provenance(name, **extra)
     prov["align"] = align
@@ -162,11 +187,15 @@ def merge_counts(ctx, params, affinities: dict[int, torch.Tensor]) -> dict[int, 
 
 
 def _check_merge(params, model) -> None:
-    """TIES density in (0, 1]; an alignment only where every MoE layer's experts can be permuted."""
+    """TIES density in (0, 1]; an alignment or a fold only where every MoE layer's experts can be
+    permuted; a fold without an alignment."""
     if not 0 < params["density"] <= 1:
         raise MoescopeError(f"density (ties: fraction of each member's difference kept) must be in (0, 1], "
                             f"got {params['density']:g}")
-    if params["align"] != "none":
+    if params["merge"] == "fix-dom-same" and params["align"] != "none":
+        raise MoescopeError(f"merge=fix-dom-same folds each member's neurons onto the dominant expert itself, with no "
+                            f"permutation first (HC-SMoE's script); give align=none, not align={params['align']}")
+    if params["align"] != "none" or params["merge"] == "fix-dom-same":
         for view in model.layers.values():
             check_alignable(view)
 
@@ -225,7 +254,10 @@ def group_and_merge(ctx, params):
             return [[members[i] for i in g] for g in group_experts(A_sub, r, method, seed, sub_d)]
 
         groups[l] = per_routing_group(ctx.model.layers[l], A, counts[l], cluster)
-    return merge_plan(ctx, params, f"merge:{representation}-{similarity}-{grouping}", groups, res)
+    dominants = None
+    if params["merge"] == "fix-dom-same" and sim_name == "mean_output_euclidean":  # HC-SMoE's: nearest the centroid
+        dominants = {l: [centroid_member(res.similarity(l, sim_name), g) for g in gs] for l, gs in groups.items()}
+    return merge_plan(ctx, params, f"merge:{representation}-{similarity}-{grouping}", groups, res, dominants)
 
 
 ROUTER_SIMILARITIES = {"cosine": "logit_similarity", "correlation": "logit_correlation"}

@@ -127,7 +127,10 @@ _add(Preset("mc-smoe", "router-guided",
             note="keep N asks for N × layers groups in all (the script's num_average_groups), --budget for a total; "
                  "the script reads 10 % of MiniPile, far more than moescope's default 32 sequences; MC-SMoE keeps every "
                  "member's router row pointing at the merged expert, a plan has one router row per output expert, "
-                 "merged with the same frequency weights; a layer the threshold leaves below top-k is refused"))
+                 "merged with the same frequency weights; a target that cannot give every layer its top-k whatever "
+                 "the usage (a keep below top-k, a budget below the layers' top-k summed) is refused from the config "
+                 "before any weights load; a layer the threshold leaves below top-k depends on the measured usage, so "
+                 "it is refused after the routing pass, in one line, before any merge"))
 _add(Preset("mc-smoe-aligned", "router-guided",
             {"router_similarity": "cosine", "allocation": "distinctness", "align": "activations", "merge": "frequency",
              "merge_router": True},
@@ -139,18 +142,42 @@ _add(Preset("mc-smoe-aligned", "router-guided",
             note="alignment matches neurons on the calibration tokens every member sees (router bypassed); "
                  "align=routed-activations uses the tokens routed to the member or the reference, as permutation.py "
                  "gathers them; keep gives every layer the same count"))
-_add(Preset("hc-smoe", "merge",
-            {"representation": "mean_output", "similarity": "euclidean", "grouping": "agglomerative",
-             "merge": "frequency", "merge_router": True, "align": "none", "augment": "none"},
-            "HC-SMoE: each expert's mean output over all calibration tokens, Euclidean distance, average-linkage "
-            "hierarchical clustering, frequency-weighted merge",
+HC_T = dict(calib_samples=32, calib_seq_len=2048, keep_fraction=0.5,
+            target_source="scripts/mixtral/run.sh: num_average_groups=4 of Mixtral's 8")
+
+
+def _hc(merge: str) -> dict:
+    return {"representation": "mean_output", "similarity": "euclidean", "grouping": "agglomerative", "merge": merge,
+            "merge_router": True, "align": "none", "augment": "none"}
+
+
+HC_CLUSTER_NOTE = ("run.sh and scripts/README.md pass --cluster=\"hirarchical\", which clustering.py does not match "
+                   "(it tests \"hierarchical\"), so the script run literally falls through to its k-means; moescope "
+                   "clusters hierarchically with the average linkage the script names, as the paper does")
+_add(Preset("hc-smoe", "merge", _hc("fix-dom-same"),
+            "HC-SMoE's Mixtral script: each expert's mean output over all calibration tokens, Euclidean distance, "
+            "average-linkage hierarchical clustering, each group folded onto its dominant expert (the member nearest "
+            "the cluster's centre): every other member's neurons averaged into the dominant neuron they correlate "
+            "with most (activations + weights), weighted by routed tokens (fix-dom-same)",
+            "HC-SMoE (Chen et al. 2025), authors' scripts/mixtral/run.sh (expert-output, --merge fix-dom-same --mode "
+            "all --ingredient act+weight, 32 C4 sentences of 2048 tokens), hcsmoe/merging/clustering.py (pairwise "
+            "Euclidean distances, average linkage; the dominant is the member closest to the cluster's centre) and "
+            "grouping_mixtral.py (_merge_moe_experts_with_dominant_same_rule)",
+            **HC_T,
+            note="the fold's data are each member's routed tokens scaled by their softmax router probability, at most "
+                 "50,000 rows per group (the script's data_limit); where no weight reaches a merged neuron it is the "
+                 "plain mean of the neurons folded into it (the script would divide 0 by 0); router rows merged with "
+                 "the routed-token weights (HC-SMoE keeps the original router and maps members to the merged expert); "
+                 + HC_CLUSTER_NOTE))
+_add(Preset("hc-smoe-freq", "merge", _hc("frequency"),
+            "HC-SMoE's clustering with its frequency-weighted merge (the option `freq`): mean outputs, Euclidean "
+            "distance, average linkage, each group's weights averaged by usage frequency",
             "HC-SMoE (Chen et al. 2025), authors' hcsmoe/merging/clustering.py (pairwise Euclidean distances, "
-            "average linkage) and scripts/mixtral/run.sh (expert-output, 32 C4 sentences of 2048 tokens)",
-            calib_samples=32, calib_seq_len=2048, keep_fraction=0.5,
-            target_source="scripts/mixtral/run.sh: num_average_groups=4 of Mixtral's 8",
-            note="the script's merge is fix-dom-same (a many-to-one neuron fold onto the dominant expert), not yet "
-                 "in moescope: the preset merges by frequency weights; router rows merged with the same frequency weights (HC-SMoE keeps the original router and maps "
-                 "members to the merged expert)"))
+            "average linkage), grouping_mixtral.py (_merge_mlp_experts_by_usage_frequency_weighting) and the example "
+            "of scripts/README.md (--merge freq, otherwise scripts/mixtral/run.sh)",
+            **HC_T,
+            note="router rows merged with the same frequency weights (HC-SMoE keeps the original router and maps "
+                 "members to the merged expert); " + HC_CLUSTER_NOTE))
 _add(Preset("reap", "criterion", {"criterion": "REAP", "order": "min", "mode": "one-shot"},
             "REAP: drop the experts with the smallest router-weighted expert activation norm",
             "REAP (Lasby et al. 2025), the authors' saliency score (mean over routed tokens of gate × ‖output‖)",

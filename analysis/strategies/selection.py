@@ -191,8 +191,12 @@ def usage_threshold_counts(model, usage_counts: dict[int, torch.Tensor], total: 
     kept) is the threshold; a layer gets as many groups as it has experts used strictly more than
     the threshold. Ties at the threshold all fall below it, so the sum can be less than ``total``.
 
-    Refused in one line: a threshold of 1 (more groups asked than the rule can give), or a layer
-    left with fewer groups than its router's top-k (a plan cannot route to fewer experts than k)."""
+    Refused in one line: a threshold of 1 (fewer groups asked than layers: every layer keeps at
+    least its most-used expert's group), or a layer left with fewer groups than its router's top-k
+    (a plan cannot route to fewer experts than k). A target that cannot give every layer its top-k
+    whatever the usage (a budget below Σ top-k, a keep below top-k) never gets here: the strategy's
+    target check refuses it from the config, before any weights load; what is left here depends on
+    the measured usage, so it is known only after the routing pass (and still before any merge)."""
     layers = sorted(usage_counts)
     freq = {}
     for l in layers:
@@ -204,12 +208,13 @@ def usage_threshold_counts(model, usage_counts: dict[int, torch.Tensor], total: 
     at = total - 1 if total == flat.numel() else total
     threshold = float(flat[at])
     if threshold == 1.0:
-        raise MoescopeError(f"usage-threshold allocation: {total} groups are more than the rule can give (the "
-                            "threshold reached a layer's most-used expert); ask for fewer")
+        raise MoescopeError(f"usage-threshold allocation: {total} groups cannot give each of the {len(layers)} MoE "
+                            "layers one (every layer keeps its most-used expert's group); ask for more")
     counts = {l: int((freq[l] > threshold).sum()) for l in layers}
     for l in layers:
         k = model.layers[l].top_k
         if counts[l] < k:
             raise MoescopeError(f"usage-threshold allocation leaves layer {l} {counts[l]} group(s), fewer than its "
-                                f"top-k ({k}); ask for more groups (a larger keep or budget)")
+                                f"top-k ({k}), on this calibration data's usage; ask for more groups (a larger keep "
+                                "or budget)")
     return counts
