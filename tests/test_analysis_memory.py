@@ -41,7 +41,11 @@ def test_the_estimate_counts_each_term_by_hand(tmp_path):
     assert got["expert_outputs"] == E * int(8192 * 1.5) * d * 4  # n = min(T, 8192) × (1 + augment)
     assert got["gradients"] == 2 * E * 3 * I * d * 4  # two MoE layers of gate, up, down
     assert got["weights"] == skeleton.hf.num_parameters() * 4
-    assert got["working"] == WORK_BYTES
+    # the Gram pass: n = 12,288 is too many tokens for the float32 copy (12 GiB) or the kept distances
+    # (36 GiB) to fit its 2 GiB store, so it holds its 4 mini-batch blocks of 512² and its tiles
+    assert got["working"] == 4 * E * 512 * 512 * 4 + WORK_BYTES
+    small = predicted_memory(skeleton, AnalysisParams(similarity_tokens=1024), 4, 256, torch.float32)
+    assert small["working"] == E * 1024 * d * 4 + E * (1024 * 1023 // 2) * 4 + 4 * E * 512 * 512 * 4 + WORK_BYTES
     bf16 = predicted_memory(skeleton, AnalysisParams(metrics=("routing",)), 64, 256, torch.bfloat16, offloaded=True)
     assert bf16["expert_outputs"] == 0 and bf16["gradients"] == 0 and bf16["hidden_states"] == 2 * T * d * 2
     layer = sum(p.numel() for p in skeleton.hf.model.layers[0].parameters())
@@ -96,3 +100,44 @@ def test_dry_run_prints_the_estimate_and_computes_nothing(tmp_path, capfd, monke
     assert got["available_bytes"] == 16 * 2**30
     assert got["predicted_bytes"]["expert_outputs"] == 128 * 512 * 2048 * 4  # T = 512 < 8192 tokens
     assert got["total_bytes"] == sum(got["predicted_bytes"].values())
+
+
+def test_the_predicted_time_counts_each_familys_work_by_hand(tmp_path):
+    # multiply-adds of each family on Qwen3-30B-A3B's layer shape (two MoE layers), counted by hand
+    # from the stages' definitions (analysis.measure.cost), and the time at the rates given
+    from moescope.analysis.measure.cost import analysis_work, predicted_seconds
+    from moescope.analysis.measure.gram_pass import pass_costs
+
+    folder = config_folder(tmp_path / "q", **{**QWEN3_30B, "num_hidden_layers": 2})
+    skeleton = load_moe(str(folder), weights=False)
+    T, n, d, E, I, k, L = 64 * 256, 8192, 2048, 128, 768, 8, 2
+    work = analysis_work(skeleton, ("similarity", "weights", "activations", "gradients"), 64, 256, 8192)
+    assert work["expert_outputs"] == {"model": L * 3 * n * d * I * E}
+    assert work["similarity"]["fp32"] == L * sum(pass_costs(E, n, d).values())
+    assert work["similarity"]["model"] == L * 3 * T * d * I * E  # n < T: the mean outputs over all tokens
+    assert work["activations"] == {"model": L * 3 * T * k * d * I}
+    assert work["weights"]["fp32"] == L * (E * E * 3 * d * I + E * d * d * I + E * E * d * d + 3 * E * I * I * d)
+    routed = L * E * 3 * I * d
+    active = skeleton.hf.num_parameters() - routed + routed * k // E
+    assert work["capture"] == {"model": T * active}
+    assert work["gradients"]["model"] == 3 * T * active
+    assert "routing" in work and set(work) == {"capture", "routing", "expert_outputs", "similarity", "weights",
+                                               "activations", "gradients"}
+    rates = {"model": 1e11, "fp32": 5e10, "matvec": 1e9, "elementwise": 1e9}
+    secs = predicted_seconds(work, rates)
+    assert secs["expert_outputs"] == pytest.approx(L * 3 * n * d * I * E / 1e11)
+    assert set(analysis_work(skeleton, ("routing",), 64, 256, 8192)) == {"capture", "routing"}
+
+
+def test_dry_run_states_the_predicted_time_of_each_family(tmp_path, capfd):
+    folder = config_folder(tmp_path / "q", **{**QWEN3_30B, "num_hidden_layers": 2})
+    rc, out, err = cli(capfd, "analyze", str(folder), "--samples", "4", "--seq-len", "64", "--metrics",
+                       "similarity,weights", "--dry-run", "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert set(got["predicted_seconds"]) == {"capture", "routing", "expert_outputs", "similarity", "weights"}
+    assert all(v > 0 for v in got["predicted_seconds"].values())
+    assert got["total_seconds"] == pytest.approx(sum(got["predicted_seconds"].values()))
+    assert set(got["rates_per_second"]) == {"model", "fp32", "matvec", "elementwise"}
+    rc, out, err = cli(capfd, "analyze", str(folder), "--samples", "4", "--seq-len", "64", "--dry-run")
+    assert rc == 0 and "time (multiply-adds" in out and "similarity" in out and "memory at the peak" in out

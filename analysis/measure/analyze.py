@@ -373,7 +373,7 @@ def predicted_memory(skeleton, params: AnalysisParams, samples: int, seq_len: in
     if "similarity" in want and E:
         from moescope.analysis.measure.gram_pass import pass_memory
 
-        working += pass_memory(E, n, d, params.rbf_batch_tokens, params.rbf_batches)
+        working = pass_memory(E, n, d, params.rbf_batch_tokens, params.rbf_batches)  # its tiles: WORK_BYTES
     return {"weights": weights * width, "hidden_states": 2 * T * d * width, "expert_outputs": outputs,
             "gradients": expert_params * 4 if "gradients" in want else 0, "working": working}
 
