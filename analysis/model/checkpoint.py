@@ -26,8 +26,10 @@ Every error is one line naming the file and the tensor.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import struct
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,12 +268,48 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _check_mapped(t: SourceTensor, dtype: torch.dtype, step: int, what: str) -> bool:
+    """:func:`check_finite` through a read-only mapping of the file (the pages are checked where the
+    page cache holds them, no copy into this process: a third of the CPU time of reading, and the
+    export's kernel copy then finds them cached). False where the file cannot be mapped or the
+    tensor is not aligned to its element size (the caller reads it instead)."""
+    width = torch.empty((), dtype=dtype).element_size()
+    if t.start % width:
+        return False
+    try:
+        fh = open(t.file, "rb")
+    except OSError:
+        return False
+    with fh:
+        try:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return False
+        with mm:
+            if len(mm) < t.start + t.nbytes:
+                raise MoescopeError(f"'{t.file}' ends inside tensor {t.name}; the file is truncated")
+            if hasattr(mmap, "MADV_SEQUENTIAL"):
+                mm.madvise(mmap.MADV_SEQUENTIAL, t.start - t.start % mmap.PAGESIZE,
+                           t.nbytes + t.start % mmap.PAGESIZE)
+            with warnings.catch_warnings():  # read-only on purpose: the values are only read
+                warnings.simplefilter("ignore", UserWarning)
+                for o in range(t.start, t.start + t.nbytes, step):
+                    n = min(step, t.start + t.nbytes - o)
+                    if not all_finite(torch.frombuffer(mm, dtype=dtype, count=n // width, offset=o)):
+                        raise MoescopeError(f"tensor {t.name} in '{t.file}' holds non-finite values (NaN or "
+                                            f"infinity){what}")
+    return True
+
+
 def check_finite(t: SourceTensor, what: str = "") -> None:
-    """Refuse a stored floating-point tensor holding NaN or infinity (read in 64 MB chunks)."""
+    """Refuse a stored floating-point tensor holding NaN or infinity (checked in 64 MB chunks, through a
+    mapping of the file where it can be mapped, else read)."""
     dtype = ST_DTYPES[t.dtype]
     if not dtype.is_floating_point or t.nbytes == 0:
         return
     step = CHUNK_BYTES - CHUNK_BYTES % torch.empty((), dtype=dtype).element_size()
+    if _check_mapped(t, dtype, step, what):
+        return
     buf = bytearray(min(step, t.nbytes))
     with open(t.file, "rb", buffering=0) as fh:
         fh.seek(t.start)
