@@ -404,7 +404,7 @@ def similarity_stage(me: list[str], model_dir: Path, env: dict, root: Path, args
         "linear CKA (tiles: Grams + Frobenius products)": (c["grams"] / 2 + c["linear_frobenius"], st["tiles"]),
         "RBF CKA (tiles again + Frobenius products; median by selection)":
             (c["grams"] / 2 + c["rbf_frobenius"], st["rbf"] + st["bandwidths"]),
-        "cosine + MSE (one per-token product)": (c["cosine"], st["token_products"]),
+        "cosine + MSE (one per-token product)": (c["token_products"], st["token_products"]),
     }
     print(f"at {r['tokens']} tokens, {r['experts']} experts, d {r['d']}: float32 GEMM {rate / 1e9:.1f} G multiply-adds/s "
           f"(2048^3, same run); load {r['load'][0]:.2f}")

@@ -191,7 +191,8 @@ def test_gram_pass_costs_count_the_tiles_once_when_the_distances_are_kept():
     from moescope.analysis.measure import gram_pass as GP
 
     kept = GP.pass_costs(128, 1024, 2048)
-    assert kept["grams"] == 128 * 1024**2 * 2048 / 2 and kept["cosine"] == 128**2 * 1024 * 2048
+    # cosine and MSE share one per-token product: E² n d once
+    assert kept["grams"] == 128 * 1024**2 * 2048 / 2 and kept["token_products"] == 128**2 * 1024 * 2048
     assert GP.pass_costs(128, 1024, 2048, store_bytes=0)["grams"] == 2 * kept["grams"]
 
 

@@ -69,15 +69,13 @@ def pass_costs(E: int, n: int, d: int, store_bytes: int = STORE_BYTES) -> dict[s
     """Multiply-adds of each step of :func:`output_similarities` (tiles of the upper triangle, the
     diagonal tiles whole, counted as ``n²/2``): the Gram tiles ``E n² d / 2`` (twice when the
     distances do not fit in ``store_bytes``), the linear and the RBF Frobenius products
-    ``E² n² / 2`` each, the cosine and the MSE ``E² n d`` each (one ``[E, n·d] @ [n·d, E]``
-    product)."""
+    ``E² n² / 2`` each, and the per-token products cosine and MSE share ``E² n d``."""
     grams = E * n * n * d / 2
     return {
         "grams": grams * (1 if stores_distances(E, n, store_bytes) else 2),
         "linear_frobenius": E * E * n * n / 2,
         "rbf_frobenius": E * E * n * n / 2,
-        "cosine": E * E * n * d,
-        "mse": E * E * n * d,
+        "token_products": E * E * n * d,
     }
 
 
@@ -198,11 +196,13 @@ class _MedianBySelection:
 
     def take(self, d2: Tensor, upper: Tensor | None) -> None:
         lo, hi = self.lo[:, None, None], self.hi[:, None, None]
-        valid = upper[None] if upper is not None else torch.ones_like(d2[:1], dtype=torch.bool)
-        self.below += ((d2 < lo) & valid).sum((1, 2)).cpu()
-        keep = (d2 >= lo) & (d2 <= hi) & valid
+        below, keep = d2 < lo, (d2 >= lo).logical_and_(d2 <= hi)
+        if upper is not None:  # a diagonal tile: its strictly-upper pairs only
+            below.logical_and_(upper[None])
+            keep.logical_and_(upper[None])
+        self.below += below.sum((1, 2)).cpu()
         counts = keep.sum((1, 2)).cpu().tolist()
-        for e, part in enumerate(torch.split(d2[keep].float().cpu(), counts)):
+        for e, part in enumerate(torch.split(d2[keep].cpu(), counts)):
             if len(part):
                 self.inside[e].append(part)
 
@@ -360,36 +360,38 @@ def _pilot_interval(Y: Tensor, mean: Tensor, subsets: _Subsets, pairs: int) -> _
         d2 = torch.cdist(X, X).pow_(2)
         iu = torch.triu_indices(len(idx), len(idx), 1, device=d2.device)
         vals.append(d2[:, iu[0], iu[1]].float().cpu())
-    v = torch.cat(vals, 1)
-    tokens = sum(len(idx) for idx in subsets.subsets)
-    delta = max(PILOT_SPREAD, 3 * 0.5 / math.sqrt(max(tokens, 1)))
-    q = torch.tensor([max(0.0, 0.5 - delta), min(1.0, 0.5 + delta)])
-    lo, hi = torch.quantile(v, q.to(v.dtype), dim=1)
+    lo, hi = _median_interval(torch.cat(vals, 1), sum(len(idx) for idx in subsets.subsets))
     return _MedianBySelection(lo.to(Y.device, acc), hi.to(Y.device, acc), pairs)
+
+
+def _median_interval(sample: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Per row of ``sample [E, m]``, the quantiles ``0.5 ± δ``: δ the larger of
+    :data:`PILOT_SPREAD` and three standard errors of a quantile estimated from ``count`` draws."""
+    delta = max(PILOT_SPREAD, 3 * 0.5 / math.sqrt(max(count, 1)))
+    q = torch.tensor([max(0.0, 0.5 - delta), min(1.0, 0.5 + delta)], dtype=sample.dtype, device=sample.device)
+    lo, hi = torch.quantile(sample, q, dim=1)
+    return lo, hi
 
 
 def _stored_medians(stored: Tensor, seed: int, sample: int = 8192) -> Tensor:
     """Each expert's lower median over its kept distances ``stored [E, P]``, by selection among the
-    few inside an interval: the quantiles ``0.5 ± δ`` of a seeded sample of ``sample`` pairs give
-    the interval, one counting pass the rank below it, and numpy's introselect the element among
-    the values inside; an expert whose median the interval misses takes the selection over all its
-    pairs. Float64 ``[E]``."""
+    few inside an interval (:func:`_median_interval` of a seeded sample of ``sample`` pairs): one
+    counting pass per row gives the rank below it, numpy's introselect the element among the values
+    inside; an expert whose median the interval misses takes the selection over all its pairs.
+    (Row by row rather than through :class:`_MedianBySelection`'s masks over all experts at once:
+    1.6× faster on the kept distances.) Float64 ``[E]``."""
     E, P = stored.shape
     k = (P - 1) // 2
     out = torch.zeros(E, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randint(0, P, (min(sample, P),), generator=g).to(stored.device)
-    probe = stored[:, pick].float()
-    delta = max(PILOT_SPREAD, 3 * 0.5 / math.sqrt(len(pick)))
-    lo, hi = torch.quantile(probe, torch.tensor([max(0.0, 0.5 - delta), min(1.0, 0.5 + delta)],
-                                                device=probe.device), dim=1)
+    lo, hi = _median_interval(stored[:, pick], len(pick))
     for e in range(E):
         row = stored[e]
         below = int((row < lo[e]).sum())
-        inside = row[(row >= lo[e]) & (row <= hi[e])].float().cpu().numpy()
+        inside = row[(row >= lo[e]) & (row <= hi[e])].cpu().numpy()
         j = k - below
-        a = inside if 0 <= j < len(inside) else row.float().cpu().numpy()
-        j = j if a is inside else k
+        a, j = (inside, j) if 0 <= j < len(inside) else (row.cpu().numpy(), k)
         out[e] = float(np.partition(a, j)[j])
     return out
 
